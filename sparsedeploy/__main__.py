@@ -1,0 +1,3 @@
+from sparsedeploy.cli import main
+
+main()

@@ -1,0 +1,19 @@
+"""Pruning methods, one small module each. `build_method` maps a CLI/recipe name to an instance."""
+
+from __future__ import annotations
+
+from sparsedeploy.errors import UserError
+from sparsedeploy.methods.base import PruneResult, PruningMethod
+from sparsedeploy.methods.magnitude import Magnitude
+from sparsedeploy.methods.wanda import Wanda
+
+METHODS = {"magnitude": Magnitude, "wanda": Wanda}
+
+
+def build_method(name: str, **options) -> PruningMethod:
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}: choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name](**options)
+
+
+__all__ = ["METHODS", "PruneResult", "PruningMethod", "build_method"]

