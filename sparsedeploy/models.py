@@ -148,6 +148,10 @@ def load_model(model: str, dtype: str | torch.dtype = "float32", cache: str | os
         raise UserError(f"cannot load model {model!r}: {str(exc).splitlines()[0]} (no network here? use a local directory or smollm2-135m)") from None
     except ValueError as exc:
         raise UserError(f"unsupported model {model!r}: {str(exc).splitlines()[0]}") from None
+    archs = getattr(config, "architectures", None) or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) if archs else True
+    if getattr(config, "is_encoder_decoder", False) or not causal:
+        raise UserError(f"{model!r} is not a causal (decoder-only) language model ({', '.join(archs) or config.model_type}): give a *ForCausalLM checkpoint")
     try:
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except ValueError as exc:

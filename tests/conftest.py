@@ -34,26 +34,26 @@ def tiny_samples():
     return torch.randint(0, 256, (4, 32), generator=gen)
 
 
-class ByteTokenizer:
-    """A stand-in tokenizer for the tiny model: one token per byte (mod vocab)."""
+def tiny_tokenizer(vocab: int = 256):
+    """A small word-level fast tokenizer built in the test (no download), saved with tiny checkpoints."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    def __init__(self, vocab: int = 256) -> None:
-        self.vocab = vocab
-
-    def __call__(self, text: str, return_tensors: str = "pt", verbose: bool = False):
-        ids = torch.tensor([[b % self.vocab for b in text.encode("utf-8")]], dtype=torch.long)
-        return type("Enc", (), {"input_ids": ids})()
-
-    def save_pretrained(self, path) -> None:
-        Path(path, "byte_tokenizer.txt").write_text("bytes\n")
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(vocab - 3 - 60)]
+    words += [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    words += list(".,;:!?'\"=-")[: vocab - len(words)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words[:vocab])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Split("", "isolated")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
-    """A tiny LLaMA saved as a HF checkpoint directory with a real (GPT-2 byte-level) tokenizer-free layout."""
+    """A tiny random LLaMA saved as a HF checkpoint directory with its own small tokenizer."""
     model = tiny_llama()
     path = tmp_path / "tiny"
     model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
     return path
 
 

@@ -1,0 +1,80 @@
+import pytest
+import torch
+from torch import nn
+
+from sparsedeploy.errors import UserError
+from sparsedeploy.models import (default_seqlen, find_blocks, find_linears, load_model, resolve_device, resolve_dtype,
+                                 resolve_model_path)
+
+
+def test_resolve_device_and_dtype():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            resolve_device("cuda")
+    assert resolve_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(UserError, match="unknown dtype"):
+        resolve_dtype("float8")
+
+
+def test_find_linears_covers_attention_and_mlp_not_embeddings(tiny_model):
+    blocks = find_blocks(tiny_model)
+    assert len(blocks) == 2
+    names = set(find_linears(blocks[0]))
+    assert names == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+
+
+def test_unsupported_architecture_is_a_clear_error():
+    class NotADecoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+    with pytest.raises(UserError, match="unsupported architecture"):
+        find_blocks(NotADecoder())
+
+
+def test_gpt2_conv1d_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UserError, match="Conv1D"):
+        find_linears(find_blocks(model)[0])
+
+
+def test_load_local_checkpoint_and_dtype(tiny_checkpoint):
+    lm = load_model(str(tiny_checkpoint), "bfloat16")
+    assert next(lm.model.parameters()).dtype is torch.bfloat16
+    assert lm.model.config.use_cache is False
+    assert default_seqlen(lm.model) == 256
+
+
+@pytest.mark.parametrize("bad,match", [("/no/such/dir", "does not exist"), ("missing.gguf", "does not exist")])
+def test_bad_model_paths(bad, match):
+    with pytest.raises(UserError, match=match):
+        resolve_model_path(bad)
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_non_causal_model_refused(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64)).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="not a causal"):
+        load_model(str(tmp_path))
+
+
+def test_builtin_alias_is_cached_once(cache_dir, smollm):
+    path = resolve_model_path("smollm2-135m", cache_dir)
+    assert (path / "model.safetensors").is_file() and (path / "config.json").is_file()
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model_path("smollm2-135m", cache_dir) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rewritten
+    assert smollm.model.config.num_hidden_layers == 30
+    assert len(find_linears(find_blocks(smollm.model)[0])) == 7
