@@ -1,0 +1,69 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sparsedeploy.cli import main
+
+
+def run_cli(args, capsys):
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(" ".join(f"w{i % 150} The quick brown fox." for i in range(400)))
+    return path
+
+
+def test_prune_then_eval_json(tiny_checkpoint, calib_file, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    code, stdout, _ = run_cli(["-q", "prune", "--model", str(tiny_checkpoint), "--sparsity", "2:4", "--calib", f"text:{calib_file}",
+                               "--nsamples", "2", "--seqlen", "16", "--device", "cpu", "--output", str(out), "--json"], capsys)
+    assert code == 0
+    summary = json.loads(stdout)
+    assert summary["overall_sparsity"] == pytest.approx(0.5) and summary["sparsity_spec"] == "2:4"
+    code, stdout, _ = run_cli(["-q", "eval", "--model", str(out), "--data", f"text:{calib_file}", "--seqlen", "32",
+                               "--max-windows", "3", "--json", "--output", str(tmp_path / "ppl.json")], capsys)
+    result = json.loads(stdout)
+    assert {"ppl", "seqlen", "windows", "tokens"} <= set(result)
+    assert result["windows"] == 3 and result["seqlen"] == 32 and result["tokens"] == 3 * 31
+    assert json.loads((tmp_path / "ppl.json").read_text())["ppl"] == result["ppl"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["prune", "--model", "/no/such/model", "--output", "{tmp}/o"], "does not exist"),
+    (["prune", "--model", "{ckpt}", "--sparsity", "1.2", "--output", "{tmp}/o"], "outside [0, 1)"),
+    (["prune", "--model", "{ckpt}", "--sparsity", "4:2", "--output", "{tmp}/o"], "malformed"),
+    (["prune", "--model", "{ckpt}", "--method", "nope", "--output", "{tmp}/o"], "unknown method"),
+    (["prune", "--model", "{ckpt}", "--calib", "text:{tmp}/missing.txt", "--output", "{tmp}/o"], "does not exist"),
+    (["prune", "--model", "{ckpt}", "--calib", "text:{short}", "--seqlen", "64", "--output", "{tmp}/o"], "too few"),
+    (["eval", "--model", "{ckpt}", "--data", "wikitext2:{tmp}/nothing.raw"], "does not exist"),
+    (["prune", "--model", "{ckpt}", "--device", "cuda", "--output", "{tmp}/o"], "CUDA"),
+])
+def test_bad_input_one_line_nonzero_no_output(args, needle, tiny_checkpoint, tmp_path, capsys):
+    import torch
+
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("CUDA is present: the 'CUDA requested but absent' case cannot happen here")
+    (tmp_path / "short.txt").write_text("w1 w2")
+    args = [a.format(tmp=tmp_path, ckpt=tiny_checkpoint, short=tmp_path / "short.txt") for a in args]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line and not line.startswith(("INFO", "WARNING"))]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_console_entry_and_shim_run():
+    out = subprocess.run([sys.executable, "cli.py", "--help"], capture_output=True, text=True, cwd=str(__import__("conftest").REPO))
+    assert out.returncode == 0 and "prune" in out.stdout and "eval" in out.stdout
