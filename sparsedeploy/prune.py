@@ -15,8 +15,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 import sparsedeploy
+from sparsedeploy.checkpoint import BlockCheckpoint, work_dir_for
 from sparsedeploy.data import calibration_samples
 from sparsedeploy.engine import EngineConfig, InputStats, walk_blocks
+from sparsedeploy.errors import UserError
 from sparsedeploy.evaluate import layer_sparsity, overall_sparsity
 from sparsedeploy.fsutil import atomic_dir, check_output_dir, write_json_atomic
 from sparsedeploy.methods import PruningMethod, build_method
@@ -61,10 +63,15 @@ def peak_memory(device: torch.device) -> dict:
 @torch.no_grad()
 def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, spec_for: SpecFor,
                 device: torch.device, show_progress: bool = True, offload_inputs: bool = False,
-                start_block: int = 0, on_block_done: Callable[[int, nn.Module], None] | None = None) -> dict[str, torch.Tensor]:
-    """Prune every decoder linear in place through the shared engine; return keep-masks by full name."""
+                start_block: int = 0, masks: dict[str, torch.Tensor] | None = None,
+                on_block_done: Callable[[int, nn.Module, dict[str, torch.Tensor]], None] | None = None) -> dict[str, torch.Tensor]:
+    """Prune every decoder linear in place through the shared engine; return keep-masks by full name.
+
+    `start_block`/`masks`: resume after blocks already pruned (their masks). `on_block_done(i, block,
+    block_masks)` is called after each pruned block, e.g. to checkpoint it.
+    """
     prefix = blocks_prefix(model)
-    masks: dict[str, torch.Tensor] = {}
+    masks = dict(masks or {})
 
     def prune_block(index: int, block: nn.Module, linears: dict[str, nn.Linear], stats: dict[str, InputStats]) -> None:
         for name, linear in linears.items():
@@ -77,9 +84,14 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
             linear.weight.data.copy_(new.to(linear.weight.dtype))
             masks[full] = result.mask.to("cpu")
 
+    def block_done(index: int, block: nn.Module) -> None:
+        if on_block_done is not None:
+            head = f"{prefix}.{index}."
+            on_block_done(index, block, {k[len(head):]: v for k, v in masks.items() if k.startswith(head)})
+
     config = EngineConfig(device=device, need_hessian=method.needs_hessian, offload_inputs=offload_inputs,
                           show_progress=show_progress, description=f"{method.name}")
-    walk_blocks(model, samples, config, prune_block, start_block=start_block, on_block_done=on_block_done)
+    walk_blocks(model, samples, config, prune_block, start_block=start_block, on_block_done=block_done)
     return masks
 
 
@@ -92,20 +104,42 @@ def versions() -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
-def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_progress: bool = True) -> dict:
-    """Load, calibrate, prune, and write checkpoint + masks + report.json into `output` atomically."""
+def open_checkpoint(config: PruneConfig, output: Path, overwrite: bool, resume: bool) -> BlockCheckpoint:
+    """The per-block checkpoint of this run: refuse a stale one unless --resume or --overwrite."""
+    fingerprint = {k: v for k, v in asdict(config).items() if k not in ("device", "cache_dir")}
+    checkpoint = BlockCheckpoint(work_dir_for(output), fingerprint)
+    if checkpoint.exists() and not resume:
+        if not overwrite:
+            raise UserError(f"an interrupted run left {checkpoint.work}: pass --resume to continue it, or --overwrite to start over")
+        checkpoint.clear()
+    elif resume and not checkpoint.exists():
+        log.warning("--resume: no interrupted run at %s, starting from the first block", checkpoint.work)
+    return checkpoint
+
+
+def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_progress: bool = True,
+              resume: bool = False) -> dict:
+    """Load, calibrate, prune, and write checkpoint + masks + report.json into `output` atomically.
+
+    After each decoder block the pruned block is checkpointed beside the output; `resume=True`
+    continues an interrupted run from its last finished block with an identical result.
+    """
     output = Path(output)
     check_output_dir(output, overwrite)
     spec = parse_sparsity(config.sparsity)
     method = build_method(config.method, **config.method_options)
     device = resolve_device(config.device)
+    checkpoint = open_checkpoint(config, output, overwrite, resume)
     lm = load_model(config.model, config.dtype, config.cache_dir)
     seqlen = config.seqlen or default_seqlen(lm.model)
     samples = calibration_samples(lm.tokenizer, config.calib, config.nsamples, seqlen, config.seed)
+    start_block, masks = checkpoint.restore(lm.model, blocks_prefix(lm.model)) if checkpoint.exists() else (0, {})
+    checkpoint.start()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    masks = prune_model(lm.model, samples, method, lambda _i, _n: spec, device, show_progress)
+    masks = prune_model(lm.model, samples, method, lambda _i, _n: spec, device, show_progress,
+                        start_block=start_block, masks=masks, on_block_done=checkpoint.save_block)
     elapsed = time.perf_counter() - start
     layers = layer_sparsity(lm.model)
     report = {
@@ -117,7 +151,10 @@ def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_p
         "prune_seconds": elapsed, **peak_memory(device), "versions": versions(),
         "config": asdict(config),
     }
+    if start_block:
+        report["resumed_from_block"] = start_block
     write_outputs(lm, masks, report, output)
+    checkpoint.clear()
     log.info("pruned %s with %s at %s: measured sparsity %.4f in %.1f s -> %s",
              config.model, config.method, spec, report["overall_sparsity"], elapsed, output)
     return report

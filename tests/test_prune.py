@@ -62,7 +62,8 @@ def test_failure_midway_leaves_no_output(tiny_checkpoint, calib_file, tmp_path, 
     config = PruneConfig(model=str(tiny_checkpoint), calib=f"text:{calib_file}", nsamples=2, seqlen=16, device="cpu")
     with pytest.raises(UserError, match="nothing was written"):
         run_prune(config, out, show_progress=False)
-    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+    assert (tmp_path / ".out.partial" / "state.json").is_file()  # the per-block checkpoint stays, for --resume
 
 
 def test_prune_model_per_layer_specs(tiny_model, tiny_samples):
@@ -91,3 +92,82 @@ def test_wanda_beats_magnitude_on_reconstruction(tiny_model, tiny_samples):
         prune_model(m, tiny_samples, build_method(method), lambda i, n: SparsitySpec.unstructured(0.5), torch.device("cpu"), show_progress=False)
         errs[method] = float((final_hidden(m) - dense).pow(2).mean())
     assert errs["wanda"] < errs["magnitude"]
+
+
+def test_resume_after_interruption_gives_identical_model(tiny_checkpoint, calib_file, tmp_path, monkeypatch):
+    import sparsedeploy.checkpoint as ckpt_mod
+
+    config = PruneConfig(model=str(tiny_checkpoint), method="wanda", sparsity="0.6", calib=f"text:{calib_file}",
+                         nsamples=3, seqlen=24, device="cpu")
+    run_prune(config, tmp_path / "straight", show_progress=False)
+
+    real_save = ckpt_mod.BlockCheckpoint.save_block
+
+    def die_after_first(self, index, block, masks):
+        real_save(self, index, block, masks)
+        if index == 0:
+            raise KeyboardInterrupt  # the run is interrupted right after block 0 was checkpointed
+
+    monkeypatch.setattr(ckpt_mod.BlockCheckpoint, "save_block", die_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        run_prune(config, tmp_path / "resumed", show_progress=False)
+    assert not (tmp_path / "resumed").exists()
+    monkeypatch.setattr(ckpt_mod.BlockCheckpoint, "save_block", real_save)
+    with pytest.raises(UserError, match="--resume"):
+        run_prune(config, tmp_path / "resumed", show_progress=False)
+    report = run_prune(config, tmp_path / "resumed", resume=True, show_progress=False)
+    assert report["resumed_from_block"] == 1
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma = load_file(str(tmp_path / "straight" / "masks.safetensors"))
+    mb = load_file(str(tmp_path / "resumed" / "masks.safetensors"))
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert not (tmp_path / ".resumed.partial").exists()
+
+
+def test_resume_refuses_changed_settings(tiny_checkpoint, calib_file, tmp_path, monkeypatch):
+    import sparsedeploy.checkpoint as ckpt_mod
+
+    config = PruneConfig(model=str(tiny_checkpoint), sparsity="0.6", calib=f"text:{calib_file}", nsamples=2, seqlen=16, device="cpu")
+    monkeypatch.setattr(ckpt_mod.BlockCheckpoint, "save_block", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run_prune(config, tmp_path / "o", show_progress=False)
+    monkeypatch.undo()
+    config.sparsity = "0.7"
+    with pytest.raises(UserError, match="different settings.*sparsity"):
+        run_prune(config, tmp_path / "o", resume=True, show_progress=False)
+
+
+def test_sigkill_midway_then_resume_matches(tiny_checkpoint, calib_file, tmp_path):
+    """A real SIGKILL (no cleanup runs) right after block 0 is checkpointed; --resume finishes identically."""
+    import subprocess
+    import sys
+
+    args = ["-q", "prune", "--model", str(tiny_checkpoint), "--sparsity", "0.5", "--calib", f"text:{calib_file}",
+            "--nsamples", "3", "--seqlen", "24", "--device", "cpu"]
+    killer = (
+        "import os, signal, sys\n"
+        "import sparsedeploy.checkpoint as c\n"
+        "real = c.BlockCheckpoint.save_block\n"
+        "def save(self, i, b, m):\n"
+        "    real(self, i, b, m)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "c.BlockCheckpoint.save_block = save\n"
+        "from sparsedeploy.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", killer, *args, "--output", str(tmp_path / "k")], capture_output=True, text=True)
+    assert proc.returncode == -9
+    assert not (tmp_path / "k").exists() and (tmp_path / ".k.partial" / "block-0000.safetensors").is_file()
+    from sparsedeploy.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args + ["--output", str(tmp_path / "k")])
+    assert exc.value.code == 2  # refuses to silently discard or reuse the partial run
+    main(args + ["--output", str(tmp_path / "k"), "--resume"])
+    main(args + ["--output", str(tmp_path / "straight")])
+    a = load_file(str(tmp_path / "k" / "model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "k" / "report.json").read_text())["resumed_from_block"] == 1
