@@ -70,15 +70,17 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="output checkpoint directory")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory (and discard an interrupted run)")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last finished block")
+@click.option("--offload", default="none", show_default=True, type=click.Choice(["none", "cpu", "disk"]),
+              help="cpu: calibration activations stay in RAM; disk: weights stay on disk, one block in memory")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
 @click.pass_context
-def prune(ctx, model, method, sparsity, calib, nsamples, seqlen, seed, device, dtype, cache_dir, output, overwrite, resume, as_json):
+def prune(ctx, model, method, sparsity, calib, nsamples, seqlen, seed, device, dtype, cache_dir, output, overwrite, resume, offload, as_json):
     """Prune MODEL layer by layer over calibration data and write a sparse checkpoint."""
     from sparsedeploy.prune import PruneConfig, run_prune
 
     config = PruneConfig(model=model, method=method, sparsity=sparsity, calib=calib, nsamples=nsamples,
                          seqlen=seqlen, seed=seed, device=device, dtype=dtype, cache_dir=cache_dir)
-    report = run_prune(config, output, overwrite=overwrite, show_progress=not ctx.obj["quiet"], resume=resume)
+    report = run_prune(config, output, overwrite=overwrite, show_progress=not ctx.obj["quiet"], resume=resume, offload=offload)
     summary = {k: report[k] for k in ("method", "sparsity_spec", "overall_sparsity", "prune_seconds", "peak_rss_mib")}
     summary["output"] = str(output)
     emit(summary, as_json, f"pruned {model} with {method} at {report['sparsity_spec']}: sparsity {report['overall_sparsity']:.4f}, "
