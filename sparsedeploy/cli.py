@@ -81,6 +81,8 @@ def prune(ctx, model, method, sparsity, calib, nsamples, seqlen, seed, device, d
     config = PruneConfig(model=model, method=method, sparsity=sparsity, calib=calib, nsamples=nsamples,
                          seqlen=seqlen, seed=seed, device=device, dtype=dtype, cache_dir=cache_dir)
     report = run_prune(config, output, overwrite=overwrite, show_progress=not ctx.obj["quiet"], resume=resume, offload=offload)
+    if "overall_sparsity" not in report:  # a non-zero rank of a torchrun job: rank 0 reports
+        return
     summary = {k: report[k] for k in ("method", "sparsity_spec", "overall_sparsity", "prune_seconds", "peak_rss_mib")}
     summary["output"] = str(output)
     emit(summary, as_json, f"pruned {model} with {method} at {report['sparsity_spec']}: sparsity {report['overall_sparsity']:.4f}, "

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparsedeploy import distributed
 from sparsedeploy.models import find_blocks, find_linears
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,7 @@ def walk_blocks(model: nn.Module, samples: torch.Tensor, config: EngineConfig, b
     keep_on = torch.device("cpu") if config.offload_inputs else device
     blocks = find_blocks(model)
     home = model.get_input_embeddings().weight.device  # where blocks live between turns (never "meta")
-    inputs, calls = capture_block_inputs(model, samples, device)
+    inputs, calls = capture_block_inputs(model, distributed.shard(samples), device)
     inputs = [x.to(keep_on) for x in inputs]
     bar = tqdm(range(len(blocks)), desc=config.description, unit="block", disable=not config.show_progress)
     for i in bar:
@@ -250,7 +251,9 @@ def walk_blocks(model: nn.Module, samples: torch.Tensor, config: EngineConfig, b
         if i >= start_block and block_fn is not None:
             linears = find_linears(block)
             stats = collect_stats(block, linears, inputs, calls[i], device, config.need_hessian)
+            distributed.all_reduce_stats(stats)  # no-op in a single process
             block_fn(i, block, linears, stats)
+            distributed.broadcast_block(block)
             del stats
         if i < len(blocks) - 1:
             inputs = run_block(block, inputs, calls[i], device, keep_on)

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import sparsedeploy
+from sparsedeploy import distributed
 from sparsedeploy.checkpoint import BlockCheckpoint, work_dir_for
 from sparsedeploy.data import calibration_samples
 from sparsedeploy.engine import EngineConfig, InputStats, walk_blocks
@@ -145,8 +146,9 @@ def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_p
     check_output_dir(output, overwrite)
     spec = parse_sparsity(config.sparsity)
     method = build_method(config.method, **config.method_options)
-    device = resolve_device(config.device)
-    checkpoint = open_checkpoint(config, output, overwrite, resume)
+    device = distributed.init_from_env(resolve_device(config.device))  # torchrun: data-parallel calibration
+    main_rank = distributed.is_main()
+    checkpoint = open_checkpoint(config, output, overwrite or not main_rank, resume or not main_rank)
     if offload == "disk":
         from sparsedeploy.offload import DiskBlocks
 
@@ -158,13 +160,14 @@ def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_p
     samples = calibration_samples(lm.tokenizer, config.calib, config.nsamples, seqlen, config.seed)
     prefix = blocks_prefix(lm.model)
     start_block, masks = checkpoint.restore(lm.model, prefix, load_weights=disk is None) if checkpoint.exists() else (0, {})
-    checkpoint.start()
+    if main_rank:
+        checkpoint.start()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     masks = prune_model(lm.model, samples, method, lambda _i, _n: spec, device, show_progress,
                         offload_inputs=offload in ("cpu", "disk"), start_block=start_block, masks=masks,
-                        on_block_done=checkpoint.save_block, load_block=disk.load if disk else None,
+                        on_block_done=checkpoint.save_block if main_rank else None, load_block=disk.load if disk else None,
                         release_block=disk.release if disk else None, retain_masks=disk is None)
     elapsed = time.perf_counter() - start
     report = {
@@ -177,6 +180,10 @@ def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_p
     }
     if start_block:
         report["resumed_from_block"] = start_block
+    if distributed.active():
+        report["world_size"] = torch.distributed.get_world_size()
+    if not main_rank:
+        return report
     if disk is None:
         layers = layer_sparsity(lm.model)
         report.update(overall_sparsity=overall_sparsity(layers), layers=layers)
