@@ -176,8 +176,11 @@ def load_model(model: str, dtype: str | torch.dtype = "float32", cache: str | os
         raise UserError(f"{model!r} ({config.model_type}) is not a causal language model transformers can load: {str(exc).splitlines()[0]}") from None
     lm.eval()
     lm.config.use_cache = False
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    find_blocks(lm)  # fail early on an unsupported architecture
+    find_linears(find_blocks(lm)[0])  # fail early on an unsupported architecture
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, TypeError, ValueError) as exc:
+        raise UserError(f"{model!r} has no usable tokenizer ({type(exc).__name__}): save the tokenizer files next to the model") from None
     return LoadedModel(lm, tokenizer, path)
 
 
