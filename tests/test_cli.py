@@ -37,6 +37,11 @@ def test_prune_then_eval_json(tiny_checkpoint, calib_file, tmp_path, capsys):
     assert {"ppl", "seqlen", "windows", "tokens"} <= set(result)
     assert result["windows"] == 3 and result["seqlen"] == 32 and result["tokens"] == 3 * 31
     assert json.loads((tmp_path / "ppl.json").read_text())["ppl"] == result["ppl"]
+    code, stdout, _ = run_cli(["-q", "eval", "--model", str(out), "--baseline", str(tiny_checkpoint), "--data", f"text:{calib_file}",
+                               "--seqlen", "32", "--max-windows", "3", "--json"], capsys)
+    both = json.loads(stdout)
+    assert both["ppl"] == result["ppl"] and both["baseline"]["sparsity"] < 0.01
+    assert both["ppl_ratio"] == pytest.approx(both["ppl"] / both["baseline"]["ppl"])
 
 
 @pytest.mark.parametrize("args,needle", [
