@@ -65,9 +65,9 @@ _REWRITES: dict[str, list[Rewrite]] = {}
 
 # Optimisation levels refused whatever the target, with the reason shown to the user.
 REFUSED_LEVELS = {
-    "all": ("ORT's 'all' level adds layout transformations (NCHWc, pre-packed weights) that are hardware specific: "
-            "the saved graph is tied to this CPU and its weights are no longer the plain [K, N] matrices whose zeros "
-            "and N:M groups were verified; use --optimize basic or extended, or none"),
+    "all": ("ONNX Runtime's 'all' level adds layout optimisations (NCHWc) that it marks hardware specific when saved: "
+            "the file would be valid only on this CPU type; ORT applies them itself at load time anyway, so export with "
+            "--optimize none, basic or extended"),
 }
 
 
@@ -201,7 +201,15 @@ class _DecoderWrapper:
                     cache = DynamicCache()
                     for i in range(layers):
                         cache.update(past[2 * i], past[2 * i + 1], i)
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                # A ready 4-D additive mask: transformers' own mask builder uses vmap, which tracing cannot follow.
+                query = torch.cumsum(torch.ones_like(input_ids[0]), 0) - 1  # 0..q-1, traced shape
+                keys = torch.cumsum(torch.ones_like(attention_mask[0]), 0) - 1  # 0..kv-1
+                offset = attention_mask.shape[1] - input_ids.shape[1]
+                causal = keys[None, :] <= (query[:, None] + offset)
+                allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
+                dtype = self.model.dtype
+                mask4d = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+                out = self.model(input_ids=input_ids, attention_mask=mask4d, position_ids=position_ids,
                                  past_key_values=cache, use_cache=with_past)
                 if not with_past:
                     return out.logits
@@ -230,6 +238,18 @@ def ort_optimize(model_file: Path, level: str, out_file: Path) -> None:
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", out_file.name + "_data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(model_file), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def refuse_if_weights_changed(model, model_dir: Path, config: ExportConfig) -> None:
+    """After an ORT optimisation: every pruned weight must still be found intact (zeros and N:M), else refuse the level."""
+    from sparsedeploy.onnx_verify import checkpoint_reference, verify_sparsity
+
+    reference, masks, nm = checkpoint_reference(model_dir, np.float16 if config.dtype == "float16" else np.float32)
+    result = verify_sparsity(model, reference, masks, nm)
+    if not result.ok:
+        raise UserError(f"refusing --optimize {config.optimize}: ONNX Runtime's optimisation at this level folded, fused or "
+                        f"transposed weights so that the pruned zeros or N:M groups are no longer intact ({len(result.problems)} "
+                        f"weight(s), e.g. {result.problems[0]}); use --optimize none or basic")
 
 
 def check_domains(model, target: TargetProfile) -> None:
@@ -312,6 +332,8 @@ def export_checkpoint(config: ExportConfig, output: Path | str, overwrite: bool 
             ort_optimize(source, config.optimize, optimized)
             source = optimized
         model = load_model_proto(source)
+        if config.optimize != "none":
+            refuse_if_weights_changed(model, model_dir, config)
         for fn in [*_REWRITES.get(target.name, []), *([rewrite] if rewrite else [])]:
             model = fn(model)
         check_domains(model, target)
@@ -367,3 +389,25 @@ def verify_export(config: ExportConfig, model_dir: Path, onnx_path: Path, opset:
         else:
             log.warning("%s (float16: reported, not a failure)", message)
     return {"ok": sparsity.ok and parity.ok, "problems": problems, "sparsity": sparsity.to_dict(), "parity": parity.to_dict()}
+
+
+def summary(report: dict, output: Path | str) -> tuple[dict, str]:
+    """The one-line CLI summary of an export report (and its JSON form)."""
+    verification = report.get("verification")
+    data = {"output": str(output), "exporter": report["exporter"], "opset": report["opset"], "target": report["target"]["name"],
+            "storage": report["storage"]["kind"], "model_bytes": report["storage"]["model_bytes"],
+            "ort_load_seconds": report["storage"]["ort_load_seconds"], "verified": verification is not None}
+    text = (f"exported {report['model']} -> {output} ({report['exporter']}, opset {report['opset']}, target {data['target']}, "
+            f"{data['storage']} storage {data['model_bytes'] / 2**20:.1f} MiB)")
+    if verification:
+        sp, par = verification["sparsity"], verification["parity"]
+        data.update({"zeros_torch": sp["zeros_torch"], "zeros_onnx": sp["zeros_onnx"], "linears": sp["linears"],
+                     "nm_pattern": sp["nm_pattern"], "nm_qualifying": sp["nm_qualifying"],
+                     "max_abs_logit_diff": par["max_abs_diff"], "greedy_identical": par["greedy_identical"]})
+        text += (f"; verified: {sp['linears']} linears, zeros {sp['zeros_onnx']} == {sp['zeros_torch']}"
+                 + (f", {sp['nm_qualifying']}/{sp['linears']} satisfy {sp['nm_pattern']} along K" if sp["nm_pattern"] else "")
+                 + f", max |delta logits| {par['max_abs_diff']:.2e} ({par['dtype']}), greedy {par['greedy_tokens']} tokens "
+                 + ("identical" if par["greedy_identical"] else "DIFFER"))
+    else:
+        text += "; not verified (--no-verify)"
+    return data, text

@@ -110,7 +110,6 @@ def pack_sparse(model, out_dir: Path, min_sparsity: float = MIN_PACK_SPARSITY) -
 def unpack_sparse(model, sparse_file: Path) -> None:
     """Rebuild the dense initializers of a sparse-storage model in place."""
     from onnx import helper, numpy_helper
-    from onnx.mapping import TENSOR_TYPE_MAP
     from safetensors import safe_open
 
     if not sparse_file.is_file():
@@ -132,11 +131,10 @@ def unpack_sparse(model, sparse_file: Path) -> None:
         values = handle.get_tensor(entry["key"] + ".values")
         if int(nonzero.sum()) != values.size:
             raise UserError(f"{sparse_file}: initializer {init.name} has {int(nonzero.sum())} non-zeros in its bitmap but {values.size} values; export again")
-        dense = np.zeros(count, dtype=TENSOR_TYPE_MAP[entry["data_type"]].np_dtype)
+        dense = np.zeros(count, dtype=helper.tensor_dtype_to_np_dtype(entry["data_type"]))
         dense[nonzero] = values
         init.CopyFrom(numpy_helper.from_array(dense.reshape(dims), init.name))
     del model.metadata_props[:]  # the rebuilt model is an ordinary dense model
-    _ = helper  # keep the import local and explicit
 
 
 def save_model_proto(model, file: Path, external: bool | None = None) -> None:

@@ -494,3 +494,25 @@ def polygraphy_check(file: Path, summary: dict) -> dict | None:
     ours = [r["name"] for r in summary["rows"] if r["nm_ok"]]
     return {"available": True, "ran": True, "polygraphy_2_4_weights": len(sparse), "ours_2_4_weights": len(ours),
             "agree": len(sparse) == len(ours), "output_tail": text[-2000:]}
+
+
+def format_inspect(data: dict, all_weights: bool = False) -> str:
+    """The inspect table: one row per weight, then totals."""
+    rows = [r for r in data["rows"] if all_weights or r["used_by"]]
+    width = max([len(r["name"]) for r in rows] + [6])
+    lines = [f"{'weight':<{width}}  {'shape':>14}  {'dtype':>8}  {'sparsity':>8}  {data['nm_pattern']:>5}  used by"]
+    for r in rows:
+        nm = "-" if r["nm_ok"] is None else ("yes" if r["nm_ok"] else "no")
+        lines.append(f"{r['name']:<{width}}  {'x'.join(map(str, r['shape'])):>14}  {r['dtype']:>8}  {r['sparsity']:>8.4f}  {nm:>5}  {r['used_by'] or ''}")
+    lines.append(f"total: {data['weights']} weights, {data['total_elements']} elements, sparsity {data['sparsity']:.4f}; "
+                 f"{data['nm_qualifying']}/{data['matmul_weights']} MatMul/Gemm weights satisfy {data['nm_pattern']} along K; "
+                 f"opset {data['opset']}; domains {', '.join(data['domains'])}; {data['file_bytes'] / 2**20:.2f} MiB on disk")
+    poly = data.get("polygraphy")
+    if poly is None:
+        lines.append("polygraphy: not installed (pip install polygraphy to cross-check the 2:4 verdict)")
+    elif not poly.get("ran"):
+        lines.append(f"polygraphy: failed to run: {poly.get('error')}")
+    else:
+        lines.append(f"polygraphy: {poly['polygraphy_2_4_weights']} weights 2:4 sparse vs ours {poly['ours_2_4_weights']}: "
+                     + ("agree" if poly["agree"] else "DISAGREE"))
+    return "\n".join(lines)
