@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -99,7 +99,6 @@ class ExportConfig:
     atol: float | None = None  # None: 1e-4 for float32, the measured bound for float16
     external_data: bool | None = None  # None: only when the model is over 2 GB
     cache_dir: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def validate(config: ExportConfig) -> TargetProfile:
@@ -302,7 +301,6 @@ def export_checkpoint(config: ExportConfig, output: Path | str, overwrite: bool 
     """
     from sparsedeploy.models import resolve_model_path
     from sparsedeploy.onnx_storage import load_model_proto, pack_sparse, save_model_proto
-    from sparsedeploy.onnx_verify import DEFAULT_PROMPTS, checkpoint_reference, verify_parity, verify_sparsity
     from sparsedeploy.prune import versions
 
     target = validate(config)

@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PROMPTS = ("The capital of France is", "In the beginning of the twentieth century, the city")
 FP32_ATOL = 1e-4
-# Measured (docs/export.md): float16 ONNX vs the float32 PyTorch model on smollm2-135m and the tiny test model.
-FP16_ATOL = 0.25
+# float16 ONNX vs the float32 PyTorch model, measured (docs/export.md): 0.042 (Wanda 50 %) and 0.046 (2:4) on smollm2-135m,
+# 0.0005 on the tiny test model. The bound leaves ~2x headroom over the worst measured value.
+FP16_ATOL = 0.1
 
 
 # ---------------------------------------------------------------- locating weights in the graph
@@ -477,23 +478,36 @@ def _size_on_disk(file: Path) -> int:
 
 
 def polygraphy_check(file: Path, summary: dict) -> dict | None:
-    """Run `polygraphy inspect sparsity` when polygraphy is installed; compare its 2:4 verdict with ours."""
+    """Run `polygraphy inspect sparsity` (2:4 along K) when polygraphy is installed; compare its verdict with ours."""
     import importlib.util
     import re
+    import shutil
     import subprocess
     import sys
 
+    from sparsedeploy.onnx_storage import SPARSE_FILE
+
     if importlib.util.find_spec("polygraphy") is None:
         return None
-    proc = subprocess.run([sys.executable, "-m", "polygraphy", "inspect", "sparsity", str(file)],
-                          capture_output=True, text=True, timeout=600)
+    if summary["nm_pattern"] != "2:4":
+        return {"available": True, "ran": False, "error": "polygraphy checks 2:4 only"}
+    if (file.parent / SPARSE_FILE).is_file():
+        return {"available": True, "ran": False, "error": "sparse storage: polygraphy reads only plain ONNX files"}
+    exe = Path(sys.executable).with_name("polygraphy")
+    exe = str(exe) if exe.is_file() else shutil.which("polygraphy")
+    if exe is None:
+        return {"available": True, "ran": False, "error": "the polygraphy command is not on PATH"}
+    proc = subprocess.run([exe, "inspect", "sparsity", str(file)], capture_output=True, text=True, timeout=900)
     text = proc.stdout + proc.stderr
     if proc.returncode != 0:
         return {"available": True, "ran": False, "error": text.strip().splitlines()[-1] if text.strip() else f"exit {proc.returncode}"}
-    sparse = re.findall(r"(\S+)\s.*?is 2:4 sparse", text) or re.findall(r"Sparse weights?:?\s*(\S+)", text)
-    ours = [r["name"] for r in summary["rows"] if r["nm_ok"]]
-    return {"available": True, "ran": True, "polygraphy_2_4_weights": len(sparse), "ours_2_4_weights": len(ours),
-            "agree": len(sparse) == len(ours), "output_tail": text[-2000:]}
+    theirs = set(re.findall(r"Found sparse tensor: (\S+)", text))
+    checked = theirs | set(re.findall(r"Found non-sparse tensor: (\S+)", text))
+    ours = {r["name"] for r in summary["rows"] if r["nm_ok"]}
+    ours_checked = {r["name"] for r in summary["rows"] if r["nm_ok"] is not None}
+    return {"available": True, "ran": True, "polygraphy_2_4_weights": len(theirs), "ours_2_4_weights": len(ours),
+            "polygraphy_checked": len(checked), "ours_checked": len(ours_checked),
+            "agree": theirs == ours, "only_polygraphy": sorted(theirs - ours), "only_ours": sorted(ours - theirs)}
 
 
 def format_inspect(data: dict, all_weights: bool = False) -> str:

@@ -183,3 +183,52 @@ def test_cli_bad_model_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_external_data_export_verifies(checkpoints, tmp_path):
+    """The > 2 GB path (forced here): weights in model.onnx_data, still verified and loadable."""
+    report = export_checkpoint(ExportConfig(model=str(checkpoints["2:4"]), external_data=True, greedy_tokens=4), tmp_path / "e")
+    assert (tmp_path / "e" / "model.onnx_data").is_file()
+    assert (tmp_path / "e" / "model.onnx").stat().st_size < 100_000
+    assert report["verification"]["ok"] and report["verification"]["sparsity"]["nm_qualifying"] == 14
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", ["0.5", "2:4"])
+def test_smollm2_pruned_export_end_to_end(smollm, cache_dir, tmp_path, pattern):
+    """Real smollm2-135m pruned by Wanda (small calibration): export, sparsity equality, parity, readable text."""
+    import torch
+
+    from sparsedeploy.data import calibration_samples
+    from sparsedeploy.fsutil import write_json_atomic
+    from sparsedeploy.methods import build_method
+    from sparsedeploy.models import LoadedModel, load_model, save_checkpoint
+    from sparsedeploy.onnx_runtime import generate_text
+    from sparsedeploy.prune import prune_model
+    from sparsedeploy.sparsity import parse_sparsity
+    from safetensors.torch import save_file
+
+    lm = load_model("smollm2-135m", "float32", cache_dir)  # a fresh copy: the session fixture stays dense
+    spec = parse_sparsity(pattern)
+    samples = calibration_samples(lm.tokenizer, "gensim-wiki", 8, 128, 0)
+    masks = prune_model(lm.model, samples, build_method("wanda"), lambda _i, _n: spec, torch.device("cpu"), show_progress=False)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_checkpoint(LoadedModel(lm.model, lm.tokenizer, ckpt), ckpt)
+    save_file({k: v.contiguous() for k, v in masks.items()}, str(ckpt / "masks.safetensors"))
+    write_json_atomic(ckpt / "report.json", {"method": "wanda", "sparsity_spec": str(spec)})
+
+    report = export_checkpoint(ExportConfig(model=str(ckpt), decode_steps=3, greedy_tokens=32,
+                                            prompts=("The capital of France is",)), tmp_path / "onnx")
+    verification = report["verification"]
+    assert verification["ok"], verification["problems"]
+    sparsity = verification["sparsity"]
+    assert sparsity["linears"] == 30 * 7 and sparsity["zeros_onnx"] == sparsity["zeros_torch"]
+    assert 0.49 < sparsity["sparsity"] <= 0.5
+    if spec.is_nm:
+        assert sparsity["nm_qualifying"] == sparsity["linears"]
+    parity = verification["parity"]
+    assert parity["max_abs_diff"] <= FP32_ATOL and parity["greedy_identical"]
+    out = generate_text(tmp_path / "onnx", "The capital of France is", max_new_tokens=16)
+    words = out["completion"].split()
+    assert len(words) >= 3 and sum(w.isascii() for w in words) >= len(words) - 1, out["completion"]

@@ -143,3 +143,11 @@ def test_inspect_counts_match_numpy(nm_export):
     assert data["zeros"] == sum(int((a == 0).sum()) for a in arrays)
     assert data["nm_qualifying"] == 14 and data["matmul_weights"] == 15  # lm_head is dense
     assert data["domains"] == ["ai.onnx"]
+
+
+def test_polygraphy_verdict_agrees_when_installed(nm_export):
+    pytest.importorskip("polygraphy", reason="polygraphy not installed (pip install '.[polygraphy]')")
+    _, out = nm_export
+    poly = inspect_onnx(out)["polygraphy"]
+    assert poly["ran"], poly
+    assert poly["agree"] and poly["polygraphy_2_4_weights"] == 14
