@@ -194,6 +194,66 @@ def run(ctx, recipe_file, model, method, sparsity, calib, nsamples, seqlen, eval
     emit(summary, as_json, text)
 
 
+@cli.command("export")
+@click.option("--model", required=True, help="pruned checkpoint directory (as written by `sparsedeploy prune`)")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="output directory for model.onnx + export_report.json")
+@click.option("--task", default="text-generation-with-past", show_default=True, type=click.Choice(["text-generation-with-past", "text-generation"]))
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
+@click.option("--opset", default=None, type=int, help="ONNX opset [default: the target's]")
+@click.option("--target", default="ort", show_default=True, type=click.Choice(["ort", "deepsparse", "tensorrt"]), help="runtime the graph is shaped for")
+@click.option("--storage", default="dense", show_default=True, type=click.Choice(["dense", "sparse"]), help="sparse: bitmap+values side file (smaller; needs sparsedeploy to load)")
+@click.option("--optimize", default="none", show_default=True, type=click.Choice(["none", "basic", "extended", "all"]), help="ONNX Runtime graph optimisation saved into the file (refused when it breaks zeros or the target)")
+@click.option("--exporter", default="auto", show_default=True, type=click.Choice(["auto", "optimum", "torch"]))
+@click.option("--no-verify", is_flag=True, help="skip the sparsity and parity verification")
+@click.option("--greedy-tokens", default=32, show_default=True, type=int, help="greedy tokens compared PyTorch vs ONNX Runtime")
+@click.option("--decode-steps", default=4, show_default=True, type=int, help="KV-cache decode steps whose logits are compared")
+@click.option("--cache-dir", default=None, help="where converted checkpoints are cached")
+@click.option("--overwrite", is_flag=True, help="replace an existing output directory")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object")
+def export_cmd(model, output, task, dtype, opset, target, storage, optimize, exporter, no_verify, greedy_tokens, decode_steps, cache_dir, overwrite, as_json):
+    """Export a pruned checkpoint to ONNX (KV cache) and prove zeros, N:M layout and logit parity."""
+    from sparsedeploy.export import ExportConfig, export_checkpoint, summary
+
+    config = ExportConfig(model=model, task=task, dtype=dtype, opset=opset, target=target, storage=storage, optimize=optimize,
+                          exporter=exporter, verify=not no_verify, greedy_tokens=greedy_tokens, decode_steps=decode_steps, cache_dir=cache_dir)
+    report = export_checkpoint(config, output, overwrite=overwrite)
+    data, text = summary(report, output)
+    emit(data, as_json, text)
+
+
+@cli.command("inspect")
+@click.argument("onnx_model", type=click.Path(path_type=Path))
+@click.option("--nm", default="2:4", show_default=True, help="N:M pattern checked along K")
+@click.option("--all-weights", is_flag=True, help="list every initializer, not only MatMul/Gemm weights")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def inspect_cmd(onnx_model, nm, all_weights, as_json):
+    """Per-weight shape, sparsity and N:M compliance of an ONNX model (polygraphy compared when installed)."""
+    from sparsedeploy.onnx_verify import format_inspect, inspect_onnx
+    from sparsedeploy.sparsity import parse_sparsity
+
+    spec = parse_sparsity(nm)
+    if not spec.is_nm:
+        raise UserError(f"--nm {nm} is not an N:M pattern: give e.g. 2:4")
+    data = inspect_onnx(onnx_model, (spec.n, spec.m))
+    emit(data, as_json, format_inspect(data, all_weights))
+
+
+@cli.command("generate")
+@click.option("--onnx", "onnx_dir", required=True, type=click.Path(path_type=Path), help="export directory (or model.onnx)")
+@click.option("--prompt", required=True, help="text to continue")
+@click.option("--max-new-tokens", default=32, show_default=True, type=int)
+@click.option("--threads", default=None, type=int, help="ONNX Runtime intra-op threads")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def generate_cmd(onnx_dir, prompt, max_new_tokens, threads, as_json):
+    """Greedy text generation with ONNX Runtime and the KV cache."""
+    from sparsedeploy.onnx_runtime import generate_text
+
+    out = generate_text(onnx_dir, prompt, max_new_tokens, threads)
+    rate = out["new_tokens"] / out["seconds"] if out["seconds"] else float("nan")
+    emit(out, as_json, f"{prompt}{out['completion']}\n[{out['new_tokens']} tokens in {out['seconds']:.2f} s, {rate:.1f} tok/s, "
+                       f"KV cache {'on' if out['kv_cache'] else 'off'}]")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("SPARSEDEPLOY_DEBUG") == "1"
