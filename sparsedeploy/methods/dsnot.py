@@ -302,6 +302,11 @@ class DSnoT:
 
     def prune(self, weight: torch.Tensor, stats: InputStats, spec: SparsitySpec, name: str = "") -> PruneResult:
         mask0, w0 = self._init_result(weight, stats, spec)
+        return self.refine_result(weight, stats, spec, mask0, w0, name)
+
+    def refine_result(self, weight: torch.Tensor, stats: InputStats, spec: SparsitySpec, mask0: torch.Tensor,
+                      w0: torch.Tensor, name: str = "") -> PruneResult:
+        """Refine a given initial result (mask0, w0) of the dense `weight` as this method's mode says."""
         self.summary["linears"] += 1
         if not target_matches(self.targets, name):
             return PruneResult(mask0, w0, {"dsnot": "not a target"})

@@ -26,8 +26,8 @@ MAX_DAMP_RETRIES = 6
 def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of (H + damp I)^-1 (U^T U = H^-1). H must have no all-zero diagonal.
 
-    damp starts at percdamp * mean(diag H); on failure it grows tenfold (logged) up to MAX_DAMP_RETRIES
-    times; then a clear error is raised rather than returning garbage.
+    damp starts at percdamp * mean(diag H); on failure it grows tenfold (from 1e-3 * mean diag when it
+    was 0; logged) up to MAX_DAMP_RETRIES times; then a clear error is raised rather than returning garbage.
     """
     n = H.shape[0]
     mean_diag = float(torch.diagonal(H).mean())
@@ -46,7 +46,7 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Te
             break
         log.warning("SparseGPT: Cholesky failed with dampening %.3g (%.3g x mean diag); retrying with 10x more",
                     damp, damp / mean_diag)
-        damp *= 10.0
+        damp = damp * 10.0 if damp > 0 else 1e-3 * mean_diag
     raise ValueError(f"SparseGPT: Hessian not positive definite even with dampening {damp:.3g}: "
                      "use more calibration samples or a larger --percdamp")
 
