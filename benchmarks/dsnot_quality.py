@@ -141,12 +141,20 @@ def to_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(doc: dict, json_path: Path, md_path: Path) -> None:
+    for path, text in ((json_path, json.dumps(doc, indent=2) + "\n"), (md_path, to_markdown(doc))):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="row names to run (see --list)")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--fresh", action="store_true", help="ignore rows already in the result file")
     parser.add_argument("--out", type=Path, default=RESULTS / "dsnot_quality")
+    parser.add_argument("--merge", nargs="*", type=Path, help="fold rows from other result JSONs (parallel runs) into --out")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -160,7 +168,11 @@ def main() -> None:
         print("\n".join(r.name() for r in rows))
         return
     if args.only:
-        rows = [r for r in rows if r.name() in set(args.only)]
+        by_name = {r.name(): r for r in rows}
+        unknown = [n for n in args.only if n not in by_name]
+        if unknown:
+            raise SystemExit(f"unknown rows {unknown}: see --list")
+        rows = [by_name[n] for n in args.only]  # in the order given
     setting = Setting()
     json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
     doc = {"setting": asdict(setting), "machine": machine(), "results": []}
@@ -168,6 +180,13 @@ def main() -> None:
         doc["results"] = json.loads(json_path.read_text())["results"]
     done = {r["row"] for r in doc["results"]}
     json_path.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge is not None:
+        for other in args.merge:
+            extra = [r for r in json.loads(other.read_text())["results"] if r["row"] not in done]
+            doc["results"] += extra
+            done |= {r["row"] for r in extra}
+        write_results(doc, json_path, md_path)
+        return
     env = {**os.environ, "OMP_NUM_THREADS": str(setting.threads), "MKL_NUM_THREADS": str(setting.threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH", "")]))}
     for row in rows:
@@ -184,10 +203,7 @@ def main() -> None:
         r["wall_seconds"] = time.perf_counter() - t0
         r["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         doc["results"].append(r)
-        for path, text in ((json_path, json.dumps(doc, indent=2) + "\n"), (md_path, to_markdown(doc))):
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+        write_results(doc, json_path, md_path)
         logging.info("%-40s ppl %9.3f  prune %6.1f s  wall %6.1f s  RSS %5.0f MiB  %s", r["row"], r["ppl"], r["prune_seconds"],
                      r["wall_seconds"], r["peak_rss_mib"], r.get("method_summary", ""))
 
