@@ -46,6 +46,50 @@ def with_options(options):
     return wrap
 
 
+# Method-specific prune options: (click option, keyword of the method class, methods it applies to).
+_METHOD_FLAGS = {
+    "init": ("init", ("dsnot",)),
+    "dsnot_targets": ("targets", ("dsnot",)),
+    "dsnot_mode": ("mode", ("dsnot",)),
+    "max_cycles": ("max_cycles", ("dsnot",)),
+    "update_threshold": ("update_threshold", ("dsnot",)),
+    "pow_of_var_regrowing": ("pow_of_var_regrowing", ("dsnot",)),
+    "no_sign_flip": ("no_sign_flip", ("dsnot",)),
+    "blocksize": ("blocksize", ("sparsegpt", "dsnot")),
+    "percdamp": ("percdamp", ("sparsegpt", "dsnot")),
+}
+method_option_flags = [
+    click.option("--init", default=None, type=click.Choice(["wanda", "sparsegpt", "magnitude"]), help="dsnot: initial method [default: wanda]"),
+    click.option("--dsnot-targets", default=None, type=click.Choice(["all", "attn", "mlp"]), help="dsnot: linears to refine [default: attn]"),
+    click.option("--dsnot-mode", default=None, type=click.Choice(["verified", "paper", "second-order"]), help="dsnot: verified (keep a refinement only if it lowers the layer's actual error), paper, second-order [default: verified]"),
+    click.option("--max-cycles", default=None, type=int, help="dsnot: prune-and-grow cycles per layer [default: 50]"),
+    click.option("--update-threshold", default=None, type=float, help="dsnot: stop a row once its expected error is this small [default: 0.1]"),
+    click.option("--pow-of-var-regrowing", default=None, type=float, help="dsnot: exponent p of Var[x]^p in the grow score [default: 1]"),
+    click.option("--no-sign-flip", is_flag=True, default=None, help="dsnot: reject swaps that flip the sign of a row's expected error"),
+    click.option("--blocksize", default=None, type=int, help="sparsegpt (or dsnot --init sparsegpt): OBS column block [default: 128]"),
+    click.option("--percdamp", default=None, type=float, help="sparsegpt (or dsnot --init sparsegpt): dampening, fraction of mean diag(H) [default: 0.01]"),
+]
+
+
+def method_options_from_flags(method: str, flags: dict) -> dict:
+    """Keyword options for the method from the given flags; a flag the method does not use is an error."""
+    options = {}
+    for flag, value in flags.items():
+        if value is None or value is False:
+            continue
+        keyword, methods = _METHOD_FLAGS[flag]
+        cli_name = "--" + flag.replace("_", "-")
+        if method not in methods or (flag in ("blocksize", "percdamp") and method == "dsnot" and flags.get("init") != "sparsegpt"):
+            needs = "--method sparsegpt or --method dsnot --init sparsegpt" if flag in ("blocksize", "percdamp") else "--method dsnot"
+            raise UserError(f"{cli_name} does not apply to --method {method}{' without --init sparsegpt' if method == 'dsnot' else ''}: drop it or use {needs}")
+        options[keyword] = value
+    if "blocksize" in options and options["blocksize"] < 1:
+        raise UserError(f"--blocksize {options['blocksize']} must be at least 1")
+    if "percdamp" in options and not options["percdamp"] >= 0:
+        raise UserError(f"--percdamp {options['percdamp']} must be 0 or more")
+    return options
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @click.option("-q", "--quiet", is_flag=True, help="only warnings and results")
@@ -60,7 +104,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 @cli.command()
 @click.option("--model", required=True, help="HF id or directory, a .gguf file, or smollm2-135m")
-@click.option("--method", default="wanda", show_default=True, help="magnitude, wanda, ...")
+@click.option("--method", default="wanda", show_default=True, help="magnitude, wanda, sparsegpt, dsnot")
 @click.option("--sparsity", default="0.5", show_default=True, help="fraction of zeros (0.5, 50%) or N:M (2:4, 4:8)")
 @click.option("--calib", default="gensim-wiki", show_default=True, help="calibration text: gensim-wiki, wikitext2[:PATH], c4, text:PATH, jsonl:PATH")
 @click.option("--nsamples", default=128, show_default=True, type=int, help="calibration windows")
@@ -73,13 +117,16 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--offload", default="none", show_default=True, type=click.Choice(["none", "cpu", "disk"]),
               help="cpu: calibration activations stay in RAM; disk: weights stay on disk, one block in memory")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
+@with_options(method_option_flags)
 @click.pass_context
-def prune(ctx, model, method, sparsity, calib, nsamples, seqlen, seed, device, dtype, cache_dir, output, overwrite, resume, offload, as_json):
+def prune(ctx, model, method, sparsity, calib, nsamples, seqlen, seed, device, dtype, cache_dir, output, overwrite, resume, offload, as_json,
+          **method_flags):
     """Prune MODEL layer by layer over calibration data and write a sparse checkpoint."""
     from sparsedeploy.prune import PruneConfig, run_prune
 
     config = PruneConfig(model=model, method=method, sparsity=sparsity, calib=calib, nsamples=nsamples,
-                         seqlen=seqlen, seed=seed, device=device, dtype=dtype, cache_dir=cache_dir)
+                         seqlen=seqlen, seed=seed, device=device, dtype=dtype, cache_dir=cache_dir,
+                         method_options=method_options_from_flags(method, method_flags))
     report = run_prune(config, output, overwrite=overwrite, show_progress=not ctx.obj["quiet"], resume=resume, offload=offload)
     if "overall_sparsity" not in report:  # a non-zero rank of a torchrun job: rank 0 reports
         return

@@ -85,7 +85,8 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
             full = f"{prefix}.{index}.{name}"
             check_nm_shape(linear.weight.shape, spec, full)
             weight = linear.weight.data.float()
-            result = method.prune(weight, stats[name], spec)
+            extra = {"name": name} if getattr(method, "uses_name", False) else {}  # e.g. DSnoT's targets
+            result = method.prune(weight, stats[name], spec, **extra)
             new = result.weight.masked_fill(~result.mask, 0.0)
             linear.weight.data.copy_(new.to(linear.weight.dtype))
             masks[full] = result.mask.to("cpu")
@@ -176,6 +177,7 @@ def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_p
         "calibration": {"source": config.calib, "nsamples": config.nsamples, "seqlen": seqlen, "seed": config.seed},
         "device": str(device), "dtype": config.dtype, "offload": offload,
         "prune_seconds": elapsed, **peak_memory(device), "versions": versions(),
+        **({"method_summary": method.summary} if getattr(method, "summary", None) else {}),
         "config": asdict(config),
     }
     if start_block:

@@ -91,3 +91,34 @@ def test_bad_input_one_line_nonzero_no_output(args, needle, tiny_checkpoint, tmp
 def test_console_entry_and_shim_run():
     out = subprocess.run([sys.executable, "cli.py", "--help"], capture_output=True, text=True, cwd=str(__import__("conftest").REPO))
     assert out.returncode == 0 and "prune" in out.stdout and "eval" in out.stdout
+
+
+def test_prune_dsnot_options_reach_the_method(tiny_checkpoint, calib_file, tmp_path, capsys):
+    out = tmp_path / "dsnot"
+    code, stdout, err = run_cli(["-q", "prune", "--model", str(tiny_checkpoint), "--method", "dsnot", "--init", "sparsegpt",
+                                 "--dsnot-targets", "all", "--dsnot-mode", "second-order", "--max-cycles", "3",
+                                 "--update-threshold", "0.05", "--pow-of-var-regrowing", "0.5", "--no-sign-flip",
+                                 "--blocksize", "32", "--percdamp", "0.02", "--sparsity", "0.6", "--calib", f"text:{calib_file}",
+                                 "--nsamples", "2", "--seqlen", "16", "--device", "cpu", "--output", str(out), "--json"], capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["method_options"] == {"init": "sparsegpt", "targets": "all", "mode": "second-order", "max_cycles": 3,
+                                        "update_threshold": 0.05, "pow_of_var_regrowing": 0.5, "no_sign_flip": True,
+                                        "blocksize": 32, "percdamp": 0.02}
+    assert report["method_summary"]["refined"] == report["method_summary"]["linears"] == 14
+    assert json.loads(stdout)["overall_sparsity"] >= 0.6 - 1e-3
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--method", "wanda", "--max-cycles", "5"], "--max-cycles does not apply to --method wanda"),
+    (["--method", "sparsegpt", "--init", "wanda"], "--init does not apply"),
+    (["--method", "dsnot", "--blocksize", "64"], "without --init sparsegpt"),
+    (["--method", "magnitude", "--no-sign-flip"], "--no-sign-flip does not apply"),
+    (["--method", "sparsegpt", "--percdamp", "-1"], "must be 0 or more"),
+    (["--method", "dsnot", "--max-cycles", "-2"], "--max-cycles -2"),
+])
+def test_prune_irrelevant_method_option_is_one_line_error(args, needle, tiny_checkpoint, tmp_path, capsys):
+    code, _, err = run_cli(["prune", "--model", str(tiny_checkpoint), "--output", str(tmp_path / "o"), *args], capsys)
+    lines = [line for line in err.strip().splitlines() if line and not line.startswith(("INFO", "WARNING"))]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert not (tmp_path / "o").exists()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from sparsedeploy.errors import UserError
 from sparsedeploy.methods.base import PruneResult, PruningMethod
+from sparsedeploy.methods.dsnot import DSnoT
 from sparsedeploy.methods.magnitude import Magnitude
+from sparsedeploy.methods.sparsegpt import SparseGPT
 from sparsedeploy.methods.wanda import Wanda
 
-METHODS = {"magnitude": Magnitude, "wanda": Wanda}
+METHODS = {"magnitude": Magnitude, "wanda": Wanda, "sparsegpt": SparseGPT, "dsnot": DSnoT}
 
 
 def build_method(name: str, **options) -> PruningMethod:

@@ -1,0 +1,34 @@
+"""DSnoT on the real model: its default (verified) mode is never worse than its Wanda start."""
+
+import copy
+
+import pytest
+import torch
+
+from sparsedeploy.data import calibration_samples, eval_tokens
+from sparsedeploy.evaluate import perplexity
+from sparsedeploy.methods import build_method
+from sparsedeploy.prune import prune_model
+from sparsedeploy.sparsity import parse_sparsity
+
+pytestmark = pytest.mark.slow
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("sparsity", ["0.7", "2:4"])
+def test_verified_dsnot_never_worse_than_wanda_init(smollm, wikitext_test, sparsity):
+    tokens = eval_tokens(smollm.tokenizer, f"wikitext2:{wikitext_test}")
+    samples = calibration_samples(smollm.tokenizer, "gensim-wiki", nsamples=8, seqlen=256, seed=0)
+    spec = parse_sparsity(sparsity)
+    ppl, masks = {}, {}
+    for label, method in (("wanda", build_method("wanda")), ("dsnot", build_method("dsnot", init="wanda", mode="verified"))):
+        model = copy.deepcopy(smollm.model)
+        masks[label] = prune_model(model, samples, method, lambda _i, _n: spec, CPU, show_progress=False)
+        ppl[label] = perplexity(model, tokens, 256, CPU, max_windows=8, show_progress=False).ppl
+        del model
+    print(sparsity, ppl, method.summary)
+    assert method.summary["refined"] == 30 * {"attn": 4, "mlp": 3, "all": 7}[method.targets]
+    assert method.summary["swaps"] > 0
+    for name, mask in masks["dsnot"].items():  # same count per row as Wanda
+        assert torch.equal(mask.sum(1), masks["wanda"][name].sum(1)), name
+    assert ppl["dsnot"] <= ppl["wanda"] * 1.01, ppl
