@@ -66,18 +66,23 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--nsamples", default=128, show_default=True, type=int, help="calibration windows")
 @click.option("--seqlen", default=None, type=int, help="tokens per window [default: min(2048, model max)]")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--allocation", default="uniform", show_default=True, type=click.Choice(["uniform", "owl", "atp"]),
+              help="per-layer sparsity: uniform, owl (outlier-weighted) or atp (increasing with depth); the overall mean stays the target")
+@click.option("--owl-m", default=5.0, show_default=True, type=float, help="OWL: a score is an outlier above M x the block mean")
+@click.option("--owl-lambda", default=0.08, show_default=True, type=float, help="OWL: largest deviation of a block's sparsity from the target")
 @with_options(common_model)
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="output checkpoint directory")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory (and discard an interrupted run)")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last finished block")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
 @click.pass_context
-def prune(ctx, model, method, sparsity, calib, nsamples, seqlen, seed, device, dtype, cache_dir, output, overwrite, resume, as_json):
+def prune(ctx, model, method, sparsity, calib, nsamples, seqlen, seed, allocation, owl_m, owl_lambda, device, dtype, cache_dir, output, overwrite, resume, as_json):
     """Prune MODEL layer by layer over calibration data and write a sparse checkpoint."""
     from sparsedeploy.prune import PruneConfig, run_prune
 
     config = PruneConfig(model=model, method=method, sparsity=sparsity, calib=calib, nsamples=nsamples,
-                         seqlen=seqlen, seed=seed, device=device, dtype=dtype, cache_dir=cache_dir)
+                         seqlen=seqlen, seed=seed, device=device, dtype=dtype, cache_dir=cache_dir,
+                         allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda)
     report = run_prune(config, output, overwrite=overwrite, show_progress=not ctx.obj["quiet"], resume=resume)
     summary = {k: report[k] for k in ("method", "sparsity_spec", "overall_sparsity", "prune_seconds", "peak_rss_mib")}
     summary["output"] = str(output)

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import sparsedeploy
+from sparsedeploy.allocation import AllocationConfig, plan_allocation
 from sparsedeploy.checkpoint import BlockCheckpoint, work_dir_for
 from sparsedeploy.data import calibration_samples
 from sparsedeploy.engine import EngineConfig, InputStats, walk_blocks
@@ -43,6 +44,9 @@ class PruneConfig:
     dtype: str = "float32"
     cache_dir: str | None = None
     method_options: dict = field(default_factory=dict)
+    allocation: str = "uniform"  # uniform | owl | atp (per-block sparsity, see allocation.py)
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
 
 
 def blocks_prefix(model: nn.Module) -> str:
@@ -133,12 +137,14 @@ def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_p
     lm = load_model(config.model, config.dtype, config.cache_dir)
     seqlen = config.seqlen or default_seqlen(lm.model)
     samples = calibration_samples(lm.tokenizer, config.calib, config.nsamples, seqlen, config.seed)
+    allocation = plan_allocation(lm.model, samples, method, spec, AllocationConfig(config.allocation, config.owl_m, config.owl_lambda),
+                                 device, lambda n: calibration_samples(lm.tokenizer, config.calib, n, seqlen, config.seed + 1), show_progress)
     start_block, masks = checkpoint.restore(lm.model, blocks_prefix(lm.model)) if checkpoint.exists() else (0, {})
     checkpoint.start()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    masks = prune_model(lm.model, samples, method, lambda _i, _n: spec, device, show_progress,
+    masks = prune_model(lm.model, samples, method, allocation.spec_for, device, show_progress,
                         start_block=start_block, masks=masks, on_block_done=checkpoint.save_block)
     elapsed = time.perf_counter() - start
     layers = layer_sparsity(lm.model)
@@ -147,7 +153,7 @@ def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_p
         "model": config.model, "model_path": str(lm.path),
         "calibration": {"source": config.calib, "nsamples": config.nsamples, "seqlen": seqlen, "seed": config.seed},
         "device": str(device), "dtype": config.dtype,
-        "overall_sparsity": overall_sparsity(layers), "layers": layers,
+        "overall_sparsity": overall_sparsity(layers), "allocation": allocation.report(), "layers": layers,
         "prune_seconds": elapsed, **peak_memory(device), "versions": versions(),
         "config": asdict(config),
     }
