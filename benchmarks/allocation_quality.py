@@ -47,7 +47,7 @@ class Setting:
     device: str = "cpu"
     # recovery
     recover_data: str = "gensim-wiki"
-    recover_steps: int = 100
+    recover_steps: int = 50
     recover_seqlen: int = 256
     recover_batch: int = 1
     recover_rank: int = 8
@@ -107,7 +107,7 @@ def run_one(setting: Setting, row: Row) -> dict:
     else:
         result["measured_sparsity"] = 0.0
     if row.kind == "recover":
-        from sparsedeploy.recover import RecoverConfig, recover_model, zero_pattern
+        from sparsedeploy.recover import RecoverConfig, recover_model, same_zeros, zero_pattern
 
         before = zero_pattern(lm.model)
         result["ppl_before"] = ppl()
@@ -116,7 +116,7 @@ def run_one(setting: Setting, row: Row) -> dict:
         train = calibration_samples(lm.tokenizer, setting.recover_data, cfg.steps * cfg.batch, cfg.seqlen, setting.seed + 7)
         info = recover_model(lm.model, masks, train, cfg, device, show_progress=False)
         result["recover"] = info
-        result["zeros_identical"] = bool(zero_pattern(lm.model) == before)
+        result["zeros_identical"] = same_zeros(before, zero_pattern(lm.model))
         result["sparsity_after"] = overall_sparsity(layer_sparsity(lm.model))
     result["ppl"] = ppl()
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

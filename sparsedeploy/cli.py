@@ -123,6 +123,45 @@ def eval_cmd(ctx, model, data, seqlen, max_windows, device, dtype, cache_dir, ou
     emit(out, as_json, f"perplexity {result.ppl:.3f} on {data} ({result.windows} windows x {seqlen}, {result.tokens} tokens); sparsity {out['sparsity']:.4f}")
 
 
+@cli.command()
+@click.option("--model", required=True, help="a pruned checkpoint directory (from `prune`; its masks.safetensors is used when present)")
+@click.option("--data", default="gensim-wiki", show_default=True, help="training text: gensim-wiki, wikitext2[:PATH], c4, text:PATH, jsonl:PATH")
+@click.option("--steps", default=100, show_default=True, type=int, help="optimizer steps")
+@click.option("--rank", default=8, show_default=True, type=int, help="adapter rank r")
+@click.option("--alpha", default=None, type=float, help="adapter scale alpha/r [default: alpha = r]")
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate (warm-up, then cosine to 10%)")
+@click.option("--seqlen", default=256, show_default=True, type=int, help="tokens per training window")
+@click.option("--batch", default=1, show_default=True, type=int, help="windows per step")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--teacher", default=None, help="dense model to distil from (KL on logits) instead of the LM loss, e.g. smollm2-135m")
+@click.option("--eval", "eval_data", default=None, help="also report perplexity before/after on this text (e.g. wikitext2:PATH)")
+@click.option("--eval-windows", default=16, show_default=True, type=int, help="windows scored by --eval")
+@with_options(common_model)
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="output checkpoint directory")
+@click.option("--overwrite", is_flag=True, help="replace an existing output directory")
+@click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
+@click.pass_context
+def recover(ctx, model, data, steps, rank, alpha, lr, seqlen, batch, seed, teacher, eval_data, eval_windows, device, dtype, cache_dir,
+            output, overwrite, as_json):
+    """Train masked low-rank adapters on a pruned MODEL and merge them: perplexity down, every zero kept."""
+    from sparsedeploy.recover import RecoverConfig, RecoverRun, run_recover
+
+    run = RecoverRun(model=model, data=data, output=str(output), teacher=teacher, eval_data=eval_data, eval_windows=eval_windows,
+                     device=device, dtype=dtype, cache_dir=cache_dir)
+    config = RecoverConfig(steps=steps, rank=rank, alpha=alpha, lr=lr, seqlen=seqlen, batch=batch, seed=seed)
+    report = run_recover(run, config, output, overwrite=overwrite, show_progress=not ctx.obj["quiet"])
+    rec = report["recovery"]
+    summary = {"steps": rec["steps"], "tokens": rec["tokens"], "seconds": rec["seconds"], "loss_first": rec["loss_first"],
+               "loss_last": rec["loss_last"], "sparsity": report["sparsity_after"], "zeros_identical": report["zeros_identical"],
+               "output": str(output)}
+    text = (f"recovered {model}: {rec['steps']} steps, {rec['tokens']} tokens, {rec['seconds']:.1f} s, loss {rec['loss_first']:.3f} -> "
+            f"{rec['loss_last']:.3f}; sparsity {report['sparsity_after']:.4f} (zeros identical)")
+    if "ppl_after" in report:
+        summary.update(ppl_before=report["ppl_before"], ppl_after=report["ppl_after"])
+        text += f"; perplexity {report['ppl_before']:.3f} -> {report['ppl_after']:.3f}"
+    emit(summary, as_json, text + f" -> {output}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("SPARSEDEPLOY_DEBUG") == "1"
