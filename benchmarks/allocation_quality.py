@@ -1,12 +1,14 @@
 """Layer-wise allocation (uniform / OWL / ATP) and sparsity-preserving recovery on smollm2-135m.
 
-Every row runs in its own subprocess with the same calibration and evaluation windows.
+All rows of a part run in one process (model loaded once, restored to dense between rows) with the same
+calibration and evaluation windows; results are written after every row, so a cut-short run keeps its rows.
 
     python benchmarks/allocation_quality.py --part alloc      # uniform/OWL/ATP x 0.6/0.7 with Wanda (+DSnoT if present)
     python benchmarks/allocation_quality.py --part recover    # perplexity before/after recovery at 0.7 and 2:4
-    python benchmarks/allocation_quality.py                   # both
+    (run both parts, in parallel, to fill the combined table)
 
-Results: benchmarks/results/allocation_quality.{json,md} (a part merges into the existing JSON).
+Results: benchmarks/results/allocation_quality.{alloc,recover}.json (per part) and the combined
+benchmarks/results/allocation_quality.{json,md}. Run the two parts in parallel to use both cores.
 """
 
 from __future__ import annotations
@@ -15,10 +17,7 @@ import argparse
 import json
 import logging
 import os
-import resource
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,12 +36,12 @@ STEM = RESULTS / "allocation_quality"
 class Setting:
     model: str = "smollm2-135m"
     calib: str = "gensim-wiki"
-    nsamples: int = 64
+    nsamples: int = 32
     calib_seqlen: int = 512
     seed: int = 0
     eval_data: str = f"wikitext2:{WIKITEXT}"
     eval_seqlen: int = 512
-    max_windows: int = 64
+    max_windows: int = 16
     threads: int = 1
     device: str = "cpu"
     # recovery
@@ -69,74 +68,107 @@ class Row:
         return f"{base} + recovery" if self.kind == "recover" else base
 
 
-def run_one(setting: Setting, row: Row) -> dict:
-    import torch
+class Runner:
+    """All rows of one part in one process: the model is loaded once and restored to dense between rows."""
 
-    from sparsedeploy.allocation import AllocationConfig, plan_allocation
-    from sparsedeploy.data import calibration_samples, eval_tokens
-    from sparsedeploy.evaluate import layer_sparsity, overall_sparsity, perplexity
-    from sparsedeploy.methods import build_method
-    from sparsedeploy.models import load_model, resolve_device
-    from sparsedeploy.prune import prune_model
-    from sparsedeploy.sparsity import parse_sparsity
+    def __init__(self, setting: Setting) -> None:
+        import torch
 
-    torch.set_num_threads(setting.threads)
-    device = resolve_device(setting.device)
-    lm = load_model(setting.model, "float32")
-    tokens = eval_tokens(lm.tokenizer, setting.eval_data)
-    result = {"row": row.name(), **asdict(row)}
+        from sparsedeploy.data import calibration_samples, eval_tokens
+        from sparsedeploy.models import load_model, resolve_device
 
-    def ppl() -> float:
-        r = perplexity(lm.model, tokens, setting.eval_seqlen, device, setting.max_windows, show_progress=False)
+        torch.set_num_threads(setting.threads)
+        self.setting = setting
+        self.device = resolve_device(setting.device)
+        self.lm = load_model(setting.model, "float32")
+        self.dense = {k: v.clone() for k, v in self.lm.model.state_dict().items()}
+        self.tokens = eval_tokens(self.lm.tokenizer, setting.eval_data)
+        self.samples = calibration_samples(self.lm.tokenizer, setting.calib, setting.nsamples, setting.calib_seqlen, setting.seed)
+
+    def held_out(self, n: int):
+        from sparsedeploy.data import calibration_samples
+
+        s = self.setting
+        return calibration_samples(self.lm.tokenizer, s.calib, n, s.calib_seqlen, s.seed + 1)
+
+    def ppl(self, result: dict) -> float:
+        from sparsedeploy.evaluate import perplexity
+
+        r = perplexity(self.lm.model, self.tokens, self.setting.eval_seqlen, self.device, self.setting.max_windows, show_progress=False)
         result.update(eval_windows=r.windows, eval_tokens=r.tokens)
         return r.ppl
 
-    if row.kind != "dense":
-        spec = parse_sparsity(row.sparsity)
-        method = build_method(row.method, **row.options)
-        samples = calibration_samples(lm.tokenizer, setting.calib, setting.nsamples, setting.calib_seqlen, setting.seed)
-        start = time.perf_counter()
-        alloc = plan_allocation(lm.model, samples, method, spec, AllocationConfig(row.allocation), device,
-                                lambda n: calibration_samples(lm.tokenizer, setting.calib, n, setting.calib_seqlen, setting.seed + 1),
-                                show_progress=False)
-        result["allocation_seconds"] = time.perf_counter() - start
-        masks = prune_model(lm.model, samples, method, alloc.spec_for, device, show_progress=False)
-        result["prune_seconds"] = time.perf_counter() - start  # allocation included
-        result["allocation"] = {k: v for k, v in alloc.report().items() if k != "kind"}
-        result["measured_sparsity"] = overall_sparsity(layer_sparsity(lm.model))
-    else:
-        result["measured_sparsity"] = 0.0
-    if row.kind == "recover":
-        from sparsedeploy.recover import RecoverConfig, recover_model, same_zeros, zero_pattern
+    def run(self, row: Row) -> dict:
+        from sparsedeploy.allocation import AllocationConfig, plan_allocation
+        from sparsedeploy.data import calibration_samples
+        from sparsedeploy.evaluate import layer_sparsity, overall_sparsity
+        from sparsedeploy.methods import build_method
+        from sparsedeploy.prune import prune_model
+        from sparsedeploy.sparsity import parse_sparsity
 
-        before = zero_pattern(lm.model)
-        result["ppl_before"] = ppl()
-        cfg = RecoverConfig(steps=setting.recover_steps, seqlen=setting.recover_seqlen, batch=setting.recover_batch,
-                            rank=setting.recover_rank, lr=setting.recover_lr, seed=setting.seed)
-        train = calibration_samples(lm.tokenizer, setting.recover_data, cfg.steps * cfg.batch, cfg.seqlen, setting.seed + 7)
-        info = recover_model(lm.model, masks, train, cfg, device, show_progress=False)
-        result["recover"] = info
-        result["zeros_identical"] = same_zeros(before, zero_pattern(lm.model))
-        result["sparsity_after"] = overall_sparsity(layer_sparsity(lm.model))
-    result["ppl"] = ppl()
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return result
+        s, model = self.setting, self.lm.model
+        model.load_state_dict(self.dense)
+        result = {"row": row.name(), **asdict(row)}
+        masks = None
+        if row.kind != "dense":
+            spec = parse_sparsity(row.sparsity)
+            method = build_method(row.method, **row.options)
+            start = time.perf_counter()
+            alloc = plan_allocation(model, self.samples, method, spec, AllocationConfig(row.allocation), self.device, self.held_out,
+                                    show_progress=False)
+            result["allocation_seconds"] = time.perf_counter() - start
+            masks = prune_model(model, self.samples, method, alloc.spec_for, self.device, show_progress=False)
+            result["prune_seconds"] = time.perf_counter() - start  # allocation included
+            result["allocation"] = {k: v for k, v in alloc.report().items() if k != "kind"}
+        result["measured_sparsity"] = overall_sparsity(layer_sparsity(model))
+        if row.kind == "recover":
+            from sparsedeploy.recover import RecoverConfig, recover_model, same_zeros, zero_pattern
+
+            before = zero_pattern(model)
+            result["ppl_before"] = self.ppl(result)
+            cfg = RecoverConfig(steps=s.recover_steps, seqlen=s.recover_seqlen, batch=s.recover_batch, rank=s.recover_rank,
+                                lr=s.recover_lr, seed=s.seed)
+            train = calibration_samples(self.lm.tokenizer, s.recover_data, cfg.steps * cfg.batch, cfg.seqlen, s.seed + 7)
+            result["recover"] = recover_model(model, masks, train, cfg, self.device, show_progress=False)
+            result["zeros_identical"] = same_zeros(before, zero_pattern(model))
+            result["sparsity_after"] = overall_sparsity(layer_sparsity(model))
+        result["ppl"] = self.ppl(result)
+        return result
 
 
-def run_rows(setting: Setting, rows: list[Row], log_path: Path | None) -> list[dict]:
+def part_file(part: str) -> Path:
+    return RESULTS / f"allocation_quality.{part}.json"
+
+
+def write_combined(setting: Setting) -> None:
+    results = []
+    for part in ("alloc", "recover"):
+        if part_file(part).is_file():
+            results += json.loads(part_file(part).read_text())
+    doc = {"setting": asdict(setting), "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+           "dsnot_available": has_method("dsnot"), "results": results}
+    from sparsedeploy.fsutil import write_json_atomic
+
+    write_json_atomic(STEM.with_suffix(".json"), doc)
+    tmp = STEM.with_suffix(f".md.tmp{os.getpid()}")
+    tmp.write_text(to_markdown(doc))
+    os.replace(tmp, STEM.with_suffix(".md"))
+
+
+def run_rows(setting: Setting, rows: list[Row], part: str) -> list[dict]:
+    runner = Runner(setting)
     results = []
     for row in rows:
-        payload = json.dumps({"setting": asdict(setting), "row": asdict(row)})
-        proc = subprocess.run([sys.executable, __file__, "--child", payload], capture_output=True, text=True)
-        if proc.returncode != 0:
-            logging.error("row %s failed:\n%s", row.name(), proc.stderr[-3000:])
-            results.append({"row": row.name(), **asdict(row), "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"})
-            continue
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        try:
+            r = runner.run(row)
+        except Exception as exc:  # noqa: BLE001 - record the failure, keep the other rows
+            logging.exception("row %s failed", row.name())
+            r = {"row": row.name(), **asdict(row), "error": f"{type(exc).__name__}: {exc}"}
         results.append(r)
-        logging.info("%-34s ppl %9.3f  sparsity %.5f  time %6.1f s", r["row"], r["ppl"], r["measured_sparsity"], r.get("prune_seconds", 0.0))
-        if log_path:
-            log_path.write_text(json.dumps(results, indent=2) + "\n")
+        if "error" not in r:
+            logging.info("%-34s ppl %9.3f  sparsity %.5f  time %6.1f s", r["row"], r["ppl"], r["measured_sparsity"], r.get("prune_seconds", 0.0))
+        part_file(part).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        write_combined(setting)
     return results
 
 
@@ -193,39 +225,23 @@ def to_markdown(doc: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["alloc", "recover", "all"], default="all")
+    parser.add_argument("--part", choices=["alloc", "recover"], required=True)
     parser.add_argument("--sparsities", nargs="*", default=["0.6", "0.7"])
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        payload = json.loads(args.child)
-        logging.basicConfig(level=logging.WARNING)
-        print(json.dumps(run_one(Setting(**payload["setting"]), Row(**payload["row"])), default=str))
-        return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     setting = Setting()
     rows: list[Row] = []
-    if args.part in ("alloc", "all"):
+    if args.part == "alloc":
         methods = ["wanda"] + (["dsnot"] if has_method("dsnot") else [])
         if "dsnot" not in methods:
             logging.warning("no dsnot method in this checkout: Wanda+DSnoT rows skipped")
+        # most informative first (0.7), so a cut-short run still answers the main question
+        rows += [Row("prune", m, sp, a) for sp in sorted(args.sparsities, reverse=True) for m in methods for a in ("uniform", "owl", "atp")]
         rows += [Row("dense")]
-        rows += [Row("prune", m, s, a) for s in args.sparsities for m in methods for a in ("uniform", "owl", "atp")]
-    if args.part in ("recover", "all"):
+    if args.part == "recover":
         rows += [Row("recover", "wanda", "0.7", "uniform"), Row("recover", "wanda", "2:4", "uniform")]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.gettempdir()) / f"allocation_quality_{args.part}.partial.json"
-    results = run_rows(setting, rows, partial)
-    path = STEM.with_suffix(".json")
-    old = json.loads(path.read_text())["results"] if path.is_file() else []
-    names = {r["row"] for r in results}
-    merged = [r for r in old if r["row"] not in names] + results
-    order = {"dense": 0, "prune": 1, "recover": 2}
-    merged.sort(key=lambda r: (order[r["kind"]], str(r.get("sparsity")), r["row"]))
-    doc = {"setting": asdict(setting), "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-           "dsnot_available": has_method("dsnot"), "results": merged}
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    STEM.with_suffix(".md").write_text(to_markdown(doc))
+    run_rows(setting, rows, args.part)
     logging.info("wrote %s.{json,md}", STEM)
 
 

@@ -52,7 +52,7 @@ class AllocationConfig:
     owl_lambda: float = 0.08
     # ATP candidates, as the total spread s_last - s_first; d = spread / (blocks - 1).
     atp_spreads: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
-    atp_search_nsamples: int = 16  # calibration windows used to prune each candidate
+    atp_search_nsamples: int = 8  # calibration windows used to prune each candidate
     atp_search_windows: int = 4  # held-out calibration-source windows scored per candidate
     max_sparsity: float = 0.99
 
