@@ -26,10 +26,12 @@ non-uniform allocation with N:M is refused.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -43,6 +45,7 @@ from sparsedeploy.sparsity import SparsitySpec
 log = logging.getLogger(__name__)
 
 ALLOCATIONS = ("uniform", "owl", "atp")
+BlockHook = Callable[[int, nn.Module], None]
 
 
 @dataclass
@@ -152,7 +155,8 @@ def block_param_counts(model: nn.Module) -> list[int]:
 
 @torch.no_grad()
 def owl_outlier_ratios(model: nn.Module, samples: torch.Tensor, device: torch.device, m: float = 5.0,
-                       show_progress: bool = True) -> list[float]:
+                       show_progress: bool = True, load_block: BlockHook | None = None,
+                       release_block: BlockHook | None = None) -> list[float]:
     """One pass of the shared engine over the dense model: each block's OWL outlier ratio (nothing is modified)."""
     ratios: list[float] = []
 
@@ -161,7 +165,7 @@ def owl_outlier_ratios(model: nn.Module, samples: torch.Tensor, device: torch.de
         ratios.append(outlier_ratio(scores, m))
 
     config = EngineConfig(device=device, show_progress=show_progress, description="OWL outlier statistics")
-    walk_blocks(model, samples, config, score_block)
+    walk_blocks(model, samples, config, score_block, load_block=load_block, release_block=release_block)
     return ratios
 
 
@@ -200,10 +204,12 @@ def uniform(model: nn.Module, spec: SparsitySpec) -> Allocation:
 
 def plan_allocation(model: nn.Module, samples: torch.Tensor, method, spec: SparsitySpec, config: AllocationConfig,
                     device: torch.device, eval_samples: Callable[[int], torch.Tensor] | None = None,
-                    show_progress: bool = True) -> Allocation:
+                    show_progress: bool = True, load_block: BlockHook | None = None,
+                    release_block: BlockHook | None = None) -> Allocation:
     """Decide each block's sparsity on the DENSE model (call before pruning or restoring blocks).
 
     `eval_samples(n)` returns n held-out calibration-source windows [n, seqlen] for the ATP search.
+    `load_block`/`release_block`: the disk-offload hooks of the engine (OWL's statistics pass only).
     """
     kind = config.kind
     if kind not in ALLOCATIONS:
@@ -219,10 +225,13 @@ def plan_allocation(model: nn.Module, samples: torch.Tensor, method, spec: Spars
     if kind == "owl":
         if config.owl_m <= 0:
             raise UserError(f"--owl-m {config.owl_m} must be > 0 (the paper uses 5)")
-        outliers = owl_outlier_ratios(model, samples, device, config.owl_m, show_progress)
+        outliers = owl_outlier_ratios(model, samples, device, config.owl_m, show_progress, load_block, release_block)
         ratios = owl_ratios(outliers, weights, target, config.owl_lambda, config.max_sparsity)
         details = {"owl_m": config.owl_m, "owl_lambda": config.owl_lambda, "outlier_ratios": outliers}
     else:
+        if load_block is not None:
+            raise UserError("--allocation atp prunes trial copies in memory and cannot run with --offload disk: "
+                            "use --offload none or cpu, or --allocation owl")
         if eval_samples is None:
             raise ValueError("ATP needs eval_samples for its search")
         d, trials = atp_search(model, samples, method, target, weights, config, device, eval_samples(config.atp_search_windows),
@@ -235,6 +244,33 @@ def plan_allocation(model: nn.Module, samples: torch.Tensor, method, spec: Spars
     allocation = Allocation(kind, spec, ratios, weights, details)
     log.info("%s allocation: sparsity %.4f..%.4f over %d blocks, parameter-weighted mean %.6f (target %s)",
              kind, allocation.report()["min"], allocation.report()["max"], len(ratios), allocation.allocated_mean, spec)
+    return allocation
+
+
+def plan_or_restore_allocation(model: nn.Module, samples: torch.Tensor, method, spec: SparsitySpec, config: AllocationConfig,
+                               device: torch.device, eval_samples: Callable[[int], torch.Tensor] | None, work: Path | None,
+                               show_progress: bool = True, load_block: BlockHook | None = None,
+                               release_block: BlockHook | None = None) -> Allocation:
+    """`plan_allocation`, remembered in the run's work directory so that --resume reuses it unchanged.
+
+    A resumed run must not re-plan: its model already holds pruned blocks (OWL wants the dense
+    activations) and the ATP search would cost again. The file is keyed by the settings it used.
+    """
+    key = {"kind": config.kind, "target": str(spec), "owl_m": config.owl_m, "owl_lambda": config.owl_lambda,
+           "atp_spreads": list(config.atp_spreads), "atp_search_nsamples": config.atp_search_nsamples,
+           "atp_search_windows": config.atp_search_windows, "max_sparsity": config.max_sparsity}
+    path = Path(work) / "allocation.json" if work is not None else None
+    if path is not None and path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            log.info("resuming with the %s allocation planned before the interruption (%s)", config.kind, path)
+            return Allocation(saved["kind"], spec, saved["ratios"], saved["weights"], {**saved["details"], "restored": True})
+    allocation = plan_allocation(model, samples, method, spec, config, device, eval_samples, show_progress, load_block, release_block)
+    if path is not None and config.kind != "uniform":
+        from sparsedeploy.fsutil import write_json_atomic
+
+        write_json_atomic(path, {"key": key, "kind": allocation.kind, "ratios": allocation.ratios, "weights": allocation.weights,
+                                 "details": allocation.details})
     return allocation
 
 

@@ -53,8 +53,11 @@ class BlockCheckpoint:
     def _write_state(self) -> None:
         write_json_atomic(self.state_file, {"fingerprint": self.fingerprint, "done": self.done})
 
-    def restore(self, model: nn.Module, prefix: str) -> tuple[int, dict[str, torch.Tensor]]:
-        """Load finished blocks into `model`; return (first block to prune, masks of finished blocks)."""
+    def restore(self, model: nn.Module, prefix: str, load_weights: bool = True) -> tuple[int, dict[str, torch.Tensor]]:
+        """Load finished blocks into `model`; return (first block to prune, masks of finished blocks).
+
+        With `load_weights=False` (disk offload) the blocks are read from their files when their turn comes.
+        """
         state = json.loads(self.state_file.read_text())
         if state["fingerprint"] != self.fingerprint:
             changed = sorted(k for k in set(state["fingerprint"]) | set(self.fingerprint)
@@ -68,6 +71,8 @@ class BlockCheckpoint:
             raise UserError(f"checkpoint in {self.work} is inconsistent (blocks {done}): pass --overwrite to start over")
         for i in done:
             tensors = load_file(str(self.work / f"block-{i:04d}.safetensors"))
+            if not load_weights:
+                continue
             weights = {k: v for k, v in tensors.items() if not k.startswith(_MASK)}
             blocks[i].load_state_dict(weights, strict=True)
             masks.update({f"{prefix}.{i}.{k[len(_MASK):]}": v for k, v in tensors.items() if k.startswith(_MASK)})
@@ -87,3 +92,17 @@ class BlockCheckpoint:
 
     def clear(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+def load_masks(folder: Path) -> dict[str, torch.Tensor]:
+    """Keep-masks of a pruned checkpoint: `masks.safetensors`, or the per-block shards of --offload disk."""
+    folder = Path(folder)
+    if (folder / "masks.safetensors").is_file():
+        return load_file(str(folder / "masks.safetensors"))
+    index = folder / "masks.safetensors.index.json"
+    if not index.is_file():
+        raise UserError(f"{folder} has no masks (masks.safetensors): is it a sparsedeploy prune output?")
+    masks: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        masks.update(load_file(str(folder / shard)))
+    return masks

@@ -74,16 +74,20 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="output checkpoint directory")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory (and discard an interrupted run)")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last finished block")
+@click.option("--offload", default="none", show_default=True, type=click.Choice(["none", "cpu", "disk"]),
+              help="cpu: calibration activations stay in RAM; disk: weights stay on disk, one block in memory")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
 @click.pass_context
-def prune(ctx, model, method, sparsity, calib, nsamples, seqlen, seed, allocation, owl_m, owl_lambda, device, dtype, cache_dir, output, overwrite, resume, as_json):
+def prune(ctx, model, method, sparsity, calib, nsamples, seqlen, seed, allocation, owl_m, owl_lambda, device, dtype, cache_dir, output, overwrite, resume, offload, as_json):
     """Prune MODEL layer by layer over calibration data and write a sparse checkpoint."""
     from sparsedeploy.prune import PruneConfig, run_prune
 
     config = PruneConfig(model=model, method=method, sparsity=sparsity, calib=calib, nsamples=nsamples,
                          seqlen=seqlen, seed=seed, device=device, dtype=dtype, cache_dir=cache_dir,
                          allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda)
-    report = run_prune(config, output, overwrite=overwrite, show_progress=not ctx.obj["quiet"], resume=resume)
+    report = run_prune(config, output, overwrite=overwrite, show_progress=not ctx.obj["quiet"], resume=resume, offload=offload)
+    if "overall_sparsity" not in report:  # a non-zero rank of a torchrun job: rank 0 reports
+        return
     summary = {k: report[k] for k in ("method", "sparsity_spec", "overall_sparsity", "prune_seconds", "peak_rss_mib")}
     summary["output"] = str(output)
     emit(summary, as_json, f"pruned {model} with {method} at {report['sparsity_spec']}: sparsity {report['overall_sparsity']:.4f}, "
@@ -95,11 +99,12 @@ def prune(ctx, model, method, sparsity, calib, nsamples, seqlen, seed, allocatio
 @click.option("--data", default=None, help="evaluation text: wikitext2:PATH, wikitext2, c4, text:PATH, jsonl:PATH [default: the offline WikiText-2 test file when found]")
 @click.option("--seqlen", default=None, type=int, help="window length [default: min(2048, model max)]")
 @click.option("--max-windows", default=None, type=int, help="score only the first K windows (bounds CPU cost)")
+@click.option("--baseline", default=None, help="also evaluate this (dense) model on the same windows and report the ratio")
 @with_options(common_model)
 @click.option("--output", "-o", default=None, type=click.Path(path_type=Path), help="also write the result as JSON here")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.pass_context
-def eval_cmd(ctx, model, data, seqlen, max_windows, device, dtype, cache_dir, output, as_json):
+def eval_cmd(ctx, model, data, seqlen, max_windows, baseline, device, dtype, cache_dir, output, as_json):
     """Perplexity of MODEL (Wanda/SparseGPT protocol) and its measured sparsity."""
     from sparsedeploy.data import default_wikitext_test, eval_tokens
     from sparsedeploy.evaluate import layer_sparsity, overall_sparsity, perplexity
@@ -118,9 +123,80 @@ def eval_cmd(ctx, model, data, seqlen, max_windows, device, dtype, cache_dir, ou
     result = perplexity(lm.model, tokens, seqlen, dev, max_windows, show_progress=not ctx.obj["quiet"])
     layers = layer_sparsity(lm.model)
     out = {**result.to_dict(), "model": model, "data": data, "sparsity": overall_sparsity(layers), "device": str(dev), "dtype": dtype}
+    text = f"perplexity {result.ppl:.3f} on {data} ({result.windows} windows x {seqlen}, {result.tokens} tokens); sparsity {out['sparsity']:.4f}"
+    if baseline:
+        base_lm = load_model(baseline, dtype, cache_dir)
+        base = perplexity(base_lm.model, tokens, seqlen, dev, max_windows, show_progress=not ctx.obj["quiet"])
+        out["baseline"] = {"model": baseline, "ppl": base.ppl, "sparsity": overall_sparsity(layer_sparsity(base_lm.model))}
+        out["ppl_ratio"] = result.ppl / base.ppl
+        text += f"\nbaseline {baseline}: perplexity {base.ppl:.3f}; ratio {out['ppl_ratio']:.3f}"
     if output:
         write_json_atomic(output, {**out, "layers": layers})
-    emit(out, as_json, f"perplexity {result.ppl:.3f} on {data} ({result.windows} windows x {seqlen}, {result.tokens} tokens); sparsity {out['sparsity']:.4f}")
+    emit(out, as_json, text)
+
+
+@cli.command()
+@click.argument("recipe_file", required=False, type=click.Path(path_type=Path))
+@click.option("--model", default=None, help="override recipe: model")
+@click.option("--method", default=None, help="override recipe: prune.method")
+@click.option("--sparsity", default=None, help="override recipe: prune.sparsity")
+@click.option("--calib", default=None, help="override recipe: calibration.source")
+@click.option("--nsamples", default=None, type=int, help="override recipe: calibration.nsamples")
+@click.option("--seqlen", default=None, type=int, help="override recipe: calibration.seqlen and eval.seqlen")
+@click.option("--eval-data", default=None, help="override recipe: eval.data")
+@click.option("--max-windows", default=None, type=int, help="override recipe: eval.max_windows")
+@click.option("--max-ppl-ratio", default=None, type=float, help="override recipe: gate.max_ppl_ratio")
+@click.option("--max-ppl", default=None, type=float, help="override recipe: gate.max_ppl")
+@click.option("--export/--no-export", "export_", default=None, help="override recipe: export.enabled")
+@click.option("--bench/--no-bench", "bench", default=None, help="override recipe: bench.enabled")
+@click.option("--device", default=None, help="override recipe: device")
+@click.option("--output", "-o", default=None, type=click.Path(path_type=Path), help="output directory [default: recipe output]")
+@click.option("--overwrite", is_flag=True, help="replace an existing output directory (and discard an interrupted run)")
+@click.option("--resume", is_flag=True, help="continue an interrupted run: finished stages are kept, pruning resumes at its last block")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object")
+@click.pass_context
+def run(ctx, recipe_file, model, method, sparsity, calib, nsamples, seqlen, eval_data, max_windows, max_ppl_ratio, max_ppl,
+        export_, bench, device, output, overwrite, resume, as_json):
+    """Run a recipe end to end: prune -> evaluate -> quality gate -> export -> bench -> REPORT.md.
+
+    Exits 3 when the quality gate fails (the report is still written), 2 on bad input.
+    """
+    from sparsedeploy.pipeline import GateFailed, Pipeline
+    from sparsedeploy.recipe import load_recipe, parse_recipe
+
+    data = {}
+    if recipe_file is not None:
+        recipe = load_recipe(recipe_file)
+    else:
+        recipe = parse_recipe(data)
+    overrides = {("model",): model, ("prune", "method"): method, ("prune", "sparsity"): sparsity, ("calibration", "source"): calib,
+                 ("calibration", "nsamples"): nsamples, ("calibration", "seqlen"): seqlen, ("eval", "seqlen"): seqlen,
+                 ("eval", "data"): eval_data, ("eval", "max_windows"): max_windows, ("gate", "max_ppl_ratio"): max_ppl_ratio,
+                 ("gate", "max_ppl"): max_ppl, ("export", "enabled"): export_, ("bench", "enabled"): bench, ("device",): device}
+    from dataclasses import asdict
+
+    merged = asdict(recipe)
+    for path, value in overrides.items():
+        if value is not None:
+            target = merged
+            for key in path[:-1]:
+                target = target[key]
+            target[path[-1]] = value
+    recipe = parse_recipe(merged)
+    out = output or (Path(recipe.output) if recipe.output else None)
+    if out is None:
+        raise UserError("no output directory: pass --output DIR or set `output:` in the recipe")
+    try:
+        report = Pipeline(recipe, out, overwrite=overwrite, resume=resume, show_progress=not ctx.obj["quiet"]).run()
+    except GateFailed as exc:
+        click.echo(f"quality gate FAILED: {exc}", err=True)
+        sys.exit(3)
+    dense = report["dense"]["ppl"] if report["dense"] else None
+    summary = {"output": str(out), "gate": report["gate"], "dense_ppl": dense, "pruned_ppl": report["pruned"]["ppl"],
+               "sparsity": report["pruned"]["sparsity"]}
+    text = f"quality gate passed: perplexity {report['pruned']['ppl']:.3f}" + (f" (dense {dense:.3f})" if dense else "") + \
+           f", sparsity {report['pruned']['sparsity']:.4f}; report: {out / 'REPORT.md'}"
+    emit(summary, as_json, text)
 
 
 @cli.command()

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparsedeploy import distributed
 from sparsedeploy.models import find_blocks, find_linears
 
 log = logging.getLogger(__name__)
@@ -227,31 +228,40 @@ def run_block(block: nn.Module, inputs: list[torch.Tensor], call: tuple[tuple, d
 
 @torch.no_grad()
 def walk_blocks(model: nn.Module, samples: torch.Tensor, config: EngineConfig, block_fn: BlockFn | None,
-                start_block: int = 0, on_block_done: Callable[[int, nn.Module], None] | None = None) -> None:
+                start_block: int = 0, on_block_done: Callable[[int, nn.Module], None] | None = None,
+                load_block: Callable[[int, nn.Module], None] | None = None,
+                release_block: Callable[[int, nn.Module], None] | None = None) -> None:
     """The engine. For block i >= start_block: collect stats, call block_fn, then propagate.
 
     Blocks before `start_block` are only propagated (used by --resume: they are already pruned).
     Each block is moved to `config.device` while it is processed and moved back afterwards.
+    `load_block`/`release_block` materialise and free a block's weights around its turn (disk offload).
     """
     device = config.device
     keep_on = torch.device("cpu") if config.offload_inputs else device
     blocks = find_blocks(model)
-    home = next(model.parameters()).device
-    inputs, calls = capture_block_inputs(model, samples, device)
+    home = model.get_input_embeddings().weight.device  # where blocks live between turns (never "meta")
+    inputs, calls = capture_block_inputs(model, distributed.shard(samples), device)
     inputs = [x.to(keep_on) for x in inputs]
     bar = tqdm(range(len(blocks)), desc=config.description, unit="block", disable=not config.show_progress)
     for i in bar:
+        if load_block is not None:
+            load_block(i, blocks[i])
         block = blocks[i].to(device)
         if i >= start_block and block_fn is not None:
             linears = find_linears(block)
             stats = collect_stats(block, linears, inputs, calls[i], device, config.need_hessian)
+            distributed.all_reduce_stats(stats)  # no-op in a single process
             block_fn(i, block, linears, stats)
+            distributed.broadcast_block(block)
             del stats
         if i < len(blocks) - 1:
             inputs = run_block(block, inputs, calls[i], device, keep_on)
         blocks[i] = block.to(home)
         if i >= start_block and on_block_done is not None:
             on_block_done(i, blocks[i])
+        if release_block is not None:
+            release_block(i, blocks[i])
         if device.type == "cuda":
             torch.cuda.empty_cache()
     bar.close()

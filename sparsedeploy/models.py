@@ -8,6 +8,7 @@ dequantised once and cached as a normal safetensors checkpoint.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -96,17 +97,34 @@ def convert_gguf(folder: Path, filename: str, out: Path) -> Path:
         raise UserError(f"GGUF conversion of {filename} left missing={missing[:3]} unexpected={unexpected[:3]}: this GGUF architecture is not supported")
     if getattr(config, "tie_word_embeddings", False):
         clean.tie_weights()
+    # GGUF tokenizer metadata can name the wrong end token (SmolLM2's says <|im_start|>): follow the config.
+    if isinstance(config.eos_token_id, int) and config.eos_token_id < len(tokenizer):
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(config.eos_token_id)
+    if tokenizer.pad_token is None and isinstance(getattr(config, "pad_token_id", None), int):
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.pad_token_id)
     with atomic_dir(out) as tmp:
         clean.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        (tmp / CONVERSION_MARK).write_text(json.dumps({"version": CONVERSION_VERSION, "source": str(folder / filename)}))
     return out
+
+
+CONVERSION_MARK = "sparsedeploy-conversion.json"
+CONVERSION_VERSION = 2  # bump when convert_gguf changes what it writes: cached conversions are redone
+
+
+def _converted(target: Path) -> bool:
+    try:
+        return json.loads((target / CONVERSION_MARK).read_text())["version"] == CONVERSION_VERSION
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def resolve_model_path(model: str, cache: str | os.PathLike | None = None) -> Path | str:
     """Map --model to something `from_pretrained` loads: a directory, or a hub id (online only)."""
     if model in BUILTIN_ALIASES:
         target = cache_dir(cache) / "models" / model
-        if not (target / "config.json").is_file():
+        if not _converted(target):
             folder, filename = _gguf_location(model)
             convert_gguf(folder, filename, target)
         else:
@@ -117,7 +135,7 @@ def resolve_model_path(model: str, cache: str | os.PathLike | None = None) -> Pa
         if not path.is_file():
             raise UserError(f"GGUF file {path} does not exist: check the path")
         target = cache_dir(cache) / "models" / f"gguf-{path.stem}-{path.stat().st_size}"
-        if not (target / "config.json").is_file():
+        if not _converted(target):
             convert_gguf(path.parent, path.name, target)
         return target
     if path.exists():
@@ -158,8 +176,11 @@ def load_model(model: str, dtype: str | torch.dtype = "float32", cache: str | os
         raise UserError(f"{model!r} ({config.model_type}) is not a causal language model transformers can load: {str(exc).splitlines()[0]}") from None
     lm.eval()
     lm.config.use_cache = False
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    find_blocks(lm)  # fail early on an unsupported architecture
+    find_linears(find_blocks(lm)[0])  # fail early on an unsupported architecture
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, TypeError, ValueError) as exc:
+        raise UserError(f"{model!r} has no usable tokenizer ({type(exc).__name__}): save the tokenizer files next to the model") from None
     return LoadedModel(lm, tokenizer, path)
 
 

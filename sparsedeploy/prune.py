@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import sparsedeploy
-from sparsedeploy.allocation import AllocationConfig, plan_allocation
+from sparsedeploy import distributed
+from sparsedeploy.allocation import AllocationConfig, plan_or_restore_allocation
 from sparsedeploy.checkpoint import BlockCheckpoint, work_dir_for
 from sparsedeploy.data import calibration_samples
 from sparsedeploy.engine import EngineConfig, InputStats, walk_blocks
@@ -68,11 +69,16 @@ def peak_memory(device: torch.device) -> dict:
 def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, spec_for: SpecFor,
                 device: torch.device, show_progress: bool = True, offload_inputs: bool = False,
                 start_block: int = 0, masks: dict[str, torch.Tensor] | None = None,
-                on_block_done: Callable[[int, nn.Module, dict[str, torch.Tensor]], None] | None = None) -> dict[str, torch.Tensor]:
+                on_block_done: Callable[[int, nn.Module, dict[str, torch.Tensor]], None] | None = None,
+                load_block: Callable[[int, nn.Module], None] | None = None,
+                release_block: Callable[[int, nn.Module], None] | None = None,
+                retain_masks: bool = True) -> dict[str, torch.Tensor]:
     """Prune every decoder linear in place through the shared engine; return keep-masks by full name.
 
     `start_block`/`masks`: resume after blocks already pruned (their masks). `on_block_done(i, block,
-    block_masks)` is called after each pruned block, e.g. to checkpoint it.
+    block_masks)` is called after each pruned block, e.g. to checkpoint it. `load_block`/`release_block`:
+    see `walk_blocks` (disk offload); with `retain_masks=False` a block's masks are dropped once
+    `on_block_done` has stored them.
     """
     prefix = blocks_prefix(model)
     masks = dict(masks or {})
@@ -89,13 +95,17 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
             masks[full] = result.mask.to("cpu")
 
     def block_done(index: int, block: nn.Module) -> None:
+        head = f"{prefix}.{index}."
         if on_block_done is not None:
-            head = f"{prefix}.{index}."
             on_block_done(index, block, {k[len(head):]: v for k, v in masks.items() if k.startswith(head)})
+        if not retain_masks:
+            for key in [k for k in masks if k.startswith(head)]:
+                del masks[key]
 
     config = EngineConfig(device=device, need_hessian=method.needs_hessian, offload_inputs=offload_inputs,
                           show_progress=show_progress, description=f"{method.name}")
-    walk_blocks(model, samples, config, prune_block, start_block=start_block, on_block_done=block_done)
+    walk_blocks(model, samples, config, prune_block, start_block=start_block, on_block_done=block_done,
+                load_block=load_block, release_block=release_block)
     return masks
 
 
@@ -121,49 +131,98 @@ def open_checkpoint(config: PruneConfig, output: Path, overwrite: bool, resume: 
     return checkpoint
 
 
+OFFLOAD_MODES = ("none", "cpu", "disk")
+
+
 def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_progress: bool = True,
-              resume: bool = False) -> dict:
+              resume: bool = False, offload: str = "none") -> dict:
     """Load, calibrate, prune, and write checkpoint + masks + report.json into `output` atomically.
 
     After each decoder block the pruned block is checkpointed beside the output; `resume=True`
     continues an interrupted run from its last finished block with an identical result.
+    `offload`: "none" (model in RAM, one block at a time on the device), "cpu" (calibration
+    activations kept in RAM too, for a small accelerator), "disk" (weights stay on disk; one block
+    in memory at a time; see offload.py).
     """
     output = Path(output)
+    if offload not in OFFLOAD_MODES:
+        raise UserError(f"unknown --offload {offload!r}: use none, cpu or disk")
     check_output_dir(output, overwrite)
     spec = parse_sparsity(config.sparsity)
     method = build_method(config.method, **config.method_options)
-    device = resolve_device(config.device)
-    checkpoint = open_checkpoint(config, output, overwrite, resume)
-    lm = load_model(config.model, config.dtype, config.cache_dir)
+    device = distributed.init_from_env(resolve_device(config.device))  # torchrun: data-parallel calibration
+    main_rank = distributed.is_main()
+    checkpoint = open_checkpoint(config, output, overwrite or not main_rank, resume or not main_rank)
+    if offload == "disk":
+        from sparsedeploy.offload import DiskBlocks
+
+        lm, source, dtype = _load_for_disk(config)
+        disk = DiskBlocks(source, blocks_prefix(lm.model), checkpoint.work, dtype)
+    else:
+        lm, disk = load_model(config.model, config.dtype, config.cache_dir), None
     seqlen = config.seqlen or default_seqlen(lm.model)
     samples = calibration_samples(lm.tokenizer, config.calib, config.nsamples, seqlen, config.seed)
-    allocation = plan_allocation(lm.model, samples, method, spec, AllocationConfig(config.allocation, config.owl_m, config.owl_lambda),
-                                 device, lambda n: calibration_samples(lm.tokenizer, config.calib, n, seqlen, config.seed + 1), show_progress)
-    start_block, masks = checkpoint.restore(lm.model, blocks_prefix(lm.model)) if checkpoint.exists() else (0, {})
-    checkpoint.start()
+    prefix = blocks_prefix(lm.model)
+    allocation = plan_or_restore_allocation(
+        lm.model, samples, method, spec, AllocationConfig(config.allocation, config.owl_m, config.owl_lambda), device,
+        lambda n: calibration_samples(lm.tokenizer, config.calib, n, seqlen, config.seed + 1), checkpoint.work if main_rank else None,
+        show_progress, load_block=disk.load if disk else None, release_block=disk.release if disk else None)
+    start_block, masks = checkpoint.restore(lm.model, prefix, load_weights=disk is None) if checkpoint.exists() else (0, {})
+    if main_rank:
+        checkpoint.start()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     masks = prune_model(lm.model, samples, method, allocation.spec_for, device, show_progress,
-                        start_block=start_block, masks=masks, on_block_done=checkpoint.save_block)
+                        offload_inputs=offload in ("cpu", "disk"), start_block=start_block, masks=masks,
+                        on_block_done=checkpoint.save_block if main_rank else None, load_block=disk.load if disk else None,
+                        release_block=disk.release if disk else None, retain_masks=disk is None)
     elapsed = time.perf_counter() - start
-    layers = layer_sparsity(lm.model)
     report = {
         "method": config.method, "method_options": config.method_options, "sparsity_spec": str(spec),
         "model": config.model, "model_path": str(lm.path),
         "calibration": {"source": config.calib, "nsamples": config.nsamples, "seqlen": seqlen, "seed": config.seed},
-        "device": str(device), "dtype": config.dtype,
-        "overall_sparsity": overall_sparsity(layers), "allocation": allocation.report(), "layers": layers,
+        "device": str(device), "dtype": config.dtype, "offload": offload, "allocation": allocation.report(),
         "prune_seconds": elapsed, **peak_memory(device), "versions": versions(),
         "config": asdict(config),
     }
     if start_block:
         report["resumed_from_block"] = start_block
-    write_outputs(lm, masks, report, output)
+    if distributed.active():
+        report["world_size"] = torch.distributed.get_world_size()
+    if not main_rank:
+        return report
+    if disk is None:
+        layers = layer_sparsity(lm.model)
+        report.update(overall_sparsity=overall_sparsity(layers), layers=layers)
+        write_outputs(lm, masks, report, output)
+    else:
+        from sparsedeploy.offload import assemble_checkpoint
+
+        with atomic_dir(output) as tmp:
+            layers = assemble_checkpoint(lm.model, prefix, checkpoint.work, tmp)
+            lm.tokenizer.save_pretrained(tmp)
+            report.update(overall_sparsity=overall_sparsity(layers), layers=layers)
+            write_json_atomic(tmp / "report.json", report)
     checkpoint.clear()
     log.info("pruned %s with %s at %s: measured sparsity %.4f in %.1f s -> %s",
              config.model, config.method, spec, report["overall_sparsity"], elapsed, output)
     return report
+
+
+def _load_for_disk(config: PruneConfig):
+    """A model whose decoder blocks are on the meta device, and the safetensors source of their weights."""
+    from transformers import AutoTokenizer
+
+    from sparsedeploy.models import resolve_dtype, resolve_model_path
+    from sparsedeploy.offload import load_skeleton
+
+    path = resolve_model_path(config.model, config.cache_dir)
+    if not Path(path).is_dir():
+        raise UserError(f"--offload disk needs a local checkpoint directory, not the hub id {config.model!r}: download it first")
+    dtype = resolve_dtype(config.dtype)
+    model, source, _prefix = load_skeleton(Path(path), dtype)
+    return LoadedModel(model, AutoTokenizer.from_pretrained(path), path), source, dtype
 
 
 def write_outputs(lm: LoadedModel, masks: dict[str, torch.Tensor], report: dict, output: Path) -> None:

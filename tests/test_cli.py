@@ -37,6 +37,11 @@ def test_prune_then_eval_json(tiny_checkpoint, calib_file, tmp_path, capsys):
     assert {"ppl", "seqlen", "windows", "tokens"} <= set(result)
     assert result["windows"] == 3 and result["seqlen"] == 32 and result["tokens"] == 3 * 31
     assert json.loads((tmp_path / "ppl.json").read_text())["ppl"] == result["ppl"]
+    code, stdout, _ = run_cli(["-q", "eval", "--model", str(out), "--baseline", str(tiny_checkpoint), "--data", f"text:{calib_file}",
+                               "--seqlen", "32", "--max-windows", "3", "--json"], capsys)
+    both = json.loads(stdout)
+    assert both["ppl"] == result["ppl"] and both["baseline"]["sparsity"] < 0.01
+    assert both["ppl_ratio"] == pytest.approx(both["ppl"] / both["baseline"]["ppl"])
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -48,14 +53,33 @@ def test_prune_then_eval_json(tiny_checkpoint, calib_file, tmp_path, capsys):
     (["prune", "--model", "{ckpt}", "--calib", "text:{short}", "--seqlen", "64", "--output", "{tmp}/o"], "too few"),
     (["eval", "--model", "{ckpt}", "--data", "wikitext2:{tmp}/nothing.raw"], "does not exist"),
     (["prune", "--model", "{ckpt}", "--device", "cuda", "--output", "{tmp}/o"], "CUDA"),
+    (["prune", "--model", "{gpt2}", "--output", "{tmp}/o"], "Conv1D"),
+    (["prune", "--model", "{bert}", "--output", "{tmp}/o"], "not a causal"),
+    (["prune", "--model", "{tmp}", "--output", "{tmp}/o"], "no config.json"),
+    (["prune", "--model", "{ckpt}", "--output", "{ckpt}"], "already exists"),
+    (["prune", "--model", "{ckpt}", "--sparsity", "2:4", "--seqlen", "16", "--calib", "text:{long}", "--output", "{tmp}/o", "--nsamples", "1"], None),
+    (["run", "{recipe}", "--output", "{tmp}/o"], "prune.sparsity"),
+    (["run", "{tmp}/missing.yaml", "--output", "{tmp}/o"], "does not exist"),
 ])
 def test_bad_input_one_line_nonzero_no_output(args, needle, tiny_checkpoint, tmp_path, capsys):
     import torch
 
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("CUDA is present: the 'CUDA requested but absent' case cannot happen here")
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
     (tmp_path / "short.txt").write_text("w1 w2")
-    args = [a.format(tmp=tmp_path, ckpt=tiny_checkpoint, short=tmp_path / "short.txt") for a in args]
+    (tmp_path / "long.txt").write_text("w1 w2 " * 100)
+    (tmp_path / "recipe.yaml").write_text("prune:\n  sparsity: 0.6\n  pattern: '2:4'\n")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64)).save_pretrained(tmp_path / "bert")
+    fmt = dict(tmp=tmp_path, ckpt=tiny_checkpoint, short=tmp_path / "short.txt", long=tmp_path / "long.txt",
+               gpt2=tmp_path / "gpt2", bert=tmp_path / "bert", recipe=tmp_path / "recipe.yaml")
+    args = [a.format(**fmt) for a in args]
+    if needle is None:  # the control case: the same command shape succeeds
+        code, _, err = run_cli(["-q", *args], capsys)
+        assert code == 0, err
+        return
     code, _, err = run_cli(args, capsys)
     assert code == 2
     lines = [line for line in err.strip().splitlines() if line and not line.startswith(("INFO", "WARNING"))]

