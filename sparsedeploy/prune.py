@@ -16,6 +16,7 @@ from torch import nn
 
 import sparsedeploy
 from sparsedeploy import distributed
+from sparsedeploy.allocation import AllocationConfig, plan_or_restore_allocation
 from sparsedeploy.checkpoint import BlockCheckpoint, work_dir_for
 from sparsedeploy.data import calibration_samples
 from sparsedeploy.engine import EngineConfig, InputStats, walk_blocks
@@ -44,6 +45,9 @@ class PruneConfig:
     dtype: str = "float32"
     cache_dir: str | None = None
     method_options: dict = field(default_factory=dict)
+    allocation: str = "uniform"  # uniform | owl | atp (per-block sparsity, see allocation.py)
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
 
 
 def blocks_prefix(model: nn.Module) -> str:
@@ -160,13 +164,17 @@ def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_p
     seqlen = config.seqlen or default_seqlen(lm.model)
     samples = calibration_samples(lm.tokenizer, config.calib, config.nsamples, seqlen, config.seed)
     prefix = blocks_prefix(lm.model)
+    allocation = plan_or_restore_allocation(
+        lm.model, samples, method, spec, AllocationConfig(config.allocation, config.owl_m, config.owl_lambda), device,
+        lambda n: calibration_samples(lm.tokenizer, config.calib, n, seqlen, config.seed + 1), checkpoint.work if main_rank else None,
+        show_progress, load_block=disk.load if disk else None, release_block=disk.release if disk else None)
     start_block, masks = checkpoint.restore(lm.model, prefix, load_weights=disk is None) if checkpoint.exists() else (0, {})
     if main_rank:
         checkpoint.start()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    masks = prune_model(lm.model, samples, method, lambda _i, _n: spec, device, show_progress,
+    masks = prune_model(lm.model, samples, method, allocation.spec_for, device, show_progress,
                         offload_inputs=offload in ("cpu", "disk"), start_block=start_block, masks=masks,
                         on_block_done=checkpoint.save_block if main_rank else None, load_block=disk.load if disk else None,
                         release_block=disk.release if disk else None, retain_masks=disk is None)
@@ -175,7 +183,7 @@ def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_p
         "method": config.method, "method_options": config.method_options, "sparsity_spec": str(spec),
         "model": config.model, "model_path": str(lm.path),
         "calibration": {"source": config.calib, "nsamples": config.nsamples, "seqlen": seqlen, "seed": config.seed},
-        "device": str(device), "dtype": config.dtype, "offload": offload,
+        "device": str(device), "dtype": config.dtype, "offload": offload, "allocation": allocation.report(),
         "prune_seconds": elapsed, **peak_memory(device), "versions": versions(),
         **({"method_summary": method.summary} if getattr(method, "summary", None) else {}),
         "config": asdict(config),
