@@ -117,6 +117,12 @@ def eval_cmd(ctx, model, data, seqlen, max_windows, device, dtype, cache_dir, ou
     emit(out, as_json, f"perplexity {result.ppl:.3f} on {data} ({result.windows} windows x {seqlen}, {result.tokens} tokens); sparsity {out['sparsity']:.4f}")
 
 
+from sparsedeploy.cli_bench import bench, engines  # noqa: E402  (bench/engines commands, issue 5)
+
+cli.add_command(bench)
+cli.add_command(engines)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("SPARSEDEPLOY_DEBUG") == "1"
