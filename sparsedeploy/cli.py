@@ -345,6 +345,12 @@ def recover(ctx, model, data, steps, rank, alpha, lr, seqlen, batch, seed, teach
     emit(summary, as_json, text + f" -> {output}")
 
 
+from sparsedeploy.cli_bench import bench, engines  # noqa: E402  (bench/engines commands, issue 5)
+
+cli.add_command(bench)
+cli.add_command(engines)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("SPARSEDEPLOY_DEBUG") == "1"

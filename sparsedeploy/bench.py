@@ -1,0 +1,456 @@
+"""`sparsedeploy bench`: dense vs sparse inference speed of whole models.
+
+Engines:
+- ``ort``: an optimum ONNX export with KV cache (``model.onnx`` taking ``past_key_values.*``), run in
+  ONNX Runtime: prefill latency (prompt of P tokens), decode tokens/s (G steps reusing the KV cache)
+  and end-to-end time.
+- ``deepsparse``: DeepSparse 1.8 in its own venv (see engines/deepsparse_env.py). Its engine aborts on
+  optimum's Llama export, so the bench first *tries* the full graph and, when the engine rejects it,
+  measures the most complete form that runs: the **linear skeleton** -- every MatMul of the model with
+  its real (pruned) weights in model order, residual adds kept, attention core / norms / activations /
+  KV cache removed -- at prefill shape (rows = batch x prompt) and decode-step shape (rows = batch).
+  The report names the form measured.
+- ``torch``: a Hugging Face checkpoint directory in PyTorch. On CUDA the sparse model's 2:4 linears
+  are converted with ``torch.sparse.to_sparse_semi_structured`` (fp16/bf16); without CUDA and with
+  ``--device cuda`` the command says so and stops cleanly.
+
+Dense and sparse models run alternately in the same process (sparsedeploy.timing), so the ratio is
+taken per round and machine drift cancels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sparsedeploy.errors import UserError
+from sparsedeploy.timing import Interleaved, run_interleaved, summarize
+
+log = logging.getLogger(__name__)
+
+PHASES = ("prefill", "decode", "total")
+
+
+@dataclass
+class BenchConfig:
+    model: str
+    baseline: str | None = None
+    engine: str = "ort"
+    batches: list[int] = field(default_factory=lambda: [1, 8])
+    prompt_len: int = 128
+    gen_len: int = 64
+    threads: int = 1
+    rounds: int = 3
+    per_round: int = 1
+    warmup: int = 1
+    device: str = "cpu"
+    dtype: str = "float16"
+    deepsparse_venv: str | None = None
+    cache_dir: str | None = None
+    max_seconds: float | None = None
+
+
+def machine_info(threads: int) -> dict:
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "?")
+    except OSError:
+        cpu = platform.processor() or "?"
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads, "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX Runtime: optimum export with KV cache
+# ----------------------------------------------------------------------------------------------
+
+def find_onnx(model_dir: str | os.PathLike, what: str = "--model") -> Path:
+    path = Path(model_dir)
+    if path.is_file() and path.suffix == ".onnx":
+        return path
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist: give a directory holding model.onnx (e.g. from `sparsedeploy export`)")
+    if not path.is_dir():
+        raise UserError(f"{what} {path} is not a directory or .onnx file")
+    for name in ("model.onnx", "decoder_model_merged.onnx", "decoder_with_past_model.onnx"):
+        if (path / name).is_file():
+            return path / name
+    found = sorted(path.glob("*.onnx"))
+    if len(found) == 1:
+        return found[0]
+    raise UserError(f"no model.onnx in {path}: point {what} at an ONNX export directory")
+
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+class OrtCausalLM:
+    """Greedy generation over an optimum-style decoder export (input_ids, attention_mask, [position_ids], past_key_values.*)."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        from sparsedeploy.kernels import ort_session
+
+        self.path = path
+        self.session = ort_session(path, threads)
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        if "input_ids" not in self.inputs:
+            raise UserError(f"{path} has no input_ids input: --engine ort expects a causal-LM export (text-generation-with-past)")
+        self.past = sorted(n for n in self.inputs if n.startswith("past_key_values."))
+        if not self.past:
+            raise UserError(f"{path} has no past_key_values inputs: export with KV cache (task text-generation-with-past) to time decode")
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        past = {}
+        for name in self.past:
+            info = self.inputs[name]
+            dims = [d if isinstance(d, int) else None for d in info.shape]
+            heads, head_dim = dims[1], dims[3]
+            if heads is None or head_dim is None:
+                raise UserError(f"{self.path}: cannot read KV heads/head size from input {name} {info.shape}")
+            past[name] = np.zeros((batch, heads, 0, head_dim), dtype=_ORT_TYPES.get(info.type, np.float32))
+        return past
+
+    def _step(self, ids: np.ndarray, mask: np.ndarray, start: int, past: dict[str, np.ndarray]):
+        feed = {"input_ids": ids, "attention_mask": mask, **past}
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = np.broadcast_to(np.arange(start, start + ids.shape[1], dtype=np.int64), ids.shape).copy()
+        outs = dict(zip(self.outputs, self.session.run(self.outputs, feed)))
+        new_past = {name: outs[name.replace("past_key_values.", "present.")] for name in self.past}
+        return outs["logits"], new_past
+
+    def generate(self, batch: int, prompt_len: int, gen_len: int, seed: int = 0) -> dict[str, float]:
+        """Prefill `prompt_len` random tokens then decode `gen_len` greedy tokens; returns seconds per phase."""
+        vocab = 1000
+        ids = np.random.default_rng(seed).integers(10, vocab, size=(batch, prompt_len), dtype=np.int64)
+        mask = np.ones((batch, prompt_len), dtype=np.int64)
+        t0 = time.perf_counter()
+        logits, past = self._step(ids, mask, 0, self._empty_past(batch))
+        t1 = time.perf_counter()
+        for step in range(gen_len):
+            nxt = logits[:, -1, :].argmax(-1).astype(np.int64)[:, None]
+            mask = np.ones((batch, prompt_len + step + 1), dtype=np.int64)
+            logits, past = self._step(nxt, mask, prompt_len + step, past)
+        t2 = time.perf_counter()
+        return {"prefill": t1 - t0, "decode": t2 - t1, "total": t2 - t0}
+
+
+def phase_rows(res: Interleaved, variants: list[str], batch: int, prompt_len: int, gen_len: int, form: str, engine: str) -> list[dict]:
+    """Per variant and phase: median/spread, prefill ms, decode tok/s, and the per-round speedup vs dense."""
+    rows = []
+    for name in variants:
+        for phase, values in res.phases[name].items():
+            s = summarize(values)
+            row = {"engine": engine, "form": form, "variant": name, "batch": batch, "phase": phase, "median_s": s.median,
+                   "p10_s": s.p10, "p90_s": s.p90, "spread": s.spread, "noisy": s.noisy, "rounds": s.n}
+            if phase == "decode" and gen_len:
+                row["tokens_per_s"] = batch * gen_len / s.median
+            if phase == "prefill":
+                row["prompt_tokens_per_s"] = batch * prompt_len / s.median
+            if name != "dense" and "dense" in res.phases:
+                r = res.phase_ratio("dense", name, phase)
+                row.update(speedup=r.median, speedup_p10=r.p10, speedup_p90=r.p90, noisy=bool(row["noisy"] or r.noisy))
+            rows.append(row)
+    return rows
+
+
+def bench_ort(cfg: BenchConfig, variants: dict[str, Path], progress=None) -> list[dict]:
+    models = {name: OrtCausalLM(path, cfg.threads) for name, path in variants.items()}
+    rows = []
+    for batch in cfg.batches:
+        runners = {name: (lambda m=m: m.generate(batch, cfg.prompt_len, cfg.gen_len)) for name, m in models.items()}
+        res = run_interleaved(runners, rounds=cfg.rounds, per_round=cfg.per_round, warmup=cfg.warmup, max_seconds=cfg.max_seconds)
+        new = phase_rows(res, list(variants), batch, cfg.prompt_len, cfg.gen_len, "full model with KV cache (optimum export)", "ort")
+        rows.extend(new)
+        if progress:
+            progress(new)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear skeleton: the form DeepSparse 1.8 runs
+# ----------------------------------------------------------------------------------------------
+
+def matmul_weights(path: Path) -> list[tuple[str, np.ndarray]]:
+    """(name, weight [k, n]) for every MatMul/Gemm(no transpose) of `path` whose weight is a 2-D initializer, in graph order."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in inits:
+            w = numpy_helper.to_array(inits[node.input[1]])
+            if w.ndim == 2:
+                out.append((node.name or node.input[1], w.astype(np.float32)))
+    return out
+
+
+def build_linear_skeleton(weights: list[tuple[str, np.ndarray]], rows: int, out: Path) -> dict:
+    """Write the linear skeleton ONNX (static [rows, k] input, opset 13, IR 8) and describe it.
+
+    Data flow per MatMul (k -> n): reads the current tensor of width k; its output becomes the current
+    tensor of width n, added to the previous one of that width if any (like a residual stream). Every
+    final tensor is a graph output so no MatMul is dead code.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    if not weights:
+        raise UserError("the ONNX model has no MatMul with a constant 2-D weight: nothing to benchmark in the linear skeleton")
+    first_k = weights[0][1].shape[0]
+    state = {first_k: "x"}
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, first_k])]
+    nodes, inits = [], []
+    for i, (_, w) in enumerate(weights):
+        k, n = w.shape
+        if k not in state:  # a width never produced so far (rare): feed it from an extra graph input
+            state[k] = f"x{k}"
+            inputs.append(helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [rows, k]))
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(w), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [state[k], f"w{i}"], [f"y{i}"]))
+        if n in state and state[n] != "x":
+            nodes.append(helper.make_node("Add", [state[n], f"y{i}"], [f"s{i}"]))
+            state[n] = f"s{i}"
+        else:
+            state[n] = f"y{i}"
+    outputs = [helper.make_tensor_value_info(t, TensorProto.FLOAT, [rows, n]) for n, t in state.items() if not t.startswith("x")]
+    graph = helper.make_graph(nodes, "linear_skeleton", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="sparsedeploy")
+    model.ir_version = 8
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out))
+    total = sum(w.size for _, w in weights)
+    zeros = sum(int((w == 0).sum()) for _, w in weights)
+    return {"matmuls": len(weights), "params": int(total), "sparsity": zeros / max(total, 1), "rows": rows}
+
+
+def bench_deepsparse(cfg: BenchConfig, variants: dict[str, Path], progress=None) -> tuple[list[dict], dict]:
+    from sparsedeploy.engines import deepsparse_env as ds
+
+    env = ds.require_env(cfg.deepsparse_venv, cfg.cache_dir)
+    notes: dict = {"full_graph": {}}
+    rows: list[dict] = []
+    # 1. The full graph, as exported: report whether DeepSparse accepts it.
+    first = next(iter(variants.values()))
+    try:
+        info = ds.check_model(env, first, batch=1, threads=cfg.threads)
+        notes["full_graph"] = {"runs": True, **info}
+        log.warning("DeepSparse accepted the full graph %s; this release still times the linear skeleton only", first)
+    except ds.EngineFailed as exc:
+        notes["full_graph"] = {"runs": False, "reason": str(exc), "stderr": exc.stderr_tail[-500:]}
+        log.info("DeepSparse rejects the full graph (%s): timing the linear skeleton instead", exc)
+    # 2. The linear skeleton at prefill and decode-step shapes, in DeepSparse and (same graph) ORT.
+    weights = {name: matmul_weights(path) for name, path in variants.items()}
+    with tempfile.TemporaryDirectory(prefix="sd-skeleton-") as tmp:
+        for batch in cfg.batches:
+            for phase, rows_n in (("prefill", batch * cfg.prompt_len), ("decode-step", batch)):
+                paths = {}
+                for name, ws in weights.items():
+                    paths[name] = Path(tmp) / f"{name}_{phase}_b{batch}.onnx"
+                    notes.setdefault("skeleton", {})[name] = build_linear_skeleton(ws, rows_n, paths[name])
+                for engine in ("deepsparse", "ort"):
+                    if engine == "deepsparse":
+                        times = ds.bench_models(env, paths, rows_n, cfg.threads, rounds=max(cfg.rounds, 3), per_round=3,
+                                                min_sample_s=0.02)["times"]
+                    else:
+                        from sparsedeploy.kernels import time_ort
+
+                        times = time_ort(paths, rows_n, next(iter(weights.values()))[0][1].shape[0], cfg.threads,
+                                         max(cfg.rounds, 3), 3)
+                    res = Interleaved(times=times, phases={n: {phase: t} for n, t in times.items()})
+                    new = phase_rows(res, list(variants), batch, cfg.prompt_len, 0, "linear skeleton (all MatMuls, real weights; "
+                                     "no attention core/norms/KV)", engine)
+                    for r in new:
+                        r["rows"] = rows_n
+                    rows.extend(new)
+                    if progress:
+                        progress(new)
+    return rows, notes
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------------------
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"# sparsedeploy bench: {result['engine']}", "",
+             f"- model: `{result['model']}`" + (f" vs dense baseline `{result['baseline']}`" if result.get("baseline") else ""),
+             f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs; threads: {m['threads']}",
+             f"- prompt {result['prompt_len']} tokens, {result['gen_len']} generated; rounds {result['rounds']} (dense and sparse alternating)",
+             f"- form measured: {'; '.join(sorted({r['form'] for r in result['rows']}))}", ""]
+    if result.get("notes", {}).get("full_graph"):
+        fg = result["notes"]["full_graph"]
+        lines += [f"- full graph in DeepSparse: {'runs' if fg.get('runs') else 'rejected: ' + fg.get('reason', '?')}", ""]
+    lines += ["| engine | form | batch | phase | variant | median | p10-p90 | tok/s | speedup vs dense | note |",
+              "|---|---|---:|---|---|---:|---|---:|---|---|"]
+    for r in result["rows"]:
+        tps = r.get("tokens_per_s") or r.get("prompt_tokens_per_s")
+        speed = f"{r['speedup']:.2f}x ({r['speedup_p10']:.2f}-{r['speedup_p90']:.2f})" if "speedup" in r else ""
+        form = r["form"].split(" (")[0]
+        lines.append(f"| {r['engine']} | {form} | {r['batch']} | {r['phase']} | {r['variant']} | {r['median_s'] * 1e3:.1f} ms | "
+                     f"{r['p10_s'] * 1e3:.1f}-{r['p90_s'] * 1e3:.1f} | {f'{tps:.1f}' if tps else ''} | {speed} | "
+                     f"{'NOISY' if r['noisy'] else ''} |")
+    if result.get("licence"):
+        lines += ["", result["licence"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> Path | None:
+    """Speedup vs batch, one line per (engine, phase). Returns None when there is nothing to plot."""
+    points: dict[str, list[tuple[int, float]]] = {}
+    for r in result["rows"]:
+        if "speedup" in r:
+            points.setdefault(f"{r['engine']} {r['phase']}", []).append((r["batch"], r["speedup"]))
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in sorted(points.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch")
+    ax.set_ylabel("speedup (dense time / sparse time)")
+    ax.set_title(f"{Path(result['model']).name}: sparse vs dense ({result['machine']['threads']} thread(s))", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Torch (GPU 2:4 semi-structured)
+# ----------------------------------------------------------------------------------------------
+
+def to_semi_structured(model, min_dim: int = 64) -> int:
+    """Replace every 2:4-sparse nn.Linear weight by a torch semi-structured sparse tensor; returns how many."""
+    import torch
+    from torch.sparse import to_sparse_semi_structured
+
+    from sparsedeploy.sparsity import satisfies_nm
+
+    count = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and "lm_head" not in name and min(mod.weight.shape) >= min_dim \
+                and satisfies_nm(mod.weight.detach(), 2, 4):
+            mod.weight = torch.nn.Parameter(to_sparse_semi_structured(mod.weight.detach()), requires_grad=False)
+            count += 1
+    return count
+
+
+class TorchCausalLM:
+    def __init__(self, path: Path, device, dtype, semi_structured: bool) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.device = device
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=dtype).to(device).eval()
+        self.converted = to_semi_structured(self.model) if semi_structured else 0
+        self.torch = torch
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+
+    def generate(self, batch: int, prompt_len: int, gen_len: int) -> dict[str, float]:
+        torch = self.torch
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(10, 1000, (batch, prompt_len), generator=gen).to(self.device)
+        with torch.inference_mode():
+            self._sync()
+            t0 = time.perf_counter()
+            out = self.model(input_ids=ids, use_cache=True)
+            self._sync()
+            t1 = time.perf_counter()
+            past = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            for _ in range(gen_len):
+                out = self.model(input_ids=nxt, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            self._sync()
+            t2 = time.perf_counter()
+        return {"prefill": t1 - t0, "decode": t2 - t1, "total": t2 - t0}
+
+
+def bench_torch(cfg: BenchConfig, variants: dict[str, Path], progress=None) -> tuple[list[dict], dict]:
+    import torch
+
+    from sparsedeploy.models import resolve_device, resolve_dtype
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype)
+    semi = device.type == "cuda"
+    if semi and dtype not in (torch.float16, torch.bfloat16):
+        raise UserError("2:4 semi-structured kernels need --dtype float16 or bfloat16")
+    torch.set_num_threads(cfg.threads)
+    models = {name: TorchCausalLM(path, device, dtype, semi and name != "dense") for name, path in variants.items()}
+    notes = {"device": str(device), "dtype": cfg.dtype, "semi_structured_linears": {n: m.converted for n, m in models.items()},
+             "tensorrt": "not attempted (tensorrt not importable)" if not _importable("tensorrt") else "importable; engine build not implemented yet"}
+    form = "full model, torch " + ("2:4 semi-structured sparse linears" if semi else "dense kernels on zeroed weights (CPU: no 2:4 kernels)")
+    rows = []
+    for batch in cfg.batches:
+        runners = {name: (lambda m=m: m.generate(batch, cfg.prompt_len, cfg.gen_len)) for name, m in models.items()}
+        res = run_interleaved(runners, rounds=cfg.rounds, per_round=cfg.per_round, warmup=cfg.warmup, max_seconds=cfg.max_seconds)
+        new = phase_rows(res, list(variants), batch, cfg.prompt_len, cfg.gen_len, form, "torch")
+        rows.extend(new)
+        if progress:
+            progress(new)
+    return rows, notes
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point used by the CLI
+# ----------------------------------------------------------------------------------------------
+
+def run_bench(cfg: BenchConfig, progress=None) -> dict:
+    if cfg.engine not in ("ort", "deepsparse", "torch"):
+        raise UserError(f"unknown --engine {cfg.engine!r}: use ort, deepsparse or torch")
+    if any(b < 1 for b in cfg.batches) or cfg.prompt_len < 1 or cfg.gen_len < 0 or cfg.threads < 1 or cfg.rounds < 1:
+        raise UserError("--batch, --prompt-len, --threads and --rounds must be positive and --gen-len >= 0")
+    if cfg.engine == "torch":
+        for what, p in (("--model", cfg.model), ("--baseline", cfg.baseline)):
+            if p and not Path(p, "config.json").is_file():
+                raise UserError(f"{what} {p} is not a Hugging Face checkpoint directory (no config.json): --engine torch times checkpoints, not ONNX")
+        variants = {**({"dense": Path(cfg.baseline)} if cfg.baseline else {}), "sparse": Path(cfg.model)}
+    else:
+        variants = {**({"dense": find_onnx(cfg.baseline, "--baseline")} if cfg.baseline else {}), "sparse": find_onnx(cfg.model)}
+    if cfg.engine == "torch" and cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return {"skipped": f"--engine torch --device {cfg.device}: CUDA is not available on this machine, so the 2:4 "
+                               "semi-structured GPU benchmark was not run (use --engine ort or deepsparse on CPU)"}
+    result = {"model": str(cfg.model), "baseline": cfg.baseline, "engine": cfg.engine, "prompt_len": cfg.prompt_len,
+              "gen_len": cfg.gen_len, "batches": cfg.batches, "rounds": cfg.rounds, "machine": machine_info(cfg.threads),
+              "config": asdict(cfg), "notes": {}}
+    if cfg.engine == "ort":
+        result["rows"] = bench_ort(cfg, variants, progress)
+    elif cfg.engine == "deepsparse":
+        from sparsedeploy.engines.deepsparse_env import LICENCE_NOTE
+
+        result["rows"], result["notes"] = bench_deepsparse(cfg, variants, progress)
+        result["licence"] = LICENCE_NOTE
+    else:
+        result["rows"], result["notes"] = bench_torch(cfg, variants, progress)
+    return result

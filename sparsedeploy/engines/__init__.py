@@ -1,0 +1,1 @@
+"""Inference engines driven by `sparsedeploy bench`: ONNX Runtime (in-process), DeepSparse (own venv, subprocess), torch."""

@@ -1,0 +1,257 @@
+"""DeepSparse in its own virtualenv, driven through a subprocess worker (JSON in, JSON out).
+
+DeepSparse is end-of-life: 1.8.0 is the last working release. It needs Python <= 3.11, Linux on x86-64
+with AVX2 or AVX-512 (or ARM64), and pins onnx 1.14 and numpy < 2, which clash with the main
+environment. So `sparsedeploy engines install deepsparse` builds a separate virtualenv under the
+sparsedeploy cache directory and the main process only ever talks to it through
+``deepsparse_worker.py`` over stdin/stdout.
+
+Safety rules kept here:
+- ``NM_DISABLE_ANALYTICS=1`` is always set for the worker (sparsezoo phones home otherwise).
+- The worker only ever sees *copies* of the user's ONNX files (``deepsparse.benchmark -e onnxruntime``
+  is known to overwrite its input model in place; we never call it on a user's file).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparsedeploy.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEEPSPARSE_VERSION = "1.8.0"
+# deepsparse 1.8.0 itself pins onnx<=1.14.1 and numpy<2; naming them keeps pip from backtracking.
+REQUIREMENTS = [f"deepsparse=={DEEPSPARSE_VERSION}", "onnx==1.14.1", "numpy<2"]
+MAX_PYTHON = (3, 11)
+MIN_PYTHON = (3, 8)
+LICENCE_NOTE = ("DeepSparse 1.8.0 (Neural Magic, end-of-life) is under the Neural Magic DeepSparse Community "
+                "License: evaluation, research and non-production use only. Figures measured with it are for "
+                "orientation; production use needs a separate licence.")
+WORKER = Path(__file__).with_name("deepsparse_worker.py")
+MARKER = ".sparsedeploy-complete"
+
+
+class EngineFailed(RuntimeError):
+    """The DeepSparse worker died or reported an error (e.g. the engine aborted on a graph)."""
+
+    def __init__(self, message: str, stderr_tail: str = "") -> None:
+        super().__init__(message)
+        self.stderr_tail = stderr_tail
+
+
+def default_venv_dir(cache: str | os.PathLike | None = None) -> Path:
+    from sparsedeploy.models import cache_dir
+
+    return cache_dir(cache) / "engines" / f"deepsparse-{DEEPSPARSE_VERSION}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Can DeepSparse run here?
+# ----------------------------------------------------------------------------------------------
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """CPU feature flags from /proc/cpuinfo (empty when it cannot be read)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def platform_problem(system: str | None = None, machine: str | None = None, flags: set[str] | None = None) -> str | None:
+    """Why DeepSparse 1.8 cannot run on this OS/CPU, or None when it can."""
+    system = system or platform.system()
+    machine = (machine or platform.machine()).lower()
+    if system != "Linux":
+        return f"DeepSparse 1.8 ships Linux wheels only (this is {system}): run the DeepSparse benchmark on a Linux x86-64 or ARM64 machine, or use --engine ort"
+    if machine in ("aarch64", "arm64"):
+        return None
+    if machine not in ("x86_64", "amd64"):
+        return f"DeepSparse 1.8 supports x86-64 (AVX2/AVX-512) and ARM64 CPUs, not {machine}: use --engine ort"
+    flags = cpu_flags() if flags is None else flags
+    if not flags:
+        return None  # cannot tell; let pip/deepsparse decide
+    if "avx2" not in flags and "avx512f" not in flags:
+        return "this x86-64 CPU has neither AVX2 nor AVX-512, which DeepSparse 1.8 requires: use --engine ort"
+    return None
+
+
+def python_version_of(python: str) -> tuple[int, int] | None:
+    try:
+        out = subprocess.run([python, "-c", "import sys; print(sys.version_info[0], sys.version_info[1])"],
+                             capture_output=True, text=True, timeout=30)
+        major, minor = out.stdout.split()
+        return int(major), int(minor)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def find_python(explicit: str | None = None) -> str:
+    """A Python interpreter DeepSparse 1.8 supports (3.8-3.11): --python, this one, or python3.11..3.8 on PATH."""
+    if explicit:
+        version = python_version_of(explicit)
+        if version is None:
+            raise UserError(f"--python {explicit} could not be run: give the path of a Python 3.8-3.11 interpreter")
+        if not MIN_PYTHON <= version <= MAX_PYTHON:
+            raise UserError(f"--python {explicit} is Python {version[0]}.{version[1]}, but DeepSparse 1.8 needs 3.8-3.11: install python3.11 and pass --python python3.11")
+        return explicit
+    if MIN_PYTHON <= sys.version_info[:2] <= MAX_PYTHON:
+        return sys.executable
+    for minor in (11, 10, 9, 8):
+        found = shutil.which(f"python3.{minor}")
+        if found:
+            return found
+    raise UserError(f"DeepSparse 1.8 needs Python 3.8-3.11 and this is {sys.version_info[0]}.{sys.version_info[1]} with no python3.11..3.8 on PATH: "
+                    "install python3.11 (e.g. apt-get install python3.11-venv) and pass --python /path/to/python3.11")
+
+
+# ----------------------------------------------------------------------------------------------
+# Install / locate
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class DeepSparseEnv:
+    path: Path
+
+    @property
+    def python(self) -> Path:
+        return self.path / "bin" / "python"
+
+    def is_complete(self) -> bool:
+        return (self.path / MARKER).is_file() and self.python.exists()
+
+
+def find_env(venv: str | os.PathLike | None = None, cache: str | os.PathLike | None = None) -> DeepSparseEnv | None:
+    env = DeepSparseEnv(Path(venv) if venv else default_venv_dir(cache))
+    return env if env.is_complete() else None
+
+
+def require_env(venv: str | os.PathLike | None = None, cache: str | os.PathLike | None = None) -> DeepSparseEnv:
+    """The installed DeepSparse venv, or a UserError saying why it cannot be used and what to do."""
+    problem = platform_problem()
+    if problem:
+        raise UserError(problem)
+    env = find_env(venv, cache)
+    if env is None:
+        where = Path(venv) if venv else default_venv_dir(cache)
+        raise UserError(f"DeepSparse is not installed (no complete virtualenv at {where}): run `sparsedeploy engines install deepsparse` "
+                        "(needs Python 3.8-3.11 and PyPI access), or use --engine ort")
+    return env
+
+
+def install(venv: str | os.PathLike | None = None, cache: str | os.PathLike | None = None, python: str | None = None,
+            force: bool = False, pip_args: list[str] | None = None) -> DeepSparseEnv:
+    """Create the virtualenv and pip-install DeepSparse 1.8.0 into it; verify by importing it in the worker."""
+    problem = platform_problem()
+    if problem:
+        raise UserError(problem)
+    env = DeepSparseEnv(Path(venv) if venv else default_venv_dir(cache))
+    if env.is_complete() and not force:
+        log.info("DeepSparse %s already installed at %s", DEEPSPARSE_VERSION, env.path)
+        return env
+    interpreter = find_python(python)
+    if env.path.exists():
+        shutil.rmtree(env.path)
+    env.path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        log.info("creating virtualenv %s with %s", env.path, interpreter)
+        _run([interpreter, "-m", "venv", str(env.path)], "create the virtualenv (is the venv module installed? e.g. apt-get install python3.11-venv)")
+        log.info("installing %s (about 1 minute)", " ".join(REQUIREMENTS))
+        _run([str(env.python), "-m", "pip", "install", "--quiet", *REQUIREMENTS, *(pip_args or [])],
+             "pip install deepsparse (needs PyPI access; see the pip output above)")
+        info = call_worker(env, {"action": "info"}, timeout=300)
+        log.info("DeepSparse %s works: %s", info.get("deepsparse"), info.get("cpu"))
+        (env.path / MARKER).write_text(json.dumps(info) + "\n")
+    except BaseException:
+        shutil.rmtree(env.path, ignore_errors=True)  # no half-installed venv is left behind
+        raise
+    return env
+
+
+def _run(cmd: list[str], what: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        sys.stderr.write(tail + "\n")
+        raise UserError(f"could not {what}; nothing was installed")
+
+
+# ----------------------------------------------------------------------------------------------
+# Talk to the worker
+# ----------------------------------------------------------------------------------------------
+
+def worker_env(threads: int | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["NM_DISABLE_ANALYTICS"] = "1"
+    env.pop("PYTHONPATH", None)  # the main env's packages must not leak into the DeepSparse venv
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def call_worker(env: DeepSparseEnv, request: dict, timeout: float = 1800) -> dict:
+    """Run one request in the DeepSparse venv. Raises EngineFailed when the worker crashes or reports an error."""
+    proc = subprocess.run([str(env.python), str(WORKER)], input=json.dumps(request), capture_output=True, text=True,
+                          timeout=timeout, env=worker_env(request.get("threads")))
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
+    tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+    if proc.returncode != 0 or not lines:
+        why = _abort_reason(proc.stderr) or f"exit status {proc.returncode}"
+        raise EngineFailed(f"DeepSparse worker failed ({why})", tail)
+    reply = json.loads(lines[-1])
+    if "error" in reply:
+        raise EngineFailed(f"DeepSparse: {reply['error']}", tail)
+    return reply
+
+
+def _abort_reason(stderr: str) -> str | None:
+    for line in stderr.splitlines():
+        if "Assertion" in line or "Error" in line or "error" in line:
+            return line.strip()[:300]
+    return None
+
+
+def copy_models(paths: dict[str, Path], workdir: Path) -> dict[str, str]:
+    """Copy each ONNX file (with its external-data siblings) into `workdir`: the worker never sees user files."""
+    copies = {}
+    for i, (name, src) in enumerate(paths.items()):
+        src = Path(src)
+        dst_dir = workdir / f"m{i}"
+        dst_dir.mkdir(parents=True)
+        for sibling in src.parent.iterdir():
+            if sibling.is_file() and (sibling == src or sibling.suffix in (".data", ".onnx_data") or sibling.name.startswith(src.name + "_")):
+                shutil.copy2(sibling, dst_dir / sibling.name)
+        copies[name] = str(dst_dir / src.name)
+    return copies
+
+
+def bench_models(env: DeepSparseEnv, models: dict[str, Path], batch: int, threads: int, rounds: int = 5,
+                 per_round: int = 3, warmup: int = 2, max_seconds: float | None = None, timeout: float = 1800,
+                 min_sample_s: float = 0.0) -> dict:
+    """Time several ONNX models alternately in one DeepSparse process; returns {"times": {name: [...]}, ...}."""
+    with tempfile.TemporaryDirectory(prefix="sd-deepsparse-") as tmp:
+        copies = copy_models(models, Path(tmp))
+        return call_worker(env, {"action": "bench", "models": copies, "batch": batch, "threads": threads, "rounds": rounds,
+                                 "per_round": per_round, "warmup": warmup, "max_seconds": max_seconds,
+                                 "min_sample_s": min_sample_s}, timeout=timeout)
+
+
+def check_model(env: DeepSparseEnv, model: Path, batch: int, threads: int = 1, timeout: float = 900) -> dict:
+    """Compile (and run once) one model in DeepSparse; EngineFailed says why when the engine rejects it."""
+    with tempfile.TemporaryDirectory(prefix="sd-deepsparse-") as tmp:
+        copies = copy_models({"model": model}, Path(tmp))
+        return call_worker(env, {"action": "check", "models": copies, "batch": batch, "threads": threads}, timeout=timeout)

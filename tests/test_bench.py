@@ -1,0 +1,131 @@
+"""`sparsedeploy bench`: CLI errors, the ORT generation loop and the linear skeleton on a tiny exported LLaMA."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sparsedeploy.bench import (BenchConfig, OrtCausalLM, build_linear_skeleton, find_onnx, markdown, matmul_weights, plot,
+                                run_bench)
+from sparsedeploy.errors import UserError
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "sparsedeploy", *args], capture_output=True, text=True, env=env)
+
+
+def test_missing_model_dir_is_one_clear_line(tmp_path):
+    proc = cli("bench", "--model", str(tmp_path / "nope"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: --model") and "does not exist" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_dir_without_onnx(tmp_path):
+    with pytest.raises(UserError, match="no model.onnx"):
+        find_onnx(tmp_path)
+
+
+def test_bad_batch_list(tmp_path):
+    proc = cli("bench", "--model", str(tmp_path), "--batch", "1,x")
+    assert proc.returncode == 2 and "--batch" in proc.stderr
+
+
+def test_deepsparse_not_installed_says_what_to_do(tmp_path, monkeypatch):
+    (tmp_path / "model.onnx").write_bytes(b"")
+    proc = cli("bench", "--model", str(tmp_path), "--engine", "deepsparse", "--deepsparse-venv", str(tmp_path / "novenv"))
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and ("engines install deepsparse" in proc.stderr or "DeepSparse" in proc.stderr)
+
+
+def test_torch_cuda_without_cuda_exits_cleanly(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the clean-exit path is for machines without it")
+    (tmp_path / "config.json").write_text("{}")
+    proc = cli("bench", "--model", str(tmp_path), "--engine", "torch", "--device", "cuda")
+    assert proc.returncode == 0
+    assert "CUDA is not available" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    """The tiny random LLaMA exported with KV cache by optimum (dense) plus a 50%-zeroed copy (sparse)."""
+    pytest.importorskip("optimum.exporters.onnx")
+    import torch
+    from optimum.exporters.onnx import main_export
+
+    from tests.conftest import tiny_llama
+
+    root = tmp_path_factory.mktemp("tiny_onnx")
+    out = {}
+    for name in ("dense", "sparse"):
+        model = tiny_llama()
+        if name == "sparse":
+            with torch.no_grad():
+                for mod in model.model.layers.modules():
+                    if isinstance(mod, torch.nn.Linear):
+                        w = mod.weight
+                        w[w.abs() < w.abs().median()] = 0
+        ckpt = root / f"{name}_ckpt"
+        model.config.use_cache = True
+        model.save_pretrained(ckpt)
+        main_export(str(ckpt), output=str(root / name), task="text-generation-with-past", do_validation=False)
+        out[name] = root / name
+    return out
+
+
+def test_ort_generate_phases(tiny_onnx):
+    lm = OrtCausalLM(find_onnx(tiny_onnx["dense"]), threads=1)
+    t = lm.generate(batch=2, prompt_len=8, gen_len=3)
+    assert set(t) == {"prefill", "decode", "total"}
+    assert t["prefill"] > 0 and t["decode"] > 0 and t["total"] == pytest.approx(t["prefill"] + t["decode"])
+
+
+def test_ort_bench_report(tiny_onnx, tmp_path):
+    cfg = BenchConfig(model=str(tiny_onnx["sparse"]), baseline=str(tiny_onnx["dense"]), engine="ort", batches=[1, 2],
+                      prompt_len=8, gen_len=2, rounds=2)
+    result = run_bench(cfg)
+    rows = result["rows"]
+    assert {(r["variant"], r["batch"], r["phase"]) for r in rows} == {(v, b, p) for v in ("dense", "sparse") for b in (1, 2)
+                                                                    for p in ("prefill", "decode", "total")}
+    sparse = [r for r in rows if r["variant"] == "sparse"]
+    assert all("speedup" in r and r["speedup"] > 0 for r in sparse)
+    assert all("speedup" not in r for r in rows if r["variant"] == "dense")
+    assert result["machine"]["threads"] == 1
+    md = markdown(result)
+    assert "full model with KV cache" in md and "| ort |" in md
+    png = plot(result, tmp_path / "b.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_bench_writes_json_md_png(tiny_onnx, tmp_path):
+    out = tmp_path / "res"
+    proc = cli("-q", "bench", "--model", str(tiny_onnx["sparse"]), "--baseline", str(tiny_onnx["dense"]), "--batch", "1",
+               "--prompt-len", "4", "--gen-len", "1", "--rounds", "1", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md", "bench.png"]
+    data = json.loads((out / "bench.json").read_text())
+    assert data["engine"] == "ort" and data["rows"]
+
+
+def test_linear_skeleton_keeps_every_matmul_and_its_zeros(tiny_onnx, tmp_path):
+    weights = matmul_weights(find_onnx(tiny_onnx["sparse"]))
+    assert len(weights) >= 2 * 7  # 2 blocks x 7 linears (plus lm_head when exported as a constant MatMul)
+    info = build_linear_skeleton(weights, rows=5, out=tmp_path / "s.onnx")
+    model = onnx.load(str(tmp_path / "s.onnx"))
+    onnx.checker.check_model(model)
+    assert info["matmuls"] == len(weights) == sum(n.op_type == "MatMul" for n in model.graph.node)
+    assert 0.3 < info["sparsity"] < 0.6  # the zeroed block linears carried into the skeleton
+    sess = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {i.name: np.ones(i.shape, np.float32) for i in sess.get_inputs()}
+    outs = sess.run(None, feeds)
+    assert all(o.shape[0] == 5 for o in outs)
