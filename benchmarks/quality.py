@@ -1,11 +1,19 @@
-"""Quality baseline: perplexity, prune time and peak RSS of pruning methods on the real model.
+"""Quality suite on the real model: perplexity, prune time and peak RSS of every pruning path.
 
-Every row runs in its own subprocess (so peak RSS is that row's own) with the same calibration
-windows and the same evaluation windows. Results go to benchmarks/results/quality.{json,md}.
+One table for every method (magnitude, Wanda, SparseGPT, DSnoT variants), allocation (uniform, OWL,
+ATP) and sparsity-preserving recovery, all with the same calibration windows and the same evaluation
+windows, so rows compare pairwise. Each row runs in its own subprocess (peak RSS is that row's own);
+the result files are rewritten after every row, so an interrupted run keeps what it measured and a
+rerun skips the rows already in the JSON (``--fresh`` starts over).
 
-    python benchmarks/quality.py                   # the full baseline table (about 30 min on 2 CPU cores)
-    python benchmarks/quality.py --ci              # reduced set; fails if Wanda-50% regresses (see TOLERANCE)
-    python benchmarks/quality.py --rows wanda:0.5 magnitude:2:4 --out /tmp/q
+    python benchmarks/quality.py --list                     # the rows, in priority order
+    python benchmarks/quality.py                            # every row (about 2 h on 2 CPU cores, 1 thread)
+    python benchmarks/quality.py --suite dsnot              # one group: baseline, dsnot, allocation, recover
+    python benchmarks/quality.py --only "wanda 0.7" "dense"
+    python benchmarks/quality.py --ci                       # CI gate: dense + Wanda-50%, fails on regression
+
+Results: benchmarks/results/quality.{json,md}; CI: quality_ci.{json,md}, gated against the same two rows
+of the committed quality.json (TOLERANCE on the Wanda-50% / dense perplexity ratio).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import resource
 import subprocess
@@ -23,9 +32,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-WIKITEXT = HERE.parent.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+WIKITEXT = Path(os.environ.get("SPARSEDEPLOY_WIKITEXT2", HERE.parent.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"))
 
-# Relative tolerance of the CI gate on Wanda-50% perplexity versus the committed baseline.
+# Relative tolerance of the CI gate on the Wanda-50% / dense perplexity ratio versus the committed baseline.
 TOLERANCE = 0.03
 
 
@@ -33,35 +42,71 @@ TOLERANCE = 0.03
 class Setting:
     model: str = "smollm2-135m"
     calib: str = "gensim-wiki"
-    nsamples: int = 64
+    nsamples: int = 32
     calib_seqlen: int = 512
     seed: int = 0
     eval_data: str = f"wikitext2:{WIKITEXT}"
     eval_seqlen: int = 512
-    max_windows: int = 64
+    max_windows: int = 16
     threads: int = 1
     device: str = "cpu"
+    # recovery rows
+    recover_data: str = "gensim-wiki"
+    recover_steps: int = 50
+    recover_seqlen: int = 256
+    recover_rank: int = 8
+    recover_lr: float = 1e-3
 
 
 @dataclass
 class Row:
-    method: str  # "dense" for the unpruned model
-    sparsity: str = "0.5"
+    suite: str
+    label: str  # "dense", a method, or e.g. "wanda+dsnot(verified,attn)"
+    method: str = "dense"
+    sparsity: str = "-"
     options: dict = field(default_factory=dict)
-    label: str = ""
+    allocation: str = "uniform"
+    recover: bool = False
 
     def name(self) -> str:
-        return self.label or (self.method if self.method == "dense" else f"{self.method} {self.sparsity}")
+        if self.method == "dense":
+            return "dense"
+        name = f"{self.label} {self.sparsity}"
+        if self.allocation != "uniform":
+            name += f" {self.allocation}"
+        return name + (" +recovery" if self.recover else "")
 
 
-FULL = [Row("dense")] + [Row(m, s) for m in ("magnitude", "wanda") for s in ("0.5", "0.6", "0.7", "2:4", "4:8")]
-CI = [Row("dense"), Row("wanda", "0.5")]
+def dsnot(init: str, mode: str, targets: str, sparsity: str, allocation: str = "uniform") -> Row:
+    return Row("dsnot" if allocation == "uniform" else "allocation", f"{init}+dsnot({mode},{targets})", "dsnot", sparsity,
+               {"init": init, "mode": mode, "targets": targets}, allocation)
+
+
+def planned_rows() -> list[Row]:
+    """Priority order: the comparisons the issues ask for first, so a cut-short run answers them."""
+    rows = [Row("baseline", "dense"), Row("baseline", "wanda", "wanda", "0.5")]
+    for s in ("0.7", "2:4", "0.6"):
+        rows += [Row("baseline", "wanda", "wanda", s), dsnot("wanda", "verified", "attn", s), dsnot("wanda", "paper", "attn", s),
+                 dsnot("wanda", "verified", "all", s), Row("baseline", "sparsegpt", "sparsegpt", s)]
+        if s != "2:4":  # non-uniform allocation is refused with N:M
+            rows += [Row("allocation", "wanda", "wanda", s, allocation=a) for a in ("owl", "atp")]
+        if s != "0.6":
+            rows.append(Row("recover", "wanda", "wanda", s, recover=True))
+    rows += [dsnot("wanda", "second-order", "attn", "0.7"), dsnot("sparsegpt", "verified", "attn", "0.7"),
+             dsnot("wanda", "verified", "attn", "0.7", "owl")]
+    rows += [Row("baseline", m, m, s) for s in ("0.5", "4:8") for m in ("magnitude", "wanda", "sparsegpt") if (m, s) != ("wanda", "0.5")]
+    rows += [Row("baseline", "magnitude", "magnitude", s) for s in ("0.6", "0.7", "2:4")]
+    return rows
+
+
+CI_ROWS = [Row("baseline", "dense"), Row("baseline", "wanda", "wanda", "0.5")]
 
 
 def run_one(setting: Setting, row: Row) -> dict:
-    """Executed in a child process: load, calibrate, prune, evaluate; return the row's figures."""
+    """In a child process: load, calibrate, allocate, prune, (recover), evaluate; return the row's figures."""
     import torch
 
+    from sparsedeploy.allocation import AllocationConfig, plan_allocation
     from sparsedeploy.data import calibration_samples, eval_tokens
     from sparsedeploy.evaluate import layer_sparsity, overall_sparsity, perplexity
     from sparsedeploy.methods import build_method
@@ -72,38 +117,47 @@ def run_one(setting: Setting, row: Row) -> dict:
     torch.set_num_threads(setting.threads)
     device = resolve_device(setting.device)
     lm = load_model(setting.model, "float32")
-    result = {"row": row.name(), **asdict(row)}
+    tokens = eval_tokens(lm.tokenizer, setting.eval_data)
+
+    def ppl() -> tuple[float, int, int]:
+        r = perplexity(lm.model, tokens, setting.eval_seqlen, device, setting.max_windows, show_progress=False)
+        return r.ppl, r.windows, r.tokens
+
+    result: dict = {"row": row.name(), **asdict(row)}
     if row.method != "dense":
         spec = parse_sparsity(row.sparsity)
         samples = calibration_samples(lm.tokenizer, setting.calib, setting.nsamples, setting.calib_seqlen, setting.seed)
+        method = build_method(row.method, **row.options)
         start = time.perf_counter()
-        prune_model(lm.model, samples, build_method(row.method, **row.options), lambda _i, _n: spec, device, show_progress=False)
-        result["prune_seconds"] = time.perf_counter() - start
+        spec_for = lambda _i, _n: spec  # noqa: E731
+        if row.allocation != "uniform":
+            held_out = lambda n: calibration_samples(lm.tokenizer, setting.calib, n, setting.calib_seqlen, setting.seed + 1)  # noqa: E731
+            alloc = plan_allocation(lm.model, samples, method, spec, AllocationConfig(row.allocation), device, held_out, show_progress=False)
+            result["allocation_seconds"] = time.perf_counter() - start
+            result["allocation_report"] = {k: v for k, v in alloc.report().items() if k != "kind"}
+            spec_for = alloc.spec_for
+        masks = prune_model(lm.model, samples, method, spec_for, device, show_progress=False)
+        result["prune_seconds"] = time.perf_counter() - start  # allocation included
+        if getattr(method, "summary", None):
+            result["method_summary"] = dict(method.summary)
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        if row.recover:
+            from sparsedeploy.recover import RecoverConfig, recover_model, same_zeros, zero_pattern
+
+            before = zero_pattern(lm.model)
+            result["ppl_before_recovery"] = ppl()[0]
+            cfg = RecoverConfig(steps=setting.recover_steps, seqlen=setting.recover_seqlen, batch=1, rank=setting.recover_rank,
+                                lr=setting.recover_lr, seed=setting.seed)
+            train = calibration_samples(lm.tokenizer, setting.recover_data, cfg.steps, cfg.seqlen, setting.seed + 7)
+            result["recovery"] = recover_model(lm.model, masks, train, cfg, device, show_progress=False)
+            result["zeros_identical"] = same_zeros(before, zero_pattern(lm.model))
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    result["sparsity"] = overall_sparsity(layer_sparsity(lm.model))
-    tokens = eval_tokens(lm.tokenizer, setting.eval_data)
-    ppl = perplexity(lm.model, tokens, setting.eval_seqlen, device, setting.max_windows, show_progress=False)
-    result.update(ppl=ppl.ppl, eval_windows=ppl.windows, eval_tokens=ppl.tokens)
+    result["sparsity_measured"] = overall_sparsity(layer_sparsity(lm.model))
+    result["ppl"], result["eval_windows"], result["eval_tokens"] = ppl()
     return result
 
 
-def run_rows(setting: Setting, rows: list[Row]) -> list[dict]:
-    results = []
-    for row in rows:
-        payload = json.dumps({"setting": asdict(setting), "row": asdict(row)})
-        proc = subprocess.run([sys.executable, __file__, "--child", payload], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"row {row.name()} failed:\n{proc.stderr[-3000:]}")
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        r = results[-1]
-        logging.info("%-24s ppl %9.3f  sparsity %.4f  prune %6.1f s  peak RSS %6.0f MiB", r["row"], r["ppl"], r["sparsity"],
-                     r.get("prune_seconds", 0.0), r["peak_rss_mib"])
-    return results
-
-
 def machine() -> str:
-    import os
-
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -115,25 +169,95 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
-def to_markdown(setting: Setting, results: list[dict], title: str) -> str:
-    dense = next((r["ppl"] for r in results if r["method"] == "dense"), None)
-    lines = [f"# {title}", "",
-             f"Model `{setting.model}`, calibration `{setting.calib}` {setting.nsamples}x{setting.calib_seqlen} (seed {setting.seed}), "
-             f"evaluation WikiText-2 test, {results[0]['eval_windows']} windows x {setting.eval_seqlen} "
-             f"({results[0]['eval_tokens']} predicted tokens, the same for every row), device {setting.device}, {setting.threads} thread(s).", "",
-             "| row | sparsity | perplexity | vs dense | prune time (s) | peak RSS (MiB) |", "|---|---|---|---|---|---|"]
-    for r in results:
-        ratio = f"{r['ppl'] / dense:.2f}x" if dense else ""
-        prune = f"{r['prune_seconds']:.1f}" if "prune_seconds" in r else "-"
-        lines.append(f"| {r['row']} | {r['sparsity']:.4f} | {r['ppl']:.2f} | {ratio} | {prune} | {r['peak_rss_mib']:.0f} |")
+def _order(r: dict) -> tuple:
+    sp = {"-": 0, "0.5": 1, "0.6": 2, "0.7": 3, "2:4": 4, "4:8": 5}
+    return sp.get(r["sparsity"], 9), r["allocation"] != "uniform", r.get("recover", False), r["label"] != "wanda", r["label"]
+
+
+def to_markdown(doc: dict) -> str:
+    s = Setting(**doc["setting"])
+    res = [r for r in doc["results"] if "error" not in r]
+    dense = next((r["ppl"] for r in res if r["method"] == "dense"), None)
+    wanda = {r["sparsity"]: r["ppl"] for r in res if r["label"] == "wanda" and r["allocation"] == "uniform" and not r.get("recover")}
+    lines = ["# Pruning quality on smollm2-135m", "",
+             f"Calibration `{s.calib}` {s.nsamples} x {s.calib_seqlen} tokens (seed {s.seed}); evaluation WikiText-2 test, first "
+             f"{s.max_windows} non-overlapping windows x {s.eval_seqlen} (the same for every row); device {s.device}, {s.threads} thread. "
+             f"Machine: {doc['machine']}. Time = allocation + pruning (+ recovery training where marked).", "",
+             "| sparsity | row | perplexity | vs dense | vs Wanda | measured sparsity | time (s) | peak RSS (MiB) | notes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(res, key=_order):
+        base = wanda.get(r["sparsity"])
+        plain_wanda = r["label"] == "wanda" and r["allocation"] == "uniform" and not r.get("recover")
+        vs_wanda = f"{(r['ppl'] / base - 1) * 100:+.2f}%" if base and not plain_wanda else ""
+        notes = []
+        if summ := r.get("method_summary"):
+            notes.append(f"DSnoT refined {summ['refined']}, kept {summ['kept_refined']}, swaps {summ['swaps']}")
+        if a := r.get("allocation_report"):
+            notes.append(f"per-block {a['min']:.3f}..{a['max']:.3f}" + (f", ATP d={a['atp_difference']:.4f}" if "atp_difference" in a else ""))
+        if v := r.get("recovery"):
+            notes.append(f"before recovery {r['ppl_before_recovery']:.2f}; {v['tokens']} tokens, {v['seconds']:.0f} s; zeros identical: {r['zeros_identical']}")
+        t = r.get("prune_seconds", 0.0) + (r["recovery"]["seconds"] if r.get("recovery") else 0.0)
+        vs_dense = f"{r['ppl'] / dense:.2f}x" if dense else ""
+        lines.append(f"| {r['sparsity']} | {r['row']} | {r['ppl']:.2f} | {vs_dense} | {vs_wanda} | {r['sparsity_measured']:.4f} | "
+                     f"{t:.0f} | {r['peak_rss_mib']:.0f} | {'; '.join(notes)} |")
+    failed = [r for r in doc["results"] if "error" in r]
+    lines += [""] + [f"- FAILED {r['row']}: {r['error']}" for r in failed]
     return "\n".join(lines) + "\n"
+
+
+def write_doc(doc: dict, stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((stem.with_suffix(".json"), json.dumps(doc, indent=2) + "\n"), (stem.with_suffix(".md"), to_markdown(doc))):
+        tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+def run_row(setting: Setting, row: Row) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(setting.threads), "MKL_NUM_THREADS": str(setting.threads),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH", "")]))}
+    payload = json.dumps({"setting": asdict(setting), "row": asdict(row)})
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--child", payload], capture_output=True, text=True, env=env, cwd=HERE.parent)
+    if proc.returncode != 0:
+        logging.error("row %s failed:\n%s", row.name(), proc.stderr[-3000:])
+        return {"row": row.name(), **asdict(row), "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r["wall_seconds"] = time.perf_counter() - t0
+    r["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    logging.info("%-44s ppl %10.3f  sparsity %.4f  time %6.1f s  wall %6.1f s  RSS %5.0f MiB", r["row"], r["ppl"], r["sparsity_measured"],
+                 r.get("prune_seconds", 0.0), r["wall_seconds"], r["peak_rss_mib"])
+    return r
+
+
+def ci_gate(doc: dict, baseline_path: Path) -> None:
+    """Gate against the committed full-suite results: the CI rows are the same rows in the same setting."""
+    current = {r["row"]: r["ppl"] for r in doc["results"]}
+    if any("error" in r for r in doc["results"]):
+        raise SystemExit("quality CI: a row failed (see the log above)")
+    ratio_now = current["wanda 0.5"] / current["dense"]
+    if not baseline_path.is_file():
+        raise SystemExit(f"quality CI: no baseline at {baseline_path}: run the full suite (or --only dense 'wanda 0.5') and commit it")
+    baseline = json.loads(baseline_path.read_text())
+    if baseline["setting"] != doc["setting"]:
+        raise SystemExit(f"quality CI: {baseline_path} was measured in another setting: rerun the full suite and commit it")
+    base = {r["row"]: r["ppl"] for r in baseline["results"] if "error" not in r}
+    if not {"dense", "wanda 0.5"} <= base.keys():
+        raise SystemExit(f"quality CI: {baseline_path} lacks the rows 'dense' and 'wanda 0.5': run them and commit the file")
+    ratio_base = base["wanda 0.5"] / base["dense"]
+    doc["gate"] = {"tracked": "ppl(wanda 0.5) / ppl(dense)", "baseline": ratio_base, "current": ratio_now, "tolerance": TOLERANCE,
+                   "passed": ratio_now <= ratio_base * (1 + TOLERANCE)}
+    logging.info("CI gate: Wanda-50%%/dense perplexity ratio %.4f vs baseline %.4f (tolerance +%.0f%%)", ratio_now, ratio_base, TOLERANCE * 100)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ci", action="store_true", help="reduced set + regression gate against the committed baseline")
-    parser.add_argument("--rows", nargs="*", help="METHOD:SPARSITY items (e.g. wanda:0.5 magnitude:2:4 dense)")
-    parser.add_argument("--out", type=Path, default=None, help="result stem (default benchmarks/results/quality)")
+    parser.add_argument("--list", action="store_true", help="print the planned rows and exit")
+    parser.add_argument("--suite", choices=["baseline", "dsnot", "allocation", "recover"], nargs="*", help="only these groups")
+    parser.add_argument("--only", nargs="*", help="only these rows (names as --list prints them)")
+    parser.add_argument("--fresh", action="store_true", help="ignore rows already in the result file")
+    parser.add_argument("--ci", action="store_true", help="dense + Wanda-50%%; fail when their ratio regresses past TOLERANCE")
+    parser.add_argument("--out", type=Path, default=None, help="result stem [default: benchmarks/results/quality or quality_ci]")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -141,33 +265,43 @@ def main() -> None:
         logging.basicConfig(level=logging.WARNING)
         print(json.dumps(run_one(Setting(**payload["setting"]), Row(**payload["row"]))))
         return
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    rows = CI_ROWS if args.ci else planned_rows()
+    if args.suite:
+        rows = [r for r in rows if r.suite in args.suite or r.method == "dense"]
+    if args.only:
+        by_name = {r.name(): r for r in rows}
+        unknown = [n for n in args.only if n not in by_name]
+        if unknown:
+            raise SystemExit(f"unknown rows {unknown}: see --list")
+        rows = [by_name[n] for n in args.only]
+    if args.list:
+        print("\n".join(f"{r.suite:<10} {r.name()}" for r in rows))
+        return
+    if not WIKITEXT.is_file():
+        raise SystemExit(f"WikiText-2 test file not found at {WIKITEXT}: set SPARSEDEPLOY_WIKITEXT2=PATH/wiki.test.raw")
     setting = Setting()
-    if args.ci:
-        setting.max_windows, setting.nsamples = 16, 32
-    rows = CI if args.ci else FULL
-    if args.rows:
-        rows = [Row("dense") if r == "dense" else Row(r.split(":", 1)[0], r.split(":", 1)[1]) for r in args.rows]
-    results = run_rows(setting, rows)
-    stem = args.out or (RESULTS / ("quality_ci" if args.ci else "quality"))
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"setting": asdict(setting), "machine": machine(), "date": time.strftime("%Y-%m-%d"), "results": results}
-    if args.ci:
-        baseline_path = RESULTS / "quality_ci_baseline.json"
-        current = {r["row"]: r["ppl"] for r in results}
-        if baseline_path.is_file():
-            base = {r["row"]: r["ppl"] for r in json.loads(baseline_path.read_text())["results"]}
-            ratio_now = current["wanda 0.5"] / current["dense"]
-            ratio_base = base["wanda 0.5"] / base["dense"]
-            doc["gate"] = {"tracked": "ppl(wanda 0.5) / ppl(dense)", "baseline": ratio_base, "current": ratio_now, "tolerance": TOLERANCE}
-            logging.info("CI gate: wanda-50%%/dense perplexity ratio %.4f vs baseline %.4f (tolerance %.0f%%)", ratio_now, ratio_base, TOLERANCE * 100)
-            if ratio_now > ratio_base * (1 + TOLERANCE):
-                raise SystemExit(f"quality regression: Wanda-50% perplexity ratio {ratio_now:.4f} > baseline {ratio_base:.4f} +{TOLERANCE:.0%}")
+    stem = args.out or RESULTS / ("quality_ci" if args.ci else "quality")
+    doc = {"setting": asdict(setting), "machine": machine(), "results": []}
+    if stem.with_suffix(".json").is_file() and not (args.fresh or args.ci):
+        old = json.loads(stem.with_suffix(".json").read_text())
+        if old["setting"] == doc["setting"]:
+            doc["results"] = [r for r in old["results"] if "error" not in r]
         else:
-            logging.warning("no baseline at %s: writing one; commit it to enable the gate", baseline_path)
-            baseline_path.write_text(json.dumps(doc, indent=2) + "\n")
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(to_markdown(setting, results, "Pruning quality on smollm2-135m") + f"\nMachine: {doc['machine']}; {doc['date']}.\n")
+            logging.warning("%s has another setting: starting over", stem.with_suffix(".json"))
+    done = {r["row"] for r in doc["results"]}
+    for row in rows:
+        if row.name() in done:
+            continue
+        doc["results"].append(run_row(setting, row))
+        doc["date"] = time.strftime("%Y-%m-%d")
+        write_doc(doc, stem)
+    if args.ci:
+        ci_gate(doc, RESULTS / "quality.json")
+        write_doc(doc, stem)
+        if not doc.get("gate", {"passed": True})["passed"]:
+            g = doc["gate"]
+            raise SystemExit(f"quality regression: Wanda-50% perplexity ratio {g['current']:.4f} > baseline {g['baseline']:.4f} +{TOLERANCE:.0%}")
     logging.info("wrote %s.{json,md}", stem)
 
 
