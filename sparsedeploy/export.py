@@ -409,3 +409,25 @@ def summary(report: dict, output: Path | str) -> tuple[dict, str]:
     else:
         text += "; not verified (--no-verify)"
     return data, text
+
+
+def export_stage(recipe, model_dir: Path, onnx_dir: Path) -> dict:
+    """The pipeline's export stage (`export:` section of a recipe): export + verify the pruned model, return the summary."""
+    section = recipe.export
+    config = ExportConfig(model=str(model_dir), dtype=section.dtype, opset=section.opset, target=section.target,
+                          storage=section.storage, verify=section.verify)
+    report = export_checkpoint(config, onnx_dir, overwrite=True)
+    data, text = summary(report, onnx_dir)
+    log.info("%s", text)
+    rows = [("ONNX", f"`{onnx_dir.name}/model.onnx` ({data['exporter']}, opset {data['opset']}, target {data['target']})"),
+            ("size", f"{data['model_bytes'] / 2**20:.1f} MiB ({data['storage']} storage), ONNX Runtime load {data['ort_load_seconds']:.2f} s")]
+    if data["verified"]:
+        rows += [("zeros", f"{data['zeros_onnx']} in ONNX == {data['zeros_torch']} in PyTorch over {data['linears']} linears"),
+                 ("parity", f"max |delta logits| {data['max_abs_logit_diff']:.2e}; greedy continuation "
+                            + ("identical" if data["greedy_identical"] else "differs"))]
+        if data["nm_pattern"]:
+            rows.append(("N:M along K", f"{data['nm_qualifying']}/{data['linears']} weights satisfy {data['nm_pattern']}"))
+    else:
+        rows.append(("verification", "skipped (export.verify: false)"))
+    data["markdown"] = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+    return data

@@ -152,7 +152,7 @@ def _key_error(key: str, problem: str):
 
 def validate(recipe: Recipe) -> None:
     """Cross-field checks, before any work starts."""
-    from sparsedeploy.methods import METHODS
+    from sparsedeploy.methods import METHODS, build_method
 
     try:
         spec = parse_sparsity(recipe.prune.sparsity)
@@ -170,8 +170,23 @@ def validate(recipe: Recipe) -> None:
                              f"(which is exactly {pattern.ratio:g} sparse): drop one or make them agree")
         recipe.prune.sparsity = str(pattern)
         spec = pattern
+    if "+" in recipe.prune.method:  # a method chain: an initial method refined by DSnoT, e.g. wanda+dsnot
+        init, _, refine = recipe.prune.method.partition("+")
+        if refine != "dsnot" or init not in ("magnitude", "wanda", "sparsegpt"):
+            raise _key_error("prune.method", f"chain {recipe.prune.method!r} is not supported: use magnitude+dsnot, wanda+dsnot or sparsegpt+dsnot")
+        if recipe.prune.options.get("init", init) != init:
+            raise _key_error("prune.options.init", f"{recipe.prune.options['init']!r} contradicts prune.method {recipe.prune.method!r}")
+        recipe.prune.method, recipe.prune.options = "dsnot", {**recipe.prune.options, "init": init}
     if recipe.prune.method not in METHODS:
         raise _key_error("prune.method", f"unknown method {recipe.prune.method!r}: choose one of {', '.join(sorted(METHODS))}")
+    try:
+        build_method(recipe.prune.method, **recipe.prune.options)
+    except TypeError as exc:
+        raise _key_error("prune.options", f"not accepted by {recipe.prune.method}: {exc}") from None
+    except UserError as exc:
+        raise _key_error("prune.options", str(exc)) from None
+    if recipe.prune.allocation not in ("uniform", "owl", "atp"):
+        raise _key_error("prune.allocation", f"unknown allocation {recipe.prune.allocation!r}: use uniform, owl or atp")
     if recipe.prune.allocation != "uniform" and spec.is_nm:
         raise _key_error("prune.allocation", f"{recipe.prune.allocation} needs an unstructured ratio; N:M {spec} is the same in every layer")
     for key, value in (("calibration.nsamples", recipe.calibration.nsamples), ("calibration.seqlen", recipe.calibration.seqlen),

@@ -60,6 +60,11 @@ def test_prune_then_eval_json(tiny_checkpoint, calib_file, tmp_path, capsys):
     (["prune", "--model", "{ckpt}", "--sparsity", "2:4", "--seqlen", "16", "--calib", "text:{long}", "--output", "{tmp}/o", "--nsamples", "1"], None),
     (["run", "{recipe}", "--output", "{tmp}/o"], "prune.sparsity"),
     (["run", "{tmp}/missing.yaml", "--output", "{tmp}/o"], "does not exist"),
+    (["inspect", "{tmp}/broken/model.onnx"], "corrupt"),
+    (["generate", "--onnx", "{tmp}/broken", "--prompt", "hi"], "corrupt"),
+    (["inspect", "{tmp}/missing.onnx"], "does not exist"),
+    (["export", "--model", "{tmp}/broken", "--output", "{tmp}/o"], "config.json"),
+    (["export", "--model", "{ckpt}", "--output", "{ckpt}"], "already exists"),
 ])
 def test_bad_input_one_line_nonzero_no_output(args, needle, tiny_checkpoint, tmp_path, capsys):
     import torch
@@ -68,6 +73,8 @@ def test_bad_input_one_line_nonzero_no_output(args, needle, tiny_checkpoint, tmp
         pytest.skip("CUDA is present: the 'CUDA requested but absent' case cannot happen here")
     from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.onnx").write_bytes(b"\x08\x07garbage, not a protobuf")
     (tmp_path / "short.txt").write_text("w1 w2")
     (tmp_path / "long.txt").write_text("w1 w2 " * 100)
     (tmp_path / "recipe.yaml").write_text("prune:\n  sparsity: 0.6\n  pattern: '2:4'\n")

@@ -14,11 +14,15 @@ def text_file(tmp_path):
     return path
 
 
+def _recipe_dict(ckpt, text, **gate) -> dict:
+    return {"model": str(ckpt), "device": "cpu",
+            "calibration": {"source": f"text:{text}", "nsamples": 2, "seqlen": 32},
+            "prune": {"method": "wanda", "sparsity": "2:4"},
+            "eval": {"data": f"text:{text}", "seqlen": 32, "max_windows": 4}, "gate": gate}
+
+
 def tiny_recipe(ckpt, text, **gate):
-    return parse_recipe({"model": str(ckpt), "device": "cpu",
-                         "calibration": {"source": f"text:{text}", "nsamples": 2, "seqlen": 32},
-                         "prune": {"method": "wanda", "sparsity": "2:4"},
-                         "eval": {"data": f"text:{text}", "seqlen": 32, "max_windows": 4}, "gate": gate})
+    return parse_recipe(_recipe_dict(ckpt, text, **gate))
 
 
 def test_pipeline_writes_one_output_dir_with_report(tiny_checkpoint, text_file, tmp_path):
@@ -80,3 +84,25 @@ def test_cli_flags_override_recipe_and_name_missing_output(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", "--sparsity", "0.5"])
     assert exc.value.code == 2 and "--output" in capsys.readouterr().err
+
+
+def test_pipeline_exports_a_verified_onnx_model(tiny_checkpoint, text_file, tmp_path):
+    recipe = parse_recipe({**_recipe_dict(tiny_checkpoint, text_file), "export": {"enabled": True}})
+    out = tmp_path / "run"
+    report = Pipeline(recipe, out, show_progress=False).run()
+    exported = report["stage_results"]["export"]
+    assert exported["verified"] and exported["zeros_onnx"] == exported["zeros_torch"] > 0
+    assert exported["nm_qualifying"] == exported["linears"] == 14  # 2 blocks x 7 linears, all 2:4 along K
+    assert (out / "onnx" / "model.onnx").is_file() and (out / "onnx" / "export_report.json").is_file()
+    text = (out / "REPORT.md").read_text()
+    assert "## Export" in text and "satisfy 2:4" in text
+
+
+def test_pipeline_runs_a_dsnot_chain_with_owl(tiny_checkpoint, text_file, tmp_path):
+    data = _recipe_dict(tiny_checkpoint, text_file)
+    data["prune"] = {"method": "wanda+dsnot", "sparsity": "0.5", "allocation": "owl", "options": {"max_cycles": 5}}
+    report = Pipeline(parse_recipe(data), tmp_path / "run", show_progress=False).run()
+    prune = json.loads((tmp_path / "run" / "model" / "report.json").read_text())
+    assert prune["method"] == "dsnot" and prune["method_options"]["init"] == "wanda"
+    assert prune["allocation"]["kind"] == "owl"
+    assert abs(report["pruned"]["sparsity"] - 0.5) < 0.01

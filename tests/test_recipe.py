@@ -29,6 +29,10 @@ def test_defaults_and_example_recipes_parse():
     ({"export": {"target": "tpu"}}, "export.target"),
     ({"bench": {"enabled": True}}, "bench.enabled"),
     ({"prune": "wanda"}, "prune"),
+    ({"prune": {"allocation": "random"}}, "prune.allocation"),
+    ({"prune": {"method": "foo+dsnot"}}, "prune.method"),
+    ({"prune": {"method": "wanda+dsnot", "options": {"init": "magnitude"}}}, "prune.options.init"),
+    ({"prune": {"method": "dsnot", "options": {"max_cycle": 3}}}, "prune.options"),
 ])
 def test_invalid_recipes_name_the_key(data, key):
     with pytest.raises(UserError) as err:
@@ -49,3 +53,9 @@ def test_yaml_errors(tmp_path):
         load_recipe(bad)
     with pytest.raises(UserError, match="does not exist"):
         load_recipe(tmp_path / "none.yaml")
+
+
+def test_method_chain_becomes_dsnot_with_its_initialiser():
+    recipe = parse_recipe({"prune": {"method": "sparsegpt+dsnot", "options": {"max_cycles": 5}}})
+    assert recipe.prune.method == "dsnot"
+    assert recipe.prune.options == {"max_cycles": 5, "init": "sparsegpt"}
