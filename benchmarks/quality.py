@@ -96,6 +96,9 @@ def planned_rows() -> list[Row]:
              dsnot("wanda", "verified", "attn", "0.7", "owl")]
     rows += [Row("baseline", m, m, s) for s in ("0.5", "4:8") for m in ("magnitude", "wanda", "sparsegpt") if (m, s) != ("wanda", "0.5")]
     rows += [Row("baseline", "magnitude", "magnitude", s) for s in ("0.6", "0.7", "2:4")]
+    rows += [dsnot("sparsegpt", "verified", "attn", s) for s in ("0.5", "0.6", "2:4")]
+    rows += [dsnot("wanda", "verified", "attn", "0.5")]
+    rows += [dsnot("magnitude", "verified", "attn", s) for s in ("0.5", "0.6", "0.7", "2:4")]
     return rows
 
 

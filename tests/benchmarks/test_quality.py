@@ -1,0 +1,39 @@
+"""The CI quality gate: benchmarks/quality.py --ci reruns dense + Wanda-50% and compares with the committed table."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, WIKITEXT_TEST
+
+
+@pytest.mark.slow
+def test_quality_ci_gate_passes_against_committed_results(tmp_path, wikitext_test):
+    committed = json.loads((REPO / "benchmarks" / "results" / "quality.json").read_text())
+    out = tmp_path / "quality_ci"
+    proc = subprocess.run([sys.executable, "benchmarks/quality.py", "--ci", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          env={**__import__("os").environ, "SPARSEDEPLOY_WIKITEXT2": str(WIKITEXT_TEST)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.with_suffix(".json").read_text())
+    gate = doc["gate"]
+    assert gate["passed"] and gate["tolerance"] > 0
+    base = {r["row"]: r["ppl"] for r in committed["results"] if "error" not in r}
+    assert gate["baseline"] == pytest.approx(base["wanda 0.5"] / base["dense"])
+    assert 1.0 < gate["current"] < 10.0  # pruning costs perplexity, and not absurdly much
+    assert (out.with_suffix(".md")).read_text().count("| ") > 4
+
+
+def test_quality_ci_gate_fails_on_a_regression(tmp_path):
+    """A committed baseline far better than reality must make the gate fail with a one-line reason."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import quality
+
+    doc = {"setting": {"x": 1}, "results": [{"row": "dense", "ppl": 10.0}, {"row": "wanda 0.5", "ppl": 30.0}]}
+    baseline = tmp_path / "quality.json"
+    baseline.write_text(json.dumps({"setting": {"x": 1}, "results": [{"row": "dense", "ppl": 10.0}, {"row": "wanda 0.5", "ppl": 20.0}]}))
+    quality.ci_gate(doc, baseline)
+    assert doc["gate"]["passed"] is False and doc["gate"]["current"] == 3.0
+    baseline.write_text(json.dumps({"setting": {"x": 2}, "results": []}))
+    with pytest.raises(SystemExit, match="another setting"):
+        quality.ci_gate(doc, baseline)
