@@ -168,3 +168,27 @@ def test_prune_model_accepts_allocation_spec_for(tiny_samples):
                  for b in find_blocks(model)]
     assert all(b > a for a, b in zip(per_block, per_block[1:]))
     assert not math.isnan(alloc.details["atp_difference"])
+
+
+@pytest.mark.slow
+def test_owl_on_the_real_model_hits_the_target_exactly(smollm):
+    """smollm2-135m at 70% with OWL: per-block ratios within lambda, weighted mean exactly the target, zeros as allocated."""
+    import copy
+
+    from sparsedeploy.allocation import plan_allocation
+    from sparsedeploy.data import calibration_samples
+    from sparsedeploy.evaluate import layer_sparsity
+    from sparsedeploy.sparsity import parse_sparsity
+
+    model = copy.deepcopy(smollm.model)
+    calib = calibration_samples(smollm.tokenizer, "gensim-wiki", nsamples=4, seqlen=256, seed=0)
+    spec = parse_sparsity("0.7")
+    method = build_method("wanda")
+    alloc = plan_allocation(model, calib, method, spec, AllocationConfig("owl"), torch.device("cpu"), show_progress=False)
+    report = alloc.report()
+    assert len(report["per_block"]) == 30 and report["allocated_mean"] == pytest.approx(0.7, abs=1e-12)
+    assert max(abs(r - 0.7) for r in report["per_block"]) <= 0.08 + 1e-12 and max(report["per_block"]) > min(report["per_block"])
+    prune_model(model, calib, method, alloc.spec_for, torch.device("cpu"), show_progress=False)
+    layers = layer_sparsity(model)
+    assert sum(r["zeros"] for r in layers) == _expected_zeros(model, report["per_block"])
+    assert abs(sum(r["zeros"] for r in layers) / sum(r["numel"] for r in layers) - 0.7) < 2e-3
