@@ -160,7 +160,7 @@ def owl_outlier_ratios(model: nn.Module, samples: torch.Tensor, device: torch.de
     """One pass of the shared engine over the dense model: each block's OWL outlier ratio (nothing is modified)."""
     ratios: list[float] = []
 
-    def score_block(index: int, block: nn.Module, linears: dict[str, nn.Linear], stats: dict[str, InputStats]) -> None:
+    def score_block(index: int, block: nn.Module, linears: dict[str, nn.Linear], stats: dict[str, InputStats], _forward) -> None:
         scores = [lin.weight.detach().float().abs() * stats[name].sq_mean.sqrt().unsqueeze(0) for name, lin in linears.items()]
         ratios.append(outlier_ratio(scores, m))
 

@@ -67,3 +67,12 @@ def broadcast_block(block: nn.Module) -> None:
         return
     for tensor in block.state_dict().values():
         dist.broadcast(tensor, src=0)
+
+
+def all_reduce_sum(value: float) -> float:
+    """A float summed over the ranks (the value itself in a single process)."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())

@@ -69,7 +69,11 @@ class InputStats:
 
 
 class BlockFn(Protocol):
-    def __call__(self, index: int, block: nn.Module, linears: dict[str, nn.Linear], stats: dict[str, InputStats]) -> None: ...
+    """Called once per block with its linears' statistics; `forward()` runs the block (as it is at that
+    moment) on this block's calibration inputs and returns its outputs, e.g. to compare alternatives."""
+
+    def __call__(self, index: int, block: nn.Module, linears: dict[str, nn.Linear], stats: dict[str, InputStats],
+                 forward: Callable[[], list[torch.Tensor]]) -> None: ...
 
 
 @dataclass
@@ -252,7 +256,7 @@ def walk_blocks(model: nn.Module, samples: torch.Tensor, config: EngineConfig, b
             linears = find_linears(block)
             stats = collect_stats(block, linears, inputs, calls[i], device, config.need_hessian)
             distributed.all_reduce_stats(stats)  # no-op in a single process
-            block_fn(i, block, linears, stats)
+            block_fn(i, block, linears, stats, lambda: run_block(block, inputs, calls[i], device, keep_on))
             distributed.broadcast_block(block)
             del stats
         if i < len(blocks) - 1:

@@ -23,7 +23,7 @@ from sparsedeploy.engine import EngineConfig, InputStats, walk_blocks
 from sparsedeploy.errors import UserError
 from sparsedeploy.evaluate import layer_sparsity, overall_sparsity
 from sparsedeploy.fsutil import atomic_dir, check_output_dir, write_json_atomic
-from sparsedeploy.methods import PruningMethod, build_method
+from sparsedeploy.methods import PruneResult, PruningMethod, build_method
 from sparsedeploy.models import LoadedModel, default_seqlen, find_blocks, load_model, resolve_device, save_checkpoint
 from sparsedeploy.sparsity import SparsitySpec, check_nm_shape, parse_sparsity
 
@@ -83,17 +83,36 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
     prefix = blocks_prefix(model)
     masks = dict(masks or {})
 
-    def prune_block(index: int, block: nn.Module, linears: dict[str, nn.Linear], stats: dict[str, InputStats]) -> None:
+    def apply(linear: nn.Linear, full: str, mask: torch.Tensor, weight: torch.Tensor) -> None:
+        linear.weight.data.copy_(weight.masked_fill(~mask, 0.0).to(linear.weight.dtype))
+        masks[full] = mask.to("cpu")
+
+    def prune_block(index: int, block: nn.Module, linears: dict[str, nn.Linear], stats: dict[str, InputStats],
+                    forward: Callable[[], list[torch.Tensor]]) -> None:
+        # A method that refines an initial result (DSnoT) may ask for the block-level check: its refinement
+        # is kept only if the block's output moves closer to the dense block's output on the same inputs.
+        check = getattr(method, "verify_block", False)
+        dense_out = forward() if check else None
+        results: dict[str, PruneResult] = {}
         for name, linear in linears.items():
             spec = spec_for(index, name)
             full = f"{prefix}.{index}.{name}"
             check_nm_shape(linear.weight.shape, spec, full)
             weight = linear.weight.data.float()
             extra = {"name": name} if getattr(method, "uses_name", False) else {}  # e.g. DSnoT's targets
-            result = method.prune(weight, stats[name], spec, **extra)
-            new = result.weight.masked_fill(~result.mask, 0.0)
-            linear.weight.data.copy_(new.to(linear.weight.dtype))
-            masks[full] = result.mask.to("cpu")
+            results[name] = method.prune(weight, stats[name], spec, **extra)
+            apply(linear, full, results[name].mask, results[name].weight)
+        initial = {n: r.info["initial"] for n, r in results.items() if r.info and "initial" in r.info}
+        if check and initial:
+            err_refined = output_error(forward(), dense_out)
+            for n, (mask, weight) in initial.items():
+                apply(linears[n], f"{prefix}.{index}.{n}", mask, weight)
+            err_initial = output_error(forward(), dense_out)
+            keep = err_refined < err_initial
+            if keep:
+                for n in initial:
+                    apply(linears[n], f"{prefix}.{index}.{n}", results[n].mask, results[n].weight)
+            method.block_verdict(index, keep, err_initial, err_refined)
 
     def block_done(index: int, block: nn.Module) -> None:
         head = f"{prefix}.{index}."
@@ -108,6 +127,12 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
     walk_blocks(model, samples, config, prune_block, start_block=start_block, on_block_done=block_done,
                 load_block=load_block, release_block=release_block)
     return masks
+
+
+def output_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """Sum of squared differences between a block's outputs and reference outputs (float64 accumulation)."""
+    local = float(sum(((o.double() - r.double()) ** 2).sum() for o, r in zip(outputs, reference)))
+    return distributed.all_reduce_sum(local)  # torchrun: every rank sees the same total, so all decide alike
 
 
 def versions() -> dict:

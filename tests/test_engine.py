@@ -26,7 +26,7 @@ def test_engine_statistics_equal_dense_model(tiny_model, tiny_samples):
     ref = _dense_reference_stats(tiny_model, tiny_samples)
     seen = {}
 
-    def record(index, block, linears, stats):
+    def record(index, block, linears, stats, _forward):
         assert set(stats) == set(linears)
         for name, st in stats.items():
             seen[(index, name)] = st
@@ -43,7 +43,7 @@ def test_engine_statistics_equal_dense_model(tiny_model, tiny_samples):
 def test_linears_reading_one_tensor_share_stats(tiny_model, tiny_samples):
     groups = {}
 
-    def record(index, block, linears, stats):
+    def record(index, block, linears, stats, _forward):
         groups[index] = stats
 
     walk_blocks(tiny_model, tiny_samples, EngineConfig(show_progress=False), record)
@@ -60,7 +60,7 @@ def test_sample_order_does_not_matter(tiny_model, tiny_samples):
     def collect(samples):
         out = {}
         walk_blocks(tiny_model, samples, EngineConfig(show_progress=False),
-                    lambda i, b, l, s: out.update({(i, n): st.sumsq.clone() for n, st in s.items()}))
+                    lambda i, b, l, s, _f: out.update({(i, n): st.sumsq.clone() for n, st in s.items()}))
         return out
 
     a = collect(tiny_samples)
@@ -72,7 +72,7 @@ def test_sample_order_does_not_matter(tiny_model, tiny_samples):
 def test_block_fn_changes_propagate_and_start_block(tiny_model, tiny_samples):
     calls, done = [], []
 
-    def zero_q(index, block, linears, stats):
+    def zero_q(index, block, linears, stats, _forward):
         calls.append(index)
         linears["self_attn.q_proj"].weight.data.zero_()
 

@@ -261,6 +261,7 @@ class DSnoT:
     pow_of_var_regrowing: float = 1.0
     no_sign_flip: bool = False
     verify_rows: bool = False
+    verify_block: bool = True  # verified modes: also keep a block's refinement only if the block output gets closer to dense
     candidates: int = 4
     blocksize: int = 128
     percdamp: float = 0.01
@@ -283,7 +284,10 @@ class DSnoT:
         if self.candidates < 1:
             raise UserError("DSnoT candidates must be at least 1")
         self.needs_hessian = self.init == "sparsegpt" or self.mode in ("verified", "second-order")
+        self.verify_block = self.verify_block and self.mode != "paper"
         self.summary = {"linears": 0, "refined": 0, "kept_refined": 0, "swaps": 0}
+        if self.verify_block:
+            self.summary.update(blocks_checked=0, blocks_kept_refined=0)
 
     def _init_result(self, weight: torch.Tensor, stats: InputStats, spec: SparsitySpec) -> tuple[torch.Tensor, torch.Tensor]:
         if self.init == "wanda":
@@ -330,4 +334,13 @@ class DSnoT:
         mask, new, verdict = choose_verified(weight, stats.hessian, (mask0, w0), (mask, new), self.verify_rows)
         self.summary["kept_refined"] += int(verdict["kept_refined"])
         log.debug("DSnoT %s: %s", name, verdict)
+        if self.verify_block and verdict["kept_refined"]:  # the engine's block check may still fall back to this
+            verdict["initial"] = (mask0, w0)
         return PruneResult(mask, new, {**info, **verdict})
+
+    def block_verdict(self, index: int, kept: bool, error_initial: float, error_refined: float) -> None:
+        """The block-level check's decision (called by prune_model after comparing the block outputs)."""
+        self.summary["blocks_checked"] += 1
+        self.summary["blocks_kept_refined"] += int(kept)
+        log.debug("DSnoT block %d: output error initial %.4g, refined %.4g -> %s", index, error_initial, error_refined,
+                  "refined" if kept else "initial")

@@ -155,7 +155,8 @@ def test_verified_mode_returns_initial_mask_when_paper_procedure_hurts():
     # through the method class, from this initial result
     method = DSnoT(targets="all", mode="verified")
     result = method.refine_result(w, st, spec, init, w * init, name="self_attn.q_proj")
-    assert torch.equal(result.mask, init) and method.summary == {"linears": 1, "refined": 1, "kept_refined": 0, "swaps": 1}
+    assert torch.equal(result.mask, init) and method.summary == {"linears": 1, "refined": 1, "kept_refined": 0, "swaps": 1,
+                                                                  "blocks_checked": 0, "blocks_kept_refined": 0}
     paper_method = DSnoT(targets="all", mode="paper")
     assert torch.equal(paper_method.refine_result(w, st, spec, init, w * init, name="self_attn.q_proj").mask, paper)
 
@@ -209,6 +210,32 @@ def test_dsnot_on_tiny_model_through_engine(tiny_model, tiny_samples):
     assert method.summary["linears"] == 14 and method.summary["refined"] == 8
     for mask in masks.values():
         assert (mask.sum(1) == mask.shape[1] - int(mask.shape[1] * 0.6)).all()
+
+
+@pytest.mark.parametrize("sparsity", ["0.6", "2:4"])
+def test_block_check_never_leaves_a_block_output_worse_than_its_initialisation(tiny_model, tiny_samples, sparsity):
+    """Block 0 sees the same inputs whatever the method: its output error versus dense is no worse than Wanda's."""
+    import copy
+
+    from sparsedeploy.engine import capture_block_inputs, run_block
+    from sparsedeploy.models import find_blocks
+    from sparsedeploy.prune import output_error, prune_model
+
+    inputs, calls = capture_block_inputs(tiny_model, tiny_samples, CPU)
+    dense_out = run_block(find_blocks(tiny_model)[0], inputs, calls[0], CPU, CPU)
+    spec = parse_sparsity(sparsity)
+    errors, methods = {}, {"wanda": build_method("wanda"), "dsnot": build_method("dsnot", init="wanda", targets="all", max_cycles=20,
+                                                                                   update_threshold=0.0)}
+    for label, method in methods.items():
+        model = copy.deepcopy(tiny_model)
+        prune_model(model, tiny_samples, method, lambda _i, _n: spec, CPU, show_progress=False)
+        errors[label] = output_error(run_block(find_blocks(model)[0], inputs, calls[0], CPU, CPU), dense_out)
+    summary = methods["dsnot"].summary
+    print(summary, errors)
+    assert summary["blocks_checked"] >= 1 and summary["blocks_kept_refined"] <= summary["blocks_checked"]
+    assert errors["dsnot"] <= errors["wanda"] * (1 + 1e-9), errors
+    paper = build_method("dsnot", init="wanda", mode="paper")
+    assert not paper.verify_block and "blocks_checked" not in paper.summary
 
 
 @pytest.mark.cuda
