@@ -72,16 +72,22 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
                 on_block_done: Callable[[int, nn.Module, dict[str, torch.Tensor]], None] | None = None,
                 load_block: Callable[[int, nn.Module], None] | None = None,
                 release_block: Callable[[int, nn.Module], None] | None = None,
-                retain_masks: bool = True) -> dict[str, torch.Tensor]:
+                retain_masks: bool = True, model_check: bool = True) -> dict[str, torch.Tensor]:
     """Prune every decoder linear in place through the shared engine; return keep-masks by full name.
 
     `start_block`/`masks`: resume after blocks already pruned (their masks). `on_block_done(i, block,
     block_masks)` is called after each pruned block, e.g. to checkpoint it. `load_block`/`release_block`:
     see `walk_blocks` (disk offload); with `retain_masks=False` a block's masks are dropped once
     `on_block_done` has stored them.
+
+    Methods that refine an initial result (DSnoT in its verified modes) are checked at two levels: per
+    block (`verify_block`: the refinement stays only if the block's output gets closer to the dense
+    block's output) and, with `model_check`, for the whole model (`verify_model`: the refined model is
+    kept only if its perplexity on the calibration windows is lower than the initial model's).
     """
     prefix = blocks_prefix(model)
     masks = dict(masks or {})
+    patches: dict[str, Patch] = {}  # refined linears: how to switch between the initial and refined weights
 
     def apply(linear: nn.Linear, full: str, mask: torch.Tensor, weight: torch.Tensor) -> None:
         linear.weight.data.copy_(weight.masked_fill(~mask, 0.0).to(linear.weight.dtype))
@@ -111,7 +117,11 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
             keep = err_refined < err_initial
             if keep:
                 for n in initial:
-                    apply(linears[n], f"{prefix}.{index}.{n}", results[n].mask, results[n].weight)
+                    full = f"{prefix}.{index}.{n}"
+                    init_weight = linears[n].weight.data.clone()
+                    apply(linears[n], full, results[n].mask, results[n].weight)
+                    if model_check and getattr(method, "verify_model", False):
+                        patches[full] = Patch.between(init_weight, initial[n][0], linears[n].weight.data, results[n].mask)
             method.block_verdict(index, keep, err_initial, err_refined)
 
     def block_done(index: int, block: nn.Module) -> None:
@@ -126,7 +136,62 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
                           show_progress=show_progress, description=f"{method.name}")
     walk_blocks(model, samples, config, prune_block, start_block=start_block, on_block_done=block_done,
                 load_block=load_block, release_block=release_block)
+    if patches:
+        check_whole_model(model, samples, device, method, patches, masks, show_progress)
     return masks
+
+
+@dataclass
+class Patch:
+    """The positions where a linear's initial and refined weights differ, with both values (or both whole tensors)."""
+
+    index: tuple[torch.Tensor, ...] | None
+    initial: torch.Tensor
+    refined: torch.Tensor
+    initial_mask: torch.Tensor
+    refined_mask: torch.Tensor
+
+    @staticmethod
+    def between(initial: torch.Tensor, initial_mask: torch.Tensor, refined: torch.Tensor, refined_mask: torch.Tensor) -> "Patch":
+        cpu = torch.device("cpu")
+        index = (initial != refined).nonzero(as_tuple=True)
+        if index[0].numel() > initial.numel() // 4:  # e.g. SparseGPT re-fits every weight: keep whole tensors
+            return Patch(None, initial.to(cpu), refined.to(cpu).clone(), initial_mask.to(cpu), refined_mask.to(cpu))
+        return Patch(tuple(i.to(cpu) for i in index), initial[index].to(cpu), refined[index].to(cpu), initial_mask.to(cpu), refined_mask.to(cpu))
+
+    def put(self, linear: nn.Linear, which: str) -> torch.Tensor:
+        values = self.initial if which == "initial" else self.refined
+        w = linear.weight.data
+        if self.index is None:
+            w.copy_(values.to(w.device))
+        else:
+            w[tuple(i.to(w.device) for i in self.index)] = values.to(w.device)
+        return self.initial_mask if which == "initial" else self.refined_mask
+
+
+def check_whole_model(model: nn.Module, samples: torch.Tensor, device: torch.device, method: PruningMethod,
+                      patches: dict[str, Patch], masks: dict[str, torch.Tensor], show_progress: bool) -> None:
+    """Keep the refinement only if the whole model's perplexity on the calibration windows is lower."""
+    from sparsedeploy.evaluate import perplexity
+
+    def calib_ppl() -> float:
+        return perplexity(model, samples.reshape(-1), samples.shape[1], device, show_progress=False).ppl
+
+    def switch(which: str) -> None:
+        for full, patch in patches.items():
+            mask = patch.put(model.get_submodule(full), which)
+            if full in masks:
+                masks[full] = mask
+
+    refined = calib_ppl()
+    switch("initial")
+    initial = calib_ppl()
+    keep = refined < initial
+    if keep:
+        switch("refined")
+    method.model_verdict(keep, initial, refined)
+    log.info("%s whole-model check on the calibration windows: perplexity initial %.3f, refined %.3f -> keeping the %s model",
+             method.name, initial, refined, "refined" if keep else "initial")
 
 
 def output_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
@@ -202,7 +267,11 @@ def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_p
     masks = prune_model(lm.model, samples, method, allocation.spec_for, device, show_progress,
                         offload_inputs=offload in ("cpu", "disk"), start_block=start_block, masks=masks,
                         on_block_done=checkpoint.save_block if main_rank else None, load_block=disk.load if disk else None,
-                        release_block=disk.release if disk else None, retain_masks=disk is None)
+                        release_block=disk.release if disk else None, retain_masks=disk is None,
+                        model_check=disk is None and start_block == 0)
+    if getattr(method, "verify_model", False) and (disk is not None or start_block):
+        log.warning("%s: the whole-model check needs every block in memory from the first block on: skipped (%s)",
+                    method.name, "--offload disk" if disk is not None else "resumed run")
     elapsed = time.perf_counter() - start
     report = {
         "method": config.method, "method_options": config.method_options, "sparsity_spec": str(spec),

@@ -262,6 +262,7 @@ class DSnoT:
     no_sign_flip: bool = False
     verify_rows: bool = False
     verify_block: bool = True  # verified modes: also keep a block's refinement only if the block output gets closer to dense
+    verify_model: bool = True  # verified modes: and keep the refined model only if its calibration perplexity is lower
     candidates: int = 4
     blocksize: int = 128
     percdamp: float = 0.01
@@ -285,6 +286,7 @@ class DSnoT:
             raise UserError("DSnoT candidates must be at least 1")
         self.needs_hessian = self.init == "sparsegpt" or self.mode in ("verified", "second-order")
         self.verify_block = self.verify_block and self.mode != "paper"
+        self.verify_model = self.verify_model and self.verify_block
         self.summary = {"linears": 0, "refined": 0, "kept_refined": 0, "swaps": 0}
         if self.verify_block:
             self.summary.update(blocks_checked=0, blocks_kept_refined=0)
@@ -337,6 +339,10 @@ class DSnoT:
         if self.verify_block and verdict["kept_refined"]:  # the engine's block check may still fall back to this
             verdict["initial"] = (mask0, w0)
         return PruneResult(mask, new, {**info, **verdict})
+
+    def model_verdict(self, kept: bool, ppl_initial: float, ppl_refined: float) -> None:
+        """The whole-model check's decision (prune_model, after the last block)."""
+        self.summary.update(model_kept_refined=kept, calib_ppl_initial=ppl_initial, calib_ppl_refined=ppl_refined)
 
     def block_verdict(self, index: int, kept: bool, error_initial: float, error_refined: float) -> None:
         """The block-level check's decision (called by prune_model after comparing the block outputs)."""
