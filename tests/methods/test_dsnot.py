@@ -238,6 +238,44 @@ def test_block_check_never_leaves_a_block_output_worse_than_its_initialisation(t
     assert not paper.verify_block and "blocks_checked" not in paper.summary
 
 
+def test_whole_model_check_keeps_the_lower_calibration_perplexity(tiny_model, tiny_samples):
+    """Refined and initial models are both measured; the one kept is the better, and masks follow the weights."""
+    import copy
+
+    from sparsedeploy.evaluate import perplexity
+    from sparsedeploy.prune import prune_model
+
+    spec = parse_sparsity("0.6")
+    calib = lambda m: perplexity(m, tiny_samples.reshape(-1), tiny_samples.shape[1], CPU, show_progress=False).ppl  # noqa: E731
+    model = copy.deepcopy(tiny_model)
+    method = build_method("dsnot", init="wanda", targets="all", max_cycles=20, update_threshold=0.0)
+    masks = prune_model(model, tiny_samples, method, lambda _i, _n: spec, CPU, show_progress=False)
+    s = method.summary
+    assert s["blocks_kept_refined"] >= 1 and "model_kept_refined" in s
+    assert s["model_kept_refined"] == (s["calib_ppl_refined"] < s["calib_ppl_initial"])
+    assert calib(model) == pytest.approx(min(s["calib_ppl_refined"], s["calib_ppl_initial"]), rel=1e-6)
+    for name, mask in masks.items():  # the returned masks describe the weights that were kept
+        assert torch.equal(model.get_submodule(name).weight.data != 0, mask), name
+
+
+@pytest.mark.parametrize("dense_patch", [False, True])
+def test_patch_switches_exactly_between_initial_and_refined(dense_patch):
+    from sparsedeploy.prune import Patch
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 16, generator=gen)
+    m0 = torch.rand(8, 16, generator=gen) > 0.5
+    m1 = m0.clone()
+    m1[:, :4] = ~m1[:, :4]
+    init, refined = w * m0, (w + 1.0 if dense_patch else w) * m1
+    patch = Patch.between(init, m0, refined, m1)
+    assert (patch.index is None) == dense_patch
+    linear = torch.nn.Linear(16, 8, bias=False)
+    linear.weight.data.copy_(refined)
+    assert torch.equal(patch.put(linear, "initial"), m0) and torch.equal(linear.weight.data, init)
+    assert torch.equal(patch.put(linear, "refined"), m1) and torch.equal(linear.weight.data, refined)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: CPU-vs-CUDA agreement not checked here")
 @pytest.mark.parametrize("mode", ["paper", "second-order"])
