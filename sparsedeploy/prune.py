@@ -82,10 +82,14 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
 
     Methods that refine an initial result (DSnoT in its verified modes) are checked at two levels: per
     block (`verify_block`: the refinement stays only if the block's output gets closer to the dense
-    block's output) and, with `model_check`, for the whole model (`verify_model`: the refined model is
-    kept only if its perplexity on the calibration windows is lower than the initial model's).
+    block's output) and, with `model_check`, for the whole model (`verify_model`: the initial method is
+    also run on its own, on a copy, and of the refined model, the refined model with its refinements
+    undone and that plain initial model, the one with the lowest perplexity on the calibration windows
+    is kept -- so the result is never worse than the initial method on the calibration data).
     """
     prefix = blocks_prefix(model)
+    check_model = model_check and getattr(method, "verify_model", False) and start_block == 0
+    plain = plain_initial(model, samples, method.initial_method(), spec_for, device, offload_inputs, show_progress) if check_model else None
     masks = dict(masks or {})
     patches: dict[str, Patch] = {}  # refined linears: how to switch between the initial and refined weights
 
@@ -120,7 +124,7 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
                     full = f"{prefix}.{index}.{n}"
                     init_weight = linears[n].weight.data.clone()
                     apply(linears[n], full, results[n].mask, results[n].weight)
-                    if model_check and getattr(method, "verify_model", False):
+                    if check_model:
                         patches[full] = Patch.between(init_weight, initial[n][0], linears[n].weight.data, results[n].mask)
             method.block_verdict(index, keep, err_initial, err_refined)
 
@@ -136,9 +140,38 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
                           show_progress=show_progress, description=f"{method.name}")
     walk_blocks(model, samples, config, prune_block, start_block=start_block, on_block_done=block_done,
                 load_block=load_block, release_block=release_block)
-    if patches:
-        check_whole_model(model, samples, device, method, patches, masks, show_progress)
+    if plain is not None:
+        check_whole_model(model, samples, device, method, patches, masks, plain)
     return masks
+
+
+@dataclass
+class PlainInitial:
+    """The initial method's own result: its pruned linears' weights and masks, and its calibration perplexity."""
+
+    weights: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor]
+    calib_ppl: float
+
+
+def calibration_ppl(model: nn.Module, samples: torch.Tensor, device: torch.device) -> float:
+    from sparsedeploy.evaluate import perplexity
+
+    return perplexity(model, samples.reshape(-1), samples.shape[1], device, show_progress=False).ppl
+
+
+def plain_initial(model: nn.Module, samples: torch.Tensor, initial_method: PruningMethod, spec_for: SpecFor, device: torch.device,
+                  offload_inputs: bool, show_progress: bool) -> PlainInitial:
+    """Run the initial method alone on a copy of the (dense) model; keep only what the comparison needs."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    masks = prune_model(twin, samples, initial_method, spec_for, device, show_progress, offload_inputs, model_check=False)
+    ppl = calibration_ppl(twin, samples, device)
+    weights = {name: twin.get_submodule(name).weight.data.clone() for name in masks}
+    del twin
+    log.info("%s alone: calibration perplexity %.3f", initial_method.name, ppl)
+    return PlainInitial(weights, masks, ppl)
 
 
 @dataclass
@@ -170,28 +203,28 @@ class Patch:
 
 
 def check_whole_model(model: nn.Module, samples: torch.Tensor, device: torch.device, method: PruningMethod,
-                      patches: dict[str, Patch], masks: dict[str, torch.Tensor], show_progress: bool) -> None:
-    """Keep the refinement only if the whole model's perplexity on the calibration windows is lower."""
-    from sparsedeploy.evaluate import perplexity
-
-    def calib_ppl() -> float:
-        return perplexity(model, samples.reshape(-1), samples.shape[1], device, show_progress=False).ppl
+                      patches: dict[str, Patch], masks: dict[str, torch.Tensor], plain: PlainInitial) -> None:
+    """Keep, of the refined model, the refined model with its refinements undone, and the plain initial
+    model, the one with the lowest perplexity on the calibration windows."""
 
     def switch(which: str) -> None:
         for full, patch in patches.items():
-            mask = patch.put(model.get_submodule(full), which)
-            if full in masks:
-                masks[full] = mask
+            masks[full] = patch.put(model.get_submodule(full), which)
 
-    refined = calib_ppl()
-    switch("initial")
-    initial = calib_ppl()
-    keep = refined < initial
-    if keep:
+    scores = {"refined": calibration_ppl(model, samples, device), "plain initial": plain.calib_ppl}
+    if patches:
+        switch("initial")
+        scores["refinements undone"] = calibration_ppl(model, samples, device)
+    choice = min(scores, key=scores.get)
+    if choice == "refined" and patches:
         switch("refined")
-    method.model_verdict(keep, initial, refined)
-    log.info("%s whole-model check on the calibration windows: perplexity initial %.3f, refined %.3f -> keeping the %s model",
-             method.name, initial, refined, "refined" if keep else "initial")
+    elif choice == "plain initial":
+        for full, weight in plain.weights.items():
+            model.get_submodule(full).weight.data.copy_(weight)
+        masks.update(plain.masks)
+    method.model_verdict(choice, scores)
+    log.info("%s whole-model check, calibration perplexity: %s -> keeping the %s model", method.name,
+             ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), choice)
 
 
 def output_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:

@@ -340,9 +340,16 @@ class DSnoT:
             verdict["initial"] = (mask0, w0)
         return PruneResult(mask, new, {**info, **verdict})
 
-    def model_verdict(self, kept: bool, ppl_initial: float, ppl_refined: float) -> None:
+    def initial_method(self):
+        """The initialiser as a method of its own (the whole-model check compares against it)."""
+        from sparsedeploy.methods import build_method
+
+        options = {"blocksize": self.blocksize, "percdamp": self.percdamp} if self.init == "sparsegpt" else {}
+        return build_method(self.init, **options)
+
+    def model_verdict(self, choice: str, calib_ppl: dict[str, float]) -> None:
         """The whole-model check's decision (prune_model, after the last block)."""
-        self.summary.update(model_kept_refined=kept, calib_ppl_initial=ppl_initial, calib_ppl_refined=ppl_refined)
+        self.summary.update(model_choice=choice, calib_ppl=dict(calib_ppl))
 
     def block_verdict(self, index: int, kept: bool, error_initial: float, error_refined: float) -> None:
         """The block-level check's decision (called by prune_model after comparing the block outputs)."""
