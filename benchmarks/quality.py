@@ -139,7 +139,10 @@ def run_one(setting: Setting, row: Row) -> dict:
             result["allocation_seconds"] = time.perf_counter() - start
             result["allocation_report"] = {k: v for k, v in alloc.report().items() if k != "kind"}
             spec_for = alloc.spec_for
-        masks = prune_model(lm.model, samples, method, spec_for, device, show_progress=False)
+        check = None
+        if getattr(method, "verify_model", False):  # as `sparsedeploy prune` does: other windows judge the whole model
+            check = calibration_samples(lm.tokenizer, setting.calib, max(4, setting.nsamples // 4), setting.calib_seqlen, setting.seed + 1)
+        masks = prune_model(lm.model, samples, method, spec_for, device, show_progress=False, check_samples=check)
         result["prune_seconds"] = time.perf_counter() - start  # allocation included
         if getattr(method, "summary", None):
             result["method_summary"] = dict(method.summary)

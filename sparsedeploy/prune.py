@@ -72,7 +72,8 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
                 on_block_done: Callable[[int, nn.Module, dict[str, torch.Tensor]], None] | None = None,
                 load_block: Callable[[int, nn.Module], None] | None = None,
                 release_block: Callable[[int, nn.Module], None] | None = None,
-                retain_masks: bool = True, model_check: bool = True) -> dict[str, torch.Tensor]:
+                retain_masks: bool = True, model_check: bool = True,
+                check_samples: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Prune every decoder linear in place through the shared engine; return keep-masks by full name.
 
     `start_block`/`masks`: resume after blocks already pruned (their masks). `on_block_done(i, block,
@@ -83,15 +84,16 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
     Methods that refine an initial result (DSnoT in its verified modes) are checked at two levels: per
     block (`verify_block`: the refinement stays only if the block's output gets closer to the dense
     block's output) and, with `model_check`, for the whole model (`verify_model`: the initial method is
-    also run on its own, on a copy, and of the refined model, the refined model with its refinements
-    undone and that plain initial model, the one with the lowest perplexity on the calibration windows
-    is kept -- so the result is never worse than the initial method on the calibration data).
+    also run on its own, on a copy, and the refined model is kept only if its perplexity on
+    `check_samples` -- held-out windows; the calibration windows when None -- is lower than that plain
+    initial model's; so the result is never worse than the initial method on those windows).
     """
     prefix = blocks_prefix(model)
     check_model = model_check and getattr(method, "verify_model", False) and start_block == 0
-    plain = plain_initial(model, samples, method.initial_method(), spec_for, device, offload_inputs, show_progress) if check_model else None
+    check_samples = samples if check_samples is None else check_samples
+    plain = plain_initial(model, samples, method.initial_method(), spec_for, device, offload_inputs, check_samples,
+                          show_progress) if check_model else None
     masks = dict(masks or {})
-    patches: dict[str, Patch] = {}  # refined linears: how to switch between the initial and refined weights
 
     def apply(linear: nn.Linear, full: str, mask: torch.Tensor, weight: torch.Tensor) -> None:
         linear.weight.data.copy_(weight.masked_fill(~mask, 0.0).to(linear.weight.dtype))
@@ -121,11 +123,7 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
             keep = err_refined < err_initial
             if keep:
                 for n in initial:
-                    full = f"{prefix}.{index}.{n}"
-                    init_weight = linears[n].weight.data.clone()
-                    apply(linears[n], full, results[n].mask, results[n].weight)
-                    if check_model:
-                        patches[full] = Patch.between(init_weight, initial[n][0], linears[n].weight.data, results[n].mask)
+                    apply(linears[n], f"{prefix}.{index}.{n}", results[n].mask, results[n].weight)
             method.block_verdict(index, keep, err_initial, err_refined)
 
     def block_done(index: int, block: nn.Module) -> None:
@@ -141,7 +139,7 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
     walk_blocks(model, samples, config, prune_block, start_block=start_block, on_block_done=block_done,
                 load_block=load_block, release_block=release_block)
     if plain is not None:
-        check_whole_model(model, samples, device, method, patches, masks, plain)
+        check_whole_model(model, check_samples, device, method, masks, plain)
     return masks
 
 
@@ -161,70 +159,31 @@ def calibration_ppl(model: nn.Module, samples: torch.Tensor, device: torch.devic
 
 
 def plain_initial(model: nn.Module, samples: torch.Tensor, initial_method: PruningMethod, spec_for: SpecFor, device: torch.device,
-                  offload_inputs: bool, show_progress: bool) -> PlainInitial:
+                  offload_inputs: bool, check_samples: torch.Tensor, show_progress: bool) -> PlainInitial:
     """Run the initial method alone on a copy of the (dense) model; keep only what the comparison needs."""
     import copy
 
     twin = copy.deepcopy(model)
     masks = prune_model(twin, samples, initial_method, spec_for, device, show_progress, offload_inputs, model_check=False)
-    ppl = calibration_ppl(twin, samples, device)
+    ppl = calibration_ppl(twin, check_samples, device)
     weights = {name: twin.get_submodule(name).weight.data.clone() for name in masks}
     del twin
-    log.info("%s alone: calibration perplexity %.3f", initial_method.name, ppl)
+    log.info("%s alone: perplexity %.3f on the check windows", initial_method.name, ppl)
     return PlainInitial(weights, masks, ppl)
 
 
-@dataclass
-class Patch:
-    """The positions where a linear's initial and refined weights differ, with both values (or both whole tensors)."""
-
-    index: tuple[torch.Tensor, ...] | None
-    initial: torch.Tensor
-    refined: torch.Tensor
-    initial_mask: torch.Tensor
-    refined_mask: torch.Tensor
-
-    @staticmethod
-    def between(initial: torch.Tensor, initial_mask: torch.Tensor, refined: torch.Tensor, refined_mask: torch.Tensor) -> "Patch":
-        cpu = torch.device("cpu")
-        index = (initial != refined).nonzero(as_tuple=True)
-        if index[0].numel() > initial.numel() // 4:  # e.g. SparseGPT re-fits every weight: keep whole tensors
-            return Patch(None, initial.to(cpu), refined.to(cpu).clone(), initial_mask.to(cpu), refined_mask.to(cpu))
-        return Patch(tuple(i.to(cpu) for i in index), initial[index].to(cpu), refined[index].to(cpu), initial_mask.to(cpu), refined_mask.to(cpu))
-
-    def put(self, linear: nn.Linear, which: str) -> torch.Tensor:
-        values = self.initial if which == "initial" else self.refined
-        w = linear.weight.data
-        if self.index is None:
-            w.copy_(values.to(w.device))
-        else:
-            w[tuple(i.to(w.device) for i in self.index)] = values.to(w.device)
-        return self.initial_mask if which == "initial" else self.refined_mask
-
-
-def check_whole_model(model: nn.Module, samples: torch.Tensor, device: torch.device, method: PruningMethod,
-                      patches: dict[str, Patch], masks: dict[str, torch.Tensor], plain: PlainInitial) -> None:
-    """Keep, of the refined model, the refined model with its refinements undone, and the plain initial
-    model, the one with the lowest perplexity on the calibration windows."""
-
-    def switch(which: str) -> None:
-        for full, patch in patches.items():
-            masks[full] = patch.put(model.get_submodule(full), which)
-
-    scores = {"refined": calibration_ppl(model, samples, device), "plain initial": plain.calib_ppl}
-    if patches:
-        switch("initial")
-        scores["refinements undone"] = calibration_ppl(model, samples, device)
-    choice = min(scores, key=scores.get)
-    if choice == "refined" and patches:
-        switch("refined")
-    elif choice == "plain initial":
+def check_whole_model(model: nn.Module, check_samples: torch.Tensor, device: torch.device, method: PruningMethod,
+                      masks: dict[str, torch.Tensor], plain: PlainInitial) -> None:
+    """Keep the refined model only if its perplexity on the check windows is below the plain initial model's."""
+    scores = {"refined": calibration_ppl(model, check_samples, device), "plain initial": plain.calib_ppl}
+    choice = "refined" if scores["refined"] < scores["plain initial"] else "plain initial"
+    if choice == "plain initial":
         for full, weight in plain.weights.items():
             model.get_submodule(full).weight.data.copy_(weight)
         masks.update(plain.masks)
     method.model_verdict(choice, scores)
-    log.info("%s whole-model check, calibration perplexity: %s -> keeping the %s model", method.name,
-             ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), choice)
+    log.info("%s whole-model check, perplexity on %d held-out windows: refined %.3f, %s alone %.3f -> keeping the %s model",
+             method.name, check_samples.shape[0], scores["refined"], method.initial_method().name, scores["plain initial"], choice)
 
 
 def output_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
@@ -297,11 +256,14 @@ def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_p
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
+    check_samples = None
+    if getattr(method, "verify_model", False):  # other windows of the calibration source judge the whole model
+        check_samples = calibration_samples(lm.tokenizer, config.calib, max(4, config.nsamples // 4), seqlen, config.seed + 1)
     masks = prune_model(lm.model, samples, method, allocation.spec_for, device, show_progress,
                         offload_inputs=offload in ("cpu", "disk"), start_block=start_block, masks=masks,
                         on_block_done=checkpoint.save_block if main_rank else None, load_block=disk.load if disk else None,
                         release_block=disk.release if disk else None, retain_masks=disk is None,
-                        model_check=disk is None and start_block == 0)
+                        model_check=disk is None and start_block == 0, check_samples=check_samples)
     if getattr(method, "verify_model", False) and (disk is not None or start_block):
         log.warning("%s: the whole-model check needs every block in memory from the first block on: skipped (%s)",
                     method.name, "--offload disk" if disk is not None else "resumed run")

@@ -262,7 +262,7 @@ class DSnoT:
     no_sign_flip: bool = False
     verify_rows: bool = False
     verify_block: bool = True  # verified modes: also keep a block's refinement only if the block output gets closer to dense
-    verify_model: bool = True  # verified modes: and keep the refined model only if its calibration perplexity is lower
+    verify_model: bool = True  # verified modes: and keep the refined model only if it beats the initialiser alone on held-out windows
     candidates: int = 4
     blocksize: int = 128
     percdamp: float = 0.01

@@ -18,13 +18,14 @@ CPU = torch.device("cpu")
 def test_verified_dsnot_never_worse_than_wanda_init_and_better_somewhere(smollm, wikitext_test):
     tokens = eval_tokens(smollm.tokenizer, f"wikitext2:{wikitext_test}")
     samples = calibration_samples(smollm.tokenizer, "gensim-wiki", nsamples=8, seqlen=256, seed=0)
+    check = calibration_samples(smollm.tokenizer, "gensim-wiki", nsamples=4, seqlen=256, seed=1)
     ratios = {}
     for sparsity in ("0.6", "0.7", "2:4"):
         spec = parse_sparsity(sparsity)
         ppl, masks = {}, {}
         for label, method in (("wanda", build_method("wanda")), ("dsnot", build_method("dsnot", init="wanda", mode="verified"))):
             model = copy.deepcopy(smollm.model)
-            masks[label] = prune_model(model, samples, method, lambda _i, _n: spec, CPU, show_progress=False)
+            masks[label] = prune_model(model, samples, method, lambda _i, _n: spec, CPU, show_progress=False, check_samples=check)
             ppl[label] = perplexity(model, tokens, 256, CPU, max_windows=8, show_progress=False).ppl
             del model
         print(sparsity, ppl, method.summary)
