@@ -42,7 +42,7 @@ TOLERANCE = 0.03
 class Setting:
     model: str = "smollm2-135m"
     calib: str = "gensim-wiki"
-    nsamples: int = 32
+    nsamples: int = 16
     calib_seqlen: int = 512
     seed: int = 0
     eval_data: str = f"wikitext2:{WIKITEXT}"
