@@ -423,7 +423,7 @@ def export_stage(recipe, model_dir: Path, onnx_dir: Path) -> dict:
             ("size", f"{data['model_bytes'] / 2**20:.1f} MiB ({data['storage']} storage), ONNX Runtime load {data['ort_load_seconds']:.2f} s")]
     if data["verified"]:
         rows += [("zeros", f"{data['zeros_onnx']} in ONNX == {data['zeros_torch']} in PyTorch over {data['linears']} linears"),
-                 ("parity", f"max |delta logits| {data['max_abs_logit_diff']:.2e}; greedy continuation "
+                 ("parity", f"max abs logit difference {data['max_abs_logit_diff']:.2e}; greedy continuation "
                             + ("identical" if data["greedy_identical"] else "differs"))]
         if data["nm_pattern"]:
             rows.append(("N:M along K", f"{data['nm_qualifying']}/{data['linears']} weights satisfy {data['nm_pattern']}"))
