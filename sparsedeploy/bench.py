@@ -104,6 +104,21 @@ class OrtCausalLM:
         if not self.past:
             raise UserError(f"{path} has no past_key_values inputs: export with KV cache (task text-generation-with-past) to time decode")
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.vocab = self._vocab_size()
+
+    def _vocab_size(self) -> int:
+        """Token ids must stay inside the embedding: the logits' static width, else config.json beside the model."""
+        logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
+        if logits is not None and isinstance(logits.shape[-1], int):
+            return logits.shape[-1]
+        config = self.path.parent / "config.json"
+        if config.is_file():
+            import json
+
+            vocab = json.loads(config.read_text()).get("vocab_size")
+            if isinstance(vocab, int) and vocab > 0:
+                return vocab
+        raise UserError(f"{self.path}: cannot tell the vocabulary size (no static logits width, no config.json beside it)")
 
     def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
         past = {}
@@ -126,8 +141,7 @@ class OrtCausalLM:
 
     def generate(self, batch: int, prompt_len: int, gen_len: int, seed: int = 0) -> dict[str, float]:
         """Prefill `prompt_len` random tokens then decode `gen_len` greedy tokens; returns seconds per phase."""
-        vocab = 1000
-        ids = np.random.default_rng(seed).integers(10, vocab, size=(batch, prompt_len), dtype=np.int64)
+        ids = np.random.default_rng(seed).integers(min(10, self.vocab - 1), self.vocab, size=(batch, prompt_len), dtype=np.int64)
         mask = np.ones((batch, prompt_len), dtype=np.int64)
         t0 = time.perf_counter()
         logits, past = self._step(ids, mask, 0, self._empty_past(batch))
