@@ -468,3 +468,47 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     else:
         result["rows"], result["notes"] = bench_torch(cfg, variants, progress)
     return result
+
+
+def bench_stage(recipe, model_dir: Path, onnx_dir: Path, out_dir: Path) -> dict:
+    """The pipeline's bench stage (`bench:` section of a recipe): the pruned model against the dense one.
+
+    ort/deepsparse time the verified export of the export stage against a dense export made here (deleted
+    afterwards); torch times the two checkpoints. Writes bench.json/.md/.png into `out_dir`.
+    """
+    import shutil
+
+    from sparsedeploy.fsutil import write_json_atomic
+    from sparsedeploy.models import resolve_model_path
+
+    section = recipe.bench
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scratch = out_dir / ".dense_onnx"
+    cfg = BenchConfig(model=str(onnx_dir), engine=section.engine, batches=list(section.batch), prompt_len=section.prompt_len,
+                      gen_len=section.gen_len, threads=section.threads, device=recipe.device if recipe.device != "auto" else "cpu")
+    try:
+        if section.engine == "torch":
+            cfg.model, cfg.baseline = str(model_dir), str(resolve_model_path(recipe.model))
+        else:
+            from sparsedeploy.export import ExportConfig, export_checkpoint
+
+            log.info("exporting the dense model %s for the baseline timings", recipe.model)
+            export_checkpoint(ExportConfig(model=recipe.model, dtype=recipe.export.dtype, opset=recipe.export.opset,
+                                           target=recipe.export.target, verify=False), scratch, overwrite=True)
+            cfg.baseline = str(scratch)
+        result = run_bench(cfg)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if "skipped" in result:
+        return {"skipped": result["skipped"], "markdown": result["skipped"]}
+    md = markdown(result)
+    write_json_atomic(out_dir / "bench.json", result)
+    (out_dir / "bench.md").write_text(md)
+    png = plot(result, out_dir / "bench.png")
+    speedups = {f"batch {r['batch']} {r['phase']}": r["speedup"] for r in result["rows"] if "speedup" in r}
+    body = md.split("\n", 2)[2] if md.startswith("# ") else md  # REPORT.md gives the heading
+    if png is not None:
+        body += f"\n![speedup](bench/{png.name})\n"
+    return {"engine": section.engine, "threads": section.threads, "speedups": speedups, "markdown": body,
+            "form": sorted({r["form"] for r in result["rows"]})}

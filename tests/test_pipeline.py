@@ -106,3 +106,18 @@ def test_pipeline_runs_a_dsnot_chain_with_owl(tiny_checkpoint, text_file, tmp_pa
     assert prune["method"] == "dsnot" and prune["method_options"]["init"] == "wanda"
     assert prune["allocation"]["kind"] == "owl"
     assert abs(report["pruned"]["sparsity"] - 0.5) < 0.01
+
+
+def test_pipeline_benches_the_export_against_the_dense_model(tiny_checkpoint, text_file, tmp_path):
+    recipe = parse_recipe({**_recipe_dict(tiny_checkpoint, text_file), "export": {"enabled": True, "verify": False},
+                           "bench": {"enabled": True, "engine": "ort", "batch": [1], "prompt_len": 8, "gen_len": 2}})
+    out = tmp_path / "run"
+    report = Pipeline(recipe, out, show_progress=False).run()
+    bench = report["stage_results"]["bench"]
+    assert bench["engine"] == "ort" and set(bench["speedups"]) == {"batch 1 prefill", "batch 1 decode", "batch 1 total"}
+    assert all(v > 0 for v in bench["speedups"].values())
+    assert (out / "bench" / "bench.json").is_file() and not (out / "bench" / ".dense_onnx").exists()
+    saved = json.loads((out / "bench" / "bench.json").read_text())
+    assert {r["variant"] for r in saved["rows"]} == {"dense", "sparse"}
+    text = (out / "REPORT.md").read_text()
+    assert "## Bench" in text and "speedup vs dense" in text
