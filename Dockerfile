@@ -13,14 +13,14 @@ ENV PYTHONUNBUFFERED=1 \
     SPARSEDEPLOY_VENV=/opt/venv \
     SPARSEDEPLOY_EXTRAS=export,bench \
     SPARSEDEPLOY_CACHE=/data/cache \
-    SPARSEDEPLOY_DEEPSPARSE_VENV=/opt/deepsparse \
+    SPARSEDEPLOY_DEEPSPARSE_VENV=/opt/engines/deepsparse \
     HF_HOME=/data/hf \
     MPLCONFIGDIR=/tmp/matplotlib \
     PATH=/opt/venv/bin:$PATH
 RUN groupadd --gid 10001 sparse \
     && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin sparse \
-    && mkdir -p /data /opt/venv /opt/deepsparse /opt/sparsedeploy \
-    && chown 10001:10001 /data /opt/venv /opt/deepsparse /opt/sparsedeploy
+    && mkdir -p /data /opt/venv /opt/engines /opt/sparsedeploy \
+    && chown 10001:10001 /data /opt/venv /opt/engines /opt/sparsedeploy
 WORKDIR /opt/sparsedeploy
 COPY --chown=10001:10001 pyproject.toml README.md ./
 COPY --chown=10001:10001 scripts ./scripts

@@ -209,9 +209,11 @@ def matmul_weights(path: Path) -> list[tuple[str, np.ndarray]]:
 def build_linear_skeleton(weights: list[tuple[str, np.ndarray]], rows: int, out: Path) -> dict:
     """Write the linear skeleton ONNX (static [rows, k] input, opset 13, IR 8) and describe it.
 
-    Data flow per MatMul (k -> n): reads the current tensor of width k; its output becomes the current
-    tensor of width n, added to the previous one of that width if any (like a residual stream). Every
-    final tensor is a graph output so no MatMul is dead code.
+    Data flow per MatMul (k -> n): reads the current tensor of width k; its output, through a ReLU,
+    becomes the current tensor of width n, added to the previous one of that width if any (like a
+    residual stream). Every final tensor is a graph output so no MatMul is dead code. The ReLU stands in
+    for the model's elementwise ops and is what DeepSparse 1.8 needs: a MatMul feeding an Add directly
+    aborts its planner (planner.hpp:70, measured on smollm2-135m's skeleton).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -228,7 +230,8 @@ def build_linear_skeleton(weights: list[tuple[str, np.ndarray]], rows: int, out:
             state[k] = f"x{k}"
             inputs.append(helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [rows, k]))
         inits.append(numpy_helper.from_array(np.ascontiguousarray(w), f"w{i}"))
-        nodes.append(helper.make_node("MatMul", [state[k], f"w{i}"], [f"y{i}"]))
+        nodes.append(helper.make_node("MatMul", [state[k], f"w{i}"], [f"m{i}"]))
+        nodes.append(helper.make_node("Relu", [f"m{i}"], [f"y{i}"]))
         if n in state and state[n] != "x":
             nodes.append(helper.make_node("Add", [state[n], f"y{i}"], [f"s{i}"]))
             state[n] = f"s{i}"
@@ -279,7 +282,7 @@ def bench_deepsparse(cfg: BenchConfig, variants: dict[str, Path], progress=None)
                         times = time_ort(paths, rows_n, next(iter(weights.values()))[0][1].shape[0], cfg.threads,
                                          max(cfg.rounds, 3), 3)
                     res = Interleaved(times=times, phases={n: {phase: t} for n, t in times.items()})
-                    new = phase_rows(res, list(variants), batch, cfg.prompt_len, 0, "linear skeleton (all MatMuls, real weights; "
+                    new = phase_rows(res, list(variants), batch, cfg.prompt_len, 0, "linear skeleton (all MatMuls, real weights, ReLU between; "
                                      "no attention core/norms/KV)", engine)
                     for r in new:
                         r["rows"] = rows_n

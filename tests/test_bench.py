@@ -129,3 +129,18 @@ def test_linear_skeleton_keeps_every_matmul_and_its_zeros(tiny_onnx, tmp_path):
     feeds = {i.name: np.ones(i.shape, np.float32) for i in sess.get_inputs()}
     outs = sess.run(None, feeds)
     assert all(o.shape[0] == 5 for o in outs)
+
+
+@pytest.mark.slow
+def test_linear_skeleton_runs_in_deepsparse(tiny_onnx, tmp_path):
+    """The skeleton form is what DeepSparse 1.8 accepts (the venv is created on first use, as speed.py --ci does)."""
+    from sparsedeploy.engines import deepsparse_env as ds
+
+    problem = ds.platform_problem()
+    if problem:
+        pytest.skip(problem)
+    env = ds.find_env() or ds.install()
+    path = tmp_path / "s.onnx"
+    build_linear_skeleton(matmul_weights(find_onnx(tiny_onnx["sparse"])), rows=4, out=path)
+    info = ds.check_model(env, path, batch=4, threads=1)
+    assert info["ok"] and info["fraction_supported"] == 1.0
