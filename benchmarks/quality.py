@@ -99,6 +99,7 @@ def planned_rows() -> list[Row]:
     rows += [dsnot("sparsegpt", "verified", "attn", s) for s in ("0.5", "0.6", "2:4")]
     rows += [dsnot("wanda", "verified", "attn", "0.5")]
     rows += [dsnot("magnitude", "verified", "attn", s) for s in ("0.5", "0.6", "0.7", "2:4")]
+    rows += [dsnot("wanda", "verified", "attn", s, a) for s, a in (("0.7", "atp"), ("0.6", "owl"), ("0.6", "atp"))]
     return rows
 
 
