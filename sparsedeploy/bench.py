@@ -5,11 +5,13 @@ Engines:
   ONNX Runtime: prefill latency (prompt of P tokens), decode tokens/s (G steps reusing the KV cache)
   and end-to-end time.
 - ``deepsparse``: DeepSparse 1.8 in its own venv (see engines/deepsparse_env.py). Its engine aborts on
-  optimum's Llama export, so the bench first *tries* the full graph and, when the engine rejects it,
-  measures the most complete form that runs: the **linear skeleton** -- every MatMul of the model with
-  its real (pruned) weights in model order, residual adds kept, attention core / norms / activations /
-  KV cache removed -- at prefill shape (rows = batch x prompt) and decode-step shape (rows = batch).
-  The report names the form measured.
+  optimum's Llama export with static shapes (and with dynamic shapes it only hands the graph to its
+  bundled ONNX Runtime), so the bench first *tries* the full graph and records the verdict, then
+  measures the most complete forms that compile: for prefill the **decoder stack** -- every block
+  (attention, norms, MLP, residuals) with its real weights, static shapes, eager attention, rotary
+  tables and causal mask as inputs; no embedding lookup, lm_head or KV cache -- and for a decode step
+  the **linear skeleton** -- every MatMul with its real (pruned) weights, a ReLU after each, residual
+  adds kept. The report names the form of every row.
 - ``torch``: a Hugging Face checkpoint directory in PyTorch. On CUDA the sparse model's 2:4 linears
   are converted with ``torch.sparse.to_sparse_semi_structured`` (fp16/bf16); without CUDA and with
   ``--device cuda`` the command says so and stops cleanly.
@@ -248,6 +250,60 @@ def build_linear_skeleton(weights: list[tuple[str, np.ndarray]], rows: int, out:
     return {"matmuls": len(weights), "params": int(total), "sparsity": zeros / max(total, 1), "rows": rows}
 
 
+STACK_FORM = ("decoder stack (every block: attention, norms, MLP, residuals, real weights; static shapes, eager attention; "
+              "no embedding lookup, lm_head or KV cache)")
+SKELETON_FORM = "linear skeleton (all MatMuls, real weights, ReLU between; no attention core/norms/KV)"
+
+
+def source_checkpoint(onnx_dir: Path) -> Path | None:
+    """The PyTorch checkpoint an export came from (export_report.json's model_path), if it is still there."""
+    import json
+
+    report = Path(onnx_dir) / "export_report.json"
+    if report.is_file():
+        path = Path(json.loads(report.read_text()).get("model_path", ""))
+        if (path / "config.json").is_file():
+            return path
+    beside = Path(onnx_dir).parent / "model"  # a `sparsedeploy run` directory: onnx/ next to model/
+    return beside if (beside / "config.json").is_file() else None
+
+
+def export_decoder_stack(checkpoint: Path, out: Path, batch: int, seq: int, opset: int = 14) -> Path:
+    """All decoder blocks of a LLaMA-style checkpoint as one static-shape ONNX graph (the form DeepSparse 1.8 compiles).
+
+    Inputs: hidden [batch, seq, h], the rotary cos/sin [batch, seq, d] and an additive causal mask
+    [batch, 1, seq, seq]; output: the final-norm hidden states. Eager attention: DeepSparse aborts
+    (graph.cpp:925) on the full optimum export, whose mask and attention the stack leaves out.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), attn_implementation="eager", torch_dtype=torch.float32).eval()
+    inner = getattr(model, "model", None)
+    if inner is None or not all(hasattr(inner, a) for a in ("layers", "norm", "rotary_emb")):
+        raise UserError(f"{checkpoint}: not a LLaMA-style model (model.layers/norm/rotary_emb): the decoder-stack form cannot be built")
+
+    class Stack(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers, self.norm = inner.layers, inner.norm
+
+        def forward(self, hidden, cos, sin, mask):
+            for layer in self.layers:
+                o = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin))
+                hidden = o[0] if isinstance(o, tuple) else o
+            return self.norm(hidden)
+
+    hidden = torch.zeros(batch, seq, model.config.hidden_size)
+    cos, sin = inner.rotary_emb(hidden, torch.arange(seq)[None].expand(batch, seq))
+    mask = torch.full((seq, seq), torch.finfo(torch.float32).min).triu(1)[None, None].expand(batch, 1, seq, seq).contiguous()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(Stack(), (hidden, cos, sin, mask), str(out), input_names=["hidden", "cos", "sin", "mask"],
+                          output_names=["out"], opset_version=opset, dynamo=False)
+    return out
+
+
 def bench_deepsparse(cfg: BenchConfig, variants: dict[str, Path], progress=None) -> tuple[list[dict], dict]:
     from sparsedeploy.engines import deepsparse_env as ds
 
@@ -259,31 +315,40 @@ def bench_deepsparse(cfg: BenchConfig, variants: dict[str, Path], progress=None)
     try:
         info = ds.check_model(env, first, batch=1, threads=cfg.threads)
         notes["full_graph"] = {"runs": True, **info}
-        log.warning("DeepSparse accepted the full graph %s; this release still times the linear skeleton only", first)
+        log.warning("DeepSparse compiled the full graph %s with static shapes; this release still times the decoder stack", first)
     except ds.EngineFailed as exc:
         notes["full_graph"] = {"runs": False, "reason": str(exc), "stderr": exc.stderr_tail[-500:]}
-        log.info("DeepSparse rejects the full graph (%s): timing the linear skeleton instead", exc)
-    # 2. The linear skeleton at prefill and decode-step shapes, in DeepSparse and (same graph) ORT.
+        log.info("DeepSparse rejects the full graph with static shapes (%s): timing the decoder stack / linear skeleton", exc)
+    # 2. Prefill: the decoder stack when every variant's checkpoint is at hand (the most complete form
+    #    DeepSparse compiles), else the linear skeleton; decode step: the linear skeleton. Each form is
+    #    timed in DeepSparse and, on the same graph, in ONNX Runtime.
+    from sparsedeploy.kernels import time_ort_static
+
+    checkpoints = {name: source_checkpoint(path.parent) for name, path in variants.items()}
+    use_stack = all(checkpoints.values())
+    if not use_stack:
+        notes["stack"] = "no source checkpoint beside an export (export_report.json model_path): prefill timed on the linear skeleton"
     weights = {name: matmul_weights(path) for name, path in variants.items()}
-    with tempfile.TemporaryDirectory(prefix="sd-skeleton-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sd-deepsparse-forms-") as tmp:
         for batch in cfg.batches:
-            for phase, rows_n in (("prefill", batch * cfg.prompt_len), ("decode-step", batch)):
+            for phase in ("prefill", "decode-step"):
+                stack = phase == "prefill" and use_stack
+                rows_n = batch * cfg.prompt_len if phase == "prefill" else batch
                 paths = {}
-                for name, ws in weights.items():
+                for name in variants:
                     paths[name] = Path(tmp) / f"{name}_{phase}_b{batch}.onnx"
-                    notes.setdefault("skeleton", {})[name] = build_linear_skeleton(ws, rows_n, paths[name])
+                    if stack:
+                        export_decoder_stack(checkpoints[name], paths[name], batch, cfg.prompt_len)
+                    else:
+                        notes.setdefault("skeleton", {})[name] = build_linear_skeleton(weights[name], rows_n, paths[name])
                 for engine in ("deepsparse", "ort"):
                     if engine == "deepsparse":
-                        times = ds.bench_models(env, paths, rows_n, cfg.threads, rounds=max(cfg.rounds, 3), per_round=3,
-                                                min_sample_s=0.02)["times"]
+                        times = ds.bench_models(env, paths, batch if stack else rows_n, cfg.threads, rounds=max(cfg.rounds, 3),
+                                                per_round=3, min_sample_s=0.02)["times"]
                     else:
-                        from sparsedeploy.kernels import time_ort
-
-                        times = time_ort(paths, rows_n, next(iter(weights.values()))[0][1].shape[0], cfg.threads,
-                                         max(cfg.rounds, 3), 3)
+                        times = time_ort_static(paths, cfg.threads, max(cfg.rounds, 3), 3)
                     res = Interleaved(times=times, phases={n: {phase: t} for n, t in times.items()})
-                    new = phase_rows(res, list(variants), batch, cfg.prompt_len, 0, "linear skeleton (all MatMuls, real weights, ReLU between; "
-                                     "no attention core/norms/KV)", engine)
+                    new = phase_rows(res, list(variants), batch, cfg.prompt_len, 0, STACK_FORM if stack else SKELETON_FORM, engine)
                     for r in new:
                         r["rows"] = rows_n
                     rows.extend(new)

@@ -103,6 +103,18 @@ def time_ort(paths: dict[str, Path], batch: int, k: int, threads: int, rounds: i
                            min_sample_s=min_sample_s).times
 
 
+def time_ort_static(paths: dict[str, Path], threads: int, rounds: int, per_round: int, warmup: int = 2,
+                    min_sample_s: float = 0.02) -> dict[str, list[float]]:
+    """Like time_ort for graphs with any static float inputs (random values; timing does not depend on them)."""
+    runners = {}
+    for name, path in paths.items():
+        sess = ort_session(path, threads)
+        rng = np.random.default_rng(0)
+        feed = {i.name: rng.standard_normal([int(d) for d in i.shape]).astype(np.float32) for i in sess.get_inputs()}
+        runners[name] = (lambda s=sess, f=feed: s.run(None, f))
+    return run_interleaved(runners, rounds=rounds, per_round=per_round, warmup=warmup, min_sample_s=min_sample_s).times
+
+
 def ratio_rows(times: dict[str, list[float]], engine: str, shape: KernelShape, batch: int, threads: int, depth: int) -> list[dict]:
     """One row per sparse variant: medians and the per-round dense/sparse speedup."""
     dense = times["dense"]

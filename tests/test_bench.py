@@ -144,3 +144,39 @@ def test_linear_skeleton_runs_in_deepsparse(tiny_onnx, tmp_path):
     build_linear_skeleton(matmul_weights(find_onnx(tiny_onnx["sparse"])), rows=4, out=path)
     info = ds.check_model(env, path, batch=4, threads=1)
     assert info["ok"] and info["fraction_supported"] == 1.0
+
+
+def test_decoder_stack_matches_the_model_hidden_states(tiny_checkpoint, tmp_path):
+    """The decoder-stack form computes the model's last hidden states from its embeddings exactly (ORT vs PyTorch)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sparsedeploy.bench import export_decoder_stack
+    from sparsedeploy.kernels import ort_session
+
+    batch, seq = 2, 8
+    path = export_decoder_stack(tiny_checkpoint, tmp_path / "stack.onnx", batch, seq)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_checkpoint), attn_implementation="eager").eval()
+    ids = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model.model.embed_tokens(ids)
+        cos, sin = model.model.rotary_emb(hidden, torch.arange(seq)[None].expand(batch, seq))
+        expected = model.model(ids, use_cache=False).last_hidden_state
+    mask = torch.full((seq, seq), torch.finfo(torch.float32).min).triu(1)[None, None].expand(batch, 1, seq, seq)
+    sess = ort_session(path, 1)
+    got = sess.run(None, {"hidden": hidden.numpy(), "cos": cos.numpy(), "sin": sin.numpy(), "mask": mask.contiguous().numpy()})[0]
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_decoder_stack_compiles_in_deepsparse(tiny_checkpoint, tmp_path):
+    from sparsedeploy.bench import export_decoder_stack
+    from sparsedeploy.engines import deepsparse_env as ds
+
+    problem = ds.platform_problem()
+    if problem:
+        pytest.skip(problem)
+    env = ds.find_env() or ds.install()
+    path = export_decoder_stack(tiny_checkpoint, tmp_path / "stack.onnx", 1, 16)
+    info = ds.check_model(env, path, batch=1, threads=1)
+    assert info["ok"] and info["outputs"] == [[1, 16, 64]]
