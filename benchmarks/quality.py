@@ -92,14 +92,14 @@ def planned_rows() -> list[Row]:
             rows += [Row("allocation", "wanda", "wanda", s, allocation=a) for a in ("owl", "atp")]
         if s != "0.6":
             rows.append(Row("recover", "wanda", "wanda", s, recover=True))
-    rows += [dsnot("wanda", "second-order", "attn", "0.7"), dsnot("sparsegpt", "verified", "attn", "0.7"),
-             dsnot("wanda", "verified", "attn", "0.7", "owl")]
+    rows += [dsnot("wanda", "second-order", "all", "0.7"), dsnot("sparsegpt", "verified", "all", "0.7"),
+             dsnot("wanda", "verified", "all", "0.7", "owl"), dsnot("wanda", "verified", "all", "0.7", "atp")]
     rows += [Row("baseline", m, m, s) for s in ("0.5", "4:8") for m in ("magnitude", "wanda", "sparsegpt") if (m, s) != ("wanda", "0.5")]
     rows += [Row("baseline", "magnitude", "magnitude", s) for s in ("0.6", "0.7", "2:4")]
-    rows += [dsnot("sparsegpt", "verified", "attn", s) for s in ("0.5", "0.6", "2:4")]
-    rows += [dsnot("wanda", "verified", "attn", "0.5")]
-    rows += [dsnot("magnitude", "verified", "attn", s) for s in ("0.5", "0.6", "0.7", "2:4")]
-    rows += [dsnot("wanda", "verified", "attn", s, a) for s, a in (("0.7", "atp"), ("0.6", "owl"), ("0.6", "atp"))]
+    rows += [dsnot("wanda", "verified", "all", "0.5")]
+    rows += [dsnot("sparsegpt", "verified", "all", s) for s in ("0.5", "0.6", "2:4")]
+    rows += [dsnot("magnitude", "verified", "all", s) for s in ("0.5", "0.6", "0.7", "2:4")]
+    rows += [dsnot("wanda", "verified", "all", "0.6", a) for a in ("owl", "atp")]
     return rows
 
 
