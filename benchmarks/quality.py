@@ -212,6 +212,48 @@ def to_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_tables(doc: dict) -> str:
+    """Pivot tables for the docs: perplexity by row label and sparsity (DSnoT rows also vs their initialiser)."""
+    res = [r for r in doc["results"] if "error" not in r]
+    ppl = {(r["label"], r["sparsity"], r["allocation"], bool(r.get("recover"))): r["ppl"] for r in res}
+    dense = ppl.get(("dense", "-", "uniform", False))
+    cols = [c for c in ("0.5", "0.6", "0.7", "2:4", "4:8") if any(k[1] == c for k in ppl)]
+
+    def cell(label: str, sp: str, alloc: str = "uniform", base: str | None = None, base_alloc: str = "uniform") -> str:
+        v = ppl.get((label, sp, alloc, False))
+        if v is None:
+            return "–"
+        ref = ppl.get((base, sp, base_alloc, False)) if base else None
+        return f"{v:.1f}" + (f" ({(v / ref - 1) * 100:+.1f}%)" if ref else "")
+
+    labels = []
+    for r in sorted(res, key=_order):
+        if r["allocation"] == "uniform" and not r.get("recover") and r["label"] not in labels and r["label"] != "dense":
+            labels.append(r["label"])
+    out = [f"Dense: {dense:.2f}." if dense else "", "", "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for label in labels:
+        base = label.split("+dsnot")[0] if "+dsnot" in label else None
+        out.append(f"| {label} | " + " | ".join(cell(label, c, base=base) for c in cols) + " |")
+    allocs = sorted({(r["label"], r["allocation"]) for r in res if r["allocation"] != "uniform"})
+    if allocs:
+        acols = [c for c in ("0.6", "0.7") if c in cols]
+        out += ["", "| method | allocation | " + " | ".join(acols) + " |", "|---|---|" + "---|" * len(acols)]
+        for label in sorted({a[0] for a in allocs}):
+            for alloc in ("uniform", "owl", "atp"):
+                out.append(f"| {label} | {alloc} | " + " | ".join(cell(label, c, alloc, base=None if alloc == "uniform" else label)
+                                                              for c in acols) + " |")
+        out.append("")
+        out.append("(percentages: against the same method with uniform sparsity)")
+    recs = [r for r in res if r.get("recover")]
+    if recs:
+        out += ["", "| pruned | before recovery | after | training tokens | training time (s) | zeros identical |", "|---|---|---|---|---|---|"]
+        for r in recs:
+            v = r["recovery"]
+            out.append(f"| {r['label']} {r['sparsity']} | {r['ppl_before_recovery']:.1f} | {r['ppl']:.1f} | {v['tokens']} | {v['seconds']:.0f} | "
+                       f"{r['zeros_identical']} |")
+    return "\n".join(out) + "\n"
+
+
 def write_doc(doc: dict, stem: Path) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     for path, text in ((stem.with_suffix(".json"), json.dumps(doc, indent=2) + "\n"), (stem.with_suffix(".md"), to_markdown(doc))):
@@ -265,12 +307,16 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="ignore rows already in the result file")
     parser.add_argument("--ci", action="store_true", help="dense + Wanda-50%%; fail when their ratio regresses past TOLERANCE")
     parser.add_argument("--out", type=Path, default=None, help="result stem [default: benchmarks/results/quality or quality_ci]")
+    parser.add_argument("--summary", action="store_true", help="print the pivot tables of the result file (for the docs) and exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         payload = json.loads(args.child)
         logging.basicConfig(level=logging.WARNING)
         print(json.dumps(run_one(Setting(**payload["setting"]), Row(**payload["row"]))))
+        return
+    if args.summary:
+        print(summary_tables(json.loads((args.out or RESULTS / "quality").with_suffix(".json").read_text())))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rows = CI_ROWS if args.ci else planned_rows()
