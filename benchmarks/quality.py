@@ -279,6 +279,12 @@ def run_row(setting: Setting, row: Row) -> dict:
     return r
 
 
+def comparable(setting: dict) -> dict:
+    """A setting without where the checkout sits: the evaluation file is compared by its name."""
+    source, _, path = setting["eval_data"].partition(":")
+    return {**setting, "eval_data": f"{source}:{Path(path).name}" if path else source}
+
+
 def ci_gate(doc: dict, baseline_path: Path) -> None:
     """Gate against the committed full-suite results: the CI rows are the same rows in the same setting."""
     current = {r["row"]: r["ppl"] for r in doc["results"]}
@@ -288,7 +294,7 @@ def ci_gate(doc: dict, baseline_path: Path) -> None:
     if not baseline_path.is_file():
         raise SystemExit(f"quality CI: no baseline at {baseline_path}: run the full suite (or --only dense 'wanda 0.5') and commit it")
     baseline = json.loads(baseline_path.read_text())
-    if baseline["setting"] != doc["setting"]:
+    if comparable(baseline["setting"]) != comparable(doc["setting"]):
         raise SystemExit(f"quality CI: {baseline_path} was measured in another setting: rerun the full suite and commit it")
     base = {r["row"]: r["ppl"] for r in baseline["results"] if "error" not in r}
     if not {"dense", "wanda 0.5"} <= base.keys():
@@ -338,7 +344,7 @@ def main() -> None:
     doc = {"setting": asdict(setting), "machine": machine(), "results": []}
     if stem.with_suffix(".json").is_file() and not (args.fresh or args.ci):
         old = json.loads(stem.with_suffix(".json").read_text())
-        if old["setting"] == doc["setting"]:
+        if comparable(old["setting"]) == comparable(doc["setting"]):
             doc["results"] = [r for r in old["results"] if "error" not in r]
         else:
             logging.warning("%s has another setting: starting over", stem.with_suffix(".json"))

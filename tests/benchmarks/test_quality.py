@@ -37,3 +37,13 @@ def test_quality_ci_gate_fails_on_a_regression(tmp_path):
     baseline.write_text(json.dumps({"setting": {"x": 2}, "results": []}))
     with pytest.raises(SystemExit, match="another setting"):
         quality.ci_gate(doc, baseline)
+
+
+def test_settings_compare_without_the_checkout_location():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import quality
+
+    a = {"nsamples": 16, "eval_data": "wikitext2:/work/shared/data/wikitext-2-raw/wiki.test.raw"}
+    b = {"nsamples": 16, "eval_data": "wikitext2:/tmp/x/shared/data/wikitext-2-raw/wiki.test.raw"}
+    assert quality.comparable(a) == quality.comparable(b)
+    assert quality.comparable(a) != quality.comparable({**b, "nsamples": 32})
