@@ -281,6 +281,8 @@ def run_row(setting: Setting, row: Row) -> dict:
 
 def comparable(setting: dict) -> dict:
     """A setting without where the checkout sits: the evaluation file is compared by its name."""
+    if "eval_data" not in setting:
+        return dict(setting)
     source, _, path = setting["eval_data"].partition(":")
     return {**setting, "eval_data": f"{source}:{Path(path).name}" if path else source}
 
