@@ -92,7 +92,8 @@ def planned_rows() -> list[Row]:
             rows += [Row("allocation", "wanda", "wanda", s, allocation=a) for a in ("owl", "atp")]
         if s != "0.6":
             rows.append(Row("recover", "wanda", "wanda", s, recover=True))
-    rows += [dsnot("wanda", "second-order", "all", "0.7"), dsnot("sparsegpt", "verified", "all", "0.7"),
+    rows += [dsnot("wanda", "second-order", "all", s) for s in ("0.7", "2:4", "0.6")]
+    rows += [dsnot("sparsegpt", "verified", "all", "0.7"),
              dsnot("wanda", "verified", "all", "0.7", "owl"), dsnot("wanda", "verified", "all", "0.7", "atp")]
     rows += [Row("baseline", m, m, s) for s in ("0.5", "4:8") for m in ("magnitude", "wanda", "sparsegpt") if (m, s) != ("wanda", "0.5")]
     rows += [Row("baseline", "magnitude", "magnitude", s) for s in ("0.6", "0.7", "2:4")]
