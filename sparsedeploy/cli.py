@@ -61,7 +61,7 @@ _METHOD_FLAGS = {
 method_option_flags = [
     click.option("--init", default=None, type=click.Choice(["wanda", "sparsegpt", "magnitude"]), help="dsnot: initial method [default: wanda]"),
     click.option("--dsnot-targets", default=None, type=click.Choice(["all", "attn", "mlp"]), help="dsnot: linears to refine [default: all]"),
-    click.option("--dsnot-mode", default=None, type=click.Choice(["verified", "paper", "second-order"]), help="dsnot: verified (keep a refinement only if it lowers the layer's actual error), paper, second-order [default: verified]"),
+    click.option("--dsnot-mode", default=None, type=click.Choice(["verified", "paper", "second-order"]), help="dsnot: second-order (swaps chosen by the exact error change) or verified (the paper's mean criterion), both kept only where they lower the actual error; paper (as published) [default: second-order]"),
     click.option("--max-cycles", default=None, type=int, help="dsnot: prune-and-grow cycles per layer [default: 50]"),
     click.option("--update-threshold", default=None, type=float, help="dsnot: stop a row once its expected error is this small [default: 0.1]"),
     click.option("--pow-of-var-regrowing", default=None, type=float, help="dsnot: exponent p of Var[x]^p in the grow score [default: 1]"),
