@@ -451,7 +451,8 @@ class TorchCausalLM:
     def generate(self, batch: int, prompt_len: int, gen_len: int) -> dict[str, float]:
         torch = self.torch
         gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(10, 1000, (batch, prompt_len), generator=gen).to(self.device)
+        vocab = int(self.model.config.vocab_size)
+        ids = torch.randint(min(10, vocab - 1), vocab, (batch, prompt_len), generator=gen).to(self.device)
         with torch.inference_mode():
             self._sync()
             t0 = time.perf_counter()
