@@ -224,7 +224,7 @@ def test_smollm2_pruned_export_end_to_end(smollm, cache_dir, tmp_path, pattern):
     assert verification["ok"], verification["problems"]
     sparsity = verification["sparsity"]
     assert sparsity["linears"] == 30 * 7 and sparsity["zeros_onnx"] == sparsity["zeros_torch"]
-    assert 0.49 < sparsity["sparsity"] <= 0.5
+    assert 0.49 < sparsity["sparsity"] <= 0.5 + 1e-4  # weights that were already exactly 0 count too
     if spec.is_nm:
         assert sparsity["nm_qualifying"] == sparsity["linears"]
     parity = verification["parity"]
