@@ -131,15 +131,23 @@ def test_linear_skeleton_keeps_every_matmul_and_its_zeros(tiny_onnx, tmp_path):
     assert all(o.shape[0] == 5 for o in outs)
 
 
-@pytest.mark.slow
-def test_linear_skeleton_runs_in_deepsparse(tiny_onnx, tmp_path):
-    """The skeleton form is what DeepSparse 1.8 accepts (the venv is created on first use, as speed.py --ci does)."""
+@pytest.fixture(scope="module")
+def deepsparse_env():
+    """DeepSparse 1.8's own venv, created on first use (as speed.py --ci does); a visible skip where it cannot run."""
     from sparsedeploy.engines import deepsparse_env as ds
 
     problem = ds.platform_problem()
     if problem:
         pytest.skip(problem)
-    env = ds.find_env() or ds.install()
+    return ds.find_env() or ds.install()
+
+
+@pytest.mark.slow
+def test_linear_skeleton_runs_in_deepsparse(tiny_onnx, tmp_path, deepsparse_env):
+    """The skeleton form is what DeepSparse 1.8 accepts."""
+    from sparsedeploy.engines import deepsparse_env as ds
+
+    env = deepsparse_env
     path = tmp_path / "s.onnx"
     build_linear_skeleton(matmul_weights(find_onnx(tiny_onnx["sparse"])), rows=4, out=path)
     info = ds.check_model(env, path, batch=4, threads=1)
@@ -169,14 +177,10 @@ def test_decoder_stack_matches_the_model_hidden_states(tiny_checkpoint, tmp_path
 
 
 @pytest.mark.slow
-def test_decoder_stack_compiles_in_deepsparse(tiny_checkpoint, tmp_path):
+def test_decoder_stack_compiles_in_deepsparse(tiny_checkpoint, tmp_path, deepsparse_env):
     from sparsedeploy.bench import export_decoder_stack
     from sparsedeploy.engines import deepsparse_env as ds
 
-    problem = ds.platform_problem()
-    if problem:
-        pytest.skip(problem)
-    env = ds.find_env() or ds.install()
     path = export_decoder_stack(tiny_checkpoint, tmp_path / "stack.onnx", 1, 16)
-    info = ds.check_model(env, path, batch=1, threads=1)
+    info = ds.check_model(deepsparse_env, path, batch=1, threads=1)
     assert info["ok"] and info["outputs"] == [[1, 16, 64]]
