@@ -365,7 +365,8 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"# sparsedeploy bench: {result['engine']}", "",
              f"- model: `{result['model']}`" + (f" vs dense baseline `{result['baseline']}`" if result.get("baseline") else ""),
-             f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs; threads: {m['threads']}",
+             f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs; threads: {m['threads']}"
+             + (f"; GPU: {m['gpu']} (torch {m.get('torch', '?')})" if m.get("gpu") else ""),
              f"- prompt {result['prompt_len']} tokens, {result['gen_len']} generated; rounds {result['rounds']} (dense and sparse alternating)",
              f"- form measured: {'; '.join(sorted({r['form'] for r in result['rows']}))}", ""]
     if result.get("notes", {}).get("full_graph"):
@@ -483,7 +484,9 @@ def bench_torch(cfg: BenchConfig, variants: dict[str, Path], progress=None) -> t
     torch.set_num_threads(cfg.threads)
     models = {name: TorchCausalLM(path, device, dtype, semi and name != "dense") for name, path in variants.items()}
     notes = {"device": str(device), "dtype": cfg.dtype, "semi_structured_linears": {n: m.converted for n, m in models.items()},
-             "tensorrt": "not attempted (tensorrt not importable)" if not _importable("tensorrt") else "importable; engine build not implemented yet"}
+             "tensorrt": ("not measured: the tensorrt package is not importable here" if not _importable("tensorrt") else
+                          "not measured: sparsedeploy does not build TensorRT engines; build one from the 2:4 export with "
+                          "`trtexec --onnx=ONNX_DIR/model.onnx --fp16 --sparsity=enable`")}
     form = "full model, torch " + ("2:4 semi-structured sparse linears" if semi else "dense kernels on zeroed weights (CPU: no 2:4 kernels)")
     rows = []
     for batch in cfg.batches:
@@ -524,8 +527,13 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         if not torch.cuda.is_available():
             return {"skipped": f"--engine torch --device {cfg.device}: CUDA is not available on this machine, so the 2:4 "
                                "semi-structured GPU benchmark was not run (use --engine ort or deepsparse on CPU)"}
+    machine = machine_info(cfg.threads)
+    if cfg.engine == "torch" and cfg.device.startswith("cuda"):
+        import torch
+
+        machine.update(gpu=torch.cuda.get_device_name(torch.device(cfg.device)), torch=torch.__version__)
     result = {"model": str(cfg.model), "baseline": cfg.baseline, "engine": cfg.engine, "prompt_len": cfg.prompt_len,
-              "gen_len": cfg.gen_len, "batches": cfg.batches, "rounds": cfg.rounds, "machine": machine_info(cfg.threads),
+              "gen_len": cfg.gen_len, "batches": cfg.batches, "rounds": cfg.rounds, "machine": machine,
               "config": asdict(cfg), "notes": {}}
     if cfg.engine == "ort":
         result["rows"] = bench_ort(cfg, variants, progress)

@@ -184,3 +184,34 @@ def test_decoder_stack_compiles_in_deepsparse(tiny_checkpoint, tmp_path, deepspa
     path = export_decoder_stack(tiny_checkpoint, tmp_path / "stack.onnx", 1, 16)
     info = ds.check_model(deepsparse_env, path, batch=1, threads=1)
     assert info["ok"] and info["outputs"] == [[1, 16, 64]]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device: 2:4 model path not exercised here")
+def test_two_four_model_on_cuda_converts_linears_and_keeps_logits(tmp_path):
+    import torch
+
+    from sparsedeploy.bench import TorchCausalLM, run_bench
+    from sparsedeploy.models import find_blocks, find_linears
+    from sparsedeploy.sparsity import SparsitySpec, mask_lowest_per_row
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(hidden=128, intermediate=256)
+    model.save_pretrained(tmp_path / "dense")
+    with torch.no_grad():
+        for block in find_blocks(model):
+            for lin in find_linears(block).values():
+                lin.weight.mul_(mask_lowest_per_row(lin.weight.abs(), SparsitySpec.nm(2, 4)))
+    model.save_pretrained(tmp_path / "sparse")
+    dev = torch.device("cuda")
+    sparse = TorchCausalLM(tmp_path / "sparse", dev, torch.float16, semi_structured=True)
+    plain = TorchCausalLM(tmp_path / "sparse", dev, torch.float16, semi_structured=False)
+    assert sparse.converted == 2 * 7  # every linear of both blocks (q, k, v, o, gate, up, down)
+    ids = torch.randint(0, 256, (2, 64), device=dev)
+    with torch.inference_mode():
+        a, b = sparse.model(input_ids=ids).logits.float(), plain.model(input_ids=ids).logits.float()
+    assert (a - b).abs().max() < 2e-2 * b.abs().max()
+    result = run_bench(BenchConfig(model=str(tmp_path / "sparse"), baseline=str(tmp_path / "dense"), engine="torch", device="cuda",
+                                   dtype="float16", batches=[1], prompt_len=64, gen_len=4, rounds=2))
+    assert result["notes"]["semi_structured_linears"] == {"dense": 0, "sparse": 14}
+    assert {r["phase"] for r in result["rows"] if "speedup" in r} == {"prefill", "decode", "total"}
