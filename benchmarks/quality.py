@@ -11,6 +11,7 @@ rerun skips the rows already in the JSON (``--fresh`` starts over).
     python benchmarks/quality.py --suite dsnot              # one group: baseline, dsnot, allocation, recover
     python benchmarks/quality.py --only "wanda 0.7" "dense"
     python benchmarks/quality.py --ci                       # CI gate: dense + Wanda-50%, fails on regression
+    python benchmarks/quality.py --device cuda --suite dsnot  # the same rows on a GPU -> quality_cuda.{json,md}
 
 Results: benchmarks/results/quality.{json,md}; CI: quality_ci.{json,md}, gated against the same two rows
 of the committed quality.json (TOLERANCE on the Wanda-50% / dense perplexity ratio).
@@ -24,6 +25,7 @@ import logging
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -145,11 +147,16 @@ def run_one(setting: Setting, row: Row) -> dict:
         check = None
         if getattr(method, "verify_model", False):  # as `sparsedeploy prune` does: other windows judge the whole model
             check = calibration_samples(lm.tokenizer, setting.calib, max(4, setting.nsamples // 4), setting.calib_seqlen, setting.seed + 1)
-        masks = prune_model(lm.model, samples, method, spec_for, device, show_progress=False, check_samples=check)
+        block_seconds: list[float] = []
+        masks = prune_model(lm.model, samples, method, spec_for, device, show_progress=False, check_samples=check,
+                            block_seconds=block_seconds)
         result["prune_seconds"] = time.perf_counter() - start  # allocation included
+        result["block_seconds"] = block_seconds
         if getattr(method, "summary", None):
             result["method_summary"] = dict(method.summary)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        if device.type == "cuda":
+            result["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         if row.recover:
             from sparsedeploy.recover import RecoverConfig, recover_model, same_zeros, zero_pattern
 
@@ -190,10 +197,11 @@ def to_markdown(doc: dict) -> str:
     wanda = {r["sparsity"]: r["ppl"] for r in res if r["label"] == "wanda" and r["allocation"] == "uniform" and not r.get("recover")}
     lines = ["# Pruning quality on smollm2-135m", "",
              f"Calibration `{s.calib}` {s.nsamples} x {s.calib_seqlen} tokens (seed {s.seed}); evaluation WikiText-2 test, first "
-             f"{s.max_windows} non-overlapping windows x {s.eval_seqlen} (the same for every row); device {s.device}, {s.threads} thread. "
+             f"{s.max_windows} non-overlapping windows x {s.eval_seqlen} (the same for every row); device {s.device}, {s.threads} thread{'s' if s.threads > 1 else ''}. "
              f"Machine: {doc['machine']}. Time = allocation + pruning (+ recovery training where marked).", "",
-             "| sparsity | row | perplexity | vs dense | vs Wanda | measured sparsity | time (s) | peak RSS (MiB) | notes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| sparsity | row | perplexity | vs dense | vs Wanda | measured sparsity | time (s) | s/block (median) | peak RSS (MiB) | "
+             "peak GPU (MiB) | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(res, key=_order):
         base = wanda.get(r["sparsity"])
         plain_wanda = r["label"] == "wanda" and r["allocation"] == "uniform" and not r.get("recover")
@@ -205,10 +213,14 @@ def to_markdown(doc: dict) -> str:
             notes.append(f"per-block {a['min']:.3f}..{a['max']:.3f}" + (f", ATP d={a['atp_difference']:.4f}" if "atp_difference" in a else ""))
         if v := r.get("recovery"):
             notes.append(f"before recovery {r['ppl_before_recovery']:.2f}; {v['tokens']} tokens, {v['seconds']:.0f} s; zeros identical: {r['zeros_identical']}")
+        if r.get("machine", doc["machine"]) != doc["machine"]:
+            notes.append(f"measured on {r['machine']}")
         t = r.get("prune_seconds", 0.0) + (r["recovery"]["seconds"] if r.get("recovery") else 0.0)
         vs_dense = f"{r['ppl'] / dense:.2f}x" if dense else ""
+        per_block = f"{statistics.median(r['block_seconds']):.2f}" if r.get("block_seconds") else ""
+        gpu = f"{r['peak_cuda_mib']:.0f}" if "peak_cuda_mib" in r else ""
         lines.append(f"| {r['sparsity']} | {r['row']} | {r['ppl']:.2f} | {vs_dense} | {vs_wanda} | {r['sparsity_measured']:.4f} | "
-                     f"{t:.0f} | {r['peak_rss_mib']:.0f} | {'; '.join(notes)} |")
+                     f"{t:.0f} | {per_block} | {r['peak_rss_mib']:.0f} | {gpu} | {'; '.join(notes)} |")
     failed = [r for r in doc["results"] if "error" in r]
     lines += [""] + [f"- FAILED {r['row']}: {r['error']}" for r in failed]
     return "\n".join(lines) + "\n"
@@ -276,6 +288,7 @@ def run_row(setting: Setting, row: Row) -> dict:
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     r["wall_seconds"] = time.perf_counter() - t0
     r["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    r["machine"] = machine()  # times compare only between rows of one machine
     logging.info("%-44s ppl %10.3f  sparsity %.4f  time %6.1f s  wall %6.1f s  RSS %5.0f MiB", r["row"], r["ppl"], r["sparsity_measured"],
                  r.get("prune_seconds", 0.0), r["wall_seconds"], r["peak_rss_mib"])
     return r
@@ -318,6 +331,8 @@ def main() -> None:
     parser.add_argument("--ci", action="store_true", help="dense + Wanda-50%%; fail when their ratio regresses past TOLERANCE")
     parser.add_argument("--out", type=Path, default=None, help="result stem [default: benchmarks/results/quality or quality_ci]")
     parser.add_argument("--summary", action="store_true", help="print the pivot tables of the result file (for the docs) and exit")
+    parser.add_argument("--device", default="cpu", help="cpu (the committed table) or cuda[:N]; a GPU run writes quality_cuda.*")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per row [1]")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -343,13 +358,15 @@ def main() -> None:
         return
     if not WIKITEXT.is_file():
         raise SystemExit(f"WikiText-2 test file not found at {WIKITEXT}: set SPARSEDEPLOY_WIKITEXT2=PATH/wiki.test.raw")
-    setting = Setting()
-    stem = args.out or RESULTS / ("quality_ci" if args.ci else "quality")
+    setting = Setting(device=args.device, threads=args.threads)
+    default_stem = "quality_ci" if args.ci else ("quality" if args.device == "cpu" else "quality_cuda")
+    stem = args.out or RESULTS / default_stem
     doc = {"setting": asdict(setting), "machine": machine(), "results": []}
     if stem.with_suffix(".json").is_file() and not (args.fresh or args.ci):
         old = json.loads(stem.with_suffix(".json").read_text())
         if comparable(old["setting"]) == comparable(doc["setting"]):
             doc["results"] = [r for r in old["results"] if "error" not in r]
+            doc["machine"] = old.get("machine", doc["machine"])  # the table's machine; other rows name theirs
         else:
             logging.warning("%s has another setting: starting over", stem.with_suffix(".json"))
     done = {r["row"] for r in doc["results"]}

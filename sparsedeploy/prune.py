@@ -73,7 +73,8 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
                 load_block: Callable[[int, nn.Module], None] | None = None,
                 release_block: Callable[[int, nn.Module], None] | None = None,
                 retain_masks: bool = True, model_check: bool = True,
-                check_samples: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                check_samples: torch.Tensor | None = None,
+                block_seconds: list[float] | None = None) -> dict[str, torch.Tensor]:
     """Prune every decoder linear in place through the shared engine; return keep-masks by full name.
 
     `start_block`/`masks`: resume after blocks already pruned (their masks). `on_block_done(i, block,
@@ -87,6 +88,9 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
     also run on its own, on a copy, and the refined model is kept only if its perplexity on
     `check_samples` -- held-out windows; the calibration windows when None -- is lower than that plain
     initial model's; so the result is never worse than the initial method on those windows).
+
+    `block_seconds`, when given, receives the wall time of each pruned block (statistics, method,
+    checks and propagation; the first also holds the capture of block 0's inputs).
     """
     prefix = blocks_prefix(model)
     check_model = model_check and getattr(method, "verify_model", False) and start_block == 0
@@ -126,7 +130,13 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
                     apply(linears[n], f"{prefix}.{index}.{n}", results[n].mask, results[n].weight)
             method.block_verdict(index, keep, err_initial, err_refined)
 
+    mark = [time.perf_counter()]
+
     def block_done(index: int, block: nn.Module) -> None:
+        if block_seconds is not None:  # the block is back on its home device, so device work is finished
+            now = time.perf_counter()
+            block_seconds.append(now - mark[0])
+            mark[0] = now
         head = f"{prefix}.{index}."
         if on_block_done is not None:
             on_block_done(index, block, {k[len(head):]: v for k, v in masks.items() if k.startswith(head)})
@@ -259,11 +269,13 @@ def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_p
     check_samples = None
     if getattr(method, "verify_model", False):  # other windows of the calibration source judge the whole model
         check_samples = calibration_samples(lm.tokenizer, config.calib, max(4, config.nsamples // 4), seqlen, config.seed + 1)
+    block_seconds: list[float] = []
     masks = prune_model(lm.model, samples, method, allocation.spec_for, device, show_progress,
                         offload_inputs=offload in ("cpu", "disk"), start_block=start_block, masks=masks,
                         on_block_done=checkpoint.save_block if main_rank else None, load_block=disk.load if disk else None,
                         release_block=disk.release if disk else None, retain_masks=disk is None,
-                        model_check=disk is None and start_block == 0, check_samples=check_samples)
+                        model_check=disk is None and start_block == 0, check_samples=check_samples,
+                        block_seconds=block_seconds)
     if getattr(method, "verify_model", False) and (disk is not None or start_block):
         log.warning("%s: the whole-model check needs every block in memory from the first block on: skipped (%s)",
                     method.name, "--offload disk" if disk is not None else "resumed run")
@@ -273,7 +285,7 @@ def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_p
         "model": config.model, "model_path": str(lm.path),
         "calibration": {"source": config.calib, "nsamples": config.nsamples, "seqlen": seqlen, "seed": config.seed},
         "device": str(device), "dtype": config.dtype, "offload": offload, "allocation": allocation.report(),
-        "prune_seconds": elapsed, **peak_memory(device), "versions": versions(),
+        "prune_seconds": elapsed, "block_seconds": block_seconds, **peak_memory(device), "versions": versions(),
         **({"method_summary": method.summary} if getattr(method, "summary", None) else {}),
         "config": asdict(config),
     }

@@ -75,6 +75,39 @@ def test_prune_model_per_layer_specs(tiny_model, tiny_samples):
         assert float((~mask).float().mean()) == pytest.approx(specs[block].ratio)
 
 
+def test_block_seconds_are_recorded_per_block(tiny_model, tiny_samples):
+    times: list[float] = []
+    prune_model(tiny_model, tiny_samples, build_method("wanda"), lambda i, n: SparsitySpec.unstructured(0.5), torch.device("cpu"),
+                show_progress=False, block_seconds=times)
+    assert len(times) == 2 and all(t > 0 for t in times)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: pruning on CUDA not checked here")
+@pytest.mark.parametrize("method,options", [("wanda", {}), ("sparsegpt", {}), ("dsnot", {"init": "wanda"}),
+                                            ("dsnot", {"init": "sparsegpt", "mode": "paper"})])
+def test_prune_on_cuda_matches_cpu(tiny_model, tiny_samples, method, options):
+    """The engine and every method run on CUDA: same masks as on the CPU up to near-ties, model back on the CPU."""
+    import copy
+
+    spec = SparsitySpec.unstructured(0.5)
+    results = {}
+    for dev in ("cpu", "cuda"):
+        model = copy.deepcopy(tiny_model)
+        masks = prune_model(model, tiny_samples, build_method(method, **options), lambda i, n: spec, torch.device(dev),
+                            show_progress=False)
+        assert all(p.device.type == "cpu" for p in model.parameters())
+        results[dev] = (model, masks)
+    (cpu_model, cpu_masks), (gpu_model, gpu_masks) = results["cpu"], results["cuda"]
+    assert cpu_masks.keys() == gpu_masks.keys()
+    differ = sum(int((cpu_masks[n] != gpu_masks[n]).sum()) for n in cpu_masks)
+    total = sum(m.numel() for m in cpu_masks.values())
+    assert differ / total < 0.01, (differ, total)
+    with torch.no_grad():
+        a, b = cpu_model(tiny_samples).logits, gpu_model(tiny_samples).logits
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
 def test_wanda_beats_magnitude_on_reconstruction(tiny_model, tiny_samples):
     """On the tiny model, Wanda's block outputs stay closer to dense than magnitude's (sanity, not a benchmark)."""
     import copy

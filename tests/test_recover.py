@@ -42,6 +42,20 @@ def test_recovery_keeps_every_zero_and_lowers_loss(sparsity):
             assert all(satisfies_nm(lin.weight, 2, 4) for lin in find_linears(block).values())
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: recovery on CUDA not checked here")
+def test_recovery_on_cuda_keeps_every_zero_and_lowers_loss():
+    model = tiny_llama()
+    samples = learnable_windows(40)
+    masks = prune_model(model, samples[:8], build_method("wanda"), lambda i, n: parse_sparsity("2:4"), CPU, show_progress=False)
+    before = zero_pattern(model)
+    info = recover_model(model, masks, samples, RecoverConfig(steps=40, rank=4, lr=1e-2, seqlen=32), torch.device("cuda"),
+                         show_progress=False)
+    assert same_zeros(before, zero_pattern(model))
+    assert info["loss_last"] < info["loss_first"] - 0.2
+    assert all(p.device.type == "cpu" for p in model.parameters())  # merged back where it came from
+
+
 def test_distillation_against_teacher_lowers_kl():
     teacher = tiny_llama(seed=0)
     model = tiny_llama(seed=0)

@@ -105,3 +105,17 @@ def test_sparsegpt_method_on_tiny_model_shares_hessian_and_is_exact(tiny_model, 
         assert row["sparsity"] >= 0.5
     for mask in masks.values():
         assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: CPU-vs-CUDA agreement not checked here")
+@pytest.mark.parametrize("sparsity", ["0.6", "2:4"])
+def test_cpu_and_cuda_agree(sparsity):
+    w, x, stats = correlated_layer(seed=3, out=96, inp=256, tokens=2048)
+    spec = parse_sparsity(sparsity)
+    cpu_mask, cpu_new = sparsegpt(w, stats.hessian, spec)
+    gpu_mask, gpu_new = sparsegpt(w.cuda(), stats.hessian.cuda(), spec)
+    assert gpu_mask.is_cuda and gpu_new.is_cuda
+    assert (gpu_mask.cpu() != cpu_mask).float().mean() < 0.01  # near-ties may fall either way after rounding
+    assert torch.equal(gpu_mask.sum(1).cpu(), cpu_mask.sum(1)) or not spec.is_nm
+    assert recon_error(w, gpu_new.cpu(), x) == pytest.approx(recon_error(w, cpu_new, x), rel=0.02)
