@@ -47,7 +47,29 @@ def wikitext_rows_joined(raw: str) -> str:
     return "\n\n".join(rows)
 
 
+# The cleaned gensim-wiki text is cached (parsing the XML dump takes a while); bump the name when the
+# cleaning below changes. A machine without gensim can use a cache copied from one that has it.
+GENSIM_WIKI_CACHE = "gensim-wiki-v1.txt"
+
+
 def _gensim_wiki_text() -> str:
+    from sparsedeploy.models import cache_dir
+
+    cached = cache_dir() / "data" / GENSIM_WIKI_CACHE
+    if cached.is_file():
+        return cached.read_text(encoding="utf-8")
+    text = _extract_gensim_wiki()
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.tmp{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, cached)
+    except OSError as exc:  # a read-only cache only costs the parse next time
+        log.debug("could not cache the gensim-wiki text at %s: %s", cached, exc)
+    return text
+
+
+def _extract_gensim_wiki() -> str:
     import importlib.util
 
     spec = importlib.util.find_spec("gensim")

@@ -56,3 +56,14 @@ def test_gensim_wiki_is_real_english_text():
     text = load_text("gensim-wiki")
     assert len(text) > 1_000_000
     assert "Anarchism" in text and "#REDIRECT" not in text and "'''" not in text
+
+
+def test_gensim_wiki_text_is_cached_and_reused(tmp_path, monkeypatch):
+    from sparsedeploy.data import GENSIM_WIKI_CACHE
+
+    monkeypatch.setenv("SPARSEDEPLOY_CACHE", str(tmp_path))
+    text = load_text("gensim-wiki")
+    cached = tmp_path / "data" / GENSIM_WIKI_CACHE
+    assert cached.read_text(encoding="utf-8") == text
+    cached.write_text("from the cache", encoding="utf-8")  # the second call reads the cache, not the dump
+    assert load_text("gensim-wiki") == "from the cache"
