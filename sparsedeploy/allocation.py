@@ -276,9 +276,16 @@ def plan_or_restore_allocation(model: nn.Module, samples: torch.Tensor, method, 
 
 def atp_search(model: nn.Module, samples: torch.Tensor, method, target: float, weights: list[int], config: AllocationConfig,
                device: torch.device, held_out: torch.Tensor, show_progress: bool = True) -> tuple[float, list[dict]]:
-    """Prune with each candidate difference (reduced calibration), score held-out perplexity, restore; best d."""
+    """Prune with each candidate difference (reduced calibration), score held-out perplexity, restore; best d.
+
+    A method that refines an initial one (DSnoT) is searched with its initial method: the allocation is a
+    property of the initial pruning, and refining every candidate would multiply the search cost.
+    """
     from sparsedeploy.evaluate import perplexity
     from sparsedeploy.prune import prune_model
+
+    if callable(getattr(method, "initial_method", None)):
+        method = method.initial_method()
 
     candidates = atp_candidates(len(weights), weights, target, config.atp_spreads, config.max_sparsity)
     if not candidates:

@@ -9,6 +9,7 @@ input (reduction, K) dimension, which is the layout 2:4 GPU kernels and TensorRT
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -71,9 +72,17 @@ def check_nm_shape(weight_shape: torch.Size | tuple[int, ...], spec: SparsitySpe
         )
 
 
-def mask_lowest_per_row(scores: torch.Tensor, spec: SparsitySpec) -> torch.Tensor:
-    """Keep-mask that prunes the lowest scores of each output row (exact count per row), or per N:M group.
+def pruned_count(numel: int, ratio: float) -> int:
+    """How many of `numel` weights a ratio prunes: the nearest whole number, so a layer's sparsity is exact."""
+    return int(math.floor(numel * ratio + 0.5))
 
+
+def mask_lowest_per_row(scores: torch.Tensor, spec: SparsitySpec) -> torch.Tensor:
+    """Keep-mask that prunes the lowest scores of each output row, or per N:M group.
+
+    Unstructured: the layer prunes exactly round(ratio x numel) weights, spread over the rows as evenly as
+    possible: every row prunes floor(ratio x in) or one more; the rows that prune one more are those whose
+    next-lowest score is lowest, so the extra weights are the least important ones.
     Ties are broken stably: among equal scores the one with the lower input index is pruned first.
     """
     rows, cols = scores.shape
@@ -84,19 +93,25 @@ def mask_lowest_per_row(scores: torch.Tensor, spec: SparsitySpec) -> torch.Tenso
         mask = torch.ones_like(groups, dtype=torch.bool)
         mask.scatter_(-1, order[..., : spec.m - spec.n], False)
         return mask.reshape(rows, cols)
-    k = int(cols * spec.ratio)
+    base, extra = divmod(pruned_count(rows * cols, spec.ratio), rows)
     mask = torch.ones_like(scores, dtype=torch.bool)
-    if k:
-        order = torch.sort(scores, dim=-1, stable=True).indices
-        mask.scatter_(-1, order[:, :k], False)
+    if base == 0 and extra == 0:
+        return mask
+    ordered, order = torch.sort(scores, dim=-1, stable=True)
+    counts = torch.full((rows,), base, dtype=torch.long, device=scores.device)
+    if extra:
+        nxt = ordered[:, base]  # the score each row would prune next
+        counts[torch.sort(nxt, stable=True).indices[:extra]] += 1
+    pruned_in_order = torch.arange(cols, device=scores.device)[None, :] < counts[:, None]
+    mask.scatter_(-1, order, ~pruned_in_order)
     return mask
 
 
 def mask_lowest_global(scores: torch.Tensor, spec: SparsitySpec) -> torch.Tensor:
-    """Keep-mask pruning the lowest scores over the whole matrix (exact count), or per N:M group."""
+    """Keep-mask pruning the lowest round(ratio x numel) scores over the whole matrix, or per N:M group."""
     if spec.is_nm:
         return mask_lowest_per_row(scores, spec)
-    k = int(scores.numel() * spec.ratio)
+    k = pruned_count(scores.numel(), spec.ratio)
     mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if k:
         order = torch.sort(scores.flatten(), stable=True).indices
