@@ -102,22 +102,44 @@ def run(args) -> int:
     return 0
 
 
+def load_baseline() -> dict:
+    """The committed baselines, one per CPU model (DeepSparse's gain depends on the CPU: AVX-512 Xeon vs EPYC)."""
+    if not BASELINE.is_file():
+        return {"tolerance": DEFAULT_TOLERANCE, "machines": {}, "generic_floor": {}}
+    base = json.loads(BASELINE.read_text())
+    if "tracked" in base:  # the first format: one machine
+        base = {"tolerance": base.get("tolerance", DEFAULT_TOLERANCE), "threads": base.get("threads", 1),
+                "machines": {base["machine"]["cpu"]: {k: v for k, v in base.items() if k not in ("tolerance", "threads")}},
+                "generic_floor": {}}
+    return base
+
+
 def check(rows: list[dict], have_deepsparse: bool, args) -> int:
+    """Gate the tracked ratios against this CPU model's committed baseline (or the generic floors for a new CPU)."""
     measured = {key(r): r for r in rows}
     tracked = {f"{e}|{s}|b{b}|{p}" for e, s, b, p in CI_TRACKED}
+    base = load_baseline()
+    cpu = machine()["cpu"]
     if args.write_baseline:
-        base = {"tolerance": args.tolerance, "machine": machine(), "threads": args.threads,
-                "tracked": {k: round(measured[k]["speedup"], 3) for k in sorted(tracked) if k in measured}}
+        base["machines"][cpu] = {"machine": machine(), "threads": args.threads, "rounds": args.rounds or 5,
+                                 "tracked": {k: round(measured[k]["speedup"], 3) for k in sorted(tracked) if k in measured},
+                                 "source": f"speed.py --ci --rounds {args.rounds or 5}, {time.strftime('%Y-%m-%d')}"}
         write_json_atomic(BASELINE, base)
-        print(f"wrote {BASELINE}")
+        print(f"wrote the baseline of {cpu} into {BASELINE}")
         return 0
-    if not BASELINE.is_file():
-        print(f"no baseline at {BASELINE}: run with --write-baseline and commit it")
-        return 1
-    base = json.loads(BASELINE.read_text())
     tol = float(base.get("tolerance", args.tolerance))
+    entry = base["machines"].get(cpu)
+    if entry is None:
+        print(f"no baseline for CPU {cpu!r} in {BASELINE} (it has {sorted(base['machines'])}): gating on the generic floors; "
+              "record one with --ci --write-baseline and commit it")
+        floors = dict(base.get("generic_floor", {}))
+    else:
+        floors = {k: ref * (1 - tol) for k, ref in entry["tracked"].items()}
+    if not floors:
+        print(f"no baseline and no generic floor in {BASELINE}: run with --ci --write-baseline and commit it")
+        return 1
     failed = 0
-    for k, ref in base["tracked"].items():
+    for k, floor in floors.items():
         if k.startswith("deepsparse|") and not have_deepsparse:
             print(f"SKIPPED {k}: DeepSparse venv not available here (run with --install-deepsparse to track it)")
             continue
@@ -126,11 +148,10 @@ def check(rows: list[dict], have_deepsparse: bool, args) -> int:
             failed += 1
             continue
         got = measured[k]["speedup"]
-        floor = ref * (1 - tol)
         ok = got >= floor
         failed += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {k}: speedup {got:.2f}x vs baseline {ref:.2f}x (floor {floor:.2f}x, tolerance {tol:.0%})"
-              + ("  [noisy]" if measured[k]["noisy"] else ""))
+        ref = f"baseline {entry['tracked'][k]:.2f}x on this CPU, tolerance {tol:.0%}" if entry else "generic floor"
+        print(f"{'ok  ' if ok else 'FAIL'} {k}: speedup {got:.2f}x (floor {floor:.2f}x: {ref})" + ("  [noisy]" if measured[k]["noisy"] else ""))
     return 1 if failed else 0
 
 
