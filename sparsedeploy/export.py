@@ -114,7 +114,7 @@ def validate(config: ExportConfig) -> TargetProfile:
     if config.optimize not in target.optimize_levels:
         raise UserError(f"refusing --optimize {config.optimize} for --target {target.name}: that level fuses nodes into "
                         f"com.microsoft operators {target.name} does not run; use --optimize {' or '.join(target.optimize_levels)}")
-    if config.opset is not None and not 13 <= config.opset <= 21:
+    if config.opset is not None and not 14 <= config.opset <= 21:
         raise UserError(f"--opset {config.opset} is outside what the exporter supports here: use 14..21 (LLaMA needs >= 14)")
     if config.storage == "sparse" and config.target != "ort":
         raise UserError(f"--storage sparse is readable only through sparsedeploy's loader, not by {target.name}: use --storage dense")

@@ -232,3 +232,51 @@ def test_smollm2_pruned_export_end_to_end(smollm, cache_dir, tmp_path, pattern):
     out = generate_text(tmp_path / "onnx", "The capital of France is", max_new_tokens=16)
     words = out["completion"].split()
     assert len(words) >= 3 and sum(w.isascii() for w in words) >= len(words) - 1, out["completion"]
+
+
+def test_optimisation_that_breaks_zeros_is_refused(checkpoints, tmp_path, monkeypatch):
+    """If ONNX Runtime's offline optimisation ever densified a pruned weight, the level is refused, nothing written."""
+    import onnx
+    from onnx import numpy_helper
+
+    import sparsedeploy.export as export_mod
+
+    real = export_mod.ort_optimize
+
+    def damaging(model_file, level, out_file):
+        real(model_file, level, out_file)
+        model = onnx.load(str(out_file))
+        for init in model.graph.initializer:
+            array = numpy_helper.to_array(init)
+            if array.ndim == 2 and (array == 0).mean() > 0.4:
+                init.CopyFrom(numpy_helper.from_array(np.where(array == 0, np.float32(1e-3), array), init.name))
+                break
+        onnx.save(model, str(out_file))
+
+    monkeypatch.setattr(export_mod, "ort_optimize", damaging)
+    with pytest.raises(UserError, match="refusing --optimize basic: .*no longer intact"):
+        export_checkpoint(ExportConfig(model=str(checkpoints["0.5"]), optimize="basic", greedy_tokens=4), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_auto_exporter_falls_back_to_torch_for_a_model_type_optimum_does_not_know(checkpoints, tmp_path, monkeypatch):
+    import sparsedeploy.export as export_mod
+    from sparsedeploy.export import optimum_supports
+
+    assert optimum_supports(checkpoints["0.5"], "text-generation-with-past")  # llama: optimum's exporter by default
+    monkeypatch.setattr(export_mod, "optimum_supports", lambda _dir, _task: False)
+    report = export_checkpoint(ExportConfig(model=str(checkpoints["0.5"]), greedy_tokens=4), tmp_path / "t")
+    assert report["exporter"] == "torch" and report["verification"]["ok"]
+
+
+def test_inspect_table_for_people(exported):
+    from sparsedeploy.onnx_verify import format_inspect, inspect_onnx
+
+    out, _ = exported["2:4"]
+    text = format_inspect(inspect_onnx(out / "model.onnx"))
+    lines = text.splitlines()
+    assert lines[0].split() == ["weight", "shape", "dtype", "sparsity", "2:4", "used", "by"]
+    rows = [line for line in lines[1:] if "MatMul /" in line]
+    assert len(rows) == 15 and sum(line.split()[4] == "yes" for line in rows) == 14  # every decoder linear, not lm_head
+    assert all("q_proj" not in line or "0.5000" in line for line in rows)
+    assert any(line.startswith("total:") and "14/15 MatMul/Gemm weights satisfy 2:4 along K" in line for line in lines)
