@@ -197,13 +197,21 @@ def eval_cmd(ctx, model, data, seqlen, max_windows, baseline, device, dtype, cac
 @click.option("--export/--no-export", "export_", default=None, help="override recipe: export.enabled")
 @click.option("--bench/--no-bench", "bench", default=None, help="override recipe: bench.enabled")
 @click.option("--device", default=None, help="override recipe: device")
+@click.option("--allocation", default=None, help="override recipe: prune.allocation (uniform, owl, atp)")
+@click.option("--offload", default=None, help="override recipe: offload (none, cpu, disk)")
+@click.option("--export-target", default=None, help="override recipe: export.target (ort, deepsparse, tensorrt)")
+@click.option("--export-dtype", default=None, help="override recipe: export.dtype (float32, float16)")
+@click.option("--storage", default=None, help="override recipe: export.storage (dense, sparse)")
+@click.option("--bench-engine", default=None, help="override recipe: bench.engine (ort, deepsparse, torch)")
+@click.option("--batch", default=None, help="override recipe: bench.batch, comma-separated (e.g. 1,8)")
 @click.option("--output", "-o", default=None, type=click.Path(path_type=Path), help="output directory [default: recipe output]")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory (and discard an interrupted run)")
 @click.option("--resume", is_flag=True, help="continue an interrupted run: finished stages are kept, pruning resumes at its last block")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object")
 @click.pass_context
 def run(ctx, recipe_file, model, method, sparsity, calib, nsamples, seqlen, eval_data, max_windows, max_ppl_ratio, max_ppl,
-        export_, bench, device, output, overwrite, resume, as_json):
+        export_, bench, device, allocation, offload, export_target, export_dtype, storage, bench_engine, batch, output, overwrite,
+        resume, as_json):
     """Run a recipe end to end: prune -> evaluate -> quality gate -> export -> bench -> REPORT.md.
 
     Exits 3 when the quality gate fails (the report is still written), 2 on bad input.
@@ -219,7 +227,10 @@ def run(ctx, recipe_file, model, method, sparsity, calib, nsamples, seqlen, eval
     overrides = {("model",): model, ("prune", "method"): method, ("prune", "sparsity"): sparsity, ("calibration", "source"): calib,
                  ("calibration", "nsamples"): nsamples, ("calibration", "seqlen"): seqlen, ("eval", "seqlen"): seqlen,
                  ("eval", "data"): eval_data, ("eval", "max_windows"): max_windows, ("gate", "max_ppl_ratio"): max_ppl_ratio,
-                 ("gate", "max_ppl"): max_ppl, ("export", "enabled"): export_, ("bench", "enabled"): bench, ("device",): device}
+                 ("gate", "max_ppl"): max_ppl, ("export", "enabled"): export_, ("bench", "enabled"): bench, ("device",): device,
+                 ("prune", "allocation"): allocation, ("offload",): offload, ("export", "target"): export_target,
+                 ("export", "dtype"): export_dtype, ("export", "storage"): storage, ("bench", "engine"): bench_engine,
+                 ("bench", "batch"): _batch_list(batch) if batch is not None else None}
     from dataclasses import asdict
 
     merged = asdict(recipe)
@@ -244,6 +255,16 @@ def run(ctx, recipe_file, model, method, sparsity, calib, nsamples, seqlen, eval
     text = f"quality gate passed: perplexity {report['pruned']['ppl']:.3f}" + (f" (dense {dense:.3f})" if dense else "") + \
            f", sparsity {report['pruned']['sparsity']:.4f}; report: {out / 'REPORT.md'}"
     emit(summary, as_json, text)
+
+
+def _batch_list(text: str) -> list[int]:
+    try:
+        values = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--batch {text!r} is not a comma-separated list of integers (e.g. 1,8)") from None
+    if not values:
+        raise UserError("--batch is empty: give batch sizes such as 1,8")
+    return values
 
 
 @cli.command("export")
@@ -361,8 +382,8 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort:  # click turns Ctrl-C into Abort
+        click.echo("interrupted: no output was written", err=True)
         sys.exit(130)
     except UserError as exc:
         if debug:

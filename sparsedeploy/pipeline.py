@@ -130,7 +130,8 @@ class Pipeline:
         config = PruneConfig(model=r.model, method=r.prune.method, sparsity=r.prune.sparsity, calib=r.calibration.source,
                              nsamples=r.calibration.nsamples, seqlen=r.calibration.seqlen, seed=r.calibration.seed,
                              device=r.device, dtype=r.dtype, method_options=dict(r.prune.options), allocation=r.prune.allocation)
-        self._stage("prune", lambda: _summary(run_prune(config, model_dir, overwrite=True, show_progress=self.show_progress, resume=self.resume)))
+        self._stage("prune", lambda: _summary(run_prune(config, model_dir, overwrite=True, show_progress=self.show_progress, resume=self.resume,
+                                                        offload=r.offload)))
         pruned = self._stage("eval_pruned", lambda: _evaluate(str(model_dir), r, data, self.show_progress))
         gate = check_gate(r, dense["ppl"] if dense else None, pruned["ppl"])
         self.stages.append(StageResult("gate", 0.0, gate))

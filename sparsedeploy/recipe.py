@@ -74,6 +74,7 @@ class Recipe:
     output: str | None = None
     device: str = "auto"
     dtype: str = "float32"
+    offload: str = "none"  # none | cpu | disk (see `sparsedeploy prune --offload`)
     calibration: CalibrationSection = field(default_factory=CalibrationSection)
     prune: PruneSection = field(default_factory=PruneSection)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -210,3 +211,18 @@ def validate(recipe: Recipe) -> None:
         raise _key_error("bench.enabled", f"engine {recipe.bench.engine} benchmarks the exported ONNX model: set export.enabled: true")
     if not all(isinstance(b, int) and b > 0 for b in recipe.bench.batch):
         raise _key_error("bench.batch", f"must be a list of positive integers, got {recipe.bench.batch!r}")
+    if recipe.export.dtype not in ("float32", "float16"):
+        raise _key_error("export.dtype", f"unknown dtype {recipe.export.dtype!r}: use float32 or float16")
+    if recipe.export.opset is not None and not 14 <= recipe.export.opset <= 21:
+        raise _key_error("export.opset", f"{recipe.export.opset} is outside 14..21 (LLaMA needs >= 14)")
+    if recipe.bench.engine not in ("ort", "deepsparse", "torch"):
+        raise _key_error("bench.engine", f"unknown engine {recipe.bench.engine!r}: use ort, deepsparse or torch")
+    for key, value, low in (("bench.prompt_len", recipe.bench.prompt_len, 1), ("bench.gen_len", recipe.bench.gen_len, 0),
+                            ("bench.threads", recipe.bench.threads, 1)):
+        if value < low:
+            raise _key_error(key, f"must be at least {low}, got {value}")
+    if recipe.offload not in ("none", "cpu", "disk"):
+        raise _key_error("offload", f"unknown offload {recipe.offload!r}: use none, cpu or disk")
+    device = recipe.device
+    if not (device in ("auto", "cpu") or device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
+        raise _key_error("device", f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")

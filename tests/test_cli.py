@@ -129,3 +129,41 @@ def test_prune_irrelevant_method_option_is_one_line_error(args, needle, tiny_che
     lines = [line for line in err.strip().splitlines() if line and not line.startswith(("INFO", "WARNING"))]
     assert code == 2 and len(lines) == 1 and needle in lines[0], err
     assert not (tmp_path / "o").exists()
+
+
+def _prune_args(ckpt, calib, out):
+    return ["prune", "--model", str(ckpt), "--calib", f"text:{calib}", "--nsamples", "2", "--seqlen", "16", "--device", "cpu",
+            "--output", str(out)]
+
+
+def test_disk_full_is_one_line_through_the_cli(tiny_checkpoint, calib_file, tmp_path, capsys, monkeypatch):
+    import sparsedeploy.prune as prune_mod
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prune_mod, "save_file", full)
+    code, _, err = run_cli(["-q", *_prune_args(tiny_checkpoint, calib_file, tmp_path / "o")], capsys)
+    lines = [line for line in err.strip().splitlines() if line and not line.startswith(("INFO", "WARNING"))]
+    assert code == 2 and len(lines) == 1 and "No space left on device" in lines[0] and "nothing was written" in lines[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_exits_130_and_writes_nothing(tiny_checkpoint, calib_file, tmp_path, capsys, monkeypatch):
+    import sparsedeploy.prune as prune_mod
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prune_mod, "save_file", interrupted)
+    code, _, err = run_cli(_prune_args(tiny_checkpoint, calib_file, tmp_path / "o"), capsys)
+    assert code == 130 and "interrupted: no output was written" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp*"))
+
+
+def test_debug_shows_the_traceback(tiny_checkpoint, tmp_path):
+    args = [sys.executable, "-m", "sparsedeploy", "prune", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]
+    quiet = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    debug = subprocess.run(args[:3] + ["--debug"] + args[3:], capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "UserError" in debug.stderr

@@ -121,3 +121,49 @@ def test_pipeline_benches_the_export_against_the_dense_model(tiny_checkpoint, te
     assert {r["variant"] for r in saved["rows"]} == {"dense", "sparse"}
     text = (out / "REPORT.md").read_text()
     assert "## Bench" in text and "speedup vs dense" in text
+
+
+def test_cli_stage_flags_reach_the_recipe(tiny_checkpoint, text_file, tmp_path, monkeypatch):
+    """`run` flags override every stage's key; the merged recipe is validated and recorded in report.json."""
+    import yaml
+
+    import sparsedeploy.pipeline as pipeline_mod
+
+    seen = {}
+
+    class Recorder(pipeline_mod.Pipeline):
+        def run(self):
+            seen["recipe"] = self.recipe
+            return {"dense": None, "pruned": {"ppl": 1.0, "sparsity": 0.6}, "gate": {"passed": True}}
+
+    monkeypatch.setattr(pipeline_mod, "Pipeline", Recorder)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe_dict(tiny_checkpoint, text_file)))
+    main(["-q", "run", str(recipe), "-o", str(tmp_path / "o"), "--sparsity", "0.6", "--allocation", "owl", "--offload", "cpu",
+          "--export", "--export-target", "tensorrt", "--export-dtype", "float16", "--storage", "dense", "--bench",
+          "--bench-engine", "ort", "--batch", "1,8"])
+    r = seen["recipe"]
+    assert (r.prune.allocation, r.offload, r.export.target, r.export.dtype, r.bench.engine, r.bench.batch) == \
+        ("owl", "cpu", "tensorrt", "float16", "ort", [1, 8])
+
+
+@pytest.mark.parametrize("flags,needle", [(["--batch", "1,x"], "--batch"), (["--offload", "ssd"], "offload"),
+                                          (["--bench-engine", "tpu"], "bench.engine")])
+def test_cli_bad_stage_flags_are_one_line(tiny_checkpoint, text_file, tmp_path, capsys, flags, needle):
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe_dict(tiny_checkpoint, text_file)))
+    with pytest.raises(SystemExit) as exc:
+        main(["-q", "run", str(recipe), "-o", str(tmp_path / "o"), *flags])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_pipeline_prunes_with_offload(tiny_checkpoint, text_file, tmp_path):
+    data = _recipe_dict(tiny_checkpoint, text_file, max_ppl_ratio=1000.0)
+    data["offload"] = "disk"
+    report = Pipeline(parse_recipe(data), tmp_path / "run", show_progress=False).run()
+    assert report["gate"]["passed"]
+    assert json.loads((tmp_path / "run" / "model" / "report.json").read_text())["offload"] == "disk"

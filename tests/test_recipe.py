@@ -33,6 +33,14 @@ def test_defaults_and_example_recipes_parse():
     ({"prune": {"method": "foo+dsnot"}}, "prune.method"),
     ({"prune": {"method": "wanda+dsnot", "options": {"init": "magnitude"}}}, "prune.options.init"),
     ({"prune": {"method": "dsnot", "options": {"max_cycle": 3}}}, "prune.options"),
+    ({"bench": {"engine": "tensorrt"}}, "bench.engine"),
+    ({"bench": {"prompt_len": 0}}, "bench.prompt_len"),
+    ({"bench": {"gen_len": -1}}, "bench.gen_len"),
+    ({"export": {"dtype": "int8"}}, "export.dtype"),
+    ({"export": {"opset": 9}}, "export.opset"),
+    ({"device": "tpu"}, "device"),
+    ({"device": "cuda:x"}, "device"),
+    ({"offload": "ssd"}, "offload"),
 ])
 def test_invalid_recipes_name_the_key(data, key):
     with pytest.raises(UserError) as err:
