@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
 # sparsedeploy images. Two targets:
-#   docker build --target cpu -t sparsedeploy:cpu .   (add --build-arg TORCH_INDEX_URL=<PyTorch CPU wheel index> for a small CPU-only torch)
+#   docker build --target cpu -t sparsedeploy:cpu .   (CPU-only torch from PyTorch's CPU wheel index; override TORCH_INDEX_URL)
 #   docker build --target gpu -t sparsedeploy:gpu .   (PyPI's torch==2.13.0 Linux wheel is the CUDA build; run with --gpus all)
-# Models, caches and outputs live on the /data volume:
+# Models, caches, evaluation data and outputs live on the /data volume; put WikiText-2's test file at
+# data/wikitext-2-raw/wiki.test.raw (or set eval.data in the recipe), then:
 #   docker run --rm -v "$PWD/data:/data" sparsedeploy:cpu run examples/quickstart.yaml --output /data/runs/quickstart
 # The install steps are scripts/install.sh, the same script CI runs. Everything runs as a non-root user.
 
@@ -13,6 +14,7 @@ ENV PYTHONUNBUFFERED=1 \
     SPARSEDEPLOY_VENV=/opt/venv \
     SPARSEDEPLOY_EXTRAS=export,bench \
     SPARSEDEPLOY_CACHE=/data/cache \
+    SPARSEDEPLOY_WIKITEXT2=/data/wikitext-2-raw/wiki.test.raw \
     SPARSEDEPLOY_DEEPSPARSE_VENV=/opt/engines/deepsparse \
     HF_HOME=/data/hf \
     MPLCONFIGDIR=/tmp/matplotlib \
@@ -32,7 +34,7 @@ ENTRYPOINT ["sparsedeploy"]
 CMD ["--help"]
 
 FROM base AS cpu
-ARG TORCH_INDEX_URL=""
+ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"
 # The CPU image also carries DeepSparse 1.8 in its own venv (evaluation-only licence; see docs/bench.md).
 RUN TORCH_INDEX_URL="${TORCH_INDEX_URL}" SPARSEDEPLOY_DEEPSPARSE=1 bash scripts/install.sh && sparsedeploy --help > /dev/null
 

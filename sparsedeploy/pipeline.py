@@ -45,7 +45,8 @@ def _eval_data(recipe: Recipe) -> str:
         return recipe.eval.data
     found = default_wikitext_test()
     if found is None:
-        raise UserError("recipe key eval.data is not set and no offline WikiText-2 test file was found: set eval.data (e.g. wikitext2:PATH)")
+        raise UserError("recipe key eval.data is not set and no offline WikiText-2 test file was found: set eval.data (e.g. wikitext2:PATH) "
+                        "or SPARSEDEPLOY_WIKITEXT2=PATH/wiki.test.raw")
     return f"wikitext2:{found}"
 
 

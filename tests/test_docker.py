@@ -27,3 +27,10 @@ def test_dockerfile_targets_use_the_ci_install_script_and_non_root_user():
     assert "USER 10001" in text and 'ENTRYPOINT ["sparsedeploy"]' in text and "VOLUME" in text
     assert "install.sh" in (REPO / ".ci" / "run").read_text()
     assert (REPO / ".dockerignore").is_file()
+
+
+def test_cpu_image_takes_cpu_torch_and_finds_the_evaluation_file_on_the_volume():
+    text = (REPO / "Dockerfile").read_text()
+    cpu = text.split("AS cpu", 1)[1].split("FROM ", 1)[0]
+    assert re.search(r'ARG TORCH_INDEX_URL="https://\S+/cpu"', cpu)  # not PyPI's CUDA build by default
+    assert "SPARSEDEPLOY_WIKITEXT2=/data/" in text  # quickstart.yaml's eval data, found on the volume
