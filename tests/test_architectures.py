@@ -31,7 +31,7 @@ def _model(kind: str):
 
 
 @pytest.mark.parametrize("kind", ["mistral", "qwen2", "gemma", "gemma2", "opt"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_prune_architecture(kind, dtype):
     model = _model(kind).to(dtype).eval()
     samples = torch.randint(0, 128, (3, 32), generator=torch.Generator().manual_seed(0))

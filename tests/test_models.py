@@ -96,3 +96,14 @@ def test_gguf_file_is_converted_and_cached(cache_dir, smollm):
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(path).eos_token == "<|im_end|>"  # taken from the config, not the GGUF metadata
+
+
+@pytest.mark.parametrize("max_positions,expected", [(131072, 2048), (8192, 2048), (256, 256)])
+def test_default_seqlen_is_capped_at_2048(max_positions, expected):
+    """Never the raw max_position_embeddings: Llama-3's 131072 would make calibration allocate tens of GiB."""
+    from types import SimpleNamespace
+
+    from sparsedeploy.models import default_seqlen
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=max_positions))
+    assert default_seqlen(model) == expected
