@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsedeploy.errors import UserError
+from sparsedeploy.export import export_decoder_stack  # noqa: F401 - the DeepSparse form, timed here
 from sparsedeploy.timing import Interleaved, run_interleaved, summarize
 
 log = logging.getLogger(__name__)
@@ -266,42 +267,6 @@ def source_checkpoint(onnx_dir: Path) -> Path | None:
             return path
     beside = Path(onnx_dir).parent / "model"  # a `sparsedeploy run` directory: onnx/ next to model/
     return beside if (beside / "config.json").is_file() else None
-
-
-def export_decoder_stack(checkpoint: Path, out: Path, batch: int, seq: int, opset: int = 14) -> Path:
-    """All decoder blocks of a LLaMA-style checkpoint as one static-shape ONNX graph (the form DeepSparse 1.8 compiles).
-
-    Inputs: hidden [batch, seq, h], the rotary cos/sin [batch, seq, d] and an additive causal mask
-    [batch, 1, seq, seq]; output: the final-norm hidden states. Eager attention: DeepSparse aborts
-    (graph.cpp:925) on the full optimum export, whose mask and attention the stack leaves out.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), attn_implementation="eager", torch_dtype=torch.float32).eval()
-    inner = getattr(model, "model", None)
-    if inner is None or not all(hasattr(inner, a) for a in ("layers", "norm", "rotary_emb")):
-        raise UserError(f"{checkpoint}: not a LLaMA-style model (model.layers/norm/rotary_emb): the decoder-stack form cannot be built")
-
-    class Stack(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layers, self.norm = inner.layers, inner.norm
-
-        def forward(self, hidden, cos, sin, mask):
-            for layer in self.layers:
-                o = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin))
-                hidden = o[0] if isinstance(o, tuple) else o
-            return self.norm(hidden)
-
-    hidden = torch.zeros(batch, seq, model.config.hidden_size)
-    cos, sin = inner.rotary_emb(hidden, torch.arange(seq)[None].expand(batch, seq))
-    mask = torch.full((seq, seq), torch.finfo(torch.float32).min).triu(1)[None, None].expand(batch, 1, seq, seq).contiguous()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        torch.onnx.export(Stack(), (hidden, cos, sin, mask), str(out), input_names=["hidden", "cos", "sin", "mask"],
-                          output_names=["out"], opset_version=opset, dynamo=False)
-    return out
 
 
 def bench_deepsparse(cfg: BenchConfig, variants: dict[str, Path], progress=None) -> tuple[list[dict], dict]:

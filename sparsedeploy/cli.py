@@ -280,15 +280,19 @@ def _batch_list(text: str) -> list[int]:
 @click.option("--no-verify", is_flag=True, help="skip the sparsity and parity verification")
 @click.option("--greedy-tokens", default=32, show_default=True, type=int, help="greedy tokens compared PyTorch vs ONNX Runtime")
 @click.option("--decode-steps", default=4, show_default=True, type=int, help="KV-cache decode steps whose logits are compared")
+@click.option("--deepsparse-batch", default=1, show_default=True, type=int, help="--target deepsparse: batch of the static decoder-stack graph")
+@click.option("--deepsparse-seq", default=128, show_default=True, type=int, help="--target deepsparse: tokens of the static decoder-stack graph")
 @click.option("--cache-dir", default=None, help="where converted checkpoints are cached")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object")
-def export_cmd(model, output, task, dtype, opset, target, storage, optimize, exporter, no_verify, greedy_tokens, decode_steps, cache_dir, overwrite, as_json):
+def export_cmd(model, output, task, dtype, opset, target, storage, optimize, exporter, no_verify, greedy_tokens, decode_steps,
+               deepsparse_batch, deepsparse_seq, cache_dir, overwrite, as_json):
     """Export a pruned checkpoint to ONNX (KV cache) and prove zeros, N:M layout and logit parity."""
     from sparsedeploy.export import ExportConfig, export_checkpoint, summary
 
     config = ExportConfig(model=model, task=task, dtype=dtype, opset=opset, target=target, storage=storage, optimize=optimize,
-                          exporter=exporter, verify=not no_verify, greedy_tokens=greedy_tokens, decode_steps=decode_steps, cache_dir=cache_dir)
+                          exporter=exporter, verify=not no_verify, greedy_tokens=greedy_tokens, decode_steps=decode_steps, cache_dir=cache_dir,
+                          deepsparse_batch=deepsparse_batch, deepsparse_seq=deepsparse_seq)
     report = export_checkpoint(config, output, overwrite=overwrite)
     data, text = summary(report, output)
     emit(data, as_json, text)

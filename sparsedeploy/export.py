@@ -54,8 +54,9 @@ TARGETS: dict[str, TargetProfile] = {
                          "ONNX Runtime: optimum's default opset 18; ORT-specific fused ops allowed"),
     "deepsparse": TargetProfile("deepsparse", 14, STANDARD_DOMAINS, ("none", "basic"),
                                 "DeepSparse 1.8 bundles onnx 1.14 and an old ONNX Runtime: opset 14 (the lowest the "
-                                "LLaMA export supports), standard ONNX domain only, no com.microsoft ops; graph-level "
-                                "rewriting for its engine is a hook (register_rewrite)"),
+                                "LLaMA export supports), standard ONNX domain only, no com.microsoft ops; its engine aborts on the "
+                                "full decoder, so the decoder stack it compiles is written beside it "
+                                "(deepsparse_decoder_stack.onnx)"),
     "tensorrt": TargetProfile("tensorrt", 17, STANDARD_DOMAINS, ("none", "basic"),
                               "TensorRT: opset 17, standard ops only; MatMul weights kept as constants [K, N] so "
                               "--sparsity=enable sees the 2:4 groups along K"),
@@ -99,6 +100,8 @@ class ExportConfig:
     atol: float | None = None  # None: 1e-4 for float32, the measured bound for float16
     external_data: bool | None = None  # None: only when the model is over 2 GB
     cache_dir: str | None = None
+    deepsparse_batch: int = 1  # --target deepsparse: static shapes of the decoder-stack graph written beside the export
+    deepsparse_seq: int = 128
 
 
 def validate(config: ExportConfig) -> TargetProfile:
@@ -120,6 +123,8 @@ def validate(config: ExportConfig) -> TargetProfile:
         raise UserError(f"--storage sparse is readable only through sparsedeploy's loader, not by {target.name}: use --storage dense")
     if config.decode_steps < 1 or config.greedy_tokens < 1:
         raise UserError("--decode-steps and --greedy-tokens must be at least 1")
+    if config.deepsparse_batch < 1 or config.deepsparse_seq < 1:
+        raise UserError("--deepsparse-batch and --deepsparse-seq must be at least 1")
     return target
 
 
@@ -360,9 +365,73 @@ def export_checkpoint(config: ExportConfig, output: Path | str, overwrite: bool 
                                 f"[full report: {failed}]")
         else:
             report["verification"] = None
+        if target.name == "deepsparse":
+            report["deepsparse_form"] = write_deepsparse_stack(model_dir, tmp, config)
         write_json_atomic(tmp / "export_report.json", report)
     log.info("exported %s -> %s in %.1f s", config.model, output, time.perf_counter() - start)
     return report
+
+
+def export_decoder_stack(checkpoint: Path, out: Path, batch: int, seq: int, opset: int = 14) -> Path:
+    """All decoder blocks of a LLaMA-style checkpoint as one static-shape ONNX graph (the form DeepSparse 1.8 compiles).
+
+    Inputs: hidden [batch, seq, h], the rotary cos/sin [batch, seq, d] and an additive causal mask
+    [batch, 1, seq, seq]; output: the final-norm hidden states. Eager attention: DeepSparse aborts
+    (graph.cpp:925) on the full optimum export, whose mask and attention the stack leaves out.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), attn_implementation="eager", torch_dtype=torch.float32).eval()
+    inner = getattr(model, "model", None)
+    if inner is None or not all(hasattr(inner, a) for a in ("layers", "norm", "rotary_emb")):
+        raise UserError(f"{checkpoint}: not a LLaMA-style model (model.layers/norm/rotary_emb): the decoder-stack form cannot be built")
+
+    class Stack(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers, self.norm = inner.layers, inner.norm
+
+        def forward(self, hidden, cos, sin, mask):
+            for layer in self.layers:
+                o = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin))
+                hidden = o[0] if isinstance(o, tuple) else o
+            return self.norm(hidden)
+
+    hidden = torch.zeros(batch, seq, model.config.hidden_size)
+    cos, sin = inner.rotary_emb(hidden, torch.arange(seq)[None].expand(batch, seq))
+    mask = torch.full((seq, seq), torch.finfo(torch.float32).min).triu(1)[None, None].expand(batch, 1, seq, seq).contiguous()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(Stack(), (hidden, cos, sin, mask), str(out), input_names=["hidden", "cos", "sin", "mask"],
+                          output_names=["out"], opset_version=opset, dynamo=False)
+    return out
+
+
+DEEPSPARSE_STACK = "deepsparse_decoder_stack.onnx"
+
+
+def write_deepsparse_stack(model_dir: Path, out_dir: Path, config: ExportConfig) -> dict:
+    """For --target deepsparse: also write the decoder stack, the form DeepSparse 1.8's own engine compiles.
+
+    The full decoder with KV cache aborts its engine (graph.cpp:925, with static shapes) and with dynamic
+    shapes only reaches its bundled ONNX Runtime; the stack (every block with its pruned weights, static
+    shapes) runs on its sparse kernels. Its zeros are verified like the main export's.
+    """
+    from sparsedeploy.onnx_storage import load_model_proto
+    from sparsedeploy.onnx_verify import checkpoint_reference, verify_sparsity
+
+    path = export_decoder_stack(model_dir, out_dir / DEEPSPARSE_STACK, config.deepsparse_batch, config.deepsparse_seq,
+                                TARGETS["deepsparse"].opset)
+    reference, masks, nm = checkpoint_reference(model_dir, np.float32)
+    sparsity = verify_sparsity(load_model_proto(path), reference, masks, nm)
+    if not sparsity.ok:
+        raise UserError(f"the DeepSparse decoder stack lost zeros ({sparsity.problems[0]}): nothing written")
+    return {"file": path.name, "batch": config.deepsparse_batch, "seq": config.deepsparse_seq,
+            "inputs": ["hidden", "cos", "sin", "mask"], "zeros_onnx": sparsity.to_dict()["zeros_onnx"],
+            "zeros_torch": sparsity.to_dict()["zeros_torch"],
+            "note": "all decoder blocks (attention, norms, MLP) with static shapes: the form DeepSparse 1.8 compiles with its own "
+                    "kernels; embeddings, lm_head and the KV cache stay outside it (see docs/bench.md)"}
 
 
 def verify_export(config: ExportConfig, model_dir: Path, onnx_path: Path, opset: int | None = None) -> dict:

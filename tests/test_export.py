@@ -113,6 +113,15 @@ def test_targets_use_standard_ops_and_their_opset(checkpoints, tmp_path, target,
     assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
     assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == opset
     assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    stack = tmp_path / target / "deepsparse_decoder_stack.onnx"
+    if target == "deepsparse":  # the form DeepSparse's engine compiles, written beside the export, zeros verified
+        form = report["deepsparse_form"]
+        assert stack.is_file() and form["zeros_onnx"] == form["zeros_torch"] > 0 and (form["batch"], form["seq"]) == (1, 128)
+        stack_model = onnx.load(str(stack))
+        assert [i.name for i in stack_model.graph.input] == ["hidden", "cos", "sin", "mask"]
+        assert next(o.version for o in stack_model.opset_import if o.domain in ("", "ai.onnx")) == 14
+    else:
+        assert not stack.exists() and "deepsparse_form" not in report
 
 
 @pytest.mark.parametrize("options, words", [
