@@ -1,0 +1,26 @@
+"""The README's main job, as a user runs it: examples/quickstart.yaml end to end on the real model, offline."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_quickstart_recipe_runs_end_to_end(tmp_path, wikitext_test, cache_dir):
+    out = tmp_path / "quickstart"
+    proc = subprocess.run([sys.executable, "-m", "sparsedeploy", "-q", "run", str(REPO / "examples" / "quickstart.yaml"),
+                           "--output", str(out), "--json"],
+                          cwd=REPO, capture_output=True, text=True, timeout=1800,
+                          env={**__import__("os").environ, "SPARSEDEPLOY_CACHE": str(cache_dir)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["gate"]["passed"] and summary["sparsity"] == pytest.approx(0.5, abs=1e-4)
+    assert summary["dense_ppl"] < summary["pruned_ppl"] < 3 * summary["dense_ppl"]
+    report = json.loads((out / "report.json").read_text())
+    export = json.loads((out / "onnx" / "export_report.json").read_text())
+    assert export["verification"]["ok"]  # zeros equal PyTorch's, logits within 1e-4, same greedy text
+    assert (out / "REPORT.md").is_file() and (out / "bench" / "bench.json").is_file()
+    assert "speedup" in (out / "REPORT.md").read_text().lower() and report["gate"]["passed"]
