@@ -12,6 +12,7 @@ rerun skips the rows already in the JSON (``--fresh`` starts over).
     python benchmarks/quality.py --only "wanda 0.7" "dense"
     python benchmarks/quality.py --ci                       # CI gate: dense + Wanda-50%, fails on regression
     python benchmarks/quality.py --device cuda --suite dsnot  # the same rows on a GPU -> quality_cuda.{json,md}
+    python benchmarks/quality.py --update-docs              # the tables in docs/dsnot.md and docs/allocation.md
 
 Results: benchmarks/results/quality.{json,md}; CI: quality_ci.{json,md}, gated against the same two rows
 of the committed quality.json (TOLERANCE on the Wanda-50% / dense perplexity ratio).
@@ -34,6 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+ROOT_DOCS = HERE.parent / "docs"
 WIKITEXT = Path(os.environ.get("SPARSEDEPLOY_WIKITEXT2", HERE.parent.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"))
 
 # Relative tolerance of the CI gate on the Wanda-50% / dense perplexity ratio versus the committed baseline.
@@ -268,6 +270,31 @@ def summary_tables(doc: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+DOC_SECTIONS = {"methods": ROOT_DOCS / "dsnot.md", "allocation": ROOT_DOCS / "allocation.md", "recovery": ROOT_DOCS / "allocation.md"}
+
+
+def update_docs(doc: dict) -> list[Path]:
+    """Replace the generated tables between `<!-- quality:NAME -->` and `<!-- /quality -->` in the docs."""
+    import re
+
+    text = summary_tables(doc)
+    blocks = text.split("\n\n| ")
+    head, tables = blocks[0], ["| " + b for b in blocks[1:]]
+    sections = {"methods": head + "\n\n" + tables[0].rstrip() + "\n"}
+    for table in tables[1:]:
+        name = "allocation" if table.startswith("| method | allocation") else "recovery"
+        sections[name] = table.rstrip() + "\n"
+    changed = []
+    for name, body in sections.items():
+        path = DOC_SECTIONS[name]
+        old = path.read_text()
+        new = re.sub(rf"(<!-- quality:{name} -->\n).*?(<!-- /quality -->)", lambda m: m.group(1) + body + m.group(2), old, flags=re.S)
+        if new != old:
+            path.write_text(new)
+            changed.append(path)
+    return changed
+
+
 def write_doc(doc: dict, stem: Path) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     for path, text in ((stem.with_suffix(".json"), json.dumps(doc, indent=2) + "\n"), (stem.with_suffix(".md"), to_markdown(doc))):
@@ -331,6 +358,7 @@ def main() -> None:
     parser.add_argument("--ci", action="store_true", help="dense + Wanda-50%%; fail when their ratio regresses past TOLERANCE")
     parser.add_argument("--out", type=Path, default=None, help="result stem [default: benchmarks/results/quality or quality_ci]")
     parser.add_argument("--summary", action="store_true", help="print the pivot tables of the result file (for the docs) and exit")
+    parser.add_argument("--update-docs", action="store_true", help="rewrite the generated tables in docs/dsnot.md and docs/allocation.md")
     parser.add_argument("--device", default="cpu", help="cpu (the committed table) or cuda[:N]; a GPU run writes quality_cuda.*")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per row [1]")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -340,8 +368,12 @@ def main() -> None:
         logging.basicConfig(level=logging.WARNING)
         print(json.dumps(run_one(Setting(**payload["setting"]), Row(**payload["row"]))))
         return
-    if args.summary:
-        print(summary_tables(json.loads((args.out or RESULTS / "quality").with_suffix(".json").read_text())))
+    if args.summary or args.update_docs:
+        doc = json.loads((args.out or RESULTS / "quality").with_suffix(".json").read_text())
+        if args.update_docs:
+            print("\n".join(f"updated {p}" for p in update_docs(doc)) or "docs already up to date")
+        else:
+            print(summary_tables(doc))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rows = CI_ROWS if args.ci else planned_rows()

@@ -47,3 +47,23 @@ def test_settings_compare_without_the_checkout_location():
     b = {"nsamples": 16, "eval_data": "wikitext2:/tmp/x/shared/data/wikitext-2-raw/wiki.test.raw"}
     assert quality.comparable(a) == quality.comparable(b)
     assert quality.comparable(a) != quality.comparable({**b, "nsamples": 32})
+
+
+def test_update_docs_replaces_only_the_generated_tables(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(__import__("sys").modules, "quality_bench", quality)  # dataclasses look their module up
+    spec.loader.exec_module(quality)
+    dsnot, alloc = tmp_path / "dsnot.md", tmp_path / "allocation.md"
+    dsnot.write_text("intro\n<!-- quality:methods -->\nold\n<!-- /quality -->\nafter\n")
+    alloc.write_text("a\n<!-- quality:allocation -->\nold\n<!-- /quality -->\nb\n<!-- quality:recovery -->\nold\n<!-- /quality -->\nc\n")
+    monkeypatch.setattr(quality, "DOC_SECTIONS", {"methods": dsnot, "allocation": alloc, "recovery": alloc})
+    doc = json.loads((REPO / "benchmarks" / "results" / "quality.json").read_text())
+    assert set(quality.update_docs(doc)) == {dsnot, alloc}
+    text = dsnot.read_text()
+    assert text.startswith("intro\n<!-- quality:methods -->\nDense: ") and text.endswith("<!-- /quality -->\nafter\n") and "old" not in text
+    text = alloc.read_text()
+    assert "| method | allocation |" in text and "| pruned | before recovery |" in text and "old" not in text
+    assert quality.update_docs(doc) == []  # idempotent
