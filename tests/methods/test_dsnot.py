@@ -212,9 +212,11 @@ def test_dsnot_on_tiny_model_through_engine(tiny_model, tiny_samples):
     masks = prune_model(tiny_model, tiny_samples, method, lambda _i, _n: spec, CPU, show_progress=False)
     assert method.summary["linears"] == 14 and method.summary["refined"] == 8
     wanda = prune_model(tiny_model_copy, tiny_samples, build_method("wanda"), lambda _i, _n: spec, CPU, show_progress=False)
-    for name, mask in masks.items():  # DSnoT keeps Wanda's count in every row, and the layer's sparsity is the ratio
-        assert torch.equal(mask.sum(1), wanda[name].sum(1))
+    for name, mask in masks.items():  # DSnoT keeps its Wanda start's row counts, and the layer's sparsity is the ratio
         assert int((~mask).sum()) == round(mask.numel() * 0.6)
+        assert int(mask.sum(1).max() - mask.sum(1).min()) <= 1
+        if ".layers.0." in name:  # same block inputs in both runs: the very rows Wanda chose
+            assert torch.equal(mask.sum(1), wanda[name].sum(1))
 
 
 @pytest.mark.parametrize("sparsity", ["0.6", "2:4"])

@@ -31,8 +31,13 @@ def test_verified_dsnot_never_worse_than_wanda_init_and_better_somewhere(smollm,
         print(sparsity, ppl, method.summary)
         assert method.summary["refined"] == 30 * {"attn": 4, "mlp": 3, "all": 7}[method.targets]
         assert method.summary["swaps"] > 0
-        for name, mask in masks["dsnot"].items():  # same count per row as Wanda
-            assert torch.equal(mask.sum(1), masks["wanda"][name].sum(1)), name
+        for name, mask in masks["dsnot"].items():  # Wanda's count: per linear exactly, per row within one
+            wanda = masks["wanda"][name]
+            assert int(mask.sum()) == int(wanda.sum()), name
+            per_row = mask.sum(1)
+            assert int(per_row.max() - per_row.min()) <= 1, name
+            if ".layers.0." in name:  # block 0 sees the same inputs in both runs: the very rows of its Wanda start
+                assert torch.equal(per_row, wanda.sum(1)), name
         ratios[sparsity] = ppl["dsnot"] / ppl["wanda"]
     assert all(r <= 1.01 for r in ratios.values()), ratios  # never worse than its start (within 1%)
     assert min(ratios.values()) < 1.0, ratios  # and strictly better in at least one setting
