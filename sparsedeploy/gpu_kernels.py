@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sparsedeploy.sparsity import SparsitySpec, mask_lowest_per_row
+from sparsedeploy.kernels import random_pruned_linear
+from sparsedeploy.sparsity import SparsitySpec
 from sparsedeploy.timing import summarize
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,7 @@ MODES = ("eager", "graph")
 
 def pruned_weight(shape: LinearShape, dtype: torch.dtype, device: torch.device, seed: int = 0) -> torch.Tensor:
     """A random weight pruned 2:4 along K by magnitude, on `device` in `dtype`."""
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(shape.out_features, shape.in_features, generator=gen) / shape.in_features ** 0.5
-    w = w * mask_lowest_per_row(w.abs(), TWO_FOUR)
-    return w.to(device=device, dtype=dtype)
+    return random_pruned_linear(shape.out_features, shape.in_features, TWO_FOUR, seed).to(device=device, dtype=dtype)
 
 
 def backend_available(backend: str, device: torch.device | None = None) -> tuple[bool, str]:

@@ -47,13 +47,18 @@ LLAMA1B_SHAPES = [
 DEFAULT_PATTERNS = ["0.5", "0.7", "0.9", "2:4"]
 
 
-def sparse_weight(k: int, n: int, spec: SparsitySpec | None, seed: int = 0) -> np.ndarray:
-    """A random float32 weight in ONNX MatMul layout [k, n], pruned per output column along k."""
+def random_pruned_linear(n: int, k: int, spec: SparsitySpec | None, seed: int = 0) -> torch.Tensor:
+    """A random float32 nn.Linear weight [out n, in k], each row pruned by magnitude along k (or dense for None)."""
     gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=gen) / k ** 0.5  # nn.Linear layout [out, in]
+    w = torch.randn(n, k, generator=gen) / k ** 0.5
     if spec is not None and (spec.is_nm or spec.ratio > 0):
         w = w * mask_lowest_per_row(w.abs(), spec)
-    return np.ascontiguousarray(w.T.numpy())
+    return w
+
+
+def sparse_weight(k: int, n: int, spec: SparsitySpec | None, seed: int = 0) -> np.ndarray:
+    """A random float32 weight in ONNX MatMul layout [k, n], pruned per output column along k."""
+    return np.ascontiguousarray(random_pruned_linear(n, k, spec, seed).T.numpy())
 
 
 def build_chain(path: Path, k: int, n: int, batch: int, spec: SparsitySpec | None, depth: int = 4, seed: int = 0) -> Path:
