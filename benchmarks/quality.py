@@ -228,8 +228,9 @@ def to_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_tables(doc: dict) -> str:
-    """Pivot tables for the docs: perplexity by row label and sparsity (DSnoT rows also vs their initialiser)."""
+def summary_sections(doc: dict) -> dict[str, str]:
+    """Pivot tables for the docs, by section: `methods` (perplexity by row label and sparsity, DSnoT rows also
+    vs their initialiser), `allocation` (uniform/OWL/ATP) and `recovery`, each only when it has rows."""
     res = [r for r in doc["results"] if "error" not in r]
     ppl = {(r["label"], r["sparsity"], r["allocation"], bool(r.get("recover"))): r["ppl"] for r in res}
     dense = ppl.get(("dense", "-", "uniform", False))
@@ -250,24 +251,29 @@ def summary_tables(doc: dict) -> str:
     for label in labels:
         base = label.split("+dsnot")[0] if "+dsnot" in label else None
         out.append(f"| {label} | " + " | ".join(cell(label, c, base=base) for c in cols) + " |")
+    sections = {"methods": out}
     allocs = sorted({(r["label"], r["allocation"]) for r in res if r["allocation"] != "uniform"})
     if allocs:
         acols = [c for c in ("0.6", "0.7") if c in cols]
-        out += ["", "| method | allocation | " + " | ".join(acols) + " |", "|---|---|" + "---|" * len(acols)]
+        out = ["| method | allocation | " + " | ".join(acols) + " |", "|---|---|" + "---|" * len(acols)]
         for label in sorted({a[0] for a in allocs}):
             for alloc in ("uniform", "owl", "atp"):
                 out.append(f"| {label} | {alloc} | " + " | ".join(cell(label, c, alloc, base=None if alloc == "uniform" else label)
                                                               for c in acols) + " |")
-        out.append("")
-        out.append("(percentages: against the same method with uniform sparsity)")
+        sections["allocation"] = out + ["", "(percentages: against the same method with uniform sparsity)"]
     recs = [r for r in res if r.get("recover")]
     if recs:
-        out += ["", "| pruned | before recovery | after | training tokens | training time (s) | zeros identical |", "|---|---|---|---|---|---|"]
+        out = ["| pruned | before recovery | after | training tokens | training time (s) | zeros identical |", "|---|---|---|---|---|---|"]
         for r in recs:
             v = r["recovery"]
             out.append(f"| {r['label']} {r['sparsity']} | {r['ppl_before_recovery']:.1f} | {r['ppl']:.1f} | {v['tokens']} | {v['seconds']:.0f} | "
                        f"{r['zeros_identical']} |")
-    return "\n".join(out) + "\n"
+        sections["recovery"] = out
+    return {name: "\n".join(lines) + "\n" for name, lines in sections.items()}
+
+
+def summary_tables(doc: dict) -> str:
+    return "\n".join(summary_sections(doc).values())
 
 
 DOC_SECTIONS = {"methods": ROOT_DOCS / "dsnot.md", "allocation": ROOT_DOCS / "allocation.md", "recovery": ROOT_DOCS / "allocation.md"}
@@ -277,15 +283,8 @@ def update_docs(doc: dict) -> list[Path]:
     """Replace the generated tables between `<!-- quality:NAME -->` and `<!-- /quality -->` in the docs."""
     import re
 
-    text = summary_tables(doc)
-    blocks = text.split("\n\n| ")
-    head, tables = blocks[0], ["| " + b for b in blocks[1:]]
-    sections = {"methods": head + "\n\n" + tables[0].rstrip() + "\n"}
-    for table in tables[1:]:
-        name = "allocation" if table.startswith("| method | allocation") else "recovery"
-        sections[name] = table.rstrip() + "\n"
     changed = []
-    for name, body in sections.items():
+    for name, body in summary_sections(doc).items():
         path = DOC_SECTIONS[name]
         old = path.read_text()
         new = re.sub(rf"(<!-- quality:{name} -->\n).*?(<!-- /quality -->)", lambda m: m.group(1) + body + m.group(2), old, flags=re.S)
