@@ -11,10 +11,10 @@ Parts:
            -> speed_gpu_kernels.{json,md}
   models   whole models in PyTorch (sparsedeploy.bench, engine torch): smollm2-135m pruned 2:4 by Wanda on
            this GPU vs the dense model, and a speed-only LLaMA-1B-like model (random weights, magnitude 2:4)
-           vs its dense twin; prefill and decode with the KV cache -> speed_gpu_model_*.{json,md}
+           vs its dense twin; prefill and decode with the KV cache -> speed_gpu_model/*.{json,md,png}
 
-`--calib` picks the calibration text for the real model (default gensim-wiki; `text:PATH` where gensim
-is not installed). Every figure states the GPU and torch version it came from.
+`--calib` picks the calibration text for the real model (default gensim-wiki, read from the cache of its
+cleaned text where gensim is not installed). Every figure states the GPU and torch version it came from.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def run_models(args, out: Path) -> None:
             result = run_bench(cfg)
             result["machine"].update(gpu_info())
             result["model_label"] = tag + (" (speed-only: random weights)" if "speed_only" in tag else "")
-            stem = out / f"speed_gpu_model_{tag}_{dtype}"
+            stem = out / "speed_gpu_model" / f"{tag}_{dtype}"
             write_json_atomic(stem.with_suffix(".json"), result)
             stem.with_suffix(".md").write_text(markdown(result))
             plot(result, stem.with_suffix(".png"))

@@ -427,9 +427,9 @@ def write_deepsparse_stack(model_dir: Path, out_dir: Path, config: ExportConfig)
     sparsity = verify_sparsity(load_model_proto(path), reference, masks, nm)
     if not sparsity.ok:
         raise UserError(f"the DeepSparse decoder stack lost zeros ({sparsity.problems[0]}): nothing written")
+    counts = sparsity.to_dict()
     return {"file": path.name, "batch": config.deepsparse_batch, "seq": config.deepsparse_seq,
-            "inputs": ["hidden", "cos", "sin", "mask"], "zeros_onnx": sparsity.to_dict()["zeros_onnx"],
-            "zeros_torch": sparsity.to_dict()["zeros_torch"],
+            "inputs": ["hidden", "cos", "sin", "mask"], "zeros_onnx": counts["zeros_onnx"], "zeros_torch": counts["zeros_torch"],
             "note": "all decoder blocks (attention, norms, MLP) with static shapes: the form DeepSparse 1.8 compiles with its own "
                     "kernels; embeddings, lm_head and the KV cache stay outside it (see docs/bench.md)"}
 

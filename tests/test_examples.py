@@ -1,6 +1,7 @@
 """The README's main job, as a user runs it: examples/quickstart.yaml end to end on the real model, offline."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ def test_quickstart_recipe_runs_end_to_end(tmp_path, wikitext_test, cache_dir):
     proc = subprocess.run([sys.executable, "-m", "sparsedeploy", "-q", "run", str(REPO / "examples" / "quickstart.yaml"),
                            "--output", str(out), "--json"],
                           cwd=REPO, capture_output=True, text=True, timeout=1800,
-                          env={**__import__("os").environ, "SPARSEDEPLOY_CACHE": str(cache_dir)})
+                          env={**os.environ, "SPARSEDEPLOY_CACHE": str(cache_dir)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     assert summary["gate"]["passed"] and summary["sparsity"] == pytest.approx(0.5, abs=1e-4)
