@@ -137,14 +137,28 @@ def unpack_sparse(model, sparse_file: Path) -> None:
     del model.metadata_props[:]  # the rebuilt model is an ordinary dense model
 
 
+def too_big_for_one_file(model) -> bool:
+    """Whether `model` is too close to protobuf's 2 GB limit to be serialised in one piece.
+
+    Summed per initializer: ModelProto.ByteSize() itself raises EncodeError past 2 GB.
+    """
+    total = 0
+    for init in model.graph.initializer:
+        total += init.ByteSize() if init.data_location != 1 else 0  # 1 = EXTERNAL: only a reference here
+        if total > TWO_GB - 64 * 1024**2:
+            return True
+    for node in model.graph.node:  # Constant nodes and other tensor attributes
+        total += sum(attr.t.ByteSize() for attr in node.attribute if attr.HasField("t"))
+    return total > TWO_GB - 64 * 1024**2
+
+
 def save_model_proto(model, file: Path, external: bool | None = None) -> None:
     """Save `model` to `file`; external data (model.onnx_data) when asked or when it would not fit in 2 GB."""
     import onnx
 
     file = Path(file)
-    size = model.ByteSize()
     if external is None:
-        external = size > TWO_GB - 64 * 1024**2
+        external = too_big_for_one_file(model)
     if external:
         data = file.name + "_data"
         onnx.save_model(model, str(file), save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024)
@@ -169,7 +183,7 @@ def session_from_path(path: Path | str, threads: int | None = None, optimization
     providers = providers or ["CPUExecutionProvider"]
     if (file.parent / SPARSE_FILE).is_file():
         model = load_model_proto(file)
-        if model.ByteSize() > TWO_GB - 64 * 1024**2:
+        if too_big_for_one_file(model):
             raise UserError(f"{file} uses sparse storage and is over 2 GB dense: re-export with --storage dense for this size")
         source = model.SerializeToString()
     else:

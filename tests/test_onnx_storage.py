@@ -57,3 +57,31 @@ def test_missing_or_corrupt_side_file(both, tmp_path):
     (copy / SPARSE_FILE).unlink()
     with pytest.raises(UserError):
         load_model_proto(copy / "model.onnx")
+
+
+def test_a_model_past_the_2gb_limit_is_saved_with_external_data(tmp_path, monkeypatch):
+    """ModelProto.ByteSize() raises EncodeError past 2 GB (a 1B model in fp32 is 4.4 GB), so the size is
+    summed per tensor; the limit is shrunk here so the test needs kilobytes, not gigabytes."""
+    import onnx
+    from onnx import helper
+
+    import sparsedeploy.onnx_storage as storage
+
+    def model_with(weights: dict[str, np.ndarray]):
+        inits = [numpy_helper.from_array(w, name) for name, w in weights.items()]
+        nodes = [helper.make_node("MatMul", ["x", name], [f"y{i}"]) for i, name in enumerate(weights)]
+        outs = [helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, [1, 64]) for i in range(len(weights))]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])], outs, inits)
+        return helper.make_model(graph)
+
+    rng = np.random.default_rng(0)
+    weights = {f"w{i}": rng.standard_normal((64, 64)).astype(np.float32) for i in range(4)}  # 4 x 16 KiB
+    monkeypatch.setattr(storage, "TWO_GB", 64 * 1024**2 + 40 * 1024)  # "2 GB" = the 64 MiB margin + 40 KiB
+    assert not storage.too_big_for_one_file(model_with(dict(list(weights.items())[:2])))
+    big = model_with(weights)
+    assert storage.too_big_for_one_file(big)
+    monkeypatch.setattr(type(big), "ByteSize", lambda self: (_ for _ in ()).throw(AssertionError("whole-model ByteSize called")))
+    storage.save_model_proto(big, tmp_path / "model.onnx")
+    assert (tmp_path / "model.onnx_data").stat().st_size >= 4 * 64 * 64 * 4
+    loaded = load_model_proto(tmp_path / "model.onnx")
+    assert all(np.array_equal(numpy_helper.to_array(i), weights[i.name]) for i in loaded.graph.initializer)
