@@ -230,3 +230,44 @@ def save_checkpoint(lm: LoadedModel, out: Path) -> None:
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+# Speed-only models: LLaMA shapes larger than any checkpoint available offline, with random weights.
+# Speed depends on shapes and the sparsity pattern, not on the values, so these answer "what would
+# sparsity buy on a 1B model" without pretending to say anything about quality.
+SPEED_ONLY_PRESETS: dict[str, dict[str, int]] = {
+    # TinyLlama-1.1B's shapes: hidden 2048, MLP 5632, 22 layers, 32 query / 4 key-value heads.
+    "llama-1b-like": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                          num_key_value_heads=4),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+def build_speed_only_model(preset: str, out: Path, tokenizer_from: str = "smollm2-135m", seed: int = 0,
+                           dtype: str = "float32", cache: str | os.PathLike | None = None) -> Path:
+    """Write a random-weight LLaMA checkpoint with a preset's shapes into `out` (atomically).
+
+    The tokenizer (and so the vocabulary size) is `tokenizer_from`'s, so every command that needs one
+    (prune's calibration, export's greedy-text check, bench) runs on it unchanged. The config is marked
+    `speed_only` so that reports can say what the model is.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if preset not in SPEED_ONLY_PRESETS:
+        raise UserError(f"unknown speed-only preset {preset!r}: use one of {', '.join(SPEED_ONLY_PRESETS)}")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_from, cache))
+    config = LlamaConfig(**SPEED_ONLY_PRESETS[preset], vocab_size=len(tokenizer), max_position_embeddings=2048,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config.speed_only = f"{preset}: random weights (seed {seed}), for speed measurements only"
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = LlamaForCausalLM(config).to(resolve_dtype(dtype)).eval()
+    finally:
+        torch.random.set_rng_state(generator_state)
+    params = sum(p.numel() for p in model.parameters())
+    log.info("speed-only %s: %.2fB parameters, random weights", preset, params / 1e9)
+    with atomic_dir(Path(out)) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return Path(out)

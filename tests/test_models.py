@@ -107,3 +107,22 @@ def test_default_seqlen_is_capped_at_2048(max_positions, expected):
 
     model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=max_positions))
     assert default_seqlen(model) == expected
+
+
+def test_speed_only_model_has_the_preset_shapes_and_loads_everywhere(cache_dir, tmp_path):
+    from transformers import AutoConfig
+
+    from sparsedeploy.models import SPEED_ONLY_PRESETS, build_speed_only_model
+
+    path = build_speed_only_model("tiny", tmp_path / "tiny", tokenizer_from="smollm2-135m", seed=3, cache=cache_dir)
+    config = AutoConfig.from_pretrained(path)
+    for key, value in SPEED_ONLY_PRESETS["tiny"].items():
+        assert getattr(config, key) == value
+    assert "random weights" in config.speed_only
+    lm = load_model(str(path), "float32", cache_dir)  # what prune/export/bench load: tokenizer included
+    assert lm.model.config.vocab_size == len(lm.tokenizer) == 49152
+    again = build_speed_only_model("tiny", tmp_path / "again", seed=3, cache=cache_dir)
+    assert torch.equal(load_model(str(again), "float32", cache_dir).model.lm_head.weight, lm.model.lm_head.weight)  # seeded
+    with pytest.raises(UserError, match="unknown speed-only preset"):
+        build_speed_only_model("llama-70b", tmp_path / "x", cache=cache_dir)
+    assert not (tmp_path / "x").exists()
