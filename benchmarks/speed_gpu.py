@@ -75,24 +75,22 @@ def kernels_markdown(doc: dict) -> str:
             + linear_markdown(doc["rows"]))
 
 
-def speed_only_llama(path_dense: Path, path_sparse: Path, seed: int = 0) -> None:
-    """A LLaMA-1B-like model (hidden 2048, MLP 5632, 22 layers, GQA 32/4) with random weights, dense and 2:4."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def speed_only_llama(path_dense: Path, path_sparse: Path, cache_dir=None, seed: int = 0, preset: str = "llama-1b-like") -> None:
+    """The LLaMA-1B-like speed-only model (random weights, sparsedeploy.models preset), dense and 2:4 by magnitude."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sparsedeploy.models import find_blocks, find_linears
+    from sparsedeploy.models import build_speed_only_model, find_blocks, find_linears
     from sparsedeploy.sparsity import SparsitySpec, mask_lowest_per_row
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                         num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, torch_dtype="float16")
-    model = LlamaForCausalLM(config).half().eval()
-    model.save_pretrained(path_dense)
+    build_speed_only_model(preset, path_dense, seed=seed, dtype="float16", cache=cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(path_dense), dtype=torch.float16).eval()
     spec = SparsitySpec.nm(2, 4)
     with torch.no_grad():
         for block in find_blocks(model):
             for linear in find_linears(block).values():
                 linear.weight.mul_(mask_lowest_per_row(linear.weight.abs().float(), spec))
     model.save_pretrained(path_sparse)
+    AutoTokenizer.from_pretrained(str(path_dense)).save_pretrained(path_sparse)
 
 
 def run_models(args, out: Path) -> None:
@@ -108,7 +106,7 @@ def run_models(args, out: Path) -> None:
     log.info("smollm2-135m Wanda 2:4 on cuda: %.1f s, measured sparsity %.4f", report["prune_seconds"], report["overall_sparsity"])
     pairs["smollm2_wanda24"] = (work / "smollm2_wanda24", dense)
     speed_dense, speed_sparse = work / "llama1b_dense", work / "llama1b_24"
-    speed_only_llama(speed_dense, speed_sparse)
+    speed_only_llama(speed_dense, speed_sparse, args.cache_dir)
     pairs["llama1b_speed_only_24"] = (speed_sparse, speed_dense)
     for tag, (sparse, base) in pairs.items():
         for dtype in args.model_dtypes:
