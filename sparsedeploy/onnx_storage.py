@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 
 from sparsedeploy.errors import UserError
+from sparsedeploy.fsutil import _umask
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +164,7 @@ def save_model_proto(model, file: Path, external: bool | None = None) -> None:
     if external:
         data = file.name + "_data"
         onnx.save_model(model, str(file), save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024)
+        os.chmod(file.parent / data, 0o666 & ~_umask())  # onnx creates it 0600; readable like model.onnx
     else:
         onnx.save_model(model, str(file))
 

@@ -82,6 +82,8 @@ def test_a_model_past_the_2gb_limit_is_saved_with_external_data(tmp_path, monkey
     assert storage.too_big_for_one_file(big)
     monkeypatch.setattr(type(big), "ByteSize", lambda self: (_ for _ in ()).throw(AssertionError("whole-model ByteSize called")))
     storage.save_model_proto(big, tmp_path / "model.onnx")
-    assert (tmp_path / "model.onnx_data").stat().st_size >= 4 * 64 * 64 * 4
+    data = tmp_path / "model.onnx_data"
+    assert data.stat().st_size >= 4 * 64 * 64 * 4
+    assert data.stat().st_mode & 0o777 == (tmp_path / "model.onnx").stat().st_mode & 0o777  # not onnx's 0600
     loaded = load_model_proto(tmp_path / "model.onnx")
     assert all(np.array_equal(numpy_helper.to_array(i), weights[i.name]) for i in loaded.graph.initializer)
