@@ -15,6 +15,10 @@ Engines:
 - ``torch``: a Hugging Face checkpoint directory in PyTorch. On CUDA the sparse model's 2:4 linears
   are converted with ``torch.sparse.to_sparse_semi_structured`` (fp16/bf16); without CUDA and with
   ``--device cuda`` the command says so and stops cleanly.
+- ``tensorrt``: the same static forms as DeepSparse (decoder stack, linear skeleton) built into TensorRT
+  engines on a GPU (engines/tensorrt_engine.py): the dense export dense, the sparse one with
+  SPARSE_WEIGHTS; outputs checked against ONNX Runtime, sparse-kernel layers listed. Without CUDA or the
+  tensorrt package the command says which is missing and stops cleanly.
 
 Dense and sparse models run alternately in the same process (sparsedeploy.timing), so the ratio is
 taken per round and machine drift cancels.
@@ -39,6 +43,9 @@ from sparsedeploy.timing import Interleaved, run_interleaved, summarize
 log = logging.getLogger(__name__)
 
 PHASES = ("prefill", "decode", "total")
+
+
+ENGINES = ("ort", "deepsparse", "torch", "tensorrt")
 
 
 @dataclass
@@ -284,41 +291,98 @@ def bench_deepsparse(cfg: BenchConfig, variants: dict[str, Path], progress=None)
     except ds.EngineFailed as exc:
         notes["full_graph"] = {"runs": False, "reason": str(exc), "stderr": exc.stderr_tail[-500:]}
         log.info("DeepSparse rejects the full graph with static shapes (%s): timing the decoder stack / linear skeleton", exc)
-    # 2. Prefill: the decoder stack when every variant's checkpoint is at hand (the most complete form
-    #    DeepSparse compiles), else the linear skeleton; decode step: the linear skeleton. Each form is
+    # 2. Prefill on the decoder stack (or the linear skeleton), decode step on the linear skeleton, each
     #    timed in DeepSparse and, on the same graph, in ONNX Runtime.
     from sparsedeploy.kernels import time_ort_static
 
+    with tempfile.TemporaryDirectory(prefix="sd-deepsparse-forms-") as tmp:
+        for form in static_forms(cfg, variants, Path(tmp), notes):
+            for engine in ("deepsparse", "ort"):
+                if engine == "deepsparse":
+                    times = ds.bench_models(env, form.paths, form.batch if form.stack else form.rows,
+                                            cfg.threads, rounds=max(cfg.rounds, 3), per_round=3, min_sample_s=0.02)["times"]
+                else:
+                    times = time_ort_static(form.paths, cfg.threads, max(cfg.rounds, 3), 3)
+                rows.extend(form_rows(form, times, engine, cfg, progress))
+    return rows, notes
+
+
+@dataclass
+class StaticForm:
+    """One static-shape graph per variant for one (batch, phase): what DeepSparse and TensorRT time."""
+
+    batch: int
+    phase: str  # prefill | decode-step
+    stack: bool  # decoder stack (else linear skeleton)
+    rows: int  # token rows through the linears
+    paths: dict[str, Path]
+
+
+def static_forms(cfg: BenchConfig, variants: dict[str, Path], tmp: Path, notes: dict):
+    """Prefill: the decoder stack when every variant's source checkpoint is at hand (the most complete form
+    DeepSparse compiles), else the linear skeleton; decode step: the linear skeleton (rows = batch)."""
     checkpoints = {name: source_checkpoint(path.parent) for name, path in variants.items()}
     use_stack = all(checkpoints.values())
     if not use_stack:
         notes["stack"] = "no source checkpoint beside an export (export_report.json model_path): prefill timed on the linear skeleton"
     weights = {name: matmul_weights(path) for name, path in variants.items()}
-    with tempfile.TemporaryDirectory(prefix="sd-deepsparse-forms-") as tmp:
-        for batch in cfg.batches:
-            for phase in ("prefill", "decode-step"):
-                stack = phase == "prefill" and use_stack
-                rows_n = batch * cfg.prompt_len if phase == "prefill" else batch
-                paths = {}
-                for name in variants:
-                    paths[name] = Path(tmp) / f"{name}_{phase}_b{batch}.onnx"
-                    if stack:
-                        export_decoder_stack(checkpoints[name], paths[name], batch, cfg.prompt_len)
-                    else:
-                        notes.setdefault("skeleton", {})[name] = build_linear_skeleton(weights[name], rows_n, paths[name])
-                for engine in ("deepsparse", "ort"):
-                    if engine == "deepsparse":
-                        times = ds.bench_models(env, paths, batch if stack else rows_n, cfg.threads, rounds=max(cfg.rounds, 3),
-                                                per_round=3, min_sample_s=0.02)["times"]
-                    else:
-                        times = time_ort_static(paths, cfg.threads, max(cfg.rounds, 3), 3)
-                    res = Interleaved(times=times, phases={n: {phase: t} for n, t in times.items()})
-                    new = phase_rows(res, list(variants), batch, cfg.prompt_len, 0, STACK_FORM if stack else SKELETON_FORM, engine)
-                    for r in new:
-                        r["rows"] = rows_n
-                    rows.extend(new)
-                    if progress:
-                        progress(new)
+    for batch in cfg.batches:
+        for phase in ("prefill", "decode-step"):
+            stack = phase == "prefill" and use_stack
+            rows_n = batch * cfg.prompt_len if phase == "prefill" else batch
+            paths = {}
+            for name in variants:
+                paths[name] = tmp / f"{name}_{phase}_b{batch}.onnx"
+                if stack:
+                    export_decoder_stack(checkpoints[name], paths[name], batch, cfg.prompt_len)
+                else:
+                    notes.setdefault("skeleton", {})[name] = build_linear_skeleton(weights[name], rows_n, paths[name])
+            yield StaticForm(batch, phase, stack, rows_n, paths)
+
+
+def form_rows(form: StaticForm, times: dict[str, list[float]], engine: str, cfg: BenchConfig, progress=None) -> list[dict]:
+    res = Interleaved(times=times, phases={n: {form.phase: t} for n, t in times.items()})
+    new = phase_rows(res, list(form.paths), form.batch, cfg.prompt_len, 0, STACK_FORM if form.stack else SKELETON_FORM, engine)
+    for r in new:
+        r["rows"] = form.rows
+    if progress:
+        progress(new)
+    return new
+
+
+def bench_tensorrt(cfg: BenchConfig, variants: dict[str, Path], progress=None) -> tuple[list[dict], dict]:
+    """TensorRT on the static forms: the dense variant built dense, the sparse one with SPARSE_WEIGHTS.
+
+    Each sparse engine's output is compared with ONNX Runtime's on the same graph and inputs (CPU), so a
+    wrong sparse kernel shows; the layers TensorRT built with sparse kernels are listed per form.
+    """
+    import torch
+
+    from sparsedeploy.engines import tensorrt_engine as te
+    from sparsedeploy.models import resolve_device
+    from sparsedeploy.onnx_storage import session_from_path
+
+    device = resolve_device(cfg.device)
+    notes: dict = {"device": str(device), "gpu": torch.cuda.get_device_name(device), "builds": []}
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="sd-tensorrt-forms-") as tmp:
+        for form in static_forms(cfg, variants, Path(tmp), notes):
+            runners = {}
+            for name, path in form.paths.items():
+                built = te.build_engine(path, sparse=name != "dense", fp16=cfg.dtype != "float32")
+                runners[name] = te.EngineRunner(built, device, seed=0)
+                ref = session_from_path(path, threads=None).run(None, runners[name].numpy_inputs())[0]
+                runners[name]()
+                got = next(iter(runners[name].numpy_outputs().values()))
+                rel = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+                notes["builds"].append({"variant": name, "batch": form.batch, "phase": form.phase, "precision": built.precision,
+                                        "build_seconds": round(built.build_seconds, 1), "max_rel_err_vs_ort": rel,
+                                        "sparse_layers": len(built.layers["picked_sparse"]),
+                                        "eligible_layers": len(built.layers["eligible"]), "layers": built.layers})
+            times = run_interleaved(runners, rounds=max(cfg.rounds, 3), per_round=3, warmup=cfg.warmup, min_sample_s=0.02).times
+            rows.extend(form_rows(form, times, "tensorrt", cfg, progress))
+            del runners
+            torch.cuda.empty_cache()
     return rows, notes
 
 
@@ -450,8 +514,8 @@ def bench_torch(cfg: BenchConfig, variants: dict[str, Path], progress=None) -> t
     models = {name: TorchCausalLM(path, device, dtype, semi and name != "dense") for name, path in variants.items()}
     notes = {"device": str(device), "dtype": cfg.dtype, "semi_structured_linears": {n: m.converted for n, m in models.items()},
              "tensorrt": ("not measured: the tensorrt package is not importable here" if not _importable("tensorrt") else
-                          "not measured: sparsedeploy does not build TensorRT engines; build one from the 2:4 export with "
-                          "`trtexec --onnx=ONNX_DIR/model.onnx --fp16 --sparsity=enable`")}
+                          "not measured in this run: `sparsedeploy bench --engine tensorrt --device cuda` builds dense and "
+                          "2:4-sparse TensorRT engines from the exports")}
     form = "full model, torch " + ("2:4 semi-structured sparse linears" if semi else "dense kernels on zeroed weights (CPU: no 2:4 kernels)")
     rows = []
     for batch in cfg.batches:
@@ -475,8 +539,8 @@ def _importable(name: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 def run_bench(cfg: BenchConfig, progress=None) -> dict:
-    if cfg.engine not in ("ort", "deepsparse", "torch"):
-        raise UserError(f"unknown --engine {cfg.engine!r}: use ort, deepsparse or torch")
+    if cfg.engine not in ENGINES:
+        raise UserError(f"unknown --engine {cfg.engine!r}: use {', '.join(ENGINES)}")
     if any(b < 1 for b in cfg.batches) or cfg.prompt_len < 1 or cfg.gen_len < 0 or cfg.threads < 1 or cfg.rounds < 1:
         raise UserError("--batch, --prompt-len, --threads and --rounds must be positive and --gen-len >= 0")
     if cfg.engine == "torch":
@@ -486,6 +550,14 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         variants = {**({"dense": Path(cfg.baseline)} if cfg.baseline else {}), "sparse": Path(cfg.model)}
     else:
         variants = {**({"dense": find_onnx(cfg.baseline, "--baseline")} if cfg.baseline else {}), "sparse": find_onnx(cfg.model)}
+    if cfg.engine == "tensorrt":
+        from sparsedeploy.engines.tensorrt_engine import unavailable_reason
+
+        if not cfg.device.startswith("cuda"):
+            raise UserError(f"--engine tensorrt runs on a GPU, not on --device {cfg.device}: add --device cuda")
+        reason = unavailable_reason()
+        if reason:
+            return {"skipped": f"--engine tensorrt: not run: {reason}"}
     if cfg.engine == "torch" and cfg.device.startswith("cuda"):
         import torch
 
@@ -493,7 +565,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
             return {"skipped": f"--engine torch --device {cfg.device}: CUDA is not available on this machine, so the 2:4 "
                                "semi-structured GPU benchmark was not run (use --engine ort or deepsparse on CPU)"}
     machine = machine_info(cfg.threads)
-    if cfg.engine == "torch" and cfg.device.startswith("cuda"):
+    if cfg.engine in ("torch", "tensorrt") and cfg.device.startswith("cuda"):
         import torch
 
         machine.update(gpu=torch.cuda.get_device_name(torch.device(cfg.device)), torch=torch.__version__)
@@ -507,6 +579,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
 
         result["rows"], result["notes"] = bench_deepsparse(cfg, variants, progress)
         result["licence"] = LICENCE_NOTE
+    elif cfg.engine == "tensorrt":
+        result["rows"], result["notes"] = bench_tensorrt(cfg, variants, progress)
     else:
         result["rows"], result["notes"] = bench_torch(cfg, variants, progress)
     return result

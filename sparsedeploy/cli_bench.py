@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from sparsedeploy.bench import ENGINES
 from sparsedeploy.errors import UserError
 
 log = logging.getLogger("sparsedeploy")
@@ -26,14 +27,15 @@ def _batches(text: str) -> list[int]:
 @click.command()
 @click.option("--model", required=True, help="sparse model: ONNX export directory (ort, deepsparse) or HF checkpoint directory (torch)")
 @click.option("--baseline", default=None, help="dense model of the same kind, timed alternately with --model for the speedup")
-@click.option("--engine", default="ort", show_default=True, type=click.Choice(["ort", "deepsparse", "torch"]))
+@click.option("--engine", default="ort", show_default=True, type=click.Choice(list(ENGINES)),
+              help="ort/deepsparse: ONNX on CPU; torch: checkpoints (2:4 kernels with --device cuda); tensorrt: ONNX on a GPU")
 @click.option("--batch", "batch", default="1,8", show_default=True, help="comma-separated batch sizes")
 @click.option("--prompt-len", default=128, show_default=True, type=int)
 @click.option("--gen-len", default=64, show_default=True, type=int, help="decode steps (KV cache)")
 @click.option("--threads", default=1, show_default=True, type=int, help="CPU threads (1 gives stable figures on a shared box)")
 @click.option("--rounds", default=3, show_default=True, type=int, help="timed rounds after warm-up; dense/sparse alternate every round")
-@click.option("--device", default="cpu", show_default=True, help="torch engine: cpu or cuda[:N]")
-@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]), help="torch engine on GPU")
+@click.option("--device", default="cpu", show_default=True, help="torch/tensorrt engines: cpu or cuda[:N]")
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]), help="torch/tensorrt engines on GPU (tensorrt: float32 builds without FP16)")
 @click.option("--deepsparse-venv", default=None, help="DeepSparse virtualenv [default: CACHE/engines/deepsparse-1.8.0]")
 @click.option("--cache-dir", default=None, help="sparsedeploy cache [default: $SPARSEDEPLOY_CACHE or ~/.cache/sparsedeploy]")
 @click.option("--output", "-o", default=None, type=click.Path(path_type=Path), help="write bench.json, bench.md and bench.png into this directory")

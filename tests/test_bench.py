@@ -215,3 +215,71 @@ def test_two_four_model_on_cuda_converts_linears_and_keeps_logits(tmp_path):
                                    dtype="float16", batches=[1], prompt_len=64, gen_len=4, rounds=2))
     assert result["notes"]["semi_structured_linears"] == {"dense": 0, "sparse": 14}
     assert {r["phase"] for r in result["rows"] if "speedup" in r} == {"prefill", "decode", "total"}
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(tmp_path_factory):
+    """A tiny LLaMA, dense and Wanda 2:4, exported by sparsedeploy (export_report.json points at each checkpoint)."""
+    from onnx_helpers import pruned_tiny_checkpoint
+    from sparsedeploy.export import ExportConfig, export_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_exports")
+    out = {}
+    for name, sparsity in (("dense", "0"), ("sparse", "2:4")):
+        ckpt = pruned_tiny_checkpoint(root / f"{name}_ckpt", sparsity)
+        export_checkpoint(ExportConfig(model=str(ckpt), verify=False), root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.slow
+def test_deepsparse_bench_times_the_stack_and_the_skeleton(tiny_exports, deepsparse_env):
+    """The whole deepsparse engine path: full-graph verdict, prefill on the decoder stack, decode step on the skeleton,
+    each in DeepSparse and in ONNX Runtime on the same graph."""
+    from sparsedeploy.engines.deepsparse_env import LICENCE_NOTE
+
+    result = run_bench(BenchConfig(model=str(tiny_exports["sparse"]), baseline=str(tiny_exports["dense"]), engine="deepsparse",
+                                   batches=[2], prompt_len=8, rounds=1, deepsparse_venv=str(deepsparse_env.path)))
+    assert result["licence"] == LICENCE_NOTE and "stack" not in result["notes"]  # both checkpoints were found
+    forms = {(r["engine"], r["phase"], r["form"].split(" (")[0], r["rows"]) for r in result["rows"] if "speedup" in r}
+    assert forms == {(e, "prefill", "decoder stack", 16) for e in ("deepsparse", "ort")} | \
+                    {(e, "decode-step", "linear skeleton", 2) for e in ("deepsparse", "ort")}
+    assert result["notes"]["full_graph"]["runs"] in (True, False)
+
+
+def test_tensorrt_needs_a_gpu_device_and_says_so(tiny_exports, tmp_path):
+    proc = cli("bench", "--model", str(tiny_exports["sparse"]), "--engine", "tensorrt")
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --engine tensorrt runs on a GPU, not on --device cpu: add --device cuda"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available() and __import__("importlib").util.find_spec("tensorrt") is not None,
+                    reason="CUDA and tensorrt present: the not-available path is for machines without them")
+def test_tensorrt_unavailable_is_reported_and_writes_nothing(tiny_exports, tmp_path):
+    proc = cli("bench", "--model", str(tiny_exports["sparse"]), "--engine", "tensorrt", "--device", "cuda", "-o", str(tmp_path / "out"))
+    assert proc.returncode == 0
+    assert proc.stderr.startswith("--engine tensorrt: not run: ") and ("CUDA is not available" in proc.stderr or "tensorrt package" in proc.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+def test_tensorrt_sparse_layer_report_parses_its_log_lines():
+    from sparsedeploy.engines.tensorrt_engine import sparse_layer_report
+
+    messages = ["Compiler backend is used during engine build.",
+                "(Sparsity) Layers eligible for sparse math: /layers.0/mlp/up_proj/MatMul, /layers.0/mlp/down_proj/MatMul",
+                "(Sparsity) TRT inference plan picked sparse implementation for layers: /layers.0/mlp/down_proj/MatMul"]
+    assert sparse_layer_report(messages) == {"eligible": ["/layers.0/mlp/up_proj/MatMul", "/layers.0/mlp/down_proj/MatMul"],
+                                             "picked_sparse": ["/layers.0/mlp/down_proj/MatMul"]}
+    assert sparse_layer_report(["no sparsity lines"]) == {"eligible": [], "picked_sparse": []}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (__import__("torch").cuda.is_available() and __import__("importlib").util.find_spec("tensorrt") is not None),
+                    reason="needs a CUDA GPU and the tensorrt package (not installable in this project's workplace)")
+def test_tensorrt_engines_from_the_2of4_export_run_and_agree_with_ort(tiny_exports):
+    result = run_bench(BenchConfig(model=str(tiny_exports["sparse"]), baseline=str(tiny_exports["dense"]), engine="tensorrt",
+                                   device="cuda", dtype="float32", batches=[1], prompt_len=16, rounds=2))
+    assert {(r["phase"], r["form"].split(" (")[0]) for r in result["rows"] if "speedup" in r} == \
+        {("prefill", "decoder stack"), ("decode-step", "linear skeleton")}
+    builds = result["notes"]["builds"]
+    assert len(builds) == 4 and all(b["max_rel_err_vs_ort"] < 1e-2 for b in builds)
+    assert all(b["eligible_layers"] == 0 for b in builds if b["variant"] == "dense")
