@@ -225,8 +225,9 @@ def build_linear_skeleton(weights: list[tuple[str, np.ndarray]], rows: int, out:
     for the model's elementwise ops and is what DeepSparse 1.8 needs: a MatMul feeding an Add directly
     aborts its planner (planner.hpp:70, measured on smollm2-135m's skeleton).
     """
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
+
+    from sparsedeploy.onnx_storage import save_model_proto
 
     if not weights:
         raise UserError("the ONNX model has no MatMul with a constant 2-D weight: nothing to benchmark in the linear skeleton")
@@ -252,7 +253,7 @@ def build_linear_skeleton(weights: list[tuple[str, np.ndarray]], rows: int, out:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="sparsedeploy")
     model.ir_version = 8
     out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(out))
+    save_model_proto(model, out)  # external data past 2 GB (a 1B model's linears)
     total = sum(w.size for _, w in weights)
     zeros = sum(int((w == 0).sum()) for _, w in weights)
     return {"matmuls": len(weights), "params": int(total), "sparsity": zeros / max(total, 1), "rows": rows}

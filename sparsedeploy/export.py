@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -382,6 +383,8 @@ def export_decoder_stack(checkpoint: Path, out: Path, batch: int, seq: int, opse
     import torch
     from transformers import AutoModelForCausalLM
 
+    from sparsedeploy.onnx_storage import load_model_proto, save_model_proto
+
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint), attn_implementation="eager", torch_dtype=torch.float32).eval()
     inner = getattr(model, "model", None)
     if inner is None or not all(hasattr(inner, a) for a in ("layers", "norm", "rotary_emb")):
@@ -402,9 +405,12 @@ def export_decoder_stack(checkpoint: Path, out: Path, batch: int, seq: int, opse
     cos, sin = inner.rotary_emb(hidden, torch.arange(seq)[None].expand(batch, seq))
     mask = torch.full((seq, seq), torch.finfo(torch.float32).min).triu(1)[None, None].expand(batch, 1, seq, seq).contiguous()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        torch.onnx.export(Stack(), (hidden, cos, sin, mask), str(out), input_names=["hidden", "cos", "sin", "mask"],
+    with tempfile.TemporaryDirectory(prefix=".stack-", dir=out.parent) as tmp, torch.no_grad():
+        # Through a scratch directory: past 2 GB (a 1B model in fp32) torch writes one external file per
+        # tensor; save_model_proto rewrites it as out + out.onnx_data, one file that travels with it.
+        torch.onnx.export(Stack(), (hidden, cos, sin, mask), str(Path(tmp) / "stack.onnx"), input_names=["hidden", "cos", "sin", "mask"],
                           output_names=["out"], opset_version=opset, dynamo=False)
+        save_model_proto(load_model_proto(Path(tmp) / "stack.onnx"), out)
     return out
 
 
