@@ -1,23 +1,50 @@
 #!/usr/bin/env bash
-# Model-level speed on smollm2-135m: the dense export against Wanda-50% and Wanda-2:4 exports,
-# ONNX Runtime (full model with KV cache) and DeepSparse (the linear skeleton it accepts), 1 thread.
-# Speed does not depend on calibration quality, so pruning uses a small calibration set.
-#   bash benchmarks/speed_model.sh [WORK_DIR]      -> benchmarks/results/speed_model/{ort_wanda50,ort_wanda24,deepsparse_wanda50}/
+# Model-level CPU speed, 1 thread, dense vs sparse exports:
+#   smollm2   smollm2-135m: Wanda-50% and Wanda-2:4; ONNX Runtime (full model with KV cache) and DeepSparse
+#             (the decoder stack and linear skeleton it compiles). Speed does not depend on calibration
+#             quality, so pruning uses a small calibration set.
+#   llama1b   the speed-only LLaMA-1B-like model (TinyLlama's shapes, random weights, smollm2's tokenizer;
+#             sparsedeploy.models.build_speed_only_model), magnitude 70% and 2:4: ONNX Runtime at batch 1
+#             and DeepSparse. About 4.5 GB per fp32 export and 12 GB of RAM; about an hour on one core.
+#   bash benchmarks/speed_model.sh [WORK_DIR] [smollm2|llama1b|all]
+#     -> benchmarks/results/speed_model/{ort,deepsparse}_{wanda50,wanda24,llama1b_mag70,llama1b_mag24}/
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="${1:-/tmp/sparsedeploy-speed-model}"
+part="${2:-smollm2}"
 out="$here/benchmarks/results/speed_model"
+py="${PYTHON:-$here/.venv/bin/python}"
 sd=("${SPARSEDEPLOY:-$here/.venv/bin/sparsedeploy}" -q)
 export OMP_NUM_THREADS=1 NM_DISABLE_ANALYTICS=1
 mkdir -p "$work" "$out"
-"${sd[@]}" export --model smollm2-135m --output "$work/dense_onnx" --no-verify --overwrite
-for s in 0.5 2:4; do
-  tag="wanda${s/:/}"
-  "${sd[@]}" prune --model smollm2-135m --method wanda --sparsity "$s" --nsamples 8 --seqlen 256 --output "$work/$tag" --overwrite
-  "${sd[@]}" export --model "$work/$tag" --output "$work/${tag}_onnx" --overwrite
-  "${sd[@]}" bench --engine ort --model "$work/${tag}_onnx" --baseline "$work/dense_onnx" --batch 1,8 --prompt-len 128 \
-    --gen-len 32 --rounds 5 -o "$out/ort_$tag"
-done
-"${sd[@]}" engines install deepsparse
-"${sd[@]}" bench --engine deepsparse --model "$work/wanda50_onnx" --baseline "$work/dense_onnx" --batch 1,8 --prompt-len 128 \
-  --gen-len 32 --rounds 5 -o "$out/deepsparse_wanda50"
+
+if [[ "$part" == smollm2 || "$part" == all ]]; then
+  "${sd[@]}" export --model smollm2-135m --output "$work/dense_onnx" --no-verify --overwrite
+  for s in 0.5 2:4; do
+    tag="wanda${s/:/}"
+    "${sd[@]}" prune --model smollm2-135m --method wanda --sparsity "$s" --nsamples 8 --seqlen 256 --output "$work/$tag" --overwrite
+    "${sd[@]}" export --model "$work/$tag" --output "$work/${tag}_onnx" --overwrite
+    "${sd[@]}" bench --engine ort --model "$work/${tag}_onnx" --baseline "$work/dense_onnx" --batch 1,8 --prompt-len 128 \
+      --gen-len 32 --rounds 5 -o "$out/ort_$tag"
+  done
+  "${sd[@]}" engines install deepsparse
+  "${sd[@]}" bench --engine deepsparse --model "$work/wanda50_onnx" --baseline "$work/dense_onnx" --batch 1,8 --prompt-len 128 \
+    --gen-len 32 --rounds 5 -o "$out/deepsparse_wanda50"
+fi
+
+if [[ "$part" == llama1b || "$part" == all ]]; then
+  l="$work/llama1b"
+  [[ -f "$l/dense/config.json" ]] || "$py" -c "import sys; from sparsedeploy.models import build_speed_only_model as b; b('llama-1b-like', sys.argv[1])" "$l/dense"
+  [[ -f "$l/dense_onnx/model.onnx" ]] || "${sd[@]}" export --model "$l/dense" --output "$l/dense_onnx" --no-verify --overwrite
+  "${sd[@]}" engines install deepsparse
+  for s in 70% 2:4; do
+    tag="mag${s//[:%]/}"
+    [[ -f "$l/$tag/report.json" ]] || "${sd[@]}" prune --model "$l/dense" --method magnitude --sparsity "$s" --nsamples 2 --seqlen 64 \
+      --output "$l/$tag" --overwrite
+    [[ -f "$l/${tag}_onnx/model.onnx" ]] || "${sd[@]}" export --model "$l/$tag" --output "$l/${tag}_onnx" --overwrite
+    "${sd[@]}" bench --engine ort --model "$l/${tag}_onnx" --baseline "$l/dense_onnx" --batch 1 --prompt-len 128 --gen-len 16 \
+      --rounds 3 -o "$out/ort_llama1b_$tag"
+    "${sd[@]}" bench --engine deepsparse --model "$l/${tag}_onnx" --baseline "$l/dense_onnx" --batch 1 --prompt-len 128 \
+      --rounds 3 -o "$out/deepsparse_llama1b_$tag"
+  done
+fi
