@@ -96,7 +96,9 @@ def build_engine(onnx_path: Path, sparse: bool, fp16: bool = True, workspace_gib
     trt = _trt()
     logger = _capture_logger(trt, trt.ILogger.Severity.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode since TensorRT 10
+    flags = trt.NetworkDefinitionCreationFlag
+    # Explicit batch: required by the ONNX parser in TensorRT 8.x, the only mode (flag ignored) since 10.
+    network = builder.create_network(1 << int(flags.EXPLICIT_BATCH) if hasattr(flags, "EXPLICIT_BATCH") else 0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
