@@ -100,19 +100,21 @@ def run_models(args, out: Path) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="sparsedeploy-gpu-"))
     pairs = {}
-    dense = resolve_model_path("smollm2-135m", args.cache_dir)
-    report = run_prune(PruneConfig(model="smollm2-135m", method="wanda", sparsity="2:4", calib=args.calib, nsamples=32, seqlen=512,
-                                   device="cuda", cache_dir=args.cache_dir), work / "smollm2_wanda24", show_progress=False)
-    log.info("smollm2-135m Wanda 2:4 on cuda: %.1f s, measured sparsity %.4f", report["prune_seconds"], report["overall_sparsity"])
-    pairs["smollm2_wanda24"] = (work / "smollm2_wanda24", dense)
-    speed_dense, speed_sparse = work / "llama1b_dense", work / "llama1b_24"
-    speed_only_llama(speed_dense, speed_sparse, args.cache_dir)
-    pairs["llama1b_speed_only_24"] = (speed_sparse, speed_dense)
+    if "smollm2" in args.models:
+        dense = resolve_model_path("smollm2-135m", args.cache_dir)
+        report = run_prune(PruneConfig(model="smollm2-135m", method="wanda", sparsity="2:4", calib=args.calib, nsamples=32, seqlen=512,
+                                       device="cuda", cache_dir=args.cache_dir), work / "smollm2_wanda24", show_progress=False)
+        log.info("smollm2-135m Wanda 2:4 on cuda: %.1f s, measured sparsity %.4f", report["prune_seconds"], report["overall_sparsity"])
+        pairs["smollm2_wanda24"] = (work / "smollm2_wanda24", dense)
+    if "llama1b" in args.models:
+        speed_dense, speed_sparse = work / "llama1b_dense", work / "llama1b_24"
+        speed_only_llama(speed_dense, speed_sparse, args.cache_dir)
+        pairs["llama1b_speed_only_24"] = (speed_sparse, speed_dense)
     for tag, (sparse, base) in pairs.items():
         for dtype in args.model_dtypes:
             cfg = BenchConfig(model=str(sparse), baseline=str(base), engine="torch", device="cuda", dtype=dtype,
                               batches=args.batches, prompt_len=args.prompt_len, gen_len=args.gen_len, rounds=args.model_rounds,
-                              warmup=2, cache_dir=args.cache_dir)
+                              warmup=2, cache_dir=args.cache_dir, max_seconds=args.max_seconds)
             result = run_bench(cfg)
             result["machine"].update(gpu_info())
             result["model_label"] = tag + (" (speed-only: random weights)" if "speed_only" in tag else "")
@@ -138,6 +140,10 @@ def main() -> None:
     parser.add_argument("--model-rounds", type=int, default=3)
     parser.add_argument("--model-dtypes", nargs="+", choices=["float16", "bfloat16"], default=["float16"],
                         help="model part: eager 2:4 models are slow (see docs/bench.md), so one dtype by default")
+    parser.add_argument("--models", nargs="+", choices=["smollm2", "llama1b"], default=["smollm2", "llama1b"],
+                        help="model part: which pairs (llama1b = the speed-only LLaMA-1B-like model)")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="model part: stop a bench after this long (at least 2 rounds): eager 2:4 decode is slow")
     parser.add_argument("--calib", default="gensim-wiki")
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args()
