@@ -338,6 +338,9 @@ def static_forms(cfg: BenchConfig, variants: dict[str, Path], tmp: Path, notes: 
                 else:  # weights read per skeleton, not held: a 1B model's are 4.7 GB per variant in fp32
                     notes.setdefault("skeleton", {})[name] = build_linear_skeleton(matmul_weights(variants[name]), rows_n, paths[name])
             yield StaticForm(batch, phase, stack, rows_n, paths)
+            for path in paths.values():  # timed: free the disk (a 1B model's stack is 4 GB per variant)
+                for file in [path, path.with_name(path.name + "_data")]:
+                    file.unlink(missing_ok=True)
 
 
 def form_rows(form: StaticForm, times: dict[str, list[float]], engine: str, cfg: BenchConfig, progress=None) -> list[dict]:

@@ -283,3 +283,17 @@ def test_tensorrt_engines_from_the_2of4_export_run_and_agree_with_ort(tiny_expor
     builds = result["notes"]["builds"]
     assert len(builds) == 4 and all(b["max_rel_err_vs_ort"] < 1e-2 for b in builds)
     assert all(b["eligible_layers"] == 0 for b in builds if b["variant"] == "dense")
+
+
+def test_static_forms_free_each_form_once_it_is_timed(tiny_exports, tmp_path):
+    from sparsedeploy.bench import static_forms
+
+    variants = {n: find_onnx(p) for n, p in tiny_exports.items()}
+    seen = []
+    for form in static_forms(BenchConfig(model="x", batches=[1, 2], prompt_len=8), variants, tmp_path, notes := {}):
+        assert all(p.is_file() for p in form.paths.values())
+        seen.append(form)
+    assert [(f.batch, f.phase, f.stack, f.rows) for f in seen] == [(1, "prefill", True, 8), (1, "decode-step", False, 1),
+                                                                   (2, "prefill", True, 16), (2, "decode-step", False, 2)]
+    assert not any(tmp_path.iterdir())  # every form's files deleted after its turn
+    assert set(notes["skeleton"]) == {"dense", "sparse"} and "stack" not in notes

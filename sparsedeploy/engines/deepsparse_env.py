@@ -228,16 +228,27 @@ def _abort_reason(stderr: str) -> str | None:
     return None
 
 
+def external_data_files(model: Path) -> list[str]:
+    """The external-data files an ONNX model refers to (relative to its folder), read without loading them."""
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False)
+    files = {entry.value for init in proto.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL
+             for entry in init.external_data if entry.key == "location"}
+    return sorted(files)
+
+
 def copy_models(paths: dict[str, Path], workdir: Path) -> dict[str, str]:
-    """Copy each ONNX file (with its external-data siblings) into `workdir`: the worker never sees user files."""
+    """Copy each ONNX file with exactly the external-data files it refers to into `workdir`: the worker
+    never sees user files (and a folder holding several models' data does not get copied whole)."""
     copies = {}
     for i, (name, src) in enumerate(paths.items()):
         src = Path(src)
         dst_dir = workdir / f"m{i}"
         dst_dir.mkdir(parents=True)
-        for sibling in src.parent.iterdir():
-            if sibling.is_file() and (sibling == src or sibling.suffix in (".data", ".onnx_data") or sibling.name.startswith(src.name + "_")):
-                shutil.copy2(sibling, dst_dir / sibling.name)
+        for rel in [src.name, *external_data_files(src)]:
+            (dst_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src.parent / rel, dst_dir / rel)
         copies[name] = str(dst_dir / src.name)
     return copies
 
