@@ -399,7 +399,9 @@ def markdown(result: dict) -> str:
              f"- model: `{result['model']}`" + (f" vs dense baseline `{result['baseline']}`" if result.get("baseline") else ""),
              f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs; threads: {m['threads']}"
              + (f"; GPU: {m['gpu']} (torch {m.get('torch', '?')})" if m.get("gpu") else ""),
-             f"- prompt {result['prompt_len']} tokens, {result['gen_len']} generated; rounds {result['rounds']} (dense and sparse alternating)",
+             f"- prompt {result['prompt_len']} tokens"
+             + (f", {result['gen_len']} generated" if result["engine"] in ("ort", "torch") else ", no generation (static forms)")
+             + f"; rounds {result['rounds']} (dense and sparse alternating)",
              f"- form measured: {'; '.join(sorted({r['form'] for r in result['rows']}))}", ""]
     if result.get("notes", {}).get("full_graph"):
         fg = result["notes"]["full_graph"]
