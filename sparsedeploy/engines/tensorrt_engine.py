@@ -134,7 +134,6 @@ class EngineRunner:
         import torch
 
         trt = _trt()
-        self.torch = torch
         self.logger = _capture_logger(trt, trt.ILogger.Severity.ERROR)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(built.plan)
