@@ -606,8 +606,16 @@ def bench_stage(recipe, model_dir: Path, onnx_dir: Path, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scratch = out_dir / ".dense_onnx"
+    device = recipe.device if recipe.device != "auto" else ("cuda" if section.engine == "tensorrt" else "cpu")
+    if section.engine == "tensorrt":
+        from sparsedeploy.engines.tensorrt_engine import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:  # say so before exporting a dense baseline nobody will time
+            message = f"bench engine tensorrt: not run: {reason}"
+            return {"skipped": message, "markdown": message}
     cfg = BenchConfig(model=str(onnx_dir), engine=section.engine, batches=list(section.batch), prompt_len=section.prompt_len,
-                      gen_len=section.gen_len, threads=section.threads, device=recipe.device if recipe.device != "auto" else "cpu")
+                      gen_len=section.gen_len, threads=section.threads, device=device)
     try:
         if section.engine == "torch":
             cfg.model, cfg.baseline = str(model_dir), str(resolve_model_path(recipe.model))

@@ -202,7 +202,7 @@ def eval_cmd(ctx, model, data, seqlen, max_windows, baseline, device, dtype, cac
 @click.option("--export-target", default=None, help="override recipe: export.target (ort, deepsparse, tensorrt)")
 @click.option("--export-dtype", default=None, help="override recipe: export.dtype (float32, float16)")
 @click.option("--storage", default=None, help="override recipe: export.storage (dense, sparse)")
-@click.option("--bench-engine", default=None, help="override recipe: bench.engine (ort, deepsparse, torch)")
+@click.option("--bench-engine", default=None, help="override recipe: bench.engine (ort, deepsparse, torch, tensorrt)")
 @click.option("--batch", default=None, help="override recipe: bench.batch, comma-separated (e.g. 1,8)")
 @click.option("--output", "-o", default=None, type=click.Path(path_type=Path), help="output directory [default: recipe output]")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory (and discard an interrupted run)")

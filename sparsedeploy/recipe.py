@@ -215,8 +215,10 @@ def validate(recipe: Recipe) -> None:
         raise _key_error("export.dtype", f"unknown dtype {recipe.export.dtype!r}: use float32 or float16")
     if recipe.export.opset is not None and not 14 <= recipe.export.opset <= 21:
         raise _key_error("export.opset", f"{recipe.export.opset} is outside 14..21 (LLaMA needs >= 14)")
-    if recipe.bench.engine not in ("ort", "deepsparse", "torch"):
-        raise _key_error("bench.engine", f"unknown engine {recipe.bench.engine!r}: use ort, deepsparse or torch")
+    from sparsedeploy.bench import ENGINES
+
+    if recipe.bench.engine not in ENGINES:
+        raise _key_error("bench.engine", f"unknown engine {recipe.bench.engine!r}: use {', '.join(ENGINES)}")
     for key, value, low in (("bench.prompt_len", recipe.bench.prompt_len, 1), ("bench.gen_len", recipe.bench.gen_len, 0),
                             ("bench.threads", recipe.bench.threads, 1)):
         if value < low:
@@ -226,3 +228,5 @@ def validate(recipe: Recipe) -> None:
     device = recipe.device
     if not (device in ("auto", "cpu") or device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
         raise _key_error("device", f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+    if recipe.bench.enabled and recipe.bench.engine == "tensorrt" and device == "cpu":
+        raise _key_error("bench.engine", "tensorrt runs on a GPU: set device: auto or cuda, or use bench.engine: ort or deepsparse")

@@ -123,6 +123,19 @@ def test_pipeline_benches_the_export_against_the_dense_model(tiny_checkpoint, te
     assert "## Bench" in text and "speedup vs dense" in text
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available() and __import__("importlib").util.find_spec("tensorrt") is not None,
+                    reason="CUDA and tensorrt present: this checks the report where TensorRT cannot run")
+def test_pipeline_bench_with_tensorrt_unavailable_says_so_in_the_report(tiny_checkpoint, text_file, tmp_path):
+    recipe = parse_recipe({**_recipe_dict(tiny_checkpoint, text_file), "device": "auto", "export": {"enabled": True, "verify": False},
+                           "bench": {"enabled": True, "engine": "tensorrt", "batch": [1], "prompt_len": 8}})
+    out = tmp_path / "run"
+    report = Pipeline(recipe, out, show_progress=False).run()
+    bench = report["stage_results"]["bench"]
+    assert bench["skipped"].startswith("bench engine tensorrt: not run: ")
+    assert not (out / "bench" / ".dense_onnx").exists() and not (out / "bench" / "bench.json").exists()
+    assert "## Bench" in (out / "REPORT.md").read_text() and bench["skipped"] in (out / "REPORT.md").read_text()
+
+
 def test_cli_stage_flags_reach_the_recipe(tiny_checkpoint, text_file, tmp_path, monkeypatch):
     """`run` flags override every stage's key; the merged recipe is validated and recorded in report.json."""
     import yaml
