@@ -322,6 +322,8 @@ class StaticForm:
 def static_forms(cfg: BenchConfig, variants: dict[str, Path], tmp: Path, notes: dict):
     """Prefill: the decoder stack when every variant's source checkpoint is at hand (the most complete form
     DeepSparse compiles), else the linear skeleton; decode step: the linear skeleton (rows = batch)."""
+    from sparsedeploy.onnx_storage import external_data_path
+
     checkpoints = {name: source_checkpoint(path.parent) for name, path in variants.items()}
     use_stack = all(checkpoints.values())
     if not use_stack:
@@ -339,7 +341,7 @@ def static_forms(cfg: BenchConfig, variants: dict[str, Path], tmp: Path, notes: 
                     notes.setdefault("skeleton", {})[name] = build_linear_skeleton(matmul_weights(variants[name]), rows_n, paths[name])
             yield StaticForm(batch, phase, stack, rows_n, paths)
             for path in paths.values():  # timed: free the disk (a 1B model's stack is 4 GB per variant)
-                for file in [path, path.with_name(path.name + "_data")]:
+                for file in [path, external_data_path(path)]:
                     file.unlink(missing_ok=True)
 
 
@@ -356,8 +358,8 @@ def form_rows(form: StaticForm, times: dict[str, list[float]], engine: str, cfg:
 def bench_tensorrt(cfg: BenchConfig, variants: dict[str, Path], progress=None) -> tuple[list[dict], dict]:
     """TensorRT on the static forms: the dense variant built dense, the sparse one with SPARSE_WEIGHTS.
 
-    Each sparse engine's output is compared with ONNX Runtime's on the same graph and inputs (CPU), so a
-    wrong sparse kernel shows; the layers TensorRT built with sparse kernels are listed per form.
+    Each engine's output is compared with ONNX Runtime's on the same graph and inputs (CPU), so a wrong
+    sparse kernel shows; the layers TensorRT built with sparse kernels are listed per form.
     """
     import torch
 

@@ -234,13 +234,15 @@ def ort_optimize(model_file: Path, level: str, out_file: Path) -> None:
     """Run ONNX Runtime's offline graph optimisation at `level` and save the optimised graph."""
     import onnxruntime as ort
 
+    from sparsedeploy.onnx_storage import external_data_path
+
     options = ort.SessionOptions()
     options.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                                         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}[level]
     options.optimized_model_filepath = str(out_file)
     options.log_severity_level = 3
-    if model_file.with_name(model_file.name + "_data").exists():
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", out_file.name + "_data")
+    if external_data_path(model_file).exists():
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", external_data_path(out_file).name)
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(model_file), sess_options=options, providers=["CPUExecutionProvider"])
 

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 SPARSE_FILE = "sparse_weights.safetensors"
 SPARSE_MARKER = "sparsedeploy.sparse_storage"
 TWO_GB = 2 * 1024**3
+EXTERNAL = 1  # onnx.TensorProto.EXTERNAL (data_location of a tensor whose bytes live in another file)
 # A weight is worth packing when the bitmap plus the non-zeros are smaller than the dense values.
 MIN_PACK_SPARSITY = 0.05
 
@@ -139,6 +140,12 @@ def unpack_sparse(model, sparse_file: Path) -> None:
     del model.metadata_props[:]  # the rebuilt model is an ordinary dense model
 
 
+def external_data_path(file: Path) -> Path:
+    """Where save_model_proto puts a model's external data: `model.onnx` -> `model.onnx_data` beside it."""
+    file = Path(file)
+    return file.with_name(file.name + "_data")
+
+
 def too_big_for_one_file(model) -> bool:
     """Whether `model` is too close to protobuf's 2 GB limit to be serialised in one piece.
 
@@ -146,7 +153,7 @@ def too_big_for_one_file(model) -> bool:
     """
     total = 0
     for init in model.graph.initializer:
-        total += init.ByteSize() if init.data_location != 1 else 0  # 1 = EXTERNAL: only a reference here
+        total += init.ByteSize() if init.data_location != EXTERNAL else 0  # external: only a reference here
         if total > TWO_GB - 64 * 1024**2:
             return True
     for node in model.graph.node:  # Constant nodes and other tensor attributes
@@ -162,9 +169,9 @@ def save_model_proto(model, file: Path, external: bool | None = None) -> None:
     if external is None:
         external = too_big_for_one_file(model)
     if external:
-        data = file.name + "_data"
-        onnx.save_model(model, str(file), save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024)
-        os.chmod(file.parent / data, 0o666 & ~_umask())  # onnx creates it 0600; readable like model.onnx
+        data = external_data_path(file)
+        onnx.save_model(model, str(file), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+        os.chmod(data, 0o666 & ~_umask())  # onnx creates it 0600; readable like model.onnx
     else:
         onnx.save_model(model, str(file))
 

@@ -468,10 +468,10 @@ def inspect_onnx(path: Path | str, nm: tuple[int, int] = (2, 4), min_dims: int =
 
 
 def _size_on_disk(file: Path) -> int:
-    from sparsedeploy.onnx_storage import SPARSE_FILE
+    from sparsedeploy.onnx_storage import SPARSE_FILE, external_data_path
 
     size = file.stat().st_size
-    for extra in (file.with_name(file.name + "_data"), file.parent / SPARSE_FILE):
+    for extra in (external_data_path(file), file.parent / SPARSE_FILE):
         if extra.is_file():
             size += extra.stat().st_size
     return size

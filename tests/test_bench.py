@@ -102,7 +102,7 @@ def test_ort_bench_report(tiny_onnx, tmp_path):
     assert all("speedup" not in r for r in rows if r["variant"] == "dense")
     assert result["machine"]["threads"] == 1
     md = markdown(result)
-    assert "full model with KV cache" in md and "| ort |" in md
+    assert "full model with KV cache" in md and "| ort |" in md and "prompt 8 tokens, 2 generated" in md
     png = plot(result, tmp_path / "b.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
@@ -245,6 +245,7 @@ def test_deepsparse_bench_times_the_stack_and_the_skeleton(tiny_exports, deepspa
     assert forms == {(e, "prefill", "decoder stack", 16) for e in ("deepsparse", "ort")} | \
                     {(e, "decode-step", "linear skeleton", 2) for e in ("deepsparse", "ort")}
     assert result["notes"]["full_graph"]["runs"] in (True, False)
+    assert "prompt 8 tokens, no generation (static forms)" in markdown(result)  # these forms generate nothing
 
 
 def test_tensorrt_needs_a_gpu_device_and_says_so(tiny_exports, tmp_path):
