@@ -7,15 +7,17 @@ Engines:
 - ``deepsparse``: DeepSparse 1.8 in its own venv (see engines/deepsparse_env.py). Its engine aborts on
   optimum's Llama export with static shapes (and with dynamic shapes it only hands the graph to its
   bundled ONNX Runtime), so the bench first *tries* the full graph and records the verdict, then
-  measures the most complete forms that compile: for prefill the **decoder stack** -- every block
-  (attention, norms, MLP, residuals) with its real weights, static shapes, eager attention, rotary
-  tables and causal mask as inputs; no embedding lookup, lm_head or KV cache -- and for a decode step
-  the **linear skeleton** -- every MatMul with its real (pruned) weights, a ReLU after each, residual
-  adds kept. The report names the form of every row.
+  measures the most complete forms that compile: the **decoder stack** -- every block (attention,
+  norms, MLP, residuals) with its real weights, static shapes, eager attention, rotary tables and mask
+  as inputs, each layer's new keys/values as outputs -- over the prompt for prefill, and for a decode
+  step over one token attending to a KV cache of the prompt's length (cache tensors as inputs). The
+  embedding lookup and lm_head stay outside. Without the source checkpoints the **linear skeleton** --
+  every MatMul with its real (pruned) weights, a ReLU after each, residual adds -- stands in. The
+  report names the form of every row.
 - ``torch``: a Hugging Face checkpoint directory in PyTorch. On CUDA the sparse model's 2:4 linears
   are converted with ``torch.sparse.to_sparse_semi_structured`` (fp16/bf16); without CUDA and with
   ``--device cuda`` the command says so and stops cleanly.
-- ``tensorrt``: the same static forms as DeepSparse (decoder stack, linear skeleton) built into TensorRT
+- ``tensorrt``: the same static forms as DeepSparse (decoder stack, or linear skeleton) built into TensorRT
   engines on a GPU (engines/tensorrt_engine.py): the dense export dense, the sparse one with
   SPARSE_WEIGHTS; outputs checked against ONNX Runtime, sparse-kernel layers listed. Without CUDA or the
   tensorrt package the command says which is missing and stops cleanly.
@@ -260,7 +262,9 @@ def build_linear_skeleton(weights: list[tuple[str, np.ndarray]], rows: int, out:
 
 
 STACK_FORM = ("decoder stack (every block: attention, norms, MLP, residuals, real weights; static shapes, eager attention; "
-              "no embedding lookup, lm_head or KV cache)")
+              "no embedding lookup or lm_head)")
+STEP_FORM = ("decoder stack + KV cache (one new token per sequence through every block, attending to a cache of the "
+             "prompt's length given as inputs; static shapes, eager attention; no embedding lookup or lm_head)")
 SKELETON_FORM = "linear skeleton (all MatMuls, real weights, ReLU between; no attention core/norms/KV)"
 
 
@@ -292,8 +296,8 @@ def bench_deepsparse(cfg: BenchConfig, variants: dict[str, Path], progress=None)
     except ds.EngineFailed as exc:
         notes["full_graph"] = {"runs": False, "reason": str(exc), "stderr": exc.stderr_tail[-500:]}
         log.info("DeepSparse rejects the full graph with static shapes (%s): timing the decoder stack / linear skeleton", exc)
-    # 2. Prefill on the decoder stack (or the linear skeleton), decode step on the linear skeleton, each
-    #    timed in DeepSparse and, on the same graph, in ONNX Runtime.
+    # 2. Prefill and a decode step on the decoder stack (or the linear skeleton), each timed in DeepSparse
+    #    and, on the same graph, in ONNX Runtime.
     from sparsedeploy.kernels import time_ort_static
 
     with tempfile.TemporaryDirectory(prefix="sd-deepsparse-forms-") as tmp:
@@ -317,29 +321,34 @@ class StaticForm:
     stack: bool  # decoder stack (else linear skeleton)
     rows: int  # token rows through the linears
     paths: dict[str, Path]
+    form: str  # what the graph holds, as the report names it
 
 
 def static_forms(cfg: BenchConfig, variants: dict[str, Path], tmp: Path, notes: dict):
-    """Prefill: the decoder stack when every variant's source checkpoint is at hand (the most complete form
-    DeepSparse compiles), else the linear skeleton; decode step: the linear skeleton (rows = batch)."""
+    """The decoder stack when every variant's source checkpoint is at hand (the most complete form DeepSparse
+    compiles): over the prompt for prefill, one token over a cache of the prompt's length for a decode step;
+    else the linear skeleton with as many rows as tokens go through the linears."""
     from sparsedeploy.onnx_storage import external_data_path
 
     checkpoints = {name: source_checkpoint(path.parent) for name, path in variants.items()}
     use_stack = all(checkpoints.values())
     if not use_stack:
-        notes["stack"] = "no source checkpoint beside an export (export_report.json model_path): prefill timed on the linear skeleton"
+        notes["stack"] = "no source checkpoint beside an export (export_report.json model_path): timed on the linear skeleton"
     for batch in cfg.batches:
         for phase in ("prefill", "decode-step"):
-            stack = phase == "prefill" and use_stack
+            stack = use_stack
             rows_n = batch * cfg.prompt_len if phase == "prefill" else batch
             paths = {}
             for name in variants:
                 paths[name] = tmp / f"{name}_{phase}_b{batch}.onnx"
-                if stack:
+                if stack and phase == "prefill":
                     export_decoder_stack(checkpoints[name], paths[name], batch, cfg.prompt_len)
+                elif stack:
+                    export_decoder_stack(checkpoints[name], paths[name], batch, 1, past=cfg.prompt_len)
                 else:  # weights read per skeleton, not held: a 1B model's are 4.7 GB per variant in fp32
                     notes.setdefault("skeleton", {})[name] = build_linear_skeleton(matmul_weights(variants[name]), rows_n, paths[name])
-            yield StaticForm(batch, phase, stack, rows_n, paths)
+            form = (STACK_FORM if phase == "prefill" else STEP_FORM) if stack else SKELETON_FORM
+            yield StaticForm(batch, phase, stack, rows_n, paths, form)
             for path in paths.values():  # timed: free the disk (a 1B model's stack is 4 GB per variant)
                 for file in [path, external_data_path(path)]:
                     file.unlink(missing_ok=True)
@@ -347,7 +356,7 @@ def static_forms(cfg: BenchConfig, variants: dict[str, Path], tmp: Path, notes: 
 
 def form_rows(form: StaticForm, times: dict[str, list[float]], engine: str, cfg: BenchConfig, progress=None) -> list[dict]:
     res = Interleaved(times=times, phases={n: {form.phase: t} for n, t in times.items()})
-    new = phase_rows(res, list(form.paths), form.batch, cfg.prompt_len, 0, STACK_FORM if form.stack else SKELETON_FORM, engine)
+    new = phase_rows(res, list(form.paths), form.batch, cfg.prompt_len, 0, form.form, engine)
     for r in new:
         r["rows"] = form.rows
     if progress:

@@ -375,12 +375,39 @@ def export_checkpoint(config: ExportConfig, output: Path | str, overwrite: bool 
     return report
 
 
-def export_decoder_stack(checkpoint: Path, out: Path, batch: int, seq: int, opset: int = 14) -> Path:
+class _InputCache:
+    """The smallest cache a LLaMA attention accepts: layer i's past K/V are graph inputs, `update` appends the
+    step's own K/V to them (what the attention attends over) and keeps those new rows as graph outputs."""
+
+    def __init__(self, layers: int, past: list[tuple]) -> None:
+        self.past, self.new = past, [None] * layers
+
+    def update(self, key, value, layer_idx: int, cache_kwargs=None):
+        import torch
+
+        self.new[layer_idx] = (key, value)
+        if not self.past:
+            return key, value
+        past_key, past_value = self.past[layer_idx]
+        return torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
+
+
+def decoder_stack_names(layers: int, past: int) -> tuple[list[str], list[str]]:
+    """Input and output names of the decoder-stack form (see export_decoder_stack)."""
+    cache = [f"{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+    inputs = ["hidden", "cos", "sin", "mask"] + ([f"past_{n}" for n in cache] if past else [])
+    return inputs, ["out"] + [f"new_{n}" for n in cache]
+
+
+def export_decoder_stack(checkpoint: Path, out: Path, batch: int, seq: int, opset: int = 14, past: int = 0) -> Path:
     """All decoder blocks of a LLaMA-style checkpoint as one static-shape ONNX graph (the form DeepSparse 1.8 compiles).
 
-    Inputs: hidden [batch, seq, h], the rotary cos/sin [batch, seq, d] and an additive causal mask
-    [batch, 1, seq, seq]; output: the final-norm hidden states. Eager attention: DeepSparse aborts
-    (graph.cpp:925) on the full optimum export, whose mask and attention the stack leaves out.
+    Inputs: hidden [batch, seq, h], the rotary cos/sin [batch, seq, d] of the tokens' positions and an additive
+    mask [batch, 1, seq, past + seq]; with `past` > 0 (a decode step) also each layer's cached keys and values
+    `past_key_i`/`past_value_i` [batch, kv_heads, past, d]. Outputs: the final-norm hidden states `out` and
+    each layer's keys/values of these `seq` tokens (`new_key_i`/`new_value_i`), which a runtime appends to its
+    cache. Eager attention: DeepSparse aborts (graph.cpp:925) on the full optimum export; this form leaves the
+    embedding lookup, lm_head, mask construction and cache bookkeeping to the caller.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -391,27 +418,34 @@ def export_decoder_stack(checkpoint: Path, out: Path, batch: int, seq: int, opse
     inner = getattr(model, "model", None)
     if inner is None or not all(hasattr(inner, a) for a in ("layers", "norm", "rotary_emb")):
         raise UserError(f"{checkpoint}: not a LLaMA-style model (model.layers/norm/rotary_emb): the decoder-stack form cannot be built")
+    layers = len(inner.layers)
 
     class Stack(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.layers, self.norm = inner.layers, inner.norm
 
-        def forward(self, hidden, cos, sin, mask):
+        def forward(self, hidden, cos, sin, mask, *cache):
+            kv = _InputCache(layers, [(cache[2 * i], cache[2 * i + 1]) for i in range(len(cache) // 2)])
             for layer in self.layers:
-                o = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin))
+                o = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), past_key_values=kv, use_cache=True)
                 hidden = o[0] if isinstance(o, tuple) else o
-            return self.norm(hidden)
+            return (self.norm(hidden), *[t for pair in kv.new for t in pair])
 
-    hidden = torch.zeros(batch, seq, model.config.hidden_size)
-    cos, sin = inner.rotary_emb(hidden, torch.arange(seq)[None].expand(batch, seq))
-    mask = torch.full((seq, seq), torch.finfo(torch.float32).min).triu(1)[None, None].expand(batch, 1, seq, seq).contiguous()
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    hidden = torch.zeros(batch, seq, cfg.hidden_size)
+    cos, sin = inner.rotary_emb(hidden, torch.arange(past, past + seq)[None].expand(batch, seq))
+    mask = torch.zeros(batch, 1, seq, past + seq)
+    mask[..., past:] = torch.full((seq, seq), torch.finfo(torch.float32).min).triu(1)
+    cache = [torch.zeros(batch, cfg.num_key_value_heads, past, head_dim) for _ in range(2 * layers if past else 0)]
+    input_names, output_names = decoder_stack_names(layers, past)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".stack-", dir=out.parent) as tmp, torch.no_grad():
         # Through a scratch directory: past 2 GB (a 1B model in fp32) torch writes one external file per
         # tensor; save_model_proto rewrites it as out + out.onnx_data, one file that travels with it.
-        torch.onnx.export(Stack(), (hidden, cos, sin, mask), str(Path(tmp) / "stack.onnx"), input_names=["hidden", "cos", "sin", "mask"],
-                          output_names=["out"], opset_version=opset, dynamo=False)
+        torch.onnx.export(Stack(), (hidden, cos, sin, mask, *cache), str(Path(tmp) / "stack.onnx"), input_names=input_names,
+                          output_names=output_names, opset_version=opset, dynamo=False)
         save_model_proto(load_model_proto(Path(tmp) / "stack.onnx"), out)
     return out
 
@@ -439,7 +473,8 @@ def write_deepsparse_stack(model_dir: Path, out_dir: Path, config: ExportConfig)
     return {"file": path.name, "batch": config.deepsparse_batch, "seq": config.deepsparse_seq,
             "inputs": ["hidden", "cos", "sin", "mask"], "zeros_onnx": counts["zeros_onnx"], "zeros_torch": counts["zeros_torch"],
             "note": "all decoder blocks (attention, norms, MLP) with static shapes: the form DeepSparse 1.8 compiles with its own "
-                    "kernels; embeddings, lm_head and the KV cache stay outside it (see docs/bench.md)"}
+                    "kernels; outputs the final hidden states and each layer's keys/values; embeddings and lm_head stay "
+                    "outside it (see docs/bench.md)"}
 
 
 def verify_export(config: ExportConfig, model_dir: Path, onnx_path: Path, opset: int | None = None) -> dict:

@@ -154,8 +154,14 @@ def test_linear_skeleton_runs_in_deepsparse(tiny_onnx, tmp_path, deepsparse_env)
     assert info["ok"] and info["fraction_supported"] == 1.0
 
 
+def _cache_tensors(cache, layers: int) -> list:
+    """[key_0, value_0, key_1, ...] of a transformers DynamicCache."""
+    return [t for i in range(layers) for t in cache[i][:2]]
+
+
 def test_decoder_stack_matches_the_model_hidden_states(tiny_checkpoint, tmp_path):
-    """The decoder-stack form computes the model's last hidden states from its embeddings exactly (ORT vs PyTorch)."""
+    """The prefill form computes the model's last hidden states, and the keys/values its cache holds, from the
+    embeddings (ORT vs PyTorch)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -169,11 +175,47 @@ def test_decoder_stack_matches_the_model_hidden_states(tiny_checkpoint, tmp_path
     with torch.no_grad():
         hidden = model.model.embed_tokens(ids)
         cos, sin = model.model.rotary_emb(hidden, torch.arange(seq)[None].expand(batch, seq))
-        expected = model.model(ids, use_cache=False).last_hidden_state
+        run = model.model(ids, use_cache=True)
     mask = torch.full((seq, seq), torch.finfo(torch.float32).min).triu(1)[None, None].expand(batch, 1, seq, seq)
     sess = ort_session(path, 1)
-    got = sess.run(None, {"hidden": hidden.numpy(), "cos": cos.numpy(), "sin": sin.numpy(), "mask": mask.contiguous().numpy()})[0]
-    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=1e-4)
+    assert [o.name for o in sess.get_outputs()] == ["out", "new_key_0", "new_value_0", "new_key_1", "new_value_1"]
+    got = sess.run(None, {"hidden": hidden.numpy(), "cos": cos.numpy(), "sin": sin.numpy(), "mask": mask.contiguous().numpy()})
+    np.testing.assert_allclose(got[0], run.last_hidden_state.numpy(), atol=1e-4, rtol=1e-4)
+    for g, expected in zip(got[1:], _cache_tensors(run.past_key_values, 2), strict=True):
+        np.testing.assert_allclose(g, expected.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_decoder_stack_decode_step_matches_the_model_with_its_kv_cache(tiny_checkpoint, tmp_path):
+    """The decode-step form: one new token per sequence attending to the cached prompt gives the hidden states
+    and new cache rows that the model computes with its own DynamicCache."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sparsedeploy.bench import export_decoder_stack
+    from sparsedeploy.export import decoder_stack_names
+    from sparsedeploy.kernels import ort_session
+
+    batch, prompt = 2, 12
+    path = export_decoder_stack(tiny_checkpoint, tmp_path / "step.onnx", batch, 1, past=prompt)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_checkpoint), attn_implementation="eager").eval()
+    ids = torch.randint(0, 256, (batch, prompt + 1), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        first = model.model(ids[:, :prompt], use_cache=True)
+        past = [t.clone() for t in _cache_tensors(first.past_key_values, 2)]
+        step = model.model(ids[:, prompt:], past_key_values=first.past_key_values, use_cache=True)
+        hidden = model.model.embed_tokens(ids[:, prompt:])
+        cos, sin = model.model.rotary_emb(hidden, torch.full((batch, 1), prompt))
+    inputs, outputs = decoder_stack_names(2, prompt)
+    feed = dict(zip(inputs, [t.numpy() for t in (hidden, cos, sin, torch.zeros(batch, 1, 1, prompt + 1), *past)], strict=True))
+    sess = ort_session(path, 1)
+    assert [i.name for i in sess.get_inputs()] == inputs and [o.name for o in sess.get_outputs()] == outputs
+    got = sess.run(None, feed)
+    np.testing.assert_allclose(got[0], step.last_hidden_state.numpy(), atol=1e-4, rtol=1e-4)
+    for g, full in zip(got[1:], _cache_tensors(step.past_key_values, 2), strict=True):
+        np.testing.assert_allclose(g, full[:, :, prompt:].numpy(), atol=1e-5, rtol=1e-4)  # the step's own row
+    # the cache matters: attending to a different past changes the result
+    feed["past_value_0"] = feed["past_value_0"] + 1.0
+    assert np.abs(sess.run(None, feed)[0] - got[0]).max() > 1e-3
 
 
 @pytest.mark.slow
@@ -183,7 +225,10 @@ def test_decoder_stack_compiles_in_deepsparse(tiny_checkpoint, tmp_path, deepspa
 
     path = export_decoder_stack(tiny_checkpoint, tmp_path / "stack.onnx", 1, 16)
     info = ds.check_model(deepsparse_env, path, batch=1, threads=1)
-    assert info["ok"] and info["outputs"] == [[1, 16, 64]]
+    assert info["ok"] and info["outputs"] == [[1, 16, 64]] + [[1, 2, 16, 16]] * 4  # hidden, then K/V of 2 layers
+    step = export_decoder_stack(tiny_checkpoint, tmp_path / "step.onnx", 2, 1, past=16)
+    info = ds.check_model(deepsparse_env, step, batch=2, threads=1)
+    assert info["ok"] and info["outputs"] == [[2, 1, 64]] + [[2, 2, 1, 16]] * 4
 
 
 @pytest.mark.cuda
@@ -233,9 +278,9 @@ def tiny_exports(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_deepsparse_bench_times_the_stack_and_the_skeleton(tiny_exports, deepsparse_env):
-    """The whole deepsparse engine path: full-graph verdict, prefill on the decoder stack, decode step on the skeleton,
-    each in DeepSparse and in ONNX Runtime on the same graph."""
+def test_deepsparse_bench_times_prefill_and_decode_step_on_the_stack(tiny_exports, deepsparse_env):
+    """The whole deepsparse engine path: full-graph verdict, prefill on the decoder stack, a decode step on the stack
+    with a KV cache, each in DeepSparse and in ONNX Runtime on the same graph."""
     from sparsedeploy.engines.deepsparse_env import LICENCE_NOTE
 
     result = run_bench(BenchConfig(model=str(tiny_exports["sparse"]), baseline=str(tiny_exports["dense"]), engine="deepsparse",
@@ -243,7 +288,7 @@ def test_deepsparse_bench_times_the_stack_and_the_skeleton(tiny_exports, deepspa
     assert result["licence"] == LICENCE_NOTE and "stack" not in result["notes"]  # both checkpoints were found
     forms = {(r["engine"], r["phase"], r["form"].split(" (")[0], r["rows"]) for r in result["rows"] if "speedup" in r}
     assert forms == {(e, "prefill", "decoder stack", 16) for e in ("deepsparse", "ort")} | \
-                    {(e, "decode-step", "linear skeleton", 2) for e in ("deepsparse", "ort")}
+                    {(e, "decode-step", "decoder stack + KV cache", 2) for e in ("deepsparse", "ort")}
     assert result["notes"]["full_graph"]["runs"] in (True, False)
     assert "prompt 8 tokens, no generation (static forms)" in markdown(result)  # these forms generate nothing
 
@@ -280,7 +325,7 @@ def test_tensorrt_engines_from_the_2of4_export_run_and_agree_with_ort(tiny_expor
     result = run_bench(BenchConfig(model=str(tiny_exports["sparse"]), baseline=str(tiny_exports["dense"]), engine="tensorrt",
                                    device="cuda", dtype="float32", batches=[1], prompt_len=16, rounds=2))
     assert {(r["phase"], r["form"].split(" (")[0]) for r in result["rows"] if "speedup" in r} == \
-        {("prefill", "decoder stack"), ("decode-step", "linear skeleton")}
+        {("prefill", "decoder stack"), ("decode-step", "decoder stack + KV cache")}
     builds = result["notes"]["builds"]
     assert len(builds) == 4 and all(b["max_rel_err_vs_ort"] < 1e-2 for b in builds)
     assert all(b["eligible_layers"] == 0 for b in builds if b["variant"] == "dense")
@@ -294,7 +339,8 @@ def test_static_forms_free_each_form_once_it_is_timed(tiny_exports, tmp_path):
     for form in static_forms(BenchConfig(model="x", batches=[1, 2], prompt_len=8), variants, tmp_path, notes := {}):
         assert all(p.is_file() for p in form.paths.values())
         seen.append(form)
-    assert [(f.batch, f.phase, f.stack, f.rows) for f in seen] == [(1, "prefill", True, 8), (1, "decode-step", False, 1),
-                                                                   (2, "prefill", True, 16), (2, "decode-step", False, 2)]
+    assert [(f.batch, f.phase, f.stack, f.rows) for f in seen] == [(1, "prefill", True, 8), (1, "decode-step", True, 1),
+                                                                   (2, "prefill", True, 16), (2, "decode-step", True, 2)]
+    assert [f.form.split(" (")[0] for f in seen[:2]] == ["decoder stack", "decoder stack + KV cache"]
     assert not any(tmp_path.iterdir())  # every form's files deleted after its turn
-    assert set(notes["skeleton"]) == {"dense", "sparse"} and "stack" not in notes
+    assert "skeleton" not in notes and "stack" not in notes
