@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Model-level CPU speed, 1 thread, dense vs sparse exports:
 #   smollm2   smollm2-135m: Wanda-50% and Wanda-2:4; ONNX Runtime (full model with KV cache) and DeepSparse
-#             (the decoder stack and linear skeleton it compiles). Speed does not depend on calibration
-#             quality, so pruning uses a small calibration set.
+#             (the decoder stack it compiles, for prefill and for a decode step over a KV cache). Speed does
+#             not depend on calibration quality, so pruning uses a small calibration set.
 #   llama1b   the speed-only LLaMA-1B-like model (TinyLlama's shapes, random weights, smollm2's tokenizer;
 #             sparsedeploy.models.build_speed_only_model), magnitude 70% and 2:4: ONNX Runtime at batch 1
 #             and DeepSparse. About 4.5 GB per fp32 export and 12 GB of RAM; about an hour on one core.
@@ -20,16 +20,18 @@ mkdir -p "$work" "$out"
 
 if [[ "$part" == smollm2 || "$part" == all ]]; then
   "${sd[@]}" export --model smollm2-135m --output "$work/dense_onnx" --no-verify --overwrite
-  for s in 0.5 2:4; do
-    tag="wanda${s/:/}"
+  for s in 50% 2:4; do
+    tag="wanda${s//[:%]/}"
     "${sd[@]}" prune --model smollm2-135m --method wanda --sparsity "$s" --nsamples 8 --seqlen 256 --output "$work/$tag" --overwrite
     "${sd[@]}" export --model "$work/$tag" --output "$work/${tag}_onnx" --overwrite
     "${sd[@]}" bench --engine ort --model "$work/${tag}_onnx" --baseline "$work/dense_onnx" --batch 1,8 --prompt-len 128 \
       --gen-len 32 --rounds 5 -o "$out/ort_$tag"
   done
   "${sd[@]}" engines install deepsparse
-  "${sd[@]}" bench --engine deepsparse --model "$work/wanda50_onnx" --baseline "$work/dense_onnx" --batch 1,8 --prompt-len 128 \
-    --gen-len 32 --rounds 5 -o "$out/deepsparse_wanda50"
+  for tag in wanda50 wanda24; do
+    "${sd[@]}" bench --engine deepsparse --model "$work/${tag}_onnx" --baseline "$work/dense_onnx" --batch 1,8 --prompt-len 128 \
+      --rounds 5 -o "$out/deepsparse_$tag"
+  done
 fi
 
 if [[ "$part" == llama1b || "$part" == all ]]; then

@@ -56,8 +56,9 @@ TARGETS: dict[str, TargetProfile] = {
     "deepsparse": TargetProfile("deepsparse", 14, STANDARD_DOMAINS, ("none", "basic"),
                                 "DeepSparse 1.8 bundles onnx 1.14 and an old ONNX Runtime: opset 14 (the lowest the "
                                 "LLaMA export supports), standard ONNX domain only, no com.microsoft ops; its engine aborts on the "
-                                "full decoder, so the decoder stack it compiles is written beside it "
-                                "(deepsparse_decoder_stack.onnx)"),
+                                "full decoder, so the decoder stack it compiles is written beside it, for prefill "
+                                "and for a decode step with a KV cache (deepsparse_decoder_stack.onnx, "
+                                "deepsparse_decode_step.onnx, deepsparse_head.npz)"),
     "tensorrt": TargetProfile("tensorrt", 17, STANDARD_DOMAINS, ("none", "basic"),
                               "TensorRT: opset 17, standard ops only; MatMul weights kept as constants [K, N] so "
                               "--sparsity=enable sees the 2:4 groups along K"),
@@ -103,6 +104,7 @@ class ExportConfig:
     cache_dir: str | None = None
     deepsparse_batch: int = 1  # --target deepsparse: static shapes of the decoder-stack graph written beside the export
     deepsparse_seq: int = 128
+    deepsparse_context: int = 256  # KV-cache slots of the decode-step graph: prompt + new tokens - 1 must fit
 
 
 def validate(config: ExportConfig) -> TargetProfile:
@@ -126,6 +128,9 @@ def validate(config: ExportConfig) -> TargetProfile:
         raise UserError("--decode-steps and --greedy-tokens must be at least 1")
     if config.deepsparse_batch < 1 or config.deepsparse_seq < 1:
         raise UserError("--deepsparse-batch and --deepsparse-seq must be at least 1")
+    if config.deepsparse_context < config.deepsparse_seq:
+        raise UserError(f"--deepsparse-context {config.deepsparse_context} is smaller than --deepsparse-seq {config.deepsparse_seq}: "
+                        f"the decode step's cache must hold a whole prompt; raise --deepsparse-context")
     return target
 
 
@@ -399,7 +404,19 @@ def decoder_stack_names(layers: int, past: int) -> tuple[list[str], list[str]]:
     return inputs, ["out"] + [f"new_{n}" for n in cache]
 
 
-def export_decoder_stack(checkpoint: Path, out: Path, batch: int, seq: int, opset: int = 14, past: int = 0) -> Path:
+def load_eager_float32(checkpoint: Path):
+    """A LLaMA-style checkpoint in float32 with eager attention (what the decoder-stack forms are traced from)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), attn_implementation="eager", torch_dtype=torch.float32).eval()
+    inner = getattr(model, "model", None)
+    if inner is None or not all(hasattr(inner, a) for a in ("layers", "norm", "rotary_emb", "embed_tokens")):
+        raise UserError(f"{checkpoint}: not a LLaMA-style model (model.layers/norm/rotary_emb): the decoder-stack form cannot be built")
+    return model
+
+
+def export_decoder_stack(checkpoint: Path, out: Path, batch: int, seq: int, opset: int = 14, past: int = 0, model=None) -> Path:
     """All decoder blocks of a LLaMA-style checkpoint as one static-shape ONNX graph (the form DeepSparse 1.8 compiles).
 
     Inputs: hidden [batch, seq, h], the rotary cos/sin [batch, seq, d] of the tokens' positions and an additive
@@ -407,17 +424,15 @@ def export_decoder_stack(checkpoint: Path, out: Path, batch: int, seq: int, opse
     `past_key_i`/`past_value_i` [batch, kv_heads, past, d]. Outputs: the final-norm hidden states `out` and
     each layer's keys/values of these `seq` tokens (`new_key_i`/`new_value_i`), which a runtime appends to its
     cache. Eager attention: DeepSparse aborts (graph.cpp:925) on the full optimum export; this form leaves the
-    embedding lookup, lm_head, mask construction and cache bookkeeping to the caller.
+    embedding lookup, lm_head, mask construction and cache bookkeeping to the caller (sparsedeploy.stack_generate).
+    `model`: the checkpoint already loaded by load_eager_float32.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     from sparsedeploy.onnx_storage import load_model_proto, save_model_proto
 
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), attn_implementation="eager", torch_dtype=torch.float32).eval()
-    inner = getattr(model, "model", None)
-    if inner is None or not all(hasattr(inner, a) for a in ("layers", "norm", "rotary_emb")):
-        raise UserError(f"{checkpoint}: not a LLaMA-style model (model.layers/norm/rotary_emb): the decoder-stack form cannot be built")
+    model = model if model is not None else load_eager_float32(checkpoint)
+    inner = model.model
     layers = len(inner.layers)
 
     class Stack(torch.nn.Module):
@@ -450,31 +465,93 @@ def export_decoder_stack(checkpoint: Path, out: Path, batch: int, seq: int, opse
     return out
 
 
-DEEPSPARSE_STACK = "deepsparse_decoder_stack.onnx"
-
-
 def write_deepsparse_stack(model_dir: Path, out_dir: Path, config: ExportConfig) -> dict:
-    """For --target deepsparse: also write the decoder stack, the form DeepSparse 1.8's own engine compiles.
+    """For --target deepsparse: also write the whole model in the form DeepSparse 1.8's own engine compiles.
 
     The full decoder with KV cache aborts its engine (graph.cpp:925, with static shapes) and with dynamic
-    shapes only reaches its bundled ONNX Runtime; the stack (every block with its pruned weights, static
-    shapes) runs on its sparse kernels. Its zeros are verified like the main export's.
+    shapes only reaches its bundled ONNX Runtime. What it compiles: the decoder stack (every block with its
+    pruned weights, static shapes) for prefill, the same stack for one decode step over a KV cache of
+    `deepsparse_context` slots, and the embedding/lm_head/rotary tables that sparsedeploy.stack_generate
+    runs around them. Zeros of both graphs are verified like the main export's; with verification on,
+    greedy generation through the three files (in ONNX Runtime) must give PyTorch's tokens.
     """
+    import torch
+
     from sparsedeploy.onnx_storage import load_model_proto
     from sparsedeploy.onnx_verify import checkpoint_reference, verify_sparsity
+    from sparsedeploy.stack_generate import HEAD_FILE, PREFILL_FILE, STEP_FILE
 
-    path = export_decoder_stack(model_dir, out_dir / DEEPSPARSE_STACK, config.deepsparse_batch, config.deepsparse_seq,
-                                TARGETS["deepsparse"].opset)
+    model = load_eager_float32(model_dir)
+    opset = TARGETS["deepsparse"].opset
+    batch, seq, context = config.deepsparse_batch, config.deepsparse_seq, config.deepsparse_context
+    files = {"prefill": export_decoder_stack(model_dir, out_dir / PREFILL_FILE, batch, seq, opset, model=model),
+             "step": export_decoder_stack(model_dir, out_dir / STEP_FILE, batch, 1, opset, past=context, model=model)}
     reference, masks, nm = checkpoint_reference(model_dir, np.float32)
-    sparsity = verify_sparsity(load_model_proto(path), reference, masks, nm)
-    if not sparsity.ok:
-        raise UserError(f"the DeepSparse decoder stack lost zeros ({sparsity.problems[0]}): nothing written")
-    counts = sparsity.to_dict()
-    return {"file": path.name, "batch": config.deepsparse_batch, "seq": config.deepsparse_seq,
-            "inputs": ["hidden", "cos", "sin", "mask"], "zeros_onnx": counts["zeros_onnx"], "zeros_torch": counts["zeros_torch"],
-            "note": "all decoder blocks (attention, norms, MLP) with static shapes: the form DeepSparse 1.8 compiles with its own "
-                    "kernels; outputs the final hidden states and each layer's keys/values; embeddings and lm_head stay "
-                    "outside it (see docs/bench.md)"}
+    counts = {}
+    for name, path in files.items():
+        sparsity = verify_sparsity(load_model_proto(path), reference, masks, nm)
+        if not sparsity.ok:
+            raise UserError(f"the DeepSparse {name} graph lost zeros ({sparsity.problems[0]}): nothing written")
+        counts[name] = {k: sparsity.to_dict()[k] for k in ("zeros_onnx", "zeros_torch")}
+    inner, cfg = model.model, model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    with torch.no_grad():
+        cos, sin = inner.rotary_emb(torch.zeros(1, 1, cfg.hidden_size), torch.arange(max(seq, context))[None])
+        arrays = {"embed": inner.embed_tokens.weight.float().numpy(), "cos": cos[0].numpy(), "sin": sin[0].numpy(),
+                  "batch": batch, "seq": seq, "context": context, "layers": len(inner.layers),
+                  "kv_heads": cfg.num_key_value_heads, "head_dim": head_dim}
+        if model.lm_head.weight.data_ptr() != inner.embed_tokens.weight.data_ptr():
+            arrays["lm_head"] = model.lm_head.weight.float().numpy()
+    np.savez(out_dir / HEAD_FILE, **arrays)
+    form = {"files": {"prefill": PREFILL_FILE, "decode_step": STEP_FILE, "head": HEAD_FILE},
+            "batch": batch, "seq": seq, "context": context, "zeros": counts,
+            "note": "all decoder blocks (attention, norms, MLP) with static shapes, for prefill and for a decode step over a "
+                    "KV cache: the form DeepSparse 1.8 compiles with its own kernels; sparsedeploy.stack_generate runs the "
+                    "embedding lookup and lm_head (deepsparse_head.npz) around them (see docs/export.md)"}
+    if config.verify:
+        form["generation"] = verify_stack_generation(model, model_dir, out_dir, config)
+        bad = next((r for r in form["generation"]["prompts"] if not r["identical"]), None)
+        if bad is not None:
+            raise UserError(f"greedy generation through the DeepSparse graphs differs from PyTorch for {bad['prompt']!r} "
+                            f"from token {bad['first_divergence']} on: nothing written")
+    return form
+
+
+def verify_stack_generation(model, model_dir: Path, out_dir: Path, config: ExportConfig) -> dict:
+    """Greedy tokens through the decoder-stack files (run in ONNX Runtime) against the PyTorch model's own."""
+    import torch
+
+    from sparsedeploy.onnx_runtime import load_tokenizer
+    from sparsedeploy.onnx_storage import session_from_path
+    from sparsedeploy.onnx_verify import DEFAULT_PROMPTS, _prompt_ids
+    from sparsedeploy.stack_generate import HEAD_FILE, PREFILL_FILE, STEP_FILE, StackHead, greedy
+
+    head = StackHead.load(out_dir / HEAD_FILE)
+    graphs = {}
+    for name, file in (("prefill", PREFILL_FILE), ("step", STEP_FILE)):
+        sess = session_from_path(out_dir / file)
+        names = [i.name for i in sess.get_inputs()]
+        graphs[name] = (lambda arrays, s=sess, n=names: s.run(None, dict(zip(n, arrays, strict=True))))
+    tokenizer = load_tokenizer(model_dir)
+    prompts = config.prompts or DEFAULT_PROMPTS
+    results = []
+    for text, prompt_ids in zip(prompts, _prompt_ids(tokenizer, prompts, model.config.vocab_size)):
+        ids = prompt_ids[:, : head.seq].repeat(head.batch, axis=0)
+        new = min(config.greedy_tokens, head.context - ids.shape[1] + 1)
+        got = greedy(head, graphs["prefill"], graphs["step"], ids, new)
+        expected, past, x = [], None, torch.from_numpy(ids)
+        with torch.no_grad():
+            for _ in range(new):
+                out = model(input_ids=x, past_key_values=past, use_cache=True)
+                past, x = out.past_key_values, out.logits[:, -1].argmax(-1)[:, None]
+                expected.append(x.numpy())
+        expected = np.concatenate(expected, axis=1)
+        differ = np.flatnonzero((got != expected).any(axis=0))
+        results.append({"prompt": text, "new_tokens": new, "identical": differ.size == 0,
+                        "first_divergence": int(differ[0]) if differ.size else None, "tokens": got[0].tolist()})
+        if tokenizer is not None:
+            results[-1]["text"] = tokenizer.decode(got[0].tolist(), skip_special_tokens=True)
+    return {"identical": all(r["identical"] for r in results), "prompts": results}
 
 
 def verify_export(config: ExportConfig, model_dir: Path, onnx_path: Path, opset: int | None = None) -> dict:

@@ -77,3 +77,14 @@ def smollm(cache_dir):
     from sparsedeploy.models import load_model
 
     return load_model("smollm2-135m", "float32", cache_dir)
+
+
+@pytest.fixture(scope="session")
+def deepsparse_env():
+    """DeepSparse 1.8's own venv, created on first use (as speed.py --ci does); a visible skip where it cannot run."""
+    from sparsedeploy.engines import deepsparse_env as ds
+
+    problem = ds.platform_problem()
+    if problem:
+        pytest.skip(problem)
+    return ds.find_env() or ds.install()

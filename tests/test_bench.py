@@ -131,17 +131,6 @@ def test_linear_skeleton_keeps_every_matmul_and_its_zeros(tiny_onnx, tmp_path):
     assert all(o.shape[0] == 5 for o in outs)
 
 
-@pytest.fixture(scope="module")
-def deepsparse_env():
-    """DeepSparse 1.8's own venv, created on first use (as speed.py --ci does); a visible skip where it cannot run."""
-    from sparsedeploy.engines import deepsparse_env as ds
-
-    problem = ds.platform_problem()
-    if problem:
-        pytest.skip(problem)
-    return ds.find_env() or ds.install()
-
-
 @pytest.mark.slow
 def test_linear_skeleton_runs_in_deepsparse(tiny_onnx, tmp_path, deepsparse_env):
     """The skeleton form is what DeepSparse 1.8 accepts."""

@@ -116,10 +116,16 @@ def test_targets_use_standard_ops_and_their_opset(checkpoints, tmp_path, target,
     stack = tmp_path / target / "deepsparse_decoder_stack.onnx"
     if target == "deepsparse":  # the form DeepSparse's engine compiles, written beside the export, zeros verified
         form = report["deepsparse_form"]
-        assert stack.is_file() and form["zeros_onnx"] == form["zeros_torch"] > 0 and (form["batch"], form["seq"]) == (1, 128)
+        assert (form["batch"], form["seq"], form["context"]) == (1, 128, 256)
+        assert all(c["zeros_onnx"] == c["zeros_torch"] > 0 for c in form["zeros"].values())
+        assert all((tmp_path / target / f).is_file() for f in form["files"].values())
         stack_model = onnx.load(str(stack))
         assert [i.name for i in stack_model.graph.input] == ["hidden", "cos", "sin", "mask"]
         assert next(o.version for o in stack_model.opset_import if o.domain in ("", "ai.onnx")) == 14
+        step = onnx.load(str(tmp_path / target / "deepsparse_decode_step.onnx"))
+        assert [i.name for i in step.graph.input][4:6] == ["past_key_0", "past_value_0"]
+        # greedy generation through prefill graph + decode-step graph + head equals PyTorch's tokens
+        assert form["generation"]["identical"] and all(r["new_tokens"] == 4 for r in form["generation"]["prompts"])
     else:
         assert not stack.exists() and "deepsparse_form" not in report
 

@@ -269,3 +269,56 @@ def check_model(env: DeepSparseEnv, model: Path, batch: int, threads: int = 1, t
     with tempfile.TemporaryDirectory(prefix="sd-deepsparse-") as tmp:
         copies = copy_models({"model": model}, Path(tmp))
         return call_worker(env, {"action": "check", "models": copies, "batch": batch, "threads": threads}, timeout=timeout)
+
+
+def generate(env: DeepSparseEnv, export_dir: Path, ids, new_tokens: int, threads: int = 1, timeout: float = 1800) -> dict:
+    """Greedy generation in DeepSparse through the decoder-stack files `export --target deepsparse` wrote
+    (prefill graph, decode-step graph with KV cache, embedding/lm_head): {"tokens", "timings", "compile_s"}."""
+    from sparsedeploy.stack_generate import HEAD_FILE, PREFILL_FILE, STEP_FILE
+
+    export_dir = Path(export_dir)
+    missing = [f for f in (PREFILL_FILE, STEP_FILE, HEAD_FILE) if not (export_dir / f).is_file()]
+    if missing:
+        raise UserError(f"{export_dir} has no {', '.join(missing)}: export with --target deepsparse to get the graphs DeepSparse runs")
+    batch = len(ids)
+    with tempfile.TemporaryDirectory(prefix="sd-deepsparse-") as tmp:
+        copies = copy_models({"prefill": export_dir / PREFILL_FILE, "step": export_dir / STEP_FILE}, Path(tmp))
+        return call_worker(env, {"action": "generate", "models": copies, "head": str(export_dir / HEAD_FILE),
+                                 "ids": [list(map(int, row)) for row in ids], "new_tokens": int(new_tokens),
+                                 "batch": batch, "threads": threads}, timeout=timeout)
+
+
+def generate_text(export_dir: Path | str, prompt: str, max_new_tokens: int = 32, threads: int = 1,
+                  venv: str | None = None, cache: str | None = None) -> dict:
+    """`sparsedeploy generate --engine deepsparse`: greedy text from an export made with --target deepsparse,
+    every decoder block run by DeepSparse's engine (prefill graph, then one decode-step graph per token)."""
+    from sparsedeploy.onnx_runtime import load_tokenizer
+    from sparsedeploy.stack_generate import HEAD_FILE, StackHead
+
+    export_dir = Path(export_dir)
+    export_dir = export_dir.parent if export_dir.is_file() else export_dir
+    env = require_env(venv, cache)
+    if not (export_dir / HEAD_FILE).is_file():
+        raise UserError(f"{export_dir} has no {HEAD_FILE}: export with --target deepsparse to get the graphs DeepSparse runs")
+    tokenizer = load_tokenizer(export_dir)
+    if tokenizer is None:
+        raise UserError(f"no tokenizer in {export_dir}: export from a checkpoint that has one (tokenizer.json / tokenizer_config.json)")
+    head = StackHead.load(export_dir / HEAD_FILE)
+    ids = tokenizer(prompt)["input_ids"]
+    if not ids:
+        raise UserError("the prompt is empty after tokenisation: give some text with --prompt")
+    if len(ids) > head.seq:
+        raise UserError(f"the prompt has {len(ids)} tokens but the DeepSparse prefill graph takes at most {head.seq}: "
+                        f"shorten it or export with --deepsparse-seq {len(ids)}")
+    if max_new_tokens < 1 or len(ids) + max_new_tokens - 1 > head.context:
+        raise UserError(f"--max-new-tokens {max_new_tokens} with a {len(ids)}-token prompt does not fit the decode step's cache of "
+                        f"{head.context} slots: use at most {head.context - len(ids) + 1}, or export with a larger --deepsparse-context")
+    reply = generate(env, export_dir, [ids] * head.batch, max_new_tokens, threads)
+    tokens = reply["tokens"][0]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in tokens:
+        tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
+    steps = reply["timings"].get("step", [])
+    return {"prompt": prompt, "completion": tokenizer.decode(tokens, skip_special_tokens=True), "tokens": tokens,
+            "new_tokens": len(tokens), "prefill_seconds": reply["timings"]["prefill"][0], "step_seconds": steps,
+            "decode_tokens_per_s": len(steps) / sum(steps) if steps else None, "compile_seconds": reply["compile_s"],
+            "threads": threads, "engine": "deepsparse", "licence": LICENCE_NOTE}

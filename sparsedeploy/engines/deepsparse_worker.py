@@ -7,6 +7,8 @@ Requests:
   {"action": "check", "models": {"model": PATH}, "batch": B, "threads": T}
   {"action": "bench", "models": {NAME: PATH, ...}, "batch": B, "threads": T, "rounds": R, "per_round": K,
    "warmup": W, "max_seconds": S}
+  {"action": "generate", "models": {"prefill": PATH, "step": PATH}, "head": NPZ, "ids": [[...]], "new_tokens": N,
+   "batch": B, "threads": T}: greedy generation through the decoder-stack graphs (sparsedeploy.stack_generate)
 PATHs are copies made by the caller: this worker never touches a user's file.
 """
 
@@ -22,6 +24,7 @@ os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from sparsedeploy.timing import run_interleaved  # noqa: E402
+from sparsedeploy import stack_generate  # noqa: E402 - NumPy only
 
 _DTYPES = {1: "float32", 10: "float16", 6: "int32", 7: "int64", 9: "bool"}
 
@@ -103,6 +106,20 @@ def handle(req: dict) -> dict:
                               warmup=int(req.get("warmup", 2)), max_seconds=req.get("max_seconds"),
                               min_sample_s=float(req.get("min_sample_s", 0.0)))
         return {"times": res.times, "inner": res.inner, "order": res.order, "compile_s": compile_s, "threads": threads, "batch": batch}
+    if action == "generate":
+        import numpy as np
+
+        head = stack_generate.StackHead.load(req["head"])
+        t0 = time.perf_counter()
+        engines = {}
+        for name in ("prefill", "step"):
+            engine = _engine(models[name], batch, threads)
+            engines[name] = (lambda arrays, e=engine: e.run(arrays))
+        compile_s = time.perf_counter() - t0
+        timings: dict = {}
+        tokens = stack_generate.greedy(head, engines["prefill"], engines["step"], np.asarray(req["ids"], np.int64),
+                                       int(req["new_tokens"]), timings)
+        return {"tokens": tokens.tolist(), "timings": timings, "compile_s": compile_s, "threads": threads, "batch": batch}
     return {"error": f"unknown action {action!r}"}
 
 
