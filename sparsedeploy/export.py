@@ -597,6 +597,11 @@ def summary(report: dict, output: Path | str) -> tuple[dict, str]:
                  + ("identical" if par["greedy_identical"] else "DIFFER"))
     else:
         text += "; not verified (--no-verify)"
+    generation = (report.get("deepsparse_form") or {}).get("generation")
+    if generation:
+        data["deepsparse_greedy_identical"] = generation["identical"]
+        tokens = min(r["new_tokens"] for r in generation["prompts"])
+        text += f"; DeepSparse graphs (prefill + decode step): greedy {tokens} tokens identical to PyTorch"
     return data, text
 
 

@@ -3,11 +3,13 @@ against PyTorch's own tokens, on the tiny model and on the real smollm2-135m."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from sparsedeploy.errors import UserError
-from sparsedeploy.export import ExportConfig, export_checkpoint
+from sparsedeploy.export import ExportConfig, export_checkpoint, summary
 from sparsedeploy.stack_generate import StackHead, greedy
 
 
@@ -80,9 +82,12 @@ def tiny_deepsparse_export(tmp_path_factory):
 
 
 def test_export_checks_generation_through_the_graphs_against_pytorch(tiny_deepsparse_export):
-    _, form = tiny_deepsparse_export
+    onnx_dir, form = tiny_deepsparse_export
+    report = json.loads((onnx_dir / "export_report.json").read_text())
     assert (form["batch"], form["seq"], form["context"]) == (2, 16, 40)
     assert form["generation"]["identical"] and [r["new_tokens"] for r in form["generation"]["prompts"]] == [24, 24]
+    data, text = summary(report, onnx_dir)
+    assert data["deepsparse_greedy_identical"] and text.endswith("DeepSparse graphs (prefill + decode step): greedy 24 tokens identical to PyTorch")
 
 
 @pytest.mark.slow
@@ -138,7 +143,6 @@ def _cli(*args: str):
 
 @pytest.mark.slow
 def test_cli_generate_with_deepsparse(tiny_deepsparse_export, deepsparse_env):
-    import json
 
     onnx_dir, form = tiny_deepsparse_export
     ref = form["generation"]["prompts"][0]
