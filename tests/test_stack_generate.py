@@ -143,7 +143,6 @@ def _cli(*args: str):
 
 @pytest.mark.slow
 def test_cli_generate_with_deepsparse(tiny_deepsparse_export, deepsparse_env):
-
     onnx_dir, form = tiny_deepsparse_export
     ref = form["generation"]["prompts"][0]
     proc = _cli("generate", "--onnx", str(onnx_dir), "--prompt", ref["prompt"], "--max-new-tokens", "8", "--engine", "deepsparse",
