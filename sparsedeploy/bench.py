@@ -12,7 +12,10 @@ Engines:
   as inputs, each layer's new keys/values as outputs -- over the prompt for prefill, and for a decode
   step over one token attending to a KV cache of the prompt's length (cache tensors as inputs). The
   embedding lookup and lm_head stay outside. Without the source checkpoints the **linear skeleton** --
-  every MatMul with its real (pruned) weights, a ReLU after each, residual adds -- stands in. The
+  every MatMul with its real (pruned) weights, a ReLU after each, residual adds -- stands in. With
+  ``--gen-len`` > 0 it then times **whole generations** through the two stack graphs with the embedding
+  lookup and lm_head in NumPy (sparsedeploy.stack_generate, what ``generate --engine deepsparse`` runs):
+  prefill, decode tokens/s and end-to-end, in DeepSparse and in ONNX Runtime on the same files. The
   report names the form of every row.
 - ``torch``: a Hugging Face checkpoint directory in PyTorch. On CUDA the sparse model's 2:4 linears
   are converted with ``torch.sparse.to_sparse_semi_structured`` (fp16/bf16); without CUDA and with
@@ -265,6 +268,8 @@ STACK_FORM = ("decoder stack (every block: attention, norms, MLP, residuals, rea
               "no embedding lookup or lm_head)")
 STEP_FORM = ("decoder stack + KV cache (one new token per sequence through every block, attending to a cache of the "
              "prompt's length given as inputs; static shapes, eager attention; no embedding lookup or lm_head)")
+GENERATION_FORM = ("whole model, stack graphs (prefill graph, then one decode-step graph per token over a static KV cache of "
+                   "prompt + generated slots; embedding lookup and lm_head in NumPy, as `generate --engine deepsparse` runs it)")
 SKELETON_FORM = "linear skeleton (all MatMuls, real weights, ReLU between; no attention core/norms/KV)"
 
 
@@ -309,7 +314,45 @@ def bench_deepsparse(cfg: BenchConfig, variants: dict[str, Path], progress=None)
                 else:
                     times = time_ort_static(form.paths, cfg.threads, max(cfg.rounds, 3), 3)
                 rows.extend(form_rows(form, times, engine, cfg, progress))
+    # 3. Whole generations (prompt + gen_len tokens) through both stack graphs with the embedding lookup and
+    #    lm_head around them: the complete model as DeepSparse runs it, and ONNX Runtime on the same files.
+    checkpoints = {name: source_checkpoint(path.parent) for name, path in variants.items()}
+    if cfg.gen_len > 0 and all(checkpoints.values()):
+        from sparsedeploy.export import write_stack_files
+
+        for batch in cfg.batches:
+            with tempfile.TemporaryDirectory(prefix="sd-deepsparse-generate-") as tmp:
+                bundles = {name: write_stack_files(checkpoints[name], Path(tmp) / name, batch, cfg.prompt_len,
+                                                   cfg.prompt_len + cfg.gen_len) for name in variants}
+                reply = ds.bench_generation(env, bundles, batch, cfg.prompt_len, cfg.gen_len, cfg.threads, rounds=cfg.rounds,
+                                            per_round=cfg.per_round, warmup=cfg.warmup)
+                for engine, res in (("deepsparse", Interleaved(times=reply["times"], phases=reply["phases"])),
+                                    ("ort", time_ort_generation(bundles, cfg, batch))):
+                    new = phase_rows(res, list(variants), batch, cfg.prompt_len, cfg.gen_len, GENERATION_FORM, engine)
+                    rows.extend(new)
+                    if progress:
+                        progress(new)
+    elif cfg.gen_len > 0:
+        notes["generation"] = "not timed: needs each export's source checkpoint (export_report.json model_path)"
     return rows, notes
+
+
+def time_ort_generation(bundles: dict[str, dict[str, Path]], cfg: BenchConfig, batch: int) -> Interleaved:
+    """ONNX Runtime running the same stack files and NumPy glue as the DeepSparse generation rows."""
+    from sparsedeploy.kernels import ort_session
+    from sparsedeploy.stack_generate import StackHead, generation_phases, random_prompt
+
+    runners = {}
+    for name, files in bundles.items():
+        head = StackHead.load(files["head"])
+        graphs = []
+        for kind in ("prefill", "step"):
+            sess = ort_session(files[kind], cfg.threads)
+            names = [i.name for i in sess.get_inputs()]
+            graphs.append(lambda arrays, s=sess, n=names: s.run(None, dict(zip(n, arrays, strict=True))))
+        ids = random_prompt(head, cfg.prompt_len)
+        runners[name] = (lambda h=head, g=graphs, i=ids: generation_phases(h, g[0], g[1], i, cfg.gen_len))
+    return run_interleaved(runners, rounds=cfg.rounds, per_round=cfg.per_round, warmup=cfg.warmup)
 
 
 @dataclass
@@ -411,7 +454,7 @@ def markdown(result: dict) -> str:
              f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs; threads: {m['threads']}"
              + (f"; GPU: {m['gpu']} (torch {m.get('torch', '?')})" if m.get("gpu") else ""),
              f"- prompt {result['prompt_len']} tokens"
-             + (f", {result['gen_len']} generated" if result["engine"] in ("ort", "torch") else ", no generation (static forms)")
+             + (f", {result['gen_len']} generated" if any(r["phase"] == "decode" for r in result["rows"]) else ", no generation (static forms)")
              + f"; rounds {result['rounds']} (dense and sparse alternating)",
              f"- form measured: {'; '.join(sorted({r['form'] for r in result['rows']}))}", ""]
     if result.get("notes", {}).get("full_graph"):

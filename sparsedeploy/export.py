@@ -465,6 +465,32 @@ def export_decoder_stack(checkpoint: Path, out: Path, batch: int, seq: int, opse
     return out
 
 
+def write_stack_files(model_dir: Path, out_dir: Path, batch: int, seq: int, context: int, opset: int = 14,
+                      model=None) -> dict[str, Path]:
+    """The three files sparsedeploy.stack_generate runs: prefill graph (`seq` tokens), decode-step graph (KV cache
+    of `context` slots) and the embedding/lm_head/rotary tables, for a static `batch`."""
+    import torch
+
+    from sparsedeploy.stack_generate import HEAD_FILE, PREFILL_FILE, STEP_FILE
+
+    model = model if model is not None else load_eager_float32(model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"prefill": export_decoder_stack(model_dir, out_dir / PREFILL_FILE, batch, seq, opset, model=model),
+             "step": export_decoder_stack(model_dir, out_dir / STEP_FILE, batch, 1, opset, past=context, model=model),
+             "head": out_dir / HEAD_FILE}
+    inner, cfg = model.model, model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    with torch.no_grad():
+        cos, sin = inner.rotary_emb(torch.zeros(1, 1, cfg.hidden_size), torch.arange(max(seq, context))[None])
+        arrays = {"embed": inner.embed_tokens.weight.float().numpy(), "cos": cos[0].numpy(), "sin": sin[0].numpy(),
+                  "batch": batch, "seq": seq, "context": context, "layers": len(inner.layers),
+                  "kv_heads": cfg.num_key_value_heads, "head_dim": head_dim}
+        if model.lm_head.weight.data_ptr() != inner.embed_tokens.weight.data_ptr():
+            arrays["lm_head"] = model.lm_head.weight.float().numpy()
+    np.savez(files["head"], **arrays)
+    return files
+
+
 def write_deepsparse_stack(model_dir: Path, out_dir: Path, config: ExportConfig) -> dict:
     """For --target deepsparse: also write the whole model in the form DeepSparse 1.8's own engine compiles.
 
@@ -475,34 +501,20 @@ def write_deepsparse_stack(model_dir: Path, out_dir: Path, config: ExportConfig)
     runs around them. Zeros of both graphs are verified like the main export's; with verification on,
     greedy generation through the three files (in ONNX Runtime) must give PyTorch's tokens.
     """
-    import torch
-
     from sparsedeploy.onnx_storage import load_model_proto
     from sparsedeploy.onnx_verify import checkpoint_reference, verify_sparsity
     from sparsedeploy.stack_generate import HEAD_FILE, PREFILL_FILE, STEP_FILE
 
     model = load_eager_float32(model_dir)
-    opset = TARGETS["deepsparse"].opset
     batch, seq, context = config.deepsparse_batch, config.deepsparse_seq, config.deepsparse_context
-    files = {"prefill": export_decoder_stack(model_dir, out_dir / PREFILL_FILE, batch, seq, opset, model=model),
-             "step": export_decoder_stack(model_dir, out_dir / STEP_FILE, batch, 1, opset, past=context, model=model)}
+    files = write_stack_files(model_dir, out_dir, batch, seq, context, model=model)
     reference, masks, nm = checkpoint_reference(model_dir, np.float32)
     counts = {}
-    for name, path in files.items():
-        sparsity = verify_sparsity(load_model_proto(path), reference, masks, nm)
+    for name in ("prefill", "step"):
+        sparsity = verify_sparsity(load_model_proto(files[name]), reference, masks, nm)
         if not sparsity.ok:
             raise UserError(f"the DeepSparse {name} graph lost zeros ({sparsity.problems[0]}): nothing written")
         counts[name] = {k: sparsity.to_dict()[k] for k in ("zeros_onnx", "zeros_torch")}
-    inner, cfg = model.model, model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    with torch.no_grad():
-        cos, sin = inner.rotary_emb(torch.zeros(1, 1, cfg.hidden_size), torch.arange(max(seq, context))[None])
-        arrays = {"embed": inner.embed_tokens.weight.float().numpy(), "cos": cos[0].numpy(), "sin": sin[0].numpy(),
-                  "batch": batch, "seq": seq, "context": context, "layers": len(inner.layers),
-                  "kv_heads": cfg.num_key_value_heads, "head_dim": head_dim}
-        if model.lm_head.weight.data_ptr() != inner.embed_tokens.weight.data_ptr():
-            arrays["lm_head"] = model.lm_head.weight.float().numpy()
-    np.savez(out_dir / HEAD_FILE, **arrays)
     form = {"files": {"prefill": PREFILL_FILE, "decode_step": STEP_FILE, "head": HEAD_FILE},
             "batch": batch, "seq": seq, "context": context, "zeros": counts,
             "note": "all decoder blocks (attention, norms, MLP) with static shapes, for prefill and for a decode step over a "

@@ -98,3 +98,18 @@ def greedy(head: StackHead, prefill: Graph, step: Graph, ids: np.ndarray, new_to
         if timings is not None:
             timings.setdefault("step", []).append(time.perf_counter() - t0)
     return np.stack(tokens, axis=1)
+
+
+def random_prompt(head: StackHead, tokens: int, seed: int = 0) -> np.ndarray:
+    """[batch, tokens] random token ids (speed does not depend on them), as the ORT bench draws them."""
+    vocab = head.embed.shape[0]
+    return np.random.default_rng(seed).integers(min(10, vocab - 1), vocab, size=(head.batch, tokens), dtype=np.int64)
+
+
+def generation_phases(head: StackHead, prefill: Graph, step: Graph, ids: np.ndarray, decode_steps: int) -> dict[str, float]:
+    """One timed generation: prefill of `ids`, then `decode_steps` decode steps -> seconds per phase (as the
+    ORT bench reports them: prefill, decode, total)."""
+    timings: dict[str, list[float]] = {}
+    greedy(head, prefill, step, ids, decode_steps + 1, timings)
+    pre, dec = timings["prefill"][0], sum(timings.get("step", []))
+    return {"prefill": pre, "decode": dec, "total": pre + dec}

@@ -273,13 +273,24 @@ def test_deepsparse_bench_times_prefill_and_decode_step_on_the_stack(tiny_export
     from sparsedeploy.engines.deepsparse_env import LICENCE_NOTE
 
     result = run_bench(BenchConfig(model=str(tiny_exports["sparse"]), baseline=str(tiny_exports["dense"]), engine="deepsparse",
-                                   batches=[2], prompt_len=8, rounds=1, deepsparse_venv=str(deepsparse_env.path)))
+                                   batches=[2], prompt_len=8, gen_len=4, rounds=1, deepsparse_venv=str(deepsparse_env.path)))
     assert result["licence"] == LICENCE_NOTE and "stack" not in result["notes"]  # both checkpoints were found
-    forms = {(r["engine"], r["phase"], r["form"].split(" (")[0], r["rows"]) for r in result["rows"] if "speedup" in r}
+    forms = {(r["engine"], r["phase"], r["form"].split(" (")[0], r.get("rows")) for r in result["rows"] if "speedup" in r}
     assert forms == {(e, "prefill", "decoder stack", 16) for e in ("deepsparse", "ort")} | \
-                    {(e, "decode-step", "decoder stack + KV cache", 2) for e in ("deepsparse", "ort")}
+                    {(e, "decode-step", "decoder stack + KV cache", 2) for e in ("deepsparse", "ort")} | \
+                    {(e, p, "whole model, stack graphs", None) for e in ("deepsparse", "ort") for p in ("prefill", "decode", "total")}
     assert result["notes"]["full_graph"]["runs"] in (True, False)
-    assert "prompt 8 tokens, no generation (static forms)" in markdown(result)  # these forms generate nothing
+    decode = [r for r in result["rows"] if r["phase"] == "decode"]
+    assert len(decode) == 4 and all(r["tokens_per_s"] == pytest.approx(2 * 4 / r["median_s"]) for r in decode)
+    assert "prompt 8 tokens, 4 generated" in markdown(result)
+
+
+@pytest.mark.slow
+def test_deepsparse_bench_without_generation_times_the_static_forms_only(tiny_exports, deepsparse_env):
+    result = run_bench(BenchConfig(model=str(tiny_exports["sparse"]), baseline=str(tiny_exports["dense"]), engine="deepsparse",
+                                   batches=[1], prompt_len=8, gen_len=0, rounds=1, deepsparse_venv=str(deepsparse_env.path)))
+    assert {r["phase"] for r in result["rows"]} == {"prefill", "decode-step"}
+    assert "prompt 8 tokens, no generation (static forms)" in markdown(result)
 
 
 def test_tensorrt_needs_a_gpu_device_and_says_so(tiny_exports, tmp_path):

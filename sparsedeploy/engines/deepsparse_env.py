@@ -271,6 +271,20 @@ def check_model(env: DeepSparseEnv, model: Path, batch: int, threads: int = 1, t
         return call_worker(env, {"action": "check", "models": copies, "batch": batch, "threads": threads}, timeout=timeout)
 
 
+def bench_generation(env: DeepSparseEnv, bundles: dict[str, dict[str, Path]], batch: int, prompt_len: int, gen_len: int,
+                     threads: int, rounds: int = 3, per_round: int = 1, warmup: int = 1, timeout: float = 3600) -> dict:
+    """Time whole generations (stack_generate over each variant's prefill/step graphs and head) alternately in one
+    DeepSparse process: {"times": {name: [...]}, "phases": {name: {"prefill"|"decode"|"total": [...]}}, ...}."""
+    with tempfile.TemporaryDirectory(prefix="sd-deepsparse-") as tmp:
+        graphs = {f"{name}.{kind}": files[kind] for name, files in bundles.items() for kind in ("prefill", "step")}
+        copies = copy_models(graphs, Path(tmp))
+        models = {name: {"prefill": copies[f"{name}.prefill"], "step": copies[f"{name}.step"], "head": str(files["head"])}
+                  for name, files in bundles.items()}
+        return call_worker(env, {"action": "bench_generate", "models": models, "batch": batch, "threads": threads,
+                                 "prompt_len": prompt_len, "gen_len": gen_len, "rounds": rounds, "per_round": per_round,
+                                 "warmup": warmup}, timeout=timeout)
+
+
 def generate(env: DeepSparseEnv, export_dir: Path, ids, new_tokens: int, threads: int = 1, timeout: float = 1800) -> dict:
     """Greedy generation in DeepSparse through the decoder-stack files `export --target deepsparse` wrote
     (prefill graph, decode-step graph with KV cache, embedding/lm_head): {"tokens", "timings", "compile_s"}."""

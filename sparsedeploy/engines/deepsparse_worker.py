@@ -9,6 +9,9 @@ Requests:
    "warmup": W, "max_seconds": S}
   {"action": "generate", "models": {"prefill": PATH, "step": PATH}, "head": NPZ, "ids": [[...]], "new_tokens": N,
    "batch": B, "threads": T}: greedy generation through the decoder-stack graphs (sparsedeploy.stack_generate)
+  {"action": "bench_generate", "models": {NAME: {"prefill": PATH, "step": PATH, "head": NPZ}, ...}, "batch": B,
+   "threads": T, "prompt_len": P, "gen_len": G, "rounds": R, "per_round": K, "warmup": W}: generations of P + G
+   tokens timed per phase, the variants alternating
 PATHs are copies made by the caller: this worker never touches a user's file.
 """
 
@@ -106,6 +109,19 @@ def handle(req: dict) -> dict:
                               warmup=int(req.get("warmup", 2)), max_seconds=req.get("max_seconds"),
                               min_sample_s=float(req.get("min_sample_s", 0.0)))
         return {"times": res.times, "inner": res.inner, "order": res.order, "compile_s": compile_s, "threads": threads, "batch": batch}
+    if action == "bench_generate":
+        runners, compile_s = {}, {}
+        for name, files in models.items():
+            t0 = time.perf_counter()
+            head = stack_generate.StackHead.load(files["head"])
+            prefill, step = (_engine(files[k], batch, threads) for k in ("prefill", "step"))
+            compile_s[name] = time.perf_counter() - t0
+            ids = stack_generate.random_prompt(head, int(req["prompt_len"]))
+            runners[name] = (lambda h=head, p=prefill, s=step, i=ids: stack_generate.generation_phases(
+                h, lambda a: p.run(a), lambda a: s.run(a), i, int(req["gen_len"])))
+        res = run_interleaved(runners, rounds=int(req.get("rounds", 3)), per_round=int(req.get("per_round", 1)),
+                              warmup=int(req.get("warmup", 1)))
+        return {"times": res.times, "phases": res.phases, "order": res.order, "compile_s": compile_s, "threads": threads, "batch": batch}
     if action == "generate":
         import numpy as np
 
