@@ -340,16 +340,12 @@ def bench_deepsparse(cfg: BenchConfig, variants: dict[str, Path], progress=None)
 def time_ort_generation(bundles: dict[str, dict[str, Path]], cfg: BenchConfig, batch: int) -> Interleaved:
     """ONNX Runtime running the same stack files and NumPy glue as the DeepSparse generation rows."""
     from sparsedeploy.kernels import ort_session
-    from sparsedeploy.stack_generate import StackHead, generation_phases, random_prompt
+    from sparsedeploy.stack_generate import StackHead, generation_phases, random_prompt, session_graph
 
     runners = {}
     for name, files in bundles.items():
         head = StackHead.load(files["head"])
-        graphs = []
-        for kind in ("prefill", "step"):
-            sess = ort_session(files[kind], cfg.threads)
-            names = [i.name for i in sess.get_inputs()]
-            graphs.append(lambda arrays, s=sess, n=names: s.run(None, dict(zip(n, arrays, strict=True))))
+        graphs = [session_graph(ort_session(files[kind], cfg.threads)) for kind in ("prefill", "step")]
         ids = random_prompt(head, cfg.prompt_len)
         runners[name] = (lambda h=head, g=graphs, i=ids: generation_phases(h, g[0], g[1], i, cfg.gen_len))
     return run_interleaved(runners, rounds=cfg.rounds, per_round=cfg.per_round, warmup=cfg.warmup)

@@ -536,14 +536,10 @@ def verify_stack_generation(model, model_dir: Path, out_dir: Path, config: Expor
     from sparsedeploy.onnx_runtime import load_tokenizer
     from sparsedeploy.onnx_storage import session_from_path
     from sparsedeploy.onnx_verify import DEFAULT_PROMPTS, _prompt_ids
-    from sparsedeploy.stack_generate import HEAD_FILE, PREFILL_FILE, STEP_FILE, StackHead, greedy
+    from sparsedeploy.stack_generate import HEAD_FILE, PREFILL_FILE, STEP_FILE, StackHead, greedy, session_graph
 
     head = StackHead.load(out_dir / HEAD_FILE)
-    graphs = {}
-    for name, file in (("prefill", PREFILL_FILE), ("step", STEP_FILE)):
-        sess = session_from_path(out_dir / file)
-        names = [i.name for i in sess.get_inputs()]
-        graphs[name] = (lambda arrays, s=sess, n=names: s.run(None, dict(zip(n, arrays, strict=True))))
+    graphs = {name: session_graph(session_from_path(out_dir / file)) for name, file in (("prefill", PREFILL_FILE), ("step", STEP_FILE))}
     tokenizer = load_tokenizer(model_dir)
     prompts = config.prompts or DEFAULT_PROMPTS
     results = []

@@ -113,3 +113,9 @@ def generation_phases(head: StackHead, prefill: Graph, step: Graph, ids: np.ndar
     greedy(head, prefill, step, ids, decode_steps + 1, timings)
     pre, dec = timings["prefill"][0], sum(timings.get("step", []))
     return {"prefill": pre, "decode": dec, "total": pre + dec}
+
+
+def session_graph(session) -> Graph:
+    """A Graph from an onnxruntime.InferenceSession (inputs in graph order, as greedy passes them)."""
+    names = [i.name for i in session.get_inputs()]
+    return lambda arrays: session.run(None, dict(zip(names, arrays, strict=True)))
