@@ -47,7 +47,7 @@ if [[ "$part" == llama1b || "$part" == all ]]; then
     "${sd[@]}" bench --engine ort --model "$l/${tag}_onnx" --baseline "$l/dense_onnx" --batch 1 --prompt-len 128 --gen-len 16 \
       --rounds 3 -o "$out/ort_llama1b_$tag"
     # --gen-len 0: static forms only; whole generations would hold both stack graphs of both variants
-    # (4 x 4.4 GB in fp32) in one DeepSparse process, too much for a 24 GB machine
+    # (4 x 4.4 GB of fp32 weights, ~18 GB before DeepSparse's own copies) in one process on a 24 GB machine
     "${sd[@]}" bench --engine deepsparse --model "$l/${tag}_onnx" --baseline "$l/dense_onnx" --batch 1 --prompt-len 128 \
       --gen-len 0 --rounds 3 -o "$out/deepsparse_llama1b_$tag"
   done
