@@ -338,7 +338,10 @@ def bench_deepsparse(cfg: BenchConfig, variants: dict[str, Path], progress=None)
 
 
 def time_ort_generation(bundles: dict[str, dict[str, Path]], cfg: BenchConfig, batch: int) -> Interleaved:
-    """ONNX Runtime running the same stack files and NumPy glue as the DeepSparse generation rows."""
+    """ONNX Runtime running the same stack files and NumPy glue as the DeepSparse generation rows (NumPy's BLAS
+    held to --threads, as the DeepSparse worker's is through OMP_NUM_THREADS)."""
+    from threadpoolctl import threadpool_limits
+
     from sparsedeploy.kernels import ort_session
     from sparsedeploy.stack_generate import StackHead, generation_phases, random_prompt, session_graph
 
@@ -348,7 +351,8 @@ def time_ort_generation(bundles: dict[str, dict[str, Path]], cfg: BenchConfig, b
         graphs = [session_graph(ort_session(files[kind], cfg.threads)) for kind in ("prefill", "step")]
         ids = random_prompt(head, cfg.prompt_len)
         runners[name] = (lambda h=head, g=graphs, i=ids: generation_phases(h, g[0], g[1], i, cfg.gen_len))
-    return run_interleaved(runners, rounds=cfg.rounds, per_round=cfg.per_round, warmup=cfg.warmup)
+    with threadpool_limits(limits=cfg.threads, user_api="blas"):
+        return run_interleaved(runners, rounds=cfg.rounds, per_round=cfg.per_round, warmup=cfg.warmup)
 
 
 @dataclass
