@@ -13,6 +13,7 @@ NumPy only: the DeepSparse worker imports this module inside its own virtualenv 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -61,8 +62,6 @@ def greedy(head: StackHead, prefill: Graph, step: Graph, ids: np.ndarray, new_to
     step masks the slots not yet filled and writes its own keys/values into the next slot. With `timings`,
     the wall time of the prefill and of every step (NumPy work included) is appended under those names.
     """
-    import time
-
     batch, n = ids.shape
     if batch != head.batch:
         raise ValueError(f"the graphs were exported for batch {head.batch}, got {batch} prompts")
