@@ -155,6 +155,11 @@ def export_with_optimum(model_dir: Path, out_dir: Path, task: str, dtype: str, o
                 do_validation=False, local_files_only=True, library_name="transformers")
 
 
+def head_dim_of(config) -> int:
+    """Per-head size of a transformers config (`head_dim` when set, else hidden / heads)."""
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
 def export_with_torch(model_dir: Path, out_dir: Path, task: str, dtype: str, opset: int) -> None:
     """torch.onnx.export of a wrapper with optimum's input/output names (for architectures optimum lacks)."""
     import torch
@@ -165,7 +170,7 @@ def export_with_torch(model_dir: Path, out_dir: Path, task: str, dtype: str, ops
     config = model.config
     layers = int(config.num_hidden_layers)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    head_dim = head_dim_of(config)
     with_past = task.endswith("-with-past")
     wrapper = _DecoderWrapper(model, layers, with_past)
     batch, seq, past_len = 2, 3, 4 if with_past else 0
@@ -448,7 +453,7 @@ def export_decoder_stack(checkpoint: Path, out: Path, batch: int, seq: int, opse
             return (self.norm(hidden), *[t for pair in kv.new for t in pair])
 
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = head_dim_of(cfg)
     hidden = torch.zeros(batch, seq, cfg.hidden_size)
     cos, sin = inner.rotary_emb(hidden, torch.arange(past, past + seq)[None].expand(batch, seq))
     mask = torch.zeros(batch, 1, seq, past + seq)
@@ -479,7 +484,7 @@ def write_stack_files(model_dir: Path, out_dir: Path, batch: int, seq: int, cont
              "step": export_decoder_stack(model_dir, out_dir / STEP_FILE, batch, 1, opset, past=context, model=model),
              "head": out_dir / HEAD_FILE}
     inner, cfg = model.model, model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = head_dim_of(cfg)
     with torch.no_grad():
         cos, sin = inner.rotary_emb(torch.zeros(1, 1, cfg.hidden_size), torch.arange(max(seq, context))[None])
         arrays = {"embed": inner.embed_tokens.weight.float().numpy(), "cos": cos[0].numpy(), "sin": sin[0].numpy(),
@@ -514,7 +519,8 @@ def write_deepsparse_stack(model_dir: Path, out_dir: Path, config: ExportConfig)
         sparsity = verify_sparsity(load_model_proto(files[name]), reference, masks, nm)
         if not sparsity.ok:
             raise UserError(f"the DeepSparse {name} graph lost zeros ({sparsity.problems[0]}): nothing written")
-        counts[name] = {k: sparsity.to_dict()[k] for k in ("zeros_onnx", "zeros_torch")}
+        found = sparsity.to_dict()
+        counts[name] = {k: found[k] for k in ("zeros_onnx", "zeros_torch")}
     form = {"files": {"prefill": PREFILL_FILE, "decode_step": STEP_FILE, "head": HEAD_FILE},
             "batch": batch, "seq": seq, "context": context, "zeros": counts,
             "note": "all decoder blocks (attention, norms, MLP) with static shapes, for prefill and for a decode step over a "

@@ -285,19 +285,26 @@ def bench_generation(env: DeepSparseEnv, bundles: dict[str, dict[str, Path]], ba
                                  "warmup": warmup}, timeout=timeout)
 
 
-def generate(env: DeepSparseEnv, export_dir: Path, ids, new_tokens: int, threads: int = 1, timeout: float = 1800) -> dict:
-    """Greedy generation in DeepSparse through the decoder-stack files `export --target deepsparse` wrote
-    (prefill graph, decode-step graph with KV cache, embedding/lm_head): {"tokens", "timings", "compile_s"}."""
+def stack_files(export_dir: Path | str) -> dict[str, Path]:
+    """The three files `export --target deepsparse` writes for generation, or a UserError naming the missing ones."""
     from sparsedeploy.stack_generate import HEAD_FILE, PREFILL_FILE, STEP_FILE
 
     export_dir = Path(export_dir)
-    missing = [f for f in (PREFILL_FILE, STEP_FILE, HEAD_FILE) if not (export_dir / f).is_file()]
+    files = {"prefill": export_dir / PREFILL_FILE, "step": export_dir / STEP_FILE, "head": export_dir / HEAD_FILE}
+    missing = [f.name for f in files.values() if not f.is_file()]
     if missing:
         raise UserError(f"{export_dir} has no {', '.join(missing)}: export with --target deepsparse to get the graphs DeepSparse runs")
+    return files
+
+
+def generate(env: DeepSparseEnv, export_dir: Path, ids, new_tokens: int, threads: int = 1, timeout: float = 1800) -> dict:
+    """Greedy generation in DeepSparse through the decoder-stack files `export --target deepsparse` wrote
+    (prefill graph, decode-step graph with KV cache, embedding/lm_head): {"tokens", "timings", "compile_s"}."""
+    files = stack_files(export_dir)
     batch = len(ids)
     with tempfile.TemporaryDirectory(prefix="sd-deepsparse-") as tmp:
-        copies = copy_models({"prefill": export_dir / PREFILL_FILE, "step": export_dir / STEP_FILE}, Path(tmp))
-        return call_worker(env, {"action": "generate", "models": copies, "head": str(export_dir / HEAD_FILE),
+        copies = copy_models({"prefill": files["prefill"], "step": files["step"]}, Path(tmp))
+        return call_worker(env, {"action": "generate", "models": copies, "head": str(files["head"]),
                                  "ids": [list(map(int, row)) for row in ids], "new_tokens": int(new_tokens),
                                  "batch": batch, "threads": threads}, timeout=timeout)
 
@@ -307,17 +314,16 @@ def generate_text(export_dir: Path | str, prompt: str, max_new_tokens: int = 32,
     """`sparsedeploy generate --engine deepsparse`: greedy text from an export made with --target deepsparse,
     every decoder block run by DeepSparse's engine (prefill graph, then one decode-step graph per token)."""
     from sparsedeploy.onnx_runtime import load_tokenizer
-    from sparsedeploy.stack_generate import HEAD_FILE, StackHead
+    from sparsedeploy.stack_generate import StackHead
 
     export_dir = Path(export_dir)
     export_dir = export_dir.parent if export_dir.is_file() else export_dir
     env = require_env(venv, cache)
-    if not (export_dir / HEAD_FILE).is_file():
-        raise UserError(f"{export_dir} has no {HEAD_FILE}: export with --target deepsparse to get the graphs DeepSparse runs")
+    files = stack_files(export_dir)
     tokenizer = load_tokenizer(export_dir)
     if tokenizer is None:
         raise UserError(f"no tokenizer in {export_dir}: export from a checkpoint that has one (tokenizer.json / tokenizer_config.json)")
-    head = StackHead.load(export_dir / HEAD_FILE)
+    head = StackHead.load(files["head"])
     ids = tokenizer(prompt)["input_ids"]
     if not ids:
         raise UserError("the prompt is empty after tokenisation: give some text with --prompt")

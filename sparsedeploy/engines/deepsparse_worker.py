@@ -118,7 +118,7 @@ def handle(req: dict) -> dict:
             compile_s[name] = time.perf_counter() - t0
             ids = stack_generate.random_prompt(head, int(req["prompt_len"]))
             runners[name] = (lambda h=head, p=prefill, s=step, i=ids: stack_generate.generation_phases(
-                h, lambda a: p.run(a), lambda a: s.run(a), i, int(req["gen_len"])))
+                h, p.run, s.run, i, int(req["gen_len"])))
         res = run_interleaved(runners, rounds=int(req.get("rounds", 3)), per_round=int(req.get("per_round", 1)),
                               warmup=int(req.get("warmup", 1)))
         return {"times": res.times, "phases": res.phases, "order": res.order, "compile_s": compile_s, "threads": threads, "batch": batch}
@@ -127,10 +127,7 @@ def handle(req: dict) -> dict:
 
         head = stack_generate.StackHead.load(req["head"])
         t0 = time.perf_counter()
-        engines = {}
-        for name in ("prefill", "step"):
-            engine = _engine(models[name], batch, threads)
-            engines[name] = (lambda arrays, e=engine: e.run(arrays))
+        engines = {name: _engine(models[name], batch, threads).run for name in ("prefill", "step")}
         compile_s = time.perf_counter() - t0
         timings: dict = {}
         tokens = stack_generate.greedy(head, engines["prefill"], engines["step"], np.asarray(req["ids"], np.int64),
