@@ -344,3 +344,24 @@ def test_static_forms_free_each_form_once_it_is_timed(tiny_exports, tmp_path):
     assert [f.form.split(" (")[0] for f in seen[:2]] == ["decoder stack", "decoder stack + KV cache"]
     assert not any(tmp_path.iterdir())  # every form's files deleted after its turn
     assert "skeleton" not in notes and "stack" not in notes
+
+
+def test_ort_generation_rows_hold_numpy_blas_to_the_bench_threads(tiny_checkpoint, tmp_path, monkeypatch):
+    """The ORT side of the whole-generation rows runs NumPy's lm_head with --threads BLAS threads, like the
+    DeepSparse worker (OMP_NUM_THREADS), so the two engines' rows pay the same NumPy cost."""
+    from threadpoolctl import threadpool_info
+
+    import sparsedeploy.stack_generate as sg
+    from sparsedeploy.bench import time_ort_generation
+    from sparsedeploy.export import write_stack_files
+
+    seen = []
+
+    def record(*_args, **_kwargs):
+        seen.append({lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"})
+        return {"prefill": 1.0, "decode": 1.0, "total": 2.0}
+
+    monkeypatch.setattr(sg, "generation_phases", record)
+    bundles = {"dense": write_stack_files(tiny_checkpoint, tmp_path / "b", 1, 8, 12)}
+    res = time_ort_generation(bundles, BenchConfig(model="x", threads=1, prompt_len=8, gen_len=4, rounds=2), 1)
+    assert len(res.phases["dense"]["decode"]) == 2 and seen and all(s == {1} for s in seen)
