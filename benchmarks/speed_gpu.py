@@ -11,7 +11,8 @@ Parts:
            -> speed_gpu_kernels.{json,md}
   models   whole models in PyTorch (sparsedeploy.bench, engine torch): smollm2-135m pruned 2:4 by Wanda on
            this GPU vs the dense model, and a speed-only LLaMA-1B-like model (random weights, magnitude 2:4)
-           vs its dense twin; prefill and decode with the KV cache -> speed_gpu_model/*.{json,md,png}
+           vs its dense twin; prefill and decode with the KV cache, each phase replayed as a CUDA graph over a
+           static KV cache (`_graph` files) and eager -> speed_gpu_model/*.{json,md,png}
 
 `--calib` picks the calibration text for the real model (default gensim-wiki, read from the cache of its
 cleaned text where gensim is not installed). Every figure states the GPU and torch version it came from.
@@ -95,6 +96,7 @@ def speed_only_llama(path_dense: Path, path_sparse: Path, cache_dir=None, seed: 
 
 def run_models(args, out: Path) -> None:
     from sparsedeploy.bench import BenchConfig, markdown, plot, run_bench
+    from sparsedeploy.errors import UserError
     from sparsedeploy.models import resolve_model_path
     from sparsedeploy.prune import PruneConfig, run_prune
 
@@ -112,19 +114,24 @@ def run_models(args, out: Path) -> None:
         pairs["llama1b_speed_only_24"] = (speed_sparse, speed_dense)
     for tag, (sparse, base) in pairs.items():
         for dtype in args.model_dtypes:
-            cfg = BenchConfig(model=str(sparse), baseline=str(base), engine="torch", device="cuda", dtype=dtype,
-                              batches=args.batches, prompt_len=args.prompt_len, gen_len=args.gen_len, rounds=args.model_rounds,
-                              warmup=2, cache_dir=args.cache_dir, max_seconds=args.max_seconds)
-            result = run_bench(cfg)
-            result["machine"].update(gpu_info())
-            result["model_label"] = tag + (" (speed-only: random weights)" if "speed_only" in tag else "")
-            stem = out / "speed_gpu_model" / f"{tag}_{dtype}"
-            write_json_atomic(stem.with_suffix(".json"), result)
-            stem.with_suffix(".md").write_text(markdown(result))
-            plot(result, stem.with_suffix(".png"))
-            for r in result["rows"]:
-                if "speedup" in r:
-                    log.info("%s %s batch %d %s: %.2fx", tag, dtype, r["batch"], r["phase"], r["speedup"])
+            for form in args.model_forms:
+                cfg = BenchConfig(model=str(sparse), baseline=str(base), engine="torch", device="cuda", dtype=dtype,
+                                  batches=args.batches, prompt_len=args.prompt_len, gen_len=args.gen_len, rounds=args.model_rounds,
+                                  warmup=2, cache_dir=args.cache_dir, max_seconds=args.max_seconds, cuda_graphs=form == "graph")
+                try:
+                    result = run_bench(cfg)
+                except UserError as exc:  # a capture that fails is reported, and the other forms still run
+                    log.error("%s %s %s: %s", tag, dtype, form, exc)
+                    continue
+                result["machine"].update(gpu_info())
+                result["model_label"] = tag + (" (speed-only: random weights)" if "speed_only" in tag else "")
+                stem = out / "speed_gpu_model" / (f"{tag}_{dtype}" + ("_graph" if form == "graph" else ""))
+                write_json_atomic(stem.with_suffix(".json"), result)
+                stem.with_suffix(".md").write_text(markdown(result))
+                plot(result, stem.with_suffix(".png"))
+                for r in result["rows"]:
+                    if "speedup" in r:
+                        log.info("%s %s %s batch %d %s: %.2fx", tag, dtype, form, r["batch"], r["phase"], r["speedup"])
 
 
 def main() -> None:
@@ -140,6 +147,9 @@ def main() -> None:
     parser.add_argument("--model-rounds", type=int, default=3)
     parser.add_argument("--model-dtypes", nargs="+", choices=["float16", "bfloat16"], default=["float16"],
                         help="model part: eager 2:4 models are slow (see docs/bench.md), so one dtype by default")
+    parser.add_argument("--model-forms", nargs="+", choices=["graph", "eager"], default=["graph", "eager"],
+                        help="model part: graph = prefill and decode steps replayed as CUDA graphs over a static KV cache "
+                             "(GPU time); eager = PyTorch eager with a DynamicCache (host-side setup included)")
     parser.add_argument("--models", nargs="+", choices=["smollm2", "llama1b"], default=["smollm2", "llama1b"],
                         help="model part: which pairs (llama1b = the speed-only LLaMA-1B-like model)")
     parser.add_argument("--max-seconds", type=float, default=None,

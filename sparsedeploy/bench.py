@@ -19,7 +19,9 @@ Engines:
   report names the form of every row.
 - ``torch``: a Hugging Face checkpoint directory in PyTorch. On CUDA the sparse model's 2:4 linears
   are converted with ``torch.sparse.to_sparse_semi_structured`` (fp16/bf16); without CUDA and with
-  ``--device cuda`` the command says so and stops cleanly.
+  ``--device cuda`` the command says so and stops cleanly. Eager by default (a DynamicCache, every
+  kernel's host-side setup paid per call); with ``--cuda-graphs`` the prefill and each decode step are
+  replayed as CUDA graphs over a static KV cache (sparsedeploy.static_generate).
 - ``tensorrt``: the same static forms as DeepSparse (decoder stack, or linear skeleton) built into TensorRT
   engines on a GPU (engines/tensorrt_engine.py): the dense export dense, the sparse one with
   SPARSE_WEIGHTS; outputs checked against ONNX Runtime, sparse-kernel layers listed. Without CUDA or the
@@ -70,6 +72,7 @@ class BenchConfig:
     deepsparse_venv: str | None = None
     cache_dir: str | None = None
     max_seconds: float | None = None
+    cuda_graphs: bool = False
 
 
 def machine_info(threads: int) -> dict:
@@ -524,24 +527,48 @@ def to_semi_structured(model, min_dim: int = 64) -> int:
 
 
 class TorchCausalLM:
-    def __init__(self, path: Path, device, dtype, semi_structured: bool) -> None:
+    """A checkpoint in PyTorch, timed over greedy generation: eager with a DynamicCache, or (``graphs``) each
+    phase replayed as a CUDA graph over a static KV cache (sparsedeploy.static_generate)."""
+
+    def __init__(self, path: Path, device, dtype, semi_structured: bool, graphs: bool = False) -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.device = device
+        self.device, self.graphs = device, graphs
         self.model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=dtype).to(device).eval()
         self.converted = to_semi_structured(self.model) if semi_structured else 0
         self.torch = torch
+        self.static = None
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             self.torch.cuda.synchronize(self.device)
 
-    def generate(self, batch: int, prompt_len: int, gen_len: int) -> dict[str, float]:
-        torch = self.torch
-        gen = torch.Generator().manual_seed(0)
+    def _prompt(self, batch: int, prompt_len: int):
+        gen = self.torch.Generator().manual_seed(0)
         vocab = int(self.model.config.vocab_size)
-        ids = torch.randint(min(10, vocab - 1), vocab, (batch, prompt_len), generator=gen).to(self.device)
+        return self.torch.randint(min(10, vocab - 1), vocab, (batch, prompt_len), generator=gen).to(self.device)
+
+    def prepare(self, batch: int, prompt_len: int, gen_len: int) -> None:
+        """With graphs: allocate the static cache and capture both phases for this shape (outside any timing)."""
+        from sparsedeploy.static_generate import GenerationShape, StaticGenerator
+
+        if not self.graphs:
+            return
+        shape = GenerationShape(batch, prompt_len, gen_len)
+        if self.static is None or self.static.shape != shape:
+            self.static = None  # free the previous shape's cache and graphs first
+            try:
+                self.static = StaticGenerator(self.model, shape, self.device, graphs=True)
+            except RuntimeError as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise UserError(f"CUDA graph capture failed for this model ({first}): run the bench without --cuda-graphs") from exc
+
+    def generate(self, batch: int, prompt_len: int, gen_len: int) -> dict[str, float]:
+        if self.graphs:
+            return self._generate_graphed(batch, prompt_len, gen_len)
+        torch = self.torch
+        ids = self._prompt(batch, prompt_len)
         with torch.inference_mode():
             self._sync()
             t0 = time.perf_counter()
@@ -558,6 +585,20 @@ class TorchCausalLM:
             t2 = time.perf_counter()
         return {"prefill": t1 - t0, "decode": t2 - t1, "total": t2 - t0}
 
+    def _generate_graphed(self, batch: int, prompt_len: int, gen_len: int) -> dict[str, float]:
+        self.prepare(batch, prompt_len, gen_len)
+        ids = self._prompt(batch, prompt_len)
+        self._sync()
+        t0 = time.perf_counter()
+        self.static.prefill(ids)
+        self._sync()
+        t1 = time.perf_counter()
+        for _ in range(gen_len):
+            self.static.decode()
+        self._sync()
+        t2 = time.perf_counter()
+        return {"prefill": t1 - t0, "decode": t2 - t1, "total": t2 - t0}
+
 
 def bench_torch(cfg: BenchConfig, variants: dict[str, Path], progress=None) -> tuple[list[dict], dict]:
     import torch
@@ -570,14 +611,20 @@ def bench_torch(cfg: BenchConfig, variants: dict[str, Path], progress=None) -> t
     if semi and dtype not in (torch.float16, torch.bfloat16):
         raise UserError("2:4 semi-structured kernels need --dtype float16 or bfloat16")
     torch.set_num_threads(cfg.threads)
-    models = {name: TorchCausalLM(path, device, dtype, semi and name != "dense") for name, path in variants.items()}
+    models = {name: TorchCausalLM(path, device, dtype, semi and name != "dense", graphs=cfg.cuda_graphs)
+              for name, path in variants.items()}
     notes = {"device": str(device), "dtype": cfg.dtype, "semi_structured_linears": {n: m.converted for n, m in models.items()},
+             "cuda_graphs": cfg.cuda_graphs,
              "tensorrt": ("not measured: the tensorrt package is not importable here" if not _importable("tensorrt") else
                           "not measured in this run: `sparsedeploy bench --engine tensorrt --device cuda` builds dense and "
                           "2:4-sparse TensorRT engines from the exports")}
     form = "full model, torch " + ("2:4 semi-structured sparse linears" if semi else "dense kernels on zeroed weights (CPU: no 2:4 kernels)")
+    form += (", each phase replayed as a CUDA graph over a static KV cache" if cfg.cuda_graphs
+             else ", eager (host-side dispatch and kernel setup included)")
     rows = []
     for batch in cfg.batches:
+        for m in models.values():
+            m.prepare(batch, cfg.prompt_len, cfg.gen_len)
         runners = {name: (lambda m=m: m.generate(batch, cfg.prompt_len, cfg.gen_len)) for name, m in models.items()}
         res = run_interleaved(runners, rounds=cfg.rounds, per_round=cfg.per_round, warmup=cfg.warmup, max_seconds=cfg.max_seconds)
         new = phase_rows(res, list(variants), batch, cfg.prompt_len, cfg.gen_len, form, "torch")
@@ -602,6 +649,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         raise UserError(f"unknown --engine {cfg.engine!r}: use {', '.join(ENGINES)}")
     if any(b < 1 for b in cfg.batches) or cfg.prompt_len < 1 or cfg.gen_len < 0 or cfg.threads < 1 or cfg.rounds < 1:
         raise UserError("--batch, --prompt-len, --threads and --rounds must be positive and --gen-len >= 0")
+    if cfg.cuda_graphs and cfg.engine != "torch":
+        raise UserError(f"--cuda-graphs is for --engine torch (checkpoints on a GPU), not --engine {cfg.engine}: drop --cuda-graphs")
     if cfg.engine == "torch":
         for what, p in (("--model", cfg.model), ("--baseline", cfg.baseline)):
             if p and not Path(p, "config.json").is_file():
@@ -617,6 +666,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         reason = unavailable_reason()
         if reason:
             return {"skipped": f"--engine tensorrt: not run: {reason}"}
+    if cfg.cuda_graphs and not cfg.device.startswith("cuda"):
+        raise UserError(f"--cuda-graphs needs a GPU, not --device {cfg.device}: add --device cuda or drop --cuda-graphs")
     if cfg.engine == "torch" and cfg.device.startswith("cuda"):
         import torch
 

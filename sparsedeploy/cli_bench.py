@@ -36,17 +36,22 @@ def _batches(text: str) -> list[int]:
 @click.option("--rounds", default=3, show_default=True, type=int, help="timed rounds after warm-up; dense/sparse alternate every round")
 @click.option("--device", default="cpu", show_default=True, help="torch/tensorrt engines: cpu or cuda[:N]")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]), help="torch/tensorrt engines on GPU (tensorrt: float32 builds without FP16)")
+@click.option("--cuda-graphs", is_flag=True,
+              help="torch engine on a GPU: replay prefill and each decode step as CUDA graphs over a static KV cache "
+                   "(GPU time, as a deployment runtime would run; default: eager, host-side setup included)")
 @click.option("--deepsparse-venv", default=None, help="DeepSparse virtualenv [default: CACHE/engines/deepsparse-1.8.0]")
 @click.option("--cache-dir", default=None, help="sparsedeploy cache [default: $SPARSEDEPLOY_CACHE or ~/.cache/sparsedeploy]")
 @click.option("--output", "-o", default=None, type=click.Path(path_type=Path), help="write bench.json, bench.md and bench.png into this directory")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
-def bench(model, baseline, engine, batch, prompt_len, gen_len, threads, rounds, device, dtype, deepsparse_venv, cache_dir, output, as_json):
+def bench(model, baseline, engine, batch, prompt_len, gen_len, threads, rounds, device, dtype, cuda_graphs, deepsparse_venv, cache_dir,
+          output, as_json):
     """Time a sparse model against its dense baseline: prefill, decode tokens/s, end-to-end."""
     from sparsedeploy.bench import BenchConfig, markdown, plot, run_bench
     from sparsedeploy.fsutil import atomic_dir, write_json_atomic
 
     cfg = BenchConfig(model=model, baseline=baseline, engine=engine, batches=_batches(batch), prompt_len=prompt_len, gen_len=gen_len,
-                      threads=threads, rounds=rounds, device=device, dtype=dtype, deepsparse_venv=deepsparse_venv, cache_dir=cache_dir)
+                      threads=threads, rounds=rounds, device=device, dtype=dtype, deepsparse_venv=deepsparse_venv, cache_dir=cache_dir,
+                      cuda_graphs=cuda_graphs)
     result = run_bench(cfg, progress=lambda rows: [log.info("%s %s b%d %s %s: %.1f ms%s", r["engine"], r["variant"], r["batch"], r["phase"],
                                                              r["form"].split(" (")[0], r["median_s"] * 1e3,
                                                              f" speedup {r['speedup']:.2f}x" if "speedup" in r else "") for r in rows])
