@@ -81,9 +81,11 @@ class Row:
         return name + (" +recovery" if self.recover else "")
 
 
-def dsnot(init: str, mode: str, targets: str, sparsity: str, allocation: str = "uniform") -> Row:
-    return Row("dsnot" if allocation == "uniform" else "allocation", f"{init}+dsnot({mode},{targets})", "dsnot", sparsity,
-               {"init": init, "mode": mode, "targets": targets}, allocation)
+def dsnot(init: str, mode: str, targets: str, sparsity: str, allocation: str = "uniform", rows: bool = False) -> Row:
+    """rows: verify_rows (the refinement kept row by row, not per linear), labelled `...,rows)`."""
+    return Row("dsnot" if allocation == "uniform" else "allocation", f"{init}+dsnot({mode},{targets}{',rows' if rows else ''})",
+               "dsnot", sparsity, {"init": init, "mode": mode, "targets": targets, **({"verify_rows": True} if rows else {})},
+               allocation)
 
 
 def planned_rows() -> list[Row]:
@@ -106,6 +108,7 @@ def planned_rows() -> list[Row]:
              dsnot("wanda", so, "all", "0.6", "owl"), dsnot("wanda", so, "all", "0.6", "atp")]
     rows += [dsnot("sparsegpt", so, "all", s) for s in ("2:4", "0.6", "0.5")]
     rows += [dsnot("magnitude", so, "all", s) for s in ("2:4", "0.6", "0.5")]
+    rows += [dsnot("wanda", so, "all", s, rows=True) for s in ("0.6", "0.7", "2:4")]
     return rows
 
 

@@ -55,6 +55,7 @@ _METHOD_FLAGS = {
     "update_threshold": ("update_threshold", ("dsnot",)),
     "pow_of_var_regrowing": ("pow_of_var_regrowing", ("dsnot",)),
     "no_sign_flip": ("no_sign_flip", ("dsnot",)),
+    "verify_rows": ("verify_rows", ("dsnot",)),
     "blocksize": ("blocksize", ("sparsegpt", "dsnot")),
     "percdamp": ("percdamp", ("sparsegpt", "dsnot")),
 }
@@ -66,6 +67,8 @@ method_option_flags = [
     click.option("--update-threshold", default=None, type=float, help="dsnot: stop a row once its expected error is this small [default: 0.1]"),
     click.option("--pow-of-var-regrowing", default=None, type=float, help="dsnot: exponent p of Var[x]^p in the grow score [default: 1]"),
     click.option("--no-sign-flip", is_flag=True, default=None, help="dsnot: reject swaps that flip the sign of a row's expected error"),
+    click.option("--verify-rows", is_flag=True, default=None,
+                 help="dsnot (verified, second-order): keep the refinement row by row where it lowers that row's actual error [default: per linear]"),
     click.option("--blocksize", default=None, type=int, help="sparsegpt (or dsnot --init sparsegpt): OBS column block [default: 128]"),
     click.option("--percdamp", default=None, type=float, help="sparsegpt (or dsnot --init sparsegpt): dampening, fraction of mean diag(H) [default: 0.01]"),
 ]

@@ -104,15 +104,18 @@ def test_prune_dsnot_options_reach_the_method(tiny_checkpoint, calib_file, tmp_p
     out = tmp_path / "dsnot"
     code, stdout, err = run_cli(["-q", "prune", "--model", str(tiny_checkpoint), "--method", "dsnot", "--init", "sparsegpt",
                                  "--dsnot-targets", "all", "--dsnot-mode", "second-order", "--max-cycles", "3",
-                                 "--update-threshold", "0.05", "--pow-of-var-regrowing", "0.5", "--no-sign-flip",
+                                 "--update-threshold", "0.05", "--pow-of-var-regrowing", "0.5", "--no-sign-flip", "--verify-rows",
                                  "--blocksize", "32", "--percdamp", "0.02", "--sparsity", "0.6", "--calib", f"text:{calib_file}",
                                  "--nsamples", "2", "--seqlen", "16", "--device", "cpu", "--output", str(out), "--json"], capsys)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     assert report["method_options"] == {"init": "sparsegpt", "targets": "all", "mode": "second-order", "max_cycles": 3,
                                         "update_threshold": 0.05, "pow_of_var_regrowing": 0.5, "no_sign_flip": True,
-                                        "blocksize": 32, "percdamp": 0.02}
-    assert report["method_summary"]["refined"] == report["method_summary"]["linears"] == 14
+                                        "verify_rows": True, "blocksize": 32, "percdamp": 0.02}
+    summary = report["method_summary"]
+    assert summary["refined"] == summary["linears"] == 14
+    assert summary["rows"] == 2 * (64 * 3 + 32 * 2 + 128 * 2)  # per block: q, o, down 64 rows; k, v 32; gate, up 128
+    assert 0 <= summary["rows_kept_refined"] <= summary["rows"]
     assert json.loads(stdout)["overall_sparsity"] >= 0.6 - 1e-3
 
 
@@ -121,6 +124,8 @@ def test_prune_dsnot_options_reach_the_method(tiny_checkpoint, calib_file, tmp_p
     (["--method", "sparsegpt", "--init", "wanda"], "--init does not apply"),
     (["--method", "dsnot", "--blocksize", "64"], "without --init sparsegpt"),
     (["--method", "magnitude", "--no-sign-flip"], "--no-sign-flip does not apply"),
+    (["--method", "wanda", "--verify-rows"], "--verify-rows does not apply to --method wanda"),
+    (["--method", "dsnot", "--dsnot-mode", "paper", "--verify-rows"], "--verify-rows needs a verified mode"),
     (["--method", "sparsegpt", "--percdamp", "-1"], "must be 0 or more"),
     (["--method", "dsnot", "--max-cycles", "-2"], "--max-cycles -2"),
 ])

@@ -282,6 +282,8 @@ class DSnoT:
             raise UserError(f"--max-cycles {self.max_cycles} must be 0 or more")
         if self.update_threshold < 0:
             raise UserError(f"--update-threshold {self.update_threshold} must be 0 or more")
+        if self.verify_rows and self.mode == "paper":
+            raise UserError("--verify-rows needs a verified mode, not --dsnot-mode paper: use --dsnot-mode second-order or verified")
         if self.candidates < 1:
             raise UserError("DSnoT candidates must be at least 1")
         self.needs_hessian = self.init == "sparsegpt" or self.mode in ("verified", "second-order")
@@ -290,6 +292,8 @@ class DSnoT:
         self.summary = {"linears": 0, "refined": 0, "kept_refined": 0, "swaps": 0}
         if self.verify_block:
             self.summary.update(blocks_checked=0, blocks_kept_refined=0)
+        if self.verify_rows:
+            self.summary.update(rows=0, rows_kept_refined=0)
 
     def _init_result(self, weight: torch.Tensor, stats: InputStats, spec: SparsitySpec) -> tuple[torch.Tensor, torch.Tensor]:
         if self.init == "wanda":
@@ -322,6 +326,8 @@ class DSnoT:
         mask, info = refine(weight, mask0, stats, spec, options)
         self.summary["refined"] += 1
         self.summary["swaps"] += info["swaps"]
+        if self.verify_rows:
+            self.summary["rows"] += weight.shape[0]
         if info["swaps"] == 0:
             return PruneResult(mask0, w0, {**info, "kept_refined": False})
         if self.init == "sparsegpt":  # re-fit the weights for the new mask with the same OBS update
@@ -335,6 +341,8 @@ class DSnoT:
             return PruneResult(mask, new, {**info, "kept_refined": True})
         mask, new, verdict = choose_verified(weight, stats.hessian, (mask0, w0), (mask, new), self.verify_rows)
         self.summary["kept_refined"] += int(verdict["kept_refined"])
+        if self.verify_rows:
+            self.summary["rows_kept_refined"] += verdict["rows_refined"]
         log.debug("DSnoT %s: %s", name, verdict)
         if self.verify_block and verdict["kept_refined"]:  # the engine's block check may still fall back to this
             verdict["initial"] = (mask0, w0)
