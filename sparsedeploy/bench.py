@@ -535,7 +535,7 @@ class TorchCausalLM:
         from transformers import AutoModelForCausalLM
 
         self.device, self.graphs = device, graphs
-        self.model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=dtype).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
         self.converted = to_semi_structured(self.model) if semi_structured else 0
         self.torch = torch
         self.static = None

@@ -414,7 +414,7 @@ def load_eager_float32(checkpoint: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), attn_implementation="eager", torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), attn_implementation="eager", dtype=torch.float32).eval()
     inner = getattr(model, "model", None)
     if inner is None or not all(hasattr(inner, a) for a in ("layers", "norm", "rotary_emb", "embed_tokens")):
         raise UserError(f"{checkpoint}: not a LLaMA-style model (model.layers/norm/rotary_emb): the decoder-stack form cannot be built")

@@ -226,17 +226,9 @@ def test_two_four_model_on_cuda_converts_linears_and_keeps_logits(tmp_path):
     import torch
 
     from sparsedeploy.bench import TorchCausalLM, run_bench
-    from sparsedeploy.models import find_blocks, find_linears
-    from sparsedeploy.sparsity import SparsitySpec, mask_lowest_per_row
-    from tests.conftest import tiny_llama
+    from tests.conftest import tiny_two_four_pair
 
-    model = tiny_llama(hidden=128, intermediate=256)
-    model.save_pretrained(tmp_path / "dense")
-    with torch.no_grad():
-        for block in find_blocks(model):
-            for lin in find_linears(block).values():
-                lin.weight.mul_(mask_lowest_per_row(lin.weight.abs(), SparsitySpec.nm(2, 4)))
-    model.save_pretrained(tmp_path / "sparse")
+    tiny_two_four_pair(tmp_path)
     dev = torch.device("cuda")
     sparse = TorchCausalLM(tmp_path / "sparse", dev, torch.float16, semi_structured=True)
     plain = TorchCausalLM(tmp_path / "sparse", dev, torch.float16, semi_structured=False)

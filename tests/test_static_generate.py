@@ -91,16 +91,9 @@ def test_cuda_graphs_flag_errors(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: CUDA-graph capture not exercised here")
 def test_cuda_graph_replay_gives_the_eager_tokens_with_two_four_kernels(tmp_path):
     from sparsedeploy.bench import BenchConfig, TorchCausalLM, run_bench
-    from sparsedeploy.models import find_blocks, find_linears
-    from sparsedeploy.sparsity import SparsitySpec, mask_lowest_per_row
+    from tests.conftest import tiny_two_four_pair
 
-    model = tiny_llama(hidden=128, intermediate=256)
-    model.save_pretrained(tmp_path / "dense")
-    with torch.no_grad():
-        for block in find_blocks(model):
-            for lin in find_linears(block).values():
-                lin.weight.mul_(mask_lowest_per_row(lin.weight.abs(), SparsitySpec.nm(2, 4)))
-    model.save_pretrained(tmp_path / "sparse")
+    tiny_two_four_pair(tmp_path)
     dev = torch.device("cuda")
     sparse = TorchCausalLM(tmp_path / "sparse", dev, torch.float16, semi_structured=True, graphs=True)
     assert sparse.converted == 14
