@@ -108,7 +108,7 @@ def planned_rows() -> list[Row]:
              dsnot("wanda", so, "all", "0.6", "owl"), dsnot("wanda", so, "all", "0.6", "atp")]
     rows += [dsnot("sparsegpt", so, "all", s) for s in ("2:4", "0.6", "0.5")]
     rows += [dsnot("magnitude", so, "all", s) for s in ("2:4", "0.6", "0.5")]
-    rows += [dsnot("wanda", so, "all", s, rows=True) for s in ("0.6", "0.7", "2:4")]
+    rows += [dsnot("wanda", "verified", "all", s, rows=True) for s in ("0.6", "0.7", "2:4")]
     return rows
 
 

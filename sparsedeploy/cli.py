@@ -68,7 +68,8 @@ method_option_flags = [
     click.option("--pow-of-var-regrowing", default=None, type=float, help="dsnot: exponent p of Var[x]^p in the grow score [default: 1]"),
     click.option("--no-sign-flip", is_flag=True, default=None, help="dsnot: reject swaps that flip the sign of a row's expected error"),
     click.option("--verify-rows", is_flag=True, default=None,
-                 help="dsnot (verified, second-order): keep the refinement row by row where it lowers that row's actual error [default: per linear]"),
+                 help="dsnot: keep the refinement row by row where it lowers that row's actual error [default: per linear]; "
+                      "matters for --dsnot-mode verified and --init sparsegpt (second-order swaps already lower each row's error)"),
     click.option("--blocksize", default=None, type=int, help="sparsegpt (or dsnot --init sparsegpt): OBS column block [default: 128]"),
     click.option("--percdamp", default=None, type=float, help="sparsegpt (or dsnot --init sparsegpt): dampening, fraction of mean diag(H) [default: 0.01]"),
 ]
