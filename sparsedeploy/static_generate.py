@@ -40,7 +40,8 @@ class StaticGenerator:
         if graphs and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
         self.model, self.shape, self.device = model, shape, device
-        self.cache = StaticCache(config=model.config, max_cache_len=shape.prompt_len + shape.gen_len)
+        # one slot at least after the prompt: the decode step is captured (and warmed up) even for gen_len 0
+        self.cache = StaticCache(config=model.config, max_cache_len=shape.prompt_len + max(shape.gen_len, 1))
         self.prompt = torch.zeros((shape.batch, shape.prompt_len), dtype=torch.long, device=device)
         self.prompt_positions = torch.arange(shape.prompt_len, device=device)
         self.token = torch.zeros((shape.batch, 1), dtype=torch.long, device=device)
@@ -48,12 +49,17 @@ class StaticGenerator:
         self.graphs = None
         if graphs:
             with torch.inference_mode():
-                self.graphs = (capture(self._prefill, device, warmup), capture(self._decode, device, warmup))
+                self.graphs = (capture(self._prefill, device, warmup),
+                               capture(self._decode, device, warmup, before=self.rewind))
 
     def _prefill(self) -> None:
         out = self.model(input_ids=self.prompt, cache_position=self.prompt_positions, past_key_values=self.cache,
                          use_cache=True, logits_to_keep=1)
         self.token.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
+        self.position.fill_(self.shape.prompt_len)
+
+    def rewind(self) -> None:
+        """Back to the first decode position (so warm-up steps stay inside the cache)."""
         self.position.fill_(self.shape.prompt_len)
 
     def _decode(self) -> None:
@@ -83,13 +89,20 @@ class StaticGenerator:
         return torch.cat(tokens, dim=1)
 
 
-def capture(fn, device: torch.device, warmup: int = 2) -> torch.cuda.CUDAGraph:
-    """``fn`` recorded as a CUDA graph, after ``warmup`` eager runs on a side stream (lazy allocations, library setup)."""
+def warm_up(fn, runs: int, before=None) -> None:
+    """``runs`` eager calls of ``fn`` (lazy allocations, library setup), each after ``before`` when given."""
+    for _ in range(runs):
+        if before is not None:
+            before()
+        fn()
+
+
+def capture(fn, device: torch.device, warmup: int = 2, before=None) -> torch.cuda.CUDAGraph:
+    """``fn`` recorded as a CUDA graph, after ``warmup`` eager runs on a side stream (see warm_up)."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
+        warm_up(fn, warmup, before)
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

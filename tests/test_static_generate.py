@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from sparsedeploy.static_generate import GenerationShape, StaticGenerator
+from sparsedeploy.static_generate import GenerationShape, StaticGenerator, warm_up
 from tests.conftest import tiny_llama
 
 
@@ -57,6 +57,23 @@ def test_both_phases_run_without_a_host_sync():
         # control: without an explicit cache position the model asks the cache how full it is, a host sync
         with pytest.raises(DataDependentOutputException):
             model(input_ids=gen.token, past_key_values=gen.cache, use_cache=True)
+
+
+def test_decode_warm_up_rewinds_so_it_stays_inside_the_cache():
+    """Before capture the decode step runs eagerly a few times; with one generated token and two warm-up runs
+    it would write past the cache without rewinding to the first decode position each time."""
+    model = tiny_llama()
+    prompt = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        for gen_len in (0, 1):
+            gen = StaticGenerator(model, GenerationShape(batch=1, prompt_len=6, gen_len=gen_len), torch.device("cpu"), graphs=False)
+            gen.prefill(prompt)
+            warm_up(gen._decode, 2, before=gen.rewind)
+            assert gen.position.item() == 7
+            assert torch.equal(gen.generate(prompt), dynamic_greedy(model, prompt, gen_len))
+        gen.rewind()
+        with pytest.raises(IndexError):  # control: without a rewind between runs the second one writes slot 7 of 7
+            warm_up(gen._decode, 2)
 
 
 def test_cuda_graphs_are_refused_on_cpu():
