@@ -550,7 +550,8 @@ class TorchCausalLM:
         return self.torch.randint(min(10, vocab - 1), vocab, (batch, prompt_len), generator=gen).to(self.device)
 
     def prepare(self, batch: int, prompt_len: int, gen_len: int) -> None:
-        """With graphs: allocate the static cache and capture both phases for this shape (outside any timing)."""
+        """With graphs: allocate the static cache and capture both phases for this shape (once per shape, before
+        the timed part of the first generate)."""
         from sparsedeploy.static_generate import GenerationShape, StaticGenerator
 
         if not self.graphs:
@@ -623,8 +624,6 @@ def bench_torch(cfg: BenchConfig, variants: dict[str, Path], progress=None) -> t
              else ", eager (host-side dispatch and kernel setup included)")
     rows = []
     for batch in cfg.batches:
-        for m in models.values():
-            m.prepare(batch, cfg.prompt_len, cfg.gen_len)
         runners = {name: (lambda m=m: m.generate(batch, cfg.prompt_len, cfg.gen_len)) for name, m in models.items()}
         res = run_interleaved(runners, rounds=cfg.rounds, per_round=cfg.per_round, warmup=cfg.warmup, max_seconds=cfg.max_seconds)
         new = phase_rows(res, list(variants), batch, cfg.prompt_len, cfg.gen_len, form, "torch")
@@ -651,6 +650,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         raise UserError("--batch, --prompt-len, --threads and --rounds must be positive and --gen-len >= 0")
     if cfg.cuda_graphs and cfg.engine != "torch":
         raise UserError(f"--cuda-graphs is for --engine torch (checkpoints on a GPU), not --engine {cfg.engine}: drop --cuda-graphs")
+    if cfg.cuda_graphs and not cfg.device.startswith("cuda"):
+        raise UserError(f"--cuda-graphs needs a GPU, not --device {cfg.device}: add --device cuda or drop --cuda-graphs")
     if cfg.engine == "torch":
         for what, p in (("--model", cfg.model), ("--baseline", cfg.baseline)):
             if p and not Path(p, "config.json").is_file():
@@ -666,8 +667,6 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         reason = unavailable_reason()
         if reason:
             return {"skipped": f"--engine tensorrt: not run: {reason}"}
-    if cfg.cuda_graphs and not cfg.device.startswith("cuda"):
-        raise UserError(f"--cuda-graphs needs a GPU, not --device {cfg.device}: add --device cuda or drop --cuda-graphs")
     if cfg.engine == "torch" and cfg.device.startswith("cuda"):
         import torch
 

@@ -16,12 +16,9 @@ against the model's own generation with a DynamicCache.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
