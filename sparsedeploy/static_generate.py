@@ -53,10 +53,11 @@ class StaticGenerator:
         out = self.model(input_ids=self.prompt, cache_position=self.prompt_positions, past_key_values=self.cache,
                          use_cache=True, logits_to_keep=1)
         self.token.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
-        self.position.fill_(self.shape.prompt_len)
+        self.rewind()
 
     def rewind(self) -> None:
-        """Back to the first decode position (so warm-up steps stay inside the cache)."""
+        """To the first decode position: where the prefill leaves it, and where each decode warm-up starts again
+        (so warm-up steps stay inside the cache)."""
         self.position.fill_(self.shape.prompt_len)
 
     def _decode(self) -> None:
