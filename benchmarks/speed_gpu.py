@@ -80,16 +80,13 @@ def speed_only_llama(path_dense: Path, path_sparse: Path, cache_dir=None, seed: 
     """The LLaMA-1B-like speed-only model (random weights, sparsedeploy.models preset), dense and 2:4 by magnitude."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sparsedeploy.models import build_speed_only_model, find_blocks, find_linears
-    from sparsedeploy.sparsity import SparsitySpec, mask_lowest_per_row
+    from sparsedeploy.methods.magnitude import magnitude_prune_linears
+    from sparsedeploy.models import build_speed_only_model
+    from sparsedeploy.sparsity import SparsitySpec
 
     build_speed_only_model(preset, path_dense, seed=seed, dtype="float16", cache=cache_dir)
     model = AutoModelForCausalLM.from_pretrained(str(path_dense), dtype=torch.float16).eval()
-    spec = SparsitySpec.nm(2, 4)
-    with torch.no_grad():
-        for block in find_blocks(model):
-            for linear in find_linears(block).values():
-                linear.weight.mul_(mask_lowest_per_row(linear.weight.abs().float(), spec))
+    magnitude_prune_linears(model, SparsitySpec.nm(2, 4))
     model.save_pretrained(path_sparse)
     AutoTokenizer.from_pretrained(str(path_dense)).save_pretrained(path_sparse)
 

@@ -25,15 +25,12 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: i
 
 def tiny_two_four_pair(root: Path) -> tuple[Path, Path]:
     """A tiny LLaMA wide enough for GPU 2:4 kernels, saved dense (root/dense) and pruned 2:4 by magnitude (root/sparse)."""
-    from sparsedeploy.models import find_blocks, find_linears
-    from sparsedeploy.sparsity import SparsitySpec, mask_lowest_per_row
+    from sparsedeploy.methods.magnitude import magnitude_prune_linears
+    from sparsedeploy.sparsity import SparsitySpec
 
     model = tiny_llama(hidden=128, intermediate=256)
     model.save_pretrained(root / "dense")
-    with torch.no_grad():
-        for block in find_blocks(model):
-            for lin in find_linears(block).values():
-                lin.weight.mul_(mask_lowest_per_row(lin.weight.abs(), SparsitySpec.nm(2, 4)))
+    magnitude_prune_linears(model, SparsitySpec.nm(2, 4))
     model.save_pretrained(root / "sparse")
     return root / "dense", root / "sparse"
 

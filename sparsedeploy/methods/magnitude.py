@@ -15,6 +15,17 @@ def magnitude_mask(weight: torch.Tensor, spec: SparsitySpec) -> torch.Tensor:
     return mask_lowest_global(weight.abs(), spec)
 
 
+def magnitude_prune_linears(model: torch.nn.Module, spec: SparsitySpec) -> None:
+    """Every decoder linear of ``model`` pruned in place by magnitude, with no calibration data: for speed-only
+    models and test pairs, whose speed depends on the pattern and not on which weights are kept."""
+    from sparsedeploy.models import find_blocks, find_linears
+
+    with torch.no_grad():
+        for block in find_blocks(model):
+            for linear in find_linears(block).values():
+                linear.weight.mul_(magnitude_mask(linear.weight.float(), spec))
+
+
 @dataclass
 class Magnitude:
     name: str = "magnitude"
