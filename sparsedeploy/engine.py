@@ -90,12 +90,24 @@ class _StopForward(Exception):
 
 
 class _Recorder(nn.Module):
-    """Stands in for a decoder block during capture: records its call and passes hidden states on."""
+    """Stands in for a decoder block during capture: records the call, hands the model loop a block output.
 
-    def __init__(self, inner: nn.Module, sink: list, last: bool) -> None:
+    Model loops differ in what they expect back from a block: recent LLaMA-style loops take the hidden
+    states tensor itself, others (Gemma2/3, OPT, GPT-NeoX, Falcon, and every family in older transformers)
+    take a tuple and read `[0]`. So the first recorder runs its real block once, on the very call it
+    received, and keeps that output as the template: every recorder then returns the same structure with
+    its input hidden states in the first place. What a recorder returns only feeds the next recorder (the
+    last one stops the forward), and only block 0's input is kept: later blocks' inputs are computed by
+    running the real blocks (`run_block`), so the values passed between recorders never matter -- their
+    type does.
+    """
+
+    def __init__(self, inner: nn.Module, index: int, sink: list, template: list, last: bool) -> None:
         super().__init__()
         self.inner = inner
+        self.index = index
         self.sink = sink
+        self.template = template  # shared by all recorders: [] until the first call has run the real block
         self.last = last
 
     def __getattr__(self, name: str):
@@ -105,11 +117,38 @@ class _Recorder(nn.Module):
             return getattr(self.inner, name)
 
     def forward(self, *args, **kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        self.sink.append((hidden, args[1:], kwargs))
+        if args:
+            hidden, rest = args[0], args[1:]
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        self.sink.append((hidden if self.index == 0 else None, rest, kwargs))
         if self.last:
             raise _StopForward
+        if not self.template:
+            self.template.append(_real_output(self.inner, hidden, rest, kwargs))
+        return _like(self.template[0], hidden)
+
+
+def _real_output(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict):
+    """Run the real block once where the hidden states are (and put it back): the structure it returns."""
+    params = list(block.parameters())
+    if any(p.is_meta for p in params):
+        raise RuntimeError(f"decoder block {type(block).__name__} has no weights during capture: load it first")
+    home = params[0].device if params else hidden.device
+    try:
+        return block.to(hidden.device)(hidden, *args, **kwargs)
+    finally:
+        block.to(home)
+
+
+def _like(template, hidden: torch.Tensor):
+    """`template`'s structure (what the real block returned) with `hidden` as its hidden states."""
+    if isinstance(template, torch.Tensor):
         return hidden
+    if type(template) in (tuple, list):
+        return type(template)((hidden, *template[1:]))
+    raise RuntimeError(f"decoder block returned {type(template).__name__}: only a tensor or a tuple/list "
+                       "starting with the hidden states is supported")
 
 
 def _block_kwargs(kwargs: dict) -> dict:
@@ -124,14 +163,18 @@ def _block_kwargs(kwargs: dict) -> dict:
 def capture_block_inputs(model: nn.Module, samples: torch.Tensor, device: torch.device) -> tuple[list[torch.Tensor], list[tuple[tuple, dict]]]:
     """Inputs of block 0 for every sample, and every block's own (args, kwargs) from sample 0.
 
-    The blocks are swapped for recorders that pass the hidden states through, so this costs only
-    the embeddings. Everything before the first block runs on `device`.
+    The blocks are swapped for recorders (see `_Recorder`), so this costs the embeddings and one real
+    run of block 0 (which must have its weights: under disk offload, load it first). Everything before
+    the first block runs on `device`. Each sample is a fresh forward without a cache: nothing is carried
+    from one sample to the next, and each block keeps the arguments the model loop gave it (e.g. its own
+    sliding-window or full-attention mask).
     """
     blocks = find_blocks(model)
     originals = list(blocks)
     calls: list = []
+    template: list = []
     for i, block in enumerate(originals):
-        blocks[i] = _Recorder(block, calls, last=(i == len(originals) - 1))
+        blocks[i] = _Recorder(block, i, calls, template, last=(i == len(originals) - 1))
     moved = _move_non_block_modules(model, blocks, device)
     inputs: list[torch.Tensor] = []
     per_block: list[tuple[tuple, dict]] = []
@@ -245,11 +288,13 @@ def walk_blocks(model: nn.Module, samples: torch.Tensor, config: EngineConfig, b
     keep_on = torch.device("cpu") if config.offload_inputs else device
     blocks = find_blocks(model)
     home = model.get_input_embeddings().weight.device  # where blocks live between turns (never "meta")
+    if load_block is not None:
+        load_block(0, blocks[0])  # the capture runs block 0 once (see _Recorder)
     inputs, calls = capture_block_inputs(model, distributed.shard(samples), device)
     inputs = [x.to(keep_on) for x in inputs]
     bar = tqdm(range(len(blocks)), desc=config.description, unit="block", disable=not config.show_progress)
     for i in bar:
-        if load_block is not None:
+        if load_block is not None and i > 0:
             load_block(i, blocks[i])
         block = blocks[i].to(device)
         if i >= start_block and block_fn is not None:

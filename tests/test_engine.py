@@ -105,3 +105,28 @@ def test_input_stats_moments():
     assert torch.allclose(st.hessian, 2.0 / 2 * x.T @ x)
     with pytest.raises(RuntimeError):
         InputStats(2, torch.device("cpu")).hessian
+
+
+def test_capture_runs_only_block_0_once_and_returns_what_the_block_returns(tiny_model, tiny_samples):
+    """The recorders hand the model loop the real block's output structure, learnt from one run of block 0."""
+    from sparsedeploy.engine import _like
+
+    runs = []
+    handles = [b.register_forward_hook(lambda _m, _a, out, i=i: runs.append((i, type(out))))
+               for i, b in enumerate(find_blocks(tiny_model))]
+    capture_block_inputs(tiny_model, tiny_samples, torch.device("cpu"))
+    for h in handles:
+        h.remove()
+    assert [i for i, _t in runs] == [0]  # one real run, of block 0, for the whole capture
+    hidden = torch.ones(1, 3, 4)
+    assert _like(torch.zeros(1), hidden) is hidden
+    out = _like((torch.zeros(1), None), hidden)
+    assert type(out) is tuple and out[0] is hidden and out[1] is None
+    with pytest.raises(RuntimeError, match="only a tensor or a tuple"):
+        _like({"hidden": hidden}, hidden)
+
+
+def test_capture_refuses_a_block_0_without_weights(tiny_model, tiny_samples):
+    find_blocks(tiny_model)[0].to("meta")
+    with pytest.raises(RuntimeError, match="no weights during capture"):
+        capture_block_inputs(tiny_model, tiny_samples, torch.device("cpu"))
