@@ -200,7 +200,7 @@ def to_markdown(doc: dict) -> str:
     res = [r for r in doc["results"] if "error" not in r]
     dense = next((r["ppl"] for r in res if r["method"] == "dense"), None)
     wanda = {r["sparsity"]: r["ppl"] for r in res if r["label"] == "wanda" and r["allocation"] == "uniform" and not r.get("recover")}
-    lines = ["# Pruning quality on smollm2-135m", "",
+    lines = [f"# Pruning quality on {Path(s.model).name}", "",
              f"Calibration `{s.calib}` {s.nsamples} x {s.calib_seqlen} tokens (seed {s.seed}); evaluation WikiText-2 test, first "
              f"{s.max_windows} non-overlapping windows x {s.eval_seqlen} (the same for every row); device {s.device}, {s.threads} thread{'s' if s.threads > 1 else ''}. "
              f"Machine: {doc['machine']}. Time = allocation + pruning (+ recovery training where marked).", "",
@@ -363,6 +363,8 @@ def main() -> None:
     parser.add_argument("--update-docs", action="store_true", help="rewrite the generated tables in docs/dsnot.md and docs/allocation.md")
     parser.add_argument("--device", default="cpu", help="cpu (the committed table) or cuda[:N]; a GPU run writes quality_cuda.*")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per row [1]")
+    parser.add_argument("--model", default=Setting.model,
+                        help="--model as sparsedeploy takes it (e.g. a .gguf file) [smollm2-135m]; another model writes quality_<name>.*")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -392,8 +394,12 @@ def main() -> None:
         return
     if not WIKITEXT.is_file():
         raise SystemExit(f"WikiText-2 test file not found at {WIKITEXT}: set SPARSEDEPLOY_WIKITEXT2=PATH/wiki.test.raw")
-    setting = Setting(device=args.device, threads=args.threads)
+    setting = Setting(device=args.device, threads=args.threads, model=args.model)
     default_stem = "quality_ci" if args.ci else ("quality" if args.device == "cpu" else "quality_cuda")
+    if args.model != Setting.model:
+        if args.ci:
+            raise SystemExit("--ci gates smollm2-135m against the committed table: drop --model")
+        default_stem = f"quality_{Path(args.model).stem}" + ("" if args.device == "cpu" else "_cuda")
     stem = args.out or RESULTS / default_stem
     doc = {"setting": asdict(setting), "machine": machine(), "results": []}
     if stem.with_suffix(".json").is_file() and not (args.fresh or args.ci):
