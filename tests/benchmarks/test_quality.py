@@ -67,3 +67,18 @@ def test_update_docs_replaces_only_the_generated_tables(tmp_path, monkeypatch):
     text = alloc.read_text()
     assert "| method | allocation |" in text and "| pruned | before recovery |" in text and "old" not in text
     assert quality.update_docs(doc) == []  # idempotent
+
+
+def test_another_model_gets_its_own_table_and_no_ci_gate(tmp_path):
+    """--model names the table after the model; --ci gates only smollm2-135m against the committed table."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import quality
+
+    setting = {**quality.asdict(quality.Setting()), "model": "/somewhere/gemma-3-270m-q4_k_m.gguf"}
+    doc = {"setting": setting, "machine": "test box", "results": [
+        {"row": "dense", "method": "dense", "label": "dense", "sparsity": "-", "allocation": "uniform", "ppl": 10.0,
+         "sparsity_measured": 0.0, "peak_rss_mib": 1.0}]}
+    assert quality.to_markdown(doc).startswith("# Pruning quality on gemma-3-270m-q4_k_m.gguf\n")
+    proc = subprocess.run([sys.executable, "benchmarks/quality.py", "--ci", "--model", str(tmp_path / "m.gguf")], cwd=REPO,
+                          capture_output=True, text=True, env={**__import__("os").environ, "SPARSEDEPLOY_WIKITEXT2": str(WIKITEXT_TEST)})
+    assert proc.returncode != 0 and "--ci gates smollm2-135m" in proc.stderr
