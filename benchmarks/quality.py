@@ -364,7 +364,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (the committed table) or cuda[:N]; a GPU run writes quality_cuda.*")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per row [1]")
     parser.add_argument("--model", default=Setting.model,
-                        help="--model as sparsedeploy takes it (e.g. a .gguf file) [smollm2-135m]; another model writes quality_<name>.*")
+                        help="--model as sparsedeploy takes it (e.g. a .gguf file) [smollm2-135m]; "
+                             "another model writes quality_<name>.*")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -195,7 +195,8 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
         if isinstance(obj, nn.ModuleList) and len(obj) > 0:
             return obj
     kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    raise UserError(f"unsupported architecture {kind!r}: no decoder block list found (tested: LLaMA, Mistral, Qwen2/3, Phi-3, Gemma 1-3, OPT, GPT-NeoX, Falcon)")
+    raise UserError(f"unsupported architecture {kind!r}: no decoder block list found "
+                    "(tested: LLaMA, Mistral, Qwen2/3, Phi-3, Gemma 1-3, OPT, GPT-NeoX, Falcon)")
 
 
 def find_linears(block: nn.Module) -> dict[str, nn.Linear]:

@@ -78,7 +78,8 @@ def test_walk_reproduces_full_model_hidden_states(kind):
     blocks = find_blocks(model)
     assert len(blocks) == LAYERS
     last_out: list[torch.Tensor] = []
-    hook = blocks[-1].register_forward_hook(lambda _m, _a, out: last_out.append(out[0] if isinstance(out, tuple) else out))
+    hook = blocks[-1].register_forward_hook(
+        lambda _m, _a, out: last_out.append(out[0] if isinstance(out, tuple) else out))
     with torch.no_grad():
         full = [model(s[None], output_hidden_states=True, use_cache=False).hidden_states for s in samples]
     hook.remove()

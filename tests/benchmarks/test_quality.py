@@ -79,6 +79,7 @@ def test_another_model_gets_its_own_table_and_no_ci_gate(tmp_path):
         {"row": "dense", "method": "dense", "label": "dense", "sparsity": "-", "allocation": "uniform", "ppl": 10.0,
          "sparsity_measured": 0.0, "peak_rss_mib": 1.0}]}
     assert quality.to_markdown(doc).startswith("# Pruning quality on gemma-3-270m-q4_k_m.gguf\n")
+    env = {**__import__("os").environ, "SPARSEDEPLOY_WIKITEXT2": str(WIKITEXT_TEST)}
     proc = subprocess.run([sys.executable, "benchmarks/quality.py", "--ci", "--model", str(tmp_path / "m.gguf")], cwd=REPO,
-                          capture_output=True, text=True, env={**__import__("os").environ, "SPARSEDEPLOY_WIKITEXT2": str(WIKITEXT_TEST)})
+                          capture_output=True, text=True, env=env)
     assert proc.returncode != 0 and "--ci gates smollm2-135m" in proc.stderr
