@@ -124,7 +124,7 @@ def run_one(setting: Setting, row: Row) -> dict:
     from sparsedeploy.common.evaluate import layer_sparsity, overall_sparsity, perplexity
     from sparsedeploy.prune.methods import build_method
     from sparsedeploy.common.models import load_model, resolve_device
-    from sparsedeploy.prune.driver import prune_model
+    from sparsedeploy.prune.blocks import prune_model
     from sparsedeploy.common.sparsity import parse_sparsity
 
     torch.set_num_threads(setting.threads)

@@ -33,7 +33,7 @@ def pruned_tiny_checkpoint(path: Path, sparsity: str = "0.5", seed: int = 0, met
     from sparsedeploy.common.files import write_json_atomic
     from sparsedeploy.prune.methods import build_method
     from sparsedeploy.common.models import LoadedModel, save_checkpoint
-    from sparsedeploy.prune.driver import prune_model
+    from sparsedeploy.prune.blocks import prune_model
     from sparsedeploy.common.sparsity import parse_sparsity
 
     tokenizer = tiny_tokenizer()

@@ -319,7 +319,7 @@ def export_checkpoint(config: ExportConfig, output: Path | str, overwrite: bool 
     """
     from sparsedeploy.common.models import resolve_model_path
     from sparsedeploy.onnx.storage import load_model_proto, pack_sparse, save_model_proto
-    from sparsedeploy.prune.driver import versions
+    from sparsedeploy.common.provenance import versions
 
     target = validate(config)
     output = Path(output)

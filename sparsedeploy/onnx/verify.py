@@ -13,14 +13,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from sparsedeploy.common.errors import UserError
+from sparsedeploy.onnx.graph import Graph, OnnxWeight, fingerprint, nm_violations, scope_key
 
 log = logging.getLogger(__name__)
 
@@ -30,125 +30,6 @@ FP32_ATOL = 1e-4
 # 0.0005 on the tiny test model. The bound leaves ~2x headroom over the worst measured value.
 FP16_ATOL = 0.1
 
-
-# ---------------------------------------------------------------- locating weights in the graph
-
-
-@dataclass
-class OnnxWeight:
-    """A constant matrix operand of a MatMul/Gemm, in the effective ``[K, N]`` layout."""
-
-    node: str
-    op: str
-    source: str  # the initializer (or Constant node output) holding the data
-    stored_shape: tuple[int, ...]
-    transposed: bool  # stored as [N, K] (Transpose node, Gemm/FusedMatMul transB)
-    matrix: np.ndarray = field(repr=False)  # [K, N]
-
-
-class Graph:
-    """Initializers, Constant nodes and producers of a ModelProto, for tracing constant operands."""
-
-    def __init__(self, model) -> None:
-        from onnx import numpy_helper
-
-        self.model = model
-        self.numpy_helper = numpy_helper
-        self.initializers = {init.name: init for init in model.graph.initializer}
-        for sparse in model.graph.sparse_initializer:
-            self.initializers[sparse.values.name] = sparse
-        self.producer = {}
-        self.constants = {}
-        for node in model.graph.node:
-            for out in node.output:
-                self.producer[out] = node
-            if node.op_type == "Constant":
-                for attr in node.attribute:
-                    if attr.name == "value":
-                        self.constants[node.output[0]] = attr.t
-        self._arrays: dict[str, np.ndarray] = {}
-
-    def array(self, name: str) -> np.ndarray:
-        if name not in self._arrays:
-            from onnx import SparseTensorProto
-
-            proto = self.initializers.get(name, self.constants.get(name))
-            if isinstance(proto, SparseTensorProto):
-                dense = np.zeros(tuple(proto.dims), dtype=self.numpy_helper.to_array(proto.values).dtype)
-                idx = self.numpy_helper.to_array(proto.indices)
-                vals = self.numpy_helper.to_array(proto.values)
-                if idx.ndim == 1:
-                    dense.reshape(-1)[idx] = vals
-                else:
-                    dense[tuple(idx.T)] = vals
-                self._arrays[name] = dense
-            else:
-                self._arrays[name] = self.numpy_helper.to_array(proto)
-        return self._arrays[name]
-
-    def trace_constant(self, name: str) -> tuple[str, np.ndarray, bool] | None:
-        """Follow Identity/Cast/Transpose back to a constant; return (source, value as seen here, transposed)."""
-        transposed = False
-        chain = []
-        current = name
-        for _ in range(16):
-            if current in self.initializers or current in self.constants:
-                value = self.array(current)
-                for op, perm in reversed(chain):
-                    if op == "Transpose":
-                        value = np.transpose(value, perm)
-                return current, value, transposed
-            node = self.producer.get(current)
-            if node is None or node.op_type not in ("Identity", "Cast", "Transpose"):
-                return None
-            if node.op_type == "Transpose":
-                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-                chain.append(("Transpose", perm))
-                transposed = not transposed
-            current = node.input[0]
-        return None
-
-    def matmul_weights(self) -> list[OnnxWeight]:
-        """Every constant 2-D right-hand operand of MatMul / Gemm / com.microsoft FusedMatMul."""
-        weights = []
-        for node in self.model.graph.node:
-            if node.op_type not in ("MatMul", "Gemm", "FusedMatMul") or len(node.input) < 2:
-                continue
-            traced = self.trace_constant(node.input[1])
-            if traced is None:
-                continue
-            source, value, transposed = traced
-            if value.ndim != 2:
-                continue
-            trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
-            if trans_b:
-                value, transposed = value.T, not transposed
-            weights.append(OnnxWeight(node.name or node.output[0], node.op_type, source,
-                                      tuple(self.array(source).shape), transposed, value))
-        return weights
-
-
-def _fingerprint(matrix: np.ndarray) -> str:
-    return f"{matrix.dtype}:{matrix.shape}:" + hashlib.sha1(np.ascontiguousarray(matrix).tobytes()).hexdigest()
-
-
-def _scope_key(name: str) -> str:
-    return "." + name.replace("/", ".").strip(".") + "."
-
-
-# ---------------------------------------------------------------- N:M
-
-
-def nm_violations(matrix_kn: np.ndarray, n: int, m: int) -> tuple[bool, str]:
-    """Does `matrix_kn` [K, N] keep at most n non-zeros in every group of m along K? (ok, reason)."""
-    k = matrix_kn.shape[0]
-    if k % m:
-        return False, f"K={k} is not a multiple of M={m}"
-    groups = (matrix_kn != 0).reshape(k // m, m, -1).sum(axis=1)
-    bad = int((groups > n).sum())
-    if bad:
-        return False, f"{bad} of {groups.size} groups of {m} along K have more than {n} non-zeros"
-    return True, f"every group of {m} along K has at most {n} non-zeros"
 
 
 # ---------------------------------------------------------------- sparsity verification
@@ -208,10 +89,10 @@ def verify_sparsity(model, reference: dict[str, np.ndarray], masks: dict[str, np
     weights = graph.matmul_weights()
     by_scope: dict[str, list[OnnxWeight]] = {}
     for weight in weights:
-        by_scope.setdefault(_scope_key(weight.node), []).append(weight)
+        by_scope.setdefault(scope_key(weight.node), []).append(weight)
     by_print: dict[str, OnnxWeight] = {}
     for weight in weights:
-        by_print.setdefault(_fingerprint(weight.matrix), weight)
+        by_print.setdefault(fingerprint(weight.matrix), weight)
     claimed: set[int] = set()
     layers: list[LayerCheck] = []
     pending: list[tuple[str, np.ndarray]] = []
@@ -231,7 +112,7 @@ def verify_sparsity(model, reference: dict[str, np.ndarray], masks: dict[str, np
         found = match_scope(name, expected)
         how = "node scope name" if found is not None else None
         if found is None:
-            found = by_print.get(_fingerprint(expected))
+            found = by_print.get(fingerprint(expected))
             if found is not None and id(found) in claimed:
                 found = None
             how = "exact values" if found is not None else None
@@ -430,103 +311,3 @@ def _torch_greedy(torch_run, ids: np.ndarray, steps: int) -> list[int]:
         mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
         logits, past = torch_run(np.array([[token]], np.int64), mask, past)
     return tokens
-
-
-# ---------------------------------------------------------------- inspect
-
-
-def inspect_onnx(path: Path | str, nm: tuple[int, int] = (2, 4), min_dims: int = 2) -> dict:
-    """Per-weight shape, sparsity and N:M compliance (MatMul/Gemm weights, along K) of an ONNX model."""
-    from sparsedeploy.onnx.storage import load_model_proto, onnx_file
-
-    file = onnx_file(path)
-    model = load_model_proto(file)
-    graph = Graph(model)
-    matmul = {w.source: w for w in graph.matmul_weights()}
-    rows, total, zeros = [], 0, 0
-    for name in graph.initializers:
-        array = graph.array(name)
-        if array.ndim < min_dims or array.dtype.kind != "f":
-            continue
-        z = int((array == 0).sum())
-        total, zeros = total + array.size, zeros + z
-        row = {"name": name, "shape": list(array.shape), "dtype": str(array.dtype), "zeros": z, "sparsity": z / array.size,
-               "used_by": None, "nm_ok": None, "nm_reason": None}
-        if name in matmul:
-            weight = matmul[name]
-            row["used_by"] = f"{weight.op} {weight.node}"
-            row["nm_ok"], row["nm_reason"] = nm_violations(weight.matrix, *nm)
-        rows.append(row)
-    matmul_rows = [r for r in rows if r["used_by"]]
-    domains = sorted({n.domain or "ai.onnx" for n in model.graph.node})
-    summary = {"model": str(file), "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import}, "domains": domains,
-               "weights": len(rows), "total_elements": total, "zeros": zeros, "sparsity": zeros / max(total, 1),
-               "matmul_weights": len(matmul_rows), "nm_pattern": f"{nm[0]}:{nm[1]}",
-               "nm_qualifying": sum(bool(r["nm_ok"]) for r in matmul_rows), "file_bytes": _size_on_disk(file), "rows": rows}
-    summary["polygraphy"] = polygraphy_check(file, summary)
-    return summary
-
-
-def _size_on_disk(file: Path) -> int:
-    from sparsedeploy.onnx.storage import SPARSE_FILE, external_data_path
-
-    size = file.stat().st_size
-    for extra in (external_data_path(file), file.parent / SPARSE_FILE):
-        if extra.is_file():
-            size += extra.stat().st_size
-    return size
-
-
-def polygraphy_check(file: Path, summary: dict) -> dict | None:
-    """Run `polygraphy inspect sparsity` (2:4 along K) when polygraphy is installed; compare its verdict with ours."""
-    import importlib.util
-    import re
-    import shutil
-    import subprocess
-    import sys
-
-    from sparsedeploy.onnx.storage import SPARSE_FILE
-
-    if importlib.util.find_spec("polygraphy") is None:
-        return None
-    if summary["nm_pattern"] != "2:4":
-        return {"available": True, "ran": False, "error": "polygraphy checks 2:4 only"}
-    if (file.parent / SPARSE_FILE).is_file():
-        return {"available": True, "ran": False, "error": "sparse storage: polygraphy reads only plain ONNX files"}
-    exe = Path(sys.executable).with_name("polygraphy")
-    exe = str(exe) if exe.is_file() else shutil.which("polygraphy")
-    if exe is None:
-        return {"available": True, "ran": False, "error": "the polygraphy command is not on PATH"}
-    proc = subprocess.run([exe, "inspect", "sparsity", str(file)], capture_output=True, text=True, timeout=900)
-    text = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        return {"available": True, "ran": False, "error": text.strip().splitlines()[-1] if text.strip() else f"exit {proc.returncode}"}
-    theirs = set(re.findall(r"Found sparse tensor: (\S+)", text))
-    checked = theirs | set(re.findall(r"Found non-sparse tensor: (\S+)", text))
-    ours = {r["name"] for r in summary["rows"] if r["nm_ok"]}
-    ours_checked = {r["name"] for r in summary["rows"] if r["nm_ok"] is not None}
-    return {"available": True, "ran": True, "polygraphy_2_4_weights": len(theirs), "ours_2_4_weights": len(ours),
-            "polygraphy_checked": len(checked), "ours_checked": len(ours_checked),
-            "agree": theirs == ours, "only_polygraphy": sorted(theirs - ours), "only_ours": sorted(ours - theirs)}
-
-
-def format_inspect(data: dict, all_weights: bool = False) -> str:
-    """The inspect table: one row per weight, then totals."""
-    rows = [r for r in data["rows"] if all_weights or r["used_by"]]
-    width = max([len(r["name"]) for r in rows] + [6])
-    lines = [f"{'weight':<{width}}  {'shape':>14}  {'dtype':>8}  {'sparsity':>8}  {data['nm_pattern']:>5}  used by"]
-    for r in rows:
-        nm = "-" if r["nm_ok"] is None else ("yes" if r["nm_ok"] else "no")
-        lines.append(f"{r['name']:<{width}}  {'x'.join(map(str, r['shape'])):>14}  {r['dtype']:>8}  {r['sparsity']:>8.4f}  {nm:>5}  {r['used_by'] or ''}")
-    lines.append(f"total: {data['weights']} weights, {data['total_elements']} elements, sparsity {data['sparsity']:.4f}; "
-                 f"{data['nm_qualifying']}/{data['matmul_weights']} MatMul/Gemm weights satisfy {data['nm_pattern']} along K; "
-                 f"opset {data['opset']}; domains {', '.join(data['domains'])}; {data['file_bytes'] / 2**20:.2f} MiB on disk")
-    poly = data.get("polygraphy")
-    if poly is None:
-        lines.append("polygraphy: not installed (pip install polygraphy to cross-check the 2:4 verdict)")
-    elif not poly.get("ran"):
-        lines.append(f"polygraphy: failed to run: {poly.get('error')}")
-    else:
-        lines.append(f"polygraphy: {poly['polygraphy_2_4_weights']} weights 2:4 sparse vs ours {poly['ours_2_4_weights']}: "
-                     + ("agree" if poly["agree"] else "DISAGREE"))
-    return "\n".join(lines)

@@ -282,7 +282,7 @@ def atp_search(model: nn.Module, samples: torch.Tensor, method, target: float, w
     property of the initial pruning, and refining every candidate would multiply the search cost.
     """
     from sparsedeploy.common.evaluate import perplexity
-    from sparsedeploy.prune.driver import prune_model
+    from sparsedeploy.prune.blocks import prune_model
 
     if callable(getattr(method, "initial_method", None)):
         method = method.initial_method()

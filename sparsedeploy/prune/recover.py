@@ -100,7 +100,7 @@ def same_zeros(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def attach_adapters(model: nn.Module, masks: dict[str, torch.Tensor] | None, rank: int, scale: float,
                     seed: int = 0) -> list[tuple[nn.Module, str, MaskedLoRA]]:
     """Wrap every decoder linear; `masks` (full name -> keep-mask) further restricts the non-zero pattern."""
-    from sparsedeploy.prune.driver import blocks_prefix
+    from sparsedeploy.prune.blocks import blocks_prefix
 
     prefix = blocks_prefix(model)
     gen = torch.Generator().manual_seed(seed)
@@ -214,7 +214,7 @@ def run_recover(run: RecoverRun, config: RecoverConfig, output: Path, overwrite:
     from sparsedeploy.common.evaluate import layer_sparsity, overall_sparsity, perplexity
     from sparsedeploy.common.files import atomic_dir, check_output_dir, write_json_atomic
     from sparsedeploy.common.models import load_model, resolve_device, save_checkpoint
-    from sparsedeploy.prune.driver import peak_memory, versions
+    from sparsedeploy.common.provenance import peak_memory, versions
 
     config.validate()
     output = Path(output)

@@ -219,7 +219,7 @@ def test_smollm2_pruned_export_end_to_end(smollm, cache_dir, tmp_path, pattern):
     from sparsedeploy.prune.methods import build_method
     from sparsedeploy.common.models import LoadedModel, load_model, save_checkpoint
     from sparsedeploy.onnx.decoder import generate_text
-    from sparsedeploy.prune.driver import prune_model
+    from sparsedeploy.prune.blocks import prune_model
     from sparsedeploy.common.sparsity import parse_sparsity
     from safetensors.torch import save_file
 
@@ -285,7 +285,7 @@ def test_auto_exporter_falls_back_to_torch_for_a_model_type_optimum_does_not_kno
 
 
 def test_inspect_table_for_people(exported):
-    from sparsedeploy.onnx.verify import format_inspect, inspect_onnx
+    from sparsedeploy.onnx.inspect import format_inspect, inspect_onnx
 
     out, _ = exported["2:4"]
     text = format_inspect(inspect_onnx(out / "model.onnx"))

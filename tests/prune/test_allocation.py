@@ -10,7 +10,8 @@ from sparsedeploy.prune.allocation import (AllocationConfig, atp_candidates, atp
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.prune.methods import build_method
 from sparsedeploy.common.models import find_blocks, find_linears
-from sparsedeploy.prune.driver import PruneConfig, prune_model, run_prune
+from sparsedeploy.prune.blocks import prune_model
+from sparsedeploy.prune.driver import PruneConfig, run_prune
 from sparsedeploy.common.sparsity import SparsitySpec, parse_sparsity
 from tests.conftest import tiny_llama
 
@@ -195,7 +196,7 @@ def test_owl_on_the_real_model_hits_the_target_exactly(smollm):
 
 
 def test_atp_search_of_a_refining_method_prunes_with_its_initial_method(tiny_model, tiny_samples, monkeypatch):
-    import sparsedeploy.prune.driver as prune_mod
+    import sparsedeploy.prune.blocks as prune_mod
     from sparsedeploy.prune.allocation import atp_search
 
     used = []

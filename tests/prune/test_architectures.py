@@ -6,7 +6,7 @@ import torch
 from sparsedeploy.common.evaluate import layer_sparsity
 from sparsedeploy.prune.methods import build_method
 from sparsedeploy.common.models import find_blocks
-from sparsedeploy.prune.driver import prune_model
+from sparsedeploy.prune.blocks import prune_model
 from sparsedeploy.common.sparsity import SparsitySpec
 
 

@@ -7,7 +7,8 @@ from safetensors.torch import load_file
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.prune.methods import build_method
 from sparsedeploy.common.models import find_blocks, find_linears, load_model
-from sparsedeploy.prune.driver import PruneConfig, prune_model, run_prune
+from sparsedeploy.prune.blocks import prune_model
+from sparsedeploy.prune.driver import PruneConfig, run_prune
 from sparsedeploy.common.sparsity import SparsitySpec, satisfies_nm
 
 

@@ -8,7 +8,7 @@ import torch
 from sparsedeploy.common.data import calibration_samples, eval_tokens
 from sparsedeploy.common.evaluate import layer_sparsity, overall_sparsity, perplexity
 from sparsedeploy.prune.methods import build_method
-from sparsedeploy.prune.driver import prune_model
+from sparsedeploy.prune.blocks import prune_model
 from sparsedeploy.common.sparsity import SparsitySpec
 
 pytestmark = pytest.mark.slow

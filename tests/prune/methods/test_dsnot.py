@@ -202,7 +202,7 @@ def test_targets_select_linears_and_options_are_validated():
 
 
 def test_dsnot_on_tiny_model_through_engine(tiny_model, tiny_samples):
-    from sparsedeploy.prune.driver import prune_model
+    from sparsedeploy.prune.blocks import prune_model
 
     import copy
 
@@ -226,7 +226,7 @@ def test_block_check_never_leaves_a_block_output_worse_than_its_initialisation(t
 
     from sparsedeploy.prune.calibration import capture_block_inputs, run_block
     from sparsedeploy.common.models import find_blocks
-    from sparsedeploy.prune.driver import output_error, prune_model
+    from sparsedeploy.prune.blocks import output_error, prune_model
 
     inputs, calls = capture_block_inputs(tiny_model, tiny_samples, CPU)
     dense_out = run_block(find_blocks(tiny_model)[0], inputs, calls[0], CPU, CPU)
@@ -250,7 +250,7 @@ def test_whole_model_check_never_worse_than_the_plain_initialiser(tiny_model, ti
     import copy
 
     from sparsedeploy.common.evaluate import perplexity
-    from sparsedeploy.prune.driver import prune_model
+    from sparsedeploy.prune.blocks import prune_model
 
     spec = parse_sparsity("0.6")
     check = torch.roll(tiny_samples, 3, dims=1)

@@ -95,7 +95,7 @@ def test_unusable_hessian_raises_instead_of_garbage():
 
 def test_sparsegpt_method_on_tiny_model_shares_hessian_and_is_exact(tiny_model, tiny_samples):
     from sparsedeploy.common.evaluate import layer_sparsity
-    from sparsedeploy.prune.driver import prune_model
+    from sparsedeploy.prune.blocks import prune_model
 
     method = build_method("sparsegpt", blocksize=32)
     assert method.needs_hessian

@@ -1,0 +1,79 @@
+"""Options and printing shared by the command modules: the model options, method flags, JSON-or-text output."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import click
+
+from sparsedeploy.common.errors import UserError
+
+log = logging.getLogger("sparsedeploy")
+
+
+def emit(data: dict, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data, default=str) if as_json else text)
+
+
+common_model = [
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N"),
+    click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"])),
+    click.option("--cache-dir", default=None, help="where converted checkpoints are cached [default: $SPARSEDEPLOY_CACHE or ~/.cache/sparsedeploy]"),
+]
+
+
+def with_options(options):
+    def wrap(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return wrap
+
+
+# Method-specific prune options: (click option, keyword of the method class, methods it applies to).
+_METHOD_FLAGS = {
+    "init": ("init", ("dsnot",)),
+    "dsnot_targets": ("targets", ("dsnot",)),
+    "dsnot_mode": ("mode", ("dsnot",)),
+    "max_cycles": ("max_cycles", ("dsnot",)),
+    "update_threshold": ("update_threshold", ("dsnot",)),
+    "pow_of_var_regrowing": ("pow_of_var_regrowing", ("dsnot",)),
+    "no_sign_flip": ("no_sign_flip", ("dsnot",)),
+    "verify_rows": ("verify_rows", ("dsnot",)),
+    "blocksize": ("blocksize", ("sparsegpt", "dsnot")),
+    "percdamp": ("percdamp", ("sparsegpt", "dsnot")),
+}
+method_option_flags = [
+    click.option("--init", default=None, type=click.Choice(["wanda", "sparsegpt", "magnitude"]), help="dsnot: initial method [default: wanda]"),
+    click.option("--dsnot-targets", default=None, type=click.Choice(["all", "attn", "mlp"]), help="dsnot: linears to refine [default: all]"),
+    click.option("--dsnot-mode", default=None, type=click.Choice(["verified", "paper", "second-order"]), help="dsnot: second-order (swaps chosen by the exact error change) or verified (the paper's mean criterion), both kept only where they lower the actual error; paper (as published) [default: second-order]"),
+    click.option("--max-cycles", default=None, type=int, help="dsnot: prune-and-grow cycles per layer [default: 50]"),
+    click.option("--update-threshold", default=None, type=float, help="dsnot: stop a row once its expected error is this small [default: 0.1]"),
+    click.option("--pow-of-var-regrowing", default=None, type=float, help="dsnot: exponent p of Var[x]^p in the grow score [default: 1]"),
+    click.option("--no-sign-flip", is_flag=True, default=None, help="dsnot: reject swaps that flip the sign of a row's expected error"),
+    click.option("--verify-rows", is_flag=True, default=None,
+                 help="dsnot: keep the refinement row by row where it lowers that row's actual error [default: per linear]; "
+                      "matters for --dsnot-mode verified and --init sparsegpt (second-order swaps already lower each row's error)"),
+    click.option("--blocksize", default=None, type=int, help="sparsegpt (or dsnot --init sparsegpt): OBS column block [default: 128]"),
+    click.option("--percdamp", default=None, type=float, help="sparsegpt (or dsnot --init sparsegpt): dampening, fraction of mean diag(H) [default: 0.01]"),
+]
+
+
+def method_options_from_flags(method: str, flags: dict) -> dict:
+    """Keyword options for the method from the given flags; a flag the method does not use is an error."""
+    options = {}
+    for flag, value in flags.items():
+        if value is None or value is False:
+            continue
+        keyword, methods = _METHOD_FLAGS[flag]
+        cli_name = "--" + flag.replace("_", "-")
+        if method not in methods or (flag in ("blocksize", "percdamp") and method == "dsnot" and flags.get("init") != "sparsegpt"):
+            needs = "--method sparsegpt or --method dsnot --init sparsegpt" if flag in ("blocksize", "percdamp") else "--method dsnot"
+            raise UserError(f"{cli_name} does not apply to --method {method}{' without --init sparsegpt' if method == 'dsnot' else ''}: drop it or use {needs}")
+        options[keyword] = value
+    if "blocksize" in options and options["blocksize"] < 1:
+        raise UserError(f"--blocksize {options['blocksize']} must be at least 1")
+    if "percdamp" in options and not options["percdamp"] >= 0:
+        raise UserError(f"--percdamp {options['percdamp']} must be 0 or more")
+    return options
