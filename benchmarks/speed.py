@@ -27,8 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sparsedeploy.common.files import write_json_atomic  # noqa: E402
-from sparsedeploy.bench.matmul_cpu import (DEFAULT_PATTERNS, LLAMA1B_SHAPES, SMOLLM2_SHAPES, KernelShape,  # noqa: E402
-                                  bench_kernels, kernel_markdown)
+from sparsedeploy.bench.matmul_cpu import (DEFAULT_PATTERNS, LLAMA1B_SHAPES, SMOLLM2_SHAPES, bench_kernels, kernel_markdown)
 
 log = logging.getLogger("benchmarks.speed")
 RESULTS = ROOT / "benchmarks" / "results"

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.export.run import export_decoder_stack  # noqa: F401 - the DeepSparse form, timed here
+from sparsedeploy.runtimes.stack_graphs import export_decoder_stack
 from sparsedeploy.common.timing import Interleaved, run_interleaved, summarize
 
 log = logging.getLogger(__name__)
@@ -321,7 +321,7 @@ def bench_deepsparse(cfg: BenchConfig, variants: dict[str, Path], progress=None)
     #    lm_head around them: the complete model as DeepSparse runs it, and ONNX Runtime on the same files.
     checkpoints = {name: source_checkpoint(path.parent) for name, path in variants.items()}
     if cfg.gen_len > 0 and all(checkpoints.values()):
-        from sparsedeploy.export.run import write_stack_files
+        from sparsedeploy.runtimes.stack_graphs import write_stack_files
 
         for batch in cfg.batches:
             with tempfile.TemporaryDirectory(prefix="sd-deepsparse-generate-") as tmp:
@@ -693,55 +693,3 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     else:
         result["rows"], result["notes"] = bench_torch(cfg, variants, progress)
     return result
-
-
-def bench_stage(recipe, model_dir: Path, onnx_dir: Path, out_dir: Path) -> dict:
-    """The pipeline's bench stage (`bench:` section of a recipe): the pruned model against the dense one.
-
-    ort/deepsparse time the verified export of the export stage against a dense export made here (deleted
-    afterwards); torch times the two checkpoints. Writes bench.json/.md/.png into `out_dir`.
-    """
-    import shutil
-
-    from sparsedeploy.common.files import write_json_atomic
-    from sparsedeploy.common.models import resolve_model_path
-
-    section = recipe.bench
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scratch = out_dir / ".dense_onnx"
-    device = recipe.device if recipe.device != "auto" else ("cuda" if section.engine == "tensorrt" else "cpu")
-    if section.engine == "tensorrt":
-        from sparsedeploy.runtimes.tensorrt_runner import unavailable_reason
-
-        reason = unavailable_reason()
-        if reason:  # say so before exporting a dense baseline nobody will time
-            message = f"bench engine tensorrt: not run: {reason}"
-            return {"skipped": message, "markdown": message}
-    cfg = BenchConfig(model=str(onnx_dir), engine=section.engine, batches=list(section.batch), prompt_len=section.prompt_len,
-                      gen_len=section.gen_len, threads=section.threads, device=device)
-    try:
-        if section.engine == "torch":
-            cfg.model, cfg.baseline = str(model_dir), str(resolve_model_path(recipe.model))
-        else:
-            from sparsedeploy.export.run import ExportConfig, export_checkpoint
-
-            log.info("exporting the dense model %s for the baseline timings", recipe.model)
-            export_checkpoint(ExportConfig(model=recipe.model, dtype=recipe.export.dtype, opset=recipe.export.opset,
-                                           target=recipe.export.target, verify=False), scratch, overwrite=True)
-            cfg.baseline = str(scratch)
-        result = run_bench(cfg)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    if "skipped" in result:
-        return {"skipped": result["skipped"], "markdown": result["skipped"]}
-    md = markdown(result)
-    write_json_atomic(out_dir / "bench.json", result)
-    (out_dir / "bench.md").write_text(md)
-    png = plot(result, out_dir / "bench.png")
-    speedups = {f"batch {r['batch']} {r['phase']}": r["speedup"] for r in result["rows"] if "speedup" in r}
-    body = md.split("\n", 2)[2] if md.startswith("# ") else md  # REPORT.md gives the heading
-    if png is not None:
-        body += f"\n![speedup](bench/{png.name})\n"
-    return {"engine": section.engine, "threads": section.threads, "speedups": speedups, "markdown": body,
-            "form": sorted({r["form"] for r in result["rows"]})}

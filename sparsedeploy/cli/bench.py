@@ -24,6 +24,15 @@ def _batches(text: str) -> list[int]:
     return values
 
 
+
+def _log_rows(rows: list[dict]) -> None:
+    """One log line per timed row, as the bench runs."""
+    for r in rows:
+        speedup = f" speedup {r['speedup']:.2f}x" if "speedup" in r else ""
+        log.info("%s %s b%d %s %s: %.1f ms%s", r["engine"], r["variant"], r["batch"], r["phase"],
+                 r["form"].split(" (")[0], r["median_s"] * 1e3, speedup)
+
+
 @click.command()
 @click.option("--model", required=True, help="sparse model: ONNX export directory (ort, deepsparse) or HF checkpoint directory (torch)")
 @click.option("--baseline", default=None, help="dense model of the same kind, timed alternately with --model for the speedup")
@@ -52,9 +61,7 @@ def bench(model, baseline, engine, batch, prompt_len, gen_len, threads, rounds, 
     cfg = BenchConfig(model=model, baseline=baseline, engine=engine, batches=_batches(batch), prompt_len=prompt_len, gen_len=gen_len,
                       threads=threads, rounds=rounds, device=device, dtype=dtype, deepsparse_venv=deepsparse_venv, cache_dir=cache_dir,
                       cuda_graphs=cuda_graphs)
-    result = run_bench(cfg, progress=lambda rows: [log.info("%s %s b%d %s %s: %.1f ms%s", r["engine"], r["variant"], r["batch"], r["phase"],
-                                                             r["form"].split(" (")[0], r["median_s"] * 1e3,
-                                                             f" speedup {r['speedup']:.2f}x" if "speedup" in r else "") for r in rows])
+    result = run_bench(cfg, progress=_log_rows)
     if "skipped" in result:
         click.echo(result["skipped"], err=True)
         if as_json:

@@ -128,7 +128,7 @@ def _build(cls, data, where: str):
     return cls(**kwargs)
 
 
-def parse_recipe(data: dict, source: str = "recipe") -> Recipe:
+def parse_recipe(data: dict) -> Recipe:
     recipe = _build(Recipe, data, "")
     validate(recipe)
     return recipe
@@ -144,7 +144,7 @@ def load_recipe(path: str | Path) -> Recipe:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"recipe {path} is not valid YAML{where}: fix the syntax") from None
-    return parse_recipe(data or {}, str(path))
+    return parse_recipe(data or {})
 
 
 def _key_error(key: str, problem: str):

@@ -150,7 +150,7 @@ class Pipeline:
         from sparsedeploy.pipeline.report import write_report
 
         report = {"recipe": asdict(self.recipe), "output": str(self.output), "dense": dense, "pruned": pruned, "gate": gate,
-                  "stages": [{"name": s.name, "seconds": s.seconds, **({} if s.name in ("gate",) else {})} for s in self.stages],
+                  "stages": [{"name": s.name, "seconds": s.seconds} for s in self.stages],
                   "stage_results": {s.name: s.data for s in self.stages}}
         prune_report = json.loads((self.staging / "model" / "report.json").read_text())
         write_report(self.staging, report, prune_report)
@@ -172,7 +172,7 @@ def _summary(prune_report: dict) -> dict:
 
 def run_export_stage(recipe: Recipe, model_dir: Path, onnx_dir: Path) -> dict:
     try:
-        from sparsedeploy.export.run import export_stage
+        import sparsedeploy.export.run  # noqa: F401 - fails without the export extra
     except ImportError:
         raise UserError("recipe key export.enabled: this installation has no ONNX exporter: pip install 'sparsedeploy[export]'") from None
     return export_stage(recipe, model_dir, onnx_dir)
@@ -180,7 +180,85 @@ def run_export_stage(recipe: Recipe, model_dir: Path, onnx_dir: Path) -> dict:
 
 def run_bench_stage(recipe: Recipe, model_dir: Path, onnx_dir: Path, out_dir: Path) -> dict:
     try:
-        from sparsedeploy.bench.run import bench_stage
+        import sparsedeploy.bench.run  # noqa: F401 - fails without the bench extra
     except ImportError:
         raise UserError("recipe key bench.enabled: this installation has no benchmark harness: pip install 'sparsedeploy[bench]'") from None
     return bench_stage(recipe, model_dir, onnx_dir, out_dir)
+
+
+def export_stage(recipe, model_dir: Path, onnx_dir: Path) -> dict:
+    """The pipeline's export stage (`export:` section of a recipe): export + verify the pruned model, return the summary."""
+    from sparsedeploy.export.run import ExportConfig, export_checkpoint, summary
+
+    section = recipe.export
+    config = ExportConfig(model=str(model_dir), dtype=section.dtype, opset=section.opset, target=section.target,
+                          storage=section.storage, verify=section.verify)
+    report = export_checkpoint(config, onnx_dir, overwrite=True)
+    data, text = summary(report, onnx_dir)
+    log.info("%s", text)
+    rows = [("ONNX", f"`{onnx_dir.name}/model.onnx` ({data['exporter']}, opset {data['opset']}, target {data['target']})"),
+            ("size", f"{data['model_bytes'] / 2**20:.1f} MiB ({data['storage']} storage), ONNX Runtime load {data['ort_load_seconds']:.2f} s")]
+    if data["verified"]:
+        rows += [("zeros", f"{data['zeros_onnx']} in ONNX == {data['zeros_torch']} in PyTorch over {data['linears']} linears"),
+                 ("parity", f"max abs logit difference {data['max_abs_logit_diff']:.2e}; greedy continuation "
+                            + ("identical" if data["greedy_identical"] else "differs"))]
+        if data["nm_pattern"]:
+            rows.append(("N:M along K", f"{data['nm_qualifying']}/{data['linears']} weights satisfy {data['nm_pattern']}"))
+    else:
+        rows.append(("verification", "skipped (export.verify: false)"))
+    data["markdown"] = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+    return data
+
+
+def bench_stage(recipe, model_dir: Path, onnx_dir: Path, out_dir: Path) -> dict:
+    """The pipeline's bench stage (`bench:` section of a recipe): the pruned model against the dense one.
+
+    ort/deepsparse time the verified export of the export stage against a dense export made here (deleted
+    afterwards); torch times the two checkpoints. Writes bench.json/.md/.png into `out_dir`.
+    """
+    import shutil
+
+    from sparsedeploy.bench.run import BenchConfig, markdown, plot, run_bench
+
+    from sparsedeploy.common.files import write_json_atomic
+    from sparsedeploy.common.models import resolve_model_path
+
+    section = recipe.bench
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scratch = out_dir / ".dense_onnx"
+    device = recipe.device if recipe.device != "auto" else ("cuda" if section.engine == "tensorrt" else "cpu")
+    if section.engine == "tensorrt":
+        from sparsedeploy.runtimes.tensorrt_runner import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:  # say so before exporting a dense baseline nobody will time
+            message = f"bench engine tensorrt: not run: {reason}"
+            return {"skipped": message, "markdown": message}
+    cfg = BenchConfig(model=str(onnx_dir), engine=section.engine, batches=list(section.batch), prompt_len=section.prompt_len,
+                      gen_len=section.gen_len, threads=section.threads, device=device)
+    try:
+        if section.engine == "torch":
+            cfg.model, cfg.baseline = str(model_dir), str(resolve_model_path(recipe.model))
+        else:
+            from sparsedeploy.export.run import ExportConfig, export_checkpoint
+
+            log.info("exporting the dense model %s for the baseline timings", recipe.model)
+            export_checkpoint(ExportConfig(model=recipe.model, dtype=recipe.export.dtype, opset=recipe.export.opset,
+                                           target=recipe.export.target, verify=False), scratch, overwrite=True)
+            cfg.baseline = str(scratch)
+        result = run_bench(cfg)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if "skipped" in result:
+        return {"skipped": result["skipped"], "markdown": result["skipped"]}
+    md = markdown(result)
+    write_json_atomic(out_dir / "bench.json", result)
+    (out_dir / "bench.md").write_text(md)
+    png = plot(result, out_dir / "bench.png")
+    speedups = {f"batch {r['batch']} {r['phase']}": r["speedup"] for r in result["rows"] if "speedup" in r}
+    body = md.split("\n", 2)[2] if md.startswith("# ") else md  # REPORT.md gives the heading
+    if png is not None:
+        body += f"\n![speedup](bench/{png.name})\n"
+    return {"engine": section.engine, "threads": section.threads, "speedups": speedups, "markdown": body,
+            "form": sorted({r["form"] for r in result["rows"]})}

@@ -154,7 +154,7 @@ def test_decoder_stack_matches_the_model_hidden_states(tiny_checkpoint, tmp_path
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sparsedeploy.bench.run import export_decoder_stack
+    from sparsedeploy.runtimes.stack_graphs import export_decoder_stack
     from sparsedeploy.bench.matmul_cpu import ort_session
 
     batch, seq = 2, 8
@@ -180,8 +180,8 @@ def test_decoder_stack_decode_step_matches_the_model_with_its_kv_cache(tiny_chec
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sparsedeploy.bench.run import export_decoder_stack
-    from sparsedeploy.export.run import decoder_stack_names
+    from sparsedeploy.runtimes.stack_graphs import export_decoder_stack
+    from sparsedeploy.runtimes.stack_graphs import decoder_stack_names
     from sparsedeploy.bench.matmul_cpu import ort_session
 
     batch, prompt = 2, 12
@@ -209,7 +209,7 @@ def test_decoder_stack_decode_step_matches_the_model_with_its_kv_cache(tiny_chec
 
 @pytest.mark.slow
 def test_decoder_stack_compiles_in_deepsparse(tiny_checkpoint, tmp_path, deepsparse_env):
-    from sparsedeploy.bench.run import export_decoder_stack
+    from sparsedeploy.runtimes.stack_graphs import export_decoder_stack
     from sparsedeploy.runtimes import deepsparse_env as ds
 
     path = export_decoder_stack(tiny_checkpoint, tmp_path / "stack.onnx", 1, 16)
@@ -345,7 +345,7 @@ def test_ort_generation_rows_hold_numpy_blas_to_the_bench_threads(tiny_checkpoin
 
     import sparsedeploy.runtimes.decoder_stack as sg
     from sparsedeploy.bench.run import time_ort_generation
-    from sparsedeploy.export.run import write_stack_files
+    from sparsedeploy.runtimes.stack_graphs import write_stack_files
 
     seen = []
 

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from sparsedeploy.cli import main
-from sparsedeploy.pipeline.stages import GateFailed, Pipeline
+from sparsedeploy.pipeline.stages import Pipeline
 from sparsedeploy.pipeline.recipe import parse_recipe
 
 

@@ -203,9 +203,9 @@ def test_atp_search_of_a_refining_method_prunes_with_its_initial_method(tiny_mod
     real = prune_mod.prune_model
     monkeypatch.setattr(prune_mod, "prune_model", lambda model, samples, method, *a, **k: used.append(method.name) or real(model, samples, method, *a, **k))
     method = build_method("dsnot", init="sparsegpt")
-    weights = [sum(l.weight.numel() for l in find_linears(b).values()) for b in find_blocks(tiny_model)]
-    before = [l.weight.clone() for b in find_blocks(tiny_model) for l in find_linears(b).values()]
+    weights = [sum(lin.weight.numel() for lin in find_linears(b).values()) for b in find_blocks(tiny_model)]
+    before = [lin.weight.clone() for b in find_blocks(tiny_model) for lin in find_linears(b).values()]
     best, trials = atp_search(tiny_model, tiny_samples, method, 0.6, weights, AllocationConfig("atp"), torch.device("cpu"), tiny_samples[:2])
     assert len(trials) >= 2 and set(used) == {method.initial_method().name}
-    after = [l.weight for b in find_blocks(tiny_model) for l in find_linears(b).values()]
+    after = [lin.weight for b in find_blocks(tiny_model) for lin in find_linears(b).values()]
     assert all(torch.equal(a, b) for a, b in zip(before, after))  # the search leaves the model as it was

@@ -60,7 +60,7 @@ def test_sample_order_does_not_matter(tiny_model, tiny_samples):
     def collect(samples):
         out = {}
         walk_blocks(tiny_model, samples, EngineConfig(show_progress=False),
-                    lambda i, b, l, s, _f: out.update({(i, n): st.sumsq.clone() for n, st in s.items()}))
+                    lambda i, b, lins, s, _f: out.update({(i, n): st.sumsq.clone() for n, st in s.items()}))
         return out
 
     a = collect(tiny_samples)
@@ -104,4 +104,4 @@ def test_input_stats_moments():
     assert st.var.tolist() == [1.0, 4.0]
     assert torch.allclose(st.hessian, 2.0 / 2 * x.T @ x)
     with pytest.raises(RuntimeError):
-        InputStats(2, torch.device("cpu")).hessian
+        _ = InputStats(2, torch.device("cpu")).hessian

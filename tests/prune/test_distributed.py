@@ -3,7 +3,6 @@
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from sparsedeploy.prune.checkpoint import load_masks

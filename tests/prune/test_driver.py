@@ -113,7 +113,6 @@ def test_wanda_beats_magnitude_on_reconstruction(tiny_model, tiny_samples):
     """On the tiny model, Wanda's block outputs stay closer to dense than magnitude's (sanity, not a benchmark)."""
     import copy
 
-    from sparsedeploy.prune.calibration import capture_block_inputs
 
     def final_hidden(model):
         with torch.no_grad():

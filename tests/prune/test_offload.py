@@ -3,7 +3,7 @@ import torch
 
 from sparsedeploy.prune.checkpoint import load_masks
 
-from sparsedeploy.common.models import find_blocks, find_linears, load_model
+from sparsedeploy.common.models import find_blocks, load_model
 from sparsedeploy.prune.driver import PruneConfig, run_prune
 
 
@@ -16,7 +16,7 @@ def calib_file(tmp_path):
 
 def _weights(folder):
     model = load_model(str(folder)).model
-    return {k: v for k, v in model.state_dict().items()}
+    return dict(model.state_dict())
 
 
 @pytest.mark.parametrize("offload", ["cpu", "disk"])

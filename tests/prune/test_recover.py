@@ -9,8 +9,8 @@ from sparsedeploy.prune.methods import build_method
 from sparsedeploy.common.models import find_blocks, find_linears, load_model
 from sparsedeploy.prune.blocks import prune_model
 from sparsedeploy.prune.driver import PruneConfig, run_prune
-from sparsedeploy.prune.recover import (MaskedLoRA, RecoverConfig, RecoverRun, attach_adapters, merge_adapters, recover_model,
-                                  run_recover, same_zeros, zero_pattern)
+from sparsedeploy.prune.recover import (MaskedLoRA, RecoverConfig, attach_adapters, merge_adapters, recover_model,
+                                  same_zeros, zero_pattern)
 from sparsedeploy.common.sparsity import parse_sparsity, satisfies_nm
 from tests.conftest import tiny_llama
 
