@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from sparsedeploy.common.sparsity import SparsitySpec, mask_lowest_per_row, parse_sparsity
+from sparsedeploy.onnx.storage import session_from_path
 from sparsedeploy.common.timing import run_interleaved, summarize
 
 log = logging.getLogger(__name__)
@@ -86,23 +87,12 @@ def build_chain(path: Path, k: int, n: int, batch: int, spec: SparsitySpec | Non
     return path
 
 
-def ort_session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def time_ort(paths: dict[str, Path], batch: int, k: int, threads: int, rounds: int, per_round: int, warmup: int = 2,
              max_seconds: float | None = None, min_sample_s: float = 0.02) -> dict[str, list[float]]:
     x = np.random.default_rng(0).standard_normal((batch, k)).astype(np.float32)
     runners = {}
     for name, path in paths.items():
-        sess = ort_session(path, threads)
+        sess = session_from_path(path, threads=threads)
         runners[name] = (lambda s=sess: s.run(None, {"x": x}))
     return run_interleaved(runners, rounds=rounds, per_round=per_round, warmup=warmup, max_seconds=max_seconds,
                            min_sample_s=min_sample_s).times
@@ -113,7 +103,7 @@ def time_ort_static(paths: dict[str, Path], threads: int, rounds: int, per_round
     """Like time_ort for graphs with any static float inputs (random values; timing does not depend on them)."""
     runners = {}
     for name, path in paths.items():
-        sess = ort_session(path, threads)
+        sess = session_from_path(path, threads=threads)
         rng = np.random.default_rng(0)
         feed = {i.name: rng.standard_normal([int(d) for d in i.shape]).astype(np.float32) for i in sess.get_inputs()}
         runners[name] = (lambda s=sess, f=feed: s.run(None, f))

@@ -45,6 +45,8 @@ import numpy as np
 
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.runtimes.stack_graphs import export_decoder_stack
+from sparsedeploy.onnx.decoder import OnnxDecoder
+from sparsedeploy.onnx.storage import onnx_file, session_from_path
 from sparsedeploy.common.timing import Interleaved, run_interleaved, summarize
 
 log = logging.getLogger(__name__)
@@ -87,41 +89,14 @@ def machine_info(threads: int) -> dict:
 # ONNX Runtime: optimum export with KV cache
 # ----------------------------------------------------------------------------------------------
 
-def find_onnx(model_dir: str | os.PathLike, what: str = "--model") -> Path:
-    path = Path(model_dir)
-    if path.is_file() and path.suffix == ".onnx":
-        return path
-    if not path.exists():
-        raise UserError(f"{what} {path} does not exist: give a directory holding model.onnx (e.g. from `sparsedeploy export`)")
-    if not path.is_dir():
-        raise UserError(f"{what} {path} is not a directory or .onnx file")
-    for name in ("model.onnx", "decoder_model_merged.onnx", "decoder_with_past_model.onnx"):
-        if (path / name).is_file():
-            return path / name
-    found = sorted(path.glob("*.onnx"))
-    if len(found) == 1:
-        return found[0]
-    raise UserError(f"no model.onnx in {path}: point {what} at an ONNX export directory")
-
-
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-
-
 class OrtCausalLM:
-    """Greedy generation over an optimum-style decoder export (input_ids, attention_mask, [position_ids], past_key_values.*)."""
+    """Greedy generation timed per phase, run by the one causal-LM decoder runner (onnx.decoder.OnnxDecoder)."""
 
     def __init__(self, path: Path, threads: int) -> None:
-        from sparsedeploy.bench.matmul_cpu import ort_session
-
-        self.path = path
-        self.session = ort_session(path, threads)
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        if "input_ids" not in self.inputs:
-            raise UserError(f"{path} has no input_ids input: --engine ort expects a causal-LM export (text-generation-with-past)")
-        self.past = sorted(n for n in self.inputs if n.startswith("past_key_values."))
-        if not self.past:
+        self.decoder = OnnxDecoder.load(path, threads=threads)
+        self.path, self.session = self.decoder.path, self.decoder.session
+        if not self.decoder.with_past:
             raise UserError(f"{path} has no past_key_values inputs: export with KV cache (task text-generation-with-past) to time decode")
-        self.outputs = [o.name for o in self.session.get_outputs()]
         self.vocab = self._vocab_size()
 
     def _vocab_size(self) -> int:
@@ -138,36 +113,17 @@ class OrtCausalLM:
                 return vocab
         raise UserError(f"{self.path}: cannot tell the vocabulary size (no static logits width, no config.json beside it)")
 
-    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        past = {}
-        for name in self.past:
-            info = self.inputs[name]
-            dims = [d if isinstance(d, int) else None for d in info.shape]
-            heads, head_dim = dims[1], dims[3]
-            if heads is None or head_dim is None:
-                raise UserError(f"{self.path}: cannot read KV heads/head size from input {name} {info.shape}")
-            past[name] = np.zeros((batch, heads, 0, head_dim), dtype=_ORT_TYPES.get(info.type, np.float32))
-        return past
-
-    def _step(self, ids: np.ndarray, mask: np.ndarray, start: int, past: dict[str, np.ndarray]):
-        feed = {"input_ids": ids, "attention_mask": mask, **past}
-        if "position_ids" in self.inputs:
-            feed["position_ids"] = np.broadcast_to(np.arange(start, start + ids.shape[1], dtype=np.int64), ids.shape).copy()
-        outs = dict(zip(self.outputs, self.session.run(self.outputs, feed)))
-        new_past = {name: outs[name.replace("past_key_values.", "present.")] for name in self.past}
-        return outs["logits"], new_past
-
     def generate(self, batch: int, prompt_len: int, gen_len: int, seed: int = 0) -> dict[str, float]:
         """Prefill `prompt_len` random tokens then decode `gen_len` greedy tokens; returns seconds per phase."""
         ids = np.random.default_rng(seed).integers(min(10, self.vocab - 1), self.vocab, size=(batch, prompt_len), dtype=np.int64)
         mask = np.ones((batch, prompt_len), dtype=np.int64)
         t0 = time.perf_counter()
-        logits, past = self._step(ids, mask, 0, self._empty_past(batch))
+        logits, past = self.decoder.run(ids, mask, None)
         t1 = time.perf_counter()
         for step in range(gen_len):
             nxt = logits[:, -1, :].argmax(-1).astype(np.int64)[:, None]
             mask = np.ones((batch, prompt_len + step + 1), dtype=np.int64)
-            logits, past = self._step(nxt, mask, prompt_len + step, past)
+            logits, past = self.decoder.run(nxt, mask, past)
         t2 = time.perf_counter()
         return {"prefill": t1 - t0, "decode": t2 - t1, "total": t2 - t0}
 
@@ -277,16 +233,18 @@ SKELETON_FORM = "linear skeleton (all MatMuls, real weights, ReLU between; no at
 
 
 def source_checkpoint(onnx_dir: Path) -> Path | None:
-    """The PyTorch checkpoint an export came from (export_report.json's model_path), if it is still there."""
+    """The PyTorch checkpoint an export came from, as its export_report.json records it (model_path, else
+    model_path_relative to the export, which survives moving a pipeline's run directory), if it is still there."""
     import json
 
     report = Path(onnx_dir) / "export_report.json"
-    if report.is_file():
-        path = Path(json.loads(report.read_text()).get("model_path", ""))
-        if (path / "config.json").is_file():
-            return path
-    beside = Path(onnx_dir).parent / "model"  # a `sparsedeploy run` directory: onnx/ next to model/
-    return beside if (beside / "config.json").is_file() else None
+    if not report.is_file():
+        return None
+    data = json.loads(report.read_text())
+    candidates = [Path(data["model_path"])] if data.get("model_path") else []
+    if data.get("model_path_relative"):
+        candidates.append(Path(onnx_dir) / data["model_path_relative"])
+    return next((path for path in candidates if (path / "config.json").is_file()), None)
 
 
 def bench_deepsparse(cfg: BenchConfig, variants: dict[str, Path], progress=None) -> tuple[list[dict], dict]:
@@ -345,13 +303,12 @@ def time_ort_generation(bundles: dict[str, dict[str, Path]], cfg: BenchConfig, b
     held to --threads, as the DeepSparse worker's is through OMP_NUM_THREADS)."""
     from threadpoolctl import threadpool_limits
 
-    from sparsedeploy.bench.matmul_cpu import ort_session
     from sparsedeploy.runtimes.decoder_stack import StackHead, generation_phases, random_prompt, session_graph
 
     runners = {}
     for name, files in bundles.items():
         head = StackHead.load(files["head"])
-        graphs = [session_graph(ort_session(files[kind], cfg.threads)) for kind in ("prefill", "step")]
+        graphs = [session_graph(session_from_path(files[kind], threads=cfg.threads)) for kind in ("prefill", "step")]
         ids = random_prompt(head, cfg.prompt_len)
         runners[name] = (lambda h=head, g=graphs, i=ids: generation_phases(h, g[0], g[1], i, cfg.gen_len))
     with threadpool_limits(limits=cfg.threads, user_api="blas"):
@@ -420,7 +377,6 @@ def bench_tensorrt(cfg: BenchConfig, variants: dict[str, Path], progress=None) -
 
     from sparsedeploy.runtimes import tensorrt_runner as te
     from sparsedeploy.common.models import resolve_device
-    from sparsedeploy.onnx.storage import session_from_path
 
     device = resolve_device(cfg.device)
     notes: dict = {"device": str(device), "gpu": torch.cuda.get_device_name(device), "builds": []}
@@ -658,7 +614,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
                 raise UserError(f"{what} {p} is not a Hugging Face checkpoint directory (no config.json): --engine torch times checkpoints, not ONNX")
         variants = {**({"dense": Path(cfg.baseline)} if cfg.baseline else {}), "sparse": Path(cfg.model)}
     else:
-        variants = {**({"dense": find_onnx(cfg.baseline, "--baseline")} if cfg.baseline else {}), "sparse": find_onnx(cfg.model)}
+        variants = {**({"dense": onnx_file(cfg.baseline, "--baseline")} if cfg.baseline else {}), "sparse": onnx_file(cfg.model, "--model")}
     if cfg.engine == "tensorrt":
         from sparsedeploy.runtimes.tensorrt_runner import unavailable_reason
 

@@ -9,20 +9,9 @@ from pathlib import Path
 import click
 
 from sparsedeploy.bench.run import ENGINES
-from sparsedeploy.common.errors import UserError
+from sparsedeploy.cli.options import parse_batch_list
 
 log = logging.getLogger("sparsedeploy")
-
-
-def _batches(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--batch {text!r} is not a comma-separated list of integers such as 1,8") from None
-    if not values or min(values) < 1:
-        raise UserError(f"--batch {text!r} must list positive integers such as 1,8")
-    return values
-
 
 
 def _log_rows(rows: list[dict]) -> None:
@@ -58,7 +47,7 @@ def bench(model, baseline, engine, batch, prompt_len, gen_len, threads, rounds, 
     from sparsedeploy.bench.run import BenchConfig, markdown, plot, run_bench
     from sparsedeploy.common.files import atomic_dir, write_json_atomic
 
-    cfg = BenchConfig(model=model, baseline=baseline, engine=engine, batches=_batches(batch), prompt_len=prompt_len, gen_len=gen_len,
+    cfg = BenchConfig(model=model, baseline=baseline, engine=engine, batches=parse_batch_list(batch), prompt_len=prompt_len, gen_len=gen_len,
                       threads=threads, rounds=rounds, device=device, dtype=dtype, deepsparse_venv=deepsparse_venv, cache_dir=cache_dir,
                       cuda_graphs=cuda_graphs)
     result = run_bench(cfg, progress=_log_rows)

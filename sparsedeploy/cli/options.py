@@ -77,3 +77,14 @@ def method_options_from_flags(method: str, flags: dict) -> dict:
     if "percdamp" in options and not options["percdamp"] >= 0:
         raise UserError(f"--percdamp {options['percdamp']} must be 0 or more")
     return options
+
+
+def parse_batch_list(text: str) -> list[int]:
+    """`--batch 1,8` (bench and run): comma-separated positive integers."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--batch {text!r} is not a comma-separated list of integers such as 1,8") from None
+    if not values or min(values) < 1:
+        raise UserError(f"--batch {text!r} must list positive integers such as 1,8")
+    return values

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.cli.options import emit
+from sparsedeploy.cli.options import parse_batch_list, emit
 
 log = logging.getLogger("sparsedeploy")
 
@@ -62,7 +62,7 @@ def run(ctx, recipe_file, model, method, sparsity, calib, nsamples, seqlen, eval
                  ("gate", "max_ppl"): max_ppl, ("export", "enabled"): export_, ("bench", "enabled"): bench, ("device",): device,
                  ("prune", "allocation"): allocation, ("offload",): offload, ("export", "target"): export_target,
                  ("export", "dtype"): export_dtype, ("export", "storage"): storage, ("bench", "engine"): bench_engine,
-                 ("bench", "batch"): _batch_list(batch) if batch is not None else None}
+                 ("bench", "batch"): parse_batch_list(batch) if batch is not None else None}
     from dataclasses import asdict
 
     merged = asdict(recipe)
@@ -87,13 +87,3 @@ def run(ctx, recipe_file, model, method, sparsity, calib, nsamples, seqlen, eval
     text = f"quality gate passed: perplexity {report['pruned']['ppl']:.3f}" + (f" (dense {dense:.3f})" if dense else "") + \
            f", sparsity {report['pruned']['sparsity']:.4f}; report: {out / 'REPORT.md'}"
     emit(summary, as_json, text)
-
-
-def _batch_list(text: str) -> list[int]:
-    try:
-        values = [int(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        raise UserError(f"--batch {text!r} is not a comma-separated list of integers (e.g. 1,8)") from None
-    if not values:
-        raise UserError("--batch is empty: give batch sizes such as 1,8")
-    return values

@@ -13,6 +13,7 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sparsedeploy.common.errors import UserError
@@ -119,13 +120,26 @@ def mask_lowest_global(scores: torch.Tensor, spec: SparsitySpec) -> torch.Tensor
     return mask.reshape(scores.shape)
 
 
+def nm_violations(values, n: int, m: int, axis: int = 0) -> tuple[bool, str]:
+    """Does `values` (a NumPy array or torch tensor) keep at most n non-zeros in every group of m along `axis`?
+    (ok, reason). ONNX weights are checked as [K, N] along axis 0 (K), nn.Linear weights [out, in] along -1 (K)."""
+    nonzero = values != 0
+    if isinstance(nonzero, torch.Tensor):
+        nonzero = nonzero.cpu().numpy()
+    nonzero = np.moveaxis(np.asarray(nonzero), axis, 0)
+    k = nonzero.shape[0]
+    if k % m:
+        return False, f"K={k} is not a multiple of M={m}"
+    groups = nonzero.reshape(k // m, m, -1).sum(axis=1)
+    bad = int((groups > n).sum())
+    if bad:
+        return False, f"{bad} of {groups.size} groups of {m} along K have more than {n} non-zeros"
+    return True, f"every group of {m} along K has at most {n} non-zeros"
+
+
 def satisfies_nm(tensor: torch.Tensor, n: int, m: int, dim: int = -1) -> bool:
     """True when every group of m consecutive entries along `dim` has at most n non-zeros."""
-    t = tensor.movedim(dim, -1)
-    if t.shape[-1] % m:
-        return False
-    groups = (t != 0).reshape(*t.shape[:-1], t.shape[-1] // m, m)
-    return bool((groups.sum(-1) <= n).all())
+    return nm_violations(tensor, n, m, axis=dim)[0]
 
 
 def sparsity_of(tensor: torch.Tensor) -> float:

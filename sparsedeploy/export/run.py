@@ -15,6 +15,7 @@ Library entry point for other tools (e.g. the benchmark): :func:`export_checkpoi
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -326,7 +327,11 @@ def export_checkpoint(config: ExportConfig, output: Path | str, overwrite: bool 
     exporter = config.exporter
     if exporter == "auto":
         exporter = "optimum" if optimum_supports(model_dir, config.task) else "torch"
-    report: dict = {"model": config.model, "model_path": str(model_dir), "config": asdict(config), "target": asdict(target),
+    # The source checkpoint, absolute and relative to the export (a pipeline's run directory moves as a whole):
+    # bench reads it to build the forms it times from the same weights.
+    relative = os.path.relpath(model_dir.resolve(), output.resolve())
+    report: dict = {"model": config.model, "model_path": str(model_dir), "model_path_relative": relative,
+                    "config": asdict(config), "target": asdict(target),
                     "exporter": exporter, "opset": opset, "versions": versions()}
     report["target"]["domains"] = sorted(target.domains)
     start = time.perf_counter()

@@ -19,7 +19,9 @@ from sparsedeploy.onnx.storage import onnx_file, session_from_path
 
 log = logging.getLogger(__name__)
 
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+# ONNX Runtime input/output type names -> NumPy dtypes (the one table: inputs fed from NumPy are built from it)
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
 @dataclass
@@ -60,7 +62,7 @@ class OnnxDecoder:
             dims = inputs[past[0]].shape
             if not (isinstance(dims[1], int) and isinstance(dims[3], int)):
                 raise UserError(f"{file}: cannot read the KV-cache head shape from {past[0]} {dims}")
-            shape, dtype = (dims[1], dims[3]), _ORT_TYPES.get(inputs[past[0]].type, np.float32)
+            shape, dtype = (dims[1], dims[3]), ORT_TYPES.get(inputs[past[0]].type, np.float32)
         return cls(session, file, past, present, shape, dtype, "position_ids" in inputs, elapsed)
 
     def run(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:

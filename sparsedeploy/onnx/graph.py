@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+
+
 # ---------------------------------------------------------------- locating weights in the graph
 
 
@@ -112,18 +114,3 @@ def fingerprint(matrix: np.ndarray) -> str:
 
 def scope_key(name: str) -> str:
     return "." + name.replace("/", ".").strip(".") + "."
-
-
-# ---------------------------------------------------------------- N:M
-
-
-def nm_violations(matrix_kn: np.ndarray, n: int, m: int) -> tuple[bool, str]:
-    """Does `matrix_kn` [K, N] keep at most n non-zeros in every group of m along K? (ok, reason)."""
-    k = matrix_kn.shape[0]
-    if k % m:
-        return False, f"K={k} is not a multiple of M={m}"
-    groups = (matrix_kn != 0).reshape(k // m, m, -1).sum(axis=1)
-    bad = int((groups > n).sum())
-    if bad:
-        return False, f"{bad} of {groups.size} groups of {m} along K have more than {n} non-zeros"
-    return True, f"every group of {m} along K has at most {n} non-zeros"

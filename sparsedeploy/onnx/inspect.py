@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sparsedeploy.onnx.graph import Graph, nm_violations
+from sparsedeploy.common.sparsity import nm_violations
+from sparsedeploy.onnx.graph import Graph
 
 
 def inspect_onnx(path: Path | str, nm: tuple[int, int] = (2, 4), min_dims: int = 2) -> dict:

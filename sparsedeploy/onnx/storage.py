@@ -33,19 +33,25 @@ EXTERNAL = 1  # onnx.TensorProto.EXTERNAL (data_location of a tensor whose bytes
 MIN_PACK_SPARSITY = 0.05
 
 
-def onnx_file(path: Path | str) -> Path:
-    """The .onnx file for a path that is either the file or an export directory."""
+# An export directory's model, in order of preference: ours, then optimum's decoder files.
+MODEL_FILES = ("model.onnx", "decoder_model_merged.onnx", "decoder_with_past_model.onnx")
+
+
+def onnx_file(path: Path | str, what: str = "ONNX model") -> Path:
+    """The .onnx file for a path that is either the file or an export directory (`what` names it in errors)."""
     path = Path(path)
     if path.is_dir():
-        candidate = path / "model.onnx"
-        if not candidate.is_file():
-            onnx_files = sorted(path.glob("*.onnx"))
-            if len(onnx_files) != 1:
-                raise UserError(f"{path} holds no single .onnx model: pass the model.onnx file or an export directory")
-            candidate = onnx_files[0]
-        return candidate
-    if not path.is_file():
-        raise UserError(f"ONNX model {path} does not exist: check the path or run `sparsedeploy export` first")
+        for name in MODEL_FILES:
+            if (path / name).is_file():
+                return path / name
+        onnx_files = sorted(path.glob("*.onnx"))
+        if len(onnx_files) == 1:
+            return onnx_files[0]
+        raise UserError(f"no model.onnx in {path}: point {what} at an ONNX export directory or pass its .onnx file")
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist: check the path or run `sparsedeploy export` first")
+    if path.suffix != ".onnx":
+        raise UserError(f"{what} {path} is not a directory or .onnx file: give an ONNX export directory")
     return path
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.onnx.graph import Graph, OnnxWeight, fingerprint, nm_violations, scope_key
+from sparsedeploy.common.sparsity import nm_violations
+from sparsedeploy.onnx.graph import Graph, OnnxWeight, fingerprint, scope_key
 
 log = logging.getLogger(__name__)
 

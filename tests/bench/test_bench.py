@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from sparsedeploy.bench.run import (BenchConfig, OrtCausalLM, build_linear_skeleton, find_onnx, markdown, matmul_weights, plot,
+from sparsedeploy.bench.run import (BenchConfig, OrtCausalLM, build_linear_skeleton, markdown, matmul_weights, plot,
                                 run_bench)
 from sparsedeploy.common.errors import UserError
+from sparsedeploy.onnx.storage import onnx_file
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -30,7 +31,7 @@ def test_missing_model_dir_is_one_clear_line(tmp_path):
 
 def test_dir_without_onnx(tmp_path):
     with pytest.raises(UserError, match="no model.onnx"):
-        find_onnx(tmp_path)
+        onnx_file(tmp_path)
 
 
 def test_bad_batch_list(tmp_path):
@@ -84,7 +85,7 @@ def tiny_onnx(tmp_path_factory):
 
 
 def test_ort_generate_phases(tiny_onnx):
-    lm = OrtCausalLM(find_onnx(tiny_onnx["dense"]), threads=1)
+    lm = OrtCausalLM(onnx_file(tiny_onnx["dense"]), threads=1)
     t = lm.generate(batch=2, prompt_len=8, gen_len=3)
     assert set(t) == {"prefill", "decode", "total"}
     assert t["prefill"] > 0 and t["decode"] > 0 and t["total"] == pytest.approx(t["prefill"] + t["decode"])
@@ -118,7 +119,7 @@ def test_cli_bench_writes_json_md_png(tiny_onnx, tmp_path):
 
 
 def test_linear_skeleton_keeps_every_matmul_and_its_zeros(tiny_onnx, tmp_path):
-    weights = matmul_weights(find_onnx(tiny_onnx["sparse"]))
+    weights = matmul_weights(onnx_file(tiny_onnx["sparse"]))
     assert len(weights) >= 2 * 7  # 2 blocks x 7 linears (plus lm_head when exported as a constant MatMul)
     info = build_linear_skeleton(weights, rows=5, out=tmp_path / "s.onnx")
     model = onnx.load(str(tmp_path / "s.onnx"))
@@ -138,7 +139,7 @@ def test_linear_skeleton_runs_in_deepsparse(tiny_onnx, tmp_path, deepsparse_env)
 
     env = deepsparse_env
     path = tmp_path / "s.onnx"
-    build_linear_skeleton(matmul_weights(find_onnx(tiny_onnx["sparse"])), rows=4, out=path)
+    build_linear_skeleton(matmul_weights(onnx_file(tiny_onnx["sparse"])), rows=4, out=path)
     info = ds.check_model(env, path, batch=4, threads=1)
     assert info["ok"] and info["fraction_supported"] == 1.0
 
@@ -155,7 +156,7 @@ def test_decoder_stack_matches_the_model_hidden_states(tiny_checkpoint, tmp_path
     from transformers import AutoModelForCausalLM
 
     from sparsedeploy.runtimes.stack_graphs import export_decoder_stack
-    from sparsedeploy.bench.matmul_cpu import ort_session
+    from sparsedeploy.onnx.storage import session_from_path
 
     batch, seq = 2, 8
     path = export_decoder_stack(tiny_checkpoint, tmp_path / "stack.onnx", batch, seq)
@@ -166,7 +167,7 @@ def test_decoder_stack_matches_the_model_hidden_states(tiny_checkpoint, tmp_path
         cos, sin = model.model.rotary_emb(hidden, torch.arange(seq)[None].expand(batch, seq))
         run = model.model(ids, use_cache=True)
     mask = torch.full((seq, seq), torch.finfo(torch.float32).min).triu(1)[None, None].expand(batch, 1, seq, seq)
-    sess = ort_session(path, 1)
+    sess = session_from_path(path, threads=1)
     assert [o.name for o in sess.get_outputs()] == ["out", "new_key_0", "new_value_0", "new_key_1", "new_value_1"]
     got = sess.run(None, {"hidden": hidden.numpy(), "cos": cos.numpy(), "sin": sin.numpy(), "mask": mask.contiguous().numpy()})
     np.testing.assert_allclose(got[0], run.last_hidden_state.numpy(), atol=1e-4, rtol=1e-4)
@@ -182,7 +183,7 @@ def test_decoder_stack_decode_step_matches_the_model_with_its_kv_cache(tiny_chec
 
     from sparsedeploy.runtimes.stack_graphs import export_decoder_stack
     from sparsedeploy.runtimes.stack_graphs import decoder_stack_names
-    from sparsedeploy.bench.matmul_cpu import ort_session
+    from sparsedeploy.onnx.storage import session_from_path
 
     batch, prompt = 2, 12
     path = export_decoder_stack(tiny_checkpoint, tmp_path / "step.onnx", batch, 1, past=prompt)
@@ -196,7 +197,7 @@ def test_decoder_stack_decode_step_matches_the_model_with_its_kv_cache(tiny_chec
         cos, sin = model.model.rotary_emb(hidden, torch.full((batch, 1), prompt))
     inputs, outputs = decoder_stack_names(2, prompt)
     feed = dict(zip(inputs, [t.numpy() for t in (hidden, cos, sin, torch.zeros(batch, 1, 1, prompt + 1), *past)], strict=True))
-    sess = ort_session(path, 1)
+    sess = session_from_path(path, threads=1)
     assert [i.name for i in sess.get_inputs()] == inputs and [o.name for o in sess.get_outputs()] == outputs
     got = sess.run(None, feed)
     np.testing.assert_allclose(got[0], step.last_hidden_state.numpy(), atol=1e-4, rtol=1e-4)
@@ -326,7 +327,7 @@ def test_tensorrt_engines_from_the_2of4_export_run_and_agree_with_ort(tiny_expor
 def test_static_forms_free_each_form_once_it_is_timed(tiny_exports, tmp_path):
     from sparsedeploy.bench.run import static_forms
 
-    variants = {n: find_onnx(p) for n, p in tiny_exports.items()}
+    variants = {n: onnx_file(p) for n, p in tiny_exports.items()}
     seen = []
     for form in static_forms(BenchConfig(model="x", batches=[1, 2], prompt_len=8), variants, tmp_path, notes := {}):
         assert all(p.is_file() for p in form.paths.values())
@@ -357,3 +358,44 @@ def test_ort_generation_rows_hold_numpy_blas_to_the_bench_threads(tiny_checkpoin
     bundles = {"dense": write_stack_files(tiny_checkpoint, tmp_path / "b", 1, 8, 12)}
     res = time_ort_generation(bundles, BenchConfig(model="x", threads=1, prompt_len=8, gen_len=4, rounds=2), 1)
     assert len(res.phases["dense"]["decode"]) == 2 and seen and all(s == {1} for s in seen)
+
+
+def test_ort_bench_loads_a_sparse_storage_export(tmp_path):
+    """`--storage sparse` keeps the weights' values in a side file: bench must open it through the one session
+    factory that unpacks it, and the unpacked model must compute what the dense-storage export of it computes."""
+    from onnx_helpers import pruned_tiny_checkpoint
+    from sparsedeploy.export.run import ExportConfig, export_checkpoint
+    from sparsedeploy.onnx.storage import SPARSE_FILE
+
+    ckpt = pruned_tiny_checkpoint(tmp_path / "ckpt", "2:4")
+    for storage in ("dense", "sparse"):
+        export_checkpoint(ExportConfig(model=str(ckpt), storage=storage, verify=False), tmp_path / storage)
+    assert (tmp_path / "sparse" / SPARSE_FILE).is_file()
+    proc = cli("bench", "--engine", "ort", "--model", str(tmp_path / "sparse"), "--baseline", str(tmp_path / "dense"),
+               "--batch", "1", "--prompt-len", "4", "--gen-len", "2", "--rounds", "1", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
+    assert {r["variant"] for r in rows} == {"dense", "sparse"} and all(r["median_s"] > 0 for r in rows)
+    lms = {s: OrtCausalLM(onnx_file(tmp_path / s), threads=1) for s in ("dense", "sparse")}
+    ids = np.arange(1, 7, dtype=np.int64).reshape(1, 6)
+    logits = {s: lm.decoder.run(ids, np.ones_like(ids), None)[0] for s, lm in lms.items()}
+    np.testing.assert_array_equal(logits["sparse"], logits["dense"])
+
+
+def test_bench_finds_the_source_checkpoint_from_the_export_report_after_a_move(tmp_path):
+    """No directory-layout guess: the export records its checkpoint (absolute and relative), bench reads that."""
+    import os
+
+    from onnx_helpers import pruned_tiny_checkpoint
+    from sparsedeploy.bench.run import source_checkpoint
+    from sparsedeploy.export.run import ExportConfig, export_checkpoint
+
+    ckpt = pruned_tiny_checkpoint(tmp_path / "run" / "model", "2:4")
+    report = export_checkpoint(ExportConfig(model=str(ckpt), verify=False), tmp_path / "run" / "onnx")
+    assert report["model_path_relative"] == os.path.join("..", "model")
+    assert source_checkpoint(tmp_path / "run" / "onnx") == ckpt
+    os.replace(tmp_path / "run", tmp_path / "moved")
+    found = source_checkpoint(tmp_path / "moved" / "onnx")
+    assert found is not None and found.resolve() == (tmp_path / "moved" / "model").resolve()
+    (tmp_path / "moved" / "model" / "config.json").unlink()  # the checkpoint is gone: nothing is guessed
+    assert source_checkpoint(tmp_path / "moved" / "onnx") is None

@@ -14,7 +14,7 @@ from onnx_helpers import pruned_tiny_checkpoint
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.export.run import ExportConfig, export_checkpoint
 from sparsedeploy.onnx.storage import load_model_proto
-from sparsedeploy.onnx.graph import nm_violations
+from sparsedeploy.common.sparsity import nm_violations
 from sparsedeploy.onnx.inspect import inspect_onnx
 from sparsedeploy.onnx.verify import FP32_ATOL, checkpoint_reference, verify_parity, verify_sparsity
 
