@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from sparsedeploy.export.config import DTYPES, EXPORTERS, OPTIMIZE_LEVELS, STORAGES, TARGETS, TASKS
+
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.cli.options import emit
 
@@ -16,13 +18,13 @@ log = logging.getLogger("sparsedeploy")
 @click.command("export")
 @click.option("--model", required=True, help="pruned checkpoint directory (as written by `sparsedeploy prune`)")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="output directory for model.onnx + export_report.json")
-@click.option("--task", default="text-generation-with-past", show_default=True, type=click.Choice(["text-generation-with-past", "text-generation"]))
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]))
+@click.option("--task", default="text-generation-with-past", show_default=True, type=click.Choice(list(TASKS)))
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)))
 @click.option("--opset", default=None, type=int, help="ONNX opset [default: the target's]")
-@click.option("--target", default="ort", show_default=True, type=click.Choice(["ort", "deepsparse", "tensorrt"]), help="runtime the graph is shaped for")
-@click.option("--storage", default="dense", show_default=True, type=click.Choice(["dense", "sparse"]), help="sparse: bitmap+values side file (smaller; needs sparsedeploy to load)")
-@click.option("--optimize", default="none", show_default=True, type=click.Choice(["none", "basic", "extended", "all"]), help="ONNX Runtime graph optimisation saved into the file (refused when it breaks zeros or the target)")
-@click.option("--exporter", default="auto", show_default=True, type=click.Choice(["auto", "optimum", "torch"]))
+@click.option("--target", default="ort", show_default=True, type=click.Choice(list(TARGETS)), help="runtime the graph is shaped for")
+@click.option("--storage", default="dense", show_default=True, type=click.Choice(list(STORAGES)), help="sparse: bitmap+values side file (smaller; needs sparsedeploy to load)")
+@click.option("--optimize", default="none", show_default=True, type=click.Choice(list(OPTIMIZE_LEVELS)), help="ONNX Runtime graph optimisation saved into the file (refused when it breaks zeros or the target)")
+@click.option("--exporter", default="auto", show_default=True, type=click.Choice(list(EXPORTERS)))
 @click.option("--no-verify", is_flag=True, help="skip the sparsity and parity verification")
 @click.option("--greedy-tokens", default=32, show_default=True, type=int, help="greedy tokens compared PyTorch vs ONNX Runtime")
 @click.option("--decode-steps", default=4, show_default=True, type=int, help="KV-cache decode steps whose logits are compared")

@@ -6,6 +6,8 @@ import logging
 from pathlib import Path
 
 import click
+
+from sparsedeploy.prune.choices import ALLOCATIONS, OFFLOAD_MODES
 from sparsedeploy.cli.options import common_model, emit, method_options_from_flags, method_option_flags, with_options
 
 log = logging.getLogger("sparsedeploy")
@@ -19,7 +21,7 @@ log = logging.getLogger("sparsedeploy")
 @click.option("--nsamples", default=128, show_default=True, type=int, help="calibration windows")
 @click.option("--seqlen", default=None, type=int, help="tokens per window [default: min(2048, model max)]")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--allocation", default="uniform", show_default=True, type=click.Choice(["uniform", "owl", "atp"]),
+@click.option("--allocation", default="uniform", show_default=True, type=click.Choice(list(ALLOCATIONS)),
               help="per-layer sparsity: uniform, owl (outlier-weighted) or atp (increasing with depth); the overall mean stays the target")
 @click.option("--owl-m", default=5.0, show_default=True, type=float, help="OWL: a score is an outlier above M x the block mean")
 @click.option("--owl-lambda", default=0.08, show_default=True, type=float, help="OWL: largest deviation of a block's sparsity from the target")
@@ -27,7 +29,7 @@ log = logging.getLogger("sparsedeploy")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="output checkpoint directory")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory (and discard an interrupted run)")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last finished block")
-@click.option("--offload", default="none", show_default=True, type=click.Choice(["none", "cpu", "disk"]),
+@click.option("--offload", default="none", show_default=True, type=click.Choice(list(OFFLOAD_MODES)),
               help="cpu: calibration activations stay in RAM; disk: weights stay on disk, one block in memory")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
 @with_options(method_option_flags)

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import click
 
+from sparsedeploy.bench.run import ENGINES
+from sparsedeploy.export.config import DTYPES, STORAGES, TARGETS
+from sparsedeploy.prune.choices import ALLOCATIONS, OFFLOAD_MODES
+
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.cli.options import parse_batch_list, emit
 
@@ -29,12 +33,12 @@ log = logging.getLogger("sparsedeploy")
 @click.option("--export/--no-export", "export_", default=None, help="override recipe: export.enabled")
 @click.option("--bench/--no-bench", "bench", default=None, help="override recipe: bench.enabled")
 @click.option("--device", default=None, help="override recipe: device")
-@click.option("--allocation", default=None, help="override recipe: prune.allocation (uniform, owl, atp)")
-@click.option("--offload", default=None, help="override recipe: offload (none, cpu, disk)")
-@click.option("--export-target", default=None, help="override recipe: export.target (ort, deepsparse, tensorrt)")
-@click.option("--export-dtype", default=None, help="override recipe: export.dtype (float32, float16)")
-@click.option("--storage", default=None, help="override recipe: export.storage (dense, sparse)")
-@click.option("--bench-engine", default=None, help="override recipe: bench.engine (ort, deepsparse, torch, tensorrt)")
+@click.option("--allocation", default=None, help=f"override recipe: prune.allocation ({', '.join(ALLOCATIONS)})")
+@click.option("--offload", default=None, help=f"override recipe: offload ({', '.join(OFFLOAD_MODES)})")
+@click.option("--export-target", default=None, help=f"override recipe: export.target ({', '.join(TARGETS)})")
+@click.option("--export-dtype", default=None, help=f"override recipe: export.dtype ({', '.join(DTYPES)})")
+@click.option("--storage", default=None, help=f"override recipe: export.storage ({', '.join(STORAGES)})")
+@click.option("--bench-engine", default=None, help=f"override recipe: bench.engine ({', '.join(ENGINES)})")
 @click.option("--batch", default=None, help="override recipe: bench.batch, comma-separated (e.g. 1,8)")
 @click.option("--output", "-o", default=None, type=click.Path(path_type=Path), help="output directory [default: recipe output]")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory (and discard an interrupted run)")

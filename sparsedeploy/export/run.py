@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -26,53 +26,14 @@ import numpy as np
 
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.common.files import atomic_dir, check_output_dir, write_json_atomic
+from sparsedeploy.export.config import (DTYPES, TARGETS, ExportConfig, TargetProfile, validate)
 from sparsedeploy.runtimes.stack_graphs import head_dim_of, load_eager_float32, write_stack_files
 
 log = logging.getLogger(__name__)
 
-TASKS = ("text-generation-with-past", "text-generation")
-DTYPES = {"float32": "fp32", "float16": "fp16"}
-STORAGES = ("dense", "sparse")
-OPTIMIZE_LEVELS = ("none", "basic", "extended", "all")
-EXPORTERS = ("auto", "optimum", "torch")
-STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
-
 Rewrite = Callable[["object"], "object"]  # onnx.ModelProto -> onnx.ModelProto
 
-
-@dataclass(frozen=True)
-class TargetProfile:
-    """What one runtime needs from the exported graph."""
-
-    name: str
-    opset: int
-    domains: frozenset[str]  # operator domains the runtime accepts
-    optimize_levels: tuple[str, ...]  # ORT graph optimisation levels whose output the runtime accepts
-    note: str
-
-
-TARGETS: dict[str, TargetProfile] = {
-    "ort": TargetProfile("ort", 18, STANDARD_DOMAINS | {"com.microsoft"}, ("none", "basic", "extended"),
-                         "ONNX Runtime: optimum's default opset 18; ORT-specific fused ops allowed"),
-    "deepsparse": TargetProfile("deepsparse", 14, STANDARD_DOMAINS, ("none", "basic"),
-                                "DeepSparse 1.8 bundles onnx 1.14 and an old ONNX Runtime: opset 14 (the lowest the "
-                                "LLaMA export supports), standard ONNX domain only, no com.microsoft ops; its engine aborts on the "
-                                "full decoder, so the decoder stack it compiles is written beside it, for prefill "
-                                "and for a decode step with a KV cache (deepsparse_decoder_stack.onnx, "
-                                "deepsparse_decode_step.onnx, deepsparse_head.npz)"),
-    "tensorrt": TargetProfile("tensorrt", 17, STANDARD_DOMAINS, ("none", "basic"),
-                              "TensorRT: opset 17, standard ops only; MatMul weights kept as constants [K, N] so "
-                              "--sparsity=enable sees the 2:4 groups along K"),
-}
-
 _REWRITES: dict[str, list[Rewrite]] = {}
-
-# Optimisation levels refused whatever the target, with the reason shown to the user.
-REFUSED_LEVELS = {
-    "all": ("ONNX Runtime's 'all' level adds layout optimisations (NCHWc) that it marks hardware specific when saved: "
-            "the file would be valid only on this CPU type; ORT applies them itself at load time anyway, so export with "
-            "--optimize none, basic or extended"),
-}
 
 
 def register_rewrite(target: str, fn: Rewrite) -> None:
@@ -84,55 +45,6 @@ def register_rewrite(target: str, fn: Rewrite) -> None:
     if target not in TARGETS:
         raise UserError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
     _REWRITES.setdefault(target, []).append(fn)
-
-
-@dataclass
-class ExportConfig:
-    model: str  # a pruned checkpoint directory (or anything sparsedeploy.common.models can resolve)
-    task: str = "text-generation-with-past"
-    dtype: str = "float32"
-    opset: int | None = None  # None: the target's opset
-    target: str = "ort"
-    storage: str = "dense"
-    optimize: str = "none"  # ORT graph optimisation applied offline before saving
-    exporter: str = "auto"  # auto: optimum when it knows the architecture, else torch.onnx
-    verify: bool = True
-    prompts: tuple[str, ...] = ()  # empty: onnx_verify.DEFAULT_PROMPTS
-    decode_steps: int = 4
-    greedy_tokens: int = 32
-    atol: float | None = None  # None: 1e-4 for float32, the measured bound for float16
-    external_data: bool | None = None  # None: only when the model is over 2 GB
-    cache_dir: str | None = None
-    deepsparse_batch: int = 1  # --target deepsparse: static shapes of the decoder-stack graph written beside the export
-    deepsparse_seq: int = 128
-    deepsparse_context: int = 256  # KV-cache slots of the decode-step graph: prompt + new tokens - 1 must fit
-
-
-def validate(config: ExportConfig) -> TargetProfile:
-    choices = {"task": TASKS, "dtype": tuple(DTYPES), "target": tuple(TARGETS), "storage": STORAGES,
-               "optimize": OPTIMIZE_LEVELS, "exporter": EXPORTERS}
-    for key, allowed in choices.items():
-        value = getattr(config, key)
-        if value not in allowed:
-            raise UserError(f"--{key} {value!r} is not supported: choose one of {', '.join(allowed)}")
-    target = TARGETS[config.target]
-    if config.optimize in REFUSED_LEVELS:
-        raise UserError(f"refusing --optimize {config.optimize}: {REFUSED_LEVELS[config.optimize]}")
-    if config.optimize not in target.optimize_levels:
-        raise UserError(f"refusing --optimize {config.optimize} for --target {target.name}: that level fuses nodes into "
-                        f"com.microsoft operators {target.name} does not run; use --optimize {' or '.join(target.optimize_levels)}")
-    if config.opset is not None and not 14 <= config.opset <= 21:
-        raise UserError(f"--opset {config.opset} is outside what the exporter supports here: use 14..21 (LLaMA needs >= 14)")
-    if config.storage == "sparse" and config.target != "ort":
-        raise UserError(f"--storage sparse is readable only through sparsedeploy's loader, not by {target.name}: use --storage dense")
-    if config.decode_steps < 1 or config.greedy_tokens < 1:
-        raise UserError("--decode-steps and --greedy-tokens must be at least 1")
-    if config.deepsparse_batch < 1 or config.deepsparse_seq < 1:
-        raise UserError("--deepsparse-batch and --deepsparse-seq must be at least 1")
-    if config.deepsparse_context < config.deepsparse_seq:
-        raise UserError(f"--deepsparse-context {config.deepsparse_context} is smaller than --deepsparse-seq {config.deepsparse_seq}: "
-                        f"the decode step's cache must hold a whole prompt; raise --deepsparse-context")
-    return target
 
 
 # ---------------------------------------------------------------- exporters

@@ -14,7 +14,10 @@ from pathlib import Path
 import yaml
 
 from sparsedeploy.common.errors import UserError
+from sparsedeploy.bench.run import ENGINES
 from sparsedeploy.common.sparsity import SparsitySpec, parse_sparsity
+from sparsedeploy.export.config import DTYPES, OPSET_RANGE, STORAGES, TARGETS
+from sparsedeploy.prune.choices import ALLOCATIONS, OFFLOAD_MODES
 
 
 @dataclass
@@ -147,6 +150,12 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(data or {})
 
 
+def _one_of(words) -> str:
+    """'a, b or c': the choices of a vocabulary as the recipe's messages list them."""
+    words = list(words)
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
 def _key_error(key: str, problem: str):
     return UserError(f"recipe key {key}: {problem}")
 
@@ -171,13 +180,14 @@ def validate(recipe: Recipe) -> None:
                              f"(which is exactly {pattern.ratio:g} sparse): drop one or make them agree")
         recipe.prune.sparsity = str(pattern)
         spec = pattern
-    if "+" in recipe.prune.method:  # a method chain: an initial method refined by DSnoT, e.g. wanda+dsnot
+    if "+" in recipe.prune.method:  # a method chain: an initial method refined by another, e.g. wanda+dsnot
         init, _, refine = recipe.prune.method.partition("+")
-        if refine != "dsnot" or init not in ("magnitude", "wanda", "sparsegpt"):
-            raise _key_error("prune.method", f"chain {recipe.prune.method!r} is not supported: use magnitude+dsnot, wanda+dsnot or sparsegpt+dsnot")
+        chains = [f"{i}+{name}" for name, cls in METHODS.items() if cls.refines for i in cls.initial_methods]
+        if recipe.prune.method not in chains:
+            raise _key_error("prune.method", f"chain {recipe.prune.method!r} is not supported: use {_one_of(chains)}")
         if recipe.prune.options.get("init", init) != init:
             raise _key_error("prune.options.init", f"{recipe.prune.options['init']!r} contradicts prune.method {recipe.prune.method!r}")
-        recipe.prune.method, recipe.prune.options = "dsnot", {**recipe.prune.options, "init": init}
+        recipe.prune.method, recipe.prune.options = refine, {**recipe.prune.options, "init": init}
     if recipe.prune.method not in METHODS:
         raise _key_error("prune.method", f"unknown method {recipe.prune.method!r}: choose one of {', '.join(sorted(METHODS))}")
     try:
@@ -186,8 +196,8 @@ def validate(recipe: Recipe) -> None:
         raise _key_error("prune.options", f"not accepted by {recipe.prune.method}: {exc}") from None
     except UserError as exc:
         raise _key_error("prune.options", str(exc)) from None
-    if recipe.prune.allocation not in ("uniform", "owl", "atp"):
-        raise _key_error("prune.allocation", f"unknown allocation {recipe.prune.allocation!r}: use uniform, owl or atp")
+    if recipe.prune.allocation not in ALLOCATIONS:
+        raise _key_error("prune.allocation", f"unknown allocation {recipe.prune.allocation!r}: use {_one_of(ALLOCATIONS)}")
     if recipe.prune.allocation != "uniform" and spec.is_nm:
         raise _key_error("prune.allocation", f"{recipe.prune.allocation} needs an unstructured ratio; N:M {spec} is the same in every layer")
     for key, value in (("calibration.nsamples", recipe.calibration.nsamples), ("calibration.seqlen", recipe.calibration.seqlen),
@@ -203,28 +213,27 @@ def validate(recipe: Recipe) -> None:
         raise _key_error("gate.max_ppl", f"must be above 1, got {recipe.gate.max_ppl}")
     if recipe.dtype not in ("float32", "float16", "bfloat16"):
         raise _key_error("dtype", f"unknown dtype {recipe.dtype!r}: use float32, float16 or bfloat16")
-    if recipe.export.target not in ("ort", "deepsparse", "tensorrt"):
-        raise _key_error("export.target", f"unknown target {recipe.export.target!r}: use ort, deepsparse or tensorrt")
-    if recipe.export.storage not in ("dense", "sparse"):
-        raise _key_error("export.storage", f"unknown storage {recipe.export.storage!r}: use dense or sparse")
+    if recipe.export.target not in TARGETS:
+        raise _key_error("export.target", f"unknown target {recipe.export.target!r}: use {_one_of(TARGETS)}")
+    if recipe.export.storage not in STORAGES:
+        raise _key_error("export.storage", f"unknown storage {recipe.export.storage!r}: use {_one_of(STORAGES)}")
     if recipe.bench.enabled and not recipe.export.enabled and recipe.bench.engine != "torch":
         raise _key_error("bench.enabled", f"engine {recipe.bench.engine} benchmarks the exported ONNX model: set export.enabled: true")
     if not all(isinstance(b, int) and b > 0 for b in recipe.bench.batch):
         raise _key_error("bench.batch", f"must be a list of positive integers, got {recipe.bench.batch!r}")
-    if recipe.export.dtype not in ("float32", "float16"):
-        raise _key_error("export.dtype", f"unknown dtype {recipe.export.dtype!r}: use float32 or float16")
-    if recipe.export.opset is not None and not 14 <= recipe.export.opset <= 21:
-        raise _key_error("export.opset", f"{recipe.export.opset} is outside 14..21 (LLaMA needs >= 14)")
-    from sparsedeploy.bench.run import ENGINES
-
+    if recipe.export.dtype not in DTYPES:
+        raise _key_error("export.dtype", f"unknown dtype {recipe.export.dtype!r}: use {_one_of(DTYPES)}")
+    low, high = OPSET_RANGE
+    if recipe.export.opset is not None and not low <= recipe.export.opset <= high:
+        raise _key_error("export.opset", f"{recipe.export.opset} is outside {low}..{high} (LLaMA needs >= {low})")
     if recipe.bench.engine not in ENGINES:
         raise _key_error("bench.engine", f"unknown engine {recipe.bench.engine!r}: use {', '.join(ENGINES)}")
     for key, value, low in (("bench.prompt_len", recipe.bench.prompt_len, 1), ("bench.gen_len", recipe.bench.gen_len, 0),
                             ("bench.threads", recipe.bench.threads, 1)):
         if value < low:
             raise _key_error(key, f"must be at least {low}, got {value}")
-    if recipe.offload not in ("none", "cpu", "disk"):
-        raise _key_error("offload", f"unknown offload {recipe.offload!r}: use none, cpu or disk")
+    if recipe.offload not in OFFLOAD_MODES:
+        raise _key_error("offload", f"unknown offload {recipe.offload!r}: use {_one_of(OFFLOAD_MODES)}")
     device = recipe.device
     if not (device in ("auto", "cpu") or device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
         raise _key_error("device", f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")

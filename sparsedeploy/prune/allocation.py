@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from sparsedeploy.prune.choices import ALLOCATIONS
 from sparsedeploy.prune.calibration import EngineConfig, InputStats, walk_blocks
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.common.models import find_blocks, find_linears
@@ -44,7 +45,6 @@ from sparsedeploy.common.sparsity import SparsitySpec
 
 log = logging.getLogger(__name__)
 
-ALLOCATIONS = ("uniform", "owl", "atp")
 BlockHook = Callable[[int, nn.Module], None]
 
 
@@ -284,8 +284,7 @@ def atp_search(model: nn.Module, samples: torch.Tensor, method, target: float, w
     from sparsedeploy.common.evaluate import perplexity
     from sparsedeploy.prune.blocks import prune_model
 
-    if callable(getattr(method, "initial_method", None)):
-        method = method.initial_method()
+    method = method.initial_method() or method
 
     candidates = atp_candidates(len(weights), weights, target, config.atp_spreads, config.max_sparsity)
     if not candidates:

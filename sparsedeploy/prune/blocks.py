@@ -57,7 +57,7 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
     checks and propagation; the first also holds the capture of block 0's inputs).
     """
     prefix = blocks_prefix(model)
-    check_model = model_check and getattr(method, "verify_model", False) and start_block == 0
+    check_model = model_check and method.verify_model and start_block == 0
     check_samples = samples if check_samples is None else check_samples
     plain = plain_initial(model, samples, method.initial_method(), spec_for, device, offload_inputs, check_samples,
                           show_progress) if check_model else None
@@ -71,7 +71,7 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
                     forward: Callable[[], list[torch.Tensor]]) -> None:
         # A method that refines an initial result (DSnoT) may ask for the block-level check: its refinement
         # is kept only if the block's output moves closer to the dense block's output on the same inputs.
-        check = getattr(method, "verify_block", False)
+        check = method.verify_block
         dense_out = forward() if check else None
         results: dict[str, PruneResult] = {}
         for name, linear in linears.items():
@@ -79,7 +79,7 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
             full = f"{prefix}.{index}.{name}"
             check_nm_shape(linear.weight.shape, spec, full)
             weight = linear.weight.data.float()
-            extra = {"name": name} if getattr(method, "uses_name", False) else {}  # e.g. DSnoT's targets
+            extra = {"name": name} if method.uses_name else {}  # e.g. DSnoT's targets
             results[name] = method.prune(weight, stats[name], spec, **extra)
             apply(linear, full, results[name].mask, results[name].weight)
         initial = {n: r.info["initial"] for n, r in results.items() if r.info and "initial" in r.info}

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from sparsedeploy.prune import distributed
+from sparsedeploy.prune.choices import OFFLOAD_MODES
 from sparsedeploy.prune.allocation import AllocationConfig, plan_or_restore_allocation
 from sparsedeploy.prune.checkpoint import BlockCheckpoint, work_dir_for
 from sparsedeploy.common.data import calibration_samples
@@ -56,7 +57,6 @@ def open_checkpoint(config: PruneConfig, output: Path, overwrite: bool, resume: 
     return checkpoint
 
 
-OFFLOAD_MODES = ("none", "cpu", "disk")
 
 
 def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_progress: bool = True,
@@ -99,7 +99,7 @@ def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_p
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     check_samples = None
-    if getattr(method, "verify_model", False):  # other windows of the calibration source judge the whole model
+    if method.verify_model:  # other windows of the calibration source judge the whole model
         check_samples = calibration_samples(lm.tokenizer, config.calib, max(4, config.nsamples // 4), seqlen, config.seed + 1)
     block_seconds: list[float] = []
     masks = prune_model(lm.model, samples, method, allocation.spec_for, device, show_progress,
@@ -108,7 +108,7 @@ def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_p
                         release_block=disk.release if disk else None, retain_masks=disk is None,
                         model_check=disk is None and start_block == 0, check_samples=check_samples,
                         block_seconds=block_seconds)
-    if getattr(method, "verify_model", False) and (disk is not None or start_block):
+    if method.verify_model and (disk is not None or start_block):
         log.warning("%s: the whole-model check needs every block in memory from the first block on: skipped (%s)",
                     method.name, "--offload disk" if disk is not None else "resumed run")
     elapsed = time.perf_counter() - start
@@ -118,7 +118,7 @@ def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_p
         "calibration": {"source": config.calib, "nsamples": config.nsamples, "seqlen": seqlen, "seed": config.seed},
         "device": str(device), "dtype": config.dtype, "offload": offload, "allocation": allocation.report(),
         "prune_seconds": elapsed, "block_seconds": block_seconds, **peak_memory(device), "versions": versions(),
-        **({"method_summary": method.summary} if getattr(method, "summary", None) else {}),
+        **({"method_summary": method.summary} if method.summary else {}),
         "config": asdict(config),
     }
     if start_block:

@@ -68,3 +68,55 @@ def test_method_chain_becomes_dsnot_with_its_initialiser():
     recipe = parse_recipe({"prune": {"method": "sparsegpt+dsnot", "options": {"max_cycles": 5}}})
     assert recipe.prune.method == "dsnot"
     assert recipe.prune.options == {"max_cycles": 5, "init": "sparsegpt"}
+
+
+def test_cli_choices_and_recipe_checks_come_from_one_vocabulary_each():
+    """Each vocabulary has one owner: the CLI's choices are it, the recipe accepts exactly it."""
+    import click
+
+    from sparsedeploy.bench.run import ENGINES
+    from sparsedeploy.cli.bench import bench
+    from sparsedeploy.cli.export import export_cmd
+    from sparsedeploy.cli.prune import prune
+    from sparsedeploy.export.config import DTYPES, OPSET_RANGE, STORAGES, TARGETS
+    from sparsedeploy.prune.choices import ALLOCATIONS, OFFLOAD_MODES
+
+    def choices(command, name):
+        option = next(p for p in command.params if p.name == name)
+        assert isinstance(option.type, click.Choice)
+        return tuple(option.type.choices)
+
+    assert choices(prune, "allocation") == ALLOCATIONS and choices(prune, "offload") == OFFLOAD_MODES
+    assert choices(export_cmd, "target") == tuple(TARGETS) and choices(export_cmd, "storage") == STORAGES
+    assert choices(export_cmd, "dtype") == tuple(DTYPES) and choices(bench, "engine") == tuple(ENGINES)
+    for key, section, values in (("allocation", "prune", ALLOCATIONS), ("target", "export", TARGETS),
+                                 ("storage", "export", STORAGES), ("dtype", "export", DTYPES)):
+        for value in values:
+            if key == "allocation" and value != "uniform":
+                continue  # owl/atp need calibration choices checked elsewhere; the name itself is accepted below
+            if key == "storage" and value == "sparse":
+                parse_recipe({"export": {"storage": value, "target": "ort"}})
+                continue
+            parse_recipe({section: {key: value}})
+        with pytest.raises(UserError, match=" or ".join([", ".join(list(values)[:-1]), list(values)[-1]])):
+            parse_recipe({section: {key: "nonsense"}})
+    for offload in OFFLOAD_MODES:
+        parse_recipe({"offload": offload})
+    low, high = OPSET_RANGE
+    parse_recipe({"export": {"opset": low}})
+    with pytest.raises(UserError, match=f"{low}..{high}"):
+        parse_recipe({"export": {"opset": high + 1}})
+
+
+def test_method_chains_come_from_the_methods_declarations():
+    from sparsedeploy.prune.methods import METHODS
+
+    refiners = {name: cls for name, cls in METHODS.items() if cls.refines}
+    assert set(refiners) == {"dsnot"} and set(refiners["dsnot"].initial_methods) == {"wanda", "sparsegpt", "magnitude"}
+    for init in refiners["dsnot"].initial_methods:
+        recipe = parse_recipe({"prune": {"method": f"{init}+dsnot"}})
+        assert recipe.prune.method == "dsnot" and recipe.prune.options["init"] == init
+    with pytest.raises(UserError, match="wanda\\+dsnot"):
+        parse_recipe({"prune": {"method": "dsnot+wanda"}})
+    assert "max_cycles" in METHODS["dsnot"].option_names() and METHODS["wanda"].option_names() == ()
+    assert METHODS["sparsegpt"].needs_hessian and not METHODS["wanda"].needs_hessian

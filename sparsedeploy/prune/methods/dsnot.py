@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from sparsedeploy.prune.calibration import InputStats
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.prune.methods.base import PruneResult
+from sparsedeploy.prune.methods.base import PruneResult, PruningMethod
 from sparsedeploy.common.sparsity import SparsitySpec, check_nm_shape
 
 log = logging.getLogger(__name__)
@@ -250,7 +251,7 @@ def target_matches(targets: str, name: str) -> bool:
 
 
 @dataclass
-class DSnoT:
+class DSnoT(PruningMethod):
     """Initial method, then DSnoT refinement of the target linears (others keep the initial result)."""
 
     init: str = "wanda"
@@ -268,7 +269,9 @@ class DSnoT:
     percdamp: float = 0.01
     name: str = "dsnot"
     needs_hessian: bool = field(init=False, default=False)
-    uses_name: bool = field(init=False, default=True)
+    uses_name: ClassVar[bool] = True
+    refines: ClassVar[bool] = True
+    initial_methods: ClassVar[tuple[str, ...]] = INITS
     summary: dict = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:

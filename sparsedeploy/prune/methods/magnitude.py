@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsedeploy.prune.calibration import InputStats
-from sparsedeploy.prune.methods.base import PruneResult
+from sparsedeploy.prune.methods.base import PruneResult, PruningMethod
 from sparsedeploy.common.sparsity import SparsitySpec, mask_lowest_global
 
 
@@ -27,7 +27,7 @@ def magnitude_prune_linears(model: torch.nn.Module, spec: SparsitySpec) -> None:
 
 
 @dataclass
-class Magnitude:
+class Magnitude(PruningMethod):
     name: str = "magnitude"
     needs_hessian: bool = False
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsedeploy.prune.calibration import InputStats
-from sparsedeploy.prune.methods.base import PruneResult
+from sparsedeploy.prune.methods.base import PruneResult, PruningMethod
 from sparsedeploy.common.sparsity import SparsitySpec, check_nm_shape, mask_lowest_global
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def sparsegpt(weight: torch.Tensor, H: torch.Tensor, spec: SparsitySpec, blocksi
 
 
 @dataclass
-class SparseGPT:
+class SparseGPT(PruningMethod):
     """SparseGPT as a method of the shared engine (q/k/v and gate/up share one Hessian)."""
 
     blocksize: int = 128

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsedeploy.prune.calibration import InputStats
-from sparsedeploy.prune.methods.base import PruneResult
+from sparsedeploy.prune.methods.base import PruneResult, PruningMethod
 from sparsedeploy.common.sparsity import SparsitySpec, mask_lowest_per_row
 
 
@@ -21,7 +21,7 @@ def wanda_mask(weight: torch.Tensor, sq_mean: torch.Tensor, spec: SparsitySpec) 
 
 
 @dataclass
-class Wanda:
+class Wanda(PruningMethod):
     name: str = "wanda"
     needs_hessian: bool = False
 
