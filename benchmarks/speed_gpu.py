@@ -92,7 +92,9 @@ def speed_only_llama(path_dense: Path, path_sparse: Path, cache_dir=None, seed: 
 
 
 def run_models(args, out: Path) -> None:
-    from sparsedeploy.bench.run import BenchConfig, markdown, plot, run_bench
+    from sparsedeploy.bench.config import BenchConfig
+    from sparsedeploy.bench.report import markdown, plot
+    from sparsedeploy.bench.run import run_bench
     from sparsedeploy.common.errors import UserError
     from sparsedeploy.common.models import resolve_model_path
     from sparsedeploy.prune.driver import PruneConfig, run_prune

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from sparsedeploy.bench.run import ENGINES
+from sparsedeploy.bench.config import ENGINES
 from sparsedeploy.cli.options import parse_batch_list
 
 log = logging.getLogger("sparsedeploy")
@@ -44,7 +44,9 @@ def _log_rows(rows: list[dict]) -> None:
 def bench(model, baseline, engine, batch, prompt_len, gen_len, threads, rounds, device, dtype, cuda_graphs, deepsparse_venv, cache_dir,
           output, as_json):
     """Time a sparse model against its dense baseline: prefill, decode tokens/s, end-to-end."""
-    from sparsedeploy.bench.run import BenchConfig, markdown, plot, run_bench
+    from sparsedeploy.bench.config import BenchConfig
+    from sparsedeploy.bench.report import markdown, plot
+    from sparsedeploy.bench.run import run_bench
     from sparsedeploy.common.files import atomic_dir, write_json_atomic
 
     cfg = BenchConfig(model=model, baseline=baseline, engine=engine, batches=parse_batch_list(batch), prompt_len=prompt_len, gen_len=gen_len,

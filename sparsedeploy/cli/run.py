@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from sparsedeploy.bench.run import ENGINES
+from sparsedeploy.bench.config import ENGINES
 from sparsedeploy.export.config import DTYPES, STORAGES, TARGETS
 from sparsedeploy.prune.choices import ALLOCATIONS, OFFLOAD_MODES
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.bench.run import ENGINES
+from sparsedeploy.bench.config import ENGINES
 from sparsedeploy.common.sparsity import SparsitySpec, parse_sparsity
 from sparsedeploy.export.config import DTYPES, OPSET_RANGE, STORAGES, TARGETS
 from sparsedeploy.prune.choices import ALLOCATIONS, OFFLOAD_MODES

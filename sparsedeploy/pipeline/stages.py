@@ -218,7 +218,11 @@ def bench_stage(recipe, model_dir: Path, onnx_dir: Path, out_dir: Path) -> dict:
     """
     import shutil
 
-    from sparsedeploy.bench.run import BenchConfig, markdown, plot, run_bench
+    from sparsedeploy.bench.config import BenchConfig
+
+    from sparsedeploy.bench.report import markdown, plot
+
+    from sparsedeploy.bench.run import run_bench
 
     from sparsedeploy.common.files import write_json_atomic
     from sparsedeploy.common.models import resolve_model_path

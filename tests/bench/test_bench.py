@@ -9,8 +9,15 @@ import sys
 import numpy as np
 import pytest
 
-from sparsedeploy.bench.run import (BenchConfig, OrtCausalLM, build_linear_skeleton, markdown, matmul_weights, plot,
-                                run_bench)
+from sparsedeploy.bench.config import BenchConfig
+
+from sparsedeploy.bench.forms import build_linear_skeleton, matmul_weights
+
+from sparsedeploy.bench.ort import OrtCausalLM
+
+from sparsedeploy.bench.report import markdown, plot
+
+from sparsedeploy.bench.run import run_bench
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.onnx.storage import onnx_file
 
@@ -226,7 +233,9 @@ def test_decoder_stack_compiles_in_deepsparse(tiny_checkpoint, tmp_path, deepspa
 def test_two_four_model_on_cuda_converts_linears_and_keeps_logits(tmp_path):
     import torch
 
-    from sparsedeploy.bench.run import TorchCausalLM, run_bench
+    from sparsedeploy.bench.pytorch import TorchCausalLM
+
+    from sparsedeploy.bench.run import run_bench
     from tests.conftest import tiny_two_four_pair
 
     tiny_two_four_pair(tmp_path)
@@ -325,7 +334,7 @@ def test_tensorrt_engines_from_the_2of4_export_run_and_agree_with_ort(tiny_expor
 
 
 def test_static_forms_free_each_form_once_it_is_timed(tiny_exports, tmp_path):
-    from sparsedeploy.bench.run import static_forms
+    from sparsedeploy.bench.forms import static_forms
 
     variants = {n: onnx_file(p) for n, p in tiny_exports.items()}
     seen = []
@@ -345,7 +354,7 @@ def test_ort_generation_rows_hold_numpy_blas_to_the_bench_threads(tiny_checkpoin
     from threadpoolctl import threadpool_info
 
     import sparsedeploy.runtimes.decoder_stack as sg
-    from sparsedeploy.bench.run import time_ort_generation
+    from sparsedeploy.bench.deepsparse import time_ort_generation
     from sparsedeploy.runtimes.stack_graphs import write_stack_files
 
     seen = []
@@ -387,7 +396,7 @@ def test_bench_finds_the_source_checkpoint_from_the_export_report_after_a_move(t
     import os
 
     from onnx_helpers import pruned_tiny_checkpoint
-    from sparsedeploy.bench.run import source_checkpoint
+    from sparsedeploy.bench.forms import source_checkpoint
     from sparsedeploy.export.run import ExportConfig, export_checkpoint
 
     ckpt = pruned_tiny_checkpoint(tmp_path / "run" / "model", "2:4")

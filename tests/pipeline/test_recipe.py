@@ -74,7 +74,7 @@ def test_cli_choices_and_recipe_checks_come_from_one_vocabulary_each():
     """Each vocabulary has one owner: the CLI's choices are it, the recipe accepts exactly it."""
     import click
 
-    from sparsedeploy.bench.run import ENGINES
+    from sparsedeploy.bench.config import ENGINES
     from sparsedeploy.cli.bench import bench
     from sparsedeploy.cli.export import export_cmd
     from sparsedeploy.cli.prune import prune

@@ -107,7 +107,9 @@ def test_cuda_graphs_flag_errors(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: CUDA-graph capture not exercised here")
 def test_cuda_graph_replay_gives_the_eager_tokens_with_two_four_kernels(tmp_path):
-    from sparsedeploy.bench.run import BenchConfig, TorchCausalLM, run_bench
+    from sparsedeploy.bench.config import BenchConfig
+    from sparsedeploy.bench.pytorch import TorchCausalLM
+    from sparsedeploy.bench.run import run_bench
     from tests.conftest import tiny_two_four_pair
 
     tiny_two_four_pair(tmp_path)
