@@ -31,18 +31,19 @@ def with_options(options):
     return wrap
 
 
-# Method-specific prune options: (click option, keyword of the method class, methods it applies to).
+# Method-specific prune flags -> the option (dataclass field) of the method class they set. Which methods take
+# an option is the methods' own declaration (PruningMethod.option_names()), read when the command runs.
 _METHOD_FLAGS = {
-    "init": ("init", ("dsnot",)),
-    "dsnot_targets": ("targets", ("dsnot",)),
-    "dsnot_mode": ("mode", ("dsnot",)),
-    "max_cycles": ("max_cycles", ("dsnot",)),
-    "update_threshold": ("update_threshold", ("dsnot",)),
-    "pow_of_var_regrowing": ("pow_of_var_regrowing", ("dsnot",)),
-    "no_sign_flip": ("no_sign_flip", ("dsnot",)),
-    "verify_rows": ("verify_rows", ("dsnot",)),
-    "blocksize": ("blocksize", ("sparsegpt", "dsnot")),
-    "percdamp": ("percdamp", ("sparsegpt", "dsnot")),
+    "init": "init",
+    "dsnot_targets": "targets",
+    "dsnot_mode": "mode",
+    "max_cycles": "max_cycles",
+    "update_threshold": "update_threshold",
+    "pow_of_var_regrowing": "pow_of_var_regrowing",
+    "no_sign_flip": "no_sign_flip",
+    "verify_rows": "verify_rows",
+    "blocksize": "blocksize",
+    "percdamp": "percdamp",
 }
 method_option_flags = [
     click.option("--init", default=None, type=click.Choice(["wanda", "sparsegpt", "magnitude"]), help="dsnot: initial method [default: wanda]"),
@@ -62,14 +63,18 @@ method_option_flags = [
 
 def method_options_from_flags(method: str, flags: dict) -> dict:
     """Keyword options for the method from the given flags; a flag the method does not use is an error."""
+    from sparsedeploy.prune.methods import METHODS
+
     options = {}
     for flag, value in flags.items():
         if value is None or value is False:
             continue
-        keyword, methods = _METHOD_FLAGS[flag]
+        keyword = _METHOD_FLAGS[flag]
         cli_name = "--" + flag.replace("_", "-")
-        if method not in methods or (flag in ("blocksize", "percdamp") and method == "dsnot" and flags.get("init") != "sparsegpt"):
-            needs = "--method sparsegpt or --method dsnot --init sparsegpt" if flag in ("blocksize", "percdamp") else "--method dsnot"
+        takes = [name for name, cls in METHODS.items() if keyword in cls.option_names()]
+        if method not in takes or (flag in ("blocksize", "percdamp") and method == "dsnot" and flags.get("init") != "sparsegpt"):
+            needs = ("--method sparsegpt or --method dsnot --init sparsegpt" if flag in ("blocksize", "percdamp")
+                     else " or ".join(f"--method {name}" for name in takes))
             raise UserError(f"{cli_name} does not apply to --method {method}{' without --init sparsegpt' if method == 'dsnot' else ''}: drop it or use {needs}")
         options[keyword] = value
     if "blocksize" in options and options["blocksize"] < 1:
