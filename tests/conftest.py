@@ -100,3 +100,15 @@ def deepsparse_env():
     if problem:
         pytest.skip(problem)
     return ds.find_env() or ds.install()
+
+
+@pytest.fixture(scope="module")
+def nm_export(tmp_path_factory):
+    """A tiny LLaMA pruned 2:4 by Wanda and exported unverified: (checkpoint, export directory)."""
+    from onnx_helpers import pruned_tiny_checkpoint
+    from sparsedeploy.export.run import ExportConfig, export_checkpoint
+
+    root = tmp_path_factory.mktemp("verify")
+    ckpt = pruned_tiny_checkpoint(root / "ckpt", "2:4")
+    export_checkpoint(ExportConfig(model=str(ckpt), verify=False), root / "onnx")
+    return ckpt, root / "onnx"

@@ -1,1 +1,2 @@
-"""Pruning: the calibration walk over decoder blocks, the methods, the driver, allocation, checkpoints, offload, recovery."""
+"""Pruning: the calibration walk over decoder blocks, the methods, the driver, allocation, checkpoints,
+offload, recovery."""

@@ -1,8 +1,9 @@
+import numpy as np
 import pytest
 import torch
 
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.common.sparsity import (SparsitySpec, mask_lowest_global, mask_lowest_per_row, parse_sparsity,
+from sparsedeploy.common.sparsity import (nm_violations, SparsitySpec, mask_lowest_global, mask_lowest_per_row, parse_sparsity,
                                    satisfies_nm, sparsity_of)
 
 
@@ -73,3 +74,22 @@ def test_nm_needs_multiple_of_m():
 
 def test_sparsity_of():
     assert sparsity_of(torch.tensor([0.0, 1.0, 0.0, 2.0])) == 0.5
+
+
+def test_nm_violations_counts_groups_along_k():
+    good = np.array([[1, 0], [0, 2], [3, 0], [0, 4]], np.float32)  # K=4, N=2: each column has 2 non-zeros in its group
+    assert nm_violations(good, 2, 4)[0]
+    bad = good.copy()
+    bad[1, 0] = 5.0  # column 0 now has 3 non-zeros in one group of 4
+    ok, reason = nm_violations(bad, 2, 4)
+    assert not ok and "1 of 2 groups" in reason
+    assert not nm_violations(np.ones((6, 2), np.float32), 2, 4)[0]  # K not a multiple of M
+    assert "K=6" in nm_violations(np.ones((6, 2), np.float32), 2, 4)[1]
+
+
+def test_nm_violations_reads_torch_tensors_along_any_axis():
+    import torch
+
+    w = torch.tensor([[1.0, 0, 0, 2, 0, 3, 0, 0]], dtype=torch.bfloat16)  # [out, in]: groups of 4 along in (K)
+    assert nm_violations(w, 2, 4, axis=-1)[0] and not nm_violations(w, 1, 4, axis=-1)[0]
+    assert nm_violations(w.T.float().numpy(), 2, 4, axis=0)[0]  # the same weight as ONNX's [K, N]

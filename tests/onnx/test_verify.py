@@ -14,33 +14,12 @@ from onnx_helpers import pruned_tiny_checkpoint
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.export.run import ExportConfig, export_checkpoint
 from sparsedeploy.onnx.storage import load_model_proto
-from sparsedeploy.common.sparsity import nm_violations
-from sparsedeploy.onnx.inspect import inspect_onnx
 from sparsedeploy.onnx.verify import FP32_ATOL, checkpoint_reference, verify_parity, verify_sparsity
-
-
-@pytest.fixture(scope="module")
-def nm_export(tmp_path_factory):
-    root = tmp_path_factory.mktemp("verify")
-    ckpt = pruned_tiny_checkpoint(root / "ckpt", "2:4")
-    export_checkpoint(ExportConfig(model=str(ckpt), verify=False), root / "onnx")
-    return ckpt, root / "onnx"
 
 
 def _q_proj_initializer(model) -> onnx.TensorProto:
     node = next(n for n in model.graph.node if "layers.0/self_attn/q_proj" in n.name and n.op_type == "MatMul")
     return next(i for i in model.graph.initializer if i.name == node.input[1])
-
-
-def test_nm_violations_counts_groups_along_k():
-    good = np.array([[1, 0], [0, 2], [3, 0], [0, 4]], np.float32)  # K=4, N=2: each column has 2 non-zeros in its group
-    assert nm_violations(good, 2, 4)[0]
-    bad = good.copy()
-    bad[1, 0] = 5.0  # column 0 now has 3 non-zeros in one group of 4
-    ok, reason = nm_violations(bad, 2, 4)
-    assert not ok and "1 of 2 groups" in reason
-    assert not nm_violations(np.ones((6, 2), np.float32), 2, 4)[0]  # K not a multiple of M
-    assert "K=6" in nm_violations(np.ones((6, 2), np.float32), 2, 4)[1]
 
 
 def test_clean_export_passes(nm_export):
@@ -133,23 +112,3 @@ def test_truncated_file_is_one_clear_line(nm_export, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot read ONNX model") and "export it again" in lines[0]
-
-
-def test_inspect_counts_match_numpy(nm_export):
-    _, out = nm_export
-    data = inspect_onnx(out)
-    model = onnx.load(str(out / "model.onnx"))
-    arrays = [numpy_helper.to_array(i) for i in model.graph.initializer]
-    arrays = [a for a in arrays if a.ndim >= 2 and a.dtype.kind == "f"]
-    assert data["weights"] == len(arrays)
-    assert data["zeros"] == sum(int((a == 0).sum()) for a in arrays)
-    assert data["nm_qualifying"] == 14 and data["matmul_weights"] == 15  # lm_head is dense
-    assert data["domains"] == ["ai.onnx"]
-
-
-def test_polygraphy_verdict_agrees_when_installed(nm_export):
-    pytest.importorskip("polygraphy", reason="polygraphy not installed (pip install '.[polygraphy]')")
-    _, out = nm_export
-    poly = inspect_onnx(out)["polygraphy"]
-    assert poly["ran"], poly
-    assert poly["agree"] and poly["polygraphy_2_4_weights"] == 14
