@@ -119,13 +119,13 @@ def run_one(setting: Setting, row: Row) -> dict:
     """In a child process: load, calibrate, allocate, prune, (recover), evaluate; return the row's figures."""
     import torch
 
-    from sparsedeploy.allocation import AllocationConfig, plan_allocation
-    from sparsedeploy.data import calibration_samples, eval_tokens
-    from sparsedeploy.evaluate import layer_sparsity, overall_sparsity, perplexity
-    from sparsedeploy.methods import build_method
-    from sparsedeploy.models import load_model, resolve_device
-    from sparsedeploy.prune import prune_model
-    from sparsedeploy.sparsity import parse_sparsity
+    from sparsedeploy.prune.allocation import AllocationConfig, plan_allocation
+    from sparsedeploy.common.data import calibration_samples, eval_tokens
+    from sparsedeploy.common.evaluate import layer_sparsity, overall_sparsity, perplexity
+    from sparsedeploy.prune.methods import build_method
+    from sparsedeploy.common.models import load_model, resolve_device
+    from sparsedeploy.prune.blocks import prune_model
+    from sparsedeploy.common.sparsity import parse_sparsity
 
     torch.set_num_threads(setting.threads)
     device = resolve_device(setting.device)
@@ -163,7 +163,7 @@ def run_one(setting: Setting, row: Row) -> dict:
         if device.type == "cuda":
             result["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         if row.recover:
-            from sparsedeploy.recover import RecoverConfig, recover_model, same_zeros, zero_pattern
+            from sparsedeploy.prune.recover import RecoverConfig, recover_model, same_zeros, zero_pattern
 
             before = zero_pattern(lm.model)
             result["ppl_before_recovery"] = ppl()[0]
@@ -183,7 +183,8 @@ def machine() -> str:
 
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"

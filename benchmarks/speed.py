@@ -26,9 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparsedeploy.fsutil import write_json_atomic  # noqa: E402
-from sparsedeploy.kernels import (DEFAULT_PATTERNS, LLAMA1B_SHAPES, SMOLLM2_SHAPES, KernelShape,  # noqa: E402
-                                  bench_kernels, kernel_markdown)
+from sparsedeploy.common.files import write_json_atomic  # noqa: E402
+from sparsedeploy.bench.matmul_cpu import (DEFAULT_PATTERNS, LLAMA1B_SHAPES, SMOLLM2_SHAPES, bench_kernels, kernel_markdown)
 
 log = logging.getLogger("benchmarks.speed")
 RESULTS = ROOT / "benchmarks" / "results"
@@ -51,8 +50,8 @@ def machine() -> dict:
 
 
 def deepsparse_env(install: bool):
-    from sparsedeploy.engines import deepsparse_env as ds
-    from sparsedeploy.errors import UserError
+    from sparsedeploy.runtimes import deepsparse_env as ds
+    from sparsedeploy.common.errors import UserError
 
     try:
         if install:
@@ -84,7 +83,7 @@ def run(args) -> int:
     md = kernel_markdown(rows)
     print(md)
     if env:
-        from sparsedeploy.engines.deepsparse_env import LICENCE_NOTE
+        from sparsedeploy.runtimes.deepsparse_env import LICENCE_NOTE
         print(LICENCE_NOTE)
     if args.out:
         out = Path(args.out)

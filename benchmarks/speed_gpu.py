@@ -7,9 +7,9 @@ Needs a CUDA GPU (without one it says so and exits 0, writing nothing):
 
 Parts:
   kernels  F.linear(x, W) for smollm2-135m's linear shapes and speed-only LLaMA-1B/8B-like shapes, x of
-           1..4096 tokens, dense cuBLAS vs 2:4 through cuSPARSELt and CUTLASS (sparsedeploy.gpu_kernels)
+           1..4096 tokens, dense cuBLAS vs 2:4 through cuSPARSELt and CUTLASS (sparsedeploy.bench.linear_gpu)
            -> speed_gpu_kernels.{json,md}
-  models   whole models in PyTorch (sparsedeploy.bench, engine torch): smollm2-135m pruned 2:4 by Wanda on
+  models   whole models in PyTorch (sparsedeploy.bench.run, engine torch): smollm2-135m pruned 2:4 by Wanda on
            this GPU vs the dense model, and a speed-only LLaMA-1B-like model (random weights, magnitude 2:4)
            vs its dense twin; prefill and decode with the KV cache, each phase replayed as a CUDA graph over a
            static KV cache (`_graph` files) and eager -> speed_gpu_model/*.{json,md,png}
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from sparsedeploy.fsutil import write_json_atomic  # noqa: E402
+from sparsedeploy.common.files import write_json_atomic  # noqa: E402
 
 log = logging.getLogger("benchmarks.speed_gpu")
 RESULTS = ROOT / "benchmarks" / "results"
@@ -47,7 +47,7 @@ def gpu_info() -> dict:
 
 
 def run_kernels(args, out: Path) -> None:
-    from sparsedeploy import gpu_kernels as gk
+    from sparsedeploy.bench import linear_gpu as gk
 
     device = torch.device("cuda")
     shapes = gk.SMOLLM2_LINEARS + gk.LLAMA1B_LINEARS + gk.LLAMA8B_LINEARS
@@ -64,7 +64,7 @@ def run_kernels(args, out: Path) -> None:
 
 
 def kernels_markdown(doc: dict) -> str:
-    from sparsedeploy.gpu_kernels import linear_markdown
+    from sparsedeploy.bench.linear_gpu import linear_markdown
 
     m = doc["machine"]
     return (f"# 2:4 semi-structured vs dense linear kernels on GPU\n\n{m['gpu']}, torch {m['torch']} (CUDA {m['cuda']}, "
@@ -77,12 +77,12 @@ def kernels_markdown(doc: dict) -> str:
 
 
 def speed_only_llama(path_dense: Path, path_sparse: Path, cache_dir=None, seed: int = 0, preset: str = "llama-1b-like") -> None:
-    """The LLaMA-1B-like speed-only model (random weights, sparsedeploy.models preset), dense and 2:4 by magnitude."""
+    """The LLaMA-1B-like speed-only model (random weights, sparsedeploy.common.models preset), dense and 2:4 by magnitude."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sparsedeploy.methods.magnitude import magnitude_prune_linears
-    from sparsedeploy.models import build_speed_only_model
-    from sparsedeploy.sparsity import SparsitySpec
+    from sparsedeploy.prune.methods.magnitude import magnitude_prune_linears
+    from sparsedeploy.common.models import build_speed_only_model
+    from sparsedeploy.common.sparsity import SparsitySpec
 
     build_speed_only_model(preset, path_dense, seed=seed, dtype="float16", cache=cache_dir)
     model = AutoModelForCausalLM.from_pretrained(str(path_dense), dtype=torch.float16).eval()
@@ -92,10 +92,12 @@ def speed_only_llama(path_dense: Path, path_sparse: Path, cache_dir=None, seed: 
 
 
 def run_models(args, out: Path) -> None:
-    from sparsedeploy.bench import BenchConfig, markdown, plot, run_bench
-    from sparsedeploy.errors import UserError
-    from sparsedeploy.models import resolve_model_path
-    from sparsedeploy.prune import PruneConfig, run_prune
+    from sparsedeploy.bench.config import BenchConfig
+    from sparsedeploy.bench.report import markdown, plot
+    from sparsedeploy.bench.run import run_bench
+    from sparsedeploy.common.errors import UserError
+    from sparsedeploy.common.models import resolve_model_path
+    from sparsedeploy.prune.driver import PruneConfig, run_prune
 
     work = Path(tempfile.mkdtemp(prefix="sparsedeploy-gpu-"))
     pairs = {}

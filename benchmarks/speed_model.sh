@@ -4,7 +4,7 @@
 #             (the decoder stack it compiles, for prefill and for a decode step over a KV cache). Speed does
 #             not depend on calibration quality, so pruning uses a small calibration set.
 #   llama1b   the speed-only LLaMA-1B-like model (TinyLlama's shapes, random weights, smollm2's tokenizer;
-#             sparsedeploy.models.build_speed_only_model), magnitude 70% and 2:4: ONNX Runtime at batch 1
+#             sparsedeploy.common.models.build_speed_only_model), magnitude 70% and 2:4: ONNX Runtime at batch 1
 #             and DeepSparse. About 4.5 GB per fp32 export and 12 GB of RAM; about an hour on one core.
 #   bash benchmarks/speed_model.sh [WORK_DIR] [smollm2|llama1b|all]
 #     -> benchmarks/results/speed_model/{ort,deepsparse}_{wanda50,wanda24,llama1b_mag70,llama1b_mag24}/
@@ -36,7 +36,7 @@ fi
 
 if [[ "$part" == llama1b || "$part" == all ]]; then
   l="$work/llama1b"
-  [[ -f "$l/dense/config.json" ]] || "$py" -c "import sys; from sparsedeploy.models import build_speed_only_model as b; b('llama-1b-like', sys.argv[1])" "$l/dense"
+  [[ -f "$l/dense/config.json" ]] || "$py" -c "import sys; from sparsedeploy.common.models import build_speed_only_model as b; b('llama-1b-like', sys.argv[1])" "$l/dense"
   [[ -f "$l/dense_onnx/model.onnx" ]] || "${sd[@]}" export --model "$l/dense" --output "$l/dense_onnx" --no-verify --overwrite
   "${sd[@]}" engines install deepsparse
   for s in 70% 2:4; do

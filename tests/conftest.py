@@ -25,8 +25,8 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: i
 
 def tiny_two_four_pair(root: Path) -> tuple[Path, Path]:
     """A tiny LLaMA wide enough for GPU 2:4 kernels, saved dense (root/dense) and pruned 2:4 by magnitude (root/sparse)."""
-    from sparsedeploy.methods.magnitude import magnitude_prune_linears
-    from sparsedeploy.sparsity import SparsitySpec
+    from sparsedeploy.prune.methods.magnitude import magnitude_prune_linears
+    from sparsedeploy.common.sparsity import SparsitySpec
 
     model = tiny_llama(hidden=128, intermediate=256)
     model.save_pretrained(root / "dense")
@@ -86,7 +86,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm(cache_dir):
     """The real smollm2-135m, loaded once per session (float32, CPU)."""
-    from sparsedeploy.models import load_model
+    from sparsedeploy.common.models import load_model
 
     return load_model("smollm2-135m", "float32", cache_dir)
 
@@ -94,9 +94,21 @@ def smollm(cache_dir):
 @pytest.fixture(scope="session")
 def deepsparse_env():
     """DeepSparse 1.8's own venv, created on first use (as speed.py --ci does); a visible skip where it cannot run."""
-    from sparsedeploy.engines import deepsparse_env as ds
+    from sparsedeploy.runtimes import deepsparse_env as ds
 
     problem = ds.platform_problem()
     if problem:
         pytest.skip(problem)
     return ds.find_env() or ds.install()
+
+
+@pytest.fixture(scope="module")
+def nm_export(tmp_path_factory):
+    """A tiny LLaMA pruned 2:4 by Wanda and exported unverified: (checkpoint, export directory)."""
+    from onnx_helpers import pruned_tiny_checkpoint
+    from sparsedeploy.export.run import ExportConfig, export_checkpoint
+
+    root = tmp_path_factory.mktemp("verify")
+    ckpt = pruned_tiny_checkpoint(root / "ckpt", "2:4")
+    export_checkpoint(ExportConfig(model=str(ckpt), verify=False), root / "onnx")
+    return ckpt, root / "onnx"

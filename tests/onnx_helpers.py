@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -30,11 +29,11 @@ def pruned_tiny_checkpoint(path: Path, sparsity: str = "0.5", seed: int = 0, met
     from safetensors.torch import save_file
 
     from conftest import tiny_llama
-    from sparsedeploy.fsutil import write_json_atomic
-    from sparsedeploy.methods import build_method
-    from sparsedeploy.models import LoadedModel, save_checkpoint
-    from sparsedeploy.prune import prune_model
-    from sparsedeploy.sparsity import parse_sparsity
+    from sparsedeploy.common.files import write_json_atomic
+    from sparsedeploy.prune.methods import build_method
+    from sparsedeploy.common.models import LoadedModel, save_checkpoint
+    from sparsedeploy.prune.blocks import prune_model
+    from sparsedeploy.common.sparsity import parse_sparsity
 
     tokenizer = tiny_tokenizer()
     vocab = len(tokenizer)

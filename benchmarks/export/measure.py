@@ -14,8 +14,8 @@ import platform
 import time
 from pathlib import Path
 
-from sparsedeploy.export import ExportConfig, export_checkpoint
-from sparsedeploy.prune import PruneConfig, run_prune
+from sparsedeploy.export.run import ExportConfig, export_checkpoint
+from sparsedeploy.prune.driver import PruneConfig, run_prune
 
 HERE = Path(__file__).resolve().parent
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from sparsedeploy.engines.deepsparse_env import platform_problem
+from sparsedeploy.runtimes.deepsparse_env import platform_problem
 
 
 @pytest.mark.slow

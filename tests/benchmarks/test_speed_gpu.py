@@ -17,7 +17,7 @@ def test_speed_only_pair_is_the_dense_model_pruned_2of4(tmp_path, cache_dir):
     import speed_gpu
     from safetensors.torch import load_file
 
-    from sparsedeploy.sparsity import satisfies_nm
+    from sparsedeploy.common.sparsity import satisfies_nm
 
     speed_gpu.speed_only_llama(tmp_path / "dense", tmp_path / "sparse", cache_dir, preset="tiny")
     dense, sparse = load_file(str(tmp_path / "dense" / "model.safetensors")), load_file(str(tmp_path / "sparse" / "model.safetensors"))

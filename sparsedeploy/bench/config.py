@@ -1,0 +1,47 @@
+"""What a bench run is asked for: the engines, the timed phases, BenchConfig, and the machine it ran on."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+
+log = logging.getLogger(__name__)
+
+
+PHASES = ("prefill", "decode", "total")
+
+
+ENGINES = ("ort", "deepsparse", "torch", "tensorrt")
+
+
+@dataclass
+class BenchConfig:
+    model: str
+    baseline: str | None = None
+    engine: str = "ort"
+    batches: list[int] = field(default_factory=lambda: [1, 8])
+    prompt_len: int = 128
+    gen_len: int = 64
+    threads: int = 1
+    rounds: int = 3
+    per_round: int = 1
+    warmup: int = 1
+    device: str = "cpu"
+    dtype: str = "float16"
+    deepsparse_venv: str | None = None
+    cache_dir: str | None = None
+    max_seconds: float | None = None
+    cuda_graphs: bool = False
+
+
+def machine_info(threads: int) -> dict:
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "?")
+    except OSError:
+        cpu = platform.processor() or "?"
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads, "python": platform.python_version()}

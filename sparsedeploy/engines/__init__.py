@@ -1,1 +1,0 @@
-"""Inference engines driven by `sparsedeploy bench`: ONNX Runtime (in-process), DeepSparse (own venv, subprocess), torch."""

@@ -1,0 +1,1 @@
+"""Export: a pruned checkpoint to ONNX (the targets, their forms and the export report)."""

@@ -1,0 +1,101 @@
+"""What an export may be asked for, in one place: tasks, dtypes, targets (TargetProfile: opset, operator domains,
+optimisation levels), storages, exporters, the opset range, and ExportConfig with its validation. The CLI's choices
+and the recipe's checks are built from these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sparsedeploy.common.errors import UserError
+
+TASKS = ("text-generation-with-past", "text-generation")
+DTYPES = {"float32": "fp32", "float16": "fp16"}
+STORAGES = ("dense", "sparse")
+OPTIMIZE_LEVELS = ("none", "basic", "extended", "all")
+EXPORTERS = ("auto", "optimum", "torch")
+OPSET_RANGE = (14, 21)  # opsets the LLaMA export supports here (>= 14: LLaMA's ops)
+STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    """What one runtime needs from the exported graph."""
+
+    name: str
+    opset: int
+    domains: frozenset[str]  # operator domains the runtime accepts
+    optimize_levels: tuple[str, ...]  # ORT graph optimisation levels whose output the runtime accepts
+    note: str
+
+
+TARGETS: dict[str, TargetProfile] = {
+    "ort": TargetProfile("ort", 18, STANDARD_DOMAINS | {"com.microsoft"}, ("none", "basic", "extended"),
+                         "ONNX Runtime: optimum's default opset 18; ORT-specific fused ops allowed"),
+    "deepsparse": TargetProfile("deepsparse", 14, STANDARD_DOMAINS, ("none", "basic"),
+                                "DeepSparse 1.8 bundles onnx 1.14 and an old ONNX Runtime: opset 14 (the lowest the "
+                                "LLaMA export supports), standard ONNX domain only, no com.microsoft ops; its engine aborts on the "
+                                "full decoder, so the decoder stack it compiles is written beside it, for prefill "
+                                "and for a decode step with a KV cache (deepsparse_decoder_stack.onnx, "
+                                "deepsparse_decode_step.onnx, deepsparse_head.npz)"),
+    "tensorrt": TargetProfile("tensorrt", 17, STANDARD_DOMAINS, ("none", "basic"),
+                              "TensorRT: opset 17, standard ops only; MatMul weights kept as constants [K, N] so "
+                              "--sparsity=enable sees the 2:4 groups along K"),
+}
+
+# Optimisation levels refused whatever the target, with the reason shown to the user.
+REFUSED_LEVELS = {
+    "all": ("ONNX Runtime's 'all' level adds layout optimisations (NCHWc) that it marks hardware specific when saved: "
+            "the file would be valid only on this CPU type; ORT applies them itself at load time anyway, so export with "
+            "--optimize none, basic or extended"),
+}
+
+
+@dataclass
+class ExportConfig:
+    model: str  # a pruned checkpoint directory (or anything sparsedeploy.common.models can resolve)
+    task: str = "text-generation-with-past"
+    dtype: str = "float32"
+    opset: int | None = None  # None: the target's opset
+    target: str = "ort"
+    storage: str = "dense"
+    optimize: str = "none"  # ORT graph optimisation applied offline before saving
+    exporter: str = "auto"  # auto: optimum when it knows the architecture, else torch.onnx
+    verify: bool = True
+    prompts: tuple[str, ...] = ()  # empty: onnx_verify.DEFAULT_PROMPTS
+    decode_steps: int = 4
+    greedy_tokens: int = 32
+    atol: float | None = None  # None: 1e-4 for float32, the measured bound for float16
+    external_data: bool | None = None  # None: only when the model is over 2 GB
+    cache_dir: str | None = None
+    deepsparse_batch: int = 1  # --target deepsparse: static shapes of the decoder-stack graph written beside the export
+    deepsparse_seq: int = 128
+    deepsparse_context: int = 256  # KV-cache slots of the decode-step graph: prompt + new tokens - 1 must fit
+
+
+def validate(config: ExportConfig) -> TargetProfile:
+    choices = {"task": TASKS, "dtype": tuple(DTYPES), "target": tuple(TARGETS), "storage": STORAGES,
+               "optimize": OPTIMIZE_LEVELS, "exporter": EXPORTERS}
+    for key, allowed in choices.items():
+        value = getattr(config, key)
+        if value not in allowed:
+            raise UserError(f"--{key} {value!r} is not supported: choose one of {', '.join(allowed)}")
+    target = TARGETS[config.target]
+    if config.optimize in REFUSED_LEVELS:
+        raise UserError(f"refusing --optimize {config.optimize}: {REFUSED_LEVELS[config.optimize]}")
+    if config.optimize not in target.optimize_levels:
+        raise UserError(f"refusing --optimize {config.optimize} for --target {target.name}: that level fuses nodes into "
+                        f"com.microsoft operators {target.name} does not run; use --optimize {' or '.join(target.optimize_levels)}")
+    low, high = OPSET_RANGE
+    if config.opset is not None and not low <= config.opset <= high:
+        raise UserError(f"--opset {config.opset} is outside what the exporter supports here: use {low}..{high} (LLaMA needs >= {low})")
+    if config.storage == "sparse" and config.target != "ort":
+        raise UserError(f"--storage sparse is readable only through sparsedeploy's loader, not by {target.name}: use --storage dense")
+    if config.decode_steps < 1 or config.greedy_tokens < 1:
+        raise UserError("--decode-steps and --greedy-tokens must be at least 1")
+    if config.deepsparse_batch < 1 or config.deepsparse_seq < 1:
+        raise UserError("--deepsparse-batch and --deepsparse-seq must be at least 1")
+    if config.deepsparse_context < config.deepsparse_seq:
+        raise UserError(f"--deepsparse-context {config.deepsparse_context} is smaller than --deepsparse-seq {config.deepsparse_seq}: "
+                        f"the decode step's cache must hold a whole prompt; raise --deepsparse-context")
+    return target

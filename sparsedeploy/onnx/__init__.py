@@ -1,0 +1,1 @@
+"""ONNX files: storage (dense/sparse), the one ORT session factory, the one decoder runner, verification, inspect."""

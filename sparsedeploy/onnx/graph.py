@@ -1,0 +1,116 @@
+"""Tracing an ONNX graph: where each MatMul/Gemm weight comes from (through Identity/Cast/Transpose chains,
+Gemm/FusedMatMul ``transB``) as a [K, N] matrix, and its N:M layout along K."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+
+
+# ---------------------------------------------------------------- locating weights in the graph
+
+
+@dataclass
+class OnnxWeight:
+    """A constant matrix operand of a MatMul/Gemm, in the effective ``[K, N]`` layout."""
+
+    node: str
+    op: str
+    source: str  # the initializer (or Constant node output) holding the data
+    stored_shape: tuple[int, ...]
+    transposed: bool  # stored as [N, K] (Transpose node, Gemm/FusedMatMul transB)
+    matrix: np.ndarray = field(repr=False)  # [K, N]
+
+
+class Graph:
+    """Initializers, Constant nodes and producers of a ModelProto, for tracing constant operands."""
+
+    def __init__(self, model) -> None:
+        from onnx import numpy_helper
+
+        self.model = model
+        self.numpy_helper = numpy_helper
+        self.initializers = {init.name: init for init in model.graph.initializer}
+        for sparse in model.graph.sparse_initializer:
+            self.initializers[sparse.values.name] = sparse
+        self.producer = {}
+        self.constants = {}
+        for node in model.graph.node:
+            for out in node.output:
+                self.producer[out] = node
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        self.constants[node.output[0]] = attr.t
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def array(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            from onnx import SparseTensorProto
+
+            proto = self.initializers.get(name, self.constants.get(name))
+            if isinstance(proto, SparseTensorProto):
+                dense = np.zeros(tuple(proto.dims), dtype=self.numpy_helper.to_array(proto.values).dtype)
+                idx = self.numpy_helper.to_array(proto.indices)
+                vals = self.numpy_helper.to_array(proto.values)
+                if idx.ndim == 1:
+                    dense.reshape(-1)[idx] = vals
+                else:
+                    dense[tuple(idx.T)] = vals
+                self._arrays[name] = dense
+            else:
+                self._arrays[name] = self.numpy_helper.to_array(proto)
+        return self._arrays[name]
+
+    def trace_constant(self, name: str) -> tuple[str, np.ndarray, bool] | None:
+        """Follow Identity/Cast/Transpose back to a constant; return (source, value as seen here, transposed)."""
+        transposed = False
+        chain = []
+        current = name
+        for _ in range(16):
+            if current in self.initializers or current in self.constants:
+                value = self.array(current)
+                for op, perm in reversed(chain):
+                    if op == "Transpose":
+                        value = np.transpose(value, perm)
+                return current, value, transposed
+            node = self.producer.get(current)
+            if node is None or node.op_type not in ("Identity", "Cast", "Transpose"):
+                return None
+            if node.op_type == "Transpose":
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+                chain.append(("Transpose", perm))
+                transposed = not transposed
+            current = node.input[0]
+        return None
+
+    def matmul_weights(self) -> list[OnnxWeight]:
+        """Every constant 2-D right-hand operand of MatMul / Gemm / com.microsoft FusedMatMul."""
+        weights = []
+        for node in self.model.graph.node:
+            if node.op_type not in ("MatMul", "Gemm", "FusedMatMul") or len(node.input) < 2:
+                continue
+            traced = self.trace_constant(node.input[1])
+            if traced is None:
+                continue
+            source, value, transposed = traced
+            if value.ndim != 2:
+                continue
+            trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+            if trans_b:
+                value, transposed = value.T, not transposed
+            weights.append(OnnxWeight(node.name or node.output[0], node.op_type, source,
+                                      tuple(self.array(source).shape), transposed, value))
+        return weights
+
+
+def fingerprint(matrix: np.ndarray) -> str:
+    return f"{matrix.dtype}:{matrix.shape}:" + hashlib.sha1(np.ascontiguousarray(matrix).tobytes()).hexdigest()
+
+
+def scope_key(name: str) -> str:
+    return "." + name.replace("/", ".").strip(".") + "."

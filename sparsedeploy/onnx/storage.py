@@ -1,0 +1,211 @@
+"""Compact storage for the zeros of an exported ONNX model, and loading ONNX models of either storage.
+
+``dense`` storage is a plain ONNX file (plus ``model.onnx_data`` external data over 2 GB): every
+runtime loads it. ``sparse`` storage moves each sufficiently sparse weight initializer out of
+``model.onnx`` into ``sparse_weights.safetensors`` as a packed bitmap (1 bit per element, 1 = non-zero)
+plus the non-zero values in row-major order; the initializer stays declared in the graph as an empty
+placeholder. It is smaller on disk (about 2.1 bytes per fp32 element at 50 % instead of 4) but no
+runtime reads it directly: :func:`load_model_proto` rebuilds the dense initializers in memory first.
+
+Neither storage makes ONNX Runtime compute faster: its CPU kernels multiply the zeros like any
+other value. The sparse file only saves disk space and transfer time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from sparsedeploy.common.errors import UserError
+from sparsedeploy.common.files import _umask
+
+log = logging.getLogger(__name__)
+
+SPARSE_FILE = "sparse_weights.safetensors"
+SPARSE_MARKER = "sparsedeploy.sparse_storage"
+TWO_GB = 2 * 1024**3
+EXTERNAL = 1  # onnx.TensorProto.EXTERNAL (data_location of a tensor whose bytes live in another file)
+# A weight is worth packing when the bitmap plus the non-zeros are smaller than the dense values.
+MIN_PACK_SPARSITY = 0.05
+
+
+# An export directory's model, in order of preference: ours, then optimum's decoder files.
+MODEL_FILES = ("model.onnx", "decoder_model_merged.onnx", "decoder_with_past_model.onnx")
+
+
+def onnx_file(path: Path | str, what: str = "ONNX model") -> Path:
+    """The .onnx file for a path that is either the file or an export directory (`what` names it in errors)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in MODEL_FILES:
+            if (path / name).is_file():
+                return path / name
+        onnx_files = sorted(path.glob("*.onnx"))
+        if len(onnx_files) == 1:
+            return onnx_files[0]
+        raise UserError(f"no model.onnx in {path}: point {what} at an ONNX export directory or pass its .onnx file")
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist: check the path or run `sparsedeploy export` first")
+    if path.suffix != ".onnx":
+        raise UserError(f"{what} {path} is not a directory or .onnx file: give an ONNX export directory")
+    return path
+
+
+def load_model_proto(path: Path | str, load_external: bool = True):
+    """Load an ONNX model (either storage) with all initializers dense; corrupt files give one clear line."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    file = onnx_file(path)
+    try:
+        model = onnx.load(str(file), load_external_data=load_external)
+    except DecodeError as exc:
+        raise UserError(f"cannot read ONNX model {file}: the file is truncated or corrupt ({exc}); export it again") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read ONNX model {file}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__} "
+                        "(missing or truncated external data?); export it again") from None
+    if len(model.graph.node) == 0:
+        raise UserError(f"ONNX model {file} has an empty graph: the file is truncated or not a model; export it again")
+    if is_sparse_storage(model):
+        unpack_sparse(model, file.parent / SPARSE_FILE)
+    return model
+
+
+def is_sparse_storage(model) -> bool:
+    return any(p.key == SPARSE_MARKER for p in model.metadata_props)
+
+
+def pack_bits(nonzero: np.ndarray) -> np.ndarray:
+    return np.packbits(nonzero.reshape(-1), bitorder="little")
+
+
+def unpack_bits(bits: np.ndarray, count: int) -> np.ndarray:
+    return np.unpackbits(bits, count=count, bitorder="little").astype(bool)
+
+
+def pack_sparse(model, out_dir: Path, min_sparsity: float = MIN_PACK_SPARSITY) -> dict:
+    """Move sparse 2-D+ float initializers of `model` (in place) into `out_dir`/SPARSE_FILE; return statistics."""
+    from onnx import helper, numpy_helper
+    from safetensors.numpy import save_file
+
+    tensors: dict[str, np.ndarray] = {}
+    packed, dense_bytes, packed_bytes = [], 0, 0
+    for index, init in enumerate(model.graph.initializer):
+        if len(init.dims) < 2 or init.data_type not in (1, 10, 11, 16):  # float, float16, double, bfloat16
+            continue
+        array = numpy_helper.to_array(init)
+        nonzero = array != 0
+        sparsity = 1.0 - float(nonzero.mean())
+        if sparsity < min_sparsity:
+            continue
+        key = f"w{index}"
+        tensors[f"{key}.bits"] = pack_bits(nonzero)
+        tensors[f"{key}.values"] = np.ascontiguousarray(array[nonzero])
+        dense_bytes += array.nbytes
+        packed_bytes += tensors[f"{key}.bits"].nbytes + tensors[f"{key}.values"].nbytes
+        packed.append({"name": init.name, "key": key, "dims": list(init.dims), "data_type": init.data_type})
+        placeholder = helper.make_tensor(init.name, init.data_type, [0], [])
+        placeholder.doc_string = f"{SPARSE_MARKER}:{key}"
+        init.CopyFrom(placeholder)
+    save_file(tensors, str(Path(out_dir) / SPARSE_FILE), metadata={"format": "bitmap-v1", "index": json.dumps(packed)})
+    model.metadata_props.add(key=SPARSE_MARKER, value=SPARSE_FILE)
+    return {"packed_weights": len(packed), "dense_bytes": dense_bytes, "packed_bytes": packed_bytes}
+
+
+def unpack_sparse(model, sparse_file: Path) -> None:
+    """Rebuild the dense initializers of a sparse-storage model in place."""
+    from onnx import helper, numpy_helper
+    from safetensors import safe_open
+
+    if not sparse_file.is_file():
+        raise UserError(f"{sparse_file} is missing: the model uses sparse storage and needs it beside model.onnx; export again")
+    try:
+        handle = safe_open(str(sparse_file), framework="numpy")
+        index = {entry["name"]: entry for entry in json.loads(handle.metadata()["index"])}
+    except Exception as exc:  # noqa: BLE001 - any parse failure of the side file is one clear line
+        raise UserError(f"cannot read {sparse_file}: {exc}; the file is corrupt, export again") from None
+    for init in model.graph.initializer:
+        if not init.doc_string.startswith(SPARSE_MARKER):
+            continue
+        entry = index.get(init.name)
+        if entry is None:
+            raise UserError(f"{sparse_file} has no data for initializer {init.name}: the files do not belong together; export again")
+        dims = entry["dims"]
+        count = int(np.prod(dims))
+        nonzero = unpack_bits(handle.get_tensor(entry["key"] + ".bits"), count)
+        values = handle.get_tensor(entry["key"] + ".values")
+        if int(nonzero.sum()) != values.size:
+            raise UserError(f"{sparse_file}: initializer {init.name} has {int(nonzero.sum())} non-zeros in its bitmap but {values.size} values; export again")
+        dense = np.zeros(count, dtype=helper.tensor_dtype_to_np_dtype(entry["data_type"]))
+        dense[nonzero] = values
+        init.CopyFrom(numpy_helper.from_array(dense.reshape(dims), init.name))
+    del model.metadata_props[:]  # the rebuilt model is an ordinary dense model
+
+
+def external_data_path(file: Path) -> Path:
+    """Where save_model_proto puts a model's external data: `model.onnx` -> `model.onnx_data` beside it."""
+    file = Path(file)
+    return file.with_name(file.name + "_data")
+
+
+def too_big_for_one_file(model) -> bool:
+    """Whether `model` is too close to protobuf's 2 GB limit to be serialised in one piece.
+
+    Summed per initializer: ModelProto.ByteSize() itself raises EncodeError past 2 GB.
+    """
+    total = 0
+    for init in model.graph.initializer:
+        total += init.ByteSize() if init.data_location != EXTERNAL else 0  # external: only a reference here
+        if total > TWO_GB - 64 * 1024**2:
+            return True
+    for node in model.graph.node:  # Constant nodes and other tensor attributes
+        total += sum(attr.t.ByteSize() for attr in node.attribute if attr.HasField("t"))
+    return total > TWO_GB - 64 * 1024**2
+
+
+def save_model_proto(model, file: Path, external: bool | None = None) -> None:
+    """Save `model` to `file`; external data (model.onnx_data) when asked or when it would not fit in 2 GB."""
+    import onnx
+
+    file = Path(file)
+    if external is None:
+        external = too_big_for_one_file(model)
+    if external:
+        data = external_data_path(file)
+        onnx.save_model(model, str(file), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+        os.chmod(data, 0o666 & ~_umask())  # onnx creates it 0600; readable like model.onnx
+    else:
+        onnx.save_model(model, str(file))
+
+
+def session_from_path(path: Path | str, threads: int | None = None, optimization: str = "all", providers: list[str] | None = None):
+    """An onnxruntime.InferenceSession for a model of either storage."""
+    import onnxruntime as ort
+
+    file = onnx_file(path)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    providers = providers or ["CPUExecutionProvider"]
+    if (file.parent / SPARSE_FILE).is_file():
+        model = load_model_proto(file)
+        if too_big_for_one_file(model):
+            raise UserError(f"{file} uses sparse storage and is over 2 GB dense: re-export with --storage dense for this size")
+        source = model.SerializeToString()
+    else:
+        source = str(file)
+    try:
+        return ort.InferenceSession(source, sess_options=options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"ONNX Runtime cannot load {file}: {first[:300]}; the file may be truncated or corrupt, export it again") from None
