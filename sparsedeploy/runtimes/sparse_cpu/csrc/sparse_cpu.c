@@ -1,0 +1,561 @@
+/* sparsedeploy sparse-cpu kernels: y[B, N] = x[B, K] @ W.T for W stored in the "bitmask16" format.
+ *
+ * Format (see docs/sparse_cpu.md): for each output row n, G = ceil(K / 16) little-endian uint16 masks
+ * (bit j of mask[n * G + g] set <=> element W[n, 16 g + j] is stored), the stored elements of all rows packed
+ * row-major in `values` (followed by 16 padding floats so vector loads may read past the last row), and
+ * row_ptr[n] = index in `values` of row n's first element (row_ptr[N] = nnz).
+ *
+ * Paths: batch 1 is a GEMV that expands each 16-weight group to a vector (AVX-512 vexpandps; AVX2 a 256-entry
+ * permute table + vpermps), 4 rows interleaved. Batch >= 2 uses the weight-broadcast form: each row's stored
+ * elements are decoded once into column offsets, then each weight is broadcast and multiplied into the
+ * activations of the whole batch (x transposed to [K, Bp]), so zero weights cost nothing.
+ * A portable plain-C path compiles anywhere. ISA is picked at run time (__builtin_cpu_supports on x86).
+ * Threads: a persistent pool; rows are split into contiguous ranges of equal stored-element count.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define SDK_X86 1
+#include <immintrin.h>
+#else
+#define SDK_X86 0
+#endif
+
+#define SDK_EXPORT __attribute__((visibility("default")))
+
+enum { ISA_AUTO = 0, ISA_PORTABLE = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
+enum { ERR_ISA = -2, ERR_ARGS = -1, ERR_NOMEM = -3 };
+#define SDK_MAX_THREADS 64
+#define SDK_ROWS 4 /* rows interleaved in the GEMV */
+
+typedef struct {
+    const float *x;        /* batch 1: padded x [G*16]; batch >= 2: x transposed [K, bp] */
+    const uint16_t *mask;  /* [N, G] */
+    const float *values;   /* [nnz + 16] */
+    const int64_t *row_ptr;/* [N + 1] */
+    float *y;              /* [B, N] */
+    int64_t n, k, g, b, bp;
+    int isa;
+    atomic_int *failed;    /* set when a worker could not allocate its scratch */
+    int64_t bounds[SDK_MAX_THREADS + 1];
+} job_t;
+
+/* ------------------------------------------------------------------------------------------------ portable */
+
+static void gemv_portable(const job_t *j, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const uint16_t *m = j->mask + r * j->g;
+        const float *v = j->values + j->row_ptr[r];
+        float facc = 0.0f;
+        for (int64_t g = 0; g < j->g; g++) {
+            unsigned bits = m[g];
+            const float *xg = j->x + g * 16;
+            while (bits) {
+                int t = __builtin_ctz(bits);
+                facc += *v++ * xg[t];
+                bits &= bits - 1;
+            }
+        }
+        j->y[r] = facc;
+    }
+}
+
+/* Decode row r's stored-element columns into offsets col * bp (into x transposed). Returns the count. */
+static int64_t decode_row_portable(const job_t *j, int64_t r, int32_t *off) {
+    const uint16_t *m = j->mask + r * j->g;
+    int64_t c = 0;
+    for (int64_t g = 0; g < j->g; g++) {
+        unsigned bits = m[g];
+        while (bits) {
+            off[c++] = (int32_t)((g * 16 + __builtin_ctz(bits)) * j->bp);
+            bits &= bits - 1;
+        }
+    }
+    return c;
+}
+
+static void store_row(const job_t *j, int64_t r, int64_t b0, int64_t nb, const float *acc) {
+    for (int64_t b = 0; b < nb; b++) j->y[(b0 + b) * j->n + r] = acc[b];
+}
+
+static void gemm_portable(const job_t *j, int64_t r0, int64_t r1, int32_t *off) {
+    float acc[64];
+    for (int64_t r = r0; r < r1; r++) {
+        int64_t c = decode_row_portable(j, r, off);
+        const float *v = j->values + j->row_ptr[r];
+        for (int64_t b0 = 0; b0 < j->b; b0 += 64) {
+            int64_t nb = j->b - b0 < 64 ? j->b - b0 : 64;
+            memset(acc, 0, sizeof acc);
+            for (int64_t i = 0; i < c; i++) {
+                const float w = v[i];
+                const float *xp = j->x + off[i] + b0;
+                for (int64_t b = 0; b < nb; b++) acc[b] += w * xp[b];
+            }
+            store_row(j, r, b0, nb, acc);
+        }
+    }
+}
+
+#if SDK_X86
+/* ------------------------------------------------------------------------------------------------ AVX2 */
+
+/* perm[m][i]: for lane i of an 8-weight group with mask byte m, the index into the packed values of that
+ * lane's element, with the sign bit set when the lane is stored (blendv keeps it) and clear when it is zero.
+ * comp[m][i]: the position of the i-th set bit of m (for decoding columns). */
+static int32_t perm_table[256][8] __attribute__((aligned(32)));
+static int32_t comp_table[256][8] __attribute__((aligned(32)));
+static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
+
+static void init_tables(void) {
+    for (int m = 0; m < 256; m++) {
+        int c = 0;
+        for (int i = 0; i < 8; i++) {
+            if (m >> i & 1) {
+                perm_table[m][i] = (int32_t)(0x80000000u | (uint32_t)c);
+                comp_table[m][c] = i;
+                c++;
+            } else {
+                perm_table[m][i] = 0;
+            }
+        }
+        for (; c < 8; c++) comp_table[m][c] = 0;
+    }
+}
+
+__attribute__((target("avx2,fma,popcnt"))) static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma,popcnt"))) static inline __m256 expand8(const float **v, unsigned byte) {
+    __m256i idx = _mm256_load_si256((const __m256i *)perm_table[byte]);
+    __m256 w = _mm256_permutevar8x32_ps(_mm256_loadu_ps(*v), idx);
+    *v += __builtin_popcount(byte);
+    return _mm256_blendv_ps(_mm256_setzero_ps(), w, _mm256_castsi256_ps(idx));
+}
+
+__attribute__((target("avx2,fma,popcnt"))) static void gemv_avx2(const job_t *j, int64_t r0, int64_t r1) {
+    const int64_t G = j->g;
+    int64_t r = r0;
+    for (; r + SDK_ROWS <= r1; r += SDK_ROWS) {
+        const uint16_t *m0 = j->mask + r * G, *m1 = m0 + G, *m2 = m1 + G, *m3 = m2 + G;
+        const float *v0 = j->values + j->row_ptr[r], *v1 = j->values + j->row_ptr[r + 1];
+        const float *v2 = j->values + j->row_ptr[r + 2], *v3 = j->values + j->row_ptr[r + 3];
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t g = 0; g < G; g++) {
+            const __m256 xl = _mm256_loadu_ps(j->x + g * 16), xh = _mm256_loadu_ps(j->x + g * 16 + 8);
+            unsigned b0 = m0[g], b1 = m1[g], b2 = m2[g], b3 = m3[g];
+            a0 = _mm256_fmadd_ps(expand8(&v0, b0 & 0xff), xl, a0);
+            a1 = _mm256_fmadd_ps(expand8(&v1, b1 & 0xff), xl, a1);
+            a2 = _mm256_fmadd_ps(expand8(&v2, b2 & 0xff), xl, a2);
+            a3 = _mm256_fmadd_ps(expand8(&v3, b3 & 0xff), xl, a3);
+            a0 = _mm256_fmadd_ps(expand8(&v0, b0 >> 8), xh, a0);
+            a1 = _mm256_fmadd_ps(expand8(&v1, b1 >> 8), xh, a1);
+            a2 = _mm256_fmadd_ps(expand8(&v2, b2 >> 8), xh, a2);
+            a3 = _mm256_fmadd_ps(expand8(&v3, b3 >> 8), xh, a3);
+        }
+        j->y[r] = hsum256(a0);
+        j->y[r + 1] = hsum256(a1);
+        j->y[r + 2] = hsum256(a2);
+        j->y[r + 3] = hsum256(a3);
+    }
+    for (; r < r1; r++) {
+        const uint16_t *m0 = j->mask + r * G;
+        const float *v0 = j->values + j->row_ptr[r];
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        for (int64_t g = 0; g < G; g++) {
+            a0 = _mm256_fmadd_ps(expand8(&v0, m0[g] & 0xff), _mm256_loadu_ps(j->x + g * 16), a0);
+            a1 = _mm256_fmadd_ps(expand8(&v0, m0[g] >> 8), _mm256_loadu_ps(j->x + g * 16 + 8), a1);
+        }
+        j->y[r] = hsum256(_mm256_add_ps(a0, a1));
+    }
+}
+
+__attribute__((target("avx2,fma,popcnt"))) static int64_t decode_row_avx2(const job_t *j, int64_t r, int32_t *off) {
+    const uint16_t *m = j->mask + r * j->g;
+    const __m256i stride = _mm256_set1_epi32((int32_t)j->bp);
+    int64_t c = 0;
+    for (int64_t g = 0; g < j->g; g++) {
+        for (int h = 0; h < 2; h++) {
+            unsigned byte = (unsigned)(m[g] >> (8 * h)) & 0xff;
+            __m256i col = _mm256_add_epi32(_mm256_load_si256((const __m256i *)comp_table[byte]),
+                                           _mm256_set1_epi32((int32_t)(g * 16 + h * 8)));
+            _mm256_storeu_si256((__m256i *)(off + c), _mm256_mullo_epi32(col, stride));
+            c += __builtin_popcount(byte);
+        }
+    }
+    return c;
+}
+
+/* One row, T vectors of 8 batch lanes, U independent partial sums (to hide FMA latency when T is small). */
+#define GEMM_AVX2_BODY(T, U)                                                                                 \
+    do {                                                                                                     \
+        __m256 acc[U][T];                                                                                    \
+        for (int u = 0; u < U; u++)                                                                          \
+            for (int t = 0; t < T; t++) acc[u][t] = _mm256_setzero_ps();                                     \
+        int64_t i = 0;                                                                                       \
+        for (; i + U <= c; i += U)                                                                           \
+            for (int u = 0; u < U; u++) {                                                                    \
+                const __m256 w = _mm256_broadcast_ss(v + i + u);                                             \
+                const float *xp = xb + off[i + u];                                                           \
+                for (int t = 0; t < T; t++) acc[u][t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + 8 * t), acc[u][t]); \
+            }                                                                                                \
+        for (; i < c; i++) {                                                                                 \
+            const __m256 w = _mm256_broadcast_ss(v + i);                                                     \
+            const float *xp = xb + off[i];                                                                   \
+            for (int t = 0; t < T; t++) acc[0][t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + 8 * t), acc[0][t]); \
+        }                                                                                                    \
+        for (int u = 1; u < U; u++)                                                                          \
+            for (int t = 0; t < T; t++) acc[0][t] = _mm256_add_ps(acc[0][t], acc[u][t]);                     \
+        for (int t = 0; t < T; t++) _mm256_storeu_ps(out + 8 * t, acc[0][t]);                                \
+    } while (0)
+
+__attribute__((target("avx2,fma,popcnt"))) static void gemm_avx2(const job_t *j, int64_t r0, int64_t r1, int32_t *off) {
+    float out[64] __attribute__((aligned(32)));
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t c = decode_row_avx2(j, r, off);
+        const float *v = j->values + j->row_ptr[r];
+        for (int64_t b0 = 0; b0 < j->b; b0 += 64) {
+            const int64_t nb = j->b - b0 < 64 ? j->b - b0 : 64;
+            const float *xb = j->x + b0;
+            switch ((nb + 7) / 8) {
+            case 1: GEMM_AVX2_BODY(1, 4); break;
+            case 2: GEMM_AVX2_BODY(2, 2); break;
+            case 3: GEMM_AVX2_BODY(3, 2); break;
+            case 4: GEMM_AVX2_BODY(4, 1); break;
+            case 5: GEMM_AVX2_BODY(5, 1); break;
+            case 6: GEMM_AVX2_BODY(6, 1); break;
+            case 7: GEMM_AVX2_BODY(7, 1); break;
+            default: GEMM_AVX2_BODY(8, 1); break;
+            }
+            store_row(j, r, b0, nb, out);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ AVX-512 */
+
+__attribute__((target("avx512f,popcnt"))) static void gemv_avx512(const job_t *j, int64_t r0, int64_t r1) {
+    const int64_t G = j->g;
+    int64_t r = r0;
+    for (; r + SDK_ROWS <= r1; r += SDK_ROWS) {
+        const uint16_t *m0 = j->mask + r * G, *m1 = m0 + G, *m2 = m1 + G, *m3 = m2 + G;
+        const float *v0 = j->values + j->row_ptr[r], *v1 = j->values + j->row_ptr[r + 1];
+        const float *v2 = j->values + j->row_ptr[r + 2], *v3 = j->values + j->row_ptr[r + 3];
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t g = 0; g < G; g++) {
+            const __m512 xv = _mm512_loadu_ps(j->x + g * 16);
+            const __mmask16 k0 = m0[g], k1 = m1[g], k2 = m2[g], k3 = m3[g];
+            a0 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k0, _mm512_loadu_ps(v0)), xv, a0);
+            a1 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k1, _mm512_loadu_ps(v1)), xv, a1);
+            a2 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k2, _mm512_loadu_ps(v2)), xv, a2);
+            a3 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k3, _mm512_loadu_ps(v3)), xv, a3);
+            v0 += __builtin_popcount(k0);
+            v1 += __builtin_popcount(k1);
+            v2 += __builtin_popcount(k2);
+            v3 += __builtin_popcount(k3);
+        }
+        j->y[r] = _mm512_reduce_add_ps(a0);
+        j->y[r + 1] = _mm512_reduce_add_ps(a1);
+        j->y[r + 2] = _mm512_reduce_add_ps(a2);
+        j->y[r + 3] = _mm512_reduce_add_ps(a3);
+    }
+    for (; r < r1; r++) {
+        const uint16_t *m0 = j->mask + r * G;
+        const float *v0 = j->values + j->row_ptr[r];
+        __m512 a0 = _mm512_setzero_ps();
+        for (int64_t g = 0; g < G; g++) {
+            const __mmask16 k0 = m0[g];
+            a0 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k0, _mm512_loadu_ps(v0)), _mm512_loadu_ps(j->x + g * 16), a0);
+            v0 += __builtin_popcount(k0);
+        }
+        j->y[r] = _mm512_reduce_add_ps(a0);
+    }
+}
+
+__attribute__((target("avx512f,popcnt"))) static int64_t decode_row_avx512(const job_t *j, int64_t r, int32_t *off) {
+    const uint16_t *m = j->mask + r * j->g;
+    const __m512i step = _mm512_set1_epi32((int32_t)(16 * j->bp));
+    __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                     _mm512_set1_epi32((int32_t)j->bp));
+    int64_t c = 0;
+    for (int64_t g = 0; g < j->g; g++) {
+        const __mmask16 k = m[g];
+        _mm512_storeu_si512((void *)(off + c), _mm512_maskz_compress_epi32(k, col));
+        c += __builtin_popcount(k);
+        col = _mm512_add_epi32(col, step);
+    }
+    return c;
+}
+
+#define GEMM_AVX512_BODY(T, U)                                                                               \
+    do {                                                                                                     \
+        __m512 acc[U][T];                                                                                    \
+        for (int u = 0; u < U; u++)                                                                          \
+            for (int t = 0; t < T; t++) acc[u][t] = _mm512_setzero_ps();                                     \
+        int64_t i = 0;                                                                                       \
+        for (; i + U <= c; i += U)                                                                           \
+            for (int u = 0; u < U; u++) {                                                                    \
+                const __m512 w = _mm512_set1_ps(v[i + u]);                                                   \
+                const float *xp = xb + off[i + u];                                                           \
+                for (int t = 0; t < T; t++) acc[u][t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp + 16 * t), acc[u][t]); \
+            }                                                                                                \
+        for (; i < c; i++) {                                                                                 \
+            const __m512 w = _mm512_set1_ps(v[i]);                                                           \
+            const float *xp = xb + off[i];                                                                   \
+            for (int t = 0; t < T; t++) acc[0][t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp + 16 * t), acc[0][t]); \
+        }                                                                                                    \
+        for (int u = 1; u < U; u++)                                                                          \
+            for (int t = 0; t < T; t++) acc[0][t] = _mm512_add_ps(acc[0][t], acc[u][t]);                     \
+        for (int t = 0; t < T; t++) _mm512_storeu_ps(out + 16 * t, acc[0][t]);                               \
+    } while (0)
+
+__attribute__((target("avx512f,avx2,fma,popcnt"))) static void gemm_avx512(const job_t *j, int64_t r0, int64_t r1,
+                                                                           int32_t *off) {
+    float out[128] __attribute__((aligned(64)));
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t c = decode_row_avx512(j, r, off);
+        const float *v = j->values + j->row_ptr[r];
+        for (int64_t b0 = 0; b0 < j->b; b0 += 128) {
+            const int64_t nb = j->b - b0 < 128 ? j->b - b0 : 128;
+            const float *xb = j->x + b0;
+            if (nb <= 8) { /* one 8-lane vector holds the batch: the AVX2 body wastes no lanes */
+                GEMM_AVX2_BODY(1, 4);
+            } else {
+                switch ((nb + 15) / 16) {
+                case 1: GEMM_AVX512_BODY(1, 4); break;
+                case 2: GEMM_AVX512_BODY(2, 2); break;
+                case 3: GEMM_AVX512_BODY(3, 2); break;
+                case 4: GEMM_AVX512_BODY(4, 1); break;
+                case 5: GEMM_AVX512_BODY(5, 1); break;
+                case 6: GEMM_AVX512_BODY(6, 1); break;
+                case 7: GEMM_AVX512_BODY(7, 1); break;
+                default: GEMM_AVX512_BODY(8, 1); break;
+                }
+            }
+            store_row(j, r, b0, nb, out);
+        }
+    }
+}
+#endif /* SDK_X86 */
+
+/* ------------------------------------------------------------------------------------------------ dispatch */
+
+static int isa_supported(int isa) {
+    if (isa == ISA_PORTABLE) return 1;
+#if SDK_X86
+    __builtin_cpu_init();
+    if (isa == ISA_AVX2)
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
+    if (isa == ISA_AVX512) return __builtin_cpu_supports("avx512f") && isa_supported(ISA_AVX2);
+#endif
+    return 0;
+}
+
+/* Bit i set <=> ISA i (ISA_PORTABLE, ISA_AVX2, ISA_AVX512) runs on this CPU. */
+SDK_EXPORT int sdk_supported_isas(void) {
+    int bits = 0;
+    for (int isa = ISA_PORTABLE; isa <= ISA_AVX512; isa++)
+        if (isa_supported(isa)) bits |= 1 << isa;
+    return bits;
+}
+
+static __thread int32_t *tl_off;
+static __thread int64_t tl_off_cap;
+
+static void run_part(const job_t *j, int tid) {
+    const int64_t r0 = j->bounds[tid], r1 = j->bounds[tid + 1];
+    if (r0 >= r1) return;
+    if (j->b == 1) {
+#if SDK_X86
+        if (j->isa == ISA_AVX512) { gemv_avx512(j, r0, r1); return; }
+        if (j->isa == ISA_AVX2) { gemv_avx2(j, r0, r1); return; }
+#endif
+        gemv_portable(j, r0, r1);
+        return;
+    }
+    const int64_t need = j->g * 16 + 16;
+    if (tl_off_cap < need) {
+        free(tl_off);
+        tl_off = aligned_alloc(64, (size_t)need * sizeof(int32_t) + 64);
+        tl_off_cap = tl_off ? need : 0;
+        if (!tl_off) { atomic_store(j->failed, 1); return; }
+    }
+#if SDK_X86
+    if (j->isa == ISA_AVX512) { gemm_avx512(j, r0, r1, tl_off); return; }
+    if (j->isa == ISA_AVX2) { gemm_avx2(j, r0, r1, tl_off); return; }
+#endif
+    gemm_portable(j, r0, r1, tl_off);
+}
+
+/* ------------------------------------------------------------------------------------------------ pool */
+
+typedef struct {
+    pthread_mutex_t call_lock; /* one matmul at a time uses the pool */
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    int started;               /* worker threads running (tids 1..started) */
+    int sleepers;
+    atomic_uint gen;
+    atomic_int pending;
+    const job_t *job;
+    int nthreads;
+} pool_t;
+
+static pool_t pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0};
+
+static inline void cpu_relax(void) {
+#if SDK_X86
+    _mm_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+#define SPIN_NS 200000 /* a worker spins this long for the next call before sleeping */
+
+static unsigned start_gen[SDK_MAX_THREADS]; /* the generation a worker was created in (it must not miss the next) */
+
+static void *worker_main(void *arg) {
+    const int tid = (int)(intptr_t)arg;
+    unsigned seen = start_gen[tid];
+    for (;;) {
+        int64_t t0 = now_ns();
+        unsigned g;
+        int spins = 0;
+        while ((g = atomic_load_explicit(&pool.gen, memory_order_acquire)) == seen) {
+            cpu_relax();
+            if (++spins % 256 == 0 && now_ns() - t0 > SPIN_NS) {
+                pthread_mutex_lock(&pool.lock);
+                pool.sleepers++;
+                while ((g = atomic_load(&pool.gen)) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+                pool.sleepers--;
+                pthread_mutex_unlock(&pool.lock);
+                break;
+            }
+        }
+        seen = g;
+        if (tid < pool.nthreads) {
+            run_part(pool.job, tid);
+            atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_acq_rel);
+        }
+    }
+    return NULL;
+}
+
+static int pool_ensure(int nthreads) {
+    while (pool.started < nthreads - 1) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        start_gen[pool.started + 1] = atomic_load(&pool.gen);
+        int rc = pthread_create(&th, &attr, worker_main, (void *)(intptr_t)(pool.started + 1));
+        pthread_attr_destroy(&attr);
+        if (rc != 0) return 0;
+        pool.started++;
+    }
+    return 1;
+}
+
+static void pool_run(const job_t *j, int nthreads) {
+    if (nthreads <= 1 || !pool_ensure(nthreads)) {
+        for (int t = 0; t < nthreads; t++) run_part(j, t);
+        return;
+    }
+    pool.job = j;
+    pool.nthreads = nthreads;
+    /* every started worker wakes; those with tid >= nthreads only acknowledge the generation */
+    atomic_store(&pool.pending, nthreads - 1);
+    pthread_mutex_lock(&pool.lock);
+    atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
+    if (pool.sleepers) pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+    run_part(j, 0);
+    int spins = 0;
+    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0)
+        if (++spins % 1024 == 0) sched_yield(); else cpu_relax();
+}
+
+/* Split rows [0, n) into nthreads ranges of about equal work (stored elements plus a per-row cost),
+ * boundaries on multiples of SDK_ROWS. */
+static void balance(job_t *j, int nthreads) {
+    const int64_t per_row = j->g; /* mask decode / loop overhead, in element-equivalents */
+    const double total = (double)j->row_ptr[j->n] + (double)per_row * (double)j->n;
+    int64_t r = 0;
+    j->bounds[0] = 0;
+    for (int t = 1; t < nthreads; t++) {
+        const double target = total * t / nthreads;
+        int64_t lo = r, hi = j->n; /* first row whose prefix work >= target */
+        while (lo < hi) {
+            int64_t mid = (lo + hi) / 2;
+            if ((double)j->row_ptr[mid] + (double)per_row * mid < target) lo = mid + 1; else hi = mid;
+        }
+        r = (lo + SDK_ROWS / 2) / SDK_ROWS * SDK_ROWS;
+        if (r > j->n) r = j->n;
+        if (r < j->bounds[t - 1]) r = j->bounds[t - 1];
+        j->bounds[t] = r;
+    }
+    j->bounds[nthreads] = j->n;
+}
+
+static float *scratch;
+static int64_t scratch_cap;
+
+/* y[b, n] = sum_k x[b, k] * W[n, k]. isa: 0 auto, 1 portable, 2 AVX2, 3 AVX-512. threads >= 1.
+ * Returns 0, or ERR_ARGS / ERR_ISA / ERR_NOMEM. Safe to call from several threads (calls serialize). */
+SDK_EXPORT int sdk_matmul(const float *x, int64_t b, int64_t k, const uint16_t *mask, const float *values,
+                          const int64_t *row_ptr, int64_t n, float *y, int threads, int isa) {
+    if (b < 1 || k < 1 || n < 1 || !x || !mask || !values || !row_ptr || !y || threads < 1) return ERR_ARGS;
+    if (threads > SDK_MAX_THREADS) threads = SDK_MAX_THREADS;
+    if (isa == ISA_AUTO) isa = isa_supported(ISA_AVX512) ? ISA_AVX512 : isa_supported(ISA_AVX2) ? ISA_AVX2 : ISA_PORTABLE;
+    if (!isa_supported(isa)) return ERR_ISA;
+#if SDK_X86
+    pthread_once(&tables_once, init_tables);
+#endif
+    atomic_int failed = 0;
+    job_t j = {.failed = &failed, .mask = mask, .values = values, .row_ptr = row_ptr, .y = y, .n = n, .k = k, .b = b, .isa = isa};
+    j.g = (k + 15) / 16;
+    j.bp = b == 1 ? 1 : (b + 15) / 16 * 16;
+    if ((double)j.g * 16 * (double)j.bp >= 2147483647.0) return ERR_ARGS; /* int32 offsets: callers chunk the batch */
+    if ((int64_t)threads * SDK_ROWS > n) threads = (int)((n + SDK_ROWS - 1) / SDK_ROWS);
+    if (threads < 1) threads = 1;
+
+    pthread_mutex_lock(&pool.call_lock);
+    const int64_t need = b == 1 ? j.g * 16 : j.g * 16 * j.bp;
+    if (scratch_cap < need) {
+        free(scratch);
+        scratch = aligned_alloc(64, (size_t)need * sizeof(float) + 64);
+        scratch_cap = scratch ? need : 0;
+        if (!scratch) { pthread_mutex_unlock(&pool.call_lock); return ERR_NOMEM; }
+    }
+    if (b == 1) {
+        memcpy(scratch, x, (size_t)k * sizeof(float));
+        memset(scratch + k, 0, (size_t)(j.g * 16 - k) * sizeof(float));
+    } else { /* transpose to [K, bp] in 16 x 16 tiles; padding lanes zero */
+        memset(scratch, 0, (size_t)need * sizeof(float));
+        for (int64_t k0 = 0; k0 < k; k0 += 16)
+            for (int64_t b0 = 0; b0 < b; b0 += 16)
+                for (int64_t kk = k0; kk < k0 + 16 && kk < k; kk++)
+                    for (int64_t bb = b0; bb < b0 + 16 && bb < b; bb++) scratch[kk * j.bp + bb] = x[bb * k + kk];
+    }
+    j.x = scratch;
+    balance(&j, threads);
+    pool_run(&j, threads);
+    pthread_mutex_unlock(&pool.call_lock);
+    return atomic_load(&failed) ? ERR_NOMEM : 0;
+}
