@@ -243,7 +243,22 @@ __attribute__((target("avx2,fma,popcnt"))) static void gemm_avx2(const job_t *j,
 
 /* ------------------------------------------------------------------------------------------------ AVX-512 */
 
-__attribute__((target("avx512f,popcnt"))) static void gemv_avx512(const job_t *j, int64_t r0, int64_t r1) {
+/* Expand 16 packed values by the 16-bit mask k with one vpermps: the index vector is built from the two
+ * mask bytes' permute-table rows (the high byte's indices shifted by popcount(low byte)); masked lanes are
+ * zeroed by the permute's own write-mask. (vexpandps would do this in one instruction but runs ~5 cycles per
+ * vector on AMD Zen 4; this form is faster there and about as fast on Intel.) */
+__attribute__((target("avx512f,avx2,popcnt"))) static inline __m512 expand16(const float **v, unsigned k) {
+    const unsigned lo = k & 0xff, hi = k >> 8;
+    const int plo = __builtin_popcount(lo);
+    const __m256i ilo = _mm256_load_si256((const __m256i *)perm_table[lo]);
+    const __m256i ihi = _mm256_add_epi32(_mm256_load_si256((const __m256i *)perm_table[hi]), _mm256_set1_epi32(plo));
+    const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(ilo), ihi, 1);
+    const __m512 w = _mm512_maskz_permutexvar_ps((__mmask16)k, idx, _mm512_loadu_ps(*v));
+    *v += plo + __builtin_popcount(hi);
+    return w;
+}
+
+__attribute__((target("avx512f,avx2,popcnt"))) static void gemv_avx512(const job_t *j, int64_t r0, int64_t r1) {
     const int64_t G = j->g;
     int64_t r = r0;
     for (; r + SDK_ROWS <= r1; r += SDK_ROWS) {
@@ -253,15 +268,10 @@ __attribute__((target("avx512f,popcnt"))) static void gemv_avx512(const job_t *j
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int64_t g = 0; g < G; g++) {
             const __m512 xv = _mm512_loadu_ps(j->x + g * 16);
-            const __mmask16 k0 = m0[g], k1 = m1[g], k2 = m2[g], k3 = m3[g];
-            a0 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k0, _mm512_loadu_ps(v0)), xv, a0);
-            a1 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k1, _mm512_loadu_ps(v1)), xv, a1);
-            a2 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k2, _mm512_loadu_ps(v2)), xv, a2);
-            a3 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k3, _mm512_loadu_ps(v3)), xv, a3);
-            v0 += __builtin_popcount(k0);
-            v1 += __builtin_popcount(k1);
-            v2 += __builtin_popcount(k2);
-            v3 += __builtin_popcount(k3);
+            a0 = _mm512_fmadd_ps(expand16(&v0, m0[g]), xv, a0);
+            a1 = _mm512_fmadd_ps(expand16(&v1, m1[g]), xv, a1);
+            a2 = _mm512_fmadd_ps(expand16(&v2, m2[g]), xv, a2);
+            a3 = _mm512_fmadd_ps(expand16(&v3, m3[g]), xv, a3);
         }
         j->y[r] = _mm512_reduce_add_ps(a0);
         j->y[r + 1] = _mm512_reduce_add_ps(a1);
@@ -272,11 +282,7 @@ __attribute__((target("avx512f,popcnt"))) static void gemv_avx512(const job_t *j
         const uint16_t *m0 = j->mask + r * G;
         const float *v0 = j->values + j->row_ptr[r];
         __m512 a0 = _mm512_setzero_ps();
-        for (int64_t g = 0; g < G; g++) {
-            const __mmask16 k0 = m0[g];
-            a0 = _mm512_fmadd_ps(_mm512_maskz_expand_ps(k0, _mm512_loadu_ps(v0)), _mm512_loadu_ps(j->x + g * 16), a0);
-            v0 += __builtin_popcount(k0);
-        }
+        for (int64_t g = 0; g < G; g++) a0 = _mm512_fmadd_ps(expand16(&v0, m0[g]), _mm512_loadu_ps(j->x + g * 16), a0);
         j->y[r] = _mm512_reduce_add_ps(a0);
     }
 }
