@@ -66,11 +66,11 @@ class PackedLinear:
         n, k = int(shape[0]), int(shape[1])
         mask = _as(arrays["mask"], np.uint16, (n, -(-k // GROUP)), "mask")
         row_ptr = _as(arrays["row_ptr"], np.int64, (n + 1,), "row_ptr")
+        if k % GROUP and (mask[:, -1] >> np.uint16(k % GROUP)).any():
+            raise ValueError(f"packed weight 'mask' has bits set beyond K={k}")
         counts = _popcount(mask).sum(axis=1)
         if row_ptr[0] != 0 or not np.array_equal(np.diff(row_ptr), counts):
             raise ValueError("packed weight 'row_ptr' does not match the popcount of 'mask' rows")
-        if k % GROUP and (mask[:, -1] >> np.uint16(k % GROUP)).any():
-            raise ValueError(f"packed weight 'mask' has bits set beyond K={k}")
         values = _as(arrays["values"], np.float32, (int(row_ptr[-1]) + PAD,), "values")
         return cls(mask=mask, values=values, row_ptr=row_ptr, shape=(n, k))
 
@@ -82,7 +82,7 @@ def _as(a: np.ndarray, dtype: type, shape: tuple[int, ...], name: str) -> np.nda
     want = tuple(s if s >= 0 else a.shape[i] if i < a.ndim else -1 for i, s in enumerate(shape))
     if a.shape != want:
         raise ValueError(f"packed weight '{name}' must have shape {want}, got {a.shape}")
-    a = np.ascontiguousarray(a)
+    a = np.ascontiguousarray(a).view()  # a view: the caller's array keeps its own flags
     a.flags.writeable = False
     return a
 

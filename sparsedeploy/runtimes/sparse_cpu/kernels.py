@@ -76,6 +76,8 @@ def matmul(x: np.ndarray, p: PackedLinear, threads: int | None = None, isa: str 
     threads: worker threads (None: the CPUs this process may run on). isa: force a dispatch path
     ("avx512", "avx2", "portable"; None: the best this CPU runs). out: optional C-contiguous float32 [B, N].
     """
+    if not isinstance(p, PackedLinear):
+        raise TypeError(f"matmul: the weight must be a PackedLinear (from format.pack), got {type(p).__name__}")
     n, k = p.shape
     x = np.asarray(x)
     if x.dtype != np.float32:
