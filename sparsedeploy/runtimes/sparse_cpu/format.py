@@ -4,12 +4,16 @@ A float32 nn.Linear weight W [N, K] (y = x @ W.T) is stored as
   mask     uint16 [N, G], G = ceil(K / 16): bit j of mask[n, g] set <=> W[n, 16 g + j] is stored
   values   float32 [nnz + 16]: the stored elements, row-major, then 16 zero floats of padding
   row_ptr  int64 [N + 1]: row n's elements are values[row_ptr[n]:row_ptr[n + 1]]
-An element is stored when its bit pattern is not all-zero (so -0.0 is kept: the round trip is bit-exact).
+  negzero  uint8 [ceil(Z / 8)] or [0]: over the Z zero elements (+0.0 or -0.0) in row-major order, bit i
+           (little-endian bit order) set <=> the i-th zero is -0.0; empty when the weight has no -0.0
+An element is stored when it is not +-0.0 (NaN payloads and denormals are kept). Pruning by `w * mask` leaves
+-0.0 wherever a negative weight was pruned, so the sign of zeros rides in `negzero` (read by unpack only,
+never by the kernels, since +-0.0 add the same to a sum): the round trip is bit-exact.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,6 +30,7 @@ class PackedLinear:
     values: np.ndarray    # float32 [nnz + PAD]
     row_ptr: np.ndarray   # int64 [N + 1]
     shape: tuple[int, int]  # (N, K)
+    negzero: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))  # uint8 sign bits of zeros
     layout: str = LAYOUT
 
     @property
@@ -40,7 +45,12 @@ class PackedLinear:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the format occupies (mask + values incl. padding + row pointers)."""
+        """Bytes the format occupies when stored (all arrays)."""
+        return int(self.kernel_nbytes + self.negzero.nbytes)
+
+    @property
+    def kernel_nbytes(self) -> int:
+        """Bytes a matmul reads (mask + values incl. padding + row pointers; not `negzero`)."""
         return int(self.mask.nbytes + self.values.nbytes + self.row_ptr.nbytes)
 
     @property
@@ -51,7 +61,7 @@ class PackedLinear:
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The arrays to store (e.g. as ONNX initializers); `shape` and `layout` are recoverable from them."""
         n, k = self.shape
-        return {"mask": self.mask, "values": self.values, "row_ptr": self.row_ptr,
+        return {"mask": self.mask, "values": self.values, "row_ptr": self.row_ptr, "negzero": self.negzero,
                 "shape": np.array([n, k], dtype=np.int64)}
 
     @classmethod
@@ -72,7 +82,13 @@ class PackedLinear:
         if row_ptr[0] != 0 or not np.array_equal(np.diff(row_ptr), counts):
             raise ValueError("packed weight 'row_ptr' does not match the popcount of 'mask' rows")
         values = _as(arrays["values"], np.float32, (int(row_ptr[-1]) + PAD,), "values")
-        return cls(mask=mask, values=values, row_ptr=row_ptr, shape=(n, k))
+        negzero = np.asarray(arrays.get("negzero", np.zeros(0, np.uint8)))
+        zeros = n * k - int(row_ptr[-1])
+        if negzero.size:
+            negzero = _as(negzero, np.uint8, (-(-zeros // 8),), "negzero")
+        else:
+            negzero = _as(negzero.astype(np.uint8), np.uint8, (0,), "negzero")
+        return cls(mask=mask, values=values, row_ptr=row_ptr, shape=(n, k), negzero=negzero)
 
 
 def _as(a: np.ndarray, dtype: type, shape: tuple[int, ...], name: str) -> np.ndarray:
@@ -104,7 +120,9 @@ def pack(weight: np.ndarray) -> PackedLinear:
     n, k = w.shape
     g = -(-k // GROUP)
     bits = np.ascontiguousarray(w).view(np.uint32)
-    stored = bits != 0
+    stored = (bits & np.uint32(0x7FFFFFFF)) != 0
+    neg = bits == np.uint32(0x80000000)
+    negzero = np.packbits(neg[~stored], bitorder="little") if neg.any() else np.zeros(0, dtype=np.uint8)
     padded = np.zeros((n, g * GROUP), dtype=bool)
     padded[:, :k] = stored
     mask = np.packbits(padded, axis=1, bitorder="little").view("<u2").astype(np.uint16)  # byte 0 = bits 0-7
@@ -112,9 +130,9 @@ def pack(weight: np.ndarray) -> PackedLinear:
     values[:-PAD] = w[stored]  # boolean indexing is row-major: each row's elements in column order
     row_ptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(stored.sum(axis=1), out=row_ptr[1:])
-    for a in (mask, values, row_ptr):
+    for a in (mask, values, row_ptr, negzero):
         a.flags.writeable = False
-    return PackedLinear(mask=mask, values=values, row_ptr=row_ptr, shape=(n, k))
+    return PackedLinear(mask=mask, values=values, row_ptr=row_ptr, shape=(n, k), negzero=negzero)
 
 
 def unpack(p: PackedLinear) -> np.ndarray:
@@ -125,10 +143,14 @@ def unpack(p: PackedLinear) -> np.ndarray:
     stored = bits.reshape(n, g * GROUP)[:, :k].astype(bool)
     out = np.zeros((n, k), dtype=np.float32)
     out.view(np.uint32)[stored] = p.values[:p.nnz].view(np.uint32)
+    if p.negzero.size:
+        zeros = ~stored
+        sign = np.unpackbits(p.negzero, count=int(zeros.sum()), bitorder="little").astype(bool)
+        out.view(np.uint32)[zeros] = np.where(sign, np.uint32(0x80000000), np.uint32(0))
     return out
 
 
 def byte_bound_ceiling(p: PackedLinear) -> float:
-    """Bytes of the dense fp32 weight over bytes of this packed weight: the batch-1 speedup a purely
-    memory-bound kernel could reach over a memory-bound dense GEMV."""
-    return p.dense_nbytes / p.nbytes
+    """Bytes of the dense fp32 weight over the bytes a matmul reads of this packed weight: the batch-1 speedup
+    a purely memory-bound kernel could reach over a memory-bound dense GEMV."""
+    return p.dense_nbytes / p.kernel_nbytes

@@ -38,9 +38,25 @@ def test_round_trip_is_bit_identical(shape, sparsity):
 def test_negative_zero_and_specials_survive():
     w = np.array([[-0.0, 0.0, 1.0, np.inf], [-np.inf, 0.0, -0.0, 3.0e-45]], dtype=np.float32)  # 3e-45: a denormal
     p = pack(w)
-    assert p.nnz == 6  # -0.0 is stored (its bit pattern is not zero); +0.0 is not
+    assert p.nnz == 4  # +-0.0 are not stored values; their signs ride in negzero
+    assert np.unpackbits(p.negzero, count=4, bitorder="little").tolist() == [1, 0, 0, 1]
     assert np.array_equal(unpack(p).view(np.uint32), w.view(np.uint32))
-    assert np.signbit(unpack(p)[0, 0])
+    assert np.signbit(unpack(p)[0, 0]) and not np.signbit(unpack(p)[0, 1])
+    q = PackedLinear.from_arrays(p.to_arrays())
+    assert np.array_equal(unpack(q).view(np.uint32), w.view(np.uint32))
+
+
+def test_mask_pruning_keeps_compression_and_the_zero_signs():
+    """w * mask leaves -0.0 at pruned negative weights: they must not be stored as values."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 512)).astype(np.float32)
+    w = w * (rng.random(w.shape) > 0.7).astype(np.float32)
+    assert np.signbit(w[w == 0]).any()
+    p = pack(w)
+    assert p.nnz == np.count_nonzero(w) and p.negzero.nbytes == -(-(w.size - p.nnz) // 8)
+    assert np.array_equal(unpack(p).view(np.uint32), w.view(np.uint32))
+    assert p.nbytes == p.kernel_nbytes + p.negzero.nbytes and p.nbytes < 0.4 * w.nbytes
+    assert pack(np.abs(w)).negzero.size == 0  # no -0.0: nothing stored for signs
 
 
 def test_mask_bit_order_is_the_documented_layout():
@@ -64,10 +80,10 @@ def test_arrays_round_trip_and_sizes():
     w = pruned(64, 2048, 0.7)
     p = pack(w)
     arrays = p.to_arrays()
-    assert set(arrays) == {"mask", "values", "row_ptr", "shape"}
+    assert set(arrays) == {"mask", "values", "row_ptr", "negzero", "shape"}
     q = PackedLinear.from_arrays({k: v.copy() for k, v in arrays.items()})
     assert q.shape == p.shape and np.array_equal(unpack(q), w)
-    assert p.nbytes == sum(a.nbytes for a in (p.mask, p.values, p.row_ptr))
+    assert p.nbytes == sum(a.nbytes for a in (p.mask, p.values, p.row_ptr, p.negzero))
     # 1 bit per weight + 4 bytes per stored weight: 4 / (1/8 + 0.3 * 4) ~= 3.02 at 70 % (the issue's byte-bound figure)
     assert byte_bound_ceiling(p) == pytest.approx(4 / (1 / 8 + 4 * p.nnz / w.size), rel=0.01)
     assert 2.9 < byte_bound_ceiling(p) < 3.1
