@@ -162,3 +162,13 @@ def test_missing_library_names_the_fix(monkeypatch, tmp_path):
     monkeypatch.delenv("SPARSEDEPLOY_SPARSE_CPU_LIB", raising=False)
     with pytest.raises(kernels.NativeLibraryMissing, match="pip install -e ."):
         kernels.library_path()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("batch,k", [(130, 1000), (8, 4000)])
+def test_k_blocked_batches(isa, batch, k):
+    """Batches walk x in K blocks (~192 KB of transposed x): several blocks, a partial last one, value cursors."""
+    w = pruned(45, k, 0.6)
+    w[3] = 0.0
+    x = np.random.default_rng(4).standard_normal((batch, k)).astype(np.float32)
+    check(x, w, matmul(x, pack(w), threads=2, isa=isa))

@@ -67,10 +67,10 @@ static void gemv_portable(const job_t *j, int64_t r0, int64_t r1) {
 }
 
 /* Decode row r's stored-element columns into offsets col * bp (into x transposed). Returns the count. */
-static int64_t decode_row_portable(const job_t *j, int64_t r, int32_t *off) {
+static int64_t decode_row_portable(const job_t *j, int64_t r, int64_t g0, int64_t g1, int32_t *off) {
     const uint16_t *m = j->mask + r * j->g;
     int64_t c = 0;
-    for (int64_t g = 0; g < j->g; g++) {
+    for (int64_t g = g0; g < g1; g++) {
         unsigned bits = m[g];
         while (bits) {
             off[c++] = (int32_t)((g * 16 + __builtin_ctz(bits)) * j->bp);
@@ -80,25 +80,15 @@ static int64_t decode_row_portable(const job_t *j, int64_t r, int32_t *off) {
     return c;
 }
 
-static void store_row(const job_t *j, int64_t r, int64_t b0, int64_t nb, const float *acc) {
-    for (int64_t b = 0; b < nb; b++) j->y[(b0 + b) * j->n + r] = acc[b];
-}
 
-static void gemm_portable(const job_t *j, int64_t r0, int64_t r1, int32_t *off) {
-    float acc[64];
-    for (int64_t r = r0; r < r1; r++) {
-        int64_t c = decode_row_portable(j, r, off);
-        const float *v = j->values + j->row_ptr[r];
-        for (int64_t b0 = 0; b0 < j->b; b0 += 64) {
-            int64_t nb = j->b - b0 < 64 ? j->b - b0 : 64;
-            memset(acc, 0, sizeof acc);
-            for (int64_t i = 0; i < c; i++) {
-                const float w = v[i];
-                const float *xp = j->x + off[i] + b0;
-                for (int64_t b = 0; b < nb; b++) acc[b] += w * xp[b];
-            }
-            store_row(j, r, b0, nb, acc);
-        }
+/* One row's contribution from c decoded elements (values v, x offsets off) to its batch vector yt [bp]
+ * (set on the first K block, accumulated on later ones). */
+static void gemm_row_portable(const job_t *j, const float *v, const int32_t *off, int64_t c, float *yt, int add) {
+    if (!add) memset(yt, 0, (size_t)j->bp * sizeof(float));
+    for (int64_t i = 0; i < c; i++) {
+        const float w = v[i];
+        const float *xp = j->x + off[i];
+        for (int64_t b = 0; b < j->b; b++) yt[b] += w * xp[b];
     }
 }
 
@@ -179,11 +169,12 @@ __attribute__((target("avx2,fma,popcnt"))) static void gemv_avx2(const job_t *j,
     }
 }
 
-__attribute__((target("avx2,fma,popcnt"))) static int64_t decode_row_avx2(const job_t *j, int64_t r, int32_t *off) {
+__attribute__((target("avx2,fma,popcnt"))) static int64_t decode_row_avx2(const job_t *j, int64_t r, int64_t g0,
+                                                                           int64_t g1, int32_t *off) {
     const uint16_t *m = j->mask + r * j->g;
     const __m256i stride = _mm256_set1_epi32((int32_t)j->bp);
     int64_t c = 0;
-    for (int64_t g = 0; g < j->g; g++) {
+    for (int64_t g = g0; g < g1; g++) {
         for (int h = 0; h < 2; h++) {
             unsigned byte = (unsigned)(m[g] >> (8 * h)) & 0xff;
             __m256i col = _mm256_add_epi32(_mm256_load_si256((const __m256i *)comp_table[byte]),
@@ -201,6 +192,8 @@ __attribute__((target("avx2,fma,popcnt"))) static int64_t decode_row_avx2(const 
         __m256 acc[U][T];                                                                                    \
         for (int u = 0; u < U; u++)                                                                          \
             for (int t = 0; t < T; t++) acc[u][t] = _mm256_setzero_ps();                                     \
+        if (add)                                                                                             \
+            for (int t = 0; t < T; t++) acc[0][t] = _mm256_loadu_ps(out + 8 * t);                            \
         int64_t i = 0;                                                                                       \
         for (; i + U <= c; i += U)                                                                           \
             for (int u = 0; u < U; u++) {                                                                    \
@@ -218,12 +211,12 @@ __attribute__((target("avx2,fma,popcnt"))) static int64_t decode_row_avx2(const 
         for (int t = 0; t < T; t++) _mm256_storeu_ps(out + 8 * t, acc[0][t]);                                \
     } while (0)
 
-__attribute__((target("avx2,fma,popcnt"))) static void gemm_avx2(const job_t *j, int64_t r0, int64_t r1, int32_t *off) {
-    float out[64] __attribute__((aligned(32)));
-    for (int64_t r = r0; r < r1; r++) {
-        const int64_t c = decode_row_avx2(j, r, off);
-        const float *v = j->values + j->row_ptr[r];
+__attribute__((target("avx2,fma,popcnt"))) static void gemm_row_avx2(const job_t *j, const float *v,
+                                                                       const int32_t *off, int64_t c, float *yt,
+                                                                       int add) {
+    {
         for (int64_t b0 = 0; b0 < j->b; b0 += 64) {
+            float *out = yt + b0;
             const int64_t nb = j->b - b0 < 64 ? j->b - b0 : 64;
             const float *xb = j->x + b0;
             switch ((nb + 7) / 8) {
@@ -236,7 +229,6 @@ __attribute__((target("avx2,fma,popcnt"))) static void gemm_avx2(const job_t *j,
             case 7: GEMM_AVX2_BODY(7, 1); break;
             default: GEMM_AVX2_BODY(8, 1); break;
             }
-            store_row(j, r, b0, nb, out);
         }
     }
 }
@@ -287,13 +279,15 @@ __attribute__((target("avx512f,avx2,popcnt"))) static void gemv_avx512(const job
     }
 }
 
-__attribute__((target("avx512f,popcnt"))) static int64_t decode_row_avx512(const job_t *j, int64_t r, int32_t *off) {
+__attribute__((target("avx512f,popcnt"))) static int64_t decode_row_avx512(const job_t *j, int64_t r, int64_t g0,
+                                                                            int64_t g1, int32_t *off) {
     const uint16_t *m = j->mask + r * j->g;
     const __m512i step = _mm512_set1_epi32((int32_t)(16 * j->bp));
     __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                      _mm512_set1_epi32((int32_t)j->bp));
+    col = _mm512_add_epi32(col, _mm512_set1_epi32((int32_t)(16 * g0 * j->bp)));
     int64_t c = 0;
-    for (int64_t g = 0; g < j->g; g++) {
+    for (int64_t g = g0; g < g1; g++) {
         const __mmask16 k = m[g];
         _mm512_storeu_si512((void *)(off + c), _mm512_maskz_compress_epi32(k, col));
         c += __builtin_popcount(k);
@@ -307,6 +301,8 @@ __attribute__((target("avx512f,popcnt"))) static int64_t decode_row_avx512(const
         __m512 acc[U][T];                                                                                    \
         for (int u = 0; u < U; u++)                                                                          \
             for (int t = 0; t < T; t++) acc[u][t] = _mm512_setzero_ps();                                     \
+        if (add)                                                                                             \
+            for (int t = 0; t < T; t++) acc[0][t] = _mm512_loadu_ps(out + 16 * t);                           \
         int64_t i = 0;                                                                                       \
         for (; i + U <= c; i += U)                                                                           \
             for (int u = 0; u < U; u++) {                                                                    \
@@ -324,13 +320,12 @@ __attribute__((target("avx512f,popcnt"))) static int64_t decode_row_avx512(const
         for (int t = 0; t < T; t++) _mm512_storeu_ps(out + 16 * t, acc[0][t]);                               \
     } while (0)
 
-__attribute__((target("avx512f,avx2,fma,popcnt"))) static void gemm_avx512(const job_t *j, int64_t r0, int64_t r1,
-                                                                           int32_t *off) {
-    float out[128] __attribute__((aligned(64)));
-    for (int64_t r = r0; r < r1; r++) {
-        const int64_t c = decode_row_avx512(j, r, off);
-        const float *v = j->values + j->row_ptr[r];
+__attribute__((target("avx512f,avx2,fma,popcnt"))) static void gemm_row_avx512(const job_t *j, const float *v,
+                                                                               const int32_t *off, int64_t c,
+                                                                               float *yt, int add) {
+    {
         for (int64_t b0 = 0; b0 < j->b; b0 += 128) {
+            float *out = yt + b0;
             const int64_t nb = j->b - b0 < 128 ? j->b - b0 : 128;
             const float *xb = j->x + b0;
             if (nb <= 8) { /* one 8-lane vector holds the batch: the AVX2 body wastes no lanes */
@@ -347,7 +342,6 @@ __attribute__((target("avx512f,avx2,fma,popcnt"))) static void gemm_avx512(const
                 default: GEMM_AVX512_BODY(8, 1); break;
                 }
             }
-            store_row(j, r, b0, nb, out);
         }
     }
 }
@@ -376,6 +370,50 @@ SDK_EXPORT int sdk_supported_isas(void) {
 
 static __thread int32_t *tl_off;
 static __thread int64_t tl_off_cap;
+static __thread float *tl_yt;
+static __thread int64_t tl_yt_cap;
+
+#define SDK_XBLOCK_BYTES (192 * 1024) /* x transposed is walked in K blocks of about this size (stays in L2) */
+#define SDK_ROW_TILE 32                /* rows whose batch outputs stay in L1 while the K blocks go by */
+
+/* Batch >= 2: rows in tiles; per tile, for each K block (a range of 16-column groups), each row's stored
+ * elements in the block are decoded into x offsets and multiplied into the row's batch vector yt (the tile's
+ * outputs, transposed); at the end of the tile yt is written to y [B, N]. */
+static void gemm_rows(const job_t *j, int64_t r0, int64_t r1, int32_t *off, float *ytile) {
+    int64_t kb = SDK_XBLOCK_BYTES / (16 * j->bp * (int64_t)sizeof(float));
+    if (kb < 1) kb = 1;
+    int64_t cur[SDK_ROW_TILE];
+    for (int64_t t0 = r0; t0 < r1; t0 += SDK_ROW_TILE) {
+        const int64_t t1 = t0 + SDK_ROW_TILE < r1 ? t0 + SDK_ROW_TILE : r1;
+        for (int64_t r = t0; r < t1; r++) cur[r - t0] = j->row_ptr[r];
+        for (int64_t g0 = 0; g0 < j->g; g0 += kb) {
+            const int64_t g1 = g0 + kb < j->g ? g0 + kb : j->g;
+            for (int64_t r = t0; r < t1; r++) {
+                const float *v = j->values + cur[r - t0];
+                float *yt = ytile + (r - t0) * j->bp;
+                int64_t c;
+#if SDK_X86
+                if (j->isa == ISA_AVX512) {
+                    c = decode_row_avx512(j, r, g0, g1, off);
+                    gemm_row_avx512(j, v, off, c, yt, g0 > 0);
+                } else if (j->isa == ISA_AVX2) {
+                    c = decode_row_avx2(j, r, g0, g1, off);
+                    gemm_row_avx2(j, v, off, c, yt, g0 > 0);
+                } else
+#endif
+                {
+                    c = decode_row_portable(j, r, g0, g1, off);
+                    gemm_row_portable(j, v, off, c, yt, g0 > 0);
+                }
+                cur[r - t0] += c;
+            }
+        }
+        for (int64_t b = 0; b < j->b; b++) {
+            float *y = j->y + b * j->n;
+            for (int64_t r = t0; r < t1; r++) y[r] = ytile[(r - t0) * j->bp + b];
+        }
+    }
+}
 
 static void run_part(const job_t *j, int tid) {
     const int64_t r0 = j->bounds[tid], r1 = j->bounds[tid + 1];
@@ -393,13 +431,14 @@ static void run_part(const job_t *j, int tid) {
         free(tl_off);
         tl_off = aligned_alloc(64, (size_t)need * sizeof(int32_t) + 64);
         tl_off_cap = tl_off ? need : 0;
-        if (!tl_off) { atomic_store(j->failed, 1); return; }
     }
-#if SDK_X86
-    if (j->isa == ISA_AVX512) { gemm_avx512(j, r0, r1, tl_off); return; }
-    if (j->isa == ISA_AVX2) { gemm_avx2(j, r0, r1, tl_off); return; }
-#endif
-    gemm_portable(j, r0, r1, tl_off);
+    if (tl_yt_cap < SDK_ROW_TILE * j->bp) {
+        free(tl_yt);
+        tl_yt = aligned_alloc(64, (size_t)(SDK_ROW_TILE * j->bp) * sizeof(float));
+        tl_yt_cap = tl_yt ? SDK_ROW_TILE * j->bp : 0;
+    }
+    if (!tl_off || !tl_yt) { atomic_store(j->failed, 1); return; }
+    gemm_rows(j, r0, r1, tl_off, tl_yt);
 }
 
 /* ------------------------------------------------------------------------------------------------ pool */
