@@ -33,6 +33,16 @@ enum { ISA_AUTO = 0, ISA_PORTABLE = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
 enum { ERR_ISA = -2, ERR_ARGS = -1, ERR_NOMEM = -3 };
 #define SDK_MAX_THREADS 64
 #define SDK_ROWS 4 /* rows interleaved in the GEMV */
+#define SDK_EXPAND_MAX_B 8
+#define SDK_XBLOCK_BYTES (192 * 1024) /* x transposed is walked in K blocks of about this size (stays in L2) */
+#define SDK_ROW_TILE 32                /* rows whose outputs stay in L1 while the K blocks go by */
+#define SDK_EXPAND_XBLOCK_BYTES (16 * 1024) /* expand form: the K block of all batch rows of x (stays in L1) */
+
+static inline int64_t expand_block_groups(int64_t b) {
+    const int64_t kb = SDK_EXPAND_XBLOCK_BYTES / (b * 16 * (int64_t)sizeof(float));
+    return kb < 1 ? 1 : kb;
+}
+static double expand_max_sparsity = 0.75; /* small batches use the expand form up to this sparsity */
 
 typedef struct {
     const float *x;        /* batch 1: padded x [G*16]; batch >= 2: x transposed [K, bp] */
@@ -42,6 +52,7 @@ typedef struct {
     float *y;              /* [B, N] */
     int64_t n, k, g, b, bp;
     int isa;
+    int expand_batch;      /* 2 <= b <= SDK_EXPAND_MAX_B: expand each weight group once, FMA it into every batch row */
     atomic_int *failed;    /* set when a worker could not allocate its scratch */
     int64_t bounds[SDK_MAX_THREADS + 1];
 } job_t;
@@ -63,6 +74,26 @@ static void gemv_portable(const job_t *j, int64_t r0, int64_t r1) {
             }
         }
         j->y[r] = facc;
+    }
+}
+
+/* Small batch, expand form: x padded [b, G*16]; each stored element is read once and used for every batch row. */
+static void gemvb_portable(const job_t *j, int64_t r0, int64_t r1) {
+    const int64_t S = j->g * 16;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint16_t *m = j->mask + r * j->g;
+        const float *v = j->values + j->row_ptr[r];
+        float acc[8] = {0};
+        for (int64_t g = 0; g < j->g; g++) {
+            unsigned bits = m[g];
+            while (bits) {
+                const int64_t col = g * 16 + __builtin_ctz(bits);
+                const float w = *v++;
+                for (int64_t b = 0; b < j->b; b++) acc[b] += w * j->x[b * S + col];
+                bits &= bits - 1;
+            }
+        }
+        for (int64_t b = 0; b < j->b; b++) j->y[b * j->n + r] = acc[b];
     }
 }
 
@@ -168,6 +199,44 @@ __attribute__((target("avx2,fma,popcnt"))) static void gemv_avx2(const job_t *j,
         j->y[r] = hsum256(_mm256_add_ps(a0, a1));
     }
 }
+
+/* Small batch, expand form, K-blocked so the block of x rows stays in L1: per tile of rows, per K block, each
+ * row's 16-weight groups are expanded once and FMA'd into all BB batch rows; partial sums add into y. */
+#define DEF_GEMVB_AVX2(BB)                                                                                   \
+    __attribute__((target("avx2,fma,popcnt"))) static void gemvb_avx2_##BB(const job_t *j, int64_t r0, int64_t r1) { \
+        const int64_t G = j->g, S = G * 16, kb = expand_block_groups(BB);                                    \
+        int64_t cur[SDK_ROW_TILE];                                                                           \
+        for (int64_t t0 = r0; t0 < r1; t0 += SDK_ROW_TILE) {                                                 \
+            const int64_t t1 = t0 + SDK_ROW_TILE < r1 ? t0 + SDK_ROW_TILE : r1;                              \
+            for (int64_t r = t0; r < t1; r++) cur[r - t0] = j->row_ptr[r];                                   \
+            for (int64_t g0 = 0; g0 < G; g0 += kb) {                                                         \
+                const int64_t g1 = g0 + kb < G ? g0 + kb : G;                                                \
+                for (int64_t r = t0; r < t1; r++) {                                                          \
+                    const uint16_t *m = j->mask + r * G;                                                     \
+                    const float *v = j->values + cur[r - t0], *v_start = v;                                  \
+                    __m256 acc[BB];                                                                          \
+                    for (int b = 0; b < BB; b++) acc[b] = _mm256_setzero_ps();                               \
+                    for (int64_t g = g0; g < g1; g++) {                                                      \
+                        const __m256 wl = expand8(&v, m[g] & 0xff), wh = expand8(&v, m[g] >> 8);             \
+                        for (int b = 0; b < BB; b++) {                                                       \
+                            acc[b] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(j->x + b * S + g * 16), acc[b]);    \
+                            acc[b] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(j->x + b * S + g * 16 + 8), acc[b]); \
+                        }                                                                                    \
+                    }                                                                                        \
+                    cur[r - t0] += v - v_start;                                                              \
+                    for (int b = 0; b < BB; b++)                                                             \
+                        j->y[b * j->n + r] = (g0 ? j->y[b * j->n + r] : 0.0f) + hsum256(acc[b]);             \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+DEF_GEMVB_AVX2(2)
+DEF_GEMVB_AVX2(3)
+DEF_GEMVB_AVX2(4)
+DEF_GEMVB_AVX2(5)
+DEF_GEMVB_AVX2(6)
+DEF_GEMVB_AVX2(7)
+DEF_GEMVB_AVX2(8)
 
 __attribute__((target("avx2,fma,popcnt"))) static int64_t decode_row_avx2(const job_t *j, int64_t r, int64_t g0,
                                                                            int64_t g1, int32_t *off) {
@@ -279,6 +348,41 @@ __attribute__((target("avx512f,avx2,popcnt"))) static void gemv_avx512(const job
     }
 }
 
+#define DEF_GEMVB_AVX512(BB)                                                                                 \
+    __attribute__((target("avx512f,avx2,fma,popcnt"))) static void gemvb_avx512_##BB(const job_t *j, int64_t r0, \
+                                                                                  int64_t r1) {              \
+        const int64_t G = j->g, S = G * 16, kb = expand_block_groups(BB);                                    \
+        int64_t cur[SDK_ROW_TILE];                                                                           \
+        for (int64_t t0 = r0; t0 < r1; t0 += SDK_ROW_TILE) {                                                 \
+            const int64_t t1 = t0 + SDK_ROW_TILE < r1 ? t0 + SDK_ROW_TILE : r1;                              \
+            for (int64_t r = t0; r < t1; r++) cur[r - t0] = j->row_ptr[r];                                   \
+            for (int64_t g0 = 0; g0 < G; g0 += kb) {                                                         \
+                const int64_t g1 = g0 + kb < G ? g0 + kb : G;                                                \
+                for (int64_t r = t0; r < t1; r++) {                                                          \
+                    const uint16_t *m = j->mask + r * G;                                                     \
+                    const float *v = j->values + cur[r - t0], *v_start = v;                                  \
+                    __m512 acc[BB];                                                                          \
+                    for (int b = 0; b < BB; b++) acc[b] = _mm512_setzero_ps();                               \
+                    for (int64_t g = g0; g < g1; g++) {                                                      \
+                        const __m512 w = expand16(&v, m[g]);                                                 \
+                        for (int b = 0; b < BB; b++)                                                         \
+                            acc[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(j->x + b * S + g * 16), acc[b]);     \
+                    }                                                                                        \
+                    cur[r - t0] += v - v_start;                                                              \
+                    for (int b = 0; b < BB; b++)                                                             \
+                        j->y[b * j->n + r] = (g0 ? j->y[b * j->n + r] : 0.0f) + _mm512_reduce_add_ps(acc[b]); \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+DEF_GEMVB_AVX512(2)
+DEF_GEMVB_AVX512(3)
+DEF_GEMVB_AVX512(4)
+DEF_GEMVB_AVX512(5)
+DEF_GEMVB_AVX512(6)
+DEF_GEMVB_AVX512(7)
+DEF_GEMVB_AVX512(8)
+
 __attribute__((target("avx512f,popcnt"))) static int64_t decode_row_avx512(const job_t *j, int64_t r, int64_t g0,
                                                                             int64_t g1, int32_t *off) {
     const uint16_t *m = j->mask + r * j->g;
@@ -360,6 +464,9 @@ static int isa_supported(int isa) {
     return 0;
 }
 
+/* Tuning hook (benchmarks): small batches (2..8) use the expand form when sparsity <= s. */
+SDK_EXPORT void sdk_set_expand_max_sparsity(double s) { expand_max_sparsity = s; }
+
 /* Bit i set <=> ISA i (ISA_PORTABLE, ISA_AVX2, ISA_AVX512) runs on this CPU. */
 SDK_EXPORT int sdk_supported_isas(void) {
     int bits = 0;
@@ -373,8 +480,6 @@ static __thread int64_t tl_off_cap;
 static __thread float *tl_yt;
 static __thread int64_t tl_yt_cap;
 
-#define SDK_XBLOCK_BYTES (192 * 1024) /* x transposed is walked in K blocks of about this size (stays in L2) */
-#define SDK_ROW_TILE 32                /* rows whose batch outputs stay in L1 while the K blocks go by */
 
 /* Batch >= 2: rows in tiles; per tile, for each K block (a range of 16-column groups), each row's stored
  * elements in the block are decoded into x offsets and multiplied into the row's batch vector yt (the tile's
@@ -415,9 +520,25 @@ static void gemm_rows(const job_t *j, int64_t r0, int64_t r1, int32_t *off, floa
     }
 }
 
+typedef void (*rows_fn)(const job_t *, int64_t, int64_t);
+#if SDK_X86
+static const rows_fn gemvb_avx2_fns[9] = {0, 0, gemvb_avx2_2, gemvb_avx2_3, gemvb_avx2_4, gemvb_avx2_5, gemvb_avx2_6,
+                                          gemvb_avx2_7, gemvb_avx2_8};
+static const rows_fn gemvb_avx512_fns[9] = {0, 0, gemvb_avx512_2, gemvb_avx512_3, gemvb_avx512_4, gemvb_avx512_5,
+                                            gemvb_avx512_6, gemvb_avx512_7, gemvb_avx512_8};
+#endif
+
 static void run_part(const job_t *j, int tid) {
     const int64_t r0 = j->bounds[tid], r1 = j->bounds[tid + 1];
     if (r0 >= r1) return;
+    if (j->expand_batch) {
+#if SDK_X86
+        if (j->isa == ISA_AVX512) { gemvb_avx512_fns[j->b](j, r0, r1); return; }
+        if (j->isa == ISA_AVX2) { gemvb_avx2_fns[j->b](j, r0, r1); return; }
+#endif
+        gemvb_portable(j, r0, r1);
+        return;
+    }
     if (j->b == 1) {
 #if SDK_X86
         if (j->isa == ISA_AVX512) { gemv_avx512(j, r0, r1); return; }
@@ -575,22 +696,26 @@ SDK_EXPORT int sdk_matmul(const float *x, int64_t b, int64_t k, const uint16_t *
     atomic_int failed = 0;
     job_t j = {.failed = &failed, .mask = mask, .values = values, .row_ptr = row_ptr, .y = y, .n = n, .k = k, .b = b, .isa = isa};
     j.g = (k + 15) / 16;
-    j.bp = b == 1 ? 1 : (b + 15) / 16 * 16;
+    j.expand_batch = b >= 2 && b <= SDK_EXPAND_MAX_B &&
+                     1.0 - (double)row_ptr[n] / ((double)n * (double)k) <= expand_max_sparsity;
+    j.bp = b == 1 || j.expand_batch ? 1 : (b + 15) / 16 * 16;
     if ((double)j.g * 16 * (double)j.bp >= 2147483647.0) return ERR_ARGS; /* int32 offsets: callers chunk the batch */
     if ((int64_t)threads * SDK_ROWS > n) threads = (int)((n + SDK_ROWS - 1) / SDK_ROWS);
     if (threads < 1) threads = 1;
 
     pthread_mutex_lock(&pool.call_lock);
-    const int64_t need = b == 1 ? j.g * 16 : j.g * 16 * j.bp;
+    const int64_t need = b == 1 || j.expand_batch ? j.g * 16 * b : j.g * 16 * j.bp;
     if (scratch_cap < need) {
         free(scratch);
         scratch = aligned_alloc(64, (size_t)need * sizeof(float) + 64);
         scratch_cap = scratch ? need : 0;
         if (!scratch) { pthread_mutex_unlock(&pool.call_lock); return ERR_NOMEM; }
     }
-    if (b == 1) {
-        memcpy(scratch, x, (size_t)k * sizeof(float));
-        memset(scratch + k, 0, (size_t)(j.g * 16 - k) * sizeof(float));
+    if (b == 1 || j.expand_batch) { /* rows padded to G * 16 with zeros */
+        for (int64_t bb = 0; bb < b; bb++) {
+            memcpy(scratch + bb * j.g * 16, x + bb * k, (size_t)k * sizeof(float));
+            memset(scratch + bb * j.g * 16 + k, 0, (size_t)(j.g * 16 - k) * sizeof(float));
+        }
     } else { /* transpose to [K, bp] in 16 x 16 tiles; padding lanes zero */
         memset(scratch, 0, (size_t)need * sizeof(float));
         for (int64_t k0 = 0; k0 < k; k0 += 16)
