@@ -69,7 +69,8 @@ class PackedLinear:
         """Rebuild from `to_arrays()` output, validating every array (raises ValueError naming the problem)."""
         missing = {"mask", "values", "row_ptr", "shape"} - set(arrays)
         if missing:
-            raise ValueError(f"packed weight is missing arrays {sorted(missing)}: expected mask, values, row_ptr, shape")
+            raise ValueError(f"packed weight is missing arrays {sorted(missing)}: "
+                             "expected mask, values, row_ptr, shape (and optionally negzero)")
         shape = np.asarray(arrays["shape"])
         if shape.shape != (2,) or shape.dtype.kind not in "iu" or (shape < 1).any():
             raise ValueError(f"packed weight 'shape' must be two positive ints [N, K], got {shape!r}")

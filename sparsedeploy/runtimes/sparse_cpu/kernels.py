@@ -37,7 +37,8 @@ def library_path() -> Path:
     if spec is None or not spec.origin:
         raise NativeLibraryMissing(
             f"the sparse-cpu kernel library ({_NATIVE}) is not built: reinstall the package "
-            "(`pip install -e .` or `bash scripts/install.sh`; it compiles csrc/sparse_cpu.c with the system C compiler)")
+            "(`pip install -e .` or `bash scripts/install.sh`; "
+            "it compiles csrc/sparse_cpu.c with the system C compiler)")
     return Path(spec.origin)
 
 
@@ -108,7 +109,8 @@ def matmul(x: np.ndarray, p: PackedLinear, threads: int | None = None, isa: str 
     mask, values, row_ptr = p.mask.ctypes.data, p.values.ctypes.data, p.row_ptr.ctypes.data
     for b0 in range(0, b, MAX_BATCH_CHUNK):
         xb, yb = x2[b0:b0 + MAX_BATCH_CHUNK], out[b0:b0 + MAX_BATCH_CHUNK]
-        rc = lib.sdk_matmul(xb.ctypes.data, xb.shape[0], k, mask, values, row_ptr, n, yb.ctypes.data, int(threads), code)
+        rc = lib.sdk_matmul(xb.ctypes.data, xb.shape[0], k, mask, values, row_ptr, n, yb.ctypes.data,
+                            int(threads), code)
         if rc != 0:
             raise RuntimeError(f"sparse-cpu kernel failed (code {rc}) for x {xb.shape}, weight {n}x{k}, isa {isa}")
     return out[0] if squeeze else out

@@ -688,13 +688,15 @@ SDK_EXPORT int sdk_matmul(const float *x, int64_t b, int64_t k, const uint16_t *
                           const int64_t *row_ptr, int64_t n, float *y, int threads, int isa) {
     if (b < 1 || k < 1 || n < 1 || !x || !mask || !values || !row_ptr || !y || threads < 1) return ERR_ARGS;
     if (threads > SDK_MAX_THREADS) threads = SDK_MAX_THREADS;
-    if (isa == ISA_AUTO) isa = isa_supported(ISA_AVX512) ? ISA_AVX512 : isa_supported(ISA_AVX2) ? ISA_AVX2 : ISA_PORTABLE;
+    if (isa == ISA_AUTO)
+        isa = isa_supported(ISA_AVX512) ? ISA_AVX512 : isa_supported(ISA_AVX2) ? ISA_AVX2 : ISA_PORTABLE;
     if (!isa_supported(isa)) return ERR_ISA;
 #if SDK_X86
     pthread_once(&tables_once, init_tables);
 #endif
     atomic_int failed = 0;
-    job_t j = {.failed = &failed, .mask = mask, .values = values, .row_ptr = row_ptr, .y = y, .n = n, .k = k, .b = b, .isa = isa};
+    job_t j = {.failed = &failed, .mask = mask, .values = values, .row_ptr = row_ptr, .y = y,
+               .n = n, .k = k, .b = b, .isa = isa};
     j.g = (k + 15) / 16;
     j.expand_batch = b >= 2 && b <= SDK_EXPAND_MAX_B &&
                      1.0 - (double)row_ptr[n] / ((double)n * (double)k) <= expand_max_sparsity;
