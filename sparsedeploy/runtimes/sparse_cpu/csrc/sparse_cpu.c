@@ -10,7 +10,8 @@
  * elements are decoded once into column offsets, then each weight is broadcast and multiplied into the
  * activations of the whole batch (x transposed to [K, Bp]), so zero weights cost nothing.
  * A portable plain-C path compiles anywhere. ISA is picked at run time (__builtin_cpu_supports on x86).
- * Threads: a persistent pool; rows are split into contiguous ranges of equal stored-element count.
+ * Threads: a persistent pool; rows are split into contiguous chunks of equal work (stored elements + groups),
+ * a few per thread, claimed dynamically (robust when the OS runs other work on the same cores).
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -32,6 +33,8 @@
 enum { ISA_AUTO = 0, ISA_PORTABLE = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
 enum { ERR_ISA = -2, ERR_ARGS = -1, ERR_NOMEM = -3 };
 #define SDK_MAX_THREADS 64
+#define SDK_CHUNKS_PER_THREAD 4
+#define SDK_MAX_CHUNKS (SDK_MAX_THREADS * SDK_CHUNKS_PER_THREAD)
 #define SDK_ROWS 4 /* rows interleaved in the GEMV */
 #define SDK_EXPAND_MAX_B 8
 #define SDK_XBLOCK_BYTES (192 * 1024) /* x transposed is walked in K blocks of about this size (stays in L2) */
@@ -54,7 +57,8 @@ typedef struct {
     int isa;
     int expand_batch;      /* 2 <= b <= SDK_EXPAND_MAX_B: expand each weight group once, FMA it into every batch row */
     atomic_int *failed;    /* set when a worker could not allocate its scratch */
-    int64_t bounds[SDK_MAX_THREADS + 1];
+    int nchunks;
+    int64_t bounds[SDK_MAX_CHUNKS + 1];
 } job_t;
 
 /* ------------------------------------------------------------------------------------------------ portable */
@@ -528,8 +532,8 @@ static const rows_fn gemvb_avx512_fns[9] = {0, 0, gemvb_avx512_2, gemvb_avx512_3
                                             gemvb_avx512_6, gemvb_avx512_7, gemvb_avx512_8};
 #endif
 
-static void run_part(const job_t *j, int tid) {
-    const int64_t r0 = j->bounds[tid], r1 = j->bounds[tid + 1];
+static void run_part(const job_t *j, int chunk) {
+    const int64_t r0 = j->bounds[chunk], r1 = j->bounds[chunk + 1];
     if (r0 >= r1) return;
     if (j->expand_batch) {
 #if SDK_X86
@@ -564,16 +568,20 @@ static void run_part(const job_t *j, int tid) {
 
 /* ------------------------------------------------------------------------------------------------ pool */
 
+/* Work is split into chunks (contiguous row ranges of about equal work, a few per thread) that the calling
+ * thread and the workers claim one at a time, so a worker the OS has not scheduled yet (other processes on
+ * the same cores) delays nothing: the caller claims its chunks too. A claim is a CAS on (generation, next
+ * chunk); a worker reads the job only after a successful claim, while the caller still waits for that chunk. */
 typedef struct {
     pthread_mutex_t call_lock; /* one matmul at a time uses the pool */
     pthread_mutex_t lock;
     pthread_cond_t wake;
-    int started;               /* worker threads running (tids 1..started) */
+    int started;               /* worker threads running */
     int sleepers;
     atomic_uint gen;
-    atomic_int pending;
+    _Atomic uint64_t claim;    /* gen << 32 | chunk count << 16 | next chunk */
+    atomic_int done;           /* chunks finished in this generation */
     const job_t *job;
-    int nthreads;
 } pool_t;
 
 static pool_t pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0};
@@ -592,13 +600,23 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-#define SPIN_NS 200000 /* a worker spins this long for the next call before sleeping */
+#define SPIN_NS 100000 /* a worker spins this long for the next call before sleeping */
 
-static unsigned start_gen[SDK_MAX_THREADS]; /* the generation a worker was created in (it must not miss the next) */
+/* claim word: gen (32 bits) | chunk count (16) | next chunk (16); everything a claimer checks is in one word. */
+static void run_chunks(unsigned gen) {
+    for (;;) {
+        uint64_t c = atomic_load_explicit(&pool.claim, memory_order_acquire);
+        if ((unsigned)(c >> 32) != gen || (c & 0xffffu) >= ((c >> 16) & 0xffffu)) return;
+        if (!atomic_compare_exchange_weak_explicit(&pool.claim, &c, c + 1, memory_order_acq_rel,
+                                                   memory_order_acquire))
+            continue;
+        run_part(pool.job, (int)(c & 0xffffu)); /* the job stays alive: the caller waits for this chunk */
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+    }
+}
 
 static void *worker_main(void *arg) {
-    const int tid = (int)(intptr_t)arg;
-    unsigned seen = start_gen[tid];
+    unsigned seen = (unsigned)(uintptr_t)arg;
     for (;;) {
         int64_t t0 = now_ns();
         unsigned g;
@@ -615,10 +633,7 @@ static void *worker_main(void *arg) {
             }
         }
         seen = g;
-        if (tid < pool.nthreads) {
-            run_part(pool.job, tid);
-            atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_acq_rel);
-        }
+        run_chunks(g);
     }
     return NULL;
 }
@@ -629,8 +644,9 @@ static int pool_ensure(int nthreads) {
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        start_gen[pool.started + 1] = atomic_load(&pool.gen);
-        int rc = pthread_create(&th, &attr, worker_main, (void *)(intptr_t)(pool.started + 1));
+        /* the worker starts from the current generation, so it cannot miss the next one */
+        const unsigned g = atomic_load(&pool.gen);
+        int rc = pthread_create(&th, &attr, worker_main, (void *)(uintptr_t)g);
         pthread_attr_destroy(&attr);
         if (rc != 0) return 0;
         pool.started++;
@@ -640,32 +656,33 @@ static int pool_ensure(int nthreads) {
 
 static void pool_run(const job_t *j, int nthreads) {
     if (nthreads <= 1 || !pool_ensure(nthreads)) {
-        for (int t = 0; t < nthreads; t++) run_part(j, t);
+        for (int t = 0; t < j->nchunks; t++) run_part(j, t);
         return;
     }
+    const unsigned g = atomic_load(&pool.gen) + 1;
     pool.job = j;
-    pool.nthreads = nthreads;
-    /* every started worker wakes; those with tid >= nthreads only acknowledge the generation */
-    atomic_store(&pool.pending, nthreads - 1);
+    atomic_store(&pool.done, 0);
+    atomic_store_explicit(&pool.claim, (uint64_t)g << 32 | (uint64_t)j->nchunks << 16, memory_order_release);
     pthread_mutex_lock(&pool.lock);
-    atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
+    atomic_store_explicit(&pool.gen, g, memory_order_release);
     if (pool.sleepers) pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.lock);
-    run_part(j, 0);
+    run_chunks(g);
     int spins = 0;
-    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0)
-        if (++spins % 1024 == 0) sched_yield(); else cpu_relax();
+    while (atomic_load_explicit(&pool.done, memory_order_acquire) < j->nchunks)
+        if (++spins % 256 == 0) sched_yield(); else cpu_relax();
 }
 
-/* Split rows [0, n) into nthreads ranges of about equal work (stored elements plus a per-row cost),
+/* Split rows [0, n) into nchunks ranges of about equal work (stored elements plus a per-row cost),
  * boundaries on multiples of SDK_ROWS. */
-static void balance(job_t *j, int nthreads) {
+static void balance(job_t *j, int nchunks) {
     const int64_t per_row = j->g; /* mask decode / loop overhead, in element-equivalents */
     const double total = (double)j->row_ptr[j->n] + (double)per_row * (double)j->n;
     int64_t r = 0;
+    j->nchunks = nchunks;
     j->bounds[0] = 0;
-    for (int t = 1; t < nthreads; t++) {
-        const double target = total * t / nthreads;
+    for (int t = 1; t < nchunks; t++) {
+        const double target = total * t / nchunks;
         int64_t lo = r, hi = j->n; /* first row whose prefix work >= target */
         while (lo < hi) {
             int64_t mid = (lo + hi) / 2;
@@ -676,7 +693,7 @@ static void balance(job_t *j, int nthreads) {
         if (r < j->bounds[t - 1]) r = j->bounds[t - 1];
         j->bounds[t] = r;
     }
-    j->bounds[nthreads] = j->n;
+    j->bounds[nchunks] = j->n;
 }
 
 static float *scratch;
@@ -726,7 +743,9 @@ SDK_EXPORT int sdk_matmul(const float *x, int64_t b, int64_t k, const uint16_t *
                     for (int64_t bb = b0; bb < b0 + 16 && bb < b; bb++) scratch[kk * j.bp + bb] = x[bb * k + kk];
     }
     j.x = scratch;
-    balance(&j, threads);
+    int64_t nchunks = threads == 1 ? 1 : (int64_t)threads * SDK_CHUNKS_PER_THREAD;
+    if (nchunks > (n + SDK_ROWS - 1) / SDK_ROWS) nchunks = (n + SDK_ROWS - 1) / SDK_ROWS;
+    balance(&j, (int)nchunks);
     pool_run(&j, threads);
     pthread_mutex_unlock(&pool.call_lock);
     return atomic_load(&failed) ? ERR_NOMEM : 0;
