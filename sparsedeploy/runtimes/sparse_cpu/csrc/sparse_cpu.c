@@ -167,47 +167,43 @@ __attribute__((target("avx2,fma,popcnt"))) static inline __m256 expand8(const fl
     return _mm256_blendv_ps(_mm256_setzero_ps(), w, _mm256_castsi256_ps(idx));
 }
 
-__attribute__((target("avx2,fma,popcnt"))) static void gemv_avx2(const job_t *j, int64_t r0, int64_t r1) {
-    const int64_t G = j->g;
-    int64_t r = r0;
-    for (; r + SDK_ROWS <= r1; r += SDK_ROWS) {
-        const uint16_t *m0 = j->mask + r * G, *m1 = m0 + G, *m2 = m1 + G, *m3 = m2 + G;
-        const float *v0 = j->values + j->row_ptr[r], *v1 = j->values + j->row_ptr[r + 1];
-        const float *v2 = j->values + j->row_ptr[r + 2], *v3 = j->values + j->row_ptr[r + 3];
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t g = 0; g < G; g++) {
-            const __m256 xl = _mm256_loadu_ps(j->x + g * 16), xh = _mm256_loadu_ps(j->x + g * 16 + 8);
-            unsigned b0 = m0[g], b1 = m1[g], b2 = m2[g], b3 = m3[g];
-            a0 = _mm256_fmadd_ps(expand8(&v0, b0 & 0xff), xl, a0);
-            a1 = _mm256_fmadd_ps(expand8(&v1, b1 & 0xff), xl, a1);
-            a2 = _mm256_fmadd_ps(expand8(&v2, b2 & 0xff), xl, a2);
-            a3 = _mm256_fmadd_ps(expand8(&v3, b3 & 0xff), xl, a3);
-            a0 = _mm256_fmadd_ps(expand8(&v0, b0 >> 8), xh, a0);
-            a1 = _mm256_fmadd_ps(expand8(&v1, b1 >> 8), xh, a1);
-            a2 = _mm256_fmadd_ps(expand8(&v2, b2 >> 8), xh, a2);
-            a3 = _mm256_fmadd_ps(expand8(&v3, b3 >> 8), xh, a3);
-        }
-        j->y[r] = hsum256(a0);
-        j->y[r + 1] = hsum256(a1);
-        j->y[r + 2] = hsum256(a2);
-        j->y[r + 3] = hsum256(a3);
+
+/* Batch 1: 4 rows interleaved (4 accumulator chains share each x vector), GROUP as for DEF_GEMVB with BB = 1. */
+#define DEF_GEMV(NAME, TARGET, VEC, PFX, HSUM, GROUP)                                                        \
+    __attribute__((target(TARGET))) static void NAME(const job_t *j, int64_t r0, int64_t r1) {               \
+        const int64_t G = j->g;                                                                              \
+        int64_t r = r0;                                                                                      \
+        for (; r + SDK_ROWS <= r1; r += SDK_ROWS) {                                                          \
+            const uint16_t *m0 = j->mask + r * G, *m1 = m0 + G, *m2 = m1 + G, *m3 = m2 + G;                  \
+            const float *v0 = j->values + j->row_ptr[r], *v1 = j->values + j->row_ptr[r + 1];                \
+            const float *v2 = j->values + j->row_ptr[r + 2], *v3 = j->values + j->row_ptr[r + 3];            \
+            VEC a0[1] = {PFX##_setzero_ps()}, a1[1] = {a0[0]}, a2[1] = {a0[0]}, a3[1] = {a0[0]};             \
+            for (int64_t g = 0; g < G; g++) {                                                                \
+                const float *xg = j->x + g * 16;                                                             \
+                GROUP(a0, 1, v0, m0[g], xg, 0);                                                              \
+                GROUP(a1, 1, v1, m1[g], xg, 0);                                                              \
+                GROUP(a2, 1, v2, m2[g], xg, 0);                                                              \
+                GROUP(a3, 1, v3, m3[g], xg, 0);                                                              \
+            }                                                                                                \
+            j->y[r] = HSUM(a0[0]);                                                                           \
+            j->y[r + 1] = HSUM(a1[0]);                                                                       \
+            j->y[r + 2] = HSUM(a2[0]);                                                                       \
+            j->y[r + 3] = HSUM(a3[0]);                                                                       \
+        }                                                                                                    \
+        for (; r < r1; r++) {                                                                                \
+            const uint16_t *m0 = j->mask + r * G;                                                            \
+            const float *v0 = j->values + j->row_ptr[r];                                                     \
+            VEC a0[1] = {PFX##_setzero_ps()};                                                                \
+            for (int64_t g = 0; g < G; g++) GROUP(a0, 1, v0, m0[g], j->x + g * 16, 0);                       \
+            j->y[r] = HSUM(a0[0]);                                                                           \
+        }                                                                                                    \
     }
-    for (; r < r1; r++) {
-        const uint16_t *m0 = j->mask + r * G;
-        const float *v0 = j->values + j->row_ptr[r];
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-        for (int64_t g = 0; g < G; g++) {
-            a0 = _mm256_fmadd_ps(expand8(&v0, m0[g] & 0xff), _mm256_loadu_ps(j->x + g * 16), a0);
-            a1 = _mm256_fmadd_ps(expand8(&v0, m0[g] >> 8), _mm256_loadu_ps(j->x + g * 16 + 8), a1);
-        }
-        j->y[r] = hsum256(_mm256_add_ps(a0, a1));
-    }
-}
 
 /* Small batch, expand form, K-blocked so the block of x rows stays in L1: per tile of rows, per K block, each
- * row's 16-weight groups are expanded once and FMA'd into all BB batch rows; partial sums add into y. */
-#define DEF_GEMVB_AVX2(BB)                                                                                   \
-    __attribute__((target("avx2,fma,popcnt"))) static void gemvb_avx2_##BB(const job_t *j, int64_t r0, int64_t r1) { \
+ * row's 16-weight groups are expanded once and FMA'd into all BB batch rows; partial sums add into y.
+ * GROUP(acc, v, mg, xg) does one group (mask mg, x at xg for batch row 0, batch rows S floats apart). */
+#define DEF_GEMVB(NAME, TARGET, VEC, PFX, HSUM, GROUP, BB)                                                   \
+    __attribute__((target(TARGET))) static void NAME##_##BB(const job_t *j, int64_t r0, int64_t r1) {         \
         const int64_t G = j->g, S = G * 16, kb = expand_block_groups(BB);                                    \
         int64_t cur[SDK_ROW_TILE];                                                                           \
         for (int64_t t0 = r0; t0 < r1; t0 += SDK_ROW_TILE) {                                                 \
@@ -218,22 +214,26 @@ __attribute__((target("avx2,fma,popcnt"))) static void gemv_avx2(const job_t *j,
                 for (int64_t r = t0; r < t1; r++) {                                                          \
                     const uint16_t *m = j->mask + r * G;                                                     \
                     const float *v = j->values + cur[r - t0], *v_start = v;                                  \
-                    __m256 acc[BB];                                                                          \
-                    for (int b = 0; b < BB; b++) acc[b] = _mm256_setzero_ps();                               \
-                    for (int64_t g = g0; g < g1; g++) {                                                      \
-                        const __m256 wl = expand8(&v, m[g] & 0xff), wh = expand8(&v, m[g] >> 8);             \
-                        for (int b = 0; b < BB; b++) {                                                       \
-                            acc[b] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(j->x + b * S + g * 16), acc[b]);    \
-                            acc[b] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(j->x + b * S + g * 16 + 8), acc[b]); \
-                        }                                                                                    \
-                    }                                                                                        \
+                    VEC acc[BB];                                                                             \
+                    for (int b = 0; b < BB; b++) acc[b] = PFX##_setzero_ps();                                \
+                    for (int64_t g = g0; g < g1; g++) GROUP(acc, BB, v, m[g], j->x + g * 16, S);             \
                     cur[r - t0] += v - v_start;                                                              \
                     for (int b = 0; b < BB; b++)                                                             \
-                        j->y[b * j->n + r] = (g0 ? j->y[b * j->n + r] : 0.0f) + hsum256(acc[b]);             \
+                        j->y[b * j->n + r] = (g0 ? j->y[b * j->n + r] : 0.0f) + HSUM(acc[b]);                \
                 }                                                                                            \
             }                                                                                                \
         }                                                                                                    \
     }
+#define GROUP_AVX2(acc, BB, v, mg, xg, S)                                                                    \
+    do {                                                                                                     \
+        const __m256 wl = expand8(&v, (mg) & 0xff), wh = expand8(&v, (mg) >> 8);                             \
+        for (int b = 0; b < BB; b++) {                                                                       \
+            acc[b] = _mm256_fmadd_ps(wl, _mm256_loadu_ps((xg) + b * (S)), acc[b]);                            \
+            acc[b] = _mm256_fmadd_ps(wh, _mm256_loadu_ps((xg) + b * (S) + 8), acc[b]);                        \
+        }                                                                                                    \
+    } while (0)
+#define DEF_GEMVB_AVX2(BB) DEF_GEMVB(gemvb_avx2, "avx2,fma,popcnt", __m256, _mm256, hsum256, GROUP_AVX2, BB)
+DEF_GEMV(gemv_avx2, "avx2,fma,popcnt", __m256, _mm256, hsum256, GROUP_AVX2)
 DEF_GEMVB_AVX2(2)
 DEF_GEMVB_AVX2(3)
 DEF_GEMVB_AVX2(4)
@@ -259,30 +259,33 @@ __attribute__((target("avx2,fma,popcnt"))) static int64_t decode_row_avx2(const 
     return c;
 }
 
-/* One row, T vectors of 8 batch lanes, U independent partial sums (to hide FMA latency when T is small). */
-#define GEMM_AVX2_BODY(T, U)                                                                                 \
+/* One row's decoded elements into T vectors of W batch lanes (PFX: _mm256 for W = 8, _mm512 for W = 16), with U
+ * independent partial sums (to hide FMA latency when T is small); accumulates onto `out` when `add`. */
+#define GEMM_BODY(VEC, PFX, W, T, U)                                                                         \
     do {                                                                                                     \
-        __m256 acc[U][T];                                                                                    \
+        VEC acc[U][T];                                                                                       \
         for (int u = 0; u < U; u++)                                                                          \
-            for (int t = 0; t < T; t++) acc[u][t] = _mm256_setzero_ps();                                     \
+            for (int t = 0; t < T; t++) acc[u][t] = PFX##_setzero_ps();                                      \
         if (add)                                                                                             \
-            for (int t = 0; t < T; t++) acc[0][t] = _mm256_loadu_ps(out + 8 * t);                            \
+            for (int t = 0; t < T; t++) acc[0][t] = PFX##_loadu_ps(out + W * t);                             \
         int64_t i = 0;                                                                                       \
         for (; i + U <= c; i += U)                                                                           \
             for (int u = 0; u < U; u++) {                                                                    \
-                const __m256 w = _mm256_broadcast_ss(v + i + u);                                             \
+                const VEC w = PFX##_set1_ps(v[i + u]);                                                       \
                 const float *xp = xb + off[i + u];                                                           \
-                for (int t = 0; t < T; t++) acc[u][t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + 8 * t), acc[u][t]); \
+                for (int t = 0; t < T; t++) acc[u][t] = PFX##_fmadd_ps(w, PFX##_loadu_ps(xp + W * t), acc[u][t]); \
             }                                                                                                \
         for (; i < c; i++) {                                                                                 \
-            const __m256 w = _mm256_broadcast_ss(v + i);                                                     \
+            const VEC w = PFX##_set1_ps(v[i]);                                                               \
             const float *xp = xb + off[i];                                                                   \
-            for (int t = 0; t < T; t++) acc[0][t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + 8 * t), acc[0][t]); \
+            for (int t = 0; t < T; t++) acc[0][t] = PFX##_fmadd_ps(w, PFX##_loadu_ps(xp + W * t), acc[0][t]); \
         }                                                                                                    \
         for (int u = 1; u < U; u++)                                                                          \
-            for (int t = 0; t < T; t++) acc[0][t] = _mm256_add_ps(acc[0][t], acc[u][t]);                     \
-        for (int t = 0; t < T; t++) _mm256_storeu_ps(out + 8 * t, acc[0][t]);                                \
+            for (int t = 0; t < T; t++) acc[0][t] = PFX##_add_ps(acc[0][t], acc[u][t]);                      \
+        for (int t = 0; t < T; t++) PFX##_storeu_ps(out + W * t, acc[0][t]);                                 \
     } while (0)
+#define GEMM_AVX2_BODY(T, U) GEMM_BODY(__m256, _mm256, 8, T, U)
+#define GEMM_AVX512_BODY(T, U) GEMM_BODY(__m512, _mm512, 16, T, U)
 
 __attribute__((target("avx2,fma,popcnt"))) static void gemm_row_avx2(const job_t *j, const float *v,
                                                                        const int32_t *off, int64_t c, float *yt,
@@ -323,62 +326,15 @@ __attribute__((target("avx512f,avx2,popcnt"))) static inline __m512 expand16(con
     return w;
 }
 
-__attribute__((target("avx512f,avx2,popcnt"))) static void gemv_avx512(const job_t *j, int64_t r0, int64_t r1) {
-    const int64_t G = j->g;
-    int64_t r = r0;
-    for (; r + SDK_ROWS <= r1; r += SDK_ROWS) {
-        const uint16_t *m0 = j->mask + r * G, *m1 = m0 + G, *m2 = m1 + G, *m3 = m2 + G;
-        const float *v0 = j->values + j->row_ptr[r], *v1 = j->values + j->row_ptr[r + 1];
-        const float *v2 = j->values + j->row_ptr[r + 2], *v3 = j->values + j->row_ptr[r + 3];
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t g = 0; g < G; g++) {
-            const __m512 xv = _mm512_loadu_ps(j->x + g * 16);
-            a0 = _mm512_fmadd_ps(expand16(&v0, m0[g]), xv, a0);
-            a1 = _mm512_fmadd_ps(expand16(&v1, m1[g]), xv, a1);
-            a2 = _mm512_fmadd_ps(expand16(&v2, m2[g]), xv, a2);
-            a3 = _mm512_fmadd_ps(expand16(&v3, m3[g]), xv, a3);
-        }
-        j->y[r] = _mm512_reduce_add_ps(a0);
-        j->y[r + 1] = _mm512_reduce_add_ps(a1);
-        j->y[r + 2] = _mm512_reduce_add_ps(a2);
-        j->y[r + 3] = _mm512_reduce_add_ps(a3);
-    }
-    for (; r < r1; r++) {
-        const uint16_t *m0 = j->mask + r * G;
-        const float *v0 = j->values + j->row_ptr[r];
-        __m512 a0 = _mm512_setzero_ps();
-        for (int64_t g = 0; g < G; g++) a0 = _mm512_fmadd_ps(expand16(&v0, m0[g]), _mm512_loadu_ps(j->x + g * 16), a0);
-        j->y[r] = _mm512_reduce_add_ps(a0);
-    }
-}
 
+#define GROUP_AVX512(acc, BB, v, mg, xg, S)                                                                  \
+    do {                                                                                                     \
+        const __m512 w = expand16(&v, (mg));                                                                 \
+        for (int b = 0; b < BB; b++) acc[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps((xg) + b * (S)), acc[b]);    \
+    } while (0)
 #define DEF_GEMVB_AVX512(BB)                                                                                 \
-    __attribute__((target("avx512f,avx2,fma,popcnt"))) static void gemvb_avx512_##BB(const job_t *j, int64_t r0, \
-                                                                                  int64_t r1) {              \
-        const int64_t G = j->g, S = G * 16, kb = expand_block_groups(BB);                                    \
-        int64_t cur[SDK_ROW_TILE];                                                                           \
-        for (int64_t t0 = r0; t0 < r1; t0 += SDK_ROW_TILE) {                                                 \
-            const int64_t t1 = t0 + SDK_ROW_TILE < r1 ? t0 + SDK_ROW_TILE : r1;                              \
-            for (int64_t r = t0; r < t1; r++) cur[r - t0] = j->row_ptr[r];                                   \
-            for (int64_t g0 = 0; g0 < G; g0 += kb) {                                                         \
-                const int64_t g1 = g0 + kb < G ? g0 + kb : G;                                                \
-                for (int64_t r = t0; r < t1; r++) {                                                          \
-                    const uint16_t *m = j->mask + r * G;                                                     \
-                    const float *v = j->values + cur[r - t0], *v_start = v;                                  \
-                    __m512 acc[BB];                                                                          \
-                    for (int b = 0; b < BB; b++) acc[b] = _mm512_setzero_ps();                               \
-                    for (int64_t g = g0; g < g1; g++) {                                                      \
-                        const __m512 w = expand16(&v, m[g]);                                                 \
-                        for (int b = 0; b < BB; b++)                                                         \
-                            acc[b] = _mm512_fmadd_ps(w, _mm512_loadu_ps(j->x + b * S + g * 16), acc[b]);     \
-                    }                                                                                        \
-                    cur[r - t0] += v - v_start;                                                              \
-                    for (int b = 0; b < BB; b++)                                                             \
-                        j->y[b * j->n + r] = (g0 ? j->y[b * j->n + r] : 0.0f) + _mm512_reduce_add_ps(acc[b]); \
-                }                                                                                            \
-            }                                                                                                \
-        }                                                                                                    \
-    }
+    DEF_GEMVB(gemvb_avx512, "avx512f,avx2,fma,popcnt", __m512, _mm512, _mm512_reduce_add_ps, GROUP_AVX512, BB)
+DEF_GEMV(gemv_avx512, "avx512f,avx2,fma,popcnt", __m512, _mm512, _mm512_reduce_add_ps, GROUP_AVX512)
 DEF_GEMVB_AVX512(2)
 DEF_GEMVB_AVX512(3)
 DEF_GEMVB_AVX512(4)
@@ -403,30 +359,6 @@ __attribute__((target("avx512f,popcnt"))) static int64_t decode_row_avx512(const
     }
     return c;
 }
-
-#define GEMM_AVX512_BODY(T, U)                                                                               \
-    do {                                                                                                     \
-        __m512 acc[U][T];                                                                                    \
-        for (int u = 0; u < U; u++)                                                                          \
-            for (int t = 0; t < T; t++) acc[u][t] = _mm512_setzero_ps();                                     \
-        if (add)                                                                                             \
-            for (int t = 0; t < T; t++) acc[0][t] = _mm512_loadu_ps(out + 16 * t);                           \
-        int64_t i = 0;                                                                                       \
-        for (; i + U <= c; i += U)                                                                           \
-            for (int u = 0; u < U; u++) {                                                                    \
-                const __m512 w = _mm512_set1_ps(v[i + u]);                                                   \
-                const float *xp = xb + off[i + u];                                                           \
-                for (int t = 0; t < T; t++) acc[u][t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp + 16 * t), acc[u][t]); \
-            }                                                                                                \
-        for (; i < c; i++) {                                                                                 \
-            const __m512 w = _mm512_set1_ps(v[i]);                                                           \
-            const float *xp = xb + off[i];                                                                   \
-            for (int t = 0; t < T; t++) acc[0][t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xp + 16 * t), acc[0][t]); \
-        }                                                                                                    \
-        for (int u = 1; u < U; u++)                                                                          \
-            for (int t = 0; t < T; t++) acc[0][t] = _mm512_add_ps(acc[0][t], acc[u][t]);                     \
-        for (int t = 0; t < T; t++) _mm512_storeu_ps(out + 16 * t, acc[0][t]);                               \
-    } while (0)
 
 __attribute__((target("avx512f,avx2,fma,popcnt"))) static void gemm_row_avx512(const job_t *j, const float *v,
                                                                                const int32_t *off, int64_t c,
