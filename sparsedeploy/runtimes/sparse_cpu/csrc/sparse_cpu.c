@@ -54,6 +54,7 @@ typedef struct {
     const int64_t *row_ptr;/* [N + 1] */
     float *y;              /* [B, N] */
     int64_t n, k, g, b, bp;
+    int64_t xs;            /* expand forms: row stride of the padded x copy */
     int isa;
     int expand_batch;      /* 2 <= b <= SDK_EXPAND_MAX_B: expand each weight group once, FMA it into every batch row */
     atomic_int *failed;    /* set when a worker could not allocate its scratch */
@@ -83,7 +84,7 @@ static void gemv_portable(const job_t *j, int64_t r0, int64_t r1) {
 
 /* Small batch, expand form: x padded [b, G*16]; each stored element is read once and used for every batch row. */
 static void gemvb_portable(const job_t *j, int64_t r0, int64_t r1) {
-    const int64_t S = j->g * 16;
+    const int64_t S = j->xs;
     for (int64_t r = r0; r < r1; r++) {
         const uint16_t *m = j->mask + r * j->g;
         const float *v = j->values + j->row_ptr[r];
@@ -204,7 +205,7 @@ __attribute__((target("avx2,fma,popcnt"))) static inline __m256 expand8(const fl
  * GROUP(acc, v, mg, xg) does one group (mask mg, x at xg for batch row 0, batch rows S floats apart). */
 #define DEF_GEMVB(NAME, TARGET, VEC, PFX, HSUM, GROUP, BB)                                                   \
     __attribute__((target(TARGET))) static void NAME##_##BB(const job_t *j, int64_t r0, int64_t r1) {         \
-        const int64_t G = j->g, S = G * 16, kb = expand_block_groups(BB);                                    \
+        const int64_t G = j->g, S = j->xs, kb = expand_block_groups(BB);                                     \
         int64_t cur[SDK_ROW_TILE];                                                                           \
         for (int64_t t0 = r0; t0 < r1; t0 += SDK_ROW_TILE) {                                                 \
             const int64_t t1 = t0 + SDK_ROW_TILE < r1 ? t0 + SDK_ROW_TILE : r1;                              \
@@ -655,7 +656,9 @@ SDK_EXPORT int sdk_matmul(const float *x, int64_t b, int64_t k, const uint16_t *
     if (threads < 1) threads = 1;
 
     pthread_mutex_lock(&pool.call_lock);
-    const int64_t need = b == 1 || j.expand_batch ? j.g * 16 * b : j.g * 16 * j.bp;
+    /* padded x rows: stride G * 16 + 16 floats, so batch rows 4 KB apart do not share L1 sets */
+    j.xs = j.g * 16 + (b > 1 ? 16 : 0);
+    const int64_t need = b == 1 || j.expand_batch ? j.xs * b : j.g * 16 * j.bp;
     if (scratch_cap < need) {
         free(scratch);
         scratch = aligned_alloc(64, (size_t)need * sizeof(float) + 64);
@@ -664,8 +667,8 @@ SDK_EXPORT int sdk_matmul(const float *x, int64_t b, int64_t k, const uint16_t *
     }
     if (b == 1 || j.expand_batch) { /* rows padded to G * 16 with zeros */
         for (int64_t bb = 0; bb < b; bb++) {
-            memcpy(scratch + bb * j.g * 16, x + bb * k, (size_t)k * sizeof(float));
-            memset(scratch + bb * j.g * 16 + k, 0, (size_t)(j.g * 16 - k) * sizeof(float));
+            memcpy(scratch + bb * j.xs, x + bb * k, (size_t)k * sizeof(float));
+            memset(scratch + bb * j.xs + k, 0, (size_t)(j.xs - k) * sizeof(float));
         }
     } else { /* transpose to [K, bp] in 16 x 16 tiles; padding lanes zero */
         memset(scratch, 0, (size_t)need * sizeof(float));
