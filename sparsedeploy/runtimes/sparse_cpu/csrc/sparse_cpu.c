@@ -5,10 +5,11 @@
  * row-major in `values` (followed by 16 padding floats so vector loads may read past the last row), and
  * row_ptr[n] = index in `values` of row n's first element (row_ptr[N] = nnz).
  *
- * Paths: batch 1 is a GEMV that expands each 16-weight group to a vector (AVX-512 vexpandps; AVX2 a 256-entry
- * permute table + vpermps), 4 rows interleaved. Batch >= 2 uses the weight-broadcast form: each row's stored
- * elements are decoded once into column offsets, then each weight is broadcast and multiplied into the
- * activations of the whole batch (x transposed to [K, Bp]), so zero weights cost nothing.
+ * Paths: batch 1 is a GEMV that expands each 16-weight group to a vector (a 256-entry permute table + vpermps;
+ * on AVX-512 one masked vpermps per 16), 4 rows interleaved. Batch 2-8 below 75 % sparsity expands each group
+ * once and FMAs it into every batch row (K-blocked). Otherwise batch >= 2 uses the weight-broadcast form:
+ * each row's stored elements are decoded into column offsets, then each weight is broadcast and multiplied
+ * into the activations of the whole batch (x transposed to [K, Bp]), so zero weights cost nothing.
  * A portable plain-C path compiles anywhere. ISA is picked at run time (__builtin_cpu_supports on x86).
  * Threads: a persistent pool; rows are split into contiguous chunks of equal work (stored elements + groups),
  * a few per thread, claimed dynamically (robust when the OS runs other work on the same cores).
