@@ -1,4 +1,4 @@
-"""The native kernels build from source in a non-editable install too (the wheel carries the library and the C source)."""
+"""Native build: a non-editable install compiles the kernels (the wheel carries them and the C source); portable-only."""
 
 import os
 import subprocess
@@ -30,3 +30,21 @@ def test_wheel_builds_and_runs_outside_the_checkout(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, capture_output=True,
                          text=True, timeout=120)
     assert out.stdout.strip().startswith(str(target))  # the wheel's own build, not the checkout's
+
+
+def test_portable_only_build_is_correct(tmp_path):
+    """What a non-x86 CPU (ARM) gets: the library built without the x86 paths, checked against NumPy."""
+    lib = tmp_path / "libsparse_cpu_portable.so"
+    src = REPO / "sparsedeploy" / "runtimes" / "sparse_cpu" / "csrc" / "sparse_cpu.c"
+    cc = os.environ.get("CC", "cc")
+    subprocess.run([cc, "-O2", "-std=c11", "-fPIC", "-shared", "-pthread", "-Wall", "-Werror", "-DSDK_PORTABLE_ONLY",
+                    str(src), "-o", str(lib)], check=True, capture_output=True, timeout=120)
+    code = ("import numpy as np, sparsedeploy.runtimes.sparse_cpu as s;"
+            "assert s.available_isas() == ['portable'], s.available_isas();"
+            "rng = np.random.default_rng(0);"
+            "w = rng.standard_normal((37, 53)).astype(np.float32); w[rng.random(w.shape) < 0.6] = 0;"
+            "p = s.pack(w);"
+            "[np.testing.assert_allclose(s.matmul(x, p, threads=2), x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)"
+            " for x in (rng.standard_normal((b, 53)).astype(np.float32) for b in (1, 3, 130))]")
+    env = {**os.environ, "SPARSEDEPLOY_SPARSE_CPU_LIB": str(lib)}
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
