@@ -1,4 +1,4 @@
-"""Native build: a non-editable install compiles the kernels (the wheel carries them and the C source); portable-only."""
+"""Native build: a non-editable install compiles the kernels (wheel carries them and the C source); portable-only."""
 
 import os
 import subprocess
