@@ -19,12 +19,17 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/data/hf \
     MPLCONFIGDIR=/tmp/matplotlib \
     PATH=/opt/venv/bin:$PATH
+# A C compiler: pip builds the sparse-cpu kernels (sparsedeploy/runtimes/sparse_cpu/csrc) from source.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN groupadd --gid 10001 sparse \
     && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin sparse \
     && mkdir -p /data /opt/venv /opt/engines /opt/sparsedeploy \
     && chown 10001:10001 /data /opt/venv /opt/engines /opt/sparsedeploy
 WORKDIR /opt/sparsedeploy
-COPY --chown=10001:10001 pyproject.toml README.md ./
+COPY --chown=10001:10001 pyproject.toml setup.py README.md ./
 COPY --chown=10001:10001 scripts ./scripts
 COPY --chown=10001:10001 sparsedeploy ./sparsedeploy
 COPY --chown=10001:10001 examples ./examples

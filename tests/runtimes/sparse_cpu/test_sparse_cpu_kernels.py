@@ -1,0 +1,174 @@
+"""The native sparse-cpu kernels against a float64 dense reference, on every dispatch path this CPU runs."""
+
+import platform
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparsedeploy.runtimes.sparse_cpu import kernels
+from sparsedeploy.runtimes.sparse_cpu.format import pack
+from sparsedeploy.runtimes.sparse_cpu.kernels import available_isas, matmul
+
+ISAS = available_isas()
+
+
+def pruned(n, k, sparsity, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    w[rng.random((n, k)) < sparsity] = 0.0
+    return w
+
+
+def nm(n, k, keep, m, seed=0):
+    w = pruned(n, k, 0.0, seed).reshape(n, k // m, m)
+    np.put_along_axis(w, np.argsort(np.abs(w), axis=2)[:, :, : m - keep], 0.0, axis=2)
+    return w.reshape(n, k)
+
+
+def check(x, w, y):
+    """y agrees with float64 x @ w.T to float32 rounding of the sums actually formed."""
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    scale = np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64)
+    assert y.dtype == np.float32 and y.shape == ref.shape
+    bad = np.abs(y - ref) > 2e-6 * scale + 1e-30
+    assert not bad.any(), f"{bad.sum()} of {bad.size} outputs off; worst {np.abs(y - ref)[bad].max()}"
+
+
+def test_every_isa_this_cpu_has_is_offered():
+    """The forced-path tests below cover what the CPU can run: what /proc/cpuinfo says is there is listed."""
+    assert ISAS[-1] == "portable"
+    if platform.machine() in ("x86_64", "AMD64") and Path("/proc/cpuinfo").exists():
+        flags = set(next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split())
+        assert ("avx2" in ISAS) == ({"avx2", "fma"} <= flags)
+        assert ("avx512" in ISAS) == ({"avx512f", "avx2", "fma"} <= flags)
+
+
+def weights():
+    zero_rows_cols = pruned(40, 70, 0.5, 3)
+    zero_rows_cols[[0, 5, 6, 7, 39]] = 0.0
+    zero_rows_cols[:, [0, 16, 17, 69]] = 0.0
+    return {
+        "odd 37x53 50%": pruned(37, 53, 0.5),
+        "K=1": pruned(9, 1, 0.3),
+        "K=16 exact group": pruned(12, 16, 0.5),
+        "dense 0%": pruned(33, 100, 0.0),
+        "99%": pruned(64, 300, 0.99),
+        "all zero": np.zeros((6, 20), np.float32),
+        "zero rows and cols": zero_rows_cols,
+        "2:4": nm(20, 64, 2, 4),
+        "4:8": nm(21, 72, 4, 8),
+        "N=1": pruned(1, 45, 0.6),
+    }
+
+
+WEIGHTS = weights()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 3, 8, 130])
+@pytest.mark.parametrize("name", list(WEIGHTS))
+def test_matches_dense_reference(name, batch, threads, isa):
+    w = WEIGHTS[name]
+    x = np.random.default_rng(batch).standard_normal((batch, w.shape[1])).astype(np.float32)
+    check(x, w, matmul(x, pack(w), threads=threads, isa=isa))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_threads_split_skewed_rows(isa):
+    """Rows of very different density (the split is by stored elements) and more threads than the CPU has."""
+    w = pruned(1003, 333, 0.9)
+    w[:100] = pruned(100, 333, 0.0, 1)  # a dense block at the top: one thread's range is short
+    x = np.random.default_rng(0).standard_normal((5, 333)).astype(np.float32)
+    p = pack(w)
+    for threads in (1, 2, 3, 7):
+        check(x[:1], w, matmul(x[:1], p, threads=threads, isa=isa))
+        check(x, w, matmul(x, p, threads=threads, isa=isa))
+
+
+def test_large_batch_is_chunked_and_1d_input_squeezes():
+    w = pruned(50, 90, 0.7)
+    p = pack(w)
+    x = np.random.default_rng(1).standard_normal((kernels.MAX_BATCH_CHUNK + 37, 90)).astype(np.float32)
+    check(x, w, matmul(x, p, threads=2))
+    y1 = matmul(x[0], p)
+    assert y1.shape == (50,)
+    check(x[:1], w, y1[None])
+    out = np.full((3, 50), np.nan, np.float32)
+    assert matmul(x[:3], p, out=out) is out
+    check(x[:3], w, out)
+
+
+def test_paths_agree_and_are_deterministic():
+    w = pruned(300, 1000, 0.7)
+    x = np.random.default_rng(2).standard_normal((4, 1000)).astype(np.float32)
+    p = pack(w)
+    for isa in ISAS:
+        a = matmul(x, p, threads=2, isa=isa)
+        assert np.array_equal(a, matmul(x, p, threads=2, isa=isa))  # same split, same order: same bits
+
+
+def test_concurrent_callers_get_their_own_results():
+    w1, w2 = pruned(200, 300, 0.5, 1), pruned(150, 300, 0.8, 2)
+    p1, p2 = pack(w1), pack(w2)
+    x = np.random.default_rng(3).standard_normal((8, 300)).astype(np.float32)
+    errors = []
+
+    def worker(p, w):
+        try:
+            for _ in range(30):
+                check(x, w, matmul(x, p, threads=2))
+                check(x[:1], w, matmul(x[:1], p, threads=2))
+        except AssertionError as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker, args=a) for a in [(p1, w1), (p2, w2), (p1, w1)]]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda p: matmul(np.zeros((2, 30), np.float64), p), "x must be float32"),
+    (lambda p: matmul(np.zeros((2, 31), np.float32), p), r"x must be \[B, 30\]"),
+    (lambda p: matmul(np.zeros((2, 3, 30), np.float32), p), r"x must be \[B, 30\]"),
+    (lambda p: matmul(np.zeros((0, 30), np.float32), p), r"x must be \[B, 30\]"),
+    (lambda p: matmul(np.zeros((2, 30), np.float32), p, threads=0), "threads must be a positive int"),
+    (lambda p: matmul(np.zeros((2, 30), np.float32), p, isa="sse9"), "unknown isa"),
+    (lambda p: matmul(np.zeros((2, 30), np.float32), p, out=np.zeros((2, 7), np.float32)), "out must be"),
+    (lambda p: matmul(np.zeros((2, 30), np.float32), np.zeros((4, 30), np.float32)), "PackedLinear"),
+])
+def test_bad_input_raises_a_clear_error(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(pack(pruned(4, 30, 0.5)))
+
+
+def test_isa_the_cpu_lacks_is_refused(monkeypatch):
+    p = pack(pruned(4, 30, 0.5))
+    x = np.zeros((1, 30), np.float32)
+    assert kernels._lib().sdk_matmul(x.ctypes.data, 1, 30, p.mask.ctypes.data, p.values.ctypes.data,
+                                     p.row_ptr.ctypes.data, 4, np.zeros(4, np.float32).ctypes.data, 1, 9) == -2
+    monkeypatch.setattr(kernels, "available_isas", lambda: ["portable"])
+    with pytest.raises(ValueError, match="does not run on this CPU"):
+        matmul(x, p, isa="avx2")
+
+
+def test_missing_library_names_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.delenv("SPARSEDEPLOY_SPARSE_CPU_LIB", raising=False)
+    with pytest.raises(kernels.NativeLibraryMissing, match="pip install -e ."):
+        kernels.library_path()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("batch,k", [(130, 1000), (8, 4000)])
+def test_k_blocked_batches(isa, batch, k):
+    """Batches walk x in K blocks (~192 KB of transposed x): several blocks, a partial last one, value cursors."""
+    w = pruned(45, k, 0.6)
+    w[3] = 0.0
+    x = np.random.default_rng(4).standard_normal((batch, k)).astype(np.float32)
+    check(x, w, matmul(x, pack(w), threads=2, isa=isa))
