@@ -19,7 +19,7 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/data/hf \
     MPLCONFIGDIR=/tmp/matplotlib \
     PATH=/opt/venv/bin:$PATH
-# A C compiler: pip builds the sparse-cpu kernels (sparsedeploy/runtimes/sparse_cpu/csrc) from source.
+# A C compiler: pip builds the sparse-cpu kernels (sparsedeploy/kernels/csrc) from source.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \

@@ -10,8 +10,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "sparsedeploy.runtimes.sparse_cpu._native",
-            sources=["sparsedeploy/runtimes/sparse_cpu/csrc/sparse_cpu.c"],
+            "sparsedeploy.kernels._native",
+            sources=["sparsedeploy/kernels/csrc/sparse_cpu.c"],
             extra_compile_args=["-O3", "-std=c11", "-fvisibility=hidden", "-pthread", "-Wall"],
             extra_link_args=["-pthread"],
         )

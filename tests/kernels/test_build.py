@@ -16,11 +16,11 @@ def test_wheel_builds_and_runs_outside_the_checkout(tmp_path):
                     str(REPO)], check=True, capture_output=True, timeout=600)
     (wheel,) = wheels.glob("sparsedeploy-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert any(n.startswith("sparsedeploy/runtimes/sparse_cpu/_native") and n.endswith(".so") for n in names)
-    assert "sparsedeploy/runtimes/sparse_cpu/csrc/sparse_cpu.c" in names
+    assert any(n.startswith("sparsedeploy/kernels/_native") and n.endswith(".so") for n in names)
+    assert "sparsedeploy/kernels/csrc/sparse_cpu.c" in names
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, timeout=300)
-    code = ("import numpy as np, sparsedeploy.runtimes.sparse_cpu as s, sparsedeploy.runtimes.sparse_cpu.kernels as k;"
+    code = ("import numpy as np, sparsedeploy.kernels as s, sparsedeploy.kernels.native as k;"
             "w = np.random.default_rng(0).standard_normal((30, 70)).astype(np.float32); w[:, ::3] = 0;"
             "x = np.ones((2, 70), np.float32);"
             "assert np.allclose(s.matmul(x, s.pack(w)), x @ w.T, atol=1e-4);"
@@ -35,11 +35,11 @@ def test_wheel_builds_and_runs_outside_the_checkout(tmp_path):
 def test_portable_only_build_is_correct(tmp_path):
     """What a non-x86 CPU (ARM) gets: the library built without the x86 paths, checked against NumPy."""
     lib = tmp_path / "libsparse_cpu_portable.so"
-    src = REPO / "sparsedeploy" / "runtimes" / "sparse_cpu" / "csrc" / "sparse_cpu.c"
+    src = REPO / "sparsedeploy" / "kernels" / "csrc" / "sparse_cpu.c"
     cc = os.environ.get("CC", "cc")
     subprocess.run([cc, "-O2", "-std=c11", "-fPIC", "-shared", "-pthread", "-Wall", "-Werror", "-DSDK_PORTABLE_ONLY",
                     str(src), "-o", str(lib)], check=True, capture_output=True, timeout=120)
-    code = ("import numpy as np, sparsedeploy.runtimes.sparse_cpu as s;"
+    code = ("import numpy as np, sparsedeploy.kernels as s;"
             "assert s.available_isas() == ['portable'], s.available_isas();"
             "rng = np.random.default_rng(0);"
             "w = rng.standard_normal((37, 53)).astype(np.float32); w[rng.random(w.shape) < 0.6] = 0;"

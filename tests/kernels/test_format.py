@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sparsedeploy.runtimes.sparse_cpu.format import GROUP, LAYOUT, PAD, PackedLinear, byte_bound_ceiling, pack, unpack
+from sparsedeploy.kernels.format import GROUP, LAYOUT, PAD, PackedLinear, byte_bound_ceiling, pack, unpack
 
 
 def pruned(n: int, k: int, sparsity: float, seed: int = 0) -> np.ndarray:

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparsedeploy.runtimes.sparse_cpu import kernels
-from sparsedeploy.runtimes.sparse_cpu.format import pack
-from sparsedeploy.runtimes.sparse_cpu.kernels import available_isas, matmul
+from sparsedeploy.kernels import native as kernels
+from sparsedeploy.kernels.format import pack
+from sparsedeploy.kernels.native import available_isas, matmul
 
 ISAS = available_isas()
 

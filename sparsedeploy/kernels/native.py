@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsedeploy.runtimes.sparse_cpu.format import PackedLinear, byte_bound_ceiling
+from sparsedeploy.kernels.format import PackedLinear, byte_bound_ceiling
 
 __all__ = ["ISAS", "NativeLibraryMissing", "available_isas", "best_isa", "byte_bound_ceiling", "library_path", "matmul"]
 
 # name -> the library's ISA code; ordered best first
 ISAS = {"avx512": 3, "avx2": 2, "portable": 1}
 MAX_BATCH_CHUNK = 256  # rows of x per native call (bounds the transposed copy and keeps offsets in int32)
-_NATIVE = "sparsedeploy.runtimes.sparse_cpu._native"
+_NATIVE = "sparsedeploy.kernels._native"
 
 
 class NativeLibraryMissing(RuntimeError):
