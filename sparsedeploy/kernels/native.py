@@ -1,0 +1,116 @@
+"""ctypes binding of the sparse-cpu native kernels (csrc/sparse_cpu.c, built at install by setup.py).
+
+ctypes releases the GIL for the duration of each call; calls from several Python threads serialize
+inside the library (one thread pool).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from sparsedeploy.kernels.format import PackedLinear, byte_bound_ceiling
+
+__all__ = ["ISAS", "NativeLibraryMissing", "available_isas", "best_isa", "byte_bound_ceiling", "library_path", "matmul"]
+
+# name -> the library's ISA code; ordered best first
+ISAS = {"avx512": 3, "avx2": 2, "portable": 1}
+MAX_BATCH_CHUNK = 256  # rows of x per native call (bounds the transposed copy and keeps offsets in int32)
+_NATIVE = "sparsedeploy.kernels._native"
+
+
+class NativeLibraryMissing(RuntimeError):
+    """The compiled kernel library is not there (the package was not built/installed)."""
+
+
+def library_path() -> Path:
+    """Where the compiled library is (SPARSEDEPLOY_SPARSE_CPU_LIB overrides)."""
+    override = os.environ.get("SPARSEDEPLOY_SPARSE_CPU_LIB")
+    if override:
+        return Path(override)
+    spec = importlib.util.find_spec(_NATIVE)
+    if spec is None or not spec.origin:
+        raise NativeLibraryMissing(
+            f"the sparse-cpu kernel library ({_NATIVE}) is not built: reinstall the package "
+            "(`pip install -e .` or `bash scripts/install.sh`; "
+            "it compiles csrc/sparse_cpu.c with the system C compiler)")
+    return Path(spec.origin)
+
+
+@lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(library_path()))
+    lib.sdk_supported_isas.restype = ctypes.c_int
+    lib.sdk_supported_isas.argtypes = []
+    lib.sdk_matmul.restype = ctypes.c_int
+    lib.sdk_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    return lib
+
+
+def available_isas() -> list[str]:
+    """The dispatch paths this CPU can run, best first (always ends with "portable")."""
+    bits = _lib().sdk_supported_isas()
+    return [name for name, code in ISAS.items() if bits >> code & 1]
+
+
+def best_isa() -> str:
+    return available_isas()[0]
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def matmul(x: np.ndarray, p: PackedLinear, threads: int | None = None, isa: str | None = None,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """y = x @ W.T for x float32 [B, K] (or [K]) and W packed in `p`: float32 [B, N] (or [N]).
+
+    threads: worker threads (None: the CPUs this process may run on). isa: force a dispatch path
+    ("avx512", "avx2", "portable"; None: the best this CPU runs). out: optional C-contiguous float32 [B, N].
+    """
+    if not isinstance(p, PackedLinear):
+        raise TypeError(f"matmul: the weight must be a PackedLinear (from format.pack), got {type(p).__name__}")
+    n, k = p.shape
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        raise ValueError(f"matmul: x must be float32, got {x.dtype} (cast with .astype(np.float32))")
+    squeeze = x.ndim == 1
+    x2 = x[None, :] if squeeze else x
+    if x2.ndim != 2 or x2.shape[1] != k or x2.shape[0] < 1:
+        raise ValueError(f"matmul: x must be [B, {k}] (K of the packed weight {n}x{k}), got shape {x.shape}")
+    x2 = np.ascontiguousarray(x2)
+    b = x2.shape[0]
+    if threads is None:
+        threads = default_threads()
+    if not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"matmul: threads must be a positive int, got {threads!r}")
+    if isa is None:
+        code = 0
+    elif isa not in ISAS:
+        raise ValueError(f"matmul: unknown isa {isa!r}: use one of {list(ISAS)}")
+    elif isa not in available_isas():
+        raise ValueError(f"matmul: isa {isa!r} does not run on this CPU: use one of {available_isas()}")
+    else:
+        code = ISAS[isa]
+    if out is None:
+        out = np.empty((b, n), dtype=np.float32)
+    elif out.dtype != np.float32 or out.shape != (b, n) or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"matmul: out must be a writable C-contiguous float32 array of shape {(b, n)}")
+    lib = _lib()
+    mask, values, row_ptr = p.mask.ctypes.data, p.values.ctypes.data, p.row_ptr.ctypes.data
+    for b0 in range(0, b, MAX_BATCH_CHUNK):
+        xb, yb = x2[b0:b0 + MAX_BATCH_CHUNK], out[b0:b0 + MAX_BATCH_CHUNK]
+        rc = lib.sdk_matmul(xb.ctypes.data, xb.shape[0], k, mask, values, row_ptr, n, yb.ctypes.data,
+                            int(threads), code)
+        if rc != 0:
+            raise RuntimeError(f"sparse-cpu kernel failed (code {rc}) for x {xb.shape}, weight {n}x{k}, isa {isa}")
+    return out[0] if squeeze else out
