@@ -119,6 +119,14 @@ class SegmentedSession:
         log.info("%s: %d SparseLinear nodes between %d ONNX Runtime segments, %d kernel thread(s)", name,
                  len(linears), sum(isinstance(s, _Segment) for s in self.steps), self.threads)
 
+    @property
+    def linear_count(self) -> int:
+        return sum(isinstance(s, _Linear) for s in self.steps)
+
+    @property
+    def segment_count(self) -> int:
+        return sum(isinstance(s, _Segment) for s in self.steps)
+
     def get_inputs(self) -> list[ValueInfo]:
         return list(self._inputs)
 
