@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 PHASES = ("prefill", "decode", "total")
 
 
-ENGINES = ("ort", "deepsparse", "torch", "tensorrt")
+ENGINES = ("ort", "sparse-cpu", "deepsparse", "torch", "tensorrt")
 
 
 @dataclass

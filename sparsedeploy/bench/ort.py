@@ -58,11 +58,16 @@ class OrtCausalLM:
 
 def bench_ort(cfg: BenchConfig, variants: dict[str, Path], progress=None) -> list[dict]:
     models = {name: OrtCausalLM(path, cfg.threads) for name, path in variants.items()}
+    return time_generations(cfg, models, "full model with KV cache (optimum export)", "ort", progress)
+
+
+def time_generations(cfg: BenchConfig, models: dict[str, OrtCausalLM], form: str, engine: str, progress=None) -> list[dict]:
+    """Whole generations of every model, interleaved per batch size: the rows of one table."""
     rows = []
     for batch in cfg.batches:
         runners = {name: (lambda m=m: m.generate(batch, cfg.prompt_len, cfg.gen_len)) for name, m in models.items()}
         res = run_interleaved(runners, rounds=cfg.rounds, per_round=cfg.per_round, warmup=cfg.warmup, max_seconds=cfg.max_seconds)
-        new = phase_rows(res, list(variants), batch, cfg.prompt_len, cfg.gen_len, "full model with KV cache (optimum export)", "ort")
+        new = phase_rows(res, list(models), batch, cfg.prompt_len, cfg.gen_len, form, engine)
         rows.extend(new)
         if progress:
             progress(new)

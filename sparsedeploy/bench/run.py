@@ -4,6 +4,9 @@ Engines:
 - ``ort``: an optimum ONNX export with KV cache (``model.onnx`` taking ``past_key_values.*``), run in
   ONNX Runtime: prefill latency (prompt of P tokens), decode tokens/s (G steps reusing the KV cache)
   and end-to-end time.
+- ``sparse-cpu``: a ``--target sparse-cpu`` export, its SparseLinear nodes in sparsedeploy's own kernels and
+  every other operator in ONNX Runtime (sparsedeploy.onnx.segmented), against the dense export in plain
+  ONNX Runtime: the same phases as ``ort``; ``--threads`` sets both the kernels' and ONNX Runtime's threads.
 - ``deepsparse``: DeepSparse 1.8 in its own venv (see runtimes/deepsparse_env.py). Its engine aborts on
   optimum's Llama export with static shapes (and with dynamic shapes it only hands the graph to its
   bundled ONNX Runtime), so the bench first *tries* the full graph and records the verdict, then
@@ -43,6 +46,7 @@ from sparsedeploy.bench.config import ENGINES, BenchConfig, machine_info
 from sparsedeploy.bench.deepsparse import bench_deepsparse
 from sparsedeploy.bench.ort import bench_ort
 from sparsedeploy.bench.pytorch import bench_torch
+from sparsedeploy.bench.sparse_cpu import bench_sparse_cpu
 from sparsedeploy.bench.tensorrt import bench_tensorrt
 from sparsedeploy.onnx.storage import onnx_file
 
@@ -89,6 +93,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
               "config": asdict(cfg), "notes": {}}
     if cfg.engine == "ort":
         result["rows"] = bench_ort(cfg, variants, progress)
+    elif cfg.engine == "sparse-cpu":
+        result["rows"], result["notes"] = bench_sparse_cpu(cfg, variants, progress)
     elif cfg.engine == "deepsparse":
         from sparsedeploy.runtimes.deepsparse_env import LICENCE_NOTE
 

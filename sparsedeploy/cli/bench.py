@@ -23,10 +23,11 @@ def _log_rows(rows: list[dict]) -> None:
 
 
 @click.command()
-@click.option("--model", required=True, help="sparse model: ONNX export directory (ort, deepsparse) or HF checkpoint directory (torch)")
+@click.option("--model", required=True, help="sparse model: ONNX export directory (ort, sparse-cpu, deepsparse) or HF checkpoint directory (torch)")
 @click.option("--baseline", default=None, help="dense model of the same kind, timed alternately with --model for the speedup")
 @click.option("--engine", default="ort", show_default=True, type=click.Choice(list(ENGINES)),
-              help="ort/deepsparse: ONNX on CPU; torch: checkpoints (2:4 kernels with --device cuda); tensorrt: ONNX on a GPU")
+              help="ort/deepsparse: ONNX on CPU; sparse-cpu: a --target sparse-cpu export in sparsedeploy's kernels vs the "
+                   "dense export in ONNX Runtime; torch: checkpoints (2:4 kernels with --device cuda); tensorrt: ONNX on a GPU")
 @click.option("--batch", "batch", default="1,8", show_default=True, help="comma-separated batch sizes")
 @click.option("--prompt-len", default=128, show_default=True, type=int)
 @click.option("--gen-len", default=64, show_default=True, type=int, help="decode steps (KV cache)")

@@ -11,6 +11,7 @@ from sparsedeploy.export.config import DTYPES, EXPORTERS, OPTIMIZE_LEVELS, STORA
 
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.cli.options import emit
+from sparsedeploy.runtimes import GENERATE_ENGINES
 
 log = logging.getLogger("sparsedeploy")
 
@@ -71,8 +72,10 @@ def inspect_cmd(onnx_model, nm, all_weights, as_json):
 @click.option("--prompt", required=True, help="text to continue")
 @click.option("--max-new-tokens", default=32, show_default=True, type=int)
 @click.option("--threads", default=None, type=int, help="intra-op threads [ORT: its default; DeepSparse: 1]")
-@click.option("--engine", default="ort", show_default=True, type=click.Choice(["ort", "deepsparse"]),
-              help="deepsparse: the decoder-stack graphs of an export made with --target deepsparse, in DeepSparse's engine")
+@click.option("--engine", default="ort", show_default=True, type=click.Choice(list(GENERATE_ENGINES)),
+              help="ort: ONNX Runtime (a sparse-cpu export's SparseLinear nodes in sparsedeploy's kernels); sparse-cpu: "
+                   "the same, refusing an export without SparseLinear nodes; deepsparse: the decoder-stack graphs of an "
+                   "export made with --target deepsparse, in DeepSparse's engine")
 @click.option("--deepsparse-venv", default=None, help="DeepSparse virtualenv [default: CACHE/engines/deepsparse-1.8.0]")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def generate_cmd(onnx_dir, prompt, max_new_tokens, threads, engine, deepsparse_venv, as_json):
@@ -87,7 +90,7 @@ def generate_cmd(onnx_dir, prompt, max_new_tokens, threads, engine, deepsparse_v
         return
     from sparsedeploy.onnx.decoder import generate_text
 
-    out = generate_text(onnx_dir, prompt, max_new_tokens, threads)
+    out = generate_text(onnx_dir, prompt, max_new_tokens, threads, engine)
     rate = out["new_tokens"] / out["seconds"] if out["seconds"] else float("nan")
-    emit(out, as_json, f"{prompt}{out['completion']}\n[{out['new_tokens']} tokens in {out['seconds']:.2f} s, {rate:.1f} tok/s, "
+    emit(out, as_json, f"{prompt}{out['completion']}\n[{out['engine']}: {out['new_tokens']} tokens in {out['seconds']:.2f} s, {rate:.1f} tok/s, "
                        f"KV cache {'on' if out['kv_cache'] else 'off'}]")

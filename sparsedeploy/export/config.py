@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sparsedeploy.common.errors import UserError
+from sparsedeploy.onnx.sparse_linear import DOMAIN as SPARSE_LINEAR_DOMAIN
+from sparsedeploy.onnx.sparse_linear import MIN_SPARSITY as SPARSE_LINEAR_MIN
 
 TASKS = ("text-generation-with-past", "text-generation")
 DTYPES = {"float32": "fp32", "float16": "fp16"}
@@ -41,6 +43,11 @@ TARGETS: dict[str, TargetProfile] = {
     "tensorrt": TargetProfile("tensorrt", 17, STANDARD_DOMAINS, ("none", "basic"),
                               "TensorRT: opset 17, standard ops only; MatMul weights kept as constants [K, N] so "
                               "--sparsity=enable sees the 2:4 groups along K"),
+    "sparse-cpu": TargetProfile("sparse-cpu", 18, STANDARD_DOMAINS | {SPARSE_LINEAR_DOMAIN}, ("none", "basic"),
+                                "sparsedeploy's own CPU kernels: every decoder MatMul with at least "
+                                f"{SPARSE_LINEAR_MIN:.0%} zeros becomes a SparseLinear node ({SPARSE_LINEAR_DOMAIN}) that "
+                                "carries its weight only in the bitmask16 format (q/k/v and gate/up fused); ONNX Runtime "
+                                "runs the other operators between them (docs/sparse_cpu.md); float32"),
 }
 
 # Optimisation levels refused whatever the target, with the reason shown to the user.
@@ -91,6 +98,8 @@ def validate(config: ExportConfig) -> TargetProfile:
         raise UserError(f"--opset {config.opset} is outside what the exporter supports here: use {low}..{high} (LLaMA needs >= {low})")
     if config.storage == "sparse" and config.target != "ort":
         raise UserError(f"--storage sparse is readable only through sparsedeploy's loader, not by {target.name}: use --storage dense")
+    if config.target == "sparse-cpu" and config.dtype != "float32":
+        raise UserError(f"--dtype {config.dtype} with --target sparse-cpu: its kernels compute in float32; use --dtype float32")
     if config.decode_steps < 1 or config.greedy_tokens < 1:
         raise UserError("--decode-steps and --greedy-tokens must be at least 1")
     if config.deepsparse_batch < 1 or config.deepsparse_seq < 1:

@@ -27,6 +27,8 @@ import numpy as np
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.common.files import atomic_dir, check_output_dir, write_json_atomic
 from sparsedeploy.export.config import (DTYPES, TARGETS, ExportConfig, TargetProfile, validate)
+from sparsedeploy.onnx.sparse_linear import MIN_SPARSITY as SPARSE_LINEAR_MIN
+from sparsedeploy.onnx.sparse_linear import pack_linears
 from sparsedeploy.runtimes.stack_graphs import head_dim_of, load_eager_float32, write_stack_files
 
 log = logging.getLogger(__name__)
@@ -264,6 +266,11 @@ def export_checkpoint(config: ExportConfig, output: Path | str, overwrite: bool 
             refuse_if_weights_changed(model, model_dir, config)
         for fn in [*_REWRITES.get(target.name, []), *([rewrite] if rewrite else [])]:
             model = fn(model)
+        if target.name == "sparse-cpu":
+            report["sparse_cpu"] = pack_linears(model)
+            if not report["sparse_cpu"]["linears"]:
+                raise UserError(f"--target sparse-cpu: no decoder linear of {model_dir} has {SPARSE_LINEAR_MIN:.0%} zeros or "
+                                "more, so nothing would run sparse; prune it first (sparsedeploy prune) or use --target ort")
         check_domains(model, target)
         storage: dict = {"kind": config.storage}
         if config.storage == "sparse":
@@ -278,7 +285,8 @@ def export_checkpoint(config: ExportConfig, output: Path | str, overwrite: bool 
         storage["files"] = dir_bytes(tmp)
         storage["model_bytes"] = sum(v for k, v in storage["files"].items() if k.startswith("model.onnx") or k.startswith("sparse_weights"))
         storage["ort_load_seconds"] = measure_load(tmp / "model.onnx")
-        storage["note"] = "ONNX Runtime does not compute faster from zeros: sparse storage only saves disk space"
+        storage["note"] = ("sparse-cpu: the packed linears run in sparsedeploy's kernels" if target.name == "sparse-cpu" else
+                           "ONNX Runtime does not compute faster from zeros: sparse storage only saves disk space")
         report["storage"] = storage
         if config.verify:
             report["verification"] = verify_export(config, model_dir, tmp / "model.onnx", opset)

@@ -120,10 +120,19 @@ def load_tokenizer(directory: Path | str):
         return None
 
 
-def generate_text(onnx_dir: Path | str, prompt: str, max_new_tokens: int = 32, threads: int | None = None) -> dict:
-    """Greedy generation with ONNX Runtime and the KV cache; returns text, token ids and timings."""
+def generate_text(onnx_dir: Path | str, prompt: str, max_new_tokens: int = 32, threads: int | None = None,
+                  engine: str = "ort") -> dict:
+    """Greedy generation with the KV cache; returns text, token ids and timings. engine "ort": whatever the export
+    needs (a sparse-cpu export runs its SparseLinear nodes in sparsedeploy's kernels); "sparse-cpu": refuse an export
+    without SparseLinear nodes."""
+    from sparsedeploy.onnx.segmented import SegmentedSession
+
     onnx_dir = Path(onnx_dir)
     decoder = OnnxDecoder.load(onnx_dir, threads=threads)
+    sparse_cpu = isinstance(decoder.session, SegmentedSession)
+    if engine == "sparse-cpu" and not sparse_cpu:
+        raise UserError(f"{decoder.path} has no SparseLinear nodes, so nothing would run in sparsedeploy's kernels: "
+                        "export it with --target sparse-cpu (or use --engine ort)")
     directory = decoder.path.parent
     tokenizer = load_tokenizer(directory)
     if tokenizer is None:
@@ -138,4 +147,4 @@ def generate_text(onnx_dir: Path | str, prompt: str, max_new_tokens: int = 32, t
     elapsed = time.perf_counter() - start
     return {"prompt": prompt, "completion": tokenizer.decode(tokens, skip_special_tokens=True), "tokens": tokens.tolist(),
             "new_tokens": int(tokens.size), "seconds": elapsed, "load_seconds": decoder.load_seconds,
-            "kv_cache": decoder.with_past, "model": str(decoder.path)}
+            "kv_cache": decoder.with_past, "model": str(decoder.path), "engine": "sparse-cpu" if sparse_cpu else "ort"}

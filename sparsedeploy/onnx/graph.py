@@ -89,8 +89,14 @@ class Graph:
         return None
 
     def matmul_weights(self) -> list[OnnxWeight]:
-        """Every constant 2-D right-hand operand of MatMul / Gemm / com.microsoft FusedMatMul."""
+        """Every constant 2-D right-hand operand of MatMul / Gemm / com.microsoft FusedMatMul, and every linear packed
+        in a SparseLinear node (sparse-cpu), unpacked."""
+        from sparsedeploy.onnx.sparse_linear import sparse_linear_nodes, unpacked
+
         weights = []
+        for sparse in sparse_linear_nodes(self.model, arrays=self.array):  # sparse-cpu: each packed linear, unpacked
+            for name, matrix in unpacked(sparse):
+                weights.append(OnnxWeight(name, "SparseLinear", sparse.name, sparse.weight.shape, False, matrix))
         for node in self.model.graph.node:
             if node.op_type not in ("MatMul", "Gemm", "FusedMatMul") or len(node.input) < 2:
                 continue

@@ -22,6 +22,7 @@ import numpy as np
 
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.common.files import _umask
+from sparsedeploy.onnx.sparse_linear import DOMAIN as SPARSE_LINEAR_DOMAIN, OP_TYPE as SPARSE_LINEAR_OP
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,8 @@ def save_model_proto(model, file: Path, external: bool | None = None) -> None:
 
 
 def session_from_path(path: Path | str, threads: int | None = None, optimization: str = "all", providers: list[str] | None = None):
-    """An onnxruntime.InferenceSession for a model of either storage."""
+    """An onnxruntime.InferenceSession for a model of either storage; for a sparse-cpu export (SparseLinear nodes) a
+    SegmentedSession with the same interface (get_inputs, get_outputs, run)."""
     import onnxruntime as ort
 
     file = onnx_file(path)
@@ -208,4 +210,9 @@ def session_from_path(path: Path | str, threads: int | None = None, optimization
         return ort.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if f"{SPARSE_LINEAR_DOMAIN}:{SPARSE_LINEAR_OP}" in str(exc):
+            # a sparse-cpu export: ONNX Runtime runs its standard operators, sparsedeploy's kernels its SparseLinear nodes
+            from sparsedeploy.onnx.segmented import SegmentedSession
+
+            return SegmentedSession(load_model_proto(file), threads, options.graph_optimization_level, name=str(file))
         raise UserError(f"ONNX Runtime cannot load {file}: {first[:300]}; the file may be truncated or corrupt, export it again") from None

@@ -237,5 +237,9 @@ def validate(recipe: Recipe) -> None:
     device = recipe.device
     if not (device in ("auto", "cpu") or device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
         raise _key_error("device", f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+    if recipe.bench.enabled and (recipe.bench.engine == "sparse-cpu") != (recipe.export.target == "sparse-cpu"):
+        raise _key_error("bench.engine", f"bench.engine {recipe.bench.engine} with export.target {recipe.export.target}: the "
+                         "sparse-cpu engine times a sparse-cpu export and nothing else; set both to sparse-cpu, or "
+                         "neither")
     if recipe.bench.enabled and recipe.bench.engine == "tensorrt" and device == "cpu":
         raise _key_error("bench.engine", "tensorrt runs on a GPU: set device: auto or cuda, or use bench.engine: ort or deepsparse")

@@ -248,8 +248,10 @@ def bench_stage(recipe, model_dir: Path, onnx_dir: Path, out_dir: Path) -> dict:
             from sparsedeploy.export.run import ExportConfig, export_checkpoint
 
             log.info("exporting the dense model %s for the baseline timings", recipe.model)
+            # the baseline is the dense model as ONNX Runtime runs it (a dense model has nothing for sparse-cpu to pack)
+            target = "ort" if recipe.export.target == "sparse-cpu" else recipe.export.target
             export_checkpoint(ExportConfig(model=recipe.model, dtype=recipe.export.dtype, opset=recipe.export.opset,
-                                           target=recipe.export.target, verify=False), scratch, overwrite=True)
+                                           target=target, verify=False), scratch, overwrite=True)
             cfg.baseline = str(scratch)
         result = run_bench(cfg)
     finally:

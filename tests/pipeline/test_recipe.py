@@ -35,6 +35,8 @@ def test_defaults_and_example_recipes_parse():
     ({"prune": {"method": "dsnot", "options": {"max_cycle": 3}}}, "prune.options"),
     ({"bench": {"engine": "tpu"}}, "bench.engine"),
     ({"bench": {"enabled": True, "engine": "tensorrt"}, "export": {"enabled": True}, "device": "cpu"}, "bench.engine"),
+    ({"bench": {"enabled": True, "engine": "sparse-cpu"}, "export": {"enabled": True, "target": "ort"}}, "bench.engine"),
+    ({"bench": {"enabled": True, "engine": "ort"}, "export": {"enabled": True, "target": "sparse-cpu"}}, "bench.engine"),
     ({"bench": {"prompt_len": 0}}, "bench.prompt_len"),
     ({"bench": {"gen_len": -1}}, "bench.gen_len"),
     ({"export": {"dtype": "int8"}}, "export.dtype"),

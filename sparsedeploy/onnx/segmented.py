@@ -1,0 +1,186 @@
+"""Running a sparse-cpu graph: ONNX Runtime runs every standard operator, sparsedeploy's kernels run each
+SparseLinear node between them.
+
+The graph is cut at its SparseLinear nodes into segments of standard nodes; each segment becomes its own ONNX
+Runtime session (built on first use, typed from the values it is fed). A run walks the steps in order, passing
+NumPy arrays from one to the next, so the artifact needs nothing but ONNX Runtime and the compiled kernels.
+Why not one ORT session with a custom op: the onnxruntime-extensions Python-op bridge (the only custom-op route
+installable here) copies every output element through Python, ~0.16 us each (docs/sparse_cpu.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sparsedeploy.kernels import native
+from sparsedeploy.onnx.sparse_linear import is_sparse_linear, sparse_linear_nodes
+
+log = logging.getLogger(__name__)
+
+_ELEM_NAMES = {1: "float", 10: "float16", 11: "double", 7: "int64", 6: "int32", 9: "bool"}
+
+
+@dataclass(frozen=True)
+class ValueInfo:
+    """What ``InferenceSession.get_inputs()`` items give: name, shape (ints or dim names), type string."""
+
+    name: str
+    shape: list
+    type: str
+
+
+@dataclass
+class _Segment:
+    nodes: list
+    inputs: list[str]
+    outputs: list[str]
+    initializers: list
+    session: object = None
+
+
+@dataclass
+class _Linear:
+    input: str
+    output: str
+    weight: object  # kernels.format.PackedLinear
+
+
+def _value_info(proto) -> ValueInfo:
+    tensor = proto.type.tensor_type
+    shape = [d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim]
+    return ValueInfo(proto.name, shape, f"tensor({_ELEM_NAMES.get(tensor.elem_type, 'unknown')})")
+
+
+class SegmentedSession:
+    """An InferenceSession look-alike (get_inputs, get_outputs, run) over a graph with SparseLinear nodes."""
+
+    def __init__(self, model, threads: int | None = None, optimization_level=None, name: str = "model") -> None:
+        from onnx import TensorProto
+
+        self.threads = threads or native.default_threads()
+        self.optimization_level = optimization_level
+        self.name = name
+        graph = model.graph
+        self.opset_import = list(model.opset_import)
+        self.ir_version = model.ir_version
+        self._inputs = [_value_info(i) for i in graph.input]
+        self._outputs = [_value_info(o) for o in graph.output]
+        linears = {n.name: n for n in sparse_linear_nodes(model)}
+        inits = {i.name: i for i in graph.initializer}
+        nodes = []
+        for node in graph.node:  # Constant nodes become initializers, so no segment depends on another for them
+            if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+                tensor = TensorProto()
+                tensor.CopyFrom(node.attribute[0].t)
+                tensor.name = node.output[0]
+                inits[tensor.name] = tensor
+            else:
+                nodes.append(node)
+        raw: list = []
+        for node in nodes:
+            if is_sparse_linear(node):
+                sl = linears[node.name]
+                raw.append(_Linear(sl.input, sl.output, sl.weight))
+            elif raw and isinstance(raw[-1], list):
+                raw[-1].append(node)
+            else:
+                raw.append([node])
+        needed_after: list[set[str]] = []
+        later = {o.name for o in graph.output}
+        for step in reversed(raw):
+            needed_after.append(set(later))
+            later |= {step.input} if isinstance(step, _Linear) else {i for n in step for i in n.input if i}
+        needed_after.reverse()
+        self.steps: list = []
+        for step, after in zip(raw, needed_after):
+            if isinstance(step, _Linear):
+                self.steps.append(step)
+                continue
+            produced = {o for n in step for o in n.output if o}
+            used = list(dict.fromkeys(i for n in step for i in n.input if i))
+            self.steps.append(_Segment(
+                nodes=step,
+                inputs=[i for i in used if i not in produced and i not in inits],
+                outputs=[o for n in step for o in n.output if o and o in after],
+                initializers=[inits[i] for i in used if i in inits]))
+        last_use: dict[str, int] = {}
+        for index, step in enumerate(self.steps):
+            for name in ([step.input] if isinstance(step, _Linear) else step.inputs):
+                last_use[name] = index
+        keep = {o.name for o in graph.output}
+        self._drop = [[] for _ in self.steps]  # values no later step reads: freed as soon as they are used
+        for name, index in last_use.items():
+            if name not in keep:
+                self._drop[index].append(name)
+        log.info("%s: %d SparseLinear nodes between %d ONNX Runtime segments, %d kernel thread(s)", name,
+                 len(linears), sum(isinstance(s, _Segment) for s in self.steps), self.threads)
+
+    @property
+    def linear_count(self) -> int:
+        return sum(isinstance(s, _Linear) for s in self.steps)
+
+    @property
+    def segment_count(self) -> int:
+        return sum(isinstance(s, _Segment) for s in self.steps)
+
+    def get_inputs(self) -> list[ValueInfo]:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list[ValueInfo]:
+        return list(self._outputs)
+
+    def _session(self, segment: _Segment, index: int, env: dict):
+        import onnx
+        import onnxruntime as ort
+        from onnx import helper
+
+        inputs = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(env[i].dtype), None)
+                  for i in segment.inputs]
+        outputs = [helper.make_value_info(o, onnx.TypeProto()) for o in segment.outputs]
+        graph = helper.make_graph(segment.nodes, f"{self.name}.segment{index}", inputs, outputs, segment.initializers)
+        model = helper.make_model(graph, opset_imports=self.opset_import, ir_version=self.ir_version)
+        inferred = onnx.shape_inference.infer_shapes(model)
+        types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+        del model.graph.output[:]
+        for o in segment.outputs:
+            if not types.get(o):
+                raise RuntimeError(f"{self.name}: cannot infer the type of {o} in segment {index}")
+            model.graph.output.append(helper.make_tensor_value_info(o, types[o], None))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        if self.optimization_level is not None:
+            options.graph_optimization_level = self.optimization_level
+        segment.session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
+                                               providers=["CPUExecutionProvider"])
+        return segment.session
+
+    def run(self, output_names, feeds: dict, run_options=None) -> list[np.ndarray]:
+        missing = [i.name for i in self._inputs if i.name not in feeds]
+        if missing:
+            raise ValueError(f"{self.name}: missing inputs {missing}")
+        env = dict(feeds)
+        for index, step in enumerate(self.steps):
+            if isinstance(step, _Linear):
+                x = env[step.input]
+                n, k = step.weight.shape
+                y = native.matmul(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, k), step.weight,
+                                  threads=self.threads)
+                env[step.output] = y.reshape(*x.shape[:-1], n)
+            else:
+                session = step.session or self._session(step, index, env)
+                env.update(zip(step.outputs, session.run(step.outputs, {i: env[i] for i in step.inputs})))
+            for name in self._drop[index]:
+                env.pop(name, None)
+        return [env[o] for o in (output_names or [o.name for o in self._outputs])]
+
+
+def load(path: Path | str, threads: int | None = None, optimization_level=None) -> SegmentedSession:
+    import onnx
+
+    return SegmentedSession(onnx.load(str(path)), threads, optimization_level, name=Path(path).name)
