@@ -109,13 +109,13 @@ class SegmentedSession:
                 initializers=[inits[i] for i in used if i in inits]))
         last_use: dict[str, int] = {}
         for index, step in enumerate(self.steps):
-            for name in ([step.input] if isinstance(step, _Linear) else step.inputs):
-                last_use[name] = index
+            for value in ([step.input] if isinstance(step, _Linear) else step.inputs):
+                last_use[value] = index
         keep = {o.name for o in graph.output}
         self._drop = [[] for _ in self.steps]  # values no later step reads: freed as soon as they are used
-        for name, index in last_use.items():
-            if name not in keep:
-                self._drop[index].append(name)
+        for value, index in last_use.items():
+            if value not in keep:
+                self._drop[index].append(value)
         log.info("%s: %d SparseLinear nodes between %d ONNX Runtime segments, %d kernel thread(s)", name,
                  len(linears), sum(isinstance(s, _Segment) for s in self.steps), self.threads)
 
