@@ -153,6 +153,8 @@ class SegmentedSession:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
+        # one thread pool per segment: idle workers must sleep, not spin (121 spinning pools starve the kernels)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         if self.optimization_level is not None:
             options.graph_optimization_level = self.optimization_level

@@ -171,6 +171,9 @@ __attribute__((target("avx2,fma,popcnt"))) static inline __m256 expand8(const fl
 }
 
 
+#ifndef SDK_PF_FLOATS
+#define SDK_PF_FLOATS 512
+#endif
 /* Batch 1: 4 rows interleaved (4 accumulator chains share each x vector), GROUP as for DEF_GEMVB with BB = 1. */
 #define DEF_GEMV(NAME, TARGET, VEC, PFX, HSUM, GROUP)                                                        \
     __attribute__((target(TARGET))) static void NAME(const job_t *j, int64_t r0, int64_t r1) {               \
@@ -183,6 +186,10 @@ __attribute__((target("avx2,fma,popcnt"))) static inline __m256 expand8(const fl
             VEC a0[1] = {PFX##_setzero_ps()}, a1[1] = {a0[0]}, a2[1] = {a0[0]}, a3[1] = {a0[0]};             \
             for (int64_t g = 0; g < G; g++) {                                                                \
                 const float *xg = j->x + g * 16;                                                             \
+                if (!(g & 3)) {                                                                              \
+                    __builtin_prefetch(v3 + SDK_PF_FLOATS); __builtin_prefetch(v3 + SDK_PF_FLOATS + 16);     \
+                    __builtin_prefetch(m3 + g + SDK_PF_FLOATS);                                              \
+                }                                                                                            \
                 GROUP(a0, 1, v0, m0[g], xg, 0);                                                              \
                 GROUP(a1, 1, v1, m1[g], xg, 0);                                                              \
                 GROUP(a2, 1, v2, m2[g], xg, 0);                                                              \
