@@ -94,6 +94,13 @@ def method_options_from_flags(method: str, flags: dict) -> dict:
     return options
 
 
+def check_numbers(**limits: tuple[float | None, float]) -> None:
+    """Numeric options checked before any work: name=(value, least allowed); None means "not given"."""
+    for name, (value, least) in limits.items():
+        if value is not None and not value >= least:
+            raise UserError(f"--{name.replace('_', '-')} {value} must be at least {least:g}")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @click.option("-q", "--quiet", is_flag=True, help="only warnings and results")
@@ -132,6 +139,7 @@ def prune(ctx, model, method, sparsity, calib, nsamples, seqlen, seed, allocatio
     """Prune MODEL layer by layer over calibration data and write a sparse checkpoint."""
     from sparsedeploy.prune import PruneConfig, run_prune
 
+    check_numbers(nsamples=(nsamples, 1), seqlen=(seqlen, 1), owl_m=(owl_m, 0), owl_lambda=(owl_lambda, 0))
     config = PruneConfig(model=model, method=method, sparsity=sparsity, calib=calib, nsamples=nsamples,
                          seqlen=seqlen, seed=seed, device=device, dtype=dtype, cache_dir=cache_dir,
                          method_options=method_options_from_flags(method, method_flags),
@@ -162,6 +170,13 @@ def eval_cmd(ctx, model, data, seqlen, max_windows, baseline, device, dtype, cac
     from sparsedeploy.fsutil import write_json_atomic
     from sparsedeploy.models import default_seqlen, load_model, resolve_device
 
+    check_numbers(seqlen=(seqlen, 1), max_windows=(max_windows, 1))
+    if output:
+        from sparsedeploy.fsutil import check_writable
+
+        if Path(output).is_dir():
+            raise UserError(f"--output {output} is a directory: give a file name such as {Path(output) / 'eval.json'}")
+        check_writable(output, "--output")  # before the evaluation, not after it
     if data is None:
         found = default_wikitext_test()
         if found is None:
@@ -223,6 +238,7 @@ def run(ctx, recipe_file, model, method, sparsity, calib, nsamples, seqlen, eval
     from sparsedeploy.pipeline import GateFailed, Pipeline
     from sparsedeploy.recipe import load_recipe, parse_recipe
 
+    check_numbers(nsamples=(nsamples, 1), seqlen=(seqlen, 1), max_windows=(max_windows, 1))
     data = {}
     if recipe_file is not None:
         recipe = load_recipe(recipe_file)
@@ -248,6 +264,9 @@ def run(ctx, recipe_file, model, method, sparsity, calib, nsamples, seqlen, eval
     out = output or (Path(recipe.output) if recipe.output else None)
     if out is None:
         raise UserError("no output directory: pass --output DIR or set `output:` in the recipe")
+    from sparsedeploy.fsutil import check_writable
+
+    check_writable(out)
     try:
         report = Pipeline(recipe, out, overwrite=overwrite, resume=resume, show_progress=not ctx.obj["quiet"]).run()
     except GateFailed as exc:
@@ -296,6 +315,8 @@ def export_cmd(model, output, task, dtype, opset, target, storage, optimize, exp
     """Export a pruned checkpoint to ONNX (KV cache) and prove zeros, N:M layout and logit parity."""
     from sparsedeploy.export import ExportConfig, export_checkpoint, summary
 
+    check_numbers(greedy_tokens=(greedy_tokens, 0), decode_steps=(decode_steps, 0), deepsparse_batch=(deepsparse_batch, 1),
+                  deepsparse_seq=(deepsparse_seq, 1), deepsparse_context=(deepsparse_context, 1))
     config = ExportConfig(model=model, task=task, dtype=dtype, opset=opset, target=target, storage=storage, optimize=optimize,
                           exporter=exporter, verify=not no_verify, greedy_tokens=greedy_tokens, decode_steps=decode_steps, cache_dir=cache_dir,
                           deepsparse_batch=deepsparse_batch, deepsparse_seq=deepsparse_seq,
@@ -333,6 +354,7 @@ def inspect_cmd(onnx_model, nm, all_weights, as_json):
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def generate_cmd(onnx_dir, prompt, max_new_tokens, threads, engine, deepsparse_venv, as_json):
     """Greedy text generation with the KV cache: ONNX Runtime, or DeepSparse on a --target deepsparse export."""
+    check_numbers(max_new_tokens=(max_new_tokens, 1), threads=(threads, 1))
     if engine == "deepsparse":
         from sparsedeploy.engines.deepsparse_env import generate_text as deepsparse_generate
 
@@ -372,6 +394,7 @@ def recover(ctx, model, data, steps, rank, alpha, lr, seqlen, batch, seed, teach
     """Train masked low-rank adapters on a pruned MODEL and merge them: perplexity down, every zero kept."""
     from sparsedeploy.recover import RecoverConfig, RecoverRun, run_recover
 
+    check_numbers(steps=(steps, 1), rank=(rank, 1), seqlen=(seqlen, 2), batch=(batch, 1), eval_windows=(eval_windows, 1))
     run = RecoverRun(model=model, data=data, output=str(output), teacher=teacher, eval_data=eval_data, eval_windows=eval_windows,
                      device=device, dtype=dtype, cache_dir=cache_dir)
     config = RecoverConfig(steps=steps, rank=rank, alpha=alpha, lr=lr, seqlen=seqlen, batch=batch, seed=seed)
@@ -394,9 +417,48 @@ cli.add_command(bench)
 cli.add_command(engines)
 
 
+_OOM_REMEDY = {
+    "prune": "use --offload cpu or --offload disk, or fewer --nsamples / a shorter --seqlen",
+    "run": "set offload: cpu or disk in the recipe (or --offload), or fewer calibration.nsamples / a shorter seqlen",
+    "eval": "use a shorter --seqlen or --device cpu",
+    "recover": "use a smaller --batch, a shorter --seqlen or a lower --rank",
+    "export": "export on a machine with more memory, or with --dtype float16",
+    "bench": "use smaller --batch sizes or a shorter --prompt-len",
+}
+
+
+class Terminated(Exception):
+    """SIGTERM, raised in the main thread so that every `finally`/cleanup runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _interrupted(what: str, code: int) -> None:
+    from sparsedeploy.fsutil import KEPT_FOR_RESUME
+
+    kept = "; ".join(f"{done} kept in {where}" for where, done in KEPT_FOR_RESUME.items() if Path(where).exists())
+    if kept:
+        click.echo(f"{what}: no final output was written; {kept}: rerun the same command with --resume to continue", err=True)
+    else:
+        click.echo(f"{what}: no output was written", err=True)
+    sys.exit(code)
+
+
+def _command(argv: list[str]) -> str:
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
 def main(argv: list[str] | None = None) -> None:
+    import signal
+
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("SPARSEDEPLOY_DEBUG") == "1"
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (embedded use): leave the handler alone
+        pass
     try:
         cli.main(args=argv, prog_name="sparsedeploy", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -405,16 +467,32 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:  # click turns Ctrl-C into Abort
-        click.echo("interrupted: no output was written", err=True)
-        sys.exit(130)
+        _interrupted("interrupted", 130)
+    except Terminated:
+        _interrupted("terminated (SIGTERM)", 143)
     except UserError as exc:
         if debug:
             raise
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        click.echo("interrupted: no output was written", err=True)
-        sys.exit(130)
+        _interrupted("interrupted", 130)
+    except (MemoryError, RuntimeError) as exc:
+        oom = isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+        if debug or not oom:
+            if debug:
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            click.echo(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True)
+            sys.exit(1)
+        from sparsedeploy.fsutil import RUN_STAGE
+
+        command = _command(argv)
+        stage = RUN_STAGE.get("name") or command
+        where = "GPU" if type(exc).__name__ == "OutOfMemoryError" or "CUDA" in str(exc) else "memory"
+        click.echo(f"error: out of {where} in stage {stage}: {_OOM_REMEDY.get(command, 'free memory or use a smaller model')}",
+                   err=True)
+        sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line unless --debug
         if debug:
             raise

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 MARKER = ".sparsedeploy-output"
 # What an interrupted run left for --resume (said by the CLI's Ctrl-C/SIGTERM message).
 KEPT_FOR_RESUME: dict[str, str] = {}
+# The stage running now (prune, eval_dense, export, ...), named by an out-of-memory message.
+RUN_STAGE: dict[str, str] = {}
 
 
 def _umask() -> int:
@@ -170,8 +172,9 @@ def write_failed(target: Path, exc: BaseException, need_bytes: int | None = None
         except OSError:
             free = 0
         need = f"about {need_bytes / 2**20:.1f} MiB" if need_bytes else f"more than the {written / 2**20:.1f} MiB written so far"
-        return UserError(f"no space left on {device} (mounted at {point}) writing {target}: {free / 2**20:.1f} MiB free, "
-                         f"{need} needed; free space there or choose another output; nothing was written")
+        return UserError(f"writing {target} failed: No space left on device {device} (mounted at {point}): "
+                         f"{free / 2**20:.1f} MiB free, {need} needed; free space there or choose another output; "
+                         "nothing was written")
     message = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc).splitlines() or [type(exc).__name__])[0]
     return UserError(f"could not write {target}: {message} (check free disk space and permissions); nothing was written")
 

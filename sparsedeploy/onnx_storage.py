@@ -55,6 +55,10 @@ def load_model_proto(path: Path | str, load_external: bool = True):
     from google.protobuf.message import DecodeError
 
     file = onnx_file(path)
+    if load_external:
+        from sparsedeploy.fsutil import safe_external_data
+
+        safe_external_data(file)  # refuses external data outside the model's folder (and names a corrupt file)
     try:
         model = onnx.load(str(file), load_external_data=load_external)
     except DecodeError as exc:
@@ -197,6 +201,9 @@ def session_from_path(path: Path | str, threads: int | None = None, optimization
             raise UserError(f"{file} uses sparse storage and is over 2 GB dense: re-export with --storage dense for this size")
         source = model.SerializeToString()
     else:
+        from sparsedeploy.fsutil import safe_external_data
+
+        safe_external_data(file)  # onnxruntime would read any `location` the file names
         source = str(file)
     try:
         return ort.InferenceSession(source, sess_options=options, providers=providers)

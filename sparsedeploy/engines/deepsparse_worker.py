@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+# Only the copies of timing.py/stack_generate.py the caller prepared (never the main environment's site-packages);
+# run by hand from a source checkout, the checkout itself.
+sys.path.insert(0, os.environ.get("SPARSEDEPLOY_WORKER_LIB") or str(Path(__file__).resolve().parents[2]))
 
 from sparsedeploy.timing import run_interleaved  # noqa: E402
 from sparsedeploy import stack_generate  # noqa: E402 - NumPy only
