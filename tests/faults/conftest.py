@@ -41,3 +41,17 @@ def readonly_mount(tmp_path: Path):
         yield point
     finally:
         subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+@pytest.fixture
+def deep_checkpoint(tmp_path: Path) -> Path:
+    """A small random LLaMA with 12 blocks: pruning takes long enough to be interrupted between blocks."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("suite_conftest", Path(__file__).resolve().parents[1] / "conftest.py")
+    suite = importlib.util.module_from_spec(spec)  # the suite's tiny-model builders (tests/conftest.py)
+    spec.loader.exec_module(suite)
+    path = tmp_path / "deep"
+    suite.tiny_llama(layers=12, hidden=128, intermediate=256).save_pretrained(path)
+    suite.tiny_tokenizer().save_pretrained(path)
+    return path

@@ -43,3 +43,17 @@ def prune_args(model: Path, calib: Path, out: Path, *extra: str) -> list[str]:
 
 def listing(folder: Path) -> list[str]:
     return sorted(p.name for p in Path(folder).iterdir())
+
+
+def wait_for(predicate, proc, timeout: float = 300.0, poll: float = 0.002) -> bool:
+    """Poll until predicate() holds; False when the process ended first or the time ran out."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return predicate()
+        time.sleep(poll)
+    return False
