@@ -139,7 +139,7 @@ def prune(ctx, model, method, sparsity, calib, nsamples, seqlen, seed, allocatio
     """Prune MODEL layer by layer over calibration data and write a sparse checkpoint."""
     from sparsedeploy.prune import PruneConfig, run_prune
 
-    check_numbers(nsamples=(nsamples, 1), seqlen=(seqlen, 1), owl_m=(owl_m, 0), owl_lambda=(owl_lambda, 0))
+    check_numbers(nsamples=(nsamples, 1), seqlen=(seqlen, 2), owl_m=(owl_m, 0), owl_lambda=(owl_lambda, 0))
     config = PruneConfig(model=model, method=method, sparsity=sparsity, calib=calib, nsamples=nsamples,
                          seqlen=seqlen, seed=seed, device=device, dtype=dtype, cache_dir=cache_dir,
                          method_options=method_options_from_flags(method, method_flags),
@@ -170,7 +170,7 @@ def eval_cmd(ctx, model, data, seqlen, max_windows, baseline, device, dtype, cac
     from sparsedeploy.fsutil import write_json_atomic
     from sparsedeploy.models import default_seqlen, load_model, resolve_device
 
-    check_numbers(seqlen=(seqlen, 1), max_windows=(max_windows, 1))
+    check_numbers(seqlen=(seqlen, 2), max_windows=(max_windows, 1))
     if output:
         from sparsedeploy.fsutil import check_writable
 
@@ -238,7 +238,7 @@ def run(ctx, recipe_file, model, method, sparsity, calib, nsamples, seqlen, eval
     from sparsedeploy.pipeline import GateFailed, Pipeline
     from sparsedeploy.recipe import load_recipe, parse_recipe
 
-    check_numbers(nsamples=(nsamples, 1), seqlen=(seqlen, 1), max_windows=(max_windows, 1))
+    check_numbers(nsamples=(nsamples, 1), seqlen=(seqlen, 2), max_windows=(max_windows, 1))
     data = {}
     if recipe_file is not None:
         recipe = load_recipe(recipe_file)
@@ -478,7 +478,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         _interrupted("interrupted", 130)
     except (MemoryError, RuntimeError) as exc:
-        oom = isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+        text = str(exc).lower()
+        oom = isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text or \
+            "can't allocate memory" in text or "cannot allocate memory" in text or "bad_alloc" in text
         if debug or not oom:
             if debug:
                 raise
