@@ -427,8 +427,9 @@ _OOM_REMEDY = {
 }
 
 
-class Terminated(Exception):
-    """SIGTERM, raised in the main thread so that every `finally`/cleanup runs as for Ctrl-C."""
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every `finally`/cleanup runs as for Ctrl-C (a BaseException,
+    like KeyboardInterrupt, so that no `except Exception` turns it into another error)."""
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -455,10 +456,22 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("SPARSEDEPLOY_DEBUG") == "1"
+    from sparsedeploy.fsutil import KEPT_FOR_RESUME, RUN_STAGE
+
+    KEPT_FOR_RESUME.clear()
+    RUN_STAGE.clear()
     try:
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread (embedded use): leave the handler alone
-        pass
+        previous = None
+    try:
+        _main(argv, debug)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str], debug: bool) -> None:
     try:
         cli.main(args=argv, prog_name="sparsedeploy", standalone_mode=False)
     except click.exceptions.Exit as exc:

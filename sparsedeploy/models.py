@@ -90,6 +90,8 @@ def convert_gguf(folder: Path, filename: str, out: Path, sha256: str | None = No
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     except (ValueError, OSError, KeyError, IndexError, EOFError, RuntimeError) as exc:  # the gguf reader's errors on bad bytes
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        if any(word in first.lower() for word in ("allocate", "out of memory", "bad_alloc", "no space left")):
+            raise  # not the file's fault
         raise UserError(f"cannot read GGUF file {folder / filename}: it is truncated or corrupt ({first}); "
                         "download or copy it again") from None
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)

@@ -270,17 +270,12 @@ def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_p
     if getattr(method, "verify_model", False):  # other windows of the calibration source judge the whole model
         check_samples = calibration_samples(lm.tokenizer, config.calib, max(4, config.nsamples // 4), seqlen, config.seed + 1)
     block_seconds: list[float] = []
-    try:
-        masks = prune_model(lm.model, samples, method, allocation.spec_for, device, show_progress,
-                            offload_inputs=offload in ("cpu", "disk"), start_block=start_block, masks=masks,
-                            on_block_done=checkpoint.save_block if main_rank else None, load_block=disk.load if disk else None,
-                            release_block=disk.release if disk else None, retain_masks=disk is None,
-                            model_check=disk is None and start_block == 0, check_samples=check_samples,
-                            block_seconds=block_seconds)
-    except BaseException:
-        if main_rank and not checkpoint.done and [p.name for p in checkpoint.work.iterdir()] == ["state.json"]:
-            checkpoint.clear()  # nothing finished to resume from: leave nothing behind
-        raise
+    masks = prune_model(lm.model, samples, method, allocation.spec_for, device, show_progress,
+                        offload_inputs=offload in ("cpu", "disk"), start_block=start_block, masks=masks,
+                        on_block_done=checkpoint.save_block if main_rank else None, load_block=disk.load if disk else None,
+                        release_block=disk.release if disk else None, retain_masks=disk is None,
+                        model_check=disk is None and start_block == 0, check_samples=check_samples,
+                        block_seconds=block_seconds)
     if getattr(method, "verify_model", False) and (disk is not None or start_block):
         log.warning("%s: the whole-model check needs every block in memory from the first block on: skipped (%s)",
                     method.name, "--offload disk" if disk is not None else "resumed run")

@@ -2,7 +2,7 @@
 
 import signal
 
-from faultkit import cli_process, prune_args, wait_for
+from faultkit import calib_file, cli_process, deep_checkpoint, prune_args, wait_for  # noqa: F401 (fixtures)
 
 
 def test_ctrl_c_says_finished_blocks_were_kept_for_resume(deep_checkpoint, calib_file, tmp_path):

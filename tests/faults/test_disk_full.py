@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from faultkit import error_lines, prune_args, run_cli
+from faultkit import calib_file, error_lines, prune_args, run_cli, tmpfs  # noqa: F401 (fixtures)
 from safetensors.torch import save_file
 
 from sparsedeploy.errors import UserError

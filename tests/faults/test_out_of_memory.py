@@ -4,7 +4,7 @@ import subprocess
 import sys
 import textwrap
 
-from faultkit import REPO
+from faultkit import REPO, calib_file, deep_checkpoint  # noqa: F401 (fixtures)
 
 SCRIPT = textwrap.dedent("""
     import resource, sys
@@ -26,4 +26,4 @@ def test_out_of_memory_names_the_stage_and_the_remedy(deep_checkpoint, calib_fil
     assert proc.returncode == 2 and lines == [
         "error: out of memory in stage prune: use --offload cpu or --offload disk, or fewer --nsamples / a shorter --seqlen"], \
         proc.stderr[-2000:]
-    assert not out.exists() and not list(tmp_path.glob(".o.*"))  # no block had finished: nothing is left
+    assert not out.exists() and not list(tmp_path.glob(".o.tmp-*"))

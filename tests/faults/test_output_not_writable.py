@@ -1,6 +1,6 @@
 """An output that cannot be written is refused before any work (prune, eval --output, run), one line, exit 2."""
 
-from faultkit import error_lines, run_cli
+from faultkit import error_lines, readonly_mount, run_cli  # noqa: F401 (fixtures)
 
 
 def test_unwritable_output_is_refused_before_any_work(readonly_mount, tmp_path, capsys):

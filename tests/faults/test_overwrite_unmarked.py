@@ -1,6 +1,6 @@
 """--overwrite replaces only a directory sparsedeploy wrote (it carries the output marker)."""
 
-from faultkit import error_lines, listing, prune_args, run_cli
+from faultkit import calib_file, error_lines, listing, prune_args, run_cli  # noqa: F401 (fixtures)
 
 from sparsedeploy.fsutil import MARKER
 

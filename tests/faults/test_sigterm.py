@@ -2,7 +2,7 @@
 
 import signal
 
-from faultkit import cli_process, prune_args, wait_for
+from faultkit import calib_file, cli_process, deep_checkpoint, prune_args, wait_for  # noqa: F401 (fixtures)
 
 
 def test_sigterm_mid_prune_cleans_up_and_says_what_was_kept(deep_checkpoint, calib_file, tmp_path):

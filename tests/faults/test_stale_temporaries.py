@@ -3,7 +3,7 @@ a live run's, and anything sparsedeploy did not write, are left alone."""
 
 import os
 
-from faultkit import listing, prune_args, run_cli
+from faultkit import calib_file, listing, prune_args, run_cli  # noqa: F401 (fixtures)
 
 from sparsedeploy.fsutil import MARKER
 
