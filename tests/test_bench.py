@@ -113,7 +113,7 @@ def test_cli_bench_writes_json_md_png(tiny_onnx, tmp_path):
     proc = cli("-q", "bench", "--model", str(tiny_onnx["sparse"]), "--baseline", str(tiny_onnx["dense"]), "--batch", "1",
                "--prompt-len", "4", "--gen-len", "1", "--rounds", "1", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md", "bench.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".sparsedeploy-output", "bench.json", "bench.md", "bench.png"]
     data = json.loads((out / "bench.json").read_text())
     assert data["engine"] == "ort" and data["rows"]
 

@@ -9,20 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sparsedeploy.cli import main
+from test_cli import run_cli  # noqa: F401 - the CLI in this process: (exit code, stdout, stderr)
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    """The CLI in this process: (exit code, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def error_lines(err: str) -> list[str]:
@@ -70,32 +59,28 @@ def calib_file(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def tmpfs(tmp_path: Path):
-    """A real 2 MiB tmpfs mounted in the test's folder; a visible skip where mounting is not permitted."""
-    point = tmp_path / "small"
+def _mounted(point: Path, options: str):
+    """Mount a real tmpfs with `options` on `point` for the test; a visible skip where mounting is not permitted."""
     point.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(point)], capture_output=True, text=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True, text=True)
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {proc.stderr.strip() or proc.returncode}")
+        pytest.skip(f"cannot mount a tmpfs ({options}) here (needs root or CAP_SYS_ADMIN): {proc.stderr.strip() or proc.returncode}")
     try:
         yield point
     finally:
         subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """A real 2 MiB tmpfs mounted in the test's folder."""
+    yield from _mounted(tmp_path / "small", "size=2m")
 
 
 @pytest.fixture
 def readonly_mount(tmp_path: Path):
-    """A real read-only tmpfs (root can write anywhere else); a visible skip where mounting is not permitted."""
-    point = tmp_path / "ro"
-    point.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(point)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here (needs root or CAP_SYS_ADMIN): {proc.stderr.strip() or proc.returncode}")
-    try:
-        yield point
-    finally:
-        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+    """A real read-only tmpfs (root can write anywhere else)."""
+    yield from _mounted(tmp_path / "ro", "ro,size=1m")
 
 
 @pytest.fixture
