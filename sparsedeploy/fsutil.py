@@ -238,7 +238,7 @@ def write_json_atomic(path: Path, data: object) -> None:
         raise
 
 
-def safe_external_data(model_file: Path) -> list[str]:
+def safe_external_data(model_file: Path, proto=None) -> list[str]:
     """The external-data files an ONNX model refers to, each checked to stay inside the model's directory.
 
     A `location` such as ``../../x`` (or a symlink leading out) would make a reader or a copier touch files
@@ -249,7 +249,8 @@ def safe_external_data(model_file: Path) -> list[str]:
 
     model_file = Path(model_file)
     try:
-        proto = onnx.load(str(model_file), load_external_data=False)
+        if proto is None:  # `proto`: the model already read without its external data
+            proto = onnx.load(str(model_file), load_external_data=False)
     except (DecodeError, OSError, ValueError) as exc:
         raise UserError(f"cannot read ONNX model {model_file}: the file is truncated or corrupt ({type(exc).__name__}); "
                         "export it again") from None
