@@ -315,8 +315,9 @@ def export_cmd(model, output, task, dtype, opset, target, storage, optimize, exp
     """Export a pruned checkpoint to ONNX (KV cache) and prove zeros, N:M layout and logit parity."""
     from sparsedeploy.export import ExportConfig, export_checkpoint, summary
 
-    check_numbers(greedy_tokens=(greedy_tokens, 0), decode_steps=(decode_steps, 0), deepsparse_batch=(deepsparse_batch, 1),
-                  deepsparse_seq=(deepsparse_seq, 1), deepsparse_context=(deepsparse_context, 1))
+    check_numbers(greedy_tokens=(greedy_tokens, 0), decode_steps=(decode_steps, 0),
+                  deepsparse_batch=(deepsparse_batch, 1), deepsparse_seq=(deepsparse_seq, 1),
+                  deepsparse_context=(deepsparse_context, 1))
     config = ExportConfig(model=model, task=task, dtype=dtype, opset=opset, target=target, storage=storage, optimize=optimize,
                           exporter=exporter, verify=not no_verify, greedy_tokens=greedy_tokens, decode_steps=decode_steps, cache_dir=cache_dir,
                           deepsparse_batch=deepsparse_batch, deepsparse_seq=deepsparse_seq,
@@ -394,7 +395,8 @@ def recover(ctx, model, data, steps, rank, alpha, lr, seqlen, batch, seed, teach
     """Train masked low-rank adapters on a pruned MODEL and merge them: perplexity down, every zero kept."""
     from sparsedeploy.recover import RecoverConfig, RecoverRun, run_recover
 
-    check_numbers(steps=(steps, 1), rank=(rank, 1), seqlen=(seqlen, 2), batch=(batch, 1), eval_windows=(eval_windows, 1))
+    check_numbers(steps=(steps, 1), rank=(rank, 1), seqlen=(seqlen, 2), batch=(batch, 1),
+                  eval_windows=(eval_windows, 1))
     run = RecoverRun(model=model, data=data, output=str(output), teacher=teacher, eval_data=eval_data, eval_windows=eval_windows,
                      device=device, dtype=dtype, cache_dir=cache_dir)
     config = RecoverConfig(steps=steps, rank=rank, alpha=alpha, lr=lr, seqlen=seqlen, batch=batch, seed=seed)
@@ -441,7 +443,8 @@ def _interrupted(what: str, code: int) -> None:
 
     kept = "; ".join(f"{done} kept in {where}" for where, done in KEPT_FOR_RESUME.items() if Path(where).exists())
     if kept:
-        click.echo(f"{what}: no final output was written; {kept}: rerun the same command with --resume to continue", err=True)
+        click.echo(f"{what}: no final output was written; {kept}: rerun the same command with --resume to continue",
+                   err=True)
     else:
         click.echo(f"{what}: no output was written", err=True)
     sys.exit(code)
@@ -505,8 +508,8 @@ def _main(argv: list[str], debug: bool) -> None:
         command = _command(argv)
         stage = RUN_STAGE.get("name") or command
         where = "GPU" if type(exc).__name__ == "OutOfMemoryError" or "CUDA" in str(exc) else "memory"
-        click.echo(f"error: out of {where} in stage {stage}: {_OOM_REMEDY.get(command, 'free memory or use a smaller model')}",
-                   err=True)
+        remedy = _OOM_REMEDY.get(command, "free memory or use a smaller model")
+        click.echo(f"error: out of {where} in stage {stage}: {remedy}", err=True)
         sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line unless --debug
         if debug:

@@ -50,7 +50,8 @@ def bench(model, baseline, engine, batch, prompt_len, gen_len, threads, rounds, 
     from sparsedeploy.bench import BenchConfig, markdown, plot, run_bench
     from sparsedeploy.fsutil import atomic_dir, check_output_dir, write_json_atomic
 
-    for name, value, least in (("--prompt-len", prompt_len, 1), ("--gen-len", gen_len, 0), ("--threads", threads, 1), ("--rounds", rounds, 1)):
+    for name, value, least in (("--prompt-len", prompt_len, 1), ("--gen-len", gen_len, 0), ("--threads", threads, 1),
+                               ("--rounds", rounds, 1)):
         if value < least:
             raise UserError(f"{name} {value} must be at least {least}")
     if output:

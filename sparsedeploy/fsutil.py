@@ -38,7 +38,8 @@ def write_marker(folder: Path, kind: str = "output") -> None:
     """Mark `folder` as written by sparsedeploy, so that a later --overwrite may replace it."""
     from sparsedeploy import __version__
 
-    (Path(folder) / MARKER).write_text(json.dumps({"written_by": "sparsedeploy", "version": __version__, "kind": kind}) + "\n")
+    info = {"written_by": "sparsedeploy", "version": __version__, "kind": kind}
+    (Path(folder) / MARKER).write_text(json.dumps(info) + "\n")
 
 
 def has_marker(folder: Path) -> bool:
@@ -71,8 +72,8 @@ def refuse_unmarked(path: Path, flag: str = "--overwrite") -> None:
     """An existing non-empty directory that sparsedeploy did not write is never replaced."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not has_marker(path))):
-        raise UserError(f"refusing to replace {path} with {flag}: it was not written by sparsedeploy (no {MARKER} in it); "
-                        "move it away or choose another output")
+        raise UserError(f"refusing to replace {path} with {flag}: it was not written by sparsedeploy "
+                        f"(no {MARKER} in it); move it away or choose another output")
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
@@ -101,7 +102,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale(final: Path) -> list[Path]:
-    """Remove `.NAME.tmp-PID-*` / `.NAME.old-PID` directories that earlier runs (no longer alive) left beside `final`."""
+    """Remove `.NAME.tmp-PID-*` / `.NAME.old-PID` directories that earlier (dead) runs left beside `final`."""
     final = Path(final)
     removed = []
     if not final.parent.is_dir():
@@ -171,12 +172,15 @@ def write_failed(target: Path, exc: BaseException, need_bytes: int | None = None
             free = shutil.disk_usage(point).free
         except OSError:
             free = 0
-        need = f"about {need_bytes / 2**20:.1f} MiB" if need_bytes else f"more than the {written / 2**20:.1f} MiB written so far"
+        need = (f"about {need_bytes / 2**20:.1f} MiB" if need_bytes
+                else f"more than the {written / 2**20:.1f} MiB written so far")
         return UserError(f"writing {target} failed: No space left on device {device} (mounted at {point}): "
                          f"{free / 2**20:.1f} MiB free, {need} needed; free space there or choose another output; "
                          "nothing was written")
-    message = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc).splitlines() or [type(exc).__name__])[0]
-    return UserError(f"could not write {target}: {message} (check free disk space and permissions); nothing was written")
+    message = (exc.strerror if isinstance(exc, OSError) and exc.strerror
+               else (str(exc).splitlines() or [type(exc).__name__])[0])
+    return UserError(f"could not write {target}: {message} (check free disk space and permissions); "
+                     "nothing was written")
 
 
 @contextmanager
@@ -252,8 +256,8 @@ def safe_external_data(model_file: Path, proto=None) -> list[str]:
         if proto is None:  # `proto`: the model already read without its external data
             proto = onnx.load(str(model_file), load_external_data=False)
     except (DecodeError, OSError, ValueError) as exc:
-        raise UserError(f"cannot read ONNX model {model_file}: the file is truncated or corrupt ({type(exc).__name__}); "
-                        "export it again") from None
+        raise UserError(f"cannot read ONNX model {model_file}: the file is truncated or corrupt "
+                        f"({type(exc).__name__}); export it again") from None
     tensors = list(proto.graph.initializer)
     for node in proto.graph.node:  # Constant nodes may hold external tensors too
         tensors.extend(attr.t for attr in node.attribute if attr.HasField("t"))
@@ -267,7 +271,7 @@ def safe_external_data(model_file: Path, proto=None) -> list[str]:
                 continue
             target = (model_file.parent / entry.value).resolve()
             if os.path.isabs(entry.value) or not target.is_relative_to(root):
-                raise UserError(f"ONNX model {model_file} refers to external data {entry.value!r} outside its directory: "
-                                "refused (a model's external data must lie beside it); re-export the model")
+                raise UserError(f"ONNX model {model_file} refers to external data {entry.value!r} outside its "
+                                "directory: refused (a model's external data must lie beside it); re-export the model")
             files.add(entry.value)
     return sorted(files)

@@ -88,7 +88,7 @@ def convert_gguf(folder: Path, filename: str, out: Path, sha256: str | None = No
     log.info("dequantising %s once into %s", folder / filename, out)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
-    except (ValueError, OSError, KeyError, IndexError, EOFError, RuntimeError) as exc:  # the gguf reader's errors on bad bytes
+    except (ValueError, OSError, KeyError, IndexError, EOFError, RuntimeError) as exc:  # the gguf reader, on bad bytes
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         if any(word in first.lower() for word in ("allocate", "out of memory", "bad_alloc", "no space left")):
             raise  # not the file's fault
@@ -214,8 +214,8 @@ def _hub_id(model: str) -> str:
         except Exception:  # noqa: BLE001 - no usable cache: treat as not cached
             cached = None
         if not isinstance(cached, str):
-            raise UserError(f"--model {model} is a Hub id but HF_HUB_OFFLINE=1 and it is not in the local Hugging Face cache: "
-                            "download it while online, or give a local directory")
+            raise UserError(f"--model {model} is a Hub id but HF_HUB_OFFLINE=1 and it is not in the local Hugging Face "
+                            "cache: download it while online, or give a local directory")
     return model  # an explicit hub id
 
 
@@ -274,7 +274,8 @@ def corrupt_safetensors(path: Path | str) -> None:
                     handle.get_slice(key)
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
             first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-            raise UserError(f"cannot read {file}: the file is truncated or corrupt ({first}); write or copy it again") from None
+            raise UserError(f"cannot read {file}: the file is truncated or corrupt ({first}); "
+                            "write or copy it again") from None
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:

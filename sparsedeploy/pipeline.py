@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sparsedeploy.errors import UserError
-from sparsedeploy.fsutil import KEPT_FOR_RESUME, RUN_STAGE, check_output_dir, refuse_unmarked, write_json_atomic, write_marker
+from sparsedeploy.fsutil import (KEPT_FOR_RESUME, RUN_STAGE, check_output_dir, refuse_unmarked, write_json_atomic,
+                                 write_marker)
 from sparsedeploy.recipe import Recipe
 
 log = logging.getLogger(__name__)

@@ -102,8 +102,8 @@ def deepsparse_env():
         pytest.skip(problem)
     env = ds.find_env()
     if env is None:
-        pytest.skip(f"DeepSparse is not installed at {ds.default_venv_dir()}: run `sparsedeploy engines install deepsparse` "
-                    "or `pytest -m deepsparse_install tests/engines/test_deepsparse_install.py` first")
+        pytest.skip(f"DeepSparse is not installed at {ds.default_venv_dir()}: run `sparsedeploy engines install "
+                    "deepsparse` or `pytest -m deepsparse_install tests/engines/test_deepsparse_install.py` first")
     return env
 
 
@@ -111,7 +111,8 @@ def pytest_collection_modifyitems(config, items):
     """The DeepSparse install (network, ~1 min) runs only when asked for with -m deepsparse_install."""
     if "deepsparse_install" in (config.getoption("markexpr") or ""):
         return
-    skip = pytest.mark.skip(reason="installs DeepSparse from the package index: run it explicitly with -m deepsparse_install")
+    skip = pytest.mark.skip(reason="installs DeepSparse from the package index: "
+                                   "run it explicitly with -m deepsparse_install")
     for item in items:
         if "deepsparse_install" in item.keywords:
             item.add_marker(skip)

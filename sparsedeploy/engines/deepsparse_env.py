@@ -187,7 +187,7 @@ def install(venv: str | os.PathLike | None = None, cache: str | os.PathLike | No
         log.info("DeepSparse %s works: %s", info.get("deepsparse"), info.get("cpu"))
         (env.path / MARKER).write_text(json.dumps(info) + "\n")
     except BaseException:
-        shutil.rmtree(env.path, ignore_errors=True)  # the folder is ours (created above): no half-installed venv is left
+        shutil.rmtree(env.path, ignore_errors=True)  # ours (created above): no half-installed venv is left
         raise
     return env
 

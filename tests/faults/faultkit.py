@@ -21,8 +21,8 @@ def error_lines(err: str) -> list[str]:
 
 def cli_process(args: list[str], **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
-    return subprocess.Popen([sys.executable, "-m", "sparsedeploy", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=kwargs.pop("cwd", REPO), **kwargs)
+    return subprocess.Popen([sys.executable, "-m", "sparsedeploy", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=kwargs.pop("cwd", REPO), **kwargs)
 
 
 def prune_args(model: Path, calib: Path, out: Path, *extra: str) -> list[str]:
@@ -64,7 +64,8 @@ def _mounted(point: Path, options: str):
     point.mkdir()
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True, text=True)
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs ({options}) here (needs root or CAP_SYS_ADMIN): {proc.stderr.strip() or proc.returncode}")
+        why = proc.stderr.strip() or proc.returncode
+        pytest.skip(f"cannot mount a tmpfs ({options}) here (needs root or CAP_SYS_ADMIN): {why}")
     try:
         yield point
     finally:

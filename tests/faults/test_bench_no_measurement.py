@@ -5,7 +5,7 @@ import torch
 from faultkit import error_lines, run_cli
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the no-measurement path is for machines without it")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: this path is for machines without it")
 def test_torch_on_cuda_without_cuda_is_not_a_success(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "bench"
     code, stdout, err = run_cli(["bench", "--model", str(tiny_checkpoint), "--engine", "torch", "--device", "cuda",

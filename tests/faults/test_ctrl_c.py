@@ -13,5 +13,6 @@ def test_ctrl_c_says_finished_blocks_were_kept_for_resume(deep_checkpoint, calib
     _, err = proc.communicate(timeout=120)
     lines = [line for line in err.strip().splitlines() if line]
     assert proc.returncode == 130 and len(lines) == 1, err
-    assert lines[0].startswith("interrupted: no final output was written; ") and "rerun the same command with --resume" in lines[0]
-    assert f"finished block(s) kept in {partial}" in lines[0] and not out.exists() and not list(tmp_path.glob(".o.tmp-*"))
+    assert lines[0].startswith("interrupted: no final output was written; ")
+    assert "rerun the same command with --resume" in lines[0] and f"finished block(s) kept in {partial}" in lines[0]
+    assert not out.exists() and not list(tmp_path.glob(".o.tmp-*"))

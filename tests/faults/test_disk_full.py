@@ -23,7 +23,8 @@ def test_full_disk_is_one_line_naming_the_device_and_the_space(tiny_checkpoint, 
     with pytest.raises(UserError) as exc:
         with atomic_dir(tmpfs / "direct", need_bytes=3 * 2**20) as tmp:
             save_file({"w": torch.zeros(3 * 2**20 // 4)}, str(tmp / "w.safetensors"))
-    assert f"No space left on device tmpfs (mounted at {tmpfs})" in str(exc.value) and "about 3.0 MiB needed" in str(exc.value)
+    assert f"No space left on device tmpfs (mounted at {tmpfs})" in str(exc.value)
+    assert "about 3.0 MiB needed" in str(exc.value)
     assert os.listdir(tmpfs) == []  # the temporary directory is gone
     # the CLI: prune into the nearly full file system
     _fill(tmpfs, 256 * 1024)

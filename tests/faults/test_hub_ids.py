@@ -39,6 +39,6 @@ def test_hub_id_offline_is_one_line_at_once(tmp_path, capsys, monkeypatch, no_ne
     start = time.monotonic()
     code, _, err = run_cli(["eval", "--model", "someorg/some-model", "--data", "text:/nonexistent"], capsys)
     assert code == 2 and error_lines(err) == [
-        "error: --model someorg/some-model is a Hub id but HF_HUB_OFFLINE=1 and it is not in the local Hugging Face cache: "
-        "download it while online, or give a local directory"]
+        "error: --model someorg/some-model is a Hub id but HF_HUB_OFFLINE=1 and it is not in the local Hugging Face "
+        "cache: download it while online, or give a local directory"]
     assert time.monotonic() - start < 10 and no_network == []

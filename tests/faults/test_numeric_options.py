@@ -1,4 +1,5 @@
-"""Numeric options are checked before any work: --seqlen 0 is not silently the default, a negative one is no shape error."""
+"""Numeric options are checked before any work: --seqlen 0 is not silently the default, a negative one is no
+shape error."""
 
 import pytest
 from faultkit import error_lines, run_cli
@@ -14,7 +15,8 @@ from faultkit import error_lines, run_cli
     (["recover", "--steps", "0"], "error: --steps 0 must be at least 1"),
     (["export", "--deepsparse-seq", "0"], "error: --deepsparse-seq 0 must be at least 1"),
     (["bench", "--prompt-len", "0"], "error: --prompt-len 0 must be at least 1"),
-    (["generate", "--onnx", "x", "--prompt", "p", "--max-new-tokens", "0"], "error: --max-new-tokens 0 must be at least 1"),
+    (["generate", "--onnx", "x", "--prompt", "p", "--max-new-tokens", "0"],
+     "error: --max-new-tokens 0 must be at least 1"),
 ])
 def test_bad_numbers_are_refused_before_the_model_loads(args, line, tmp_path, capsys):
     # the model does not exist: an error about it would mean the number was checked too late
