@@ -127,7 +127,8 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--owl-lambda", default=0.08, show_default=True, type=float, help="OWL: largest deviation of a block's sparsity from the target")
 @with_options(common_model)
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="output checkpoint directory")
-@click.option("--overwrite", is_flag=True, help="replace an existing output directory (and discard an interrupted run)")
+@click.option("--overwrite", is_flag=True,
+              help="replace an existing output directory that sparsedeploy wrote (and discard an interrupted run)")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last finished block")
 @click.option("--offload", default="none", show_default=True, type=click.Choice(["none", "cpu", "disk"]),
               help="cpu: calibration activations stay in RAM; disk: weights stay on disk, one block in memory")
@@ -224,7 +225,8 @@ def eval_cmd(ctx, model, data, seqlen, max_windows, baseline, device, dtype, cac
 @click.option("--bench-engine", default=None, help="override recipe: bench.engine (ort, deepsparse, torch, tensorrt)")
 @click.option("--batch", default=None, help="override recipe: bench.batch, comma-separated (e.g. 1,8)")
 @click.option("--output", "-o", default=None, type=click.Path(path_type=Path), help="output directory [default: recipe output]")
-@click.option("--overwrite", is_flag=True, help="replace an existing output directory (and discard an interrupted run)")
+@click.option("--overwrite", is_flag=True,
+              help="replace an existing output directory that sparsedeploy wrote (and discard an interrupted run)")
 @click.option("--resume", is_flag=True, help="continue an interrupted run: finished stages are kept, pruning resumes at its last block")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object")
 @click.pass_context
@@ -308,7 +310,7 @@ def _batch_list(text: str) -> list[int]:
 @click.option("--deepsparse-context", default=256, show_default=True, type=int,
               help="--target deepsparse: KV-cache slots of the static decode-step graph (prompt + new tokens - 1)")
 @click.option("--cache-dir", default=None, help="where converted checkpoints are cached")
-@click.option("--overwrite", is_flag=True, help="replace an existing output directory")
+@click.option("--overwrite", is_flag=True, help="replace an existing output directory that sparsedeploy wrote")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object")
 def export_cmd(model, output, task, dtype, opset, target, storage, optimize, exporter, no_verify, greedy_tokens, decode_steps,
                deepsparse_batch, deepsparse_seq, deepsparse_context, cache_dir, overwrite, as_json):
@@ -387,7 +389,7 @@ def generate_cmd(onnx_dir, prompt, max_new_tokens, threads, engine, deepsparse_v
 @click.option("--eval-windows", default=16, show_default=True, type=int, help="windows scored by --eval")
 @with_options(common_model)
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="output checkpoint directory")
-@click.option("--overwrite", is_flag=True, help="replace an existing output directory")
+@click.option("--overwrite", is_flag=True, help="replace an existing output directory that sparsedeploy wrote")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
 @click.pass_context
 def recover(ctx, model, data, steps, rank, alpha, lr, seqlen, batch, seed, teacher, eval_data, eval_windows, device, dtype, cache_dir,
