@@ -6,8 +6,11 @@
 #   llama1b   the speed-only LLaMA-1B-like model (TinyLlama's shapes, random weights, smollm2's tokenizer;
 #             sparsedeploy.common.models.build_speed_only_model), magnitude 70% and 2:4: ONNX Runtime at batch 1
 #             and DeepSparse. About 4.5 GB per fp32 export and 12 GB of RAM; about an hour on one core.
-#   bash benchmarks/speed_model.sh [WORK_DIR] [smollm2|llama1b|all]
-#     -> benchmarks/results/speed_model/{ort,deepsparse}_{wanda50,wanda24,llama1b_mag70,llama1b_mag24}/
+#   sparsecpu smollm2-135m Wanda-70%: the --target sparse-cpu export (sparsedeploy's kernels) against the dense export
+#             in ONNX Runtime, batch 1, prompt 64 + 64 new tokens, 1 and 2 threads (issue 17's whole-model row).
+#   bash benchmarks/speed_model.sh [WORK_DIR] [smollm2|llama1b|sparsecpu|all]
+#     -> benchmarks/results/speed_model/{ort,deepsparse}_{wanda50,wanda24,llama1b_mag70,llama1b_mag24}/,
+#        sparse_cpu_wanda70_t{1,2}/
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="${1:-/tmp/sparsedeploy-speed-model}"
@@ -50,5 +53,17 @@ if [[ "$part" == llama1b || "$part" == all ]]; then
     # (4 x 4.4 GB of fp32 weights, ~18 GB before DeepSparse's own copies) in one process on a 24 GB machine
     "${sd[@]}" bench --engine deepsparse --model "$l/${tag}_onnx" --baseline "$l/dense_onnx" --batch 1 --prompt-len 128 \
       --gen-len 0 --rounds 3 -o "$out/deepsparse_llama1b_$tag"
+  done
+fi
+
+if [[ "$part" == sparsecpu || "$part" == all ]]; then
+  [[ -f "$work/dense_onnx/model.onnx" ]] || "${sd[@]}" export --model smollm2-135m --output "$work/dense_onnx" --no-verify --overwrite
+  [[ -f "$work/wanda70/report.json" ]] || "${sd[@]}" prune --model smollm2-135m --method wanda --sparsity 70% --nsamples 16 \
+    --seqlen 512 --output "$work/wanda70" --overwrite
+  [[ -f "$work/wanda70_sc/model.onnx" ]] || "${sd[@]}" export --model "$work/wanda70" --target sparse-cpu \
+    --output "$work/wanda70_sc" --overwrite
+  for t in 1 2; do
+    OMP_NUM_THREADS=$t "${sd[@]}" bench --engine sparse-cpu --model "$work/wanda70_sc" --baseline "$work/dense_onnx" --batch 1 \
+      --prompt-len 64 --gen-len 64 --threads "$t" --rounds 5 -o "$out/sparse_cpu_wanda70_t$t" --overwrite
   done
 fi

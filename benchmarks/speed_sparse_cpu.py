@@ -34,11 +34,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparsedeploy.fsutil import write_json_atomic  # noqa: E402
+from sparsedeploy.common.files import write_json_atomic  # noqa: E402
 from sparsedeploy.bench.matmul_cpu import random_pruned_linear  # noqa: E402
 from sparsedeploy.kernels import available_isas, byte_bound_ceiling, matmul, pack  # noqa: E402
-from sparsedeploy.sparsity import parse_sparsity  # noqa: E402
-from sparsedeploy.timing import summarize  # noqa: E402
+from sparsedeploy.common.sparsity import parse_sparsity  # noqa: E402
+from sparsedeploy.common.timing import summarize  # noqa: E402
 
 log = logging.getLogger("benchmarks.speed_sparse_cpu")
 RESULTS = ROOT / "benchmarks" / "results" / "speed_sparse_cpu"

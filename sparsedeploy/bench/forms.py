@@ -23,6 +23,9 @@ def matmul_weights(path: Path) -> list[tuple[str, np.ndarray]]:
     import onnx
     from onnx import numpy_helper
 
+    from sparsedeploy.common.files import safe_external_data
+
+    safe_external_data(path)
     model = onnx.load(str(path))
     inits = {i.name: i for i in model.graph.initializer}
     out = []

@@ -10,6 +10,7 @@ import click
 
 from sparsedeploy.bench.config import ENGINES
 from sparsedeploy.cli.options import parse_batch_list
+from sparsedeploy.common.errors import UserError
 
 log = logging.getLogger("sparsedeploy")
 
@@ -41,24 +42,30 @@ def _log_rows(rows: list[dict]) -> None:
 @click.option("--deepsparse-venv", default=None, help="DeepSparse virtualenv [default: CACHE/engines/deepsparse-1.8.0]")
 @click.option("--cache-dir", default=None, help="sparsedeploy cache [default: $SPARSEDEPLOY_CACHE or ~/.cache/sparsedeploy]")
 @click.option("--output", "-o", default=None, type=click.Path(path_type=Path), help="write bench.json, bench.md and bench.png into this directory")
+@click.option("--overwrite", is_flag=True, help="replace an existing --output directory (only one sparsedeploy wrote)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
 def bench(model, baseline, engine, batch, prompt_len, gen_len, threads, rounds, device, dtype, cuda_graphs, deepsparse_venv, cache_dir,
-          output, as_json):
+          output, overwrite, as_json):
     """Time a sparse model against its dense baseline: prefill, decode tokens/s, end-to-end."""
     from sparsedeploy.bench.config import BenchConfig
     from sparsedeploy.bench.report import markdown, plot
     from sparsedeploy.bench.run import run_bench
-    from sparsedeploy.common.files import atomic_dir, write_json_atomic
+    from sparsedeploy.common.files import atomic_dir, check_output_dir, write_json_atomic
 
+    for name, value, least in (("--prompt-len", prompt_len, 1), ("--gen-len", gen_len, 0), ("--threads", threads, 1),
+                               ("--rounds", rounds, 1)):
+        if value < least:
+            raise UserError(f"{name} {value} must be at least {least}")
+    if output:
+        check_output_dir(Path(output), overwrite)
     cfg = BenchConfig(model=model, baseline=baseline, engine=engine, batches=parse_batch_list(batch), prompt_len=prompt_len, gen_len=gen_len,
                       threads=threads, rounds=rounds, device=device, dtype=dtype, deepsparse_venv=deepsparse_venv, cache_dir=cache_dir,
                       cuda_graphs=cuda_graphs)
     result = run_bench(cfg, progress=_log_rows)
-    if "skipped" in result:
-        click.echo(result["skipped"], err=True)
+    if "skipped" in result:  # a requested measurement that did not happen is not a success
         if as_json:
             click.echo(json.dumps(result))
-        return
+        raise UserError(f"no measurement: {result['skipped']}")
     md = markdown(result)
     if output:
         with atomic_dir(Path(output)) as tmp:

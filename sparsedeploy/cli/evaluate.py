@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.cli.options import common_model, emit, with_options
+from sparsedeploy.cli.options import check_numbers, common_model, emit, with_options
 
 log = logging.getLogger("sparsedeploy")
 
@@ -27,9 +27,14 @@ def eval_cmd(ctx, model, data, seqlen, max_windows, baseline, device, dtype, cac
     """Perplexity of MODEL (Wanda/SparseGPT protocol) and its measured sparsity."""
     from sparsedeploy.common.data import default_wikitext_test, eval_tokens
     from sparsedeploy.common.evaluate import layer_sparsity, overall_sparsity, perplexity
-    from sparsedeploy.common.files import write_json_atomic
+    from sparsedeploy.common.files import check_writable, write_json_atomic
     from sparsedeploy.common.models import default_seqlen, load_model, resolve_device
 
+    check_numbers(seqlen=(seqlen, 2), max_windows=(max_windows, 1))
+    if output:
+        if Path(output).is_dir():
+            raise UserError(f"--output {output} is a directory: give a file name such as {Path(output) / 'eval.json'}")
+        check_writable(output, "--output")  # before the evaluation, not after it
     if data is None:
         found = default_wikitext_test()
         if found is None:

@@ -10,7 +10,7 @@ import click
 from sparsedeploy.export.config import DTYPES, EXPORTERS, OPTIMIZE_LEVELS, STORAGES, TARGETS, TASKS
 
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.cli.options import emit
+from sparsedeploy.cli.options import check_numbers, emit
 from sparsedeploy.runtimes import GENERATE_ENGINES
 
 log = logging.getLogger("sparsedeploy")
@@ -34,13 +34,16 @@ log = logging.getLogger("sparsedeploy")
 @click.option("--deepsparse-context", default=256, show_default=True, type=int,
               help="--target deepsparse: KV-cache slots of the static decode-step graph (prompt + new tokens - 1)")
 @click.option("--cache-dir", default=None, help="where converted checkpoints are cached")
-@click.option("--overwrite", is_flag=True, help="replace an existing output directory")
+@click.option("--overwrite", is_flag=True, help="replace an existing output directory that sparsedeploy wrote")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object")
 def export_cmd(model, output, task, dtype, opset, target, storage, optimize, exporter, no_verify, greedy_tokens, decode_steps,
                deepsparse_batch, deepsparse_seq, deepsparse_context, cache_dir, overwrite, as_json):
     """Export a pruned checkpoint to ONNX (KV cache) and prove zeros, N:M layout and logit parity."""
     from sparsedeploy.export.run import ExportConfig, export_checkpoint, summary
 
+    check_numbers(greedy_tokens=(greedy_tokens, 0), decode_steps=(decode_steps, 0),
+                  deepsparse_batch=(deepsparse_batch, 1), deepsparse_seq=(deepsparse_seq, 1),
+                  deepsparse_context=(deepsparse_context, 1))
     config = ExportConfig(model=model, task=task, dtype=dtype, opset=opset, target=target, storage=storage, optimize=optimize,
                           exporter=exporter, verify=not no_verify, greedy_tokens=greedy_tokens, decode_steps=decode_steps, cache_dir=cache_dir,
                           deepsparse_batch=deepsparse_batch, deepsparse_seq=deepsparse_seq,
@@ -80,6 +83,7 @@ def inspect_cmd(onnx_model, nm, all_weights, as_json):
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def generate_cmd(onnx_dir, prompt, max_new_tokens, threads, engine, deepsparse_venv, as_json):
     """Greedy text generation with the KV cache: ONNX Runtime, or DeepSparse on a --target deepsparse export."""
+    check_numbers(max_new_tokens=(max_new_tokens, 1), threads=(threads, 1))
     if engine == "deepsparse":
         from sparsedeploy.runtimes.deepsparse_env import generate_text as deepsparse_generate
 

@@ -84,6 +84,13 @@ def method_options_from_flags(method: str, flags: dict) -> dict:
     return options
 
 
+def check_numbers(**limits: tuple[float | None, float]) -> None:
+    """Numeric options checked before any work: name=(value, least allowed); None means "not given"."""
+    for name, (value, least) in limits.items():
+        if value is not None and not value >= least:
+            raise UserError(f"--{name.replace('_', '-')} {value} must be at least {least:g}")
+
+
 def parse_batch_list(text: str) -> list[int]:
     """`--batch 1,8` (bench and run): comma-separated positive integers."""
     try:

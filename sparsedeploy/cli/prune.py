@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from sparsedeploy.prune.choices import ALLOCATIONS, OFFLOAD_MODES
-from sparsedeploy.cli.options import common_model, emit, method_options_from_flags, method_option_flags, with_options
+from sparsedeploy.cli.options import (check_numbers, common_model, emit, method_options_from_flags, method_option_flags,
+                                      with_options)
 
 log = logging.getLogger("sparsedeploy")
 
@@ -27,7 +28,8 @@ log = logging.getLogger("sparsedeploy")
 @click.option("--owl-lambda", default=0.08, show_default=True, type=float, help="OWL: largest deviation of a block's sparsity from the target")
 @with_options(common_model)
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="output checkpoint directory")
-@click.option("--overwrite", is_flag=True, help="replace an existing output directory (and discard an interrupted run)")
+@click.option("--overwrite", is_flag=True,
+              help="replace an existing output directory that sparsedeploy wrote (and discard an interrupted run)")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last finished block")
 @click.option("--offload", default="none", show_default=True, type=click.Choice(list(OFFLOAD_MODES)),
               help="cpu: calibration activations stay in RAM; disk: weights stay on disk, one block in memory")
@@ -39,6 +41,7 @@ def prune(ctx, model, method, sparsity, calib, nsamples, seqlen, seed, allocatio
     """Prune MODEL layer by layer over calibration data and write a sparse checkpoint."""
     from sparsedeploy.prune.driver import PruneConfig, run_prune
 
+    check_numbers(nsamples=(nsamples, 1), seqlen=(seqlen, 2), owl_m=(owl_m, 0), owl_lambda=(owl_lambda, 0))
     config = PruneConfig(model=model, method=method, sparsity=sparsity, calib=calib, nsamples=nsamples,
                          seqlen=seqlen, seed=seed, device=device, dtype=dtype, cache_dir=cache_dir,
                          method_options=method_options_from_flags(method, method_flags),
@@ -67,7 +70,7 @@ def prune(ctx, model, method, sparsity, calib, nsamples, seqlen, seed, allocatio
 @click.option("--eval-windows", default=16, show_default=True, type=int, help="windows scored by --eval")
 @with_options(common_model)
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="output checkpoint directory")
-@click.option("--overwrite", is_flag=True, help="replace an existing output directory")
+@click.option("--overwrite", is_flag=True, help="replace an existing output directory that sparsedeploy wrote")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
 @click.pass_context
 def recover(ctx, model, data, steps, rank, alpha, lr, seqlen, batch, seed, teacher, eval_data, eval_windows, device, dtype, cache_dir,
@@ -75,6 +78,8 @@ def recover(ctx, model, data, steps, rank, alpha, lr, seqlen, batch, seed, teach
     """Train masked low-rank adapters on a pruned MODEL and merge them: perplexity down, every zero kept."""
     from sparsedeploy.prune.recover import RecoverConfig, RecoverRun, run_recover
 
+    check_numbers(steps=(steps, 1), rank=(rank, 1), seqlen=(seqlen, 2), batch=(batch, 1),
+                  eval_windows=(eval_windows, 1))
     run = RecoverRun(model=model, data=data, output=str(output), teacher=teacher, eval_data=eval_data, eval_windows=eval_windows,
                      device=device, dtype=dtype, cache_dir=cache_dir)
     config = RecoverConfig(steps=steps, rank=rank, alpha=alpha, lr=lr, seqlen=seqlen, batch=batch, seed=seed)

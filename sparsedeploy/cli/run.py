@@ -13,7 +13,7 @@ from sparsedeploy.export.config import DTYPES, STORAGES, TARGETS
 from sparsedeploy.prune.choices import ALLOCATIONS, OFFLOAD_MODES
 
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.cli.options import parse_batch_list, emit
+from sparsedeploy.cli.options import check_numbers, emit, parse_batch_list
 
 log = logging.getLogger("sparsedeploy")
 
@@ -41,7 +41,8 @@ log = logging.getLogger("sparsedeploy")
 @click.option("--bench-engine", default=None, help=f"override recipe: bench.engine ({', '.join(ENGINES)})")
 @click.option("--batch", default=None, help="override recipe: bench.batch, comma-separated (e.g. 1,8)")
 @click.option("--output", "-o", default=None, type=click.Path(path_type=Path), help="output directory [default: recipe output]")
-@click.option("--overwrite", is_flag=True, help="replace an existing output directory (and discard an interrupted run)")
+@click.option("--overwrite", is_flag=True,
+              help="replace an existing output directory that sparsedeploy wrote (and discard an interrupted run)")
 @click.option("--resume", is_flag=True, help="continue an interrupted run: finished stages are kept, pruning resumes at its last block")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object")
 @click.pass_context
@@ -55,6 +56,7 @@ def run(ctx, recipe_file, model, method, sparsity, calib, nsamples, seqlen, eval
     from sparsedeploy.pipeline.stages import GateFailed, Pipeline
     from sparsedeploy.pipeline.recipe import load_recipe, parse_recipe
 
+    check_numbers(nsamples=(nsamples, 1), seqlen=(seqlen, 2), max_windows=(max_windows, 1))
     data = {}
     if recipe_file is not None:
         recipe = load_recipe(recipe_file)
@@ -80,6 +82,9 @@ def run(ctx, recipe_file, model, method, sparsity, calib, nsamples, seqlen, eval
     out = output or (Path(recipe.output) if recipe.output else None)
     if out is None:
         raise UserError("no output directory: pass --output DIR or set `output:` in the recipe")
+    from sparsedeploy.common.files import check_writable
+
+    check_writable(out)
     try:
         report = Pipeline(recipe, out, overwrite=overwrite, resume=resume, show_progress=not ctx.obj["quiet"]).run()
     except GateFailed as exc:

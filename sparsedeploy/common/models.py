@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,12 +186,21 @@ def gguf_tokenizer(folder: Path, filename: str):
                               pad_token=name(vocab.pad_id), add_bos_token=vocab.add_bos, add_eos_token=vocab.add_eos)
 
 
-def convert_gguf(folder: Path, filename: str, out: Path) -> Path:
-    """Dequantise a GGUF checkpoint into a safetensors Hugging Face checkpoint at `out` (atomically)."""
+def convert_gguf(folder: Path, filename: str, out: Path, sha256: str | None = None) -> Path:
+    """Dequantise a GGUF checkpoint into a safetensors Hugging Face checkpoint at `out` (atomically).
+
+    `sha256`, the content hash of the GGUF file, is recorded with the cache entry."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     log.info("dequantising %s once into %s", folder / filename, out)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    except (ValueError, OSError, KeyError, IndexError, EOFError, RuntimeError) as exc:  # the gguf reader, on bad bytes
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        if any(word in first.lower() for word in ("allocate", "out of memory", "bad_alloc", "no space left")):
+            raise  # not the file's fault
+        raise UserError(f"cannot read GGUF file {folder / filename}: it is truncated or corrupt ({first}); "
+                        "download or copy it again") from None
     tokenizer = gguf_tokenizer(folder, filename)
     # The GGUF-loaded model carries a quantization_config and refuses save_pretrained: rebuild it clean.
     config = AutoConfig.from_pretrained(folder, gguf_file=filename)
@@ -209,10 +219,15 @@ def convert_gguf(folder: Path, filename: str, out: Path) -> Path:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(config.eos_token_id)
     if tokenizer.pad_token is None and isinstance(getattr(config, "pad_token_id", None), int):
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.pad_token_id)
+    from sparsedeploy.common.files import has_marker, write_marker
+
+    if (out / CONVERSION_MARK).is_file() and not has_marker(out):  # a cache entry an earlier version wrote
+        write_marker(out, "model-cache")
     with atomic_dir(out) as tmp:
         clean.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / CONVERSION_MARK).write_text(json.dumps({"version": CONVERSION_VERSION, "source": str(folder / filename)}))
+        (tmp / CONVERSION_MARK).write_text(json.dumps({"version": CONVERSION_VERSION, "source": str(folder / filename),
+                                                       "sha256": sha256}))
     return out
 
 
@@ -220,20 +235,55 @@ CONVERSION_MARK = "sparsedeploy-conversion.json"
 CONVERSION_VERSION = 3  # bump when convert_gguf changes what it writes: cached conversions are redone
 
 
-def _converted(target: Path) -> bool:
+def _converted(target: Path, sha256: str | None = None) -> bool:
     try:
-        return json.loads((target / CONVERSION_MARK).read_text())["version"] == CONVERSION_VERSION
-    except (OSError, ValueError, KeyError):
+        mark = json.loads((target / CONVERSION_MARK).read_text())
+    except (OSError, ValueError):
         return False
+    return mark.get("version") == CONVERSION_VERSION and (sha256 is None or mark.get("sha256") == sha256)
+
+
+def file_sha256(path: Path, cache: str | os.PathLike | None = None) -> str:
+    """SHA-256 of a file's bytes, computed once per version of the file.
+
+    The hash is remembered in CACHE/models/hashes.json under the file's identity (path, inode, size, mtime and
+    ctime in ns): any write to the file changes its ctime, so a changed file is hashed again; an unchanged one
+    is not read twice."""
+    import hashlib
+
+    from sparsedeploy.common.files import write_json_atomic
+
+    path = Path(path).resolve()
+    st = path.stat()
+    identity = f"{path}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+    memo_file = cache_dir(cache) / "models" / "hashes.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if identity in memo:
+        return memo[identity]
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    memo = {k: v for k, v in memo.items() if not k.startswith(f"{path}|")}
+    memo[identity] = digest.hexdigest()
+    try:
+        write_json_atomic(memo_file, memo)
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
+    return memo[identity]
 
 
 def resolve_model_path(model: str, cache: str | os.PathLike | None = None) -> Path | str:
     """Map --model to something `from_pretrained` loads: a directory, or a hub id (online only)."""
     if model in BUILTIN_ALIASES:
         target = cache_dir(cache) / "models" / model
-        if not _converted(target):
-            folder, filename = _gguf_location(model)
-            convert_gguf(folder, filename, target)
+        folder, filename = _gguf_location(model)
+        sha256 = file_sha256(folder / filename, cache)
+        if not _converted(target, sha256):
+            convert_gguf(folder, filename, target, sha256)
         else:
             log.info("using cached %s at %s", model, target)
         return target
@@ -241,17 +291,39 @@ def resolve_model_path(model: str, cache: str | os.PathLike | None = None) -> Pa
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"GGUF file {path} does not exist: check the path")
-        target = cache_dir(cache) / "models" / f"gguf-{path.stem}-{path.stat().st_size}"
-        if not _converted(target):
-            convert_gguf(path.parent, path.name, target)
+        sha256 = file_sha256(path, cache)  # keyed by content: same name and size with other bytes is another model
+        target = cache_dir(cache) / "models" / f"gguf-{path.stem}-{sha256[:16]}"
+        if not _converted(target, sha256):
+            convert_gguf(path.parent, path.name, target, sha256)
         return target
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise UserError(f"--model {model} is not a model directory (no config.json): give a Hugging Face checkpoint directory, a .gguf file, or smollm2-135m")
         return path
-    if model.startswith((".", "/", "~")) or os.sep in model and model.count("/") > 1:
-        raise UserError(f"--model {model} does not exist: check the path, or use the built-in smollm2-135m")
-    return model  # a hub id; from_pretrained reports when offline
+    return _hub_id(model)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def _hub_id(model: str) -> str:
+    """`model` as a Hugging Face Hub id, only in the explicit org/name form whose org is not a local folder;
+    anything else is a local path that does not exist. Offline (HF_HUB_OFFLINE=1) an id must be in the HF cache."""
+    org = model.split("/", 1)[0]
+    if not _HUB_ID.match(model) or model.endswith((".gguf", ".safetensors", ".onnx", ".json")) or Path(org).exists():
+        raise UserError(f"--model {model} does not exist: check the path; a Hub model is named org/name "
+                        "(e.g. HuggingFaceTB/SmolLM2-135M), or use the built-in smollm2-135m")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")
+        except Exception:  # noqa: BLE001 - no usable cache: treat as not cached
+            cached = None
+        if not isinstance(cached, str):
+            raise UserError(f"--model {model} is a Hub id but HF_HUB_OFFLINE=1 and it is not in the local Hugging Face "
+                            "cache: download it while online, or give a local directory")
+    return model  # an explicit hub id
 
 
 @dataclass
@@ -280,7 +352,11 @@ def load_model(model: str, dtype: str | torch.dtype = "float32", cache: str | os
     try:
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except ValueError as exc:
+        corrupt_safetensors(path)
         raise UserError(f"{model!r} ({config.model_type}) is not a causal language model transformers can load: {str(exc).splitlines()[0]}") from None
+    except Exception:
+        corrupt_safetensors(path)  # names the unreadable file when that is the cause
+        raise
     lm.eval()
     lm.config.use_cache = False
     find_linears(find_blocks(lm)[0])  # fail early on an unsupported architecture
@@ -289,6 +365,24 @@ def load_model(model: str, dtype: str | torch.dtype = "float32", cache: str | os
     except (OSError, TypeError, ValueError) as exc:
         raise UserError(f"{model!r} has no usable tokenizer ({type(exc).__name__}): save the tokenizer files next to the model") from None
     return LoadedModel(lm, tokenizer, path)
+
+
+def corrupt_safetensors(path: Path | str) -> None:
+    """Raise a UserError naming the first unreadable .safetensors file of a checkpoint directory (if any)."""
+    from safetensors import safe_open
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt") as handle:
+                for key in handle.keys():
+                    handle.get_slice(key)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise UserError(f"cannot read {file}: the file is truncated or corrupt ({first}); "
+                            "write or copy it again") from None
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:

@@ -219,6 +219,30 @@ def dir_bytes(path: Path) -> dict[str, int]:
 # ---------------------------------------------------------------- the whole export
 
 
+def warn_if_no_zeros(model_dir: Path) -> int:
+    """Warn when the checkpoint's 2-D weights hold no zero at all (not pruned?); return the zero count."""
+    from safetensors import safe_open
+
+    from sparsedeploy.common.models import corrupt_safetensors
+
+    zeros = 0
+    try:
+        for file in sorted(Path(model_dir).glob("*.safetensors")):
+            if file.name.startswith("masks"):
+                continue
+            with safe_open(str(file), "pt") as handle:
+                for key in handle.keys():
+                    if key.endswith(".weight") and len(handle.get_slice(key).get_shape()) == 2 and "embed" not in key:
+                        zeros += int((handle.get_tensor(key) == 0).sum())
+    except Exception:  # noqa: BLE001 - name the unreadable file
+        corrupt_safetensors(model_dir)
+        raise
+    if zeros == 0:
+        log.warning("%s has no zero weights at all: it does not look pruned (export a `sparsedeploy prune` output to "
+                    "get a sparse model)", model_dir)
+    return zeros
+
+
 def export_checkpoint(config: ExportConfig, output: Path | str, overwrite: bool = False,
                       rewrite: Rewrite | None = None) -> dict:
     """Export `config.model` to `output` (atomically), verify it unless config.verify is False, return the report.
@@ -237,6 +261,7 @@ def export_checkpoint(config: ExportConfig, output: Path | str, overwrite: bool 
     model_dir = Path(resolve_model_path(config.model, config.cache_dir))
     if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
         raise UserError(f"--model {config.model} is not a checkpoint directory with config.json: export a directory written by `sparsedeploy prune`")
+    warn_if_no_zeros(model_dir)
     opset = config.opset or target.opset
     exporter = config.exporter
     if exporter == "auto":

@@ -60,10 +60,16 @@ def load_model_proto(path: Path | str, load_external: bool = True):
     """Load an ONNX model (either storage) with all initializers dense; corrupt files give one clear line."""
     import onnx
     from google.protobuf.message import DecodeError
+    from onnx.external_data_helper import load_external_data_for_model
+
+    from sparsedeploy.common.files import safe_external_data
 
     file = onnx_file(path)
     try:
-        model = onnx.load(str(file), load_external_data=load_external)
+        model = onnx.load(str(file), load_external_data=False)
+        if load_external:
+            safe_external_data(file, model)  # refuses external data outside the model's folder, before reading any
+            load_external_data_for_model(model, str(file.parent))
     except DecodeError as exc:
         raise UserError(f"cannot read ONNX model {file}: the file is truncated or corrupt ({exc}); export it again") from None
     except (OSError, ValueError) as exc:
@@ -205,6 +211,9 @@ def session_from_path(path: Path | str, threads: int | None = None, optimization
             raise UserError(f"{file} uses sparse storage and is over 2 GB dense: re-export with --storage dense for this size")
         source = model.SerializeToString()
     else:
+        from sparsedeploy.common.files import safe_external_data
+
+        safe_external_data(file)  # onnxruntime would read any `location` the file names
         source = str(file)
     try:
         return ort.InferenceSession(source, sess_options=options, providers=providers)

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.common.files import check_output_dir, write_json_atomic
+from sparsedeploy.common.files import (KEPT_FOR_RESUME, RUN_STAGE, check_output_dir, refuse_unmarked, write_json_atomic,
+                                       write_marker)
 from sparsedeploy.pipeline.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class Pipeline:
             self.stages.append(StageResult(name, data.pop("_seconds", 0.0), data))
             return data
         log.info("stage %s", name)
+        RUN_STAGE["name"] = name
         start = time.perf_counter()
         data = fn()
         seconds = time.perf_counter() - start
@@ -111,6 +113,8 @@ class Pipeline:
                 raise UserError(f"an interrupted run left {self.staging}: pass --resume to continue it, or --overwrite to start over")
             shutil.rmtree(self.staging)
         self.staging.mkdir(parents=True, exist_ok=True)
+        write_marker(self.staging)  # the finished output carries it: a later --overwrite may replace it
+        KEPT_FOR_RESUME[str(self.staging)] = "finished stages"
         recipe_file = self.staging / "recipe.json"
         current = asdict(self.recipe)
         current.pop("output", None)
@@ -155,6 +159,8 @@ class Pipeline:
         prune_report = json.loads((self.staging / "model" / "report.json").read_text())
         write_report(self.staging, report, prune_report)
         shutil.rmtree(self.staging / "stages", ignore_errors=True)
+        refuse_unmarked(self.output)  # checked again: the directory may have appeared during the run
+        KEPT_FOR_RESUME.pop(str(self.staging), None)
         if self.output.exists():
             old = self.output.with_name(f".{self.output.name}.old-{os.getpid()}")
             os.replace(self.output, old)

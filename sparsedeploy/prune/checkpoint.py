@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.common.files import write_json_atomic
+from sparsedeploy.common.files import KEPT_FOR_RESUME, write_json_atomic, writing
 from sparsedeploy.common.models import find_blocks
 
 log = logging.getLogger(__name__)
@@ -85,12 +85,20 @@ class BlockCheckpoint:
         tensors.update({_MASK + k: v.contiguous() for k, v in block_masks.items()})
         path = self.work / f"block-{index:04d}.safetensors"
         tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
+        need = sum(t.numel() * t.element_size() for t in tensors.values())
+        try:
+            with writing(path, need):  # a full disk (safetensors raises SafetensorError): one line, no partial file
+                save_file(tensors, str(tmp))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, path)
         self.done.append(index)
         self._write_state()
+        KEPT_FOR_RESUME[str(self.work)] = f"{len(self.done)} finished block(s)"
 
     def clear(self) -> None:
+        KEPT_FOR_RESUME.pop(str(self.work), None)
         shutil.rmtree(self.work, ignore_errors=True)
 
 

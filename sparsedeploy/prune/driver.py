@@ -161,7 +161,8 @@ def _load_for_disk(config: PruneConfig):
 
 
 def write_outputs(lm: LoadedModel, masks: dict[str, torch.Tensor], report: dict, output: Path) -> None:
-    with atomic_dir(output) as tmp:
+    need = sum(p.numel() * p.element_size() for p in lm.model.parameters()) + sum(m.numel() for m in masks.values())
+    with atomic_dir(output, need_bytes=need) as tmp:
         save_checkpoint(lm, tmp)
         save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp / "masks.safetensors"))
         write_json_atomic(tmp / "report.json", report)

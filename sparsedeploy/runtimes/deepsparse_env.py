@@ -167,9 +167,16 @@ def install(venv: str | os.PathLike | None = None, cache: str | os.PathLike | No
         log.info("DeepSparse %s already installed at %s", DEEPSPARSE_VERSION, env.path)
         return env
     interpreter = find_python(python)
-    if env.path.exists():
+    from sparsedeploy.common.files import check_writable, has_marker, write_marker
+
+    if env.path.exists() and (not env.path.is_dir() or any(env.path.iterdir())):
+        if not has_marker(env.path):  # sparsedeploy deletes only what it created
+            raise UserError(f"--venv {env.path} exists and was not created by sparsedeploy: refusing to replace it; "
+                            "choose another --venv or remove it yourself")
         shutil.rmtree(env.path)
-    env.path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(env.path, "--venv")
+    env.path.mkdir(parents=True, exist_ok=True)
+    write_marker(env.path, "deepsparse-venv")
     try:
         log.info("creating virtualenv %s with %s", env.path, interpreter)
         _run([interpreter, "-m", "venv", str(env.path)], "create the virtualenv (is the venv module installed? e.g. apt-get install python3.11-venv)")
@@ -180,7 +187,7 @@ def install(venv: str | os.PathLike | None = None, cache: str | os.PathLike | No
         log.info("DeepSparse %s works: %s", info.get("deepsparse"), info.get("cpu"))
         (env.path / MARKER).write_text(json.dumps(info) + "\n")
     except BaseException:
-        shutil.rmtree(env.path, ignore_errors=True)  # no half-installed venv is left behind
+        shutil.rmtree(env.path, ignore_errors=True)  # ours (created above): no half-installed venv is left
         raise
     return env
 
@@ -197,19 +204,45 @@ def _run(cmd: list[str], what: str) -> None:
 # Talk to the worker
 # ----------------------------------------------------------------------------------------------
 
-def worker_env(threads: int | None = None) -> dict[str, str]:
-    env = dict(os.environ)
+# What the worker inherits: nothing else of the main process's environment (no PYTHONPATH, no tokens).
+_WORKER_ENV_KEEP = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ")
+# The only main-package modules the worker imports (standard library and NumPy only), relative to the package.
+WORKER_MODULES = ("common/timing.py", "runtimes/decoder_stack.py")
+
+
+def worker_env(threads: int | None = None, lib: Path | None = None) -> dict[str, str]:
+    env = {k: os.environ[k] for k in _WORKER_ENV_KEEP if k in os.environ}
     env["NM_DISABLE_ANALYTICS"] = "1"
-    env.pop("PYTHONPATH", None)  # the main env's packages must not leak into the DeepSparse venv
+    if lib is not None:
+        env["SPARSEDEPLOY_WORKER_LIB"] = str(lib)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 
+def worker_lib(folder: Path) -> Path:
+    """A folder holding a `sparsedeploy` package with only the modules the worker needs: the worker puts it on
+    sys.path instead of the main package's parent (for a non-editable install that is the main site-packages).
+    Every package on the way gets an empty __init__.py: the real ones would import more than the worker needs."""
+    source = Path(__file__).resolve().parents[1]
+    package = Path(folder) / "sparsedeploy"
+    for name in WORKER_MODULES:
+        target = package / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        folder_in = target.parent
+        while folder_in != package.parent:  # sparsedeploy/runtimes/, then sparsedeploy/
+            (folder_in / "__init__.py").touch()
+            folder_in = folder_in.parent
+        shutil.copy2(source / name, target)
+    return Path(folder)
+
+
 def call_worker(env: DeepSparseEnv, request: dict, timeout: float = 1800) -> dict:
     """Run one request in the DeepSparse venv. Raises EngineFailed when the worker crashes or reports an error."""
-    proc = subprocess.run([str(env.python), str(WORKER)], input=json.dumps(request), capture_output=True, text=True,
-                          timeout=timeout, env=worker_env(request.get("threads")))
+    with tempfile.TemporaryDirectory(prefix="sd-worker-lib-") as lib:
+        # -I: isolated mode (no user site, no PYTHON* variables, not the script's folder on sys.path)
+        proc = subprocess.run([str(env.python), "-I", str(WORKER)], input=json.dumps(request), capture_output=True,
+                              text=True, timeout=timeout, env=worker_env(request.get("threads"), worker_lib(Path(lib))))
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
     tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
     if proc.returncode != 0 or not lines:
@@ -229,13 +262,11 @@ def _abort_reason(stderr: str) -> str | None:
 
 
 def external_data_files(model: Path) -> list[str]:
-    """The external-data files an ONNX model refers to (relative to its folder), read without loading them."""
-    import onnx
+    """The external-data files an ONNX model refers to (relative to its folder), read without loading them;
+    a location that leaves the model's folder is refused."""
+    from sparsedeploy.common.files import safe_external_data
 
-    proto = onnx.load(str(model), load_external_data=False)
-    files = {entry.value for init in proto.graph.initializer if init.data_location == onnx.TensorProto.EXTERNAL
-             for entry in init.external_data if entry.key == "location"}
-    return sorted(files)
+    return safe_external_data(model)
 
 
 def copy_models(paths: dict[str, Path], workdir: Path) -> dict[str, str]:

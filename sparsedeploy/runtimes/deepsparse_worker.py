@@ -24,10 +24,11 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+# Only the copies of common/timing.py and runtimes/decoder_stack.py the caller prepared (never the main environment's site-packages);
+# run by hand from a source checkout, the checkout itself.
+sys.path.insert(0, os.environ.get("SPARSEDEPLOY_WORKER_LIB") or str(Path(__file__).resolve().parents[2]))
 
 from sparsedeploy.common.timing import run_interleaved  # noqa: E402
-from sparsedeploy.runtimes import decoder_stack  # noqa: E402 - NumPy only
 
 _DTYPES = {1: "float32", 10: "float16", 6: "int32", 7: "int64", 9: "bool"}
 
@@ -74,6 +75,10 @@ def _engine(path: str, batch: int, threads: int, input_shapes=None):
 
 def handle(req: dict) -> dict:
     action = req.get("action")
+    if action == "environment":  # what the worker sees: its import path, environment names, sparsedeploy modules
+        return {"sys_path": sys.path, "environ": sorted(os.environ), "isolated": bool(sys.flags.isolated),
+                "modules": {name: getattr(mod, "__file__", None) for name, mod in sys.modules.items()
+                            if name.split(".")[0] == "sparsedeploy"}}
     if action == "info":
         import deepsparse
         import numpy
@@ -84,6 +89,8 @@ def handle(req: dict) -> dict:
         return {"deepsparse": deepsparse.__version__, "numpy": numpy.__version__, "onnx": onnx.__version__,
                 "python": sys.version.split()[0], "cpu": {"isa": str(arch.isa), "vnni": bool(arch.vnni),
                                                            "cores": int(arch.num_available_physical_cores)}}
+    from sparsedeploy.runtimes import decoder_stack  # NumPy only; imported here so that "environment" needs no NumPy
+
     batch, threads = int(req["batch"]), int(req["threads"])
     models = req["models"]
     if action == "check":

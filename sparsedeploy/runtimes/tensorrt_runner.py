@@ -93,6 +93,9 @@ class BuiltEngine:
 
 def build_engine(onnx_path: Path, sparse: bool, fp16: bool = True, workspace_gib: float = 4.0) -> BuiltEngine:
     """Parse `onnx_path` (external data beside it is found) and build a serialized engine."""
+    from sparsedeploy.common.files import safe_external_data
+
+    safe_external_data(onnx_path)  # the parser would read any `location` the file names
     trt = _trt()
     logger = _capture_logger(trt, trt.ILogger.Severity.WARNING)
     builder = trt.Builder(logger)

@@ -53,15 +53,16 @@ def test_deepsparse_not_installed_says_what_to_do(tmp_path, monkeypatch):
     assert "error:" in proc.stderr and ("engines install deepsparse" in proc.stderr or "DeepSparse" in proc.stderr)
 
 
-def test_torch_cuda_without_cuda_exits_cleanly(tmp_path):
+def test_torch_cuda_without_cuda_exits_nonzero_with_the_reason(tmp_path):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the clean-exit path is for machines without it")
     (tmp_path / "config.json").write_text("{}")
     proc = cli("bench", "--model", str(tmp_path), "--engine", "torch", "--device", "cuda")
-    assert proc.returncode == 0
-    assert "CUDA is not available" in proc.stderr
+    assert proc.returncode == 2  # a requested measurement that did not happen is not a success
+    assert proc.stderr.startswith("error: no measurement: ") and "CUDA is not available" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ def test_cli_bench_writes_json_md_png(tiny_onnx, tmp_path):
     proc = cli("-q", "bench", "--model", str(tiny_onnx["sparse"]), "--baseline", str(tiny_onnx["dense"]), "--batch", "1",
                "--prompt-len", "4", "--gen-len", "1", "--rounds", "1", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md", "bench.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".sparsedeploy-output", "bench.json", "bench.md", "bench.png"]
     data = json.loads((out / "bench.json").read_text())
     assert data["engine"] == "ort" and data["rows"]
 
@@ -281,7 +282,11 @@ def test_deepsparse_bench_times_prefill_and_decode_step_on_the_stack(tiny_export
     assert forms == {(e, "prefill", "decoder stack", 16) for e in ("deepsparse", "ort")} | \
                     {(e, "decode-step", "decoder stack + KV cache", 2) for e in ("deepsparse", "ort")} | \
                     {(e, p, "whole model, stack graphs", None) for e in ("deepsparse", "ort") for p in ("prefill", "decode", "total")}
-    assert result["notes"]["full_graph"]["runs"] in (True, False)
+    full = result["notes"]["full_graph"]  # the verdict either way, with its evidence
+    if full["runs"]:
+        assert full["ok"] is True and full["outputs"] and full["compile_and_run_s"] > 0
+    else:
+        assert full["reason"].startswith("DeepSparse") and "full graph in DeepSparse: rejected: " in markdown(result)
     decode = [r for r in result["rows"] if r["phase"] == "decode"]
     assert len(decode) == 4 and all(r["tokens_per_s"] == pytest.approx(2 * 4 / r["median_s"]) for r in decode)
     assert "prompt 8 tokens, 4 generated" in markdown(result)
@@ -304,8 +309,9 @@ def test_tensorrt_needs_a_gpu_device_and_says_so(tiny_exports, tmp_path):
                     reason="CUDA and tensorrt present: the not-available path is for machines without them")
 def test_tensorrt_unavailable_is_reported_and_writes_nothing(tiny_exports, tmp_path):
     proc = cli("bench", "--model", str(tiny_exports["sparse"]), "--engine", "tensorrt", "--device", "cuda", "-o", str(tmp_path / "out"))
-    assert proc.returncode == 0
-    assert proc.stderr.startswith("--engine tensorrt: not run: ") and ("CUDA is not available" in proc.stderr or "tensorrt package" in proc.stderr)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("error: no measurement: --engine tensorrt: not run: ")
+    assert "CUDA is not available" in proc.stderr or "tensorrt package" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -48,8 +48,14 @@ def test_existing_output_refused_without_overwrite(tiny_checkpoint, calib_file, 
     config = PruneConfig(model=str(tiny_checkpoint), calib=f"text:{calib_file}", nsamples=2, seqlen=16, device="cpu")
     with pytest.raises(UserError, match="already exists"):
         run_prune(config, out, show_progress=False)
-    run_prune(config, out, overwrite=True, show_progress=False)
-    assert not (out / "keep.txt").exists() and (out / "report.json").exists()
+    with pytest.raises(UserError, match="not written by sparsedeploy"):  # --overwrite replaces only its own outputs
+        run_prune(config, out, overwrite=True, show_progress=False)
+    assert (out / "keep.txt").read_text() == "x"
+    mine = tmp_path / "mine"
+    run_prune(config, mine, show_progress=False)
+    (mine / "stale.txt").write_text("x")
+    run_prune(config, mine, overwrite=True, show_progress=False)
+    assert not (mine / "stale.txt").exists() and (mine / "report.json").exists()
 
 
 def test_failure_midway_leaves_no_output(tiny_checkpoint, calib_file, tmp_path, monkeypatch):

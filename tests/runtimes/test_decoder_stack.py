@@ -102,11 +102,12 @@ def test_deepsparse_generates_pytorchs_tokens_from_the_graphs(tiny_deepsparse_ex
     assert len(reply["timings"]["prefill"]) == 1 and len(reply["timings"]["step"]) == ref["new_tokens"] - 1
 
 
-def test_generate_without_the_graphs_says_how_to_get_them(tmp_path, deepsparse_env):
+def test_generate_without_the_graphs_says_how_to_get_them(tmp_path):
     from sparsedeploy.runtimes import deepsparse_env as ds
 
+    never_started = ds.DeepSparseEnv(tmp_path / "no-venv")  # the missing graphs are found before any worker runs
     with pytest.raises(UserError, match="export with --target deepsparse"):
-        ds.generate(deepsparse_env, tmp_path, [[1, 2]], 4)
+        ds.generate(never_started, tmp_path, [[1, 2]], 4)
 
 
 def _prompt_ids(onnx_dir, text: str) -> list[int]:

@@ -192,8 +192,12 @@ def test_targets_select_linears_and_options_are_validated():
     m = DSnoT(init="wanda", targets="attn", mode="paper")
     wanda = build_method("wanda").prune(w, st, spec)
     assert torch.equal(m.prune(w, st, spec, name="mlp.gate_proj").mask, wanda.mask)
-    assert not torch.equal(m.prune(w, st, spec, name="self_attn.o_proj").mask, wanda.mask)
-    assert m.summary == {"linears": 2, "refined": 1, "kept_refined": 1, "swaps": m.summary["swaps"]}
+    attn = m.prune(w, st, spec, name="self_attn.o_proj")
+    assert not torch.equal(attn.mask, wanda.mask)
+    swaps = attn.info["swaps"]
+    # each swap grows one pruned weight and prunes one kept weight: at most two positions change per swap
+    assert 0 < int((attn.mask != wanda.mask).sum()) <= 2 * swaps
+    assert m.summary == {"linears": 2, "refined": 1, "kept_refined": 1, "swaps": swaps}
     assert not DSnoT(mode="paper").needs_hessian and DSnoT(mode="verified").needs_hessian
     assert DSnoT(init="sparsegpt", mode="paper").needs_hessian
     for bad in ({"init": "nope"}, {"targets": "heads"}, {"mode": "fast"}, {"max_cycles": -1}):
