@@ -26,8 +26,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sparsedeploy.bench.matmul_cpu import (
+    DEFAULT_PATTERNS,
+    LLAMA1B_SHAPES,
+    SMOLLM2_SHAPES,
+    bench_kernels,
+    kernel_markdown,
+)
 from sparsedeploy.common.files import write_json_atomic  # noqa: E402
-from sparsedeploy.bench.matmul_cpu import (DEFAULT_PATTERNS, LLAMA1B_SHAPES, SMOLLM2_SHAPES, bench_kernels, kernel_markdown)
 
 log = logging.getLogger("benchmarks.speed")
 RESULTS = ROOT / "benchmarks" / "results"
@@ -43,15 +49,27 @@ DEFAULT_TOLERANCE = 0.25  # fail when speedup < baseline * (1 - tolerance)
 
 def machine() -> dict:
     try:
-        model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "?")
+        model = next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            "?",
+        )
     except OSError:
         model = platform.processor() or "?"
-    return {"cpu": model, "logical_cpus": os.cpu_count(), "python": platform.python_version(), "system": platform.system()}
+    return {
+        "cpu": model,
+        "logical_cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "system": platform.system(),
+    }
 
 
 def deepsparse_env(install: bool):
-    from sparsedeploy.runtimes import deepsparse_env as ds
     from sparsedeploy.common.errors import UserError
+    from sparsedeploy.runtimes import deepsparse_env as ds
 
     try:
         if install:
@@ -75,24 +93,43 @@ def run(args) -> int:
         shapes, patterns, batches, rounds = [CI_SHAPE], ["0.7"], [64], args.rounds or 5
     else:
         shapes, patterns, batches, rounds = SMOLLM2_SHAPES + LLAMA1B_SHAPES, DEFAULT_PATTERNS, [1, 64], args.rounds or 7
-    rows = bench_kernels(shapes, patterns, batches, engines, threads=args.threads, rounds=rounds, per_round=3,
-                         deepsparse_env=env, progress=lambda rs: [log.info("%s: %.2fx", key(r), r["speedup"]) for r in rs])
-    result = {"kind": "ci" if args.ci else "full", "machine": machine(), "threads": args.threads, "rounds": rounds,
-              "engines": engines, "deepsparse": "measured" if env else f"not measured: {why_not}",
-              "seconds": round(time.time() - started, 1), "rows": rows}
+    rows = bench_kernels(
+        shapes,
+        patterns,
+        batches,
+        engines,
+        threads=args.threads,
+        rounds=rounds,
+        per_round=3,
+        deepsparse_env=env,
+        progress=lambda rs: [log.info("%s: %.2fx", key(r), r["speedup"]) for r in rs],
+    )
+    result = {
+        "kind": "ci" if args.ci else "full",
+        "machine": machine(),
+        "threads": args.threads,
+        "rounds": rounds,
+        "engines": engines,
+        "deepsparse": "measured" if env else f"not measured: {why_not}",
+        "seconds": round(time.time() - started, 1),
+        "rows": rows,
+    }
     md = kernel_markdown(rows)
     print(md)
     if env:
         from sparsedeploy.runtimes.deepsparse_env import LICENCE_NOTE
+
         print(LICENCE_NOTE)
     if args.out:
         out = Path(args.out)
         stem = "speed_ci" if args.ci else "speed_kernels"
         write_json_atomic(out / f"{stem}.json", result)
-        header = (f"# Kernel speed: dense vs sparse MatMul chains\n\nMachine: {result['machine']['cpu']}, "
-                  f"{result['machine']['logical_cpus']} logical CPUs (shared, throttled dev box, no GPU); "
-                  f"threads: {args.threads}; rounds: {rounds} (dense/sparse interleaved); DeepSparse: {result['deepsparse']}.\n"
-                  "Speedup = dense time / sparse time per round, median (p10-p90). NOISY = spread (p90-p10)/median > 10%.\n\n")
+        header = (
+            f"# Kernel speed: dense vs sparse MatMul chains\n\nMachine: {result['machine']['cpu']}, "
+            f"{result['machine']['logical_cpus']} logical CPUs (shared, throttled dev box, no GPU); "
+            f"threads: {args.threads}; rounds: {rounds} (dense/sparse interleaved); DeepSparse: {result['deepsparse']}.\n"
+            "Speedup = dense time / sparse time per round, median (p10-p90). NOISY = spread (p90-p10)/median > 10%.\n\n"
+        )
         tmp = out / f".{stem}.md.tmp"
         tmp.write_text(header + md + ("\n" + LICENCE_NOTE + "\n" if env else ""))
         tmp.replace(out / f"{stem}.md")
@@ -107,9 +144,12 @@ def load_baseline() -> dict:
         return {"tolerance": DEFAULT_TOLERANCE, "machines": {}, "generic_floor": {}}
     base = json.loads(BASELINE.read_text())
     if "tracked" in base:  # the first format: one machine
-        base = {"tolerance": base.get("tolerance", DEFAULT_TOLERANCE), "threads": base.get("threads", 1),
-                "machines": {base["machine"]["cpu"]: {k: v for k, v in base.items() if k not in ("tolerance", "threads")}},
-                "generic_floor": {}}
+        base = {
+            "tolerance": base.get("tolerance", DEFAULT_TOLERANCE),
+            "threads": base.get("threads", 1),
+            "machines": {base["machine"]["cpu"]: {k: v for k, v in base.items() if k not in ("tolerance", "threads")}},
+            "generic_floor": {},
+        }
     return base
 
 
@@ -120,17 +160,23 @@ def check(rows: list[dict], have_deepsparse: bool, args) -> int:
     base = load_baseline()
     cpu = machine()["cpu"]
     if args.write_baseline:
-        base["machines"][cpu] = {"machine": machine(), "threads": args.threads, "rounds": args.rounds or 5,
-                                 "tracked": {k: round(measured[k]["speedup"], 3) for k in sorted(tracked) if k in measured},
-                                 "source": f"speed.py --ci --rounds {args.rounds or 5}, {time.strftime('%Y-%m-%d')}"}
+        base["machines"][cpu] = {
+            "machine": machine(),
+            "threads": args.threads,
+            "rounds": args.rounds or 5,
+            "tracked": {k: round(measured[k]["speedup"], 3) for k in sorted(tracked) if k in measured},
+            "source": f"speed.py --ci --rounds {args.rounds or 5}, {time.strftime('%Y-%m-%d')}",
+        }
         write_json_atomic(BASELINE, base)
         print(f"wrote the baseline of {cpu} into {BASELINE}")
         return 0
     tol = float(base.get("tolerance", args.tolerance))
     entry = base["machines"].get(cpu)
     if entry is None:
-        print(f"no baseline for CPU {cpu!r} in {BASELINE} (it has {sorted(base['machines'])}): gating on the generic floors; "
-              "record one with --ci --write-baseline and commit it")
+        print(
+            f"no baseline for CPU {cpu!r} in {BASELINE} (it has {sorted(base['machines'])}): gating on the generic floors; "
+            "record one with --ci --write-baseline and commit it"
+        )
         floors = dict(base.get("generic_floor", {}))
     else:
         floors = {k: ref * (1 - tol) for k, ref in entry["tracked"].items()}
@@ -150,19 +196,28 @@ def check(rows: list[dict], have_deepsparse: bool, args) -> int:
         ok = got >= floor
         failed += not ok
         ref = f"baseline {entry['tracked'][k]:.2f}x on this CPU, tolerance {tol:.0%}" if entry else "generic floor"
-        print(f"{'ok  ' if ok else 'FAIL'} {k}: speedup {got:.2f}x (floor {floor:.2f}x: {ref})" + ("  [noisy]" if measured[k]["noisy"] else ""))
+        print(
+            f"{'ok  ' if ok else 'FAIL'} {k}: speedup {got:.2f}x (floor {floor:.2f}x: {ref})"
+            + ("  [noisy]" if measured[k]["noisy"] else "")
+        )
     return 1 if failed else 0
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ci", action="store_true", help="reduced set + regression check against the committed baseline")
-    ap.add_argument("--write-baseline", action="store_true", help="with --ci: write the measured tracked ratios as the new baseline")
-    ap.add_argument("--install-deepsparse", action="store_true", help="create the DeepSparse venv first if missing (needs PyPI)")
+    ap.add_argument(
+        "--write-baseline", action="store_true", help="with --ci: write the measured tracked ratios as the new baseline"
+    )
+    ap.add_argument(
+        "--install-deepsparse", action="store_true", help="create the DeepSparse venv first if missing (needs PyPI)"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
-    ap.add_argument("--out", default=None, help="directory for JSON + Markdown results (full run default: benchmarks/results)")
+    ap.add_argument(
+        "--out", default=None, help="directory for JSON + Markdown results (full run default: benchmarks/results)"
+    )
     args = ap.parse_args()
     if args.out is None and not args.ci:
         args.out = str(RESULTS)

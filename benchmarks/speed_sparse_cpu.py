@@ -25,44 +25,54 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparsedeploy.common.files import write_json_atomic  # noqa: E402
 from sparsedeploy.bench.matmul_cpu import random_pruned_linear  # noqa: E402
-from sparsedeploy.kernels import available_isas, byte_bound_ceiling, matmul, pack  # noqa: E402
+from sparsedeploy.common.files import write_json_atomic  # noqa: E402
 from sparsedeploy.common.sparsity import parse_sparsity  # noqa: E402
 from sparsedeploy.common.timing import summarize  # noqa: E402
+from sparsedeploy.kernels import available_isas, byte_bound_ceiling, matmul, pack  # noqa: E402
 
 log = logging.getLogger("benchmarks.speed_sparse_cpu")
 RESULTS = ROOT / "benchmarks" / "results" / "speed_sparse_cpu"
 MAX_COPIES = 24
-CI_TOLERANCE = 0.15       # fail when the ratio is more than 15 % below the committed figure
-CI_GENERIC_FLOOR = 1.1    # a CPU without a committed figure must still show sparse ahead of dense at 70 %
+CI_TOLERANCE = 0.15  # fail when the ratio is more than 15 % below the committed figure
+CI_GENERIC_FLOOR = 1.1  # a CPU without a committed figure must still show sparse ahead of dense at 70 %
 CI_PATTERN, CI_BATCH, CI_THREADS = "0.7", 1, 1
 
 
 @dataclass(frozen=True)
 class Shape:
-    name: str   # "KxN" (in x out), as the issue names them
+    name: str  # "KxN" (in x out), as the issue names them
     k: int
     n: int
     model: str
 
 
-SMOLLM2 = [Shape("576x576", 576, 576, "smollm2-135m q/o"), Shape("576x192", 576, 192, "smollm2-135m k/v"),
-           Shape("576x1536", 576, 1536, "smollm2-135m gate/up"), Shape("1536x576", 1536, 576, "smollm2-135m down")]
-LLAMA1B = [Shape("2048x2048", 2048, 2048, "1B-like q/o"), Shape("2048x5632", 2048, 5632, "1B-like gate/up"),
-           Shape("5632x2048", 5632, 2048, "1B-like down")]
+SMOLLM2 = [
+    Shape("576x576", 576, 576, "smollm2-135m q/o"),
+    Shape("576x192", 576, 192, "smollm2-135m k/v"),
+    Shape("576x1536", 576, 1536, "smollm2-135m gate/up"),
+    Shape("1536x576", 1536, 576, "smollm2-135m down"),
+]
+LLAMA1B = [
+    Shape("2048x2048", 2048, 2048, "1B-like q/o"),
+    Shape("2048x5632", 2048, 5632, "1B-like gate/up"),
+    Shape("5632x2048", 5632, 2048, "1B-like down"),
+]
 PATTERNS = ["0.5", "0.7", "0.8", "0.9", "2:4"]
-TARGETS = {1: {"0.5": 1.4, "0.7": 2.0, "0.9": 4.0, "2:4": 1.4}, 8: {"0.5": 1.5, "0.7": 2.0, "0.9": 4.0},
-           128: {"0.5": 1.5, "0.7": 2.0, "0.9": 4.0}}
+TARGETS = {
+    1: {"0.5": 1.4, "0.7": 2.0, "0.9": 4.0, "2:4": 1.4},
+    8: {"0.5": 1.5, "0.7": 2.0, "0.9": 4.0},
+    128: {"0.5": 1.5, "0.7": 2.0, "0.9": 4.0},
+}
 
 
 def machine(isa: str) -> dict:
@@ -75,13 +85,24 @@ def machine(isa: str) -> dict:
 
     mhz = "?"
     try:
-        mhz = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("cpu MHz"))
+        mhz = next(
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("cpu MHz")
+        )
     except (OSError, StopIteration):
         pass
-    return {"cpu": lscpu("Model name"), "family": lscpu("CPU family"), "model": lscpu("Model"),
-            "l3": lscpu("L3 cache"), "cpu_mhz": mhz, "logical_cpus": os.cpu_count(), "isas": available_isas(),
-            "isa": isa, "python": platform.python_version()}
+    return {
+        "cpu": lscpu("Model name"),
+        "family": lscpu("CPU family"),
+        "model": lscpu("Model"),
+        "l3": lscpu("L3 cache"),
+        "cpu_mhz": mhz,
+        "logical_cpus": os.cpu_count(),
+        "isas": available_isas(),
+        "isa": isa,
+        "python": platform.python_version(),
+    }
 
 
 def loadavg() -> list[float]:
@@ -103,10 +124,13 @@ def ort_matmul(w_kn: np.ndarray, threads: int):
     from onnx import TensorProto, helper, numpy_helper
 
     k, n = w_kn.shape
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "dense_matmul",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", n])],
-                              [numpy_helper.from_array(w_kn, "w")])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "dense_matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", n])],
+        [numpy_helper.from_array(w_kn, "w")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -127,8 +151,9 @@ class Evictor:
         self.buf.sum()
 
 
-def time_alternating(variants: dict[str, Callable[[int], object]], copies: dict[str, int], rounds: int,
-                     evict: Callable[[], None] | None) -> dict[str, list[float]]:
+def time_alternating(
+    variants: dict[str, Callable[[int], object]], copies: dict[str, int], rounds: int, evict: Callable[[], None] | None
+) -> dict[str, list[float]]:
     """Per round, each variant's time per call (a pass over its copies / copies), order alternating by round."""
     names = list(variants)
     for name in names:  # warm-up (code paths, thread pools, page faults)
@@ -150,8 +175,17 @@ def n_copies(nbytes: int, cold_bytes: int) -> int:
     return max(2, min(MAX_COPIES, math.ceil(cold_bytes / max(nbytes, 1))))
 
 
-def bench_shape(shape: Shape, patterns: list[str], batches: list[int], threads_list: list[int], isa: str,
-                extra_isa: str | None, rounds: int, cold_bytes: int, seed: int = 0) -> list[dict]:
+def bench_shape(
+    shape: Shape,
+    patterns: list[str],
+    batches: list[int],
+    threads_list: list[int],
+    isa: str,
+    extra_isa: str | None,
+    rounds: int,
+    cold_bytes: int,
+    seed: int = 0,
+) -> list[dict]:
     rows = []
     dense_bytes = 4 * shape.k * shape.n
     d_copies = n_copies(dense_bytes, cold_bytes)
@@ -161,8 +195,10 @@ def bench_shape(shape: Shape, patterns: list[str], batches: list[int], threads_l
         w = random_pruned_linear(shape.n, shape.k, parse_sparsity(pattern), seed=seed).numpy()
         base = pack(w)
         s_copies = n_copies(base.kernel_nbytes, cold_bytes)
-        packed = [base] + [replace(base, mask=base.mask.copy(), values=base.values.copy(), row_ptr=base.row_ptr.copy())
-                              for _ in range(s_copies - 1)]
+        packed = [base] + [
+            replace(base, mask=base.mask.copy(), values=base.values.copy(), row_ptr=base.row_ptr.copy())
+            for _ in range(s_copies - 1)
+        ]
         w_kn = np.ascontiguousarray(w.T)
         for threads in threads_list:
             sessions = [ort_matmul(w_kn.copy(), threads) for _ in range(d_copies)]
@@ -177,8 +213,9 @@ def bench_shape(shape: Shape, patterns: list[str], batches: list[int], threads_l
                 }
                 copies = {"dense": d_copies, isa: s_copies}
                 if extra_isa and extra_isa != isa:
-                    variants[extra_isa] = lambda c, x=x, out=out: matmul(x, packed[c], threads=threads,
-                                                                         isa=extra_isa, out=out)
+                    variants[extra_isa] = lambda c, x=x, out=out: matmul(
+                        x, packed[c], threads=threads, isa=extra_isa, out=out
+                    )
                     copies[extra_isa] = s_copies
                 ref = x.astype(np.float64) @ w.T.astype(np.float64)
                 y = matmul(x, base, threads=threads, isa=isa)
@@ -188,18 +225,53 @@ def bench_shape(shape: Shape, patterns: list[str], batches: list[int], threads_l
                 for name in variants:
                     if name == "dense":
                         continue
-                    rows.append(row(shape, pattern, b, threads, name, base, times["dense"], times[name], copies,
-                                    evict is not None, err, load_before))
+                    rows.append(
+                        row(
+                            shape,
+                            pattern,
+                            b,
+                            threads,
+                            name,
+                            base,
+                            times["dense"],
+                            times[name],
+                            copies,
+                            evict is not None,
+                            err,
+                            load_before,
+                        )
+                    )
                     r = rows[-1]
-                    log.info("%-9s %-4s b=%-3d t=%d %-8s dense %8.3f ms  sparse %8.3f ms  %5.2fx (ceiling %.2fx)",
-                             shape.name, pattern, b, threads, name, r["dense_ms"], r["sparse_ms"], r["speedup"],
-                             r["byte_ceiling"])
+                    log.info(
+                        "%-9s %-4s b=%-3d t=%d %-8s dense %8.3f ms  sparse %8.3f ms  %5.2fx (ceiling %.2fx)",
+                        shape.name,
+                        pattern,
+                        b,
+                        threads,
+                        name,
+                        r["dense_ms"],
+                        r["sparse_ms"],
+                        r["speedup"],
+                        r["byte_ceiling"],
+                    )
             del sessions
     return rows
 
 
-def row(shape: Shape, pattern: str, batch: int, threads: int, isa: str, p, dense: list[float], sparse: list[float],
-        copies: dict[str, int], evicted: bool, rel_err: float, load: list[float]) -> dict:
+def row(
+    shape: Shape,
+    pattern: str,
+    batch: int,
+    threads: int,
+    isa: str,
+    p,
+    dense: list[float],
+    sparse: list[float],
+    copies: dict[str, int],
+    evicted: bool,
+    rel_err: float,
+    load: list[float],
+) -> dict:
     ratio = summarize([d / s for d, s in zip(dense, sparse)])
     dense_s, sparse_s = statistics.median(dense), statistics.median(sparse)
     density = p.nnz / (shape.k * shape.n)
@@ -207,30 +279,57 @@ def row(shape: Shape, pattern: str, batch: int, threads: int, isa: str, p, dense
     flop_ceiling = 1.0 / density if density > 0 else float("inf")
     ceiling = byte_ceiling if batch == 1 else flop_ceiling
     return {
-        "shape": shape.name, "k": shape.k, "n": shape.n, "model": shape.model, "pattern": pattern,
-        "sparsity": round(1 - density, 4), "batch": batch, "threads": threads, "isa": isa,
-        "dense_ms": dense_s * 1e3, "sparse_ms": sparse_s * 1e3, "speedup": ratio.median,
-        "speedup_p10": ratio.p10, "speedup_p90": ratio.p90, "noisy": ratio.noisy, "rounds": ratio.n,
-        "byte_ceiling": byte_ceiling, "flop_ceiling": flop_ceiling, "achieved_of_ceiling": ratio.median / ceiling,
-        "dense_gbs": 4 * shape.k * shape.n / dense_s / 1e9, "sparse_gbs": p.kernel_nbytes / sparse_s / 1e9,
+        "shape": shape.name,
+        "k": shape.k,
+        "n": shape.n,
+        "model": shape.model,
+        "pattern": pattern,
+        "sparsity": round(1 - density, 4),
+        "batch": batch,
+        "threads": threads,
+        "isa": isa,
+        "dense_ms": dense_s * 1e3,
+        "sparse_ms": sparse_s * 1e3,
+        "speedup": ratio.median,
+        "speedup_p10": ratio.p10,
+        "speedup_p90": ratio.p90,
+        "noisy": ratio.noisy,
+        "rounds": ratio.n,
+        "byte_ceiling": byte_ceiling,
+        "flop_ceiling": flop_ceiling,
+        "achieved_of_ceiling": ratio.median / ceiling,
+        "dense_gbs": 4 * shape.k * shape.n / dense_s / 1e9,
+        "sparse_gbs": p.kernel_nbytes / sparse_s / 1e9,
         "sparse_gflops": 2 * p.nnz * batch / sparse_s / 1e9,
         "ns_per_nz_per_thread": sparse_s * threads / max(p.nnz * batch, 1) * 1e9,
         "ns_per_16_weights_per_thread": sparse_s * threads / (shape.n * -(-shape.k // 16)) * 1e9,
-        "copies_dense": copies["dense"], "copies_sparse": copies[isa], "evict_pass": evicted,
-        "max_rel_err": rel_err, "loadavg_before": load,
+        "copies_dense": copies["dense"],
+        "copies_sparse": copies[isa],
+        "evict_pass": evicted,
+        "max_rel_err": rel_err,
+        "loadavg_before": load,
     }
 
 
 def key_table(rows: list[dict], isa: str, threads: int) -> tuple[list[str], bool]:
     """Targets on the 1B-like shapes (mean ratio over the three): lines of Markdown and whether all met."""
-    lines = [f"| batch | pattern | mean speedup ({isa}, {threads} threads) | per shape | target | met |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"| batch | pattern | mean speedup ({isa}, {threads} threads) | per shape | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
     ok = True
     names = {s.name for s in LLAMA1B}
     for batch, targets in TARGETS.items():
         for pattern, target in targets.items():
-            sel = [r for r in rows if r["shape"] in names and r["batch"] == batch and r["pattern"] == pattern
-                   and r["isa"] == isa and r["threads"] == threads]
+            sel = [
+                r
+                for r in rows
+                if r["shape"] in names
+                and r["batch"] == batch
+                and r["pattern"] == pattern
+                and r["isa"] == isa
+                and r["threads"] == threads
+            ]
             if not sel:
                 continue
             mean = statistics.mean(r["speedup"] for r in sel)
@@ -245,14 +344,19 @@ def key_table(rows: list[dict], isa: str, threads: int) -> tuple[list[str], bool
 
 def markdown(result: dict) -> str:
     rows, m = result["rows"], result["machine"]
-    out = ["# sparse-cpu kernels vs ONNX Runtime dense MatMul (cold weights)", "",
-           f"Machine: {m['cpu']} (family {m['family']} model {m['model']}), {m['logical_cpus']} logical CPUs, "
-           f"L3 {m['l3']}, ISAs {m['isas']}; main ISA {m['isa']}. ONNX Runtime {result['onnxruntime']}. "
-           f"Load average before/after: {result['load_before']} / {result['load_after']} "
-           "(the CPU is shared with other jobs: 2-thread figures are from a contended machine).", "",
-           "Speedup = median over rounds of (dense time / sparse time), both timed alternately in one process. "
-           "Ceiling: batch 1 the byte-bound ceiling (dense bytes / packed bytes), batch > 1 the FLOP ceiling "
-           "(1 / density).", ""]
+    out = [
+        "# sparse-cpu kernels vs ONNX Runtime dense MatMul (cold weights)",
+        "",
+        f"Machine: {m['cpu']} (family {m['family']} model {m['model']}), {m['logical_cpus']} logical CPUs, "
+        f"L3 {m['l3']}, ISAs {m['isas']}; main ISA {m['isa']}. ONNX Runtime {result['onnxruntime']}. "
+        f"Load average before/after: {result['load_before']} / {result['load_after']} "
+        "(the CPU is shared with other jobs: 2-thread figures are from a contended machine).",
+        "",
+        "Speedup = median over rounds of (dense time / sparse time), both timed alternately in one process. "
+        "Ceiling: batch 1 the byte-bound ceiling (dense bytes / packed bytes), batch > 1 the FLOP ceiling "
+        "(1 / density).",
+        "",
+    ]
     for threads in sorted({r["threads"] for r in rows}):
         lines, _ = key_table(rows, m["isa"], threads)
         out += [f"## Targets, 1B-like shapes, {threads} thread(s), {m['isa']}", ""] + lines + [""]
@@ -261,17 +365,22 @@ def markdown(result: dict) -> str:
         for threads in sorted({r["threads"] for r in rows if r["isa"] == isa}):
             lines, _ = key_table(rows, isa, threads)
             out += [f"## Same targets with the {isa} path forced, {threads} thread(s)", ""] + lines + [""]
-    out += ["## All rows", "",
-            "| shape | pattern | batch | threads | isa | dense ms | sparse ms | speedup (p10-p90) | ceiling | "
-            "achieved/ceiling | sparse GB/s | dense GB/s | ns/nz/thread |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out += [
+        "## All rows",
+        "",
+        "| shape | pattern | batch | threads | isa | dense ms | sparse ms | speedup (p10-p90) | ceiling | "
+        "achieved/ceiling | sparse GB/s | dense GB/s | ns/nz/thread |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ceiling = r["byte_ceiling"] if r["batch"] == 1 else r["flop_ceiling"]
-        out.append(f"| {r['shape']} | {r['pattern']} | {r['batch']} | {r['threads']} | {r['isa']} | "
-                   f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f} ({r['speedup_p10']:.2f}-"
-                   f"{r['speedup_p90']:.2f}){' noisy' if r['noisy'] else ''} | {ceiling:.2f} | "
-                   f"{r['achieved_of_ceiling']:.2f} | {r['sparse_gbs']:.1f} | {r['dense_gbs']:.1f} | "
-                   f"{r['ns_per_nz_per_thread']:.3f} |")
+        out.append(
+            f"| {r['shape']} | {r['pattern']} | {r['batch']} | {r['threads']} | {r['isa']} | "
+            f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f} ({r['speedup_p10']:.2f}-"
+            f"{r['speedup_p90']:.2f}){' noisy' if r['noisy'] else ''} | {ceiling:.2f} | "
+            f"{r['achieved_of_ceiling']:.2f} | {r['sparse_gbs']:.1f} | {r['dense_gbs']:.1f} | "
+            f"{r['ns_per_nz_per_thread']:.3f} |"
+        )
     return "\n".join(out) + "\n"
 
 
@@ -291,14 +400,24 @@ def plot(result: dict, path: Path) -> None:
             ax.plot(s * 100, 1 / (1 - s), "k:", lw=1.5, label="FLOP ceiling 1/density")
         for i, shape in enumerate(SMOLLM2 + LLAMA1B):
             for threads, style in ((1, "--"), (2, "-")):
-                sel = [r for r in rows if r["shape"] == shape.name and r["batch"] == batch and r["threads"] == threads
-                       and r["isa"] == isa]
+                sel = [
+                    r
+                    for r in rows
+                    if r["shape"] == shape.name and r["batch"] == batch and r["threads"] == threads and r["isa"] == isa
+                ]
                 if not sel:
                     continue
                 un = sorted((r for r in sel if ":" not in r["pattern"]), key=lambda r: r["sparsity"])
                 color = f"C{i}"
-                ax.plot([r["sparsity"] * 100 for r in un], [r["speedup"] for r in un], style, color=color, marker="o",
-                        ms=3, label=f"{shape.name} {threads}t")
+                ax.plot(
+                    [r["sparsity"] * 100 for r in un],
+                    [r["speedup"] for r in un],
+                    style,
+                    color=color,
+                    marker="o",
+                    ms=3,
+                    label=f"{shape.name} {threads}t",
+                )
                 for r in sel:
                     if ":" in r["pattern"]:
                         ax.plot([r["sparsity"] * 100], [r["speedup"]], marker="s", color=color, ms=5)
@@ -325,8 +444,10 @@ def ci_check(rows: list[dict], committed: dict | None, this_cpu: str, isa: str) 
         floor = CI_GENERIC_FLOOR
         basis = f"generic floor (no committed figure for CPU {this_cpu!r} / isa {isa})"
     ok = measured >= floor
-    msg = (f"sparse-cpu CI gate: 70 % batch-1 1B-like mean speedup {measured:.2f}x, floor {floor:.2f}x [{basis}]: "
-           f"{'PASS' if ok else 'FAIL (regression)'}")
+    msg = (
+        f"sparse-cpu CI gate: 70 % batch-1 1B-like mean speedup {measured:.2f}x, floor {floor:.2f}x [{basis}]: "
+        f"{'PASS' if ok else 'FAIL (regression)'}"
+    )
     return (0 if ok else 1), msg
 
 
@@ -338,12 +459,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batches", default="1,8,128")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--isa", default=None, help="the main dispatch path (default: the best this CPU runs)")
-    ap.add_argument("--extra-isa", default="avx2",
-                    help="also time this path on the 1B-like shapes, interleaved (empty: none)")
+    ap.add_argument(
+        "--extra-isa", default="avx2", help="also time this path on the 1B-like shapes, interleaved (empty: none)"
+    )
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--ci", action="store_true", help="the regression gate (see module doc)")
-    ap.add_argument("--write-ci-baseline", action="store_true",
-                    help="with --ci: store the measured ratio as this CPU's committed figure")
+    ap.add_argument(
+        "--write-ci-baseline",
+        action="store_true",
+        help="with --ci: store the measured ratio as this CPU's committed figure",
+    )
     return ap.parse_args(argv)
 
 
@@ -358,8 +483,9 @@ def select_shapes(spec: str) -> list[Shape]:
         else:
             match = [s for s in SMOLLM2 + LLAMA1B if s.name == part]
             if not match:
-                raise SystemExit(f"error: unknown shape {part!r}: use smollm2, 1b or one of "
-                                 f"{[s.name for s in SMOLLM2 + LLAMA1B]}")
+                raise SystemExit(
+                    f"error: unknown shape {part!r}: use smollm2, 1b or one of {[s.name for s in SMOLLM2 + LLAMA1B]}"
+                )
             out += match
     return out
 
@@ -387,13 +513,18 @@ def main(argv: list[str] | None = None) -> int:
         rc, msg = ci_check(rows, committed, mach["cpu"], isa)
         print(msg)
         args.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.out / "speed_sparse_cpu_ci.json", {"machine": mach, "rows": rows, "result": msg,
-                                                                   "loadavg": loadavg()})
+        write_json_atomic(
+            args.out / "speed_sparse_cpu_ci.json", {"machine": mach, "rows": rows, "result": msg, "loadavg": loadavg()}
+        )
         if args.write_ci_baseline:
             data = json.loads(out_json.read_text()) if out_json.exists() else {}
-            data["ci_baseline"] = {"cpu": mach["cpu"], "isa": isa, "threads": CI_THREADS,
-                                   "ratio": round(statistics.mean(r["speedup"] for r in rows), 3),
-                                   "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            data["ci_baseline"] = {
+                "cpu": mach["cpu"],
+                "isa": isa,
+                "threads": CI_THREADS,
+                "ratio": round(statistics.mean(r["speedup"] for r in rows), 3),
+                "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            }
             write_json_atomic(out_json, data)
             return 0
         return rc
@@ -408,11 +539,19 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     rows = []
     for shape in shapes:
-        rows += bench_shape(shape, patterns, batches, threads, isa, extra if shape in LLAMA1B else None,
-                            args.rounds, cold)
-    result = {"machine": mach, "onnxruntime": onnxruntime.__version__, "load_before": load_before,
-              "load_after": loadavg(), "seconds": round(time.time() - t0, 1), "cold_bytes": cold,
-              "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
+        rows += bench_shape(
+            shape, patterns, batches, threads, isa, extra if shape in LLAMA1B else None, args.rounds, cold
+        )
+    result = {
+        "machine": mach,
+        "onnxruntime": onnxruntime.__version__,
+        "load_before": load_before,
+        "load_after": loadavg(),
+        "seconds": round(time.time() - t0, 1),
+        "cold_bytes": cold,
+        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "rows": rows,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     old = args.out / "speed_sparse_cpu.json"
     if old.exists() and "ci_baseline" in json.loads(old.read_text()):

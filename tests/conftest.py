@@ -16,17 +16,24 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: i
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                         max_position_embeddings=256, use_cache=False)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+        use_cache=False,
+    )
     model = LlamaForCausalLM(config).eval()
     return model
 
 
 def tiny_two_four_pair(root: Path) -> tuple[Path, Path]:
     """A tiny LLaMA wide enough for GPU 2:4 kernels, saved dense (root/dense) and pruned 2:4 by magnitude (root/sparse)."""
-    from sparsedeploy.prune.methods.magnitude import magnitude_prune_linears
     from sparsedeploy.common.sparsity import SparsitySpec
+    from sparsedeploy.prune.methods.magnitude import magnitude_prune_linears
 
     model = tiny_llama(hidden=128, intermediate=256)
     model.save_pretrained(root / "dense")
@@ -102,8 +109,10 @@ def deepsparse_env():
         pytest.skip(problem)
     env = ds.find_env()
     if env is None:
-        pytest.skip(f"DeepSparse is not installed at {ds.default_venv_dir()}: run `sparsedeploy engines install "
-                    "deepsparse` or `pytest -m deepsparse_install tests/runtimes/test_deepsparse_install.py` first")
+        pytest.skip(
+            f"DeepSparse is not installed at {ds.default_venv_dir()}: run `sparsedeploy engines install "
+            "deepsparse` or `pytest -m deepsparse_install tests/runtimes/test_deepsparse_install.py` first"
+        )
     return env
 
 
@@ -111,6 +120,7 @@ def deepsparse_env():
 def nm_export(tmp_path_factory):
     """A tiny LLaMA pruned 2:4 by Wanda and exported unverified: (checkpoint, export directory)."""
     from onnx_helpers import pruned_tiny_checkpoint
+
     from sparsedeploy.export.run import ExportConfig, export_checkpoint
 
     root = tmp_path_factory.mktemp("verify")
@@ -123,8 +133,9 @@ def pytest_collection_modifyitems(config, items):
     """The DeepSparse install (network, ~1 min) runs only when asked for with -m deepsparse_install."""
     if "deepsparse_install" in (config.getoption("markexpr") or ""):
         return
-    skip = pytest.mark.skip(reason="installs DeepSparse from the package index: "
-                                   "run it explicitly with -m deepsparse_install")
+    skip = pytest.mark.skip(
+        reason="installs DeepSparse from the package index: run it explicitly with -m deepsparse_install"
+    )
     for item in items:
         if "deepsparse_install" in item.keywords:
             item.add_marker(skip)

@@ -15,7 +15,9 @@ def test_dockerfile_lints_clean():
     hadolint = str(beside) if beside.is_file() else shutil.which("hadolint")
     if hadolint is None:
         pytest.fail("hadolint is missing: install the test extra (pip install -e '.[test]')")
-    proc = subprocess.run([hadolint, "--failure-threshold", "info", str(REPO / "Dockerfile")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [hadolint, "--failure-threshold", "info", str(REPO / "Dockerfile")], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

@@ -12,10 +12,24 @@ from conftest import REPO
 @pytest.mark.slow
 def test_quickstart_recipe_runs_end_to_end(tmp_path, wikitext_test, cache_dir):
     out = tmp_path / "quickstart"
-    proc = subprocess.run([sys.executable, "-m", "sparsedeploy", "-q", "run", str(REPO / "examples" / "quickstart.yaml"),
-                           "--output", str(out), "--json"],
-                          cwd=REPO, capture_output=True, text=True, timeout=1800,
-                          env={**os.environ, "SPARSEDEPLOY_CACHE": str(cache_dir)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sparsedeploy",
+            "-q",
+            "run",
+            str(REPO / "examples" / "quickstart.yaml"),
+            "--output",
+            str(out),
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "SPARSEDEPLOY_CACHE": str(cache_dir)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     assert summary["gate"]["passed"] and summary["sparsity"] == pytest.approx(0.5, abs=1e-4)
@@ -23,7 +37,9 @@ def test_quickstart_recipe_runs_end_to_end(tmp_path, wikitext_test, cache_dir):
     report = json.loads((out / "report.json").read_text())
     export = json.loads((out / "onnx" / "export_report.json").read_text())
     assert export["verification"]["ok"]  # zeros equal PyTorch's, logits within 1e-4, same greedy text
-    assert export["target"]["name"] == "sparse-cpu" and export["sparse_cpu"]["linears"] == 30 * 7  # every decoder linear
+    assert (
+        export["target"]["name"] == "sparse-cpu" and export["sparse_cpu"]["linears"] == 30 * 7
+    )  # every decoder linear
     assert json.loads((out / "bench" / "bench.json").read_text())["engine"] == "sparse-cpu"
     assert (out / "REPORT.md").is_file() and (out / "bench" / "bench.json").is_file()
     assert "speedup" in (out / "REPORT.md").read_text().lower() and report["gate"]["passed"]

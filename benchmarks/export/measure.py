@@ -32,24 +32,67 @@ def main() -> None:
         tag = pattern.replace(":", "_")
         ckpt = work / f"ckpt_{tag}"
         if not (ckpt / "report.json").is_file():
-            run_prune(PruneConfig(model="smollm2-135m", method="wanda", sparsity=pattern, nsamples=8, seqlen=128), ckpt,
-                      overwrite=True, show_progress=False)
+            run_prune(
+                PruneConfig(model="smollm2-135m", method="wanda", sparsity=pattern, nsamples=8, seqlen=128),
+                ckpt,
+                overwrite=True,
+                show_progress=False,
+            )
         for kwargs in ({}, {"storage": "sparse"}, {"dtype": "float16"}):
             name = f"{tag}_" + "_".join(f"{v}" for v in kwargs.values()) if kwargs else f"{tag}_dense_fp32"
             start = time.perf_counter()
             report = export_checkpoint(ExportConfig(model=str(ckpt), **kwargs), work / f"onnx_{name}", overwrite=True)
             wall = time.perf_counter() - start
             v = report["verification"]
-            run = {"pattern": pattern, "variant": name, "options": kwargs, "wall_seconds": wall,
-                   "export_seconds": report["export_seconds"], "storage": report["storage"],
-                   "ok": v["ok"], "problems": v["problems"],
-                   "zeros_torch": v["sparsity"]["zeros_torch"], "zeros_onnx": v["sparsity"]["zeros_onnx"],
-                   "linears": v["sparsity"]["linears"], "nm_qualifying": v["sparsity"]["nm_qualifying"],
-                   "max_abs_logit_diff": v["parity"]["max_abs_diff"], "greedy_identical": v["parity"]["greedy_identical"],
-                   "prompts": [{k: p[k] for k in ("prompt", "prefill_max_abs_diff", "decode_max_abs_diff", "first_divergence", "onnx_text", "torch_text") if k in p}
-                               for p in v["parity"]["prompts"]]}
+            run = {
+                "pattern": pattern,
+                "variant": name,
+                "options": kwargs,
+                "wall_seconds": wall,
+                "export_seconds": report["export_seconds"],
+                "storage": report["storage"],
+                "ok": v["ok"],
+                "problems": v["problems"],
+                "zeros_torch": v["sparsity"]["zeros_torch"],
+                "zeros_onnx": v["sparsity"]["zeros_onnx"],
+                "linears": v["sparsity"]["linears"],
+                "nm_qualifying": v["sparsity"]["nm_qualifying"],
+                "max_abs_logit_diff": v["parity"]["max_abs_diff"],
+                "greedy_identical": v["parity"]["greedy_identical"],
+                "prompts": [
+                    {
+                        k: p[k]
+                        for k in (
+                            "prompt",
+                            "prefill_max_abs_diff",
+                            "decode_max_abs_diff",
+                            "first_divergence",
+                            "onnx_text",
+                            "torch_text",
+                        )
+                        if k in p
+                    }
+                    for p in v["parity"]["prompts"]
+                ],
+            }
             results["runs"].append(run)
-            print(json.dumps({k: run[k] for k in ("variant", "ok", "max_abs_logit_diff", "greedy_identical", "zeros_onnx", "zeros_torch", "nm_qualifying")}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        k: run[k]
+                        for k in (
+                            "variant",
+                            "ok",
+                            "max_abs_logit_diff",
+                            "greedy_identical",
+                            "zeros_onnx",
+                            "zeros_torch",
+                            "nm_qualifying",
+                        )
+                    }
+                ),
+                flush=True,
+            )
             (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
 

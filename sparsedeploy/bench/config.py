@@ -8,8 +8,6 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-
 log = logging.getLogger(__name__)
 
 
@@ -41,7 +39,14 @@ class BenchConfig:
 
 def machine_info(threads: int) -> dict:
     try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), "?")
+        cpu = next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            "?",
+        )
     except OSError:
         cpu = platform.processor() or "?"
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads, "python": platform.python_version()}

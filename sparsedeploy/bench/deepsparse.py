@@ -7,12 +7,11 @@ import logging
 import tempfile
 from pathlib import Path
 
-
 from sparsedeploy.bench.config import BenchConfig
-from sparsedeploy.bench.forms import (GENERATION_FORM, form_rows, source_checkpoint, static_forms)
+from sparsedeploy.bench.forms import GENERATION_FORM, form_rows, source_checkpoint, static_forms
 from sparsedeploy.bench.report import phase_rows
-from sparsedeploy.onnx.storage import session_from_path
 from sparsedeploy.common.timing import Interleaved, run_interleaved
+from sparsedeploy.onnx.storage import session_from_path
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +27,15 @@ def bench_deepsparse(cfg: BenchConfig, variants: dict[str, Path], progress=None)
     try:
         info = ds.check_model(env, first, batch=1, threads=cfg.threads)
         notes["full_graph"] = {"runs": True, **info}
-        log.warning("DeepSparse compiled the full graph %s with static shapes; this release still times the decoder stack", first)
+        log.warning(
+            "DeepSparse compiled the full graph %s with static shapes; this release still times the decoder stack",
+            first,
+        )
     except ds.EngineFailed as exc:
         notes["full_graph"] = {"runs": False, "reason": str(exc), "stderr": exc.stderr_tail[-500:]}
-        log.info("DeepSparse rejects the full graph with static shapes (%s): timing the decoder stack / linear skeleton", exc)
+        log.info(
+            "DeepSparse rejects the full graph with static shapes (%s): timing the decoder stack / linear skeleton", exc
+        )
     # 2. Prefill and a decode step on the decoder stack (or the linear skeleton), each timed in DeepSparse
     #    and, on the same graph, in ONNX Runtime.
     from sparsedeploy.bench.matmul_cpu import time_ort_static
@@ -40,8 +44,15 @@ def bench_deepsparse(cfg: BenchConfig, variants: dict[str, Path], progress=None)
         for form in static_forms(cfg, variants, Path(tmp), notes):
             for engine in ("deepsparse", "ort"):
                 if engine == "deepsparse":
-                    times = ds.bench_models(env, form.paths, form.batch if form.stack else form.rows,
-                                            cfg.threads, rounds=max(cfg.rounds, 3), per_round=3, min_sample_s=0.02)["times"]
+                    times = ds.bench_models(
+                        env,
+                        form.paths,
+                        form.batch if form.stack else form.rows,
+                        cfg.threads,
+                        rounds=max(cfg.rounds, 3),
+                        per_round=3,
+                        min_sample_s=0.02,
+                    )["times"]
                 else:
                     times = time_ort_static(form.paths, cfg.threads, max(cfg.rounds, 3), 3)
                 rows.extend(form_rows(form, times, engine, cfg, progress))
@@ -53,12 +64,27 @@ def bench_deepsparse(cfg: BenchConfig, variants: dict[str, Path], progress=None)
 
         for batch in cfg.batches:
             with tempfile.TemporaryDirectory(prefix="sd-deepsparse-generate-") as tmp:
-                bundles = {name: write_stack_files(checkpoints[name], Path(tmp) / name, batch, cfg.prompt_len,
-                                                   cfg.prompt_len + cfg.gen_len) for name in variants}
-                reply = ds.bench_generation(env, bundles, batch, cfg.prompt_len, cfg.gen_len, cfg.threads, rounds=cfg.rounds,
-                                            per_round=cfg.per_round, warmup=cfg.warmup)
-                for engine, res in (("deepsparse", Interleaved(times=reply["times"], phases=reply["phases"])),
-                                    ("ort", time_ort_generation(bundles, cfg, batch))):
+                bundles = {
+                    name: write_stack_files(
+                        checkpoints[name], Path(tmp) / name, batch, cfg.prompt_len, cfg.prompt_len + cfg.gen_len
+                    )
+                    for name in variants
+                }
+                reply = ds.bench_generation(
+                    env,
+                    bundles,
+                    batch,
+                    cfg.prompt_len,
+                    cfg.gen_len,
+                    cfg.threads,
+                    rounds=cfg.rounds,
+                    per_round=cfg.per_round,
+                    warmup=cfg.warmup,
+                )
+                for engine, res in (
+                    ("deepsparse", Interleaved(times=reply["times"], phases=reply["phases"])),
+                    ("ort", time_ort_generation(bundles, cfg, batch)),
+                ):
                     new = phase_rows(res, list(variants), batch, cfg.prompt_len, cfg.gen_len, GENERATION_FORM, engine)
                     rows.extend(new)
                     if progress:
@@ -80,6 +106,6 @@ def time_ort_generation(bundles: dict[str, dict[str, Path]], cfg: BenchConfig, b
         head = StackHead.load(files["head"])
         graphs = [session_graph(session_from_path(files[kind], threads=cfg.threads)) for kind in ("prefill", "step")]
         ids = random_prompt(head, cfg.prompt_len)
-        runners[name] = (lambda h=head, g=graphs, i=ids: generation_phases(h, g[0], g[1], i, cfg.gen_len))
+        runners[name] = lambda h=head, g=graphs, i=ids: generation_phases(h, g[0], g[1], i, cfg.gen_len)
     with threadpool_limits(limits=cfg.threads, user_api="blas"):
         return run_interleaved(runners, rounds=cfg.rounds, per_round=cfg.per_round, warmup=cfg.warmup)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsedeploy.common.errors import UserError
 from sparsedeploy.bench.config import BenchConfig
 from sparsedeploy.bench.report import phase_rows
-from sparsedeploy.runtimes.stack_graphs import export_decoder_stack
+from sparsedeploy.common.errors import UserError
 from sparsedeploy.common.timing import Interleaved
+from sparsedeploy.runtimes.stack_graphs import export_decoder_stack
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ def build_linear_skeleton(weights: list[tuple[str, np.ndarray]], rows: int, out:
     from sparsedeploy.onnx.storage import save_model_proto
 
     if not weights:
-        raise UserError("the ONNX model has no MatMul with a constant 2-D weight: nothing to benchmark in the linear skeleton")
+        raise UserError(
+            "the ONNX model has no MatMul with a constant 2-D weight: nothing to benchmark in the linear skeleton"
+        )
     first_k = weights[0][1].shape[0]
     state = {first_k: "x"}
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, first_k])]
@@ -69,7 +71,11 @@ def build_linear_skeleton(weights: list[tuple[str, np.ndarray]], rows: int, out:
             state[n] = f"s{i}"
         else:
             state[n] = f"y{i}"
-    outputs = [helper.make_tensor_value_info(t, TensorProto.FLOAT, [rows, n]) for n, t in state.items() if not t.startswith("x")]
+    outputs = [
+        helper.make_tensor_value_info(t, TensorProto.FLOAT, [rows, n])
+        for n, t in state.items()
+        if not t.startswith("x")
+    ]
     graph = helper.make_graph(nodes, "linear_skeleton", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="sparsedeploy")
     model.ir_version = 8
@@ -80,12 +86,18 @@ def build_linear_skeleton(weights: list[tuple[str, np.ndarray]], rows: int, out:
     return {"matmuls": len(weights), "params": int(total), "sparsity": zeros / max(total, 1), "rows": rows}
 
 
-STACK_FORM = ("decoder stack (every block: attention, norms, MLP, residuals, real weights; static shapes, eager attention; "
-              "no embedding lookup or lm_head)")
-STEP_FORM = ("decoder stack + KV cache (one new token per sequence through every block, attending to a cache of the "
-             "prompt's length given as inputs; static shapes, eager attention; no embedding lookup or lm_head)")
-GENERATION_FORM = ("whole model, stack graphs (prefill graph, then one decode-step graph per token over a static KV cache of "
-                   "prompt + generated slots; embedding lookup and lm_head in NumPy, as `generate --engine deepsparse` runs it)")
+STACK_FORM = (
+    "decoder stack (every block: attention, norms, MLP, residuals, real weights; static shapes, eager attention; "
+    "no embedding lookup or lm_head)"
+)
+STEP_FORM = (
+    "decoder stack + KV cache (one new token per sequence through every block, attending to a cache of the "
+    "prompt's length given as inputs; static shapes, eager attention; no embedding lookup or lm_head)"
+)
+GENERATION_FORM = (
+    "whole model, stack graphs (prefill graph, then one decode-step graph per token over a static KV cache of "
+    "prompt + generated slots; embedding lookup and lm_head in NumPy, as `generate --engine deepsparse` runs it)"
+)
 SKELETON_FORM = "linear skeleton (all MatMuls, real weights, ReLU between; no attention core/norms/KV)"
 
 
@@ -125,7 +137,9 @@ def static_forms(cfg: BenchConfig, variants: dict[str, Path], tmp: Path, notes: 
     checkpoints = {name: source_checkpoint(path.parent) for name, path in variants.items()}
     use_stack = all(checkpoints.values())
     if not use_stack:
-        notes["stack"] = "no source checkpoint beside an export (export_report.json model_path): timed on the linear skeleton"
+        notes["stack"] = (
+            "no source checkpoint beside an export (export_report.json model_path): timed on the linear skeleton"
+        )
     for batch in cfg.batches:
         for phase in ("prefill", "decode-step"):
             stack = use_stack
@@ -138,7 +152,9 @@ def static_forms(cfg: BenchConfig, variants: dict[str, Path], tmp: Path, notes: 
                 elif stack:
                     export_decoder_stack(checkpoints[name], paths[name], batch, 1, past=cfg.prompt_len)
                 else:  # weights read per skeleton, not held: a 1B model's are 4.7 GB per variant in fp32
-                    notes.setdefault("skeleton", {})[name] = build_linear_skeleton(matmul_weights(variants[name]), rows_n, paths[name])
+                    notes.setdefault("skeleton", {})[name] = build_linear_skeleton(
+                        matmul_weights(variants[name]), rows_n, paths[name]
+                    )
             form = (STACK_FORM if phase == "prefill" else STEP_FORM) if stack else SKELETON_FORM
             yield StaticForm(batch, phase, stack, rows_n, paths, form)
             for path in paths.values():  # timed: free the disk (a 1B model's stack is 4 GB per variant)
@@ -146,7 +162,9 @@ def static_forms(cfg: BenchConfig, variants: dict[str, Path], tmp: Path, notes: 
                     file.unlink(missing_ok=True)
 
 
-def form_rows(form: StaticForm, times: dict[str, list[float]], engine: str, cfg: BenchConfig, progress=None) -> list[dict]:
+def form_rows(
+    form: StaticForm, times: dict[str, list[float]], engine: str, cfg: BenchConfig, progress=None
+) -> list[dict]:
     res = Interleaved(times=times, phases={n: {form.phase: t} for n, t in times.items()})
     new = phase_rows(res, list(form.paths), form.batch, cfg.prompt_len, 0, form.form, engine)
     for r in new:

@@ -116,8 +116,16 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
 
 
-def time_linear(shape: LinearShape, tokens: int, dtype: torch.dtype, device: torch.device, backends=BACKENDS,
-                modes=MODES, rounds: int = 7, sample_s: float = 0.005) -> list[dict]:
+def time_linear(
+    shape: LinearShape,
+    tokens: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    backends=BACKENDS,
+    modes=MODES,
+    rounds: int = 7,
+    sample_s: float = 0.005,
+) -> list[dict]:
     """Dense vs each sparse backend for one shape and token count, eager and CUDA-graph replayed.
 
     One row per (backend, mode). `eager` is what a PyTorch program pays per call (Python dispatch and the
@@ -162,31 +170,56 @@ def time_linear(shape: LinearShape, tokens: int, dtype: torch.dtype, device: tor
             calls[key] = max(10, min(20_000, int(sample_s / max(once, 1e-7))))
         times: dict[tuple, list[float]] = {key: [] for key in fns}
         for r in range(rounds):
-            for key in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            for key in list(fns) if r % 2 == 0 else list(fns)[::-1]:
                 times[key].append(_time_calls(fns[key], calls[key], device))
     flops = 2 * tokens * shape.in_features * shape.out_features
     rows = []
     for mode in modes:
         dense = times.get(("dense", mode))
         for backend in backends:
-            row = {"shape": shape.name, "out_features": shape.out_features, "in_features": shape.in_features, "model": shape.model,
-                   "speed_only": shape.speed_only, "tokens": tokens, "dtype": str(dtype).replace("torch.", ""), "backend": backend,
-                   "mode": mode}
+            row = {
+                "shape": shape.name,
+                "out_features": shape.out_features,
+                "in_features": shape.in_features,
+                "model": shape.model,
+                "speed_only": shape.speed_only,
+                "tokens": tokens,
+                "dtype": str(dtype).replace("torch.", ""),
+                "backend": backend,
+                "mode": mode,
+            }
             if dense:
-                row.update(dense_us=statistics.median(dense) * 1e6, dense_tflops=flops / statistics.median(dense) / 1e12)
+                row.update(
+                    dense_us=statistics.median(dense) * 1e6, dense_tflops=flops / statistics.median(dense) / 1e12
+                )
             sparse = times.get((backend, mode))
             if dense and sparse:
                 ratio = summarize([d / s for d, s in zip(dense, sparse)])
-                row.update(sparse_us=statistics.median(sparse) * 1e6, speedup=ratio.median, speedup_p10=ratio.p10,
-                           speedup_p90=ratio.p90, noisy=ratio.noisy, max_rel_error=max_err[backend], rounds=ratio.n)
+                row.update(
+                    sparse_us=statistics.median(sparse) * 1e6,
+                    speedup=ratio.median,
+                    speedup_p10=ratio.p10,
+                    speedup_p90=ratio.p90,
+                    noisy=ratio.noisy,
+                    max_rel_error=max_err[backend],
+                    rounds=ratio.n,
+                )
             else:
-                row["error"] = errors.get(backend) or errors.get(f"{backend}/{mode}") or errors.get(f"dense/{mode}", "not run")
+                row["error"] = (
+                    errors.get(backend) or errors.get(f"{backend}/{mode}") or errors.get(f"dense/{mode}", "not run")
+                )
             rows.append(row)
     return rows
 
 
-def bench_linears(shapes: list[LinearShape], tokens: list[int], dtypes: list[torch.dtype], device: torch.device,
-                  rounds: int = 7, progress=None) -> list[dict]:
+def bench_linears(
+    shapes: list[LinearShape],
+    tokens: list[int],
+    dtypes: list[torch.dtype],
+    device: torch.device,
+    rounds: int = 7,
+    progress=None,
+) -> list[dict]:
     rows = []
     for dtype in dtypes:
         for shape in shapes:
@@ -202,15 +235,32 @@ def linear_markdown(rows: list[dict]) -> str:
     """One line per shape, dtype and token count: dense time, then each backend's speedup eager and replayed."""
     names = {"cusparselt": "cuSPARSELt", "cutlass": "CUTLASS"}
     timed = {r["backend"] for r in rows if "speedup" in r}
-    notes = [f"- {names[b]} not timed: {sorted({r['error'] for r in rows if r['backend'] == b})[0]}"
-             for b in BACKENDS if b not in timed and any(r["backend"] == b for r in rows)]
-    cols = [(b, m) for b in BACKENDS for m in MODES if b in timed and any(r["backend"] == b and r["mode"] == m for r in rows)]
-    lines = notes + ([""] if notes else []) + ["| shape [out x in] | dtype | tokens | dense eager | dense graph (TFLOP/s) | "
-             + " | ".join(f"{names[b]} {m}" for b, m in cols) + " | max rel. error |",
-             "|---|---|---:|---:|---:|" + "---|" * len(cols) + "---|"]
+    notes = [
+        f"- {names[b]} not timed: {sorted({r['error'] for r in rows if r['backend'] == b})[0]}"
+        for b in BACKENDS
+        if b not in timed and any(r["backend"] == b for r in rows)
+    ]
+    cols = [
+        (b, m)
+        for b in BACKENDS
+        for m in MODES
+        if b in timed and any(r["backend"] == b and r["mode"] == m for r in rows)
+    ]
+    lines = (
+        notes
+        + ([""] if notes else [])
+        + [
+            "| shape [out x in] | dtype | tokens | dense eager | dense graph (TFLOP/s) | "
+            + " | ".join(f"{names[b]} {m}" for b, m in cols)
+            + " | max rel. error |",
+            "|---|---|---:|---:|---:|" + "---|" * len(cols) + "---|",
+        ]
+    )
     keyed: dict[tuple, dict[tuple, dict]] = {}
     for r in rows:
-        keyed.setdefault((r["shape"], r["out_features"], r["in_features"], r["dtype"], r["tokens"]), {})[(r["backend"], r["mode"])] = r
+        keyed.setdefault((r["shape"], r["out_features"], r["in_features"], r["dtype"], r["tokens"]), {})[
+            (r["backend"], r["mode"])
+        ] = r
 
     def cell(r: dict | None) -> str:
         if r is None:
@@ -220,6 +270,7 @@ def linear_markdown(rows: list[dict]) -> str:
         return f"{r['speedup']:.2f}x ({r['speedup_p10']:.2f}-{r['speedup_p90']:.2f}){' NOISY' if r['noisy'] else ''}"
 
     for (name, out, inp, dtype, tokens), by in keyed.items():
+
         def dense(mode: str, flops: bool = False) -> str:
             r = next((v for (b, m), v in by.items() if m == mode and "dense_us" in v), None)
             if r is None:
@@ -227,6 +278,9 @@ def linear_markdown(rows: list[dict]) -> str:
             return f"{r['dense_us']:.1f} us" + (f" ({r['dense_tflops']:.0f})" if flops else "")
 
         errs = ", ".join(sorted({f"{b} {r['max_rel_error']:.1e}" for (b, _m), r in by.items() if "max_rel_error" in r}))
-        lines.append(f"| {name} [{out} x {inp}] | {dtype} | {tokens} | {dense('eager')} | {dense('graph', True)} | "
-                     + " | ".join(cell(by.get(c)) for c in cols) + f" | {errs} |")
+        lines.append(
+            f"| {name} [{out} x {inp}] | {dtype} | {tokens} | {dense('eager')} | {dense('graph', True)} | "
+            + " | ".join(cell(by.get(c)) for c in cols)
+            + f" | {errs} |"
+        )
     return "\n".join(lines) + "\n"

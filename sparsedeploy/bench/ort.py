@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsedeploy.common.errors import UserError
 from sparsedeploy.bench.config import BenchConfig
 from sparsedeploy.bench.report import phase_rows
-from sparsedeploy.onnx.decoder import OnnxDecoder
+from sparsedeploy.common.errors import UserError
 from sparsedeploy.common.timing import run_interleaved
+from sparsedeploy.onnx.decoder import OnnxDecoder
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,9 @@ class OrtCausalLM:
         self.decoder = OnnxDecoder.load(path, threads=threads)
         self.path, self.session = self.decoder.path, self.decoder.session
         if not self.decoder.with_past:
-            raise UserError(f"{path} has no past_key_values inputs: export with KV cache (task text-generation-with-past) to time decode")
+            raise UserError(
+                f"{path} has no past_key_values inputs: export with KV cache (task text-generation-with-past) to time decode"
+            )
         self.vocab = self._vocab_size()
 
     def _vocab_size(self) -> int:
@@ -39,11 +41,15 @@ class OrtCausalLM:
             vocab = json.loads(config.read_text()).get("vocab_size")
             if isinstance(vocab, int) and vocab > 0:
                 return vocab
-        raise UserError(f"{self.path}: cannot tell the vocabulary size (no static logits width, no config.json beside it)")
+        raise UserError(
+            f"{self.path}: cannot tell the vocabulary size (no static logits width, no config.json beside it)"
+        )
 
     def generate(self, batch: int, prompt_len: int, gen_len: int, seed: int = 0) -> dict[str, float]:
         """Prefill `prompt_len` random tokens then decode `gen_len` greedy tokens; returns seconds per phase."""
-        ids = np.random.default_rng(seed).integers(min(10, self.vocab - 1), self.vocab, size=(batch, prompt_len), dtype=np.int64)
+        ids = np.random.default_rng(seed).integers(
+            min(10, self.vocab - 1), self.vocab, size=(batch, prompt_len), dtype=np.int64
+        )
         mask = np.ones((batch, prompt_len), dtype=np.int64)
         t0 = time.perf_counter()
         logits, past = self.decoder.run(ids, mask, None)
@@ -61,12 +67,16 @@ def bench_ort(cfg: BenchConfig, variants: dict[str, Path], progress=None) -> lis
     return time_generations(cfg, models, "full model with KV cache (optimum export)", "ort", progress)
 
 
-def time_generations(cfg: BenchConfig, models: dict[str, OrtCausalLM], form: str, engine: str, progress=None) -> list[dict]:
+def time_generations(
+    cfg: BenchConfig, models: dict[str, OrtCausalLM], form: str, engine: str, progress=None
+) -> list[dict]:
     """Whole generations of every model, interleaved per batch size: the rows of one table."""
     rows = []
     for batch in cfg.batches:
         runners = {name: (lambda m=m: m.generate(batch, cfg.prompt_len, cfg.gen_len)) for name, m in models.items()}
-        res = run_interleaved(runners, rounds=cfg.rounds, per_round=cfg.per_round, warmup=cfg.warmup, max_seconds=cfg.max_seconds)
+        res = run_interleaved(
+            runners, rounds=cfg.rounds, per_round=cfg.per_round, warmup=cfg.warmup, max_seconds=cfg.max_seconds
+        )
         new = phase_rows(res, list(models), batch, cfg.prompt_len, cfg.gen_len, form, engine)
         rows.extend(new)
         if progress:

@@ -7,10 +7,9 @@ import logging
 import time
 from pathlib import Path
 
-
-from sparsedeploy.common.errors import UserError
 from sparsedeploy.bench.config import BenchConfig
 from sparsedeploy.bench.report import phase_rows
+from sparsedeploy.common.errors import UserError
 from sparsedeploy.common.timing import run_interleaved
 
 log = logging.getLogger(__name__)
@@ -25,8 +24,12 @@ def to_semi_structured(model, min_dim: int = 64) -> int:
 
     count = 0
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and "lm_head" not in name and min(mod.weight.shape) >= min_dim \
-                and satisfies_nm(mod.weight.detach(), 2, 4):
+        if (
+            isinstance(mod, torch.nn.Linear)
+            and "lm_head" not in name
+            and min(mod.weight.shape) >= min_dim
+            and satisfies_nm(mod.weight.detach(), 2, 4)
+        ):
             mod.weight = torch.nn.Parameter(to_sparse_semi_structured(mod.weight.detach()), requires_grad=False)
             count += 1
     return count
@@ -69,7 +72,9 @@ class TorchCausalLM:
                 self.static = StaticGenerator(self.model, shape, self.device, graphs=True)
             except RuntimeError as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise UserError(f"CUDA graph capture failed for this model ({first}): run the bench without --cuda-graphs") from exc
+                raise UserError(
+                    f"CUDA graph capture failed for this model ({first}): run the bench without --cuda-graphs"
+                ) from exc
 
     def generate(self, batch: int, prompt_len: int, gen_len: int) -> dict[str, float]:
         if self.graphs:
@@ -118,20 +123,36 @@ def bench_torch(cfg: BenchConfig, variants: dict[str, Path], progress=None) -> t
     if semi and dtype not in (torch.float16, torch.bfloat16):
         raise UserError("2:4 semi-structured kernels need --dtype float16 or bfloat16")
     torch.set_num_threads(cfg.threads)
-    models = {name: TorchCausalLM(path, device, dtype, semi and name != "dense", graphs=cfg.cuda_graphs)
-              for name, path in variants.items()}
-    notes = {"device": str(device), "dtype": cfg.dtype, "semi_structured_linears": {n: m.converted for n, m in models.items()},
-             "cuda_graphs": cfg.cuda_graphs,
-             "tensorrt": ("not measured: the tensorrt package is not importable here" if not _importable("tensorrt") else
-                          "not measured in this run: `sparsedeploy bench --engine tensorrt --device cuda` builds dense and "
-                          "2:4-sparse TensorRT engines from the exports")}
-    form = "full model, torch " + ("2:4 semi-structured sparse linears" if semi else "dense kernels on zeroed weights (CPU: no 2:4 kernels)")
-    form += (", each phase replayed as a CUDA graph over a static KV cache" if cfg.cuda_graphs
-             else ", eager (host-side dispatch and kernel setup included)")
+    models = {
+        name: TorchCausalLM(path, device, dtype, semi and name != "dense", graphs=cfg.cuda_graphs)
+        for name, path in variants.items()
+    }
+    notes = {
+        "device": str(device),
+        "dtype": cfg.dtype,
+        "semi_structured_linears": {n: m.converted for n, m in models.items()},
+        "cuda_graphs": cfg.cuda_graphs,
+        "tensorrt": (
+            "not measured: the tensorrt package is not importable here"
+            if not _importable("tensorrt")
+            else "not measured in this run: `sparsedeploy bench --engine tensorrt --device cuda` builds dense and "
+            "2:4-sparse TensorRT engines from the exports"
+        ),
+    }
+    form = "full model, torch " + (
+        "2:4 semi-structured sparse linears" if semi else "dense kernels on zeroed weights (CPU: no 2:4 kernels)"
+    )
+    form += (
+        ", each phase replayed as a CUDA graph over a static KV cache"
+        if cfg.cuda_graphs
+        else ", eager (host-side dispatch and kernel setup included)"
+    )
     rows = []
     for batch in cfg.batches:
         runners = {name: (lambda m=m: m.generate(batch, cfg.prompt_len, cfg.gen_len)) for name, m in models.items()}
-        res = run_interleaved(runners, rounds=cfg.rounds, per_round=cfg.per_round, warmup=cfg.warmup, max_seconds=cfg.max_seconds)
+        res = run_interleaved(
+            runners, rounds=cfg.rounds, per_round=cfg.per_round, warmup=cfg.warmup, max_seconds=cfg.max_seconds
+        )
         new = phase_rows(res, list(variants), batch, cfg.prompt_len, cfg.gen_len, form, "torch")
         rows.extend(new)
         if progress:

@@ -40,14 +40,13 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-
-from sparsedeploy.common.errors import UserError
 from sparsedeploy.bench.config import ENGINES, BenchConfig, machine_info
 from sparsedeploy.bench.deepsparse import bench_deepsparse
 from sparsedeploy.bench.ort import bench_ort
 from sparsedeploy.bench.pytorch import bench_torch
 from sparsedeploy.bench.sparse_cpu import bench_sparse_cpu
 from sparsedeploy.bench.tensorrt import bench_tensorrt
+from sparsedeploy.common.errors import UserError
 from sparsedeploy.onnx.storage import onnx_file
 
 log = logging.getLogger(__name__)
@@ -59,16 +58,25 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     if any(b < 1 for b in cfg.batches) or cfg.prompt_len < 1 or cfg.gen_len < 0 or cfg.threads < 1 or cfg.rounds < 1:
         raise UserError("--batch, --prompt-len, --threads and --rounds must be positive and --gen-len >= 0")
     if cfg.cuda_graphs and cfg.engine != "torch":
-        raise UserError(f"--cuda-graphs is for --engine torch (checkpoints on a GPU), not --engine {cfg.engine}: drop --cuda-graphs")
+        raise UserError(
+            f"--cuda-graphs is for --engine torch (checkpoints on a GPU), not --engine {cfg.engine}: drop --cuda-graphs"
+        )
     if cfg.cuda_graphs and not cfg.device.startswith("cuda"):
-        raise UserError(f"--cuda-graphs needs a GPU, not --device {cfg.device}: add --device cuda or drop --cuda-graphs")
+        raise UserError(
+            f"--cuda-graphs needs a GPU, not --device {cfg.device}: add --device cuda or drop --cuda-graphs"
+        )
     if cfg.engine == "torch":
         for what, p in (("--model", cfg.model), ("--baseline", cfg.baseline)):
             if p and not Path(p, "config.json").is_file():
-                raise UserError(f"{what} {p} is not a Hugging Face checkpoint directory (no config.json): --engine torch times checkpoints, not ONNX")
+                raise UserError(
+                    f"{what} {p} is not a Hugging Face checkpoint directory (no config.json): --engine torch times checkpoints, not ONNX"
+                )
         variants = {**({"dense": Path(cfg.baseline)} if cfg.baseline else {}), "sparse": Path(cfg.model)}
     else:
-        variants = {**({"dense": onnx_file(cfg.baseline, "--baseline")} if cfg.baseline else {}), "sparse": onnx_file(cfg.model, "--model")}
+        variants = {
+            **({"dense": onnx_file(cfg.baseline, "--baseline")} if cfg.baseline else {}),
+            "sparse": onnx_file(cfg.model, "--model"),
+        }
     if cfg.engine == "tensorrt":
         from sparsedeploy.runtimes.tensorrt_runner import unavailable_reason
 
@@ -81,16 +89,27 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         import torch
 
         if not torch.cuda.is_available():
-            return {"skipped": f"--engine torch --device {cfg.device}: CUDA is not available on this machine, so the 2:4 "
-                               "semi-structured GPU benchmark was not run (use --engine ort or deepsparse on CPU)"}
+            return {
+                "skipped": f"--engine torch --device {cfg.device}: CUDA is not available on this machine, so the 2:4 "
+                "semi-structured GPU benchmark was not run (use --engine ort or deepsparse on CPU)"
+            }
     machine = machine_info(cfg.threads)
     if cfg.engine in ("torch", "tensorrt") and cfg.device.startswith("cuda"):
         import torch
 
         machine.update(gpu=torch.cuda.get_device_name(torch.device(cfg.device)), torch=torch.__version__)
-    result = {"model": str(cfg.model), "baseline": cfg.baseline, "engine": cfg.engine, "prompt_len": cfg.prompt_len,
-              "gen_len": cfg.gen_len, "batches": cfg.batches, "rounds": cfg.rounds, "machine": machine,
-              "config": asdict(cfg), "notes": {}}
+    result = {
+        "model": str(cfg.model),
+        "baseline": cfg.baseline,
+        "engine": cfg.engine,
+        "prompt_len": cfg.prompt_len,
+        "gen_len": cfg.gen_len,
+        "batches": cfg.batches,
+        "rounds": cfg.rounds,
+        "machine": machine,
+        "config": asdict(cfg),
+        "notes": {},
+    }
     if cfg.engine == "ort":
         result["rows"] = bench_ort(cfg, variants, progress)
     elif cfg.engine == "sparse-cpu":

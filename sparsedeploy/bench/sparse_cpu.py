@@ -15,16 +15,27 @@ from sparsedeploy.onnx.segmented import SegmentedSession
 def bench_sparse_cpu(cfg: BenchConfig, variants: dict[str, Path], progress=None) -> tuple[list[dict], dict]:
     models = {name: OrtCausalLM(path, cfg.threads) for name, path in variants.items()}
     if not isinstance(models["sparse"].session, SegmentedSession):
-        raise UserError(f"--model {variants['sparse']} has no SparseLinear nodes, so nothing would run in sparsedeploy's "
-                        "kernels: export it with --target sparse-cpu")
+        raise UserError(
+            f"--model {variants['sparse']} has no SparseLinear nodes, so nothing would run in sparsedeploy's "
+            "kernels: export it with --target sparse-cpu"
+        )
     if "dense" in models and isinstance(models["dense"].session, SegmentedSession):
-        raise UserError(f"--baseline {variants['dense']} is a sparse-cpu export: give the dense model's ONNX export "
-                        "(--target ort), the baseline runs in plain ONNX Runtime")
+        raise UserError(
+            f"--baseline {variants['dense']} is a sparse-cpu export: give the dense model's ONNX export "
+            "(--target ort), the baseline runs in plain ONNX Runtime"
+        )
     session = models["sparse"].session
-    notes = {"kernels": {"isa": native.best_isa(), "threads": cfg.threads, "sparse_linear_nodes": session.linear_count,
-                         "ort_segments": session.segment_count},
-             "form": "sparse: ONNX Runtime runs the standard operators, sparsedeploy's kernels each SparseLinear node; "
-                     "dense: the whole graph in ONNX Runtime"}
-    rows = time_generations(cfg, models, "full model with KV cache; sparse linears in sparsedeploy's kernels",
-                            "sparse-cpu", progress)
+    notes = {
+        "kernels": {
+            "isa": native.best_isa(),
+            "threads": cfg.threads,
+            "sparse_linear_nodes": session.linear_count,
+            "ort_segments": session.segment_count,
+        },
+        "form": "sparse: ONNX Runtime runs the standard operators, sparsedeploy's kernels each SparseLinear node; "
+        "dense: the whole graph in ONNX Runtime",
+    }
+    rows = time_generations(
+        cfg, models, "full model with KV cache; sparse linears in sparsedeploy's kernels", "sparse-cpu", progress
+    )
     return rows, notes

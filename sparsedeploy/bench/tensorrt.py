@@ -10,8 +10,8 @@ import numpy as np
 
 from sparsedeploy.bench.config import BenchConfig
 from sparsedeploy.bench.forms import form_rows, static_forms
-from sparsedeploy.onnx.storage import session_from_path
 from sparsedeploy.common.timing import run_interleaved
+from sparsedeploy.onnx.storage import session_from_path
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,8 @@ def bench_tensorrt(cfg: BenchConfig, variants: dict[str, Path], progress=None) -
     """
     import torch
 
-    from sparsedeploy.runtimes import tensorrt_runner as te
     from sparsedeploy.common.models import resolve_device
+    from sparsedeploy.runtimes import tensorrt_runner as te
 
     device = resolve_device(cfg.device)
     notes: dict = {"device": str(device), "gpu": torch.cuda.get_device_name(device), "builds": []}
@@ -40,11 +40,22 @@ def bench_tensorrt(cfg: BenchConfig, variants: dict[str, Path], progress=None) -
                 runners[name]()
                 got = next(iter(runners[name].numpy_outputs().values()))
                 rel = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
-                notes["builds"].append({"variant": name, "batch": form.batch, "phase": form.phase, "precision": built.precision,
-                                        "build_seconds": round(built.build_seconds, 1), "max_rel_err_vs_ort": rel,
-                                        "sparse_layers": len(built.layers["picked_sparse"]),
-                                        "eligible_layers": len(built.layers["eligible"]), "layers": built.layers})
-            times = run_interleaved(runners, rounds=max(cfg.rounds, 3), per_round=3, warmup=cfg.warmup, min_sample_s=0.02).times
+                notes["builds"].append(
+                    {
+                        "variant": name,
+                        "batch": form.batch,
+                        "phase": form.phase,
+                        "precision": built.precision,
+                        "build_seconds": round(built.build_seconds, 1),
+                        "max_rel_err_vs_ort": rel,
+                        "sparse_layers": len(built.layers["picked_sparse"]),
+                        "eligible_layers": len(built.layers["eligible"]),
+                        "layers": built.layers,
+                    }
+                )
+            times = run_interleaved(
+                runners, rounds=max(cfg.rounds, 3), per_round=3, warmup=cfg.warmup, min_sample_s=0.02
+            ).times
             rows.extend(form_rows(form, times, "tensorrt", cfg, progress))
             del runners
             torch.cuda.empty_cache()

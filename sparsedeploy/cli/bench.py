@@ -19,48 +19,124 @@ def _log_rows(rows: list[dict]) -> None:
     """One log line per timed row, as the bench runs."""
     for r in rows:
         speedup = f" speedup {r['speedup']:.2f}x" if "speedup" in r else ""
-        log.info("%s %s b%d %s %s: %.1f ms%s", r["engine"], r["variant"], r["batch"], r["phase"],
-                 r["form"].split(" (")[0], r["median_s"] * 1e3, speedup)
+        log.info(
+            "%s %s b%d %s %s: %.1f ms%s",
+            r["engine"],
+            r["variant"],
+            r["batch"],
+            r["phase"],
+            r["form"].split(" (")[0],
+            r["median_s"] * 1e3,
+            speedup,
+        )
 
 
 @click.command()
-@click.option("--model", required=True, help="sparse model: ONNX export directory (ort, sparse-cpu, deepsparse) or HF checkpoint directory (torch)")
-@click.option("--baseline", default=None, help="dense model of the same kind, timed alternately with --model for the speedup")
-@click.option("--engine", default="ort", show_default=True, type=click.Choice(list(ENGINES)),
-              help="ort/deepsparse: ONNX on CPU; sparse-cpu: a --target sparse-cpu export in sparsedeploy's kernels vs the "
-                   "dense export in ONNX Runtime; torch: checkpoints (2:4 kernels with --device cuda); tensorrt: ONNX on a GPU")
+@click.option(
+    "--model",
+    required=True,
+    help="sparse model: ONNX export directory (ort, sparse-cpu, deepsparse) or HF checkpoint directory (torch)",
+)
+@click.option(
+    "--baseline", default=None, help="dense model of the same kind, timed alternately with --model for the speedup"
+)
+@click.option(
+    "--engine",
+    default="ort",
+    show_default=True,
+    type=click.Choice(list(ENGINES)),
+    help="ort/deepsparse: ONNX on CPU; sparse-cpu: a --target sparse-cpu export in sparsedeploy's kernels vs the "
+    "dense export in ONNX Runtime; torch: checkpoints (2:4 kernels with --device cuda); tensorrt: ONNX on a GPU",
+)
 @click.option("--batch", "batch", default="1,8", show_default=True, help="comma-separated batch sizes")
 @click.option("--prompt-len", default=128, show_default=True, type=int)
 @click.option("--gen-len", default=64, show_default=True, type=int, help="decode steps (KV cache)")
-@click.option("--threads", default=1, show_default=True, type=int, help="CPU threads (1 gives stable figures on a shared box)")
-@click.option("--rounds", default=3, show_default=True, type=int, help="timed rounds after warm-up; dense/sparse alternate every round")
+@click.option(
+    "--threads", default=1, show_default=True, type=int, help="CPU threads (1 gives stable figures on a shared box)"
+)
+@click.option(
+    "--rounds",
+    default=3,
+    show_default=True,
+    type=int,
+    help="timed rounds after warm-up; dense/sparse alternate every round",
+)
 @click.option("--device", default="cpu", show_default=True, help="torch/tensorrt engines: cpu or cuda[:N]")
-@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]), help="torch/tensorrt engines on GPU (tensorrt: float32 builds without FP16)")
-@click.option("--cuda-graphs", is_flag=True,
-              help="torch engine on a GPU: replay prefill and each decode step as CUDA graphs over a static KV cache "
-                   "(GPU time, as a deployment runtime would run; default: eager, host-side setup included)")
+@click.option(
+    "--dtype",
+    default="float16",
+    show_default=True,
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    help="torch/tensorrt engines on GPU (tensorrt: float32 builds without FP16)",
+)
+@click.option(
+    "--cuda-graphs",
+    is_flag=True,
+    help="torch engine on a GPU: replay prefill and each decode step as CUDA graphs over a static KV cache "
+    "(GPU time, as a deployment runtime would run; default: eager, host-side setup included)",
+)
 @click.option("--deepsparse-venv", default=None, help="DeepSparse virtualenv [default: CACHE/engines/deepsparse-1.8.0]")
-@click.option("--cache-dir", default=None, help="sparsedeploy cache [default: $SPARSEDEPLOY_CACHE or ~/.cache/sparsedeploy]")
-@click.option("--output", "-o", default=None, type=click.Path(path_type=Path), help="write bench.json, bench.md and bench.png into this directory")
+@click.option(
+    "--cache-dir", default=None, help="sparsedeploy cache [default: $SPARSEDEPLOY_CACHE or ~/.cache/sparsedeploy]"
+)
+@click.option(
+    "--output",
+    "-o",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="write bench.json, bench.md and bench.png into this directory",
+)
 @click.option("--overwrite", is_flag=True, help="replace an existing --output directory (only one sparsedeploy wrote)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
-def bench(model, baseline, engine, batch, prompt_len, gen_len, threads, rounds, device, dtype, cuda_graphs, deepsparse_venv, cache_dir,
-          output, overwrite, as_json):
+def bench(
+    model,
+    baseline,
+    engine,
+    batch,
+    prompt_len,
+    gen_len,
+    threads,
+    rounds,
+    device,
+    dtype,
+    cuda_graphs,
+    deepsparse_venv,
+    cache_dir,
+    output,
+    overwrite,
+    as_json,
+):
     """Time a sparse model against its dense baseline: prefill, decode tokens/s, end-to-end."""
     from sparsedeploy.bench.config import BenchConfig
     from sparsedeploy.bench.report import markdown, plot
     from sparsedeploy.bench.run import run_bench
     from sparsedeploy.common.files import atomic_dir, check_output_dir, write_json_atomic
 
-    for name, value, least in (("--prompt-len", prompt_len, 1), ("--gen-len", gen_len, 0), ("--threads", threads, 1),
-                               ("--rounds", rounds, 1)):
+    for name, value, least in (
+        ("--prompt-len", prompt_len, 1),
+        ("--gen-len", gen_len, 0),
+        ("--threads", threads, 1),
+        ("--rounds", rounds, 1),
+    ):
         if value < least:
             raise UserError(f"{name} {value} must be at least {least}")
     if output:
         check_output_dir(Path(output), overwrite)
-    cfg = BenchConfig(model=model, baseline=baseline, engine=engine, batches=parse_batch_list(batch), prompt_len=prompt_len, gen_len=gen_len,
-                      threads=threads, rounds=rounds, device=device, dtype=dtype, deepsparse_venv=deepsparse_venv, cache_dir=cache_dir,
-                      cuda_graphs=cuda_graphs)
+    cfg = BenchConfig(
+        model=model,
+        baseline=baseline,
+        engine=engine,
+        batches=parse_batch_list(batch),
+        prompt_len=prompt_len,
+        gen_len=gen_len,
+        threads=threads,
+        rounds=rounds,
+        device=device,
+        dtype=dtype,
+        deepsparse_venv=deepsparse_venv,
+        cache_dir=cache_dir,
+        cuda_graphs=cuda_graphs,
+    )
     result = run_bench(cfg, progress=_log_rows)
     if "skipped" in result:  # a requested measurement that did not happen is not a success
         if as_json:
@@ -82,7 +158,9 @@ def engines():
 
 @engines.command("install")
 @click.argument("name", type=click.Choice(["deepsparse"]))
-@click.option("--python", "python", default=None, help="interpreter for the venv (DeepSparse 1.8 needs Python 3.8-3.11)")
+@click.option(
+    "--python", "python", default=None, help="interpreter for the venv (DeepSparse 1.8 needs Python 3.8-3.11)"
+)
 @click.option("--venv", default=None, help="where to create it [default: CACHE/engines/deepsparse-1.8.0]")
 @click.option("--cache-dir", default=None)
 @click.option("--force", is_flag=True, help="rebuild even if already installed")
@@ -107,6 +185,8 @@ def engines_status(venv, cache_dir):
     if problem:
         click.echo(f"deepsparse: cannot run here: {problem}")
     elif env is None:
-        click.echo(f"deepsparse: not installed (expected at {Path(venv) if venv else default_venv_dir(cache_dir)}): run `sparsedeploy engines install deepsparse`")
+        click.echo(
+            f"deepsparse: not installed (expected at {Path(venv) if venv else default_venv_dir(cache_dir)}): run `sparsedeploy engines install deepsparse`"
+        )
     else:
         click.echo(f"deepsparse: installed at {env.path}")

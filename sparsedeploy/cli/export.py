@@ -7,10 +7,9 @@ from pathlib import Path
 
 import click
 
-from sparsedeploy.export.config import DTYPES, EXPORTERS, OPTIMIZE_LEVELS, STORAGES, TARGETS, TASKS
-
-from sparsedeploy.common.errors import UserError
 from sparsedeploy.cli.options import check_numbers, emit
+from sparsedeploy.common.errors import UserError
+from sparsedeploy.export.config import DTYPES, EXPORTERS, OPTIMIZE_LEVELS, STORAGES, TARGETS, TASKS
 from sparsedeploy.runtimes import GENERATE_ENGINES
 
 log = logging.getLogger("sparsedeploy")
@@ -18,36 +17,116 @@ log = logging.getLogger("sparsedeploy")
 
 @click.command("export")
 @click.option("--model", required=True, help="pruned checkpoint directory (as written by `sparsedeploy prune`)")
-@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="output directory for model.onnx + export_report.json")
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="output directory for model.onnx + export_report.json",
+)
 @click.option("--task", default="text-generation-with-past", show_default=True, type=click.Choice(list(TASKS)))
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)))
 @click.option("--opset", default=None, type=int, help="ONNX opset [default: the target's]")
-@click.option("--target", default="ort", show_default=True, type=click.Choice(list(TARGETS)), help="runtime the graph is shaped for")
-@click.option("--storage", default="dense", show_default=True, type=click.Choice(list(STORAGES)), help="sparse: bitmap+values side file (smaller; needs sparsedeploy to load)")
-@click.option("--optimize", default="none", show_default=True, type=click.Choice(list(OPTIMIZE_LEVELS)), help="ONNX Runtime graph optimisation saved into the file (refused when it breaks zeros or the target)")
+@click.option(
+    "--target",
+    default="ort",
+    show_default=True,
+    type=click.Choice(list(TARGETS)),
+    help="runtime the graph is shaped for",
+)
+@click.option(
+    "--storage",
+    default="dense",
+    show_default=True,
+    type=click.Choice(list(STORAGES)),
+    help="sparse: bitmap+values side file (smaller; needs sparsedeploy to load)",
+)
+@click.option(
+    "--optimize",
+    default="none",
+    show_default=True,
+    type=click.Choice(list(OPTIMIZE_LEVELS)),
+    help="ONNX Runtime graph optimisation saved into the file (refused when it breaks zeros or the target)",
+)
 @click.option("--exporter", default="auto", show_default=True, type=click.Choice(list(EXPORTERS)))
 @click.option("--no-verify", is_flag=True, help="skip the sparsity and parity verification")
-@click.option("--greedy-tokens", default=32, show_default=True, type=int, help="greedy tokens compared PyTorch vs ONNX Runtime")
-@click.option("--decode-steps", default=4, show_default=True, type=int, help="KV-cache decode steps whose logits are compared")
-@click.option("--deepsparse-batch", default=1, show_default=True, type=int, help="--target deepsparse: batch of the static decoder-stack graph")
-@click.option("--deepsparse-seq", default=128, show_default=True, type=int, help="--target deepsparse: prompt tokens of the static prefill graph")
-@click.option("--deepsparse-context", default=256, show_default=True, type=int,
-              help="--target deepsparse: KV-cache slots of the static decode-step graph (prompt + new tokens - 1)")
+@click.option(
+    "--greedy-tokens", default=32, show_default=True, type=int, help="greedy tokens compared PyTorch vs ONNX Runtime"
+)
+@click.option(
+    "--decode-steps", default=4, show_default=True, type=int, help="KV-cache decode steps whose logits are compared"
+)
+@click.option(
+    "--deepsparse-batch",
+    default=1,
+    show_default=True,
+    type=int,
+    help="--target deepsparse: batch of the static decoder-stack graph",
+)
+@click.option(
+    "--deepsparse-seq",
+    default=128,
+    show_default=True,
+    type=int,
+    help="--target deepsparse: prompt tokens of the static prefill graph",
+)
+@click.option(
+    "--deepsparse-context",
+    default=256,
+    show_default=True,
+    type=int,
+    help="--target deepsparse: KV-cache slots of the static decode-step graph (prompt + new tokens - 1)",
+)
 @click.option("--cache-dir", default=None, help="where converted checkpoints are cached")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory that sparsedeploy wrote")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object")
-def export_cmd(model, output, task, dtype, opset, target, storage, optimize, exporter, no_verify, greedy_tokens, decode_steps,
-               deepsparse_batch, deepsparse_seq, deepsparse_context, cache_dir, overwrite, as_json):
+def export_cmd(
+    model,
+    output,
+    task,
+    dtype,
+    opset,
+    target,
+    storage,
+    optimize,
+    exporter,
+    no_verify,
+    greedy_tokens,
+    decode_steps,
+    deepsparse_batch,
+    deepsparse_seq,
+    deepsparse_context,
+    cache_dir,
+    overwrite,
+    as_json,
+):
     """Export a pruned checkpoint to ONNX (KV cache) and prove zeros, N:M layout and logit parity."""
     from sparsedeploy.export.run import ExportConfig, export_checkpoint, summary
 
-    check_numbers(greedy_tokens=(greedy_tokens, 0), decode_steps=(decode_steps, 0),
-                  deepsparse_batch=(deepsparse_batch, 1), deepsparse_seq=(deepsparse_seq, 1),
-                  deepsparse_context=(deepsparse_context, 1))
-    config = ExportConfig(model=model, task=task, dtype=dtype, opset=opset, target=target, storage=storage, optimize=optimize,
-                          exporter=exporter, verify=not no_verify, greedy_tokens=greedy_tokens, decode_steps=decode_steps, cache_dir=cache_dir,
-                          deepsparse_batch=deepsparse_batch, deepsparse_seq=deepsparse_seq,
-                          deepsparse_context=deepsparse_context)
+    check_numbers(
+        greedy_tokens=(greedy_tokens, 0),
+        decode_steps=(decode_steps, 0),
+        deepsparse_batch=(deepsparse_batch, 1),
+        deepsparse_seq=(deepsparse_seq, 1),
+        deepsparse_context=(deepsparse_context, 1),
+    )
+    config = ExportConfig(
+        model=model,
+        task=task,
+        dtype=dtype,
+        opset=opset,
+        target=target,
+        storage=storage,
+        optimize=optimize,
+        exporter=exporter,
+        verify=not no_verify,
+        greedy_tokens=greedy_tokens,
+        decode_steps=decode_steps,
+        cache_dir=cache_dir,
+        deepsparse_batch=deepsparse_batch,
+        deepsparse_seq=deepsparse_seq,
+        deepsparse_context=deepsparse_context,
+    )
     report = export_checkpoint(config, output, overwrite=overwrite)
     data, text = summary(report, output)
     emit(data, as_json, text)
@@ -60,8 +139,8 @@ def export_cmd(model, output, task, dtype, opset, target, storage, optimize, exp
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def inspect_cmd(onnx_model, nm, all_weights, as_json):
     """Per-weight shape, sparsity and N:M compliance of an ONNX model (polygraphy compared when installed)."""
-    from sparsedeploy.onnx.inspect import format_inspect, inspect_onnx
     from sparsedeploy.common.sparsity import parse_sparsity
+    from sparsedeploy.onnx.inspect import format_inspect, inspect_onnx
 
     spec = parse_sparsity(nm)
     if not spec.is_nm:
@@ -71,14 +150,21 @@ def inspect_cmd(onnx_model, nm, all_weights, as_json):
 
 
 @click.command("generate")
-@click.option("--onnx", "onnx_dir", required=True, type=click.Path(path_type=Path), help="export directory (or model.onnx)")
+@click.option(
+    "--onnx", "onnx_dir", required=True, type=click.Path(path_type=Path), help="export directory (or model.onnx)"
+)
 @click.option("--prompt", required=True, help="text to continue")
 @click.option("--max-new-tokens", default=32, show_default=True, type=int)
 @click.option("--threads", default=None, type=int, help="intra-op threads [ORT: its default; DeepSparse: 1]")
-@click.option("--engine", default="ort", show_default=True, type=click.Choice(list(GENERATE_ENGINES)),
-              help="ort: ONNX Runtime (a sparse-cpu export's SparseLinear nodes in sparsedeploy's kernels); sparse-cpu: "
-                   "the same, refusing an export without SparseLinear nodes; deepsparse: the decoder-stack graphs of an "
-                   "export made with --target deepsparse, in DeepSparse's engine")
+@click.option(
+    "--engine",
+    default="ort",
+    show_default=True,
+    type=click.Choice(list(GENERATE_ENGINES)),
+    help="ort: ONNX Runtime (a sparse-cpu export's SparseLinear nodes in sparsedeploy's kernels); sparse-cpu: "
+    "the same, refusing an export without SparseLinear nodes; deepsparse: the decoder-stack graphs of an "
+    "export made with --target deepsparse, in DeepSparse's engine",
+)
 @click.option("--deepsparse-venv", default=None, help="DeepSparse virtualenv [default: CACHE/engines/deepsparse-1.8.0]")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def generate_cmd(onnx_dir, prompt, max_new_tokens, threads, engine, deepsparse_venv, as_json):
@@ -89,12 +175,20 @@ def generate_cmd(onnx_dir, prompt, max_new_tokens, threads, engine, deepsparse_v
 
         out = deepsparse_generate(onnx_dir, prompt, max_new_tokens, threads or 1, deepsparse_venv)
         rate = out["decode_tokens_per_s"]
-        emit(out, as_json, f"{prompt}{out['completion']}\n[DeepSparse, {out['threads']} thread(s): prefill {out['prefill_seconds'] * 1e3:.0f} ms, "
-                           f"decode {f'{rate:.1f} tok/s' if rate else 'n/a'}; {out['licence']}]")
+        emit(
+            out,
+            as_json,
+            f"{prompt}{out['completion']}\n[DeepSparse, {out['threads']} thread(s): prefill {out['prefill_seconds'] * 1e3:.0f} ms, "
+            f"decode {f'{rate:.1f} tok/s' if rate else 'n/a'}; {out['licence']}]",
+        )
         return
     from sparsedeploy.onnx.decoder import generate_text
 
     out = generate_text(onnx_dir, prompt, max_new_tokens, threads, engine)
     rate = out["new_tokens"] / out["seconds"] if out["seconds"] else float("nan")
-    emit(out, as_json, f"{prompt}{out['completion']}\n[{out['engine']}: {out['new_tokens']} tokens in {out['seconds']:.2f} s, {rate:.1f} tok/s, "
-                       f"KV cache {'on' if out['kv_cache'] else 'off'}]")
+    emit(
+        out,
+        as_json,
+        f"{prompt}{out['completion']}\n[{out['engine']}: {out['new_tokens']} tokens in {out['seconds']:.2f} s, {rate:.1f} tok/s, "
+        f"KV cache {'on' if out['kv_cache'] else 'off'}]",
+    )

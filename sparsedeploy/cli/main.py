@@ -9,18 +9,23 @@ from pathlib import Path
 
 import click
 
-from sparsedeploy.common.errors import UserError
 from sparsedeploy.cli.bench import bench, engines
 from sparsedeploy.cli.evaluate import eval_cmd
 from sparsedeploy.cli.export import export_cmd, generate_cmd, inspect_cmd
 from sparsedeploy.cli.prune import prune, recover
 from sparsedeploy.cli.run import run
+from sparsedeploy.common.errors import UserError
 
 log = logging.getLogger("sparsedeploy")
 
 
 def setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         import transformers
@@ -71,8 +76,9 @@ def _interrupted(what: str, code: int) -> None:
 
     kept = "; ".join(f"{done} kept in {where}" for where, done in KEPT_FOR_RESUME.items() if Path(where).exists())
     if kept:
-        click.echo(f"{what}: no final output was written; {kept}: rerun the same command with --resume to continue",
-                   err=True)
+        click.echo(
+            f"{what}: no final output was written; {kept}: rerun the same command with --resume to continue", err=True
+        )
     else:
         click.echo(f"{what}: no output was written", err=True)
     sys.exit(code)
@@ -123,8 +129,14 @@ def _main(argv: list[str], debug: bool) -> None:
         _interrupted("interrupted", 130)
     except (MemoryError, RuntimeError) as exc:
         text = str(exc).lower()
-        oom = isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text or \
-            "can't allocate memory" in text or "cannot allocate memory" in text or "bad_alloc" in text
+        oom = (
+            isinstance(exc, MemoryError)
+            or type(exc).__name__ == "OutOfMemoryError"
+            or "out of memory" in text
+            or "can't allocate memory" in text
+            or "cannot allocate memory" in text
+            or "bad_alloc" in text
+        )
         if debug or not oom:
             if debug:
                 raise

@@ -18,8 +18,14 @@ def emit(data: dict, as_json: bool, text: str) -> None:
 
 common_model = [
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N"),
-    click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"])),
-    click.option("--cache-dir", default=None, help="where converted checkpoints are cached [default: $SPARSEDEPLOY_CACHE or ~/.cache/sparsedeploy]"),
+    click.option(
+        "--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"])
+    ),
+    click.option(
+        "--cache-dir",
+        default=None,
+        help="where converted checkpoints are cached [default: $SPARSEDEPLOY_CACHE or ~/.cache/sparsedeploy]",
+    ),
 ]
 
 
@@ -28,6 +34,7 @@ def with_options(options):
         for option in reversed(options):
             fn = option(fn)
         return fn
+
     return wrap
 
 
@@ -46,18 +53,62 @@ _METHOD_FLAGS = {
     "percdamp": "percdamp",
 }
 method_option_flags = [
-    click.option("--init", default=None, type=click.Choice(["wanda", "sparsegpt", "magnitude"]), help="dsnot: initial method [default: wanda]"),
-    click.option("--dsnot-targets", default=None, type=click.Choice(["all", "attn", "mlp"]), help="dsnot: linears to refine [default: all]"),
-    click.option("--dsnot-mode", default=None, type=click.Choice(["verified", "paper", "second-order"]), help="dsnot: second-order (swaps chosen by the exact error change) or verified (the paper's mean criterion), both kept only where they lower the actual error; paper (as published) [default: second-order]"),
+    click.option(
+        "--init",
+        default=None,
+        type=click.Choice(["wanda", "sparsegpt", "magnitude"]),
+        help="dsnot: initial method [default: wanda]",
+    ),
+    click.option(
+        "--dsnot-targets",
+        default=None,
+        type=click.Choice(["all", "attn", "mlp"]),
+        help="dsnot: linears to refine [default: all]",
+    ),
+    click.option(
+        "--dsnot-mode",
+        default=None,
+        type=click.Choice(["verified", "paper", "second-order"]),
+        help="dsnot: second-order (swaps chosen by the exact error change) or verified (the paper's mean criterion), both kept only where they lower the actual error; paper (as published) [default: second-order]",
+    ),
     click.option("--max-cycles", default=None, type=int, help="dsnot: prune-and-grow cycles per layer [default: 50]"),
-    click.option("--update-threshold", default=None, type=float, help="dsnot: stop a row once its expected error is this small [default: 0.1]"),
-    click.option("--pow-of-var-regrowing", default=None, type=float, help="dsnot: exponent p of Var[x]^p in the grow score [default: 1]"),
-    click.option("--no-sign-flip", is_flag=True, default=None, help="dsnot: reject swaps that flip the sign of a row's expected error"),
-    click.option("--verify-rows", is_flag=True, default=None,
-                 help="dsnot: keep the refinement row by row where it lowers that row's actual error [default: per linear]; "
-                      "matters for --dsnot-mode verified and --init sparsegpt (second-order swaps already lower each row's error)"),
-    click.option("--blocksize", default=None, type=int, help="sparsegpt (or dsnot --init sparsegpt): OBS column block [default: 128]"),
-    click.option("--percdamp", default=None, type=float, help="sparsegpt (or dsnot --init sparsegpt): dampening, fraction of mean diag(H) [default: 0.01]"),
+    click.option(
+        "--update-threshold",
+        default=None,
+        type=float,
+        help="dsnot: stop a row once its expected error is this small [default: 0.1]",
+    ),
+    click.option(
+        "--pow-of-var-regrowing",
+        default=None,
+        type=float,
+        help="dsnot: exponent p of Var[x]^p in the grow score [default: 1]",
+    ),
+    click.option(
+        "--no-sign-flip",
+        is_flag=True,
+        default=None,
+        help="dsnot: reject swaps that flip the sign of a row's expected error",
+    ),
+    click.option(
+        "--verify-rows",
+        is_flag=True,
+        default=None,
+        help="dsnot: keep the refinement row by row where it lowers that row's actual error [default: per linear]; "
+        "matters for --dsnot-mode verified and --init sparsegpt (second-order swaps already lower each row's error)",
+    ),
+    click.option(
+        "--blocksize",
+        default=None,
+        type=int,
+        help="sparsegpt (or dsnot --init sparsegpt): OBS column block [default: 128]",
+    ),
+    click.option(
+        "--percdamp",
+        default=None,
+        type=float,
+        help="sparsegpt (or dsnot --init sparsegpt): dampening, fraction of mean diag(H) [default: 0.01]",
+    ),
 ]
 
 
@@ -72,10 +123,17 @@ def method_options_from_flags(method: str, flags: dict) -> dict:
         keyword = _METHOD_FLAGS[flag]
         cli_name = "--" + flag.replace("_", "-")
         takes = [name for name, cls in METHODS.items() if keyword in cls.option_names()]
-        if method not in takes or (flag in ("blocksize", "percdamp") and method == "dsnot" and flags.get("init") != "sparsegpt"):
-            needs = ("--method sparsegpt or --method dsnot --init sparsegpt" if flag in ("blocksize", "percdamp")
-                     else " or ".join(f"--method {name}" for name in takes))
-            raise UserError(f"{cli_name} does not apply to --method {method}{' without --init sparsegpt' if method == 'dsnot' else ''}: drop it or use {needs}")
+        if method not in takes or (
+            flag in ("blocksize", "percdamp") and method == "dsnot" and flags.get("init") != "sparsegpt"
+        ):
+            needs = (
+                "--method sparsegpt or --method dsnot --init sparsegpt"
+                if flag in ("blocksize", "percdamp")
+                else " or ".join(f"--method {name}" for name in takes)
+            )
+            raise UserError(
+                f"{cli_name} does not apply to --method {method}{' without --init sparsegpt' if method == 'dsnot' else ''}: drop it or use {needs}"
+            )
         options[keyword] = value
     if "blocksize" in options and options["blocksize"] < 1:
         raise UserError(f"--blocksize {options['blocksize']} must be at least 1")

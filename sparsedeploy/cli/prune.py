@@ -7,9 +7,15 @@ from pathlib import Path
 
 import click
 
+from sparsedeploy.cli.options import (
+    check_numbers,
+    common_model,
+    emit,
+    method_option_flags,
+    method_options_from_flags,
+    with_options,
+)
 from sparsedeploy.prune.choices import ALLOCATIONS, OFFLOAD_MODES
-from sparsedeploy.cli.options import (check_numbers, common_model, emit, method_options_from_flags, method_option_flags,
-                                      with_options)
 
 log = logging.getLogger("sparsedeploy")
 
@@ -18,78 +24,197 @@ log = logging.getLogger("sparsedeploy")
 @click.option("--model", required=True, help="HF id or directory, a .gguf file, or smollm2-135m")
 @click.option("--method", default="wanda", show_default=True, help="magnitude, wanda, sparsegpt, dsnot")
 @click.option("--sparsity", default="0.5", show_default=True, help="fraction of zeros (0.5, 50%) or N:M (2:4, 4:8)")
-@click.option("--calib", default="gensim-wiki", show_default=True, help="calibration text: gensim-wiki, wikitext2[:PATH], c4, text:PATH, jsonl:PATH")
+@click.option(
+    "--calib",
+    default="gensim-wiki",
+    show_default=True,
+    help="calibration text: gensim-wiki, wikitext2[:PATH], c4, text:PATH, jsonl:PATH",
+)
 @click.option("--nsamples", default=128, show_default=True, type=int, help="calibration windows")
 @click.option("--seqlen", default=None, type=int, help="tokens per window [default: min(2048, model max)]")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--allocation", default="uniform", show_default=True, type=click.Choice(list(ALLOCATIONS)),
-              help="per-layer sparsity: uniform, owl (outlier-weighted) or atp (increasing with depth); the overall mean stays the target")
-@click.option("--owl-m", default=5.0, show_default=True, type=float, help="OWL: a score is an outlier above M x the block mean")
-@click.option("--owl-lambda", default=0.08, show_default=True, type=float, help="OWL: largest deviation of a block's sparsity from the target")
+@click.option(
+    "--allocation",
+    default="uniform",
+    show_default=True,
+    type=click.Choice(list(ALLOCATIONS)),
+    help="per-layer sparsity: uniform, owl (outlier-weighted) or atp (increasing with depth); the overall mean stays the target",
+)
+@click.option(
+    "--owl-m", default=5.0, show_default=True, type=float, help="OWL: a score is an outlier above M x the block mean"
+)
+@click.option(
+    "--owl-lambda",
+    default=0.08,
+    show_default=True,
+    type=float,
+    help="OWL: largest deviation of a block's sparsity from the target",
+)
 @with_options(common_model)
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="output checkpoint directory")
-@click.option("--overwrite", is_flag=True,
-              help="replace an existing output directory that sparsedeploy wrote (and discard an interrupted run)")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="replace an existing output directory that sparsedeploy wrote (and discard an interrupted run)",
+)
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last finished block")
-@click.option("--offload", default="none", show_default=True, type=click.Choice(list(OFFLOAD_MODES)),
-              help="cpu: calibration activations stay in RAM; disk: weights stay on disk, one block in memory")
+@click.option(
+    "--offload",
+    default="none",
+    show_default=True,
+    type=click.Choice(list(OFFLOAD_MODES)),
+    help="cpu: calibration activations stay in RAM; disk: weights stay on disk, one block in memory",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
 @with_options(method_option_flags)
 @click.pass_context
-def prune(ctx, model, method, sparsity, calib, nsamples, seqlen, seed, allocation, owl_m, owl_lambda, device, dtype, cache_dir, output,
-          overwrite, resume, offload, as_json, **method_flags):
+def prune(
+    ctx,
+    model,
+    method,
+    sparsity,
+    calib,
+    nsamples,
+    seqlen,
+    seed,
+    allocation,
+    owl_m,
+    owl_lambda,
+    device,
+    dtype,
+    cache_dir,
+    output,
+    overwrite,
+    resume,
+    offload,
+    as_json,
+    **method_flags,
+):
     """Prune MODEL layer by layer over calibration data and write a sparse checkpoint."""
     from sparsedeploy.prune.driver import PruneConfig, run_prune
 
     check_numbers(nsamples=(nsamples, 1), seqlen=(seqlen, 2), owl_m=(owl_m, 0), owl_lambda=(owl_lambda, 0))
-    config = PruneConfig(model=model, method=method, sparsity=sparsity, calib=calib, nsamples=nsamples,
-                         seqlen=seqlen, seed=seed, device=device, dtype=dtype, cache_dir=cache_dir,
-                         method_options=method_options_from_flags(method, method_flags),
-                         allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda)
-    report = run_prune(config, output, overwrite=overwrite, show_progress=not ctx.obj["quiet"], resume=resume, offload=offload)
+    config = PruneConfig(
+        model=model,
+        method=method,
+        sparsity=sparsity,
+        calib=calib,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        cache_dir=cache_dir,
+        method_options=method_options_from_flags(method, method_flags),
+        allocation=allocation,
+        owl_m=owl_m,
+        owl_lambda=owl_lambda,
+    )
+    report = run_prune(
+        config, output, overwrite=overwrite, show_progress=not ctx.obj["quiet"], resume=resume, offload=offload
+    )
     if "overall_sparsity" not in report:  # a non-zero rank of a torchrun job: rank 0 reports
         return
     summary = {k: report[k] for k in ("method", "sparsity_spec", "overall_sparsity", "prune_seconds", "peak_rss_mib")}
     summary["output"] = str(output)
-    emit(summary, as_json, f"pruned {model} with {method} at {report['sparsity_spec']}: sparsity {report['overall_sparsity']:.4f}, "
-                           f"{report['prune_seconds']:.1f} s -> {output}")
+    emit(
+        summary,
+        as_json,
+        f"pruned {model} with {method} at {report['sparsity_spec']}: sparsity {report['overall_sparsity']:.4f}, "
+        f"{report['prune_seconds']:.1f} s -> {output}",
+    )
 
 
 @click.command()
-@click.option("--model", required=True, help="a pruned checkpoint directory (from `prune`; its masks.safetensors is used when present)")
-@click.option("--data", default="gensim-wiki", show_default=True, help="training text: gensim-wiki, wikitext2[:PATH], c4, text:PATH, jsonl:PATH")
+@click.option(
+    "--model",
+    required=True,
+    help="a pruned checkpoint directory (from `prune`; its masks.safetensors is used when present)",
+)
+@click.option(
+    "--data",
+    default="gensim-wiki",
+    show_default=True,
+    help="training text: gensim-wiki, wikitext2[:PATH], c4, text:PATH, jsonl:PATH",
+)
 @click.option("--steps", default=100, show_default=True, type=int, help="optimizer steps")
 @click.option("--rank", default=8, show_default=True, type=int, help="adapter rank r")
 @click.option("--alpha", default=None, type=float, help="adapter scale alpha/r [default: alpha = r]")
-@click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate (warm-up, then cosine to 10%)")
+@click.option(
+    "--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate (warm-up, then cosine to 10%)"
+)
 @click.option("--seqlen", default=256, show_default=True, type=int, help="tokens per training window")
 @click.option("--batch", default=1, show_default=True, type=int, help="windows per step")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--teacher", default=None, help="dense model to distil from (KL on logits) instead of the LM loss, e.g. smollm2-135m")
-@click.option("--eval", "eval_data", default=None, help="also report perplexity before/after on this text (e.g. wikitext2:PATH)")
+@click.option(
+    "--teacher",
+    default=None,
+    help="dense model to distil from (KL on logits) instead of the LM loss, e.g. smollm2-135m",
+)
+@click.option(
+    "--eval", "eval_data", default=None, help="also report perplexity before/after on this text (e.g. wikitext2:PATH)"
+)
 @click.option("--eval-windows", default=16, show_default=True, type=int, help="windows scored by --eval")
 @with_options(common_model)
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="output checkpoint directory")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory that sparsedeploy wrote")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
 @click.pass_context
-def recover(ctx, model, data, steps, rank, alpha, lr, seqlen, batch, seed, teacher, eval_data, eval_windows, device, dtype, cache_dir,
-            output, overwrite, as_json):
+def recover(
+    ctx,
+    model,
+    data,
+    steps,
+    rank,
+    alpha,
+    lr,
+    seqlen,
+    batch,
+    seed,
+    teacher,
+    eval_data,
+    eval_windows,
+    device,
+    dtype,
+    cache_dir,
+    output,
+    overwrite,
+    as_json,
+):
     """Train masked low-rank adapters on a pruned MODEL and merge them: perplexity down, every zero kept."""
     from sparsedeploy.prune.recover import RecoverConfig, RecoverRun, run_recover
 
-    check_numbers(steps=(steps, 1), rank=(rank, 1), seqlen=(seqlen, 2), batch=(batch, 1),
-                  eval_windows=(eval_windows, 1))
-    run = RecoverRun(model=model, data=data, output=str(output), teacher=teacher, eval_data=eval_data, eval_windows=eval_windows,
-                     device=device, dtype=dtype, cache_dir=cache_dir)
+    check_numbers(
+        steps=(steps, 1), rank=(rank, 1), seqlen=(seqlen, 2), batch=(batch, 1), eval_windows=(eval_windows, 1)
+    )
+    run = RecoverRun(
+        model=model,
+        data=data,
+        output=str(output),
+        teacher=teacher,
+        eval_data=eval_data,
+        eval_windows=eval_windows,
+        device=device,
+        dtype=dtype,
+        cache_dir=cache_dir,
+    )
     config = RecoverConfig(steps=steps, rank=rank, alpha=alpha, lr=lr, seqlen=seqlen, batch=batch, seed=seed)
     report = run_recover(run, config, output, overwrite=overwrite, show_progress=not ctx.obj["quiet"])
     rec = report["recovery"]
-    summary = {"steps": rec["steps"], "tokens": rec["tokens"], "seconds": rec["seconds"], "loss_first": rec["loss_first"],
-               "loss_last": rec["loss_last"], "sparsity": report["sparsity_after"], "zeros_identical": report["zeros_identical"],
-               "output": str(output)}
-    text = (f"recovered {model}: {rec['steps']} steps, {rec['tokens']} tokens, {rec['seconds']:.1f} s, loss {rec['loss_first']:.3f} -> "
-            f"{rec['loss_last']:.3f}; sparsity {report['sparsity_after']:.4f} (zeros identical)")
+    summary = {
+        "steps": rec["steps"],
+        "tokens": rec["tokens"],
+        "seconds": rec["seconds"],
+        "loss_first": rec["loss_first"],
+        "loss_last": rec["loss_last"],
+        "sparsity": report["sparsity_after"],
+        "zeros_identical": report["zeros_identical"],
+        "output": str(output),
+    }
+    text = (
+        f"recovered {model}: {rec['steps']} steps, {rec['tokens']} tokens, {rec['seconds']:.1f} s, loss {rec['loss_first']:.3f} -> "
+        f"{rec['loss_last']:.3f}; sparsity {report['sparsity_after']:.4f} (zeros identical)"
+    )
     if "ppl_after" in report:
         summary.update(ppl_before=report["ppl_before"], ppl_after=report["ppl_after"])
         text += f"; perplexity {report['ppl_before']:.3f} -> {report['ppl_after']:.3f}"

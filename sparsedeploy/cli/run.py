@@ -9,11 +9,10 @@ from pathlib import Path
 import click
 
 from sparsedeploy.bench.config import ENGINES
+from sparsedeploy.cli.options import check_numbers, emit, parse_batch_list
+from sparsedeploy.common.errors import UserError
 from sparsedeploy.export.config import DTYPES, STORAGES, TARGETS
 from sparsedeploy.prune.choices import ALLOCATIONS, OFFLOAD_MODES
-
-from sparsedeploy.common.errors import UserError
-from sparsedeploy.cli.options import check_numbers, emit, parse_batch_list
 
 log = logging.getLogger("sparsedeploy")
 
@@ -40,21 +39,55 @@ log = logging.getLogger("sparsedeploy")
 @click.option("--storage", default=None, help=f"override recipe: export.storage ({', '.join(STORAGES)})")
 @click.option("--bench-engine", default=None, help=f"override recipe: bench.engine ({', '.join(ENGINES)})")
 @click.option("--batch", default=None, help="override recipe: bench.batch, comma-separated (e.g. 1,8)")
-@click.option("--output", "-o", default=None, type=click.Path(path_type=Path), help="output directory [default: recipe output]")
-@click.option("--overwrite", is_flag=True,
-              help="replace an existing output directory that sparsedeploy wrote (and discard an interrupted run)")
-@click.option("--resume", is_flag=True, help="continue an interrupted run: finished stages are kept, pruning resumes at its last block")
+@click.option(
+    "--output", "-o", default=None, type=click.Path(path_type=Path), help="output directory [default: recipe output]"
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="replace an existing output directory that sparsedeploy wrote (and discard an interrupted run)",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="continue an interrupted run: finished stages are kept, pruning resumes at its last block",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object")
 @click.pass_context
-def run(ctx, recipe_file, model, method, sparsity, calib, nsamples, seqlen, eval_data, max_windows, max_ppl_ratio, max_ppl,
-        export_, bench, device, allocation, offload, export_target, export_dtype, storage, bench_engine, batch, output, overwrite,
-        resume, as_json):
+def run(
+    ctx,
+    recipe_file,
+    model,
+    method,
+    sparsity,
+    calib,
+    nsamples,
+    seqlen,
+    eval_data,
+    max_windows,
+    max_ppl_ratio,
+    max_ppl,
+    export_,
+    bench,
+    device,
+    allocation,
+    offload,
+    export_target,
+    export_dtype,
+    storage,
+    bench_engine,
+    batch,
+    output,
+    overwrite,
+    resume,
+    as_json,
+):
     """Run a recipe end to end: prune -> evaluate -> quality gate -> export -> bench -> REPORT.md.
 
     Exits 3 when the quality gate fails (the report is still written), 2 on bad input.
     """
-    from sparsedeploy.pipeline.stages import GateFailed, Pipeline
     from sparsedeploy.pipeline.recipe import load_recipe, parse_recipe
+    from sparsedeploy.pipeline.stages import GateFailed, Pipeline
 
     check_numbers(nsamples=(nsamples, 1), seqlen=(seqlen, 2), max_windows=(max_windows, 1))
     data = {}
@@ -62,13 +95,29 @@ def run(ctx, recipe_file, model, method, sparsity, calib, nsamples, seqlen, eval
         recipe = load_recipe(recipe_file)
     else:
         recipe = parse_recipe(data)
-    overrides = {("model",): model, ("prune", "method"): method, ("prune", "sparsity"): sparsity, ("calibration", "source"): calib,
-                 ("calibration", "nsamples"): nsamples, ("calibration", "seqlen"): seqlen, ("eval", "seqlen"): seqlen,
-                 ("eval", "data"): eval_data, ("eval", "max_windows"): max_windows, ("gate", "max_ppl_ratio"): max_ppl_ratio,
-                 ("gate", "max_ppl"): max_ppl, ("export", "enabled"): export_, ("bench", "enabled"): bench, ("device",): device,
-                 ("prune", "allocation"): allocation, ("offload",): offload, ("export", "target"): export_target,
-                 ("export", "dtype"): export_dtype, ("export", "storage"): storage, ("bench", "engine"): bench_engine,
-                 ("bench", "batch"): parse_batch_list(batch) if batch is not None else None}
+    overrides = {
+        ("model",): model,
+        ("prune", "method"): method,
+        ("prune", "sparsity"): sparsity,
+        ("calibration", "source"): calib,
+        ("calibration", "nsamples"): nsamples,
+        ("calibration", "seqlen"): seqlen,
+        ("eval", "seqlen"): seqlen,
+        ("eval", "data"): eval_data,
+        ("eval", "max_windows"): max_windows,
+        ("gate", "max_ppl_ratio"): max_ppl_ratio,
+        ("gate", "max_ppl"): max_ppl,
+        ("export", "enabled"): export_,
+        ("bench", "enabled"): bench,
+        ("device",): device,
+        ("prune", "allocation"): allocation,
+        ("offload",): offload,
+        ("export", "target"): export_target,
+        ("export", "dtype"): export_dtype,
+        ("export", "storage"): storage,
+        ("bench", "engine"): bench_engine,
+        ("bench", "batch"): parse_batch_list(batch) if batch is not None else None,
+    }
     from dataclasses import asdict
 
     merged = asdict(recipe)
@@ -91,8 +140,16 @@ def run(ctx, recipe_file, model, method, sparsity, calib, nsamples, seqlen, eval
         click.echo(f"quality gate FAILED: {exc}", err=True)
         sys.exit(3)
     dense = report["dense"]["ppl"] if report["dense"] else None
-    summary = {"output": str(out), "gate": report["gate"], "dense_ppl": dense, "pruned_ppl": report["pruned"]["ppl"],
-               "sparsity": report["pruned"]["sparsity"]}
-    text = f"quality gate passed: perplexity {report['pruned']['ppl']:.3f}" + (f" (dense {dense:.3f})" if dense else "") + \
-           f", sparsity {report['pruned']['sparsity']:.4f}; report: {out / 'REPORT.md'}"
+    summary = {
+        "output": str(out),
+        "gate": report["gate"],
+        "dense_ppl": dense,
+        "pruned_ppl": report["pruned"]["ppl"],
+        "sparsity": report["pruned"]["sparsity"],
+    }
+    text = (
+        f"quality gate passed: perplexity {report['pruned']['ppl']:.3f}"
+        + (f" (dense {dense:.3f})" if dense else "")
+        + f", sparsity {report['pruned']['sparsity']:.4f}; report: {out / 'REPORT.md'}"
+    )
     emit(summary, as_json, text)

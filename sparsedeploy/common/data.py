@@ -99,7 +99,9 @@ def _hf_dataset_text(name: str, split: str) -> str:
     try:
         from datasets import load_dataset
     except ImportError:
-        raise UserError(f"source {name} needs the `datasets` package and network access: pip install datasets, or use a local file (wikitext2:PATH, text:PATH)") from None
+        raise UserError(
+            f"source {name} needs the `datasets` package and network access: pip install datasets, or use a local file (wikitext2:PATH, text:PATH)"
+        ) from None
     try:
         if name == "wikitext2":
             rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "calib" else "test")["text"]
@@ -107,11 +109,15 @@ def _hf_dataset_text(name: str, split: str) -> str:
         if split == "calib":
             ds = load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
         else:
-            ds = load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation")
+            ds = load_dataset(
+                "allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation"
+            )
             ds = ds.select(range(1100))  # the SparseGPT/Wanda validation subset
         return "\n\n".join(ds["text"])
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds when offline
-        raise UserError(f"could not fetch {name} through datasets ({type(exc).__name__}); offline, use wikitext2:PATH or gensim-wiki") from None
+        raise UserError(
+            f"could not fetch {name} through datasets ({type(exc).__name__}); offline, use wikitext2:PATH or gensim-wiki"
+        ) from None
 
 
 def load_text(source: str, split: str = "calib") -> str:
@@ -137,7 +143,9 @@ def load_text(source: str, split: str = "calib") -> str:
             except json.JSONDecodeError:
                 raise UserError(f"{path} line {lineno} is not valid JSON: fix the line or use text:PATH") from None
             if not isinstance(record, dict) or not isinstance(record.get(key), str):
-                raise UserError(f"{path} line {lineno} has no string field {key!r}: use jsonl:{path}#FIELD to name the text field")
+                raise UserError(
+                    f"{path} line {lineno} has no string field {key!r}: use jsonl:{path}#FIELD to name the text field"
+                )
             docs.append(record[key])
         return "\n\n".join(docs)
     raise UserError(f"unknown text source {source!r}: use {SOURCES_HELP}")
@@ -163,7 +171,9 @@ def calibration_samples(tokenizer, source: str, nsamples: int, seqlen: int, seed
         )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
-    log.info("calibration: %d windows of %d tokens from %s (%d tokens, seed %d)", nsamples, seqlen, source, ids.numel(), seed)
+    log.info(
+        "calibration: %d windows of %d tokens from %s (%d tokens, seed %d)", nsamples, seqlen, source, ids.numel(), seed
+    )
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 

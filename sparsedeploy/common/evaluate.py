@@ -43,13 +43,21 @@ def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = No
             raise UserError(f"--max-windows {max_windows} must be at least 1")
         n = min(n, max_windows)
     if n == 0:
-        raise UserError(f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}: give more text or a smaller --seqlen")
+        raise UserError(
+            f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}: give more text or a smaller --seqlen"
+        )
     return tokens[: n * seqlen].reshape(n, seqlen)
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, device: torch.device,
-               max_windows: int | None = None, show_progress: bool = True) -> PerplexityResult:
+def perplexity(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    seqlen: int,
+    device: torch.device,
+    max_windows: int | None = None,
+    show_progress: bool = True,
+) -> PerplexityResult:
     windows = eval_windows(tokens, seqlen, max_windows)
     home = next(model.parameters()).device
     model.to(device)
@@ -73,8 +81,16 @@ def layer_sparsity(model: nn.Module) -> list[dict]:
     for i, block in enumerate(find_blocks(model)):
         for name, linear in find_linears(block).items():
             w = linear.weight.data
-            rows.append({"block": i, "name": name, "shape": list(w.shape), "zeros": int((w == 0).sum()),
-                         "numel": w.numel(), "sparsity": sparsity_of(w)})
+            rows.append(
+                {
+                    "block": i,
+                    "name": name,
+                    "shape": list(w.shape),
+                    "zeros": int((w == 0).sum()),
+                    "numel": w.numel(),
+                    "sparsity": sparsity_of(w),
+                }
+            )
     return rows
 
 

@@ -13,9 +13,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from sparsedeploy.common.errors import UserError
 
@@ -64,16 +64,20 @@ def check_writable(path: Path, what: str = "output") -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise UserError(f"{what} {path} is not writable ({exc.strerror or exc} in {base}): "
-                        "choose a writable directory or fix its permissions") from None
+        raise UserError(
+            f"{what} {path} is not writable ({exc.strerror or exc} in {base}): "
+            "choose a writable directory or fix its permissions"
+        ) from None
 
 
 def refuse_unmarked(path: Path, flag: str = "--overwrite") -> None:
     """An existing non-empty directory that sparsedeploy did not write is never replaced."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not has_marker(path))):
-        raise UserError(f"refusing to replace {path} with {flag}: it was not written by sparsedeploy "
-                        f"(no {MARKER} in it); move it away or choose another output")
+        raise UserError(
+            f"refusing to replace {path} with {flag}: it was not written by sparsedeploy "
+            f"(no {MARKER} in it); move it away or choose another output"
+        )
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
@@ -172,15 +176,24 @@ def write_failed(target: Path, exc: BaseException, need_bytes: int | None = None
             free = shutil.disk_usage(point).free
         except OSError:
             free = 0
-        need = (f"about {need_bytes / 2**20:.1f} MiB" if need_bytes
-                else f"more than the {written / 2**20:.1f} MiB written so far")
-        return UserError(f"writing {target} failed: No space left on device {device} (mounted at {point}): "
-                         f"{free / 2**20:.1f} MiB free, {need} needed; free space there or choose another output; "
-                         "nothing was written")
-    message = (exc.strerror if isinstance(exc, OSError) and exc.strerror
-               else (str(exc).splitlines() or [type(exc).__name__])[0])
-    return UserError(f"could not write {target}: {message} (check free disk space and permissions); "
-                     "nothing was written")
+        need = (
+            f"about {need_bytes / 2**20:.1f} MiB"
+            if need_bytes
+            else f"more than the {written / 2**20:.1f} MiB written so far"
+        )
+        return UserError(
+            f"writing {target} failed: No space left on device {device} (mounted at {point}): "
+            f"{free / 2**20:.1f} MiB free, {need} needed; free space there or choose another output; "
+            "nothing was written"
+        )
+    message = (
+        exc.strerror
+        if isinstance(exc, OSError) and exc.strerror
+        else (str(exc).splitlines() or [type(exc).__name__])[0]
+    )
+    return UserError(
+        f"could not write {target}: {message} (check free disk space and permissions); nothing was written"
+    )
 
 
 @contextmanager
@@ -256,8 +269,10 @@ def safe_external_data(model_file: Path, proto=None) -> list[str]:
         if proto is None:  # `proto`: the model already read without its external data
             proto = onnx.load(str(model_file), load_external_data=False)
     except (DecodeError, OSError, ValueError) as exc:
-        raise UserError(f"cannot read ONNX model {model_file}: the file is truncated or corrupt "
-                        f"({type(exc).__name__}); export it again") from None
+        raise UserError(
+            f"cannot read ONNX model {model_file}: the file is truncated or corrupt "
+            f"({type(exc).__name__}); export it again"
+        ) from None
     tensors = list(proto.graph.initializer)
     for node in proto.graph.node:  # Constant nodes may hold external tensors too
         tensors.extend(attr.t for attr in node.attribute if attr.HasField("t"))
@@ -271,7 +286,9 @@ def safe_external_data(model_file: Path, proto=None) -> list[str]:
                 continue
             target = (model_file.parent / entry.value).resolve()
             if os.path.isabs(entry.value) or not target.is_relative_to(root):
-                raise UserError(f"ONNX model {model_file} refers to external data {entry.value!r} outside its "
-                                "directory: refused (a model's external data must lie beside it); re-export the model")
+                raise UserError(
+                    f"ONNX model {model_file} refers to external data {entry.value!r} outside its "
+                    "directory: refused (a model's external data must lie beside it); re-export the model"
+                )
             files.add(entry.value)
     return sorted(files)

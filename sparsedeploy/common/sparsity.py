@@ -35,15 +35,19 @@ class SparsitySpec:
         return f"{self.n}:{self.m}" if self.is_nm else f"{self.ratio:g}"
 
     @classmethod
-    def unstructured(cls, ratio: float) -> "SparsitySpec":
+    def unstructured(cls, ratio: float) -> SparsitySpec:
         if not 0.0 <= ratio < 1.0:
-            raise UserError(f"sparsity {ratio} is outside [0, 1): give a fraction of zeros such as 0.5, or N:M such as 2:4")
+            raise UserError(
+                f"sparsity {ratio} is outside [0, 1): give a fraction of zeros such as 0.5, or N:M such as 2:4"
+            )
         return cls(ratio=float(ratio))
 
     @classmethod
-    def nm(cls, n: int, m: int) -> "SparsitySpec":
+    def nm(cls, n: int, m: int) -> SparsitySpec:
         if not (0 < n < m):
-            raise UserError(f"N:M sparsity {n}:{m} is malformed: need 0 < N < M (N weights kept in every group of M), e.g. 2:4")
+            raise UserError(
+                f"N:M sparsity {n}:{m} is malformed: need 0 < N < M (N weights kept in every group of M), e.g. 2:4"
+            )
         return cls(ratio=1.0 - n / m, n=n, m=m)
 
 
@@ -61,7 +65,9 @@ def parse_sparsity(text: str | float) -> SparsitySpec:
     try:
         value = float(s[:-1]) / 100.0 if s.endswith("%") else float(s)
     except ValueError:
-        raise UserError(f"cannot read sparsity {text!r}: give a fraction of zeros such as 0.5, a percentage such as 50%, or N:M such as 2:4") from None
+        raise UserError(
+            f"cannot read sparsity {text!r}: give a fraction of zeros such as 0.5, a percentage such as 50%, or N:M such as 2:4"
+        ) from None
     return SparsitySpec.unstructured(value)
 
 

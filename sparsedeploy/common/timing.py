@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Mapping, Sequence
 
 NOISY_SPREAD = 0.10  # (p90 - p10) / median above this is flagged as noisy
 
@@ -54,17 +54,25 @@ def summarize(values: Sequence[float], noisy_spread: float = NOISY_SPREAD) -> Su
     med = statistics.median(values)
     p10, p90 = quantile(values, 0.10), quantile(values, 0.90)
     spread = (p90 - p10) / med if med > 0 else 0.0
-    return Summary(n=len(values), median=med, min=min(values), max=max(values), p10=p10, p90=p90,
-                   spread=spread, noisy=spread > noisy_spread)
+    return Summary(
+        n=len(values),
+        median=med,
+        min=min(values),
+        max=max(values),
+        p10=p10,
+        p90=p90,
+        spread=spread,
+        noisy=spread > noisy_spread,
+    )
 
 
 @dataclass
 class Interleaved:
     """Raw per-round timings of several variants run alternately."""
 
-    times: dict[str, list[float]] = field(default_factory=dict)   # variant -> one median per round
-    order: list[str] = field(default_factory=list)                # execution order, for audit/tests
-    inner: dict[str, int] = field(default_factory=dict)           # calls per timed sample
+    times: dict[str, list[float]] = field(default_factory=dict)  # variant -> one median per round
+    order: list[str] = field(default_factory=list)  # execution order, for audit/tests
+    inner: dict[str, int] = field(default_factory=dict)  # calls per timed sample
     phases: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # variant -> phase -> per-round medians
 
     def phase_ratio(self, slow: str, fast: str, phase: str) -> Summary:
@@ -79,9 +87,15 @@ class Interleaved:
         return summarize([a / b for a, b in zip(self.times[slow], self.times[fast]) if b > 0])
 
 
-def run_interleaved(runners: Mapping[str, Callable[[], object]], rounds: int = 5, per_round: int = 3,
-                    warmup: int = 1, clock: Callable[[], float] = time.perf_counter,
-                    max_seconds: float | None = None, min_sample_s: float = 0.0) -> Interleaved:
+def run_interleaved(
+    runners: Mapping[str, Callable[[], object]],
+    rounds: int = 5,
+    per_round: int = 3,
+    warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+    max_seconds: float | None = None,
+    min_sample_s: float = 0.0,
+) -> Interleaved:
     """Time every runner `per_round` times per round for `rounds` rounds, alternating the order.
 
     Each runner is warmed up `warmup` times first (untimed). A round's figure for a variant is the
@@ -98,7 +112,7 @@ def run_interleaved(runners: Mapping[str, Callable[[], object]], rounds: int = 5
     for name in names:
         for _ in range(warmup):
             runners[name]()
-    inner = {n: 1 for n in names}
+    inner = dict.fromkeys(names, 1)
     if min_sample_s > 0:
         for name in names:
             t0 = clock()

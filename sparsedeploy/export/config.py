@@ -19,7 +19,6 @@ OPSET_RANGE = (14, 21)  # opsets the LLaMA export supports here (>= 14: LLaMA's 
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 
 
-
 @dataclass(frozen=True)
 class TargetProfile:
     """What one runtime needs from the exported graph."""
@@ -32,29 +31,51 @@ class TargetProfile:
 
 
 TARGETS: dict[str, TargetProfile] = {
-    "ort": TargetProfile("ort", 18, STANDARD_DOMAINS | {"com.microsoft"}, ("none", "basic", "extended"),
-                         "ONNX Runtime: optimum's default opset 18; ORT-specific fused ops allowed"),
-    "deepsparse": TargetProfile("deepsparse", 14, STANDARD_DOMAINS, ("none", "basic"),
-                                "DeepSparse 1.8 bundles onnx 1.14 and an old ONNX Runtime: opset 14 (the lowest the "
-                                "LLaMA export supports), standard ONNX domain only, no com.microsoft ops; its engine aborts on the "
-                                "full decoder, so the decoder stack it compiles is written beside it, for prefill "
-                                "and for a decode step with a KV cache (deepsparse_decoder_stack.onnx, "
-                                "deepsparse_decode_step.onnx, deepsparse_head.npz)"),
-    "tensorrt": TargetProfile("tensorrt", 17, STANDARD_DOMAINS, ("none", "basic"),
-                              "TensorRT: opset 17, standard ops only; MatMul weights kept as constants [K, N] so "
-                              "--sparsity=enable sees the 2:4 groups along K"),
-    "sparse-cpu": TargetProfile("sparse-cpu", 18, STANDARD_DOMAINS | {SPARSE_LINEAR_DOMAIN}, ("none", "basic"),
-                                "sparsedeploy's own CPU kernels: every decoder MatMul with at least "
-                                f"{SPARSE_LINEAR_MIN:.0%} zeros becomes a SparseLinear node ({SPARSE_LINEAR_DOMAIN}) that "
-                                "carries its weight only in the bitmask16 format (q/k/v and gate/up fused); ONNX Runtime "
-                                "runs the other operators between them (docs/sparse_cpu.md); float32"),
+    "ort": TargetProfile(
+        "ort",
+        18,
+        STANDARD_DOMAINS | {"com.microsoft"},
+        ("none", "basic", "extended"),
+        "ONNX Runtime: optimum's default opset 18; ORT-specific fused ops allowed",
+    ),
+    "deepsparse": TargetProfile(
+        "deepsparse",
+        14,
+        STANDARD_DOMAINS,
+        ("none", "basic"),
+        "DeepSparse 1.8 bundles onnx 1.14 and an old ONNX Runtime: opset 14 (the lowest the "
+        "LLaMA export supports), standard ONNX domain only, no com.microsoft ops; its engine aborts on the "
+        "full decoder, so the decoder stack it compiles is written beside it, for prefill "
+        "and for a decode step with a KV cache (deepsparse_decoder_stack.onnx, "
+        "deepsparse_decode_step.onnx, deepsparse_head.npz)",
+    ),
+    "tensorrt": TargetProfile(
+        "tensorrt",
+        17,
+        STANDARD_DOMAINS,
+        ("none", "basic"),
+        "TensorRT: opset 17, standard ops only; MatMul weights kept as constants [K, N] so "
+        "--sparsity=enable sees the 2:4 groups along K",
+    ),
+    "sparse-cpu": TargetProfile(
+        "sparse-cpu",
+        18,
+        STANDARD_DOMAINS | {SPARSE_LINEAR_DOMAIN},
+        ("none", "basic"),
+        "sparsedeploy's own CPU kernels: every decoder MatMul with at least "
+        f"{SPARSE_LINEAR_MIN:.0%} zeros becomes a SparseLinear node ({SPARSE_LINEAR_DOMAIN}) that "
+        "carries its weight only in the bitmask16 format (q/k/v and gate/up fused); ONNX Runtime "
+        "runs the other operators between them (docs/sparse_cpu.md); float32",
+    ),
 }
 
 # Optimisation levels refused whatever the target, with the reason shown to the user.
 REFUSED_LEVELS = {
-    "all": ("ONNX Runtime's 'all' level adds layout optimisations (NCHWc) that it marks hardware specific when saved: "
-            "the file would be valid only on this CPU type; ORT applies them itself at load time anyway, so export with "
-            "--optimize none, basic or extended"),
+    "all": (
+        "ONNX Runtime's 'all' level adds layout optimisations (NCHWc) that it marks hardware specific when saved: "
+        "the file would be valid only on this CPU type; ORT applies them itself at load time anyway, so export with "
+        "--optimize none, basic or extended"
+    ),
 }
 
 
@@ -81,8 +102,14 @@ class ExportConfig:
 
 
 def validate(config: ExportConfig) -> TargetProfile:
-    choices = {"task": TASKS, "dtype": tuple(DTYPES), "target": tuple(TARGETS), "storage": STORAGES,
-               "optimize": OPTIMIZE_LEVELS, "exporter": EXPORTERS}
+    choices = {
+        "task": TASKS,
+        "dtype": tuple(DTYPES),
+        "target": tuple(TARGETS),
+        "storage": STORAGES,
+        "optimize": OPTIMIZE_LEVELS,
+        "exporter": EXPORTERS,
+    }
     for key, allowed in choices.items():
         value = getattr(config, key)
         if value not in allowed:
@@ -91,20 +118,30 @@ def validate(config: ExportConfig) -> TargetProfile:
     if config.optimize in REFUSED_LEVELS:
         raise UserError(f"refusing --optimize {config.optimize}: {REFUSED_LEVELS[config.optimize]}")
     if config.optimize not in target.optimize_levels:
-        raise UserError(f"refusing --optimize {config.optimize} for --target {target.name}: that level fuses nodes into "
-                        f"com.microsoft operators {target.name} does not run; use --optimize {' or '.join(target.optimize_levels)}")
+        raise UserError(
+            f"refusing --optimize {config.optimize} for --target {target.name}: that level fuses nodes into "
+            f"com.microsoft operators {target.name} does not run; use --optimize {' or '.join(target.optimize_levels)}"
+        )
     low, high = OPSET_RANGE
     if config.opset is not None and not low <= config.opset <= high:
-        raise UserError(f"--opset {config.opset} is outside what the exporter supports here: use {low}..{high} (LLaMA needs >= {low})")
+        raise UserError(
+            f"--opset {config.opset} is outside what the exporter supports here: use {low}..{high} (LLaMA needs >= {low})"
+        )
     if config.storage == "sparse" and config.target != "ort":
-        raise UserError(f"--storage sparse is readable only through sparsedeploy's loader, not by {target.name}: use --storage dense")
+        raise UserError(
+            f"--storage sparse is readable only through sparsedeploy's loader, not by {target.name}: use --storage dense"
+        )
     if config.target == "sparse-cpu" and config.dtype != "float32":
-        raise UserError(f"--dtype {config.dtype} with --target sparse-cpu: its kernels compute in float32; use --dtype float32")
+        raise UserError(
+            f"--dtype {config.dtype} with --target sparse-cpu: its kernels compute in float32; use --dtype float32"
+        )
     if config.decode_steps < 1 or config.greedy_tokens < 1:
         raise UserError("--decode-steps and --greedy-tokens must be at least 1")
     if config.deepsparse_batch < 1 or config.deepsparse_seq < 1:
         raise UserError("--deepsparse-batch and --deepsparse-seq must be at least 1")
     if config.deepsparse_context < config.deepsparse_seq:
-        raise UserError(f"--deepsparse-context {config.deepsparse_context} is smaller than --deepsparse-seq {config.deepsparse_seq}: "
-                        f"the decode step's cache must hold a whole prompt; raise --deepsparse-context")
+        raise UserError(
+            f"--deepsparse-context {config.deepsparse_context} is smaller than --deepsparse-seq {config.deepsparse_seq}: "
+            f"the decode step's cache must hold a whole prompt; raise --deepsparse-context"
+        )
     return target

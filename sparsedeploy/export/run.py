@@ -18,15 +18,15 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.common.files import atomic_dir, check_output_dir, write_json_atomic
-from sparsedeploy.export.config import (DTYPES, TARGETS, ExportConfig, TargetProfile, validate)
+from sparsedeploy.export.config import DTYPES, TARGETS, ExportConfig, TargetProfile, validate
 from sparsedeploy.onnx.sparse_linear import MIN_SPARSITY as SPARSE_LINEAR_MIN
 from sparsedeploy.onnx.sparse_linear import pack_linears
 from sparsedeploy.runtimes.stack_graphs import head_dim_of, load_eager_float32, write_stack_files
@@ -66,8 +66,17 @@ def optimum_supports(model_dir: Path, task: str) -> bool:
 def export_with_optimum(model_dir: Path, out_dir: Path, task: str, dtype: str, opset: int) -> None:
     from optimum.exporters.onnx import main_export
 
-    main_export(str(model_dir), str(out_dir), task=task, opset=opset, device="cpu", dtype=DTYPES[dtype],
-                do_validation=False, local_files_only=True, library_name="transformers")
+    main_export(
+        str(model_dir),
+        str(out_dir),
+        task=task,
+        opset=opset,
+        device="cpu",
+        dtype=DTYPES[dtype],
+        do_validation=False,
+        local_files_only=True,
+        library_name="transformers",
+    )
 
 
 def export_with_torch(model_dir: Path, out_dir: Path, task: str, dtype: str, opset: int) -> None:
@@ -87,12 +96,19 @@ def export_with_torch(model_dir: Path, out_dir: Path, task: str, dtype: str, ops
     ids = torch.randint(0, int(config.vocab_size), (batch, seq))
     mask = torch.ones(batch, past_len + seq, dtype=torch.long)
     positions = torch.arange(past_len, past_len + seq).expand(batch, seq)
-    past = [torch.randn(batch, kv_heads, past_len, head_dim, dtype=torch_dtype) for _ in range(2 * layers)] if with_past else []
+    past = (
+        [torch.randn(batch, kv_heads, past_len, head_dim, dtype=torch_dtype) for _ in range(2 * layers)]
+        if with_past
+        else []
+    )
     names_in = ["input_ids", "attention_mask", "position_ids"]
     names_out = ["logits"]
-    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
-            "attention_mask": {0: "batch_size", 1: "past_sequence_length + sequence_length"},
-            "position_ids": {0: "batch_size", 1: "sequence_length"}, "logits": {0: "batch_size", 1: "sequence_length"}}
+    axes = {
+        "input_ids": {0: "batch_size", 1: "sequence_length"},
+        "attention_mask": {0: "batch_size", 1: "past_sequence_length + sequence_length"},
+        "position_ids": {0: "batch_size", 1: "sequence_length"},
+        "logits": {0: "batch_size", 1: "sequence_length"},
+    }
     for i in range(layers if with_past else 0):
         for kind in ("key", "value"):
             names_in.append(f"past_key_values.{i}.{kind}")
@@ -101,8 +117,17 @@ def export_with_torch(model_dir: Path, out_dir: Path, task: str, dtype: str, ops
             axes[f"present.{i}.{kind}"] = {0: "batch_size", 2: "past_sequence_length + sequence_length"}
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        torch.onnx.export(wrapper, (ids, mask, positions, *past), str(out_dir / "model.onnx"), input_names=names_in,
-                          output_names=names_out, dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
+        torch.onnx.export(
+            wrapper,
+            (ids, mask, positions, *past),
+            str(out_dir / "model.onnx"),
+            input_names=names_in,
+            output_names=names_out,
+            dynamic_axes=axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
     model.config.save_pretrained(out_dir)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out_dir)
@@ -134,8 +159,13 @@ class _DecoderWrapper:
                 allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
                 dtype = self.model.dtype
                 mask4d = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-                out = self.model(input_ids=input_ids, attention_mask=mask4d, position_ids=position_ids,
-                                 past_key_values=cache, use_cache=with_past)
+                out = self.model(
+                    input_ids=input_ids,
+                    attention_mask=mask4d,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=with_past,
+                )
                 if not with_past:
                     return out.logits
                 flat = []
@@ -157,12 +187,16 @@ def ort_optimize(model_file: Path, level: str, out_file: Path) -> None:
     from sparsedeploy.onnx.storage import external_data_path
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}[level]
+    options.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    }[level]
     options.optimized_model_filepath = str(out_file)
     options.log_severity_level = 3
     if external_data_path(model_file).exists():
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", external_data_path(out_file).name)
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", external_data_path(out_file).name
+        )
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(model_file), sess_options=options, providers=["CPUExecutionProvider"])
 
@@ -174,22 +208,36 @@ def refuse_if_weights_changed(model, model_dir: Path, config: ExportConfig) -> N
     reference, masks, nm = checkpoint_reference(model_dir, np.float16 if config.dtype == "float16" else np.float32)
     result = verify_sparsity(model, reference, masks, nm)
     if not result.ok:
-        raise UserError(f"refusing --optimize {config.optimize}: ONNX Runtime's optimisation at this level folded, fused or "
-                        f"transposed weights so that the pruned zeros or N:M groups are no longer intact ({len(result.problems)} "
-                        f"weight(s), e.g. {result.problems[0]}); use --optimize none or basic")
+        raise UserError(
+            f"refusing --optimize {config.optimize}: ONNX Runtime's optimisation at this level folded, fused or "
+            f"transposed weights so that the pruned zeros or N:M groups are no longer intact ({len(result.problems)} "
+            f"weight(s), e.g. {result.problems[0]}); use --optimize none or basic"
+        )
 
 
 def check_domains(model, target: TargetProfile) -> None:
     used = sorted({node.domain for node in model.graph.node} - target.domains)
     if used:
         ops = sorted({node.op_type for node in model.graph.node if node.domain in used})
-        raise UserError(f"the exported graph uses operator domain(s) {', '.join(used)} ({', '.join(ops[:6])}) that "
-                        f"--target {target.name} does not run: export without --optimize or for --target ort")
+        raise UserError(
+            f"the exported graph uses operator domain(s) {', '.join(used)} ({', '.join(ops[:6])}) that "
+            f"--target {target.name} does not run: export without --optimize or for --target ort"
+        )
 
 
 def _copy_side_files(sources: list[Path], dest: Path) -> list[str]:
-    names = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-             "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json")
+    names = (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "special_tokens_map.json",
+        "vocab.json",
+        "merges.txt",
+        "chat_template.jinja",
+        "added_tokens.json",
+    )
     copied = []
     for name in names:
         for source in sources:
@@ -238,13 +286,17 @@ def warn_if_no_zeros(model_dir: Path) -> int:
         corrupt_safetensors(model_dir)
         raise
     if zeros == 0:
-        log.warning("%s has no zero weights at all: it does not look pruned (export a `sparsedeploy prune` output to "
-                    "get a sparse model)", model_dir)
+        log.warning(
+            "%s has no zero weights at all: it does not look pruned (export a `sparsedeploy prune` output to "
+            "get a sparse model)",
+            model_dir,
+        )
     return zeros
 
 
-def export_checkpoint(config: ExportConfig, output: Path | str, overwrite: bool = False,
-                      rewrite: Rewrite | None = None) -> dict:
+def export_checkpoint(
+    config: ExportConfig, output: Path | str, overwrite: bool = False, rewrite: Rewrite | None = None
+) -> dict:
     """Export `config.model` to `output` (atomically), verify it unless config.verify is False, return the report.
 
     `rewrite` (ModelProto -> ModelProto) runs after any registered target rewrites and before
@@ -252,15 +304,17 @@ def export_checkpoint(config: ExportConfig, output: Path | str, overwrite: bool 
     report is then written beside it as ``.<name>.export_report.failed.json``.
     """
     from sparsedeploy.common.models import resolve_model_path
-    from sparsedeploy.onnx.storage import load_model_proto, pack_sparse, save_model_proto
     from sparsedeploy.common.provenance import versions
+    from sparsedeploy.onnx.storage import load_model_proto, pack_sparse, save_model_proto
 
     target = validate(config)
     output = Path(output)
     check_output_dir(output, overwrite)
     model_dir = Path(resolve_model_path(config.model, config.cache_dir))
     if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
-        raise UserError(f"--model {config.model} is not a checkpoint directory with config.json: export a directory written by `sparsedeploy prune`")
+        raise UserError(
+            f"--model {config.model} is not a checkpoint directory with config.json: export a directory written by `sparsedeploy prune`"
+        )
     warn_if_no_zeros(model_dir)
     opset = config.opset or target.opset
     exporter = config.exporter
@@ -269,14 +323,29 @@ def export_checkpoint(config: ExportConfig, output: Path | str, overwrite: bool 
     # The source checkpoint, absolute and relative to the export (a pipeline's run directory moves as a whole):
     # bench reads it to build the forms it times from the same weights.
     relative = os.path.relpath(model_dir.resolve(), output.resolve())
-    report: dict = {"model": config.model, "model_path": str(model_dir), "model_path_relative": relative,
-                    "config": asdict(config), "target": asdict(target),
-                    "exporter": exporter, "opset": opset, "versions": versions()}
+    report: dict = {
+        "model": config.model,
+        "model_path": str(model_dir),
+        "model_path_relative": relative,
+        "config": asdict(config),
+        "target": asdict(target),
+        "exporter": exporter,
+        "opset": opset,
+        "versions": versions(),
+    }
     report["target"]["domains"] = sorted(target.domains)
     start = time.perf_counter()
     with atomic_dir(output) as tmp:
         raw = tmp / ".raw"
-        log.info("exporting %s with %s (task %s, %s, opset %d, target %s)", model_dir, exporter, config.task, config.dtype, opset, target.name)
+        log.info(
+            "exporting %s with %s (task %s, %s, opset %d, target %s)",
+            model_dir,
+            exporter,
+            config.task,
+            config.dtype,
+            opset,
+            target.name,
+        )
         if exporter == "optimum":
             export_with_optimum(model_dir, raw, config.task, config.dtype, opset)
         else:
@@ -294,8 +363,10 @@ def export_checkpoint(config: ExportConfig, output: Path | str, overwrite: bool 
         if target.name == "sparse-cpu":
             report["sparse_cpu"] = pack_linears(model)
             if not report["sparse_cpu"]["linears"]:
-                raise UserError(f"--target sparse-cpu: no decoder linear of {model_dir} has {SPARSE_LINEAR_MIN:.0%} zeros or "
-                                "more, so nothing would run sparse; prune it first (sparsedeploy prune) or use --target ort")
+                raise UserError(
+                    f"--target sparse-cpu: no decoder linear of {model_dir} has {SPARSE_LINEAR_MIN:.0%} zeros or "
+                    "more, so nothing would run sparse; prune it first (sparsedeploy prune) or use --target ort"
+                )
         check_domains(model, target)
         storage: dict = {"kind": config.storage}
         if config.storage == "sparse":
@@ -308,10 +379,15 @@ def export_checkpoint(config: ExportConfig, output: Path | str, overwrite: bool 
         shutil.rmtree(raw)
         report["export_seconds"] = time.perf_counter() - start
         storage["files"] = dir_bytes(tmp)
-        storage["model_bytes"] = sum(v for k, v in storage["files"].items() if k.startswith("model.onnx") or k.startswith("sparse_weights"))
+        storage["model_bytes"] = sum(
+            v for k, v in storage["files"].items() if k.startswith("model.onnx") or k.startswith("sparse_weights")
+        )
         storage["ort_load_seconds"] = measure_load(tmp / "model.onnx")
-        storage["note"] = ("sparse-cpu: the packed linears run in sparsedeploy's kernels" if target.name == "sparse-cpu" else
-                           "ONNX Runtime does not compute faster from zeros: sparse storage only saves disk space")
+        storage["note"] = (
+            "sparse-cpu: the packed linears run in sparsedeploy's kernels"
+            if target.name == "sparse-cpu"
+            else "ONNX Runtime does not compute faster from zeros: sparse storage only saves disk space"
+        )
         report["storage"] = storage
         if config.verify:
             report["verification"] = verify_export(config, model_dir, tmp / "model.onnx", opset)
@@ -319,8 +395,10 @@ def export_checkpoint(config: ExportConfig, output: Path | str, overwrite: bool 
                 failed = output.with_name(f".{output.name}.export_report.failed.json")
                 write_json_atomic(failed, report)
                 problems = report["verification"]["problems"]
-                raise UserError(f"export verification failed ({len(problems)} problem(s)), nothing written: {problems[0]} "
-                                f"[full report: {failed}]")
+                raise UserError(
+                    f"export verification failed ({len(problems)} problem(s)), nothing written: {problems[0]} "
+                    f"[full report: {failed}]"
+                )
         else:
             report["verification"] = None
         if target.name == "deepsparse":
@@ -355,17 +433,24 @@ def write_deepsparse_stack(model_dir: Path, out_dir: Path, config: ExportConfig)
             raise UserError(f"the DeepSparse {name} graph lost zeros ({sparsity.problems[0]}): nothing written")
         found = sparsity.to_dict()
         counts[name] = {k: found[k] for k in ("zeros_onnx", "zeros_torch")}
-    form = {"files": {"prefill": PREFILL_FILE, "decode_step": STEP_FILE, "head": HEAD_FILE},
-            "batch": batch, "seq": seq, "context": context, "zeros": counts,
-            "note": "all decoder blocks (attention, norms, MLP) with static shapes, for prefill and for a decode step over a "
-                    "KV cache: the form DeepSparse 1.8 compiles with its own kernels; sparsedeploy.runtimes.decoder_stack runs the "
-                    "embedding lookup and lm_head (deepsparse_head.npz) around them (see docs/export.md)"}
+    form = {
+        "files": {"prefill": PREFILL_FILE, "decode_step": STEP_FILE, "head": HEAD_FILE},
+        "batch": batch,
+        "seq": seq,
+        "context": context,
+        "zeros": counts,
+        "note": "all decoder blocks (attention, norms, MLP) with static shapes, for prefill and for a decode step over a "
+        "KV cache: the form DeepSparse 1.8 compiles with its own kernels; sparsedeploy.runtimes.decoder_stack runs the "
+        "embedding lookup and lm_head (deepsparse_head.npz) around them (see docs/export.md)",
+    }
     if config.verify:
         form["generation"] = verify_stack_generation(model, model_dir, out_dir, config)
         bad = next((r for r in form["generation"]["prompts"] if not r["identical"]), None)
         if bad is not None:
-            raise UserError(f"greedy generation through the DeepSparse graphs differs from PyTorch for {bad['prompt']!r} "
-                            f"from token {bad['first_divergence']} on: nothing written")
+            raise UserError(
+                f"greedy generation through the DeepSparse graphs differs from PyTorch for {bad['prompt']!r} "
+                f"from token {bad['first_divergence']} on: nothing written"
+            )
     return form
 
 
@@ -379,7 +464,10 @@ def verify_stack_generation(model, model_dir: Path, out_dir: Path, config: Expor
     from sparsedeploy.runtimes.decoder_stack import HEAD_FILE, PREFILL_FILE, STEP_FILE, StackHead, greedy, session_graph
 
     head = StackHead.load(out_dir / HEAD_FILE)
-    graphs = {name: session_graph(session_from_path(out_dir / file)) for name, file in (("prefill", PREFILL_FILE), ("step", STEP_FILE))}
+    graphs = {
+        name: session_graph(session_from_path(out_dir / file))
+        for name, file in (("prefill", PREFILL_FILE), ("step", STEP_FILE))
+    }
     tokenizer = load_tokenizer(model_dir)
     prompts = config.prompts or DEFAULT_PROMPTS
     results = []
@@ -395,8 +483,15 @@ def verify_stack_generation(model, model_dir: Path, out_dir: Path, config: Expor
                 expected.append(x.numpy())
         expected = np.concatenate(expected, axis=1)
         differ = np.flatnonzero((got != expected).any(axis=0))
-        results.append({"prompt": text, "new_tokens": new, "identical": differ.size == 0,
-                        "first_divergence": int(differ[0]) if differ.size else None, "tokens": got[0].tolist()})
+        results.append(
+            {
+                "prompt": text,
+                "new_tokens": new,
+                "identical": differ.size == 0,
+                "first_divergence": int(differ[0]) if differ.size else None,
+                "tokens": got[0].tolist(),
+            }
+        )
         if tokenizer is not None:
             results[-1]["text"] = tokenizer.decode(got[0].tolist(), skip_special_tokens=True)
     return {"identical": all(r["identical"] for r in results), "prompts": results}
@@ -412,37 +507,68 @@ def verify_export(config: ExportConfig, model_dir: Path, onnx_path: Path, opset:
     model = load_model_proto(onnx_path)
     sparsity = verify_sparsity(model, reference, masks, nm)
     del model
-    parity = verify_parity(model_dir, onnx_path, config.prompts or DEFAULT_PROMPTS, config.decode_steps,
-                           config.greedy_tokens, config.atol)
+    parity = verify_parity(
+        model_dir, onnx_path, config.prompts or DEFAULT_PROMPTS, config.decode_steps, config.greedy_tokens, config.atol
+    )
     problems = list(sparsity.problems)
     if parity.max_abs_diff > parity.atol:
-        problems.append(f"logits differ from PyTorch by up to {parity.max_abs_diff:.3g} (> {parity.atol:g} for {parity.dtype})")
+        problems.append(
+            f"logits differ from PyTorch by up to {parity.max_abs_diff:.3g} (> {parity.atol:g} for {parity.dtype})"
+        )
     if not parity.greedy_identical:
         message = f"greedy continuations of {parity.greedy_tokens} tokens differ between PyTorch and ONNX Runtime"
         if parity.dtype == "float32":
             problems.append(message)
         else:
             log.warning("%s (float16: reported, not a failure)", message)
-    return {"ok": sparsity.ok and parity.ok, "problems": problems, "sparsity": sparsity.to_dict(), "parity": parity.to_dict()}
+    return {
+        "ok": sparsity.ok and parity.ok,
+        "problems": problems,
+        "sparsity": sparsity.to_dict(),
+        "parity": parity.to_dict(),
+    }
 
 
 def summary(report: dict, output: Path | str) -> tuple[dict, str]:
     """The one-line CLI summary of an export report (and its JSON form)."""
     verification = report.get("verification")
-    data = {"output": str(output), "exporter": report["exporter"], "opset": report["opset"], "target": report["target"]["name"],
-            "storage": report["storage"]["kind"], "model_bytes": report["storage"]["model_bytes"],
-            "ort_load_seconds": report["storage"]["ort_load_seconds"], "verified": verification is not None}
-    text = (f"exported {report['model']} -> {output} ({report['exporter']}, opset {report['opset']}, target {data['target']}, "
-            f"{data['storage']} storage {data['model_bytes'] / 2**20:.1f} MiB)")
+    data = {
+        "output": str(output),
+        "exporter": report["exporter"],
+        "opset": report["opset"],
+        "target": report["target"]["name"],
+        "storage": report["storage"]["kind"],
+        "model_bytes": report["storage"]["model_bytes"],
+        "ort_load_seconds": report["storage"]["ort_load_seconds"],
+        "verified": verification is not None,
+    }
+    text = (
+        f"exported {report['model']} -> {output} ({report['exporter']}, opset {report['opset']}, target {data['target']}, "
+        f"{data['storage']} storage {data['model_bytes'] / 2**20:.1f} MiB)"
+    )
     if verification:
         sp, par = verification["sparsity"], verification["parity"]
-        data.update({"zeros_torch": sp["zeros_torch"], "zeros_onnx": sp["zeros_onnx"], "linears": sp["linears"],
-                     "nm_pattern": sp["nm_pattern"], "nm_qualifying": sp["nm_qualifying"],
-                     "max_abs_logit_diff": par["max_abs_diff"], "greedy_identical": par["greedy_identical"]})
-        text += (f"; verified: {sp['linears']} linears, zeros {sp['zeros_onnx']} == {sp['zeros_torch']}"
-                 + (f", {sp['nm_qualifying']}/{sp['linears']} satisfy {sp['nm_pattern']} along K" if sp["nm_pattern"] else "")
-                 + f", max |delta logits| {par['max_abs_diff']:.2e} ({par['dtype']}), greedy {par['greedy_tokens']} tokens "
-                 + ("identical" if par["greedy_identical"] else "DIFFER"))
+        data.update(
+            {
+                "zeros_torch": sp["zeros_torch"],
+                "zeros_onnx": sp["zeros_onnx"],
+                "linears": sp["linears"],
+                "nm_pattern": sp["nm_pattern"],
+                "nm_qualifying": sp["nm_qualifying"],
+                "max_abs_logit_diff": par["max_abs_diff"],
+                "greedy_identical": par["greedy_identical"],
+            }
+        )
+        text += (
+            f"; verified: {sp['linears']} linears, zeros {sp['zeros_onnx']} == {sp['zeros_torch']}"
+            + (
+                f", {sp['nm_qualifying']}/{sp['linears']} satisfy {sp['nm_pattern']} along K"
+                if sp["nm_pattern"]
+                else ""
+            )
+            + f", max |delta logits| {par['max_abs_diff']:.2e} ({par['dtype']}), greedy {par['greedy_tokens']} tokens "
+            + ("identical" if par["greedy_identical"] else "DIFFER")
+        )
     else:
         text += "; not verified (--no-verify)"
     generation = (report.get("deepsparse_form") or {}).get("generation")

@@ -26,9 +26,9 @@ PAD = 16  # trailing floats after the stored values, so a 16-lane vector load ma
 class PackedLinear:
     """One linear layer's weight in the bitmask16 format (immutable; arrays are read-only)."""
 
-    mask: np.ndarray      # uint16 [N, G]
-    values: np.ndarray    # float32 [nnz + PAD]
-    row_ptr: np.ndarray   # int64 [N + 1]
+    mask: np.ndarray  # uint16 [N, G]
+    values: np.ndarray  # float32 [nnz + PAD]
+    row_ptr: np.ndarray  # int64 [N + 1]
     shape: tuple[int, int]  # (N, K)
     negzero: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))  # uint8 sign bits of zeros
     layout: str = LAYOUT
@@ -61,16 +61,23 @@ class PackedLinear:
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The arrays to store (e.g. as ONNX initializers); `shape` and `layout` are recoverable from them."""
         n, k = self.shape
-        return {"mask": self.mask, "values": self.values, "row_ptr": self.row_ptr, "negzero": self.negzero,
-                "shape": np.array([n, k], dtype=np.int64)}
+        return {
+            "mask": self.mask,
+            "values": self.values,
+            "row_ptr": self.row_ptr,
+            "negzero": self.negzero,
+            "shape": np.array([n, k], dtype=np.int64),
+        }
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "PackedLinear":
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> PackedLinear:
         """Rebuild from `to_arrays()` output, validating every array (raises ValueError naming the problem)."""
         missing = {"mask", "values", "row_ptr", "shape"} - set(arrays)
         if missing:
-            raise ValueError(f"packed weight is missing arrays {sorted(missing)}: "
-                             "expected mask, values, row_ptr, shape (and optionally negzero)")
+            raise ValueError(
+                f"packed weight is missing arrays {sorted(missing)}: "
+                "expected mask, values, row_ptr, shape (and optionally negzero)"
+            )
         shape = np.asarray(arrays["shape"])
         if shape.shape != (2,) or shape.dtype.kind not in "iu" or (shape < 1).any():
             raise ValueError(f"packed weight 'shape' must be two positive ints [N, K], got {shape!r}")
@@ -143,7 +150,7 @@ def unpack(p: PackedLinear) -> np.ndarray:
     bits = (p.mask[:, :, None] >> np.arange(GROUP, dtype=np.uint16)) & np.uint16(1)
     stored = bits.reshape(n, g * GROUP)[:, :k].astype(bool)
     out = np.zeros((n, k), dtype=np.float32)
-    out.view(np.uint32)[stored] = p.values[:p.nnz].view(np.uint32)
+    out.view(np.uint32)[stored] = p.values[: p.nnz].view(np.uint32)
     if p.negzero.size:
         zeros = ~stored
         sign = np.unpackbits(p.negzero, count=int(zeros.sum()), bitorder="little").astype(bool)

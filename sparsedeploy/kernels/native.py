@@ -38,7 +38,8 @@ def library_path() -> Path:
         raise NativeLibraryMissing(
             f"the sparse-cpu kernel library ({_NATIVE}) is not built: reinstall the package "
             "(`pip install -e .` or `bash scripts/install.sh`; "
-            "it compiles csrc/sparse_cpu.c with the system C compiler)")
+            "it compiles csrc/sparse_cpu.c with the system C compiler)"
+        )
     return Path(spec.origin)
 
 
@@ -48,8 +49,18 @@ def _lib() -> ctypes.CDLL:
     lib.sdk_supported_isas.restype = ctypes.c_int
     lib.sdk_supported_isas.argtypes = []
     lib.sdk_matmul.restype = ctypes.c_int
-    lib.sdk_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.sdk_matmul.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
     return lib
 
 
@@ -70,8 +81,9 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def matmul(x: np.ndarray, p: PackedLinear, threads: int | None = None, isa: str | None = None,
-           out: np.ndarray | None = None) -> np.ndarray:
+def matmul(
+    x: np.ndarray, p: PackedLinear, threads: int | None = None, isa: str | None = None, out: np.ndarray | None = None
+) -> np.ndarray:
     """y = x @ W.T for x float32 [B, K] (or [K]) and W packed in `p`: float32 [B, N] (or [N]).
 
     threads: worker threads (None: the CPUs this process may run on). isa: force a dispatch path
@@ -108,9 +120,10 @@ def matmul(x: np.ndarray, p: PackedLinear, threads: int | None = None, isa: str 
     lib = _lib()
     mask, values, row_ptr = p.mask.ctypes.data, p.values.ctypes.data, p.row_ptr.ctypes.data
     for b0 in range(0, b, MAX_BATCH_CHUNK):
-        xb, yb = x2[b0:b0 + MAX_BATCH_CHUNK], out[b0:b0 + MAX_BATCH_CHUNK]
-        rc = lib.sdk_matmul(xb.ctypes.data, xb.shape[0], k, mask, values, row_ptr, n, yb.ctypes.data,
-                            int(threads), code)
+        xb, yb = x2[b0 : b0 + MAX_BATCH_CHUNK], out[b0 : b0 + MAX_BATCH_CHUNK]
+        rc = lib.sdk_matmul(
+            xb.ctypes.data, xb.shape[0], k, mask, values, row_ptr, n, yb.ctypes.data, int(threads), code
+        )
         if rc != 0:
             raise RuntimeError(f"sparse-cpu kernel failed (code {rc}) for x {xb.shape}, weight {n}x{k}, isa {isa}")
     return out[0] if squeeze else out

@@ -20,8 +20,14 @@ from sparsedeploy.onnx.storage import onnx_file, session_from_path
 log = logging.getLogger(__name__)
 
 # ONNX Runtime input/output type names -> NumPy dtypes (the one table: inputs fed from NumPy are built from it)
-ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
 
 
 @dataclass
@@ -40,7 +46,7 @@ class OnnxDecoder:
         return bool(self.past_names)
 
     @classmethod
-    def load(cls, path: Path | str, threads: int | None = None, optimization: str = "all") -> "OnnxDecoder":
+    def load(cls, path: Path | str, threads: int | None = None, optimization: str = "all") -> OnnxDecoder:
         file = onnx_file(path)
         start = time.perf_counter()
         session = session_from_path(file, threads=threads, optimization=optimization)
@@ -49,14 +55,18 @@ class OnnxDecoder:
         outputs = [o.name for o in session.get_outputs()]
         for required in ("input_ids", "attention_mask"):
             if required not in inputs:
-                raise UserError(f"{file} has no `{required}` input: not a decoder exported by sparsedeploy/optimum (inputs: {', '.join(inputs)})")
+                raise UserError(
+                    f"{file} has no `{required}` input: not a decoder exported by sparsedeploy/optimum (inputs: {', '.join(inputs)})"
+                )
         if "logits" not in outputs:
             raise UserError(f"{file} has no `logits` output: not a causal-LM decoder (outputs: {', '.join(outputs)})")
         past = sorted((n for n in inputs if n.startswith("past_key_values.")), key=_kv_order)
         present = [n.replace("past_key_values.", "present.") for n in past]
         missing = [n for n in present if n not in outputs]
         if missing:
-            raise UserError(f"{file} takes past_key_values but does not return {missing[0]}: the KV-cache outputs are broken; export again")
+            raise UserError(
+                f"{file} takes past_key_values but does not return {missing[0]}: the KV-cache outputs are broken; export again"
+            )
         shape, dtype = (0, 0), np.float32
         if past:
             dims = inputs[past[0]].shape
@@ -65,7 +75,9 @@ class OnnxDecoder:
             shape, dtype = (dims[1], dims[3]), ORT_TYPES.get(inputs[past[0]].type, np.float32)
         return cls(session, file, past, present, shape, dtype, "position_ids" in inputs, elapsed)
 
-    def run(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:
+    def run(
+        self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray] | None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One forward pass: `ids` are the new tokens, `mask` covers past + new, `past` the cache (None: empty)."""
         batch, new = ids.shape
         past_len = past[0].shape[2] if past else 0
@@ -73,16 +85,23 @@ class OnnxDecoder:
         if self.has_position_ids:
             positions = np.cumsum(mask, axis=1) - 1
             positions[mask == 0] = 1
-            feeds["position_ids"] = positions[:, past_len:past_len + new].astype(np.int64)
+            feeds["position_ids"] = positions[:, past_len : past_len + new].astype(np.int64)
         if self.with_past:
             if past is None:
-                past = [np.zeros((batch, self.past_shape[0], 0, self.past_shape[1]), self.kv_dtype) for _ in self.past_names]
+                past = [
+                    np.zeros((batch, self.past_shape[0], 0, self.past_shape[1]), self.kv_dtype) for _ in self.past_names
+                ]
             feeds.update(dict(zip(self.past_names, past)))
         outputs = self.session.run(["logits", *self.present_names], feeds)
         return outputs[0], list(outputs[1:])
 
-    def greedy(self, ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None,
-               step_logits: list[np.ndarray] | None = None) -> np.ndarray:
+    def greedy(
+        self,
+        ids: np.ndarray,
+        max_new_tokens: int,
+        eos_token_id: int | None = None,
+        step_logits: list[np.ndarray] | None = None,
+    ) -> np.ndarray:
         """Greedy continuation of `ids` [1, T] using the KV cache (or full recompute without one)."""
         ids = np.asarray(ids, dtype=np.int64)
         mask = np.ones_like(ids)
@@ -120,8 +139,9 @@ def load_tokenizer(directory: Path | str):
         return None
 
 
-def generate_text(onnx_dir: Path | str, prompt: str, max_new_tokens: int = 32, threads: int | None = None,
-                  engine: str = "ort") -> dict:
+def generate_text(
+    onnx_dir: Path | str, prompt: str, max_new_tokens: int = 32, threads: int | None = None, engine: str = "ort"
+) -> dict:
     """Greedy generation with the KV cache; returns text, token ids and timings. engine "ort": whatever the export
     needs (a sparse-cpu export runs its SparseLinear nodes in sparsedeploy's kernels); "sparse-cpu": refuse an export
     without SparseLinear nodes."""
@@ -131,12 +151,16 @@ def generate_text(onnx_dir: Path | str, prompt: str, max_new_tokens: int = 32, t
     decoder = OnnxDecoder.load(onnx_dir, threads=threads)
     sparse_cpu = isinstance(decoder.session, SegmentedSession)
     if engine == "sparse-cpu" and not sparse_cpu:
-        raise UserError(f"{decoder.path} has no SparseLinear nodes, so nothing would run in sparsedeploy's kernels: "
-                        "export it with --target sparse-cpu (or use --engine ort)")
+        raise UserError(
+            f"{decoder.path} has no SparseLinear nodes, so nothing would run in sparsedeploy's kernels: "
+            "export it with --target sparse-cpu (or use --engine ort)"
+        )
     directory = decoder.path.parent
     tokenizer = load_tokenizer(directory)
     if tokenizer is None:
-        raise UserError(f"no tokenizer beside {decoder.path}: export from a checkpoint that has one (tokenizer.json / tokenizer_config.json)")
+        raise UserError(
+            f"no tokenizer beside {decoder.path}: export from a checkpoint that has one (tokenizer.json / tokenizer_config.json)"
+        )
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {max_new_tokens} must be at least 1")
     ids = np.asarray(tokenizer(prompt, return_tensors="np")["input_ids"], dtype=np.int64)
@@ -145,6 +169,14 @@ def generate_text(onnx_dir: Path | str, prompt: str, max_new_tokens: int = 32, t
     start = time.perf_counter()
     tokens = decoder.greedy(ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
     elapsed = time.perf_counter() - start
-    return {"prompt": prompt, "completion": tokenizer.decode(tokens, skip_special_tokens=True), "tokens": tokens.tolist(),
-            "new_tokens": int(tokens.size), "seconds": elapsed, "load_seconds": decoder.load_seconds,
-            "kv_cache": decoder.with_past, "model": str(decoder.path), "engine": "sparse-cpu" if sparse_cpu else "ort"}
+    return {
+        "prompt": prompt,
+        "completion": tokenizer.decode(tokens, skip_special_tokens=True),
+        "tokens": tokens.tolist(),
+        "new_tokens": int(tokens.size),
+        "seconds": elapsed,
+        "load_seconds": decoder.load_seconds,
+        "kv_cache": decoder.with_past,
+        "model": str(decoder.path),
+        "engine": "sparse-cpu" if sparse_cpu else "ort",
+    }

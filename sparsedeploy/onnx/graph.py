@@ -8,9 +8,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
-
-
 # ---------------------------------------------------------------- locating weights in the graph
 
 
@@ -109,8 +106,16 @@ class Graph:
             trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
             if trans_b:
                 value, transposed = value.T, not transposed
-            weights.append(OnnxWeight(node.name or node.output[0], node.op_type, source,
-                                      tuple(self.array(source).shape), transposed, value))
+            weights.append(
+                OnnxWeight(
+                    node.name or node.output[0],
+                    node.op_type,
+                    source,
+                    tuple(self.array(source).shape),
+                    transposed,
+                    value,
+                )
+            )
         return weights
 
 

@@ -24,8 +24,16 @@ def inspect_onnx(path: Path | str, nm: tuple[int, int] = (2, 4), min_dims: int =
             continue
         z = int((array == 0).sum())
         total, zeros = total + array.size, zeros + z
-        row = {"name": name, "shape": list(array.shape), "dtype": str(array.dtype), "zeros": z, "sparsity": z / array.size,
-               "used_by": None, "nm_ok": None, "nm_reason": None}
+        row = {
+            "name": name,
+            "shape": list(array.shape),
+            "dtype": str(array.dtype),
+            "zeros": z,
+            "sparsity": z / array.size,
+            "used_by": None,
+            "nm_ok": None,
+            "nm_reason": None,
+        }
         if name in matmul:
             weight = matmul[name]
             row["used_by"] = f"{weight.op} {weight.node}"
@@ -33,10 +41,20 @@ def inspect_onnx(path: Path | str, nm: tuple[int, int] = (2, 4), min_dims: int =
         rows.append(row)
     matmul_rows = [r for r in rows if r["used_by"]]
     domains = sorted({n.domain or "ai.onnx" for n in model.graph.node})
-    summary = {"model": str(file), "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import}, "domains": domains,
-               "weights": len(rows), "total_elements": total, "zeros": zeros, "sparsity": zeros / max(total, 1),
-               "matmul_weights": len(matmul_rows), "nm_pattern": f"{nm[0]}:{nm[1]}",
-               "nm_qualifying": sum(bool(r["nm_ok"]) for r in matmul_rows), "file_bytes": _size_on_disk(file), "rows": rows}
+    summary = {
+        "model": str(file),
+        "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        "domains": domains,
+        "weights": len(rows),
+        "total_elements": total,
+        "zeros": zeros,
+        "sparsity": zeros / max(total, 1),
+        "matmul_weights": len(matmul_rows),
+        "nm_pattern": f"{nm[0]}:{nm[1]}",
+        "nm_qualifying": sum(bool(r["nm_ok"]) for r in matmul_rows),
+        "file_bytes": _size_on_disk(file),
+        "rows": rows,
+    }
     summary["polygraphy"] = polygraphy_check(file, summary)
     return summary
 
@@ -74,14 +92,26 @@ def polygraphy_check(file: Path, summary: dict) -> dict | None:
     proc = subprocess.run([exe, "inspect", "sparsity", str(file)], capture_output=True, text=True, timeout=900)
     text = proc.stdout + proc.stderr
     if proc.returncode != 0:
-        return {"available": True, "ran": False, "error": text.strip().splitlines()[-1] if text.strip() else f"exit {proc.returncode}"}
+        return {
+            "available": True,
+            "ran": False,
+            "error": text.strip().splitlines()[-1] if text.strip() else f"exit {proc.returncode}",
+        }
     theirs = set(re.findall(r"Found sparse tensor: (\S+)", text))
     checked = theirs | set(re.findall(r"Found non-sparse tensor: (\S+)", text))
     ours = {r["name"] for r in summary["rows"] if r["nm_ok"]}
     ours_checked = {r["name"] for r in summary["rows"] if r["nm_ok"] is not None}
-    return {"available": True, "ran": True, "polygraphy_2_4_weights": len(theirs), "ours_2_4_weights": len(ours),
-            "polygraphy_checked": len(checked), "ours_checked": len(ours_checked),
-            "agree": theirs == ours, "only_polygraphy": sorted(theirs - ours), "only_ours": sorted(ours - theirs)}
+    return {
+        "available": True,
+        "ran": True,
+        "polygraphy_2_4_weights": len(theirs),
+        "ours_2_4_weights": len(ours),
+        "polygraphy_checked": len(checked),
+        "ours_checked": len(ours_checked),
+        "agree": theirs == ours,
+        "only_polygraphy": sorted(theirs - ours),
+        "only_ours": sorted(ours - theirs),
+    }
 
 
 def format_inspect(data: dict, all_weights: bool = False) -> str:
@@ -91,16 +121,22 @@ def format_inspect(data: dict, all_weights: bool = False) -> str:
     lines = [f"{'weight':<{width}}  {'shape':>14}  {'dtype':>8}  {'sparsity':>8}  {data['nm_pattern']:>5}  used by"]
     for r in rows:
         nm = "-" if r["nm_ok"] is None else ("yes" if r["nm_ok"] else "no")
-        lines.append(f"{r['name']:<{width}}  {'x'.join(map(str, r['shape'])):>14}  {r['dtype']:>8}  {r['sparsity']:>8.4f}  {nm:>5}  {r['used_by'] or ''}")
-    lines.append(f"total: {data['weights']} weights, {data['total_elements']} elements, sparsity {data['sparsity']:.4f}; "
-                 f"{data['nm_qualifying']}/{data['matmul_weights']} MatMul/Gemm weights satisfy {data['nm_pattern']} along K; "
-                 f"opset {data['opset']}; domains {', '.join(data['domains'])}; {data['file_bytes'] / 2**20:.2f} MiB on disk")
+        lines.append(
+            f"{r['name']:<{width}}  {'x'.join(map(str, r['shape'])):>14}  {r['dtype']:>8}  {r['sparsity']:>8.4f}  {nm:>5}  {r['used_by'] or ''}"
+        )
+    lines.append(
+        f"total: {data['weights']} weights, {data['total_elements']} elements, sparsity {data['sparsity']:.4f}; "
+        f"{data['nm_qualifying']}/{data['matmul_weights']} MatMul/Gemm weights satisfy {data['nm_pattern']} along K; "
+        f"opset {data['opset']}; domains {', '.join(data['domains'])}; {data['file_bytes'] / 2**20:.2f} MiB on disk"
+    )
     poly = data.get("polygraphy")
     if poly is None:
         lines.append("polygraphy: not installed (pip install polygraphy to cross-check the 2:4 verdict)")
     elif not poly.get("ran"):
         lines.append(f"polygraphy: failed to run: {poly.get('error')}")
     else:
-        lines.append(f"polygraphy: {poly['polygraphy_2_4_weights']} weights 2:4 sparse vs ours {poly['ours_2_4_weights']}: "
-                     + ("agree" if poly["agree"] else "DISAGREE"))
+        lines.append(
+            f"polygraphy: {poly['polygraphy_2_4_weights']} weights 2:4 sparse vs ours {poly['ours_2_4_weights']}: "
+            + ("agree" if poly["agree"] else "DISAGREE")
+        )
     return "\n".join(lines)

@@ -102,22 +102,30 @@ class SegmentedSession:
                 continue
             produced = {o for n in step for o in n.output if o}
             used = list(dict.fromkeys(i for n in step for i in n.input if i))
-            self.steps.append(_Segment(
-                nodes=step,
-                inputs=[i for i in used if i not in produced and i not in inits],
-                outputs=[o for n in step for o in n.output if o and o in after],
-                initializers=[inits[i] for i in used if i in inits]))
+            self.steps.append(
+                _Segment(
+                    nodes=step,
+                    inputs=[i for i in used if i not in produced and i not in inits],
+                    outputs=[o for n in step for o in n.output if o and o in after],
+                    initializers=[inits[i] for i in used if i in inits],
+                )
+            )
         last_use: dict[str, int] = {}
         for index, step in enumerate(self.steps):
-            for value in ([step.input] if isinstance(step, _Linear) else step.inputs):
+            for value in [step.input] if isinstance(step, _Linear) else step.inputs:
                 last_use[value] = index
         keep = {o.name for o in graph.output}
         self._drop = [[] for _ in self.steps]  # values no later step reads: freed as soon as they are used
         for value, index in last_use.items():
             if value not in keep:
                 self._drop[index].append(value)
-        log.info("%s: %d SparseLinear nodes between %d ONNX Runtime segments, %d kernel thread(s)", name,
-                 len(linears), sum(isinstance(s, _Segment) for s in self.steps), self.threads)
+        log.info(
+            "%s: %d SparseLinear nodes between %d ONNX Runtime segments, %d kernel thread(s)",
+            name,
+            len(linears),
+            sum(isinstance(s, _Segment) for s in self.steps),
+            self.threads,
+        )
 
     @property
     def linear_count(self) -> int:
@@ -138,13 +146,17 @@ class SegmentedSession:
         import onnxruntime as ort
         from onnx import helper
 
-        inputs = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(env[i].dtype), None)
-                  for i in segment.inputs]
+        inputs = [
+            helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(env[i].dtype), None)
+            for i in segment.inputs
+        ]
         outputs = [helper.make_value_info(o, onnx.TypeProto()) for o in segment.outputs]
         graph = helper.make_graph(segment.nodes, f"{self.name}.segment{index}", inputs, outputs, segment.initializers)
         model = helper.make_model(graph, opset_imports=self.opset_import, ir_version=self.ir_version)
         inferred = onnx.shape_inference.infer_shapes(model)
-        types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+        types = {
+            v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.output)
+        }
         del model.graph.output[:]
         for o in segment.outputs:
             if not types.get(o):
@@ -158,8 +170,9 @@ class SegmentedSession:
         options.log_severity_level = 3
         if self.optimization_level is not None:
             options.graph_optimization_level = self.optimization_level
-        segment.session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
-                                               providers=["CPUExecutionProvider"])
+        segment.session = ort.InferenceSession(
+            model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
+        )
         return segment.session
 
     def run(self, output_names, feeds: dict, run_options=None) -> list[np.ndarray]:
@@ -171,8 +184,9 @@ class SegmentedSession:
             if isinstance(step, _Linear):
                 x = env[step.input]
                 n, k = step.weight.shape
-                y = native.matmul(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, k), step.weight,
-                                  threads=self.threads)
+                y = native.matmul(
+                    np.ascontiguousarray(x, dtype=np.float32).reshape(-1, k), step.weight, threads=self.threads
+                )
                 env[step.output] = y.reshape(*x.shape[:-1], n)
             else:
                 session = step.session or self._session(step, index, env)

@@ -72,12 +72,28 @@ def pack_linears(model, min_sparsity: float = MIN_SPARSITY) -> dict:
             graph.initializer.append(numpy_helper.from_array(array, f"{name}.{key}"))
         fused = len(members) > 1
         out = f"{name}_output_0" if fused else first.output[0]
-        nodes = [helper.make_node(OP_TYPE, [source] + [f"{name}.{k}" for k in arrays], [out], name=name, domain=DOMAIN,
-                                  arrays=list(arrays), linears=[n.name for n, _ in members], widths=[int(w.shape[1]) for _, w in members])]
+        nodes = [
+            helper.make_node(
+                OP_TYPE,
+                [source] + [f"{name}.{k}" for k in arrays],
+                [out],
+                name=name,
+                domain=DOMAIN,
+                arrays=list(arrays),
+                linears=[n.name for n, _ in members],
+                widths=[int(w.shape[1]) for _, w in members],
+            )
+        ]
         if fused:
             split = f"{name}.split"
-            graph.initializer.append(numpy_helper.from_array(np.array([w.shape[1] for _, w in members], np.int64), split))
-            nodes.append(helper.make_node("Split", [out, split], [n.output[0] for n, _ in members], axis=-1, name=f"{name}/Split"))
+            graph.initializer.append(
+                numpy_helper.from_array(np.array([w.shape[1] for _, w in members], np.int64), split)
+            )
+            nodes.append(
+                helper.make_node(
+                    "Split", [out, split], [n.output[0] for n, _ in members], axis=-1, name=f"{name}/Split"
+                )
+            )
         replaced[first.name] = nodes
         dropped.update(n.name for n, _ in members)
     kept = []
@@ -94,8 +110,14 @@ def pack_linears(model, min_sparsity: float = MIN_SPARSITY) -> dict:
     graph.initializer.extend(keep)
     if groups and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    return {"nodes": len(groups), "linears": sum(len(m) for m in groups.values()), "min_sparsity": min_sparsity,
-            "packed_bytes": int(packed_bytes), "dense_bytes": int(dense_bytes), "layout": packed_format.LAYOUT}
+    return {
+        "nodes": len(groups),
+        "linears": sum(len(m) for m in groups.values()),
+        "min_sparsity": min_sparsity,
+        "packed_bytes": int(packed_bytes),
+        "dense_bytes": int(dense_bytes),
+        "layout": packed_format.LAYOUT,
+    }
 
 
 def sparse_linear_nodes(model, arrays=None) -> list[SparseLinearNode]:
@@ -122,7 +144,9 @@ def sparse_linear_nodes(model, arrays=None) -> list[SparseLinearNode]:
         linears = tuple(s.decode() if isinstance(s, bytes) else s for s in attrs.get("linears", [node.name]))
         widths = tuple(int(w) for w in attrs.get("widths", [weight.shape[0]]))
         if sum(widths) != weight.shape[0] or len(widths) != len(linears):
-            raise ValueError(f"SparseLinear node {node.name}: widths {widths} do not add up to {weight.shape[0]} outputs")
+            raise ValueError(
+                f"SparseLinear node {node.name}: widths {widths} do not add up to {weight.shape[0]} outputs"
+            )
         found.append(SparseLinearNode(node.name, node.input[0], node.output[0], weight, linears, widths))
     return found
 

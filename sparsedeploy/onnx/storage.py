@@ -22,7 +22,8 @@ import numpy as np
 
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.common.files import _umask
-from sparsedeploy.onnx.sparse_linear import DOMAIN as SPARSE_LINEAR_DOMAIN, OP_TYPE as SPARSE_LINEAR_OP
+from sparsedeploy.onnx.sparse_linear import DOMAIN as SPARSE_LINEAR_DOMAIN
+from sparsedeploy.onnx.sparse_linear import OP_TYPE as SPARSE_LINEAR_OP
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,14 @@ def load_model_proto(path: Path | str, load_external: bool = True):
             safe_external_data(file, model)  # refuses external data outside the model's folder, before reading any
             load_external_data_for_model(model, str(file.parent))
     except DecodeError as exc:
-        raise UserError(f"cannot read ONNX model {file}: the file is truncated or corrupt ({exc}); export it again") from None
+        raise UserError(
+            f"cannot read ONNX model {file}: the file is truncated or corrupt ({exc}); export it again"
+        ) from None
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read ONNX model {file}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__} "
-                        "(missing or truncated external data?); export it again") from None
+        raise UserError(
+            f"cannot read ONNX model {file}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__} "
+            "(missing or truncated external data?); export it again"
+        ) from None
     if len(model.graph.node) == 0:
         raise UserError(f"ONNX model {file} has an empty graph: the file is truncated or not a model; export it again")
     if is_sparse_storage(model):
@@ -129,7 +134,9 @@ def unpack_sparse(model, sparse_file: Path) -> None:
     from safetensors import safe_open
 
     if not sparse_file.is_file():
-        raise UserError(f"{sparse_file} is missing: the model uses sparse storage and needs it beside model.onnx; export again")
+        raise UserError(
+            f"{sparse_file} is missing: the model uses sparse storage and needs it beside model.onnx; export again"
+        )
     try:
         handle = safe_open(str(sparse_file), framework="numpy")
         index = {entry["name"]: entry for entry in json.loads(handle.metadata()["index"])}
@@ -140,13 +147,17 @@ def unpack_sparse(model, sparse_file: Path) -> None:
             continue
         entry = index.get(init.name)
         if entry is None:
-            raise UserError(f"{sparse_file} has no data for initializer {init.name}: the files do not belong together; export again")
+            raise UserError(
+                f"{sparse_file} has no data for initializer {init.name}: the files do not belong together; export again"
+            )
         dims = entry["dims"]
         count = int(np.prod(dims))
         nonzero = unpack_bits(handle.get_tensor(entry["key"] + ".bits"), count)
         values = handle.get_tensor(entry["key"] + ".values")
         if int(nonzero.sum()) != values.size:
-            raise UserError(f"{sparse_file}: initializer {init.name} has {int(nonzero.sum())} non-zeros in its bitmap but {values.size} values; export again")
+            raise UserError(
+                f"{sparse_file}: initializer {init.name} has {int(nonzero.sum())} non-zeros in its bitmap but {values.size} values; export again"
+            )
         dense = np.zeros(count, dtype=helper.tensor_dtype_to_np_dtype(entry["data_type"]))
         dense[nonzero] = values
         init.CopyFrom(numpy_helper.from_array(dense.reshape(dims), init.name))
@@ -183,13 +194,22 @@ def save_model_proto(model, file: Path, external: bool | None = None) -> None:
         external = too_big_for_one_file(model)
     if external:
         data = external_data_path(file)
-        onnx.save_model(model, str(file), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(file),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=1024,
+        )
         os.chmod(data, 0o666 & ~_umask())  # onnx creates it 0600; readable like model.onnx
     else:
         onnx.save_model(model, str(file))
 
 
-def session_from_path(path: Path | str, threads: int | None = None, optimization: str = "all", providers: list[str] | None = None):
+def session_from_path(
+    path: Path | str, threads: int | None = None, optimization: str = "all", providers: list[str] | None = None
+):
     """An onnxruntime.InferenceSession for a model of either storage; for a sparse-cpu export (SparseLinear nodes) a
     SegmentedSession with the same interface (get_inputs, get_outputs, run)."""
     import onnxruntime as ort
@@ -197,8 +217,10 @@ def session_from_path(path: Path | str, threads: int | None = None, optimization
     file = onnx_file(path)
     options = ort.SessionOptions()
     options.graph_optimization_level = {
-        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
     if threads:
         options.intra_op_num_threads = threads
@@ -208,7 +230,9 @@ def session_from_path(path: Path | str, threads: int | None = None, optimization
     if (file.parent / SPARSE_FILE).is_file():
         model = load_model_proto(file)
         if too_big_for_one_file(model):
-            raise UserError(f"{file} uses sparse storage and is over 2 GB dense: re-export with --storage dense for this size")
+            raise UserError(
+                f"{file} uses sparse storage and is over 2 GB dense: re-export with --storage dense for this size"
+            )
         source = model.SerializeToString()
     else:
         from sparsedeploy.common.files import safe_external_data
@@ -224,4 +248,6 @@ def session_from_path(path: Path | str, threads: int | None = None, optimization
             from sparsedeploy.onnx.segmented import SegmentedSession
 
             return SegmentedSession(load_model_proto(file), threads, options.graph_optimization_level, name=str(file))
-        raise UserError(f"ONNX Runtime cannot load {file}: {first[:300]}; the file may be truncated or corrupt, export it again") from None
+        raise UserError(
+            f"ONNX Runtime cannot load {file}: {first[:300]}; the file may be truncated or corrupt, export it again"
+        ) from None

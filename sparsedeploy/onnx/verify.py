@@ -32,7 +32,6 @@ FP32_ATOL = 1e-4
 FP16_ATOL = 0.1
 
 
-
 # ---------------------------------------------------------------- sparsity verification
 
 
@@ -70,21 +69,37 @@ class SparsityReport:
     def problems(self) -> list[str]:
         out = [f"{layer.name}: {layer.problem}" for layer in self.layers if not layer.ok]
         if self.nm:
-            out += [f"{layer.name}: not {self.nm} along K ({layer.nm_reason})" for layer in self.layers if layer.ok and not layer.nm_ok]
+            out += [
+                f"{layer.name}: not {self.nm} along K ({layer.nm_reason})"
+                for layer in self.layers
+                if layer.ok and not layer.nm_ok
+            ]
         return out
 
     def to_dict(self) -> dict:
         zeros_t = sum(layer.zeros_torch for layer in self.layers)
         zeros_o = sum(layer.zeros_onnx or 0 for layer in self.layers)
         total = sum(int(np.prod(layer.torch_shape)) for layer in self.layers)
-        return {"ok": self.ok, "nm_pattern": self.nm, "linears": len(self.layers), "total_weights": total,
-                "zeros_torch": zeros_t, "zeros_onnx": zeros_o, "sparsity": zeros_t / max(total, 1),
-                "nm_qualifying": None if self.nm is None else sum(bool(layer.nm_ok) for layer in self.layers),
-                "problems": self.problems, "layers": [asdict(layer) for layer in self.layers]}
+        return {
+            "ok": self.ok,
+            "nm_pattern": self.nm,
+            "linears": len(self.layers),
+            "total_weights": total,
+            "zeros_torch": zeros_t,
+            "zeros_onnx": zeros_o,
+            "sparsity": zeros_t / max(total, 1),
+            "nm_qualifying": None if self.nm is None else sum(bool(layer.nm_ok) for layer in self.layers),
+            "problems": self.problems,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
 
 
-def verify_sparsity(model, reference: dict[str, np.ndarray], masks: dict[str, np.ndarray] | None = None,
-                    nm: tuple[int, int] | None = None) -> SparsityReport:
+def verify_sparsity(
+    model,
+    reference: dict[str, np.ndarray],
+    masks: dict[str, np.ndarray] | None = None,
+    nm: tuple[int, int] | None = None,
+) -> SparsityReport:
     """Match each reference linear weight ([out, in], in the ONNX dtype) to the graph and compare zeros exactly."""
     graph = Graph(model)
     weights = graph.matmul_weights()
@@ -143,9 +158,25 @@ def verify_sparsity(model, reference: dict[str, np.ndarray], masks: dict[str, np
         mask = None if masks is None or name not in masks else np.ascontiguousarray(masks[name].T)
         pruned = None if mask is None else int((~mask).sum())
         if found is None:
-            layers.append(LayerCheck(name, None, None, None, list(weight_oi.shape), None, None, zeros_t, None, pruned, None,
-                                     None, zeros_t / expected.size, False,
-                                     problem=f"no MatMul/Gemm weight of shape {list(expected.shape)} (K x N) with its values is in the ONNX graph"))
+            layers.append(
+                LayerCheck(
+                    name,
+                    None,
+                    None,
+                    None,
+                    list(weight_oi.shape),
+                    None,
+                    None,
+                    zeros_t,
+                    None,
+                    pruned,
+                    None,
+                    None,
+                    zeros_t / expected.size,
+                    False,
+                    problem=f"no MatMul/Gemm weight of shape {list(expected.shape)} (K x N) with its values is in the ONNX graph",
+                )
+            )
             continue
         matrix = found.matrix
         zeros_o = int((matrix == 0).sum())
@@ -153,14 +184,31 @@ def verify_sparsity(model, reference: dict[str, np.ndarray], masks: dict[str, np
         pruned_nz = None if mask is None else int(((~mask) & (matrix != 0)).sum())
         problem = None
         if zeros_o != zeros_t:
-            problem = (f"ONNX initializer {found.source} has {zeros_o} zeros but the PyTorch weight has {zeros_t}: "
-                       "the export lost or changed sparsity")
+            problem = (
+                f"ONNX initializer {found.source} has {zeros_o} zeros but the PyTorch weight has {zeros_t}: "
+                "the export lost or changed sparsity"
+            )
         elif pruned_nz:
             problem = f"{pruned_nz} positions the pruning mask removed are non-zero in ONNX initializer {found.source}"
         elif diff != 0.0:
             problem = f"ONNX initializer {found.source} differs from the PyTorch weight (max |delta| {diff:.3g})"
-        check = LayerCheck(name, found.source, found.node, how, list(weight_oi.shape), list(found.stored_shape), found.transposed,
-                           zeros_t, zeros_o, pruned, pruned_nz, diff, zeros_t / expected.size, problem is None, problem=problem)
+        check = LayerCheck(
+            name,
+            found.source,
+            found.node,
+            how,
+            list(weight_oi.shape),
+            list(found.stored_shape),
+            found.transposed,
+            zeros_t,
+            zeros_o,
+            pruned,
+            pruned_nz,
+            diff,
+            zeros_t / expected.size,
+            problem is None,
+            problem=problem,
+        )
         if nm is not None:
             check.nm_ok, check.nm_reason = nm_violations(matrix, *nm)
         layers.append(check)
@@ -170,7 +218,9 @@ def verify_sparsity(model, reference: dict[str, np.ndarray], masks: dict[str, np
 # ---------------------------------------------------------------- reference weights from a checkpoint
 
 
-def checkpoint_reference(checkpoint: Path | str, dtype=np.float32) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None, tuple[int, int] | None]:
+def checkpoint_reference(
+    checkpoint: Path | str, dtype=np.float32
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None, tuple[int, int] | None]:
     """Pruned linear weights ([out, in], cast to `dtype`), keep-masks and N:M pattern of a pruned checkpoint."""
     import json
 
@@ -205,7 +255,9 @@ def checkpoint_reference(checkpoint: Path | str, dtype=np.float32) -> tuple[dict
     if masks is not None:
         missing = sorted(set(masks) - set(weights))
         if missing:
-            raise UserError(f"{checkpoint}: masks.safetensors names {missing[0]} but the checkpoint has no {missing[0]}.weight")
+            raise UserError(
+                f"{checkpoint}: masks.safetensors names {missing[0]} but the checkpoint has no {missing[0]}.weight"
+            )
     nm = None
     report = checkpoint / "report.json"
     if report.is_file():
@@ -241,8 +293,16 @@ def _prompt_ids(tokenizer, prompts, vocab: int, seed: int = 0) -> list[np.ndarra
     return [rng.integers(0, vocab, size=(1, 8 + 3 * i), dtype=np.int64) for i in range(len(prompts))]
 
 
-def verify_parity(checkpoint: Path | str, onnx_path: Path | str, prompts=DEFAULT_PROMPTS, decode_steps: int = 4,
-                  greedy_tokens: int = 32, atol: float | None = None, torch_model=None, tokenizer=None) -> ParityReport:
+def verify_parity(
+    checkpoint: Path | str,
+    onnx_path: Path | str,
+    prompts=DEFAULT_PROMPTS,
+    decode_steps: int = 4,
+    greedy_tokens: int = 32,
+    atol: float | None = None,
+    torch_model=None,
+    tokenizer=None,
+) -> ParityReport:
     """Prefill + decode steps with the KV cache through PyTorch (float32) and ONNX Runtime; compare logits and greedy tokens."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -261,10 +321,15 @@ def verify_parity(checkpoint: Path | str, onnx_path: Path | str, prompts=DEFAULT
     vocab = int(model.config.vocab_size)
 
     def torch_run(ids, mask, past):
-        positions = torch.from_numpy(np.cumsum(mask, axis=1) - 1)[:, -ids.shape[1]:]
+        positions = torch.from_numpy(np.cumsum(mask, axis=1) - 1)[:, -ids.shape[1] :]
         with torch.no_grad():
-            out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), position_ids=positions,
-                        past_key_values=past, use_cache=True)
+            out = model(
+                input_ids=torch.from_numpy(ids),
+                attention_mask=torch.from_numpy(mask),
+                position_ids=positions,
+                past_key_values=past,
+                use_cache=True,
+            )
         return out.logits.float().numpy(), out.past_key_values
 
     results, worst, all_same = [], 0.0, True
@@ -284,14 +349,26 @@ def verify_parity(checkpoint: Path | str, onnx_path: Path | str, prompts=DEFAULT
                 o_logits, _ = decoder.run(ids, mask, None)
                 o_logits = o_logits[:, -1:]
             diffs.append(float(np.abs(t_logits[:, -1] - o_logits[:, -1].astype(np.float32)).max()))
-        first_ids = _prompt_ids(tokenizer, [text], vocab)[0] if tokenizer is not None else ids[:, : ids.shape[1] - (0 if decoder.with_past else decode_steps)]
+        first_ids = (
+            _prompt_ids(tokenizer, [text], vocab)[0]
+            if tokenizer is not None
+            else ids[:, : ids.shape[1] - (0 if decoder.with_past else decode_steps)]
+        )
         torch_tokens = _torch_greedy(torch_run, first_ids, greedy_tokens)
         onnx_tokens = decoder.greedy(first_ids, greedy_tokens).tolist()
         same = torch_tokens == onnx_tokens
         first_diff = next((i for i, (a, b) in enumerate(zip(torch_tokens, onnx_tokens)) if a != b), None)
-        entry = {"prompt": text, "prompt_tokens": int(first_ids.shape[1]), "prefill_max_abs_diff": diffs[0],
-                 "decode_max_abs_diff": diffs[1:], "max_abs_diff": max(diffs), "greedy_identical": same,
-                 "first_divergence": first_diff, "torch_tokens": torch_tokens, "onnx_tokens": onnx_tokens}
+        entry = {
+            "prompt": text,
+            "prompt_tokens": int(first_ids.shape[1]),
+            "prefill_max_abs_diff": diffs[0],
+            "decode_max_abs_diff": diffs[1:],
+            "max_abs_diff": max(diffs),
+            "greedy_identical": same,
+            "first_divergence": first_diff,
+            "torch_tokens": torch_tokens,
+            "onnx_tokens": onnx_tokens,
+        }
         if tokenizer is not None:
             entry["torch_text"] = tokenizer.decode(torch_tokens, skip_special_tokens=True)
             entry["onnx_text"] = tokenizer.decode(onnx_tokens, skip_special_tokens=True)

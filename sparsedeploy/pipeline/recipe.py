@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from sparsedeploy.common.errors import UserError
 from sparsedeploy.bench.config import ENGINES
+from sparsedeploy.common.errors import UserError
 from sparsedeploy.common.sparsity import SparsitySpec, parse_sparsity
 from sparsedeploy.export.config import DTYPES, OPSET_RANGE, STORAGES, TARGETS
 from sparsedeploy.prune.choices import ALLOCATIONS, OFFLOAD_MODES
@@ -176,8 +176,11 @@ def validate(recipe: Recipe) -> None:
         if not pattern.is_nm:
             raise _key_error("prune.pattern", f"{recipe.prune.pattern!r} is not N:M (e.g. 2:4)")
         if spec.is_nm and (spec.n, spec.m) != (pattern.n, pattern.m) or abs(spec.ratio - pattern.ratio) > 1e-9:
-            raise _key_error("prune.sparsity", f"{recipe.prune.sparsity} contradicts prune.pattern {pattern} "
-                             f"(which is exactly {pattern.ratio:g} sparse): drop one or make them agree")
+            raise _key_error(
+                "prune.sparsity",
+                f"{recipe.prune.sparsity} contradicts prune.pattern {pattern} "
+                f"(which is exactly {pattern.ratio:g} sparse): drop one or make them agree",
+            )
         recipe.prune.sparsity = str(pattern)
         spec = pattern
     if "+" in recipe.prune.method:  # a method chain: an initial method refined by another, e.g. wanda+dsnot
@@ -186,10 +189,15 @@ def validate(recipe: Recipe) -> None:
         if recipe.prune.method not in chains:
             raise _key_error("prune.method", f"chain {recipe.prune.method!r} is not supported: use {_one_of(chains)}")
         if recipe.prune.options.get("init", init) != init:
-            raise _key_error("prune.options.init", f"{recipe.prune.options['init']!r} contradicts prune.method {recipe.prune.method!r}")
+            raise _key_error(
+                "prune.options.init",
+                f"{recipe.prune.options['init']!r} contradicts prune.method {recipe.prune.method!r}",
+            )
         recipe.prune.method, recipe.prune.options = refine, {**recipe.prune.options, "init": init}
     if recipe.prune.method not in METHODS:
-        raise _key_error("prune.method", f"unknown method {recipe.prune.method!r}: choose one of {', '.join(sorted(METHODS))}")
+        raise _key_error(
+            "prune.method", f"unknown method {recipe.prune.method!r}: choose one of {', '.join(sorted(METHODS))}"
+        )
     try:
         build_method(recipe.prune.method, **recipe.prune.options)
     except TypeError as exc:
@@ -197,16 +205,27 @@ def validate(recipe: Recipe) -> None:
     except UserError as exc:
         raise _key_error("prune.options", str(exc)) from None
     if recipe.prune.allocation not in ALLOCATIONS:
-        raise _key_error("prune.allocation", f"unknown allocation {recipe.prune.allocation!r}: use {_one_of(ALLOCATIONS)}")
+        raise _key_error(
+            "prune.allocation", f"unknown allocation {recipe.prune.allocation!r}: use {_one_of(ALLOCATIONS)}"
+        )
     if recipe.prune.allocation != "uniform" and spec.is_nm:
-        raise _key_error("prune.allocation", f"{recipe.prune.allocation} needs an unstructured ratio; N:M {spec} is the same in every layer")
-    for key, value in (("calibration.nsamples", recipe.calibration.nsamples), ("calibration.seqlen", recipe.calibration.seqlen),
-                       ("eval.seqlen", recipe.eval.seqlen), ("eval.max_windows", recipe.eval.max_windows)):
+        raise _key_error(
+            "prune.allocation",
+            f"{recipe.prune.allocation} needs an unstructured ratio; N:M {spec} is the same in every layer",
+        )
+    for key, value in (
+        ("calibration.nsamples", recipe.calibration.nsamples),
+        ("calibration.seqlen", recipe.calibration.seqlen),
+        ("eval.seqlen", recipe.eval.seqlen),
+        ("eval.max_windows", recipe.eval.max_windows),
+    ):
         if value is not None and value < 1:
             raise _key_error(key, f"must be at least 1, got {value}")
     if recipe.gate.max_ppl_ratio is not None:
         if recipe.gate.max_ppl_ratio < 1.0:
-            raise _key_error("gate.max_ppl_ratio", f"{recipe.gate.max_ppl_ratio} < 1 would fail every pruned model: use a ratio >= 1")
+            raise _key_error(
+                "gate.max_ppl_ratio", f"{recipe.gate.max_ppl_ratio} < 1 would fail every pruned model: use a ratio >= 1"
+            )
         if not recipe.eval.dense:
             raise _key_error("gate.max_ppl_ratio", "needs the dense perplexity: set eval.dense: true")
     if recipe.gate.max_ppl is not None and recipe.gate.max_ppl <= 1.0:
@@ -218,7 +237,10 @@ def validate(recipe: Recipe) -> None:
     if recipe.export.storage not in STORAGES:
         raise _key_error("export.storage", f"unknown storage {recipe.export.storage!r}: use {_one_of(STORAGES)}")
     if recipe.bench.enabled and not recipe.export.enabled and recipe.bench.engine != "torch":
-        raise _key_error("bench.enabled", f"engine {recipe.bench.engine} benchmarks the exported ONNX model: set export.enabled: true")
+        raise _key_error(
+            "bench.enabled",
+            f"engine {recipe.bench.engine} benchmarks the exported ONNX model: set export.enabled: true",
+        )
     if not all(isinstance(b, int) and b > 0 for b in recipe.bench.batch):
         raise _key_error("bench.batch", f"must be a list of positive integers, got {recipe.bench.batch!r}")
     if recipe.export.dtype not in DTYPES:
@@ -228,8 +250,11 @@ def validate(recipe: Recipe) -> None:
         raise _key_error("export.opset", f"{recipe.export.opset} is outside {low}..{high} (LLaMA needs >= {low})")
     if recipe.bench.engine not in ENGINES:
         raise _key_error("bench.engine", f"unknown engine {recipe.bench.engine!r}: use {', '.join(ENGINES)}")
-    for key, value, low in (("bench.prompt_len", recipe.bench.prompt_len, 1), ("bench.gen_len", recipe.bench.gen_len, 0),
-                            ("bench.threads", recipe.bench.threads, 1)):
+    for key, value, low in (
+        ("bench.prompt_len", recipe.bench.prompt_len, 1),
+        ("bench.gen_len", recipe.bench.gen_len, 0),
+        ("bench.threads", recipe.bench.threads, 1),
+    ):
         if value < low:
             raise _key_error(key, f"must be at least {low}, got {value}")
     if recipe.offload not in OFFLOAD_MODES:
@@ -238,8 +263,13 @@ def validate(recipe: Recipe) -> None:
     if not (device in ("auto", "cpu") or device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
         raise _key_error("device", f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
     if recipe.bench.enabled and (recipe.bench.engine == "sparse-cpu") != (recipe.export.target == "sparse-cpu"):
-        raise _key_error("bench.engine", f"bench.engine {recipe.bench.engine} with export.target {recipe.export.target}: the "
-                         "sparse-cpu engine times a sparse-cpu export and nothing else; set both to sparse-cpu, or "
-                         "neither")
+        raise _key_error(
+            "bench.engine",
+            f"bench.engine {recipe.bench.engine} with export.target {recipe.export.target}: the "
+            "sparse-cpu engine times a sparse-cpu export and nothing else; set both to sparse-cpu, or "
+            "neither",
+        )
     if recipe.bench.enabled and recipe.bench.engine == "tensorrt" and device == "cpu":
-        raise _key_error("bench.engine", "tensorrt runs on a GPU: set device: auto or cuda, or use bench.engine: ort or deepsparse")
+        raise _key_error(
+            "bench.engine", "tensorrt runs on a GPU: set device: auto or cuda, or use bench.engine: ort or deepsparse"
+        )

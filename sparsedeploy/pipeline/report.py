@@ -79,13 +79,17 @@ def write_report(folder: Path, report: dict, prune_report: dict) -> None:
     recipe = report["recipe"]
     verdict = "PASSED" if gate["passed"] else "FAILED: " + "; ".join(gate["reasons"])
     lines = [
-        "# sparsedeploy report", "",
+        "# sparsedeploy report",
+        "",
         f"Model `{recipe['model']}`, method `{prune_report['method']}` at `{prune_report['sparsity_spec']}` "
         f"(allocation {recipe['prune']['allocation']}), calibration `{prune_report['calibration']['source']}` "
         f"{prune_report['calibration']['nsamples']}x{prune_report['calibration']['seqlen']} seed {prune_report['calibration']['seed']}, "
-        f"device {prune_report['device']}, {prune_report['versions']['torch_threads']} torch threads.", "",
-        f"**Quality gate: {verdict}**", "",
-        "| stage | perplexity | sparsity | windows x seqlen |", "|---|---|---|---|",
+        f"device {prune_report['device']}, {prune_report['versions']['torch_threads']} torch threads.",
+        "",
+        f"**Quality gate: {verdict}**",
+        "",
+        "| stage | perplexity | sparsity | windows x seqlen |",
+        "|---|---|---|---|",
     ]
     for name, ev in (("dense", dense), ("pruned", pruned)):
         if ev:
@@ -94,8 +98,12 @@ def write_report(folder: Path, report: dict, prune_report: dict) -> None:
         lines += ["", f"Perplexity ratio pruned/dense: {pruned['ppl'] / dense['ppl']:.3f}."]
     lines += ["", f"Evaluation data: `{pruned['data']}`.", "", "## Stages", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {s['name']} | {s['seconds']:.1f} |" for s in report["stages"]]
-    lines += ["", f"Prune: {prune_report['prune_seconds']:.1f} s, peak RSS {prune_report['peak_rss_mib']:.0f} MiB"
-              + (f", peak CUDA {prune_report['peak_cuda_mib']:.0f} MiB" if "peak_cuda_mib" in prune_report else "") + "."]
+    lines += [
+        "",
+        f"Prune: {prune_report['prune_seconds']:.1f} s, peak RSS {prune_report['peak_rss_mib']:.0f} MiB"
+        + (f", peak CUDA {prune_report['peak_cuda_mib']:.0f} MiB" if "peak_cuda_mib" in prune_report else "")
+        + ".",
+    ]
     if has_ppl_plot:
         lines += ["", "![perplexity](plots/perplexity.png)"]
     lines += ["", "## Sparsity per decoder block (measured from the weights)", ""]

@@ -17,8 +17,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.common.files import (KEPT_FOR_RESUME, RUN_STAGE, check_output_dir, refuse_unmarked, write_json_atomic,
-                                       write_marker)
+from sparsedeploy.common.files import (
+    KEPT_FOR_RESUME,
+    RUN_STAGE,
+    check_output_dir,
+    refuse_unmarked,
+    write_json_atomic,
+    write_marker,
+)
 from sparsedeploy.pipeline.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -46,8 +52,10 @@ def _eval_data(recipe: Recipe) -> str:
         return recipe.eval.data
     found = default_wikitext_test()
     if found is None:
-        raise UserError("recipe key eval.data is not set and no offline WikiText-2 test file was found: set eval.data (e.g. wikitext2:PATH) "
-                        "or SPARSEDEPLOY_WIKITEXT2=PATH/wiki.test.raw")
+        raise UserError(
+            "recipe key eval.data is not set and no offline WikiText-2 test file was found: set eval.data (e.g. wikitext2:PATH) "
+            "or SPARSEDEPLOY_WIKITEXT2=PATH/wiki.test.raw"
+        )
     return f"wikitext2:{found}"
 
 
@@ -58,8 +66,14 @@ def _evaluate(model_ref: str, recipe: Recipe, data: str, show_progress: bool) ->
 
     lm = load_model(model_ref, recipe.dtype)
     seqlen = recipe.eval.seqlen or default_seqlen(lm.model)
-    result = perplexity(lm.model, eval_tokens(lm.tokenizer, data), seqlen, resolve_device(recipe.device),
-                        recipe.eval.max_windows, show_progress)
+    result = perplexity(
+        lm.model,
+        eval_tokens(lm.tokenizer, data),
+        seqlen,
+        resolve_device(recipe.device),
+        recipe.eval.max_windows,
+        show_progress,
+    )
     return {**result.to_dict(), "data": data, "sparsity": overall_sparsity(layer_sparsity(lm.model))}
 
 
@@ -69,7 +83,9 @@ def check_gate(recipe: Recipe, dense_ppl: float | None, pruned_ppl: float) -> di
         gate["ppl_ratio"] = pruned_ppl / dense_ppl
         if gate["ppl_ratio"] > recipe.gate.max_ppl_ratio:
             gate["passed"] = False
-            gate["reasons"].append(f"perplexity ratio {gate['ppl_ratio']:.3f} > max_ppl_ratio {recipe.gate.max_ppl_ratio}")
+            gate["reasons"].append(
+                f"perplexity ratio {gate['ppl_ratio']:.3f} > max_ppl_ratio {recipe.gate.max_ppl_ratio}"
+            )
     if recipe.gate.max_ppl is not None and pruned_ppl > recipe.gate.max_ppl:
         gate["passed"] = False
         gate["reasons"].append(f"perplexity {pruned_ppl:.3f} > max_ppl {recipe.gate.max_ppl}")
@@ -77,7 +93,9 @@ def check_gate(recipe: Recipe, dense_ppl: float | None, pruned_ppl: float) -> di
 
 
 class Pipeline:
-    def __init__(self, recipe: Recipe, output: Path, overwrite: bool = False, resume: bool = False, show_progress: bool = True) -> None:
+    def __init__(
+        self, recipe: Recipe, output: Path, overwrite: bool = False, resume: bool = False, show_progress: bool = True
+    ) -> None:
         self.recipe = recipe
         self.output = Path(output)
         self.overwrite = overwrite
@@ -110,7 +128,9 @@ class Pipeline:
         check_output_dir(self.output, self.overwrite)
         if self.staging.exists() and not self.resume:
             if not self.overwrite:
-                raise UserError(f"an interrupted run left {self.staging}: pass --resume to continue it, or --overwrite to start over")
+                raise UserError(
+                    f"an interrupted run left {self.staging}: pass --resume to continue it, or --overwrite to start over"
+                )
             shutil.rmtree(self.staging)
         self.staging.mkdir(parents=True, exist_ok=True)
         write_marker(self.staging)  # the finished output carries it: a later --overwrite may replace it
@@ -118,8 +138,14 @@ class Pipeline:
         recipe_file = self.staging / "recipe.json"
         current = asdict(self.recipe)
         current.pop("output", None)
-        if self.resume and recipe_file.is_file() and json.loads(recipe_file.read_text()) != json.loads(json.dumps(current)):
-            raise UserError(f"cannot resume {self.staging}: the recipe changed since it started; rerun with the same recipe or pass --overwrite")
+        if (
+            self.resume
+            and recipe_file.is_file()
+            and json.loads(recipe_file.read_text()) != json.loads(json.dumps(current))
+        ):
+            raise UserError(
+                f"cannot resume {self.staging}: the recipe changed since it started; rerun with the same recipe or pass --overwrite"
+            )
         write_json_atomic(recipe_file, current)
 
     def run(self) -> dict:
@@ -132,11 +158,32 @@ class Pipeline:
         dense = None
         if r.eval.dense:
             dense = self._stage("eval_dense", lambda: _evaluate(r.model, r, data, self.show_progress))
-        config = PruneConfig(model=r.model, method=r.prune.method, sparsity=r.prune.sparsity, calib=r.calibration.source,
-                             nsamples=r.calibration.nsamples, seqlen=r.calibration.seqlen, seed=r.calibration.seed,
-                             device=r.device, dtype=r.dtype, method_options=dict(r.prune.options), allocation=r.prune.allocation)
-        self._stage("prune", lambda: _summary(run_prune(config, model_dir, overwrite=True, show_progress=self.show_progress, resume=self.resume,
-                                                        offload=r.offload)))
+        config = PruneConfig(
+            model=r.model,
+            method=r.prune.method,
+            sparsity=r.prune.sparsity,
+            calib=r.calibration.source,
+            nsamples=r.calibration.nsamples,
+            seqlen=r.calibration.seqlen,
+            seed=r.calibration.seed,
+            device=r.device,
+            dtype=r.dtype,
+            method_options=dict(r.prune.options),
+            allocation=r.prune.allocation,
+        )
+        self._stage(
+            "prune",
+            lambda: _summary(
+                run_prune(
+                    config,
+                    model_dir,
+                    overwrite=True,
+                    show_progress=self.show_progress,
+                    resume=self.resume,
+                    offload=r.offload,
+                )
+            ),
+        )
         pruned = self._stage("eval_pruned", lambda: _evaluate(str(model_dir), r, data, self.show_progress))
         gate = check_gate(r, dense["ppl"] if dense else None, pruned["ppl"])
         self.stages.append(StageResult("gate", 0.0, gate))
@@ -144,7 +191,9 @@ class Pipeline:
             if r.export.enabled:
                 self._stage("export", lambda: run_export_stage(r, model_dir, self.staging / "onnx"))
             if r.bench.enabled:
-                self._stage("bench", lambda: run_bench_stage(r, model_dir, self.staging / "onnx", self.staging / "bench"))
+                self._stage(
+                    "bench", lambda: run_bench_stage(r, model_dir, self.staging / "onnx", self.staging / "bench")
+                )
         report = self.finish(dense, pruned, gate)
         if not gate["passed"]:
             raise GateFailed("; ".join(gate["reasons"]) + f" (report in {self.output})")
@@ -153,9 +202,15 @@ class Pipeline:
     def finish(self, dense: dict | None, pruned: dict, gate: dict) -> dict:
         from sparsedeploy.pipeline.report import write_report
 
-        report = {"recipe": asdict(self.recipe), "output": str(self.output), "dense": dense, "pruned": pruned, "gate": gate,
-                  "stages": [{"name": s.name, "seconds": s.seconds} for s in self.stages],
-                  "stage_results": {s.name: s.data for s in self.stages}}
+        report = {
+            "recipe": asdict(self.recipe),
+            "output": str(self.output),
+            "dense": dense,
+            "pruned": pruned,
+            "gate": gate,
+            "stages": [{"name": s.name, "seconds": s.seconds} for s in self.stages],
+            "stage_results": {s.name: s.data for s in self.stages},
+        }
         prune_report = json.loads((self.staging / "model" / "report.json").read_text())
         write_report(self.staging, report, prune_report)
         shutil.rmtree(self.staging / "stages", ignore_errors=True)
@@ -172,7 +227,15 @@ class Pipeline:
 
 
 def _summary(prune_report: dict) -> dict:
-    keys = ("method", "sparsity_spec", "overall_sparsity", "prune_seconds", "peak_rss_mib", "calibration", "resumed_from_block")
+    keys = (
+        "method",
+        "sparsity_spec",
+        "overall_sparsity",
+        "prune_seconds",
+        "peak_rss_mib",
+        "calibration",
+        "resumed_from_block",
+    )
     return {k: prune_report[k] for k in keys if k in prune_report}
 
 
@@ -180,7 +243,9 @@ def run_export_stage(recipe: Recipe, model_dir: Path, onnx_dir: Path) -> dict:
     try:
         import sparsedeploy.export.run  # noqa: F401 - fails without the export extra
     except ImportError:
-        raise UserError("recipe key export.enabled: this installation has no ONNX exporter: pip install 'sparsedeploy[export]'") from None
+        raise UserError(
+            "recipe key export.enabled: this installation has no ONNX exporter: pip install 'sparsedeploy[export]'"
+        ) from None
     return export_stage(recipe, model_dir, onnx_dir)
 
 
@@ -188,7 +253,9 @@ def run_bench_stage(recipe: Recipe, model_dir: Path, onnx_dir: Path, out_dir: Pa
     try:
         import sparsedeploy.bench.run  # noqa: F401 - fails without the bench extra
     except ImportError:
-        raise UserError("recipe key bench.enabled: this installation has no benchmark harness: pip install 'sparsedeploy[bench]'") from None
+        raise UserError(
+            "recipe key bench.enabled: this installation has no benchmark harness: pip install 'sparsedeploy[bench]'"
+        ) from None
     return bench_stage(recipe, model_dir, onnx_dir, out_dir)
 
 
@@ -197,19 +264,40 @@ def export_stage(recipe, model_dir: Path, onnx_dir: Path) -> dict:
     from sparsedeploy.export.run import ExportConfig, export_checkpoint, summary
 
     section = recipe.export
-    config = ExportConfig(model=str(model_dir), dtype=section.dtype, opset=section.opset, target=section.target,
-                          storage=section.storage, verify=section.verify)
+    config = ExportConfig(
+        model=str(model_dir),
+        dtype=section.dtype,
+        opset=section.opset,
+        target=section.target,
+        storage=section.storage,
+        verify=section.verify,
+    )
     report = export_checkpoint(config, onnx_dir, overwrite=True)
     data, text = summary(report, onnx_dir)
     log.info("%s", text)
-    rows = [("ONNX", f"`{onnx_dir.name}/model.onnx` ({data['exporter']}, opset {data['opset']}, target {data['target']})"),
-            ("size", f"{data['model_bytes'] / 2**20:.1f} MiB ({data['storage']} storage), ONNX Runtime load {data['ort_load_seconds']:.2f} s")]
+    rows = [
+        ("ONNX", f"`{onnx_dir.name}/model.onnx` ({data['exporter']}, opset {data['opset']}, target {data['target']})"),
+        (
+            "size",
+            f"{data['model_bytes'] / 2**20:.1f} MiB ({data['storage']} storage), ONNX Runtime load {data['ort_load_seconds']:.2f} s",
+        ),
+    ]
     if data["verified"]:
-        rows += [("zeros", f"{data['zeros_onnx']} in ONNX == {data['zeros_torch']} in PyTorch over {data['linears']} linears"),
-                 ("parity", f"max abs logit difference {data['max_abs_logit_diff']:.2e}; greedy continuation "
-                            + ("identical" if data["greedy_identical"] else "differs"))]
+        rows += [
+            (
+                "zeros",
+                f"{data['zeros_onnx']} in ONNX == {data['zeros_torch']} in PyTorch over {data['linears']} linears",
+            ),
+            (
+                "parity",
+                f"max abs logit difference {data['max_abs_logit_diff']:.2e}; greedy continuation "
+                + ("identical" if data["greedy_identical"] else "differs"),
+            ),
+        ]
         if data["nm_pattern"]:
-            rows.append(("N:M along K", f"{data['nm_qualifying']}/{data['linears']} weights satisfy {data['nm_pattern']}"))
+            rows.append(
+                ("N:M along K", f"{data['nm_qualifying']}/{data['linears']} weights satisfy {data['nm_pattern']}")
+            )
     else:
         rows.append(("verification", "skipped (export.verify: false)"))
     data["markdown"] = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
@@ -225,11 +313,8 @@ def bench_stage(recipe, model_dir: Path, onnx_dir: Path, out_dir: Path) -> dict:
     import shutil
 
     from sparsedeploy.bench.config import BenchConfig
-
     from sparsedeploy.bench.report import markdown, plot
-
     from sparsedeploy.bench.run import run_bench
-
     from sparsedeploy.common.files import write_json_atomic
     from sparsedeploy.common.models import resolve_model_path
 
@@ -245,8 +330,15 @@ def bench_stage(recipe, model_dir: Path, onnx_dir: Path, out_dir: Path) -> dict:
         if reason:  # say so before exporting a dense baseline nobody will time
             message = f"bench engine tensorrt: not run: {reason}"
             return {"skipped": message, "markdown": message}
-    cfg = BenchConfig(model=str(onnx_dir), engine=section.engine, batches=list(section.batch), prompt_len=section.prompt_len,
-                      gen_len=section.gen_len, threads=section.threads, device=device)
+    cfg = BenchConfig(
+        model=str(onnx_dir),
+        engine=section.engine,
+        batches=list(section.batch),
+        prompt_len=section.prompt_len,
+        gen_len=section.gen_len,
+        threads=section.threads,
+        device=device,
+    )
     try:
         if section.engine == "torch":
             cfg.model, cfg.baseline = str(model_dir), str(resolve_model_path(recipe.model))
@@ -256,8 +348,17 @@ def bench_stage(recipe, model_dir: Path, onnx_dir: Path, out_dir: Path) -> dict:
             log.info("exporting the dense model %s for the baseline timings", recipe.model)
             # the baseline is the dense model as ONNX Runtime runs it (a dense model has nothing for sparse-cpu to pack)
             target = "ort" if recipe.export.target == "sparse-cpu" else recipe.export.target
-            export_checkpoint(ExportConfig(model=recipe.model, dtype=recipe.export.dtype, opset=recipe.export.opset,
-                                           target=target, verify=False), scratch, overwrite=True)
+            export_checkpoint(
+                ExportConfig(
+                    model=recipe.model,
+                    dtype=recipe.export.dtype,
+                    opset=recipe.export.opset,
+                    target=target,
+                    verify=False,
+                ),
+                scratch,
+                overwrite=True,
+            )
             cfg.baseline = str(scratch)
         result = run_bench(cfg)
     finally:
@@ -272,5 +373,10 @@ def bench_stage(recipe, model_dir: Path, onnx_dir: Path, out_dir: Path) -> dict:
     body = md.split("\n", 2)[2] if md.startswith("# ") else md  # REPORT.md gives the heading
     if png is not None:
         body += f"\n![speedup](bench/{png.name})\n"
-    return {"engine": section.engine, "threads": section.threads, "speedups": speedups, "markdown": body,
-            "form": sorted({r["form"] for r in result["rows"]})}
+    return {
+        "engine": section.engine,
+        "threads": section.threads,
+        "speedups": speedups,
+        "markdown": body,
+        "form": sorted({r["form"] for r in result["rows"]}),
+    }

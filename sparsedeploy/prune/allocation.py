@@ -30,18 +30,18 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from sparsedeploy.prune.choices import ALLOCATIONS
-from sparsedeploy.prune.calibration import EngineConfig, InputStats, walk_blocks
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.common.models import find_blocks, find_linears
 from sparsedeploy.common.sparsity import SparsitySpec
+from sparsedeploy.prune.calibration import EngineConfig, InputStats, walk_blocks
+from sparsedeploy.prune.choices import ALLOCATIONS
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class AllocationConfig:
 
 # ----------------------------------------------------------------------------- pure math
 
+
 def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
     total = float(sum(weights))
     if total <= 0:
@@ -69,14 +70,17 @@ def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
     return sum(float(v) * float(w) for v, w in zip(values, weights)) / total
 
 
-def fit_around_target(deviations: Sequence[float], weights: Sequence[float], target: float,
-                      max_sparsity: float = 0.99) -> list[float]:
+def fit_around_target(
+    deviations: Sequence[float], weights: Sequence[float], target: float, max_sparsity: float = 0.99
+) -> list[float]:
     """target + c * (dev - weighted mean(dev)), with the largest c <= 1 keeping every ratio in [0, max_sparsity].
 
     The result's weighted mean equals `target` (to float precision) whatever c is.
     """
     if not 0.0 <= target <= max_sparsity:
-        raise UserError(f"target sparsity {target} is outside [0, {max_sparsity}]: a non-uniform allocation needs room around it")
+        raise UserError(
+            f"target sparsity {target} is outside [0, {max_sparsity}]: a non-uniform allocation needs room around it"
+        )
     centre = weighted_mean(deviations, weights)
     dev = [float(d) - centre for d in deviations]
     scale = 1.0
@@ -90,8 +94,9 @@ def fit_around_target(deviations: Sequence[float], weights: Sequence[float], tar
     return [min(max(r + fix, 0.0), max_sparsity) for r in ratios]
 
 
-def owl_ratios(outlier_ratios: Sequence[float], weights: Sequence[float], target: float, lam: float,
-               max_sparsity: float = 0.99) -> list[float]:
+def owl_ratios(
+    outlier_ratios: Sequence[float], weights: Sequence[float], target: float, lam: float, max_sparsity: float = 0.99
+) -> list[float]:
     """OWL: more outliers -> lower sparsity; |s_i - target| <= lam; weighted mean == target."""
     if lam < 0:
         raise UserError(f"--owl-lambda {lam} must be >= 0")
@@ -112,12 +117,16 @@ def atp_max_difference(n_blocks: int, weights: Sequence[float], target: float, m
     if n_blocks < 2:
         return 0.0
     centre = weighted_mean(range(n_blocks), weights)
-    limits = [target / centre if centre > 0 else math.inf,
-              (max_sparsity - target) / (n_blocks - 1 - centre) if n_blocks - 1 > centre else math.inf]
+    limits = [
+        target / centre if centre > 0 else math.inf,
+        (max_sparsity - target) / (n_blocks - 1 - centre) if n_blocks - 1 > centre else math.inf,
+    ]
     return max(0.0, min(limits))
 
 
-def atp_ratios(n_blocks: int, weights: Sequence[float], target: float, d: float, max_sparsity: float = 0.99) -> list[float]:
+def atp_ratios(
+    n_blocks: int, weights: Sequence[float], target: float, d: float, max_sparsity: float = 0.99
+) -> list[float]:
     """ATP: s_i = s_0 + i * d with weighted mean == target (d clipped to the feasible maximum)."""
     d = min(max(d, 0.0), atp_max_difference(n_blocks, weights, target, max_sparsity))
     centre = weighted_mean(range(n_blocks), weights)
@@ -126,8 +135,9 @@ def atp_ratios(n_blocks: int, weights: Sequence[float], target: float, d: float,
     return [min(max(r + fix, 0.0), max_sparsity) for r in ratios]
 
 
-def atp_candidates(n_blocks: int, weights: Sequence[float], target: float, spreads: Sequence[float],
-                   max_sparsity: float = 0.99) -> list[float]:
+def atp_candidates(
+    n_blocks: int, weights: Sequence[float], target: float, spreads: Sequence[float], max_sparsity: float = 0.99
+) -> list[float]:
     """Common differences to try: spread / (blocks - 1), clipped to the feasible maximum, deduplicated."""
     dmax = atp_max_difference(n_blocks, weights, target, max_sparsity)
     out: list[float] = []
@@ -148,20 +158,31 @@ def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:
 
 # ----------------------------------------------------------------------------- model side
 
+
 def block_param_counts(model: nn.Module) -> list[int]:
     """Weights of the pruned linears in each decoder block (the weights of the mean constraint)."""
     return [sum(lin.weight.numel() for lin in find_linears(block).values()) for block in find_blocks(model)]
 
 
 @torch.no_grad()
-def owl_outlier_ratios(model: nn.Module, samples: torch.Tensor, device: torch.device, m: float = 5.0,
-                       show_progress: bool = True, load_block: BlockHook | None = None,
-                       release_block: BlockHook | None = None) -> list[float]:
+def owl_outlier_ratios(
+    model: nn.Module,
+    samples: torch.Tensor,
+    device: torch.device,
+    m: float = 5.0,
+    show_progress: bool = True,
+    load_block: BlockHook | None = None,
+    release_block: BlockHook | None = None,
+) -> list[float]:
     """One pass of the shared engine over the dense model: each block's OWL outlier ratio (nothing is modified)."""
     ratios: list[float] = []
 
-    def score_block(index: int, block: nn.Module, linears: dict[str, nn.Linear], stats: dict[str, InputStats], _forward) -> None:
-        scores = [lin.weight.detach().float().abs() * stats[name].sq_mean.sqrt().unsqueeze(0) for name, lin in linears.items()]
+    def score_block(
+        index: int, block: nn.Module, linears: dict[str, nn.Linear], stats: dict[str, InputStats], _forward
+    ) -> None:
+        scores = [
+            lin.weight.detach().float().abs() * stats[name].sq_mean.sqrt().unsqueeze(0) for name, lin in linears.items()
+        ]
         ratios.append(outlier_ratio(scores, m))
 
     config = EngineConfig(device=device, show_progress=show_progress, description="OWL outlier statistics")
@@ -193,8 +214,15 @@ class Allocation:
         return weighted_mean(self.ratios, self.weights)
 
     def report(self) -> dict:
-        return {"kind": self.kind, "target": str(self.target), "allocated_mean": self.allocated_mean,
-                "min": min(self.ratios), "max": max(self.ratios), "per_block": self.ratios, **self.details}
+        return {
+            "kind": self.kind,
+            "target": str(self.target),
+            "allocated_mean": self.allocated_mean,
+            "min": min(self.ratios),
+            "max": max(self.ratios),
+            "per_block": self.ratios,
+            **self.details,
+        }
 
 
 def uniform(model: nn.Module, spec: SparsitySpec) -> Allocation:
@@ -202,10 +230,18 @@ def uniform(model: nn.Module, spec: SparsitySpec) -> Allocation:
     return Allocation("uniform", spec, [spec.ratio] * len(weights), weights)
 
 
-def plan_allocation(model: nn.Module, samples: torch.Tensor, method, spec: SparsitySpec, config: AllocationConfig,
-                    device: torch.device, eval_samples: Callable[[int], torch.Tensor] | None = None,
-                    show_progress: bool = True, load_block: BlockHook | None = None,
-                    release_block: BlockHook | None = None) -> Allocation:
+def plan_allocation(
+    model: nn.Module,
+    samples: torch.Tensor,
+    method,
+    spec: SparsitySpec,
+    config: AllocationConfig,
+    device: torch.device,
+    eval_samples: Callable[[int], torch.Tensor] | None = None,
+    show_progress: bool = True,
+    load_block: BlockHook | None = None,
+    release_block: BlockHook | None = None,
+) -> Allocation:
     """Decide each block's sparsity on the DENSE model (call before pruning or restoring blocks).
 
     `eval_samples(n)` returns n held-out calibration-source windows [n, seqlen] for the ATP search.
@@ -217,8 +253,10 @@ def plan_allocation(model: nn.Module, samples: torch.Tensor, method, spec: Spars
     if kind == "uniform":
         return uniform(model, spec)
     if spec.is_nm:
-        raise UserError(f"--allocation {kind} needs an unstructured sparsity ratio: N:M {spec} is the same pattern in every "
-                        "layer by definition; use --allocation uniform, or a ratio such as 0.5")
+        raise UserError(
+            f"--allocation {kind} needs an unstructured sparsity ratio: N:M {spec} is the same pattern in every "
+            "layer by definition; use --allocation uniform, or a ratio such as 0.5"
+        )
     weights = block_param_counts(model)
     target = spec.ratio
     start = time.perf_counter()
@@ -230,52 +268,113 @@ def plan_allocation(model: nn.Module, samples: torch.Tensor, method, spec: Spars
         details = {"owl_m": config.owl_m, "owl_lambda": config.owl_lambda, "outlier_ratios": outliers}
     else:
         if load_block is not None:
-            raise UserError("--allocation atp prunes trial copies in memory and cannot run with --offload disk: "
-                            "use --offload none or cpu, or --allocation owl")
+            raise UserError(
+                "--allocation atp prunes trial copies in memory and cannot run with --offload disk: "
+                "use --offload none or cpu, or --allocation owl"
+            )
         if eval_samples is None:
             raise ValueError("ATP needs eval_samples for its search")
-        d, trials = atp_search(model, samples, method, target, weights, config, device, eval_samples(config.atp_search_windows),
-                               show_progress)
+        d, trials = atp_search(
+            model,
+            samples,
+            method,
+            target,
+            weights,
+            config,
+            device,
+            eval_samples(config.atp_search_windows),
+            show_progress,
+        )
         ratios = atp_ratios(len(weights), weights, target, d, config.max_sparsity)
-        details = {"atp_difference": d, "atp_search": trials,
-                   "atp_search_setting": {"nsamples": min(config.atp_search_nsamples, samples.shape[0]),
-                                          "eval_windows": config.atp_search_windows, "spreads": list(config.atp_spreads)}}
+        details = {
+            "atp_difference": d,
+            "atp_search": trials,
+            "atp_search_setting": {
+                "nsamples": min(config.atp_search_nsamples, samples.shape[0]),
+                "eval_windows": config.atp_search_windows,
+                "spreads": list(config.atp_spreads),
+            },
+        }
     details["allocation_seconds"] = time.perf_counter() - start
     allocation = Allocation(kind, spec, ratios, weights, details)
-    log.info("%s allocation: sparsity %.4f..%.4f over %d blocks, parameter-weighted mean %.6f (target %s)",
-             kind, allocation.report()["min"], allocation.report()["max"], len(ratios), allocation.allocated_mean, spec)
+    log.info(
+        "%s allocation: sparsity %.4f..%.4f over %d blocks, parameter-weighted mean %.6f (target %s)",
+        kind,
+        allocation.report()["min"],
+        allocation.report()["max"],
+        len(ratios),
+        allocation.allocated_mean,
+        spec,
+    )
     return allocation
 
 
-def plan_or_restore_allocation(model: nn.Module, samples: torch.Tensor, method, spec: SparsitySpec, config: AllocationConfig,
-                               device: torch.device, eval_samples: Callable[[int], torch.Tensor] | None, work: Path | None,
-                               show_progress: bool = True, load_block: BlockHook | None = None,
-                               release_block: BlockHook | None = None) -> Allocation:
+def plan_or_restore_allocation(
+    model: nn.Module,
+    samples: torch.Tensor,
+    method,
+    spec: SparsitySpec,
+    config: AllocationConfig,
+    device: torch.device,
+    eval_samples: Callable[[int], torch.Tensor] | None,
+    work: Path | None,
+    show_progress: bool = True,
+    load_block: BlockHook | None = None,
+    release_block: BlockHook | None = None,
+) -> Allocation:
     """`plan_allocation`, remembered in the run's work directory so that --resume reuses it unchanged.
 
     A resumed run must not re-plan: its model already holds pruned blocks (OWL wants the dense
     activations) and the ATP search would cost again. The file is keyed by the settings it used.
     """
-    key = {"kind": config.kind, "target": str(spec), "owl_m": config.owl_m, "owl_lambda": config.owl_lambda,
-           "atp_spreads": list(config.atp_spreads), "atp_search_nsamples": config.atp_search_nsamples,
-           "atp_search_windows": config.atp_search_windows, "max_sparsity": config.max_sparsity}
+    key = {
+        "kind": config.kind,
+        "target": str(spec),
+        "owl_m": config.owl_m,
+        "owl_lambda": config.owl_lambda,
+        "atp_spreads": list(config.atp_spreads),
+        "atp_search_nsamples": config.atp_search_nsamples,
+        "atp_search_windows": config.atp_search_windows,
+        "max_sparsity": config.max_sparsity,
+    }
     path = Path(work) / "allocation.json" if work is not None else None
     if path is not None and path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
             log.info("resuming with the %s allocation planned before the interruption (%s)", config.kind, path)
-            return Allocation(saved["kind"], spec, saved["ratios"], saved["weights"], {**saved["details"], "restored": True})
-    allocation = plan_allocation(model, samples, method, spec, config, device, eval_samples, show_progress, load_block, release_block)
+            return Allocation(
+                saved["kind"], spec, saved["ratios"], saved["weights"], {**saved["details"], "restored": True}
+            )
+    allocation = plan_allocation(
+        model, samples, method, spec, config, device, eval_samples, show_progress, load_block, release_block
+    )
     if path is not None and config.kind != "uniform":
         from sparsedeploy.common.files import write_json_atomic
 
-        write_json_atomic(path, {"key": key, "kind": allocation.kind, "ratios": allocation.ratios, "weights": allocation.weights,
-                                 "details": allocation.details})
+        write_json_atomic(
+            path,
+            {
+                "key": key,
+                "kind": allocation.kind,
+                "ratios": allocation.ratios,
+                "weights": allocation.weights,
+                "details": allocation.details,
+            },
+        )
     return allocation
 
 
-def atp_search(model: nn.Module, samples: torch.Tensor, method, target: float, weights: list[int], config: AllocationConfig,
-               device: torch.device, held_out: torch.Tensor, show_progress: bool = True) -> tuple[float, list[dict]]:
+def atp_search(
+    model: nn.Module,
+    samples: torch.Tensor,
+    method,
+    target: float,
+    weights: list[int],
+    config: AllocationConfig,
+    device: torch.device,
+    held_out: torch.Tensor,
+    show_progress: bool = True,
+) -> tuple[float, list[dict]]:
     """Prune with each candidate difference (reduced calibration), score held-out perplexity, restore; best d.
 
     A method that refines an initial one (DSnoT) is searched with its initial method: the allocation is a
@@ -295,11 +394,18 @@ def atp_search(model: nn.Module, samples: torch.Tensor, method, target: float, w
     trials = []
     try:
         for d in candidates:
-            alloc = Allocation("atp", SparsitySpec(ratio=target), atp_ratios(len(weights), weights, target, d, config.max_sparsity), weights)
+            alloc = Allocation(
+                "atp",
+                SparsitySpec(ratio=target),
+                atp_ratios(len(weights), weights, target, d, config.max_sparsity),
+                weights,
+            )
             t0 = time.perf_counter()
             prune_model(model, subset, method, alloc.spec_for, device, show_progress=False, model_check=False)
             ppl = perplexity(model, held_out.flatten(), held_out.shape[1], device, show_progress=False).ppl
-            trials.append({"difference": d, "spread": d * (len(weights) - 1), "ppl": ppl, "seconds": time.perf_counter() - t0})
+            trials.append(
+                {"difference": d, "spread": d * (len(weights) - 1), "ppl": ppl, "seconds": time.perf_counter() - t0}
+            )
             log.info("ATP search: d=%.5f (spread %.3f) -> held-out perplexity %.3f", d, d * (len(weights) - 1), ppl)
             for lin, w in zip(linears, saved):
                 lin.weight.data.copy_(w)

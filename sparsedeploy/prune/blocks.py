@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 SpecFor = Callable[[int, str], SparsitySpec]  # (block index, linear name) -> spec
 
+
 def blocks_prefix(model: nn.Module) -> str:
     blocks = find_blocks(model)
     for name, module in model.named_modules():
@@ -30,15 +31,24 @@ def blocks_prefix(model: nn.Module) -> str:
 
 
 @torch.no_grad()
-def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, spec_for: SpecFor,
-                device: torch.device, show_progress: bool = True, offload_inputs: bool = False,
-                start_block: int = 0, masks: dict[str, torch.Tensor] | None = None,
-                on_block_done: Callable[[int, nn.Module, dict[str, torch.Tensor]], None] | None = None,
-                load_block: Callable[[int, nn.Module], None] | None = None,
-                release_block: Callable[[int, nn.Module], None] | None = None,
-                retain_masks: bool = True, model_check: bool = True,
-                check_samples: torch.Tensor | None = None,
-                block_seconds: list[float] | None = None) -> dict[str, torch.Tensor]:
+def prune_model(
+    model: nn.Module,
+    samples: torch.Tensor,
+    method: PruningMethod,
+    spec_for: SpecFor,
+    device: torch.device,
+    show_progress: bool = True,
+    offload_inputs: bool = False,
+    start_block: int = 0,
+    masks: dict[str, torch.Tensor] | None = None,
+    on_block_done: Callable[[int, nn.Module, dict[str, torch.Tensor]], None] | None = None,
+    load_block: Callable[[int, nn.Module], None] | None = None,
+    release_block: Callable[[int, nn.Module], None] | None = None,
+    retain_masks: bool = True,
+    model_check: bool = True,
+    check_samples: torch.Tensor | None = None,
+    block_seconds: list[float] | None = None,
+) -> dict[str, torch.Tensor]:
     """Prune every decoder linear in place through the shared engine; return keep-masks by full name.
 
     `start_block`/`masks`: resume after blocks already pruned (their masks). `on_block_done(i, block,
@@ -59,16 +69,26 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
     prefix = blocks_prefix(model)
     check_model = model_check and method.verify_model and start_block == 0
     check_samples = samples if check_samples is None else check_samples
-    plain = plain_initial(model, samples, method.initial_method(), spec_for, device, offload_inputs, check_samples,
-                          show_progress) if check_model else None
+    plain = (
+        plain_initial(
+            model, samples, method.initial_method(), spec_for, device, offload_inputs, check_samples, show_progress
+        )
+        if check_model
+        else None
+    )
     masks = dict(masks or {})
 
     def apply(linear: nn.Linear, full: str, mask: torch.Tensor, weight: torch.Tensor) -> None:
         linear.weight.data.copy_(weight.masked_fill(~mask, 0.0).to(linear.weight.dtype))
         masks[full] = mask.to("cpu")
 
-    def prune_block(index: int, block: nn.Module, linears: dict[str, nn.Linear], stats: dict[str, InputStats],
-                    forward: Callable[[], list[torch.Tensor]]) -> None:
+    def prune_block(
+        index: int,
+        block: nn.Module,
+        linears: dict[str, nn.Linear],
+        stats: dict[str, InputStats],
+        forward: Callable[[], list[torch.Tensor]],
+    ) -> None:
         # A method that refines an initial result (DSnoT) may ask for the block-level check: its refinement
         # is kept only if the block's output moves closer to the dense block's output on the same inputs.
         check = method.verify_block
@@ -103,15 +123,28 @@ def prune_model(model: nn.Module, samples: torch.Tensor, method: PruningMethod, 
             mark[0] = now
         head = f"{prefix}.{index}."
         if on_block_done is not None:
-            on_block_done(index, block, {k[len(head):]: v for k, v in masks.items() if k.startswith(head)})
+            on_block_done(index, block, {k[len(head) :]: v for k, v in masks.items() if k.startswith(head)})
         if not retain_masks:
             for key in [k for k in masks if k.startswith(head)]:
                 del masks[key]
 
-    config = EngineConfig(device=device, need_hessian=method.needs_hessian, offload_inputs=offload_inputs,
-                          show_progress=show_progress, description=f"{method.name}")
-    walk_blocks(model, samples, config, prune_block, start_block=start_block, on_block_done=block_done,
-                load_block=load_block, release_block=release_block)
+    config = EngineConfig(
+        device=device,
+        need_hessian=method.needs_hessian,
+        offload_inputs=offload_inputs,
+        show_progress=show_progress,
+        description=f"{method.name}",
+    )
+    walk_blocks(
+        model,
+        samples,
+        config,
+        prune_block,
+        start_block=start_block,
+        on_block_done=block_done,
+        load_block=load_block,
+        release_block=release_block,
+    )
     if plain is not None:
         check_whole_model(model, check_samples, device, method, masks, plain)
     return masks
@@ -132,13 +165,23 @@ def calibration_ppl(model: nn.Module, samples: torch.Tensor, device: torch.devic
     return perplexity(model, samples.reshape(-1), samples.shape[1], device, show_progress=False).ppl
 
 
-def plain_initial(model: nn.Module, samples: torch.Tensor, initial_method: PruningMethod, spec_for: SpecFor, device: torch.device,
-                  offload_inputs: bool, check_samples: torch.Tensor, show_progress: bool) -> PlainInitial:
+def plain_initial(
+    model: nn.Module,
+    samples: torch.Tensor,
+    initial_method: PruningMethod,
+    spec_for: SpecFor,
+    device: torch.device,
+    offload_inputs: bool,
+    check_samples: torch.Tensor,
+    show_progress: bool,
+) -> PlainInitial:
     """Run the initial method alone on a copy of the (dense) model; keep only what the comparison needs."""
     import copy
 
     twin = copy.deepcopy(model)
-    masks = prune_model(twin, samples, initial_method, spec_for, device, show_progress, offload_inputs, model_check=False)
+    masks = prune_model(
+        twin, samples, initial_method, spec_for, device, show_progress, offload_inputs, model_check=False
+    )
     ppl = calibration_ppl(twin, check_samples, device)
     weights = {name: twin.get_submodule(name).weight.data.clone() for name in masks}
     del twin
@@ -146,8 +189,14 @@ def plain_initial(model: nn.Module, samples: torch.Tensor, initial_method: Pruni
     return PlainInitial(weights, masks, ppl)
 
 
-def check_whole_model(model: nn.Module, check_samples: torch.Tensor, device: torch.device, method: PruningMethod,
-                      masks: dict[str, torch.Tensor], plain: PlainInitial) -> None:
+def check_whole_model(
+    model: nn.Module,
+    check_samples: torch.Tensor,
+    device: torch.device,
+    method: PruningMethod,
+    masks: dict[str, torch.Tensor],
+    plain: PlainInitial,
+) -> None:
     """Keep the refined model only if its perplexity on the check windows is below the plain initial model's."""
     scores = {"refined": calibration_ppl(model, check_samples, device), "plain initial": plain.calib_ppl}
     choice = "refined" if scores["refined"] < scores["plain initial"] else "plain initial"
@@ -156,8 +205,15 @@ def check_whole_model(model: nn.Module, check_samples: torch.Tensor, device: tor
             model.get_submodule(full).weight.data.copy_(weight)
         masks.update(plain.masks)
     method.model_verdict(choice, scores)
-    log.info("%s whole-model check, perplexity on %d held-out windows: refined %.3f, %s alone %.3f -> keeping the %s model",
-             method.name, check_samples.shape[0], scores["refined"], method.initial_method().name, scores["plain initial"], choice)
+    log.info(
+        "%s whole-model check, perplexity on %d held-out windows: refined %.3f, %s alone %.3f -> keeping the %s model",
+        method.name,
+        check_samples.shape[0],
+        scores["refined"],
+        method.initial_method().name,
+        scores["plain initial"],
+        choice,
+    )
 
 
 def output_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:

@@ -12,15 +12,16 @@ Every method uses this engine; none has its own capture loop.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparsedeploy.prune import distributed
 from sparsedeploy.common.models import find_blocks, find_linears
+from sparsedeploy.prune import distributed
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,14 @@ class BlockFn(Protocol):
     """Called once per block with its linears' statistics; `forward()` runs the block (as it is at that
     moment) on this block's calibration inputs and returns its outputs, e.g. to compare alternatives."""
 
-    def __call__(self, index: int, block: nn.Module, linears: dict[str, nn.Linear], stats: dict[str, InputStats],
-                 forward: Callable[[], list[torch.Tensor]]) -> None: ...
+    def __call__(
+        self,
+        index: int,
+        block: nn.Module,
+        linears: dict[str, nn.Linear],
+        stats: dict[str, InputStats],
+        forward: Callable[[], list[torch.Tensor]],
+    ) -> None: ...
 
 
 @dataclass
@@ -147,20 +154,26 @@ def _like(template, hidden: torch.Tensor):
         return hidden
     if type(template) in (tuple, list):
         return type(template)((hidden, *template[1:]))
-    raise RuntimeError(f"decoder block returned {type(template).__name__}: only a tensor or a tuple/list "
-                       "starting with the hidden states is supported")
+    raise RuntimeError(
+        f"decoder block returned {type(template).__name__}: only a tensor or a tuple/list "
+        "starting with the hidden states is supported"
+    )
 
 
 def _block_kwargs(kwargs: dict) -> dict:
     """A block's own call arguments minus any cache: calibration never carries a KV cache."""
-    clean = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "layer_past", "hidden_states")}
+    clean = {
+        k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "layer_past", "hidden_states")
+    }
     if "use_cache" in clean:
         clean["use_cache"] = False
     return clean
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, samples: torch.Tensor, device: torch.device) -> tuple[list[torch.Tensor], list[tuple[tuple, dict]]]:
+def capture_block_inputs(
+    model: nn.Module, samples: torch.Tensor, device: torch.device
+) -> tuple[list[torch.Tensor], list[tuple[tuple, dict]]]:
     """Inputs of block 0 for every sample, and every block's own (args, kwargs) from sample 0.
 
     The blocks are swapped for recorders (see `_Recorder`), so this costs the embeddings and one real
@@ -230,8 +243,14 @@ def _to_device(obj, device: torch.device):
 
 
 @torch.no_grad()
-def collect_stats(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[torch.Tensor], call: tuple[tuple, dict],
-                  device: torch.device, need_hessian: bool) -> dict[str, InputStats]:
+def collect_stats(
+    block: nn.Module,
+    linears: dict[str, nn.Linear],
+    inputs: list[torch.Tensor],
+    call: tuple[tuple, dict],
+    device: torch.device,
+    need_hessian: bool,
+) -> dict[str, InputStats]:
     """Run the inputs through `block` and return each linear's input statistics (shared per input)."""
     stats: dict[str, InputStats] = {}
     live: list[torch.Tensor] = []  # holds this sample's inputs alive so data_ptr identifies a tensor
@@ -251,6 +270,7 @@ def collect_stats(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[
                 live.append(x)
             if stats[name].owner == name:
                 stats[name].update(x)
+
         return hook
 
     handles = [lin.register_forward_pre_hook(make_hook(n, lin)) for n, lin in linears.items()]
@@ -268,16 +288,24 @@ def collect_stats(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: list[torch.Tensor], call: tuple[tuple, dict], device: torch.device, keep_on: torch.device) -> list[torch.Tensor]:
+def run_block(
+    block: nn.Module, inputs: list[torch.Tensor], call: tuple[tuple, dict], device: torch.device, keep_on: torch.device
+) -> list[torch.Tensor]:
     args, kwargs = _to_device(call, device)
     return [_block_output(block(x.to(device), *args, **kwargs)).to(keep_on) for x in inputs]
 
 
 @torch.no_grad()
-def walk_blocks(model: nn.Module, samples: torch.Tensor, config: EngineConfig, block_fn: BlockFn | None,
-                start_block: int = 0, on_block_done: Callable[[int, nn.Module], None] | None = None,
-                load_block: Callable[[int, nn.Module], None] | None = None,
-                release_block: Callable[[int, nn.Module], None] | None = None) -> None:
+def walk_blocks(
+    model: nn.Module,
+    samples: torch.Tensor,
+    config: EngineConfig,
+    block_fn: BlockFn | None,
+    start_block: int = 0,
+    on_block_done: Callable[[int, nn.Module], None] | None = None,
+    load_block: Callable[[int, nn.Module], None] | None = None,
+    release_block: Callable[[int, nn.Module], None] | None = None,
+) -> None:
     """The engine. For block i >= start_block: collect stats, call block_fn, then propagate.
 
     Blocks before `start_block` are only propagated (used by --resume: they are already pruned).

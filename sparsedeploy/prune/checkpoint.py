@@ -60,22 +60,29 @@ class BlockCheckpoint:
         """
         state = json.loads(self.state_file.read_text())
         if state["fingerprint"] != self.fingerprint:
-            changed = sorted(k for k in set(state["fingerprint"]) | set(self.fingerprint)
-                             if state["fingerprint"].get(k) != self.fingerprint.get(k))
-            raise UserError(f"cannot resume from {self.work}: it was started with different settings ({', '.join(changed)}); "
-                            "rerun with the same settings, or pass --overwrite to start over")
+            changed = sorted(
+                k
+                for k in set(state["fingerprint"]) | set(self.fingerprint)
+                if state["fingerprint"].get(k) != self.fingerprint.get(k)
+            )
+            raise UserError(
+                f"cannot resume from {self.work}: it was started with different settings ({', '.join(changed)}); "
+                "rerun with the same settings, or pass --overwrite to start over"
+            )
         blocks = find_blocks(model)
         masks: dict[str, torch.Tensor] = {}
         done = sorted(state["done"])
         if done != list(range(len(done))):
-            raise UserError(f"checkpoint in {self.work} is inconsistent (blocks {done}): pass --overwrite to start over")
+            raise UserError(
+                f"checkpoint in {self.work} is inconsistent (blocks {done}): pass --overwrite to start over"
+            )
         for i in done:
             tensors = load_file(str(self.work / f"block-{i:04d}.safetensors"))
             if not load_weights:
                 continue
             weights = {k: v for k, v in tensors.items() if not k.startswith(_MASK)}
             blocks[i].load_state_dict(weights, strict=True)
-            masks.update({f"{prefix}.{i}.{k[len(_MASK):]}": v for k, v in tensors.items() if k.startswith(_MASK)})
+            masks.update({f"{prefix}.{i}.{k[len(_MASK) :]}": v for k, v in tensors.items() if k.startswith(_MASK)})
         self.done = done
         log.info("resuming: blocks 0-%d restored from %s", len(done) - 1, self.work) if done else None
         return len(done), masks

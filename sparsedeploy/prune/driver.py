@@ -10,21 +10,22 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sparsedeploy.prune import distributed
-from sparsedeploy.prune.choices import OFFLOAD_MODES
-from sparsedeploy.prune.allocation import AllocationConfig, plan_or_restore_allocation
-from sparsedeploy.prune.checkpoint import BlockCheckpoint, work_dir_for
 from sparsedeploy.common.data import calibration_samples
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.common.evaluate import layer_sparsity, overall_sparsity
 from sparsedeploy.common.files import atomic_dir, check_output_dir, write_json_atomic
-from sparsedeploy.prune.methods import build_method
-from sparsedeploy.prune.blocks import blocks_prefix, prune_model
-from sparsedeploy.common.provenance import peak_memory, versions
 from sparsedeploy.common.models import LoadedModel, default_seqlen, load_model, resolve_device, save_checkpoint
+from sparsedeploy.common.provenance import peak_memory, versions
 from sparsedeploy.common.sparsity import parse_sparsity
+from sparsedeploy.prune import distributed
+from sparsedeploy.prune.allocation import AllocationConfig, plan_or_restore_allocation
+from sparsedeploy.prune.blocks import blocks_prefix, prune_model
+from sparsedeploy.prune.checkpoint import BlockCheckpoint, work_dir_for
+from sparsedeploy.prune.choices import OFFLOAD_MODES
+from sparsedeploy.prune.methods import build_method
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class PruneConfig:
@@ -50,17 +51,23 @@ def open_checkpoint(config: PruneConfig, output: Path, overwrite: bool, resume: 
     checkpoint = BlockCheckpoint(work_dir_for(output), fingerprint)
     if checkpoint.exists() and not resume:
         if not overwrite:
-            raise UserError(f"an interrupted run left {checkpoint.work}: pass --resume to continue it, or --overwrite to start over")
+            raise UserError(
+                f"an interrupted run left {checkpoint.work}: pass --resume to continue it, or --overwrite to start over"
+            )
         checkpoint.clear()
     elif resume and not checkpoint.exists():
         log.warning("--resume: no interrupted run at %s, starting from the first block", checkpoint.work)
     return checkpoint
 
 
-
-
-def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_progress: bool = True,
-              resume: bool = False, offload: str = "none") -> dict:
+def run_prune(
+    config: PruneConfig,
+    output: Path,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    resume: bool = False,
+    offload: str = "none",
+) -> dict:
     """Load, calibrate, prune, and write checkpoint + masks + report.json into `output` atomically.
 
     After each decoder block the pruned block is checkpointed beside the output; `resume=True`
@@ -89,10 +96,21 @@ def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_p
     samples = calibration_samples(lm.tokenizer, config.calib, config.nsamples, seqlen, config.seed)
     prefix = blocks_prefix(lm.model)
     allocation = plan_or_restore_allocation(
-        lm.model, samples, method, spec, AllocationConfig(config.allocation, config.owl_m, config.owl_lambda), device,
-        lambda n: calibration_samples(lm.tokenizer, config.calib, n, seqlen, config.seed + 1), checkpoint.work if main_rank else None,
-        show_progress, load_block=disk.load if disk else None, release_block=disk.release if disk else None)
-    start_block, masks = checkpoint.restore(lm.model, prefix, load_weights=disk is None) if checkpoint.exists() else (0, {})
+        lm.model,
+        samples,
+        method,
+        spec,
+        AllocationConfig(config.allocation, config.owl_m, config.owl_lambda),
+        device,
+        lambda n: calibration_samples(lm.tokenizer, config.calib, n, seqlen, config.seed + 1),
+        checkpoint.work if main_rank else None,
+        show_progress,
+        load_block=disk.load if disk else None,
+        release_block=disk.release if disk else None,
+    )
+    start_block, masks = (
+        checkpoint.restore(lm.model, prefix, load_weights=disk is None) if checkpoint.exists() else (0, {})
+    )
     if main_rank:
         checkpoint.start()
     if device.type == "cuda":
@@ -100,24 +118,50 @@ def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_p
     start = time.perf_counter()
     check_samples = None
     if method.verify_model:  # other windows of the calibration source judge the whole model
-        check_samples = calibration_samples(lm.tokenizer, config.calib, max(4, config.nsamples // 4), seqlen, config.seed + 1)
+        check_samples = calibration_samples(
+            lm.tokenizer, config.calib, max(4, config.nsamples // 4), seqlen, config.seed + 1
+        )
     block_seconds: list[float] = []
-    masks = prune_model(lm.model, samples, method, allocation.spec_for, device, show_progress,
-                        offload_inputs=offload in ("cpu", "disk"), start_block=start_block, masks=masks,
-                        on_block_done=checkpoint.save_block if main_rank else None, load_block=disk.load if disk else None,
-                        release_block=disk.release if disk else None, retain_masks=disk is None,
-                        model_check=disk is None and start_block == 0, check_samples=check_samples,
-                        block_seconds=block_seconds)
+    masks = prune_model(
+        lm.model,
+        samples,
+        method,
+        allocation.spec_for,
+        device,
+        show_progress,
+        offload_inputs=offload in ("cpu", "disk"),
+        start_block=start_block,
+        masks=masks,
+        on_block_done=checkpoint.save_block if main_rank else None,
+        load_block=disk.load if disk else None,
+        release_block=disk.release if disk else None,
+        retain_masks=disk is None,
+        model_check=disk is None and start_block == 0,
+        check_samples=check_samples,
+        block_seconds=block_seconds,
+    )
     if method.verify_model and (disk is not None or start_block):
-        log.warning("%s: the whole-model check needs every block in memory from the first block on: skipped (%s)",
-                    method.name, "--offload disk" if disk is not None else "resumed run")
+        log.warning(
+            "%s: the whole-model check needs every block in memory from the first block on: skipped (%s)",
+            method.name,
+            "--offload disk" if disk is not None else "resumed run",
+        )
     elapsed = time.perf_counter() - start
     report = {
-        "method": config.method, "method_options": config.method_options, "sparsity_spec": str(spec),
-        "model": config.model, "model_path": str(lm.path),
+        "method": config.method,
+        "method_options": config.method_options,
+        "sparsity_spec": str(spec),
+        "model": config.model,
+        "model_path": str(lm.path),
         "calibration": {"source": config.calib, "nsamples": config.nsamples, "seqlen": seqlen, "seed": config.seed},
-        "device": str(device), "dtype": config.dtype, "offload": offload, "allocation": allocation.report(),
-        "prune_seconds": elapsed, "block_seconds": block_seconds, **peak_memory(device), "versions": versions(),
+        "device": str(device),
+        "dtype": config.dtype,
+        "offload": offload,
+        "allocation": allocation.report(),
+        "prune_seconds": elapsed,
+        "block_seconds": block_seconds,
+        **peak_memory(device),
+        "versions": versions(),
         **({"method_summary": method.summary} if method.summary else {}),
         "config": asdict(config),
     }
@@ -140,8 +184,15 @@ def run_prune(config: PruneConfig, output: Path, overwrite: bool = False, show_p
             report.update(overall_sparsity=overall_sparsity(layers), layers=layers)
             write_json_atomic(tmp / "report.json", report)
     checkpoint.clear()
-    log.info("pruned %s with %s at %s: measured sparsity %.4f in %.1f s -> %s",
-             config.model, config.method, spec, report["overall_sparsity"], elapsed, output)
+    log.info(
+        "pruned %s with %s at %s: measured sparsity %.4f in %.1f s -> %s",
+        config.model,
+        config.method,
+        spec,
+        report["overall_sparsity"],
+        elapsed,
+        output,
+    )
     return report
 
 
@@ -154,7 +205,9 @@ def _load_for_disk(config: PruneConfig):
 
     path = resolve_model_path(config.model, config.cache_dir)
     if not Path(path).is_dir():
-        raise UserError(f"--offload disk needs a local checkpoint directory, not the hub id {config.model!r}: download it first")
+        raise UserError(
+            f"--offload disk needs a local checkpoint directory, not the hub id {config.model!r}: download it first"
+        )
     dtype = resolve_dtype(config.dtype)
     model, source, _prefix = load_skeleton(Path(path), dtype)
     return LoadedModel(model, AutoTokenizer.from_pretrained(path), path), source, dtype

@@ -37,9 +37,11 @@ class SafetensorsSource:
             self.files = {name: folder / shard for name, shard in weight_map.items()}
         elif (folder / "model.safetensors").is_file():
             with safe_open(str(folder / "model.safetensors"), "pt") as fh:
-                self.files = {name: folder / "model.safetensors" for name in fh.keys()}
+                self.files = dict.fromkeys(fh.keys(), folder / "model.safetensors")
         else:
-            raise UserError(f"--offload disk needs a safetensors checkpoint, and {folder} has none: convert it first (e.g. load and save_pretrained)")
+            raise UserError(
+                f"--offload disk needs a safetensors checkpoint, and {folder} has none: convert it first (e.g. load and save_pretrained)"
+            )
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.files:
@@ -73,8 +75,11 @@ def load_skeleton(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Safetensor
     source = SafetensorsSource(path)
     blocks = find_blocks(model)
     prefix = next(name for name, m in model.named_modules() if m is blocks)
-    rest = {name: source.get(name) for name, p in model.named_parameters(remove_duplicate=True)
-            if not name.startswith(prefix + ".") and name in source.files}
+    rest = {
+        name: source.get(name)
+        for name, p in model.named_parameters(remove_duplicate=True)
+        if not name.startswith(prefix + ".") and name in source.files
+    }
     _assign(model, rest, dtype)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -99,7 +104,7 @@ class DiskBlocks:
             tensors = {k: v for k, v in load_file(str(saved)).items() if not k.startswith("mask:")}
         else:
             head = f"{self.prefix}.{index}."
-            tensors = {name[len(head):]: self.source.get(name) for name in self.source.files if name.startswith(head)}
+            tensors = {name[len(head) :]: self.source.get(name) for name in self.source.files if name.startswith(head)}
         _assign(block, tensors, self.dtype)
 
     def release(self, index: int, block: nn.Module) -> None:
@@ -114,13 +119,16 @@ def assemble_checkpoint(model: nn.Module, prefix: str, work: Path, out: Path) ->
     """
     out = Path(out)
     weight_map: dict[str, str] = {}
-    rest = {n: p.detach().contiguous() for n, p in model.state_dict().items()
-            if not n.startswith(prefix + ".") and not p.is_meta}
+    rest = {
+        n: p.detach().contiguous()
+        for n, p in model.state_dict().items()
+        if not n.startswith(prefix + ".") and not p.is_meta
+    }
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied:
         rest = {n: t for n, t in rest.items() if "lm_head" not in n}
     save_file(rest, str(out / "model-rest.safetensors"), metadata={"format": "pt"})
-    weight_map.update({n: "model-rest.safetensors" for n in rest})
+    weight_map.update(dict.fromkeys(rest, "model-rest.safetensors"))
     mask_map: dict[str, str] = {}
     rows: list[dict] = []
     total = 0
@@ -129,20 +137,30 @@ def assemble_checkpoint(model: nn.Module, prefix: str, work: Path, out: Path) ->
         weights = {f"{prefix}.{index}.{k}": v for k, v in tensors.items() if not k.startswith("mask:")}
         shard = f"model-block-{index:04d}.safetensors"
         save_file(weights, str(out / shard), metadata={"format": "pt"})
-        weight_map.update({n: shard for n in weights})
+        weight_map.update(dict.fromkeys(weights, shard))
         total += sum(v.numel() * v.element_size() for v in weights.values())
-        masks = {f"{prefix}.{index}.{k[len('mask:'):]}": v for k, v in tensors.items() if k.startswith("mask:")}
+        masks = {f"{prefix}.{index}.{k[len('mask:') :]}": v for k, v in tensors.items() if k.startswith("mask:")}
         mask_shard = f"masks-block-{index:04d}.safetensors"
         save_file(masks, str(out / mask_shard))
-        mask_map.update({n: mask_shard for n in masks})
+        mask_map.update(dict.fromkeys(masks, mask_shard))
         for key in tensors:
             if key.startswith("mask:"):
-                name = key[len("mask:"):]
+                name = key[len("mask:") :]
                 w = tensors[f"{name}.weight"]
-                rows.append({"block": index, "name": name, "shape": list(w.shape), "zeros": int((w == 0).sum()),
-                             "numel": w.numel(), "sparsity": float((w == 0).sum()) / w.numel()})
+                rows.append(
+                    {
+                        "block": index,
+                        "name": name,
+                        "shape": list(w.shape),
+                        "zeros": int((w == 0).sum()),
+                        "numel": w.numel(),
+                        "sparsity": float((w == 0).sum()) / w.numel(),
+                    }
+                )
     total += sum(v.numel() * v.element_size() for v in rest.values())
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
     (out / "masks.safetensors.index.json").write_text(json.dumps({"weight_map": mask_map}, indent=1))
     model.config.use_cache = True
     model.config.save_pretrained(out)

@@ -55,7 +55,9 @@ class RecoverConfig:
 class MaskedLoRA(nn.Module):
     """A frozen linear plus a low-rank update restricted to the kept positions of its weight."""
 
-    def __init__(self, base: nn.Linear, mask: torch.Tensor, rank: int, scale: float, generator: torch.Generator) -> None:
+    def __init__(
+        self, base: nn.Linear, mask: torch.Tensor, rank: int, scale: float, generator: torch.Generator
+    ) -> None:
         super().__init__()
         self.base = base
         self.scale = scale
@@ -89,16 +91,20 @@ def _set_child(root: nn.Module, dotted: str, module: nn.Module) -> None:
 
 def zero_pattern(model: nn.Module) -> dict[str, torch.Tensor]:
     """Bool map of exact zeros of every decoder linear, by block-relative name."""
-    return {f"{i}.{name}": (lin.weight.data == 0).cpu() for i, block in enumerate(find_blocks(model))
-            for name, lin in find_linears(block).items()}
+    return {
+        f"{i}.{name}": (lin.weight.data == 0).cpu()
+        for i, block in enumerate(find_blocks(model))
+        for name, lin in find_linears(block).items()
+    }
 
 
 def same_zeros(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def attach_adapters(model: nn.Module, masks: dict[str, torch.Tensor] | None, rank: int, scale: float,
-                    seed: int = 0) -> list[tuple[nn.Module, str, MaskedLoRA]]:
+def attach_adapters(
+    model: nn.Module, masks: dict[str, torch.Tensor] | None, rank: int, scale: float, seed: int = 0
+) -> list[tuple[nn.Module, str, MaskedLoRA]]:
     """Wrap every decoder linear; `masks` (full name -> keep-mask) further restricts the non-zero pattern."""
     from sparsedeploy.prune.blocks import blocks_prefix
 
@@ -111,8 +117,10 @@ def attach_adapters(model: nn.Module, masks: dict[str, torch.Tensor] | None, ran
             stored = (masks or {}).get(f"{prefix}.{i}.{name}")
             if stored is not None:
                 if stored.shape != mask.shape:
-                    raise UserError(f"mask for {prefix}.{i}.{name} has shape {tuple(stored.shape)}, weight {tuple(mask.shape)}: "
-                                    "masks.safetensors does not belong to this checkpoint")
+                    raise UserError(
+                        f"mask for {prefix}.{i}.{name} has shape {tuple(stored.shape)}, weight {tuple(mask.shape)}: "
+                        "masks.safetensors does not belong to this checkpoint"
+                    )
                 mask &= stored.to(mask.device, torch.bool)
             adapter = MaskedLoRA(linear, mask, rank, scale, gen)
             _set_child(block, name, adapter)
@@ -135,12 +143,27 @@ def _loss(model: nn.Module, ids: torch.Tensor, teacher: nn.Module | None, temper
     t = temperature
     log_p = F.log_softmax(target / t, dim=-1)
     log_q = F.log_softmax(logits / t, dim=-1)
-    return F.kl_div(log_q.reshape(-1, log_q.shape[-1]), log_p.reshape(-1, log_p.shape[-1]), log_target=True,
-                    reduction="batchmean") * t * t
+    return (
+        F.kl_div(
+            log_q.reshape(-1, log_q.shape[-1]),
+            log_p.reshape(-1, log_p.shape[-1]),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * t
+        * t
+    )
 
 
-def recover_model(model: nn.Module, masks: dict[str, torch.Tensor] | None, samples: torch.Tensor, config: RecoverConfig,
-                  device: torch.device, teacher: nn.Module | None = None, show_progress: bool = True) -> dict:
+def recover_model(
+    model: nn.Module,
+    masks: dict[str, torch.Tensor] | None,
+    samples: torch.Tensor,
+    config: RecoverConfig,
+    device: torch.device,
+    teacher: nn.Module | None = None,
+    show_progress: bool = True,
+) -> dict:
     """Train masked adapters on `samples` [steps * batch, seqlen], merge them in place; return figures."""
     config.validate()
     need = config.steps * config.batch
@@ -169,7 +192,7 @@ def recover_model(model: nn.Module, masks: dict[str, torch.Tensor] | None, sampl
         with torch.enable_grad():
             bar = tqdm(range(config.steps), desc="recovery", unit="step", disable=not show_progress)
             for step in bar:
-                ids = samples[step * config.batch:(step + 1) * config.batch].to(device)
+                ids = samples[step * config.batch : (step + 1) * config.batch].to(device)
                 loss = _loss(model, ids, teacher, config.temperature)
                 if not torch.isfinite(loss.detach()):
                     raise UserError(f"recovery loss became {float(loss.detach())} at step {step}: lower --lr")
@@ -187,9 +210,17 @@ def recover_model(model: nn.Module, masks: dict[str, torch.Tensor] | None, sampl
             teacher.to("cpu")
     seconds = time.perf_counter() - start
     k = max(1, min(10, len(losses) // 2))
-    return {"steps": config.steps, "tokens": need * config.seqlen, "seconds": seconds, "loss": "kl" if teacher is not None else "lm",
-            "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k, "losses": losses,
-            "adapter_params": sum(p.numel() for p in params), "config": asdict(config)}
+    return {
+        "steps": config.steps,
+        "tokens": need * config.seqlen,
+        "seconds": seconds,
+        "loss": "kl" if teacher is not None else "lm",
+        "loss_first": sum(losses[:k]) / k,
+        "loss_last": sum(losses[-k:]) / k,
+        "losses": losses,
+        "adapter_params": sum(p.numel() for p in params),
+        "config": asdict(config),
+    }
 
 
 @dataclass
@@ -206,7 +237,9 @@ class RecoverRun:
     cache_dir: str | None = None
 
 
-def run_recover(run: RecoverRun, config: RecoverConfig, output: Path, overwrite: bool = False, show_progress: bool = True) -> dict:
+def run_recover(
+    run: RecoverRun, config: RecoverConfig, output: Path, overwrite: bool = False, show_progress: bool = True
+) -> dict:
     """Load a pruned checkpoint, recover, check the zeros, and write checkpoint + masks + recover_report.json atomically."""
     from safetensors.torch import load_file
 
@@ -230,7 +263,13 @@ def run_recover(run: RecoverRun, config: RecoverConfig, output: Path, overwrite:
     zeros_before = zero_pattern(lm.model)
     train = calibration_samples(lm.tokenizer, run.data, config.steps * config.batch, config.seqlen, config.seed)
     teacher = load_model(run.teacher, run.dtype, run.cache_dir).model if run.teacher else None
-    report: dict = {"model": run.model, "data": run.data, "teacher": run.teacher, "device": str(device), "dtype": run.dtype}
+    report: dict = {
+        "model": run.model,
+        "data": run.data,
+        "teacher": run.teacher,
+        "device": str(device),
+        "dtype": run.dtype,
+    }
     tokens = eval_tokens(lm.tokenizer, run.eval_data) if run.eval_data else None
     eval_seqlen = run.eval_seqlen or config.seqlen
     if tokens is not None:
@@ -243,14 +282,26 @@ def run_recover(run: RecoverRun, config: RecoverConfig, output: Path, overwrite:
         report["ppl_after"] = perplexity(lm.model, tokens, eval_seqlen, device, run.eval_windows, show_progress).ppl
         report["eval"] = {"data": run.eval_data, "windows": run.eval_windows, "seqlen": eval_seqlen}
     after_layers = layer_sparsity(lm.model)
-    report.update(sparsity_before=overall_sparsity(before_layers), sparsity_after=overall_sparsity(after_layers),
-                  zeros_identical=True, **peak_memory(device), versions=versions())
+    report.update(
+        sparsity_before=overall_sparsity(before_layers),
+        sparsity_after=overall_sparsity(after_layers),
+        zeros_identical=True,
+        **peak_memory(device),
+        versions=versions(),
+    )
     with atomic_dir(output) as tmp:
         save_checkpoint(lm, tmp)
         for name in ("masks.safetensors", "report.json"):
             if source.is_dir() and (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)  # the pruning masks and report carry over unchanged
         write_json_atomic(tmp / "recover_report.json", report)
-    log.info("recovered %s: %d steps, %d tokens in %.1f s; sparsity %.4f (zeros identical) -> %s", run.model, config.steps,
-             report["recovery"]["tokens"], report["recovery"]["seconds"], report["sparsity_after"], output)
+    log.info(
+        "recovered %s: %d steps, %d tokens in %.1f s; sparsity %.4f (zeros identical) -> %s",
+        run.model,
+        config.steps,
+        report["recovery"]["tokens"],
+        report["recovery"]["seconds"],
+        report["sparsity_after"],
+        output,
+    )
     return report

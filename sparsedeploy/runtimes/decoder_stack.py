@@ -14,9 +14,9 @@ NumPy only: the DeepSparse worker imports this module inside its own virtualenv 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -53,8 +53,14 @@ class StackHead:
         return hidden @ self.lm_head.T
 
 
-def greedy(head: StackHead, prefill: Graph, step: Graph, ids: np.ndarray, new_tokens: int,
-           timings: dict[str, list[float]] | None = None) -> np.ndarray:
+def greedy(
+    head: StackHead,
+    prefill: Graph,
+    step: Graph,
+    ids: np.ndarray,
+    new_tokens: int,
+    timings: dict[str, list[float]] | None = None,
+) -> np.ndarray:
     """Greedy continuation of `ids` [batch, n] by `new_tokens` tokens -> [batch, new_tokens].
 
     Prefill pads the prompt on the right to the graph's `seq` tokens (the causal mask keeps the padding out
@@ -68,7 +74,9 @@ def greedy(head: StackHead, prefill: Graph, step: Graph, ids: np.ndarray, new_to
     if not 1 <= n <= head.seq:
         raise ValueError(f"prompt of {n} tokens: the prefill graph takes 1..{head.seq}")
     if new_tokens < 1 or n + new_tokens - 1 > head.context:
-        raise ValueError(f"{n} prompt + {new_tokens} new tokens do not fit the decode step's cache of {head.context} slots")
+        raise ValueError(
+            f"{n} prompt + {new_tokens} new tokens do not fit the decode step's cache of {head.context} slots"
+        )
     t0 = time.perf_counter()
     hidden = np.zeros((batch, head.seq, head.embed.shape[1]), np.float32)
     hidden[:, :n] = head.embed[ids]
@@ -89,7 +97,7 @@ def greedy(head: StackHead, prefill: Graph, step: Graph, ids: np.ndarray, new_to
         cos = np.broadcast_to(head.cos[pos], (batch, 1, head.head_dim)).copy()
         sin = np.broadcast_to(head.sin[pos], (batch, 1, head.head_dim)).copy()
         mask = np.zeros((batch, 1, 1, head.context + 1), np.float32)
-        mask[..., pos: head.context] = MASKED  # empty slots; the last column is the token itself
+        mask[..., pos : head.context] = MASKED  # empty slots; the last column is the token itself
         out = step([hidden, cos, sin, mask, *cache])
         for slot, new in zip(cache, out[1:], strict=True):
             slot[:, :, pos] = new[:, :, 0]
@@ -105,7 +113,9 @@ def random_prompt(head: StackHead, tokens: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(min(10, vocab - 1), vocab, size=(head.batch, tokens), dtype=np.int64)
 
 
-def generation_phases(head: StackHead, prefill: Graph, step: Graph, ids: np.ndarray, decode_steps: int) -> dict[str, float]:
+def generation_phases(
+    head: StackHead, prefill: Graph, step: Graph, ids: np.ndarray, decode_steps: int
+) -> dict[str, float]:
     """One timed generation: prefill of `ids`, then `decode_steps` decode steps -> seconds per phase (as the
     ORT bench reports them: prefill, decode, total)."""
     timings: dict[str, list[float]] = {}

@@ -34,9 +34,11 @@ DEEPSPARSE_VERSION = "1.8.0"
 REQUIREMENTS = [f"deepsparse=={DEEPSPARSE_VERSION}", "onnx==1.14.1", "numpy<2"]
 MAX_PYTHON = (3, 11)
 MIN_PYTHON = (3, 8)
-LICENCE_NOTE = ("DeepSparse 1.8.0 (Neural Magic, end-of-life) is under the Neural Magic DeepSparse Community "
-                "License: evaluation, research and non-production use only. Figures measured with it are for "
-                "orientation; production use needs a separate licence.")
+LICENCE_NOTE = (
+    "DeepSparse 1.8.0 (Neural Magic, end-of-life) is under the Neural Magic DeepSparse Community "
+    "License: evaluation, research and non-production use only. Figures measured with it are for "
+    "orientation; production use needs a separate licence."
+)
 WORKER = Path(__file__).with_name("deepsparse_worker.py")
 MARKER = ".sparsedeploy-complete"
 
@@ -62,6 +64,7 @@ def default_venv_dir(cache: str | os.PathLike | None = None) -> Path:
 # Can DeepSparse run here?
 # ----------------------------------------------------------------------------------------------
 
+
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     """CPU feature flags from /proc/cpuinfo (empty when it cannot be read)."""
     if cpuinfo is None:
@@ -75,7 +78,9 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     return set()
 
 
-def platform_problem(system: str | None = None, machine: str | None = None, flags: set[str] | None = None) -> str | None:
+def platform_problem(
+    system: str | None = None, machine: str | None = None, flags: set[str] | None = None
+) -> str | None:
     """Why DeepSparse 1.8 cannot run on this OS/CPU, or None when it can."""
     system = system or platform.system()
     machine = (machine or platform.machine()).lower()
@@ -95,8 +100,12 @@ def platform_problem(system: str | None = None, machine: str | None = None, flag
 
 def python_version_of(python: str) -> tuple[int, int] | None:
     try:
-        out = subprocess.run([python, "-c", "import sys; print(sys.version_info[0], sys.version_info[1])"],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [python, "-c", "import sys; print(sys.version_info[0], sys.version_info[1])"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         major, minor = out.stdout.split()
         return int(major), int(minor)
     except (OSError, ValueError, subprocess.SubprocessError):
@@ -110,7 +119,9 @@ def find_python(explicit: str | None = None) -> str:
         if version is None:
             raise UserError(f"--python {explicit} could not be run: give the path of a Python 3.8-3.11 interpreter")
         if not MIN_PYTHON <= version <= MAX_PYTHON:
-            raise UserError(f"--python {explicit} is Python {version[0]}.{version[1]}, but DeepSparse 1.8 needs 3.8-3.11: install python3.11 and pass --python python3.11")
+            raise UserError(
+                f"--python {explicit} is Python {version[0]}.{version[1]}, but DeepSparse 1.8 needs 3.8-3.11: install python3.11 and pass --python python3.11"
+            )
         return explicit
     if MIN_PYTHON <= sys.version_info[:2] <= MAX_PYTHON:
         return sys.executable
@@ -118,13 +129,16 @@ def find_python(explicit: str | None = None) -> str:
         found = shutil.which(f"python3.{minor}")
         if found:
             return found
-    raise UserError(f"DeepSparse 1.8 needs Python 3.8-3.11 and this is {sys.version_info[0]}.{sys.version_info[1]} with no python3.11..3.8 on PATH: "
-                    "install python3.11 (e.g. apt-get install python3.11-venv) and pass --python /path/to/python3.11")
+    raise UserError(
+        f"DeepSparse 1.8 needs Python 3.8-3.11 and this is {sys.version_info[0]}.{sys.version_info[1]} with no python3.11..3.8 on PATH: "
+        "install python3.11 (e.g. apt-get install python3.11-venv) and pass --python /path/to/python3.11"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Install / locate
 # ----------------------------------------------------------------------------------------------
+
 
 @dataclass
 class DeepSparseEnv:
@@ -151,13 +165,20 @@ def require_env(venv: str | os.PathLike | None = None, cache: str | os.PathLike 
     env = find_env(venv, cache)
     if env is None:
         where = Path(venv) if venv else default_venv_dir(cache)
-        raise UserError(f"DeepSparse is not installed (no complete virtualenv at {where}): run `sparsedeploy engines install deepsparse` "
-                        "(needs Python 3.8-3.11 and PyPI access), or use --engine ort")
+        raise UserError(
+            f"DeepSparse is not installed (no complete virtualenv at {where}): run `sparsedeploy engines install deepsparse` "
+            "(needs Python 3.8-3.11 and PyPI access), or use --engine ort"
+        )
     return env
 
 
-def install(venv: str | os.PathLike | None = None, cache: str | os.PathLike | None = None, python: str | None = None,
-            force: bool = False, pip_args: list[str] | None = None) -> DeepSparseEnv:
+def install(
+    venv: str | os.PathLike | None = None,
+    cache: str | os.PathLike | None = None,
+    python: str | None = None,
+    force: bool = False,
+    pip_args: list[str] | None = None,
+) -> DeepSparseEnv:
     """Create the virtualenv and pip-install DeepSparse 1.8.0 into it; verify by importing it in the worker."""
     problem = platform_problem()
     if problem:
@@ -171,18 +192,25 @@ def install(venv: str | os.PathLike | None = None, cache: str | os.PathLike | No
 
     if env.path.exists() and (not env.path.is_dir() or any(env.path.iterdir())):
         if not has_marker(env.path):  # sparsedeploy deletes only what it created
-            raise UserError(f"--venv {env.path} exists and was not created by sparsedeploy: refusing to replace it; "
-                            "choose another --venv or remove it yourself")
+            raise UserError(
+                f"--venv {env.path} exists and was not created by sparsedeploy: refusing to replace it; "
+                "choose another --venv or remove it yourself"
+            )
         shutil.rmtree(env.path)
     check_writable(env.path, "--venv")
     env.path.mkdir(parents=True, exist_ok=True)
     write_marker(env.path, "deepsparse-venv")
     try:
         log.info("creating virtualenv %s with %s", env.path, interpreter)
-        _run([interpreter, "-m", "venv", str(env.path)], "create the virtualenv (is the venv module installed? e.g. apt-get install python3.11-venv)")
+        _run(
+            [interpreter, "-m", "venv", str(env.path)],
+            "create the virtualenv (is the venv module installed? e.g. apt-get install python3.11-venv)",
+        )
         log.info("installing %s (about 1 minute)", " ".join(REQUIREMENTS))
-        _run([str(env.python), "-m", "pip", "install", "--quiet", *REQUIREMENTS, *(pip_args or [])],
-             "pip install deepsparse (needs PyPI access; see the pip output above)")
+        _run(
+            [str(env.python), "-m", "pip", "install", "--quiet", *REQUIREMENTS, *(pip_args or [])],
+            "pip install deepsparse (needs PyPI access; see the pip output above)",
+        )
         info = call_worker(env, {"action": "info"}, timeout=300)
         log.info("DeepSparse %s works: %s", info.get("deepsparse"), info.get("cpu"))
         (env.path / MARKER).write_text(json.dumps(info) + "\n")
@@ -241,8 +269,14 @@ def call_worker(env: DeepSparseEnv, request: dict, timeout: float = 1800) -> dic
     """Run one request in the DeepSparse venv. Raises EngineFailed when the worker crashes or reports an error."""
     with tempfile.TemporaryDirectory(prefix="sd-worker-lib-") as lib:
         # -I: isolated mode (no user site, no PYTHON* variables, not the script's folder on sys.path)
-        proc = subprocess.run([str(env.python), "-I", str(WORKER)], input=json.dumps(request), capture_output=True,
-                              text=True, timeout=timeout, env=worker_env(request.get("threads"), worker_lib(Path(lib))))
+        proc = subprocess.run(
+            [str(env.python), "-I", str(WORKER)],
+            input=json.dumps(request),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=worker_env(request.get("threads"), worker_lib(Path(lib))),
+        )
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
     tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
     if proc.returncode != 0 or not lines:
@@ -284,36 +318,83 @@ def copy_models(paths: dict[str, Path], workdir: Path) -> dict[str, str]:
     return copies
 
 
-def bench_models(env: DeepSparseEnv, models: dict[str, Path], batch: int, threads: int, rounds: int = 5,
-                 per_round: int = 3, warmup: int = 2, max_seconds: float | None = None, timeout: float = 1800,
-                 min_sample_s: float = 0.0) -> dict:
+def bench_models(
+    env: DeepSparseEnv,
+    models: dict[str, Path],
+    batch: int,
+    threads: int,
+    rounds: int = 5,
+    per_round: int = 3,
+    warmup: int = 2,
+    max_seconds: float | None = None,
+    timeout: float = 1800,
+    min_sample_s: float = 0.0,
+) -> dict:
     """Time several ONNX models alternately in one DeepSparse process; returns {"times": {name: [...]}, ...}."""
     with tempfile.TemporaryDirectory(prefix="sd-deepsparse-") as tmp:
         copies = copy_models(models, Path(tmp))
-        return call_worker(env, {"action": "bench", "models": copies, "batch": batch, "threads": threads, "rounds": rounds,
-                                 "per_round": per_round, "warmup": warmup, "max_seconds": max_seconds,
-                                 "min_sample_s": min_sample_s}, timeout=timeout)
+        return call_worker(
+            env,
+            {
+                "action": "bench",
+                "models": copies,
+                "batch": batch,
+                "threads": threads,
+                "rounds": rounds,
+                "per_round": per_round,
+                "warmup": warmup,
+                "max_seconds": max_seconds,
+                "min_sample_s": min_sample_s,
+            },
+            timeout=timeout,
+        )
 
 
 def check_model(env: DeepSparseEnv, model: Path, batch: int, threads: int = 1, timeout: float = 900) -> dict:
     """Compile (and run once) one model in DeepSparse; EngineFailed says why when the engine rejects it."""
     with tempfile.TemporaryDirectory(prefix="sd-deepsparse-") as tmp:
         copies = copy_models({"model": model}, Path(tmp))
-        return call_worker(env, {"action": "check", "models": copies, "batch": batch, "threads": threads}, timeout=timeout)
+        return call_worker(
+            env, {"action": "check", "models": copies, "batch": batch, "threads": threads}, timeout=timeout
+        )
 
 
-def bench_generation(env: DeepSparseEnv, bundles: dict[str, dict[str, Path]], batch: int, prompt_len: int, gen_len: int,
-                     threads: int, rounds: int = 3, per_round: int = 1, warmup: int = 1, timeout: float = 3600) -> dict:
+def bench_generation(
+    env: DeepSparseEnv,
+    bundles: dict[str, dict[str, Path]],
+    batch: int,
+    prompt_len: int,
+    gen_len: int,
+    threads: int,
+    rounds: int = 3,
+    per_round: int = 1,
+    warmup: int = 1,
+    timeout: float = 3600,
+) -> dict:
     """Time whole generations (stack_generate over each variant's prefill/step graphs and head) alternately in one
     DeepSparse process: {"times": {name: [...]}, "phases": {name: {"prefill"|"decode"|"total": [...]}}, ...}."""
     with tempfile.TemporaryDirectory(prefix="sd-deepsparse-") as tmp:
         graphs = {f"{name}.{kind}": files[kind] for name, files in bundles.items() for kind in ("prefill", "step")}
         copies = copy_models(graphs, Path(tmp))
-        models = {name: {"prefill": copies[f"{name}.prefill"], "step": copies[f"{name}.step"], "head": str(files["head"])}
-                  for name, files in bundles.items()}
-        return call_worker(env, {"action": "bench_generate", "models": models, "batch": batch, "threads": threads,
-                                 "prompt_len": prompt_len, "gen_len": gen_len, "rounds": rounds, "per_round": per_round,
-                                 "warmup": warmup}, timeout=timeout)
+        models = {
+            name: {"prefill": copies[f"{name}.prefill"], "step": copies[f"{name}.step"], "head": str(files["head"])}
+            for name, files in bundles.items()
+        }
+        return call_worker(
+            env,
+            {
+                "action": "bench_generate",
+                "models": models,
+                "batch": batch,
+                "threads": threads,
+                "prompt_len": prompt_len,
+                "gen_len": gen_len,
+                "rounds": rounds,
+                "per_round": per_round,
+                "warmup": warmup,
+            },
+            timeout=timeout,
+        )
 
 
 def stack_files(export_dir: Path | str) -> dict[str, Path]:
@@ -324,24 +405,44 @@ def stack_files(export_dir: Path | str) -> dict[str, Path]:
     files = {"prefill": export_dir / PREFILL_FILE, "step": export_dir / STEP_FILE, "head": export_dir / HEAD_FILE}
     missing = [f.name for f in files.values() if not f.is_file()]
     if missing:
-        raise UserError(f"{export_dir} has no {', '.join(missing)}: export with --target deepsparse to get the graphs DeepSparse runs")
+        raise UserError(
+            f"{export_dir} has no {', '.join(missing)}: export with --target deepsparse to get the graphs DeepSparse runs"
+        )
     return files
 
 
-def generate(env: DeepSparseEnv, export_dir: Path, ids, new_tokens: int, threads: int = 1, timeout: float = 1800) -> dict:
+def generate(
+    env: DeepSparseEnv, export_dir: Path, ids, new_tokens: int, threads: int = 1, timeout: float = 1800
+) -> dict:
     """Greedy generation in DeepSparse through the decoder-stack files `export --target deepsparse` wrote
     (prefill graph, decode-step graph with KV cache, embedding/lm_head): {"tokens", "timings", "compile_s"}."""
     files = stack_files(export_dir)
     batch = len(ids)
     with tempfile.TemporaryDirectory(prefix="sd-deepsparse-") as tmp:
         copies = copy_models({"prefill": files["prefill"], "step": files["step"]}, Path(tmp))
-        return call_worker(env, {"action": "generate", "models": copies, "head": str(files["head"]),
-                                 "ids": [list(map(int, row)) for row in ids], "new_tokens": int(new_tokens),
-                                 "batch": batch, "threads": threads}, timeout=timeout)
+        return call_worker(
+            env,
+            {
+                "action": "generate",
+                "models": copies,
+                "head": str(files["head"]),
+                "ids": [list(map(int, row)) for row in ids],
+                "new_tokens": int(new_tokens),
+                "batch": batch,
+                "threads": threads,
+            },
+            timeout=timeout,
+        )
 
 
-def generate_text(export_dir: Path | str, prompt: str, max_new_tokens: int = 32, threads: int = 1,
-                  venv: str | None = None, cache: str | None = None) -> dict:
+def generate_text(
+    export_dir: Path | str,
+    prompt: str,
+    max_new_tokens: int = 32,
+    threads: int = 1,
+    venv: str | None = None,
+    cache: str | None = None,
+) -> dict:
     """`sparsedeploy generate --engine deepsparse`: greedy text from an export made with --target deepsparse,
     every decoder block run by DeepSparse's engine (prefill graph, then one decode-step graph per token)."""
     from sparsedeploy.onnx.decoder import load_tokenizer
@@ -353,23 +454,38 @@ def generate_text(export_dir: Path | str, prompt: str, max_new_tokens: int = 32,
     files = stack_files(export_dir)
     tokenizer = load_tokenizer(export_dir)
     if tokenizer is None:
-        raise UserError(f"no tokenizer in {export_dir}: export from a checkpoint that has one (tokenizer.json / tokenizer_config.json)")
+        raise UserError(
+            f"no tokenizer in {export_dir}: export from a checkpoint that has one (tokenizer.json / tokenizer_config.json)"
+        )
     head = StackHead.load(files["head"])
     ids = tokenizer(prompt)["input_ids"]
     if not ids:
         raise UserError("the prompt is empty after tokenisation: give some text with --prompt")
     if len(ids) > head.seq:
-        raise UserError(f"the prompt has {len(ids)} tokens but the DeepSparse prefill graph takes at most {head.seq}: "
-                        f"shorten it or export with --deepsparse-seq {len(ids)}")
+        raise UserError(
+            f"the prompt has {len(ids)} tokens but the DeepSparse prefill graph takes at most {head.seq}: "
+            f"shorten it or export with --deepsparse-seq {len(ids)}"
+        )
     if max_new_tokens < 1 or len(ids) + max_new_tokens - 1 > head.context:
-        raise UserError(f"--max-new-tokens {max_new_tokens} with a {len(ids)}-token prompt does not fit the decode step's cache of "
-                        f"{head.context} slots: use at most {head.context - len(ids) + 1}, or export with a larger --deepsparse-context")
+        raise UserError(
+            f"--max-new-tokens {max_new_tokens} with a {len(ids)}-token prompt does not fit the decode step's cache of "
+            f"{head.context} slots: use at most {head.context - len(ids) + 1}, or export with a larger --deepsparse-context"
+        )
     reply = generate(env, export_dir, [ids] * head.batch, max_new_tokens, threads)
     tokens = reply["tokens"][0]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in tokens:
         tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
     steps = reply["timings"].get("step", [])
-    return {"prompt": prompt, "completion": tokenizer.decode(tokens, skip_special_tokens=True), "tokens": tokens,
-            "new_tokens": len(tokens), "prefill_seconds": reply["timings"]["prefill"][0], "step_seconds": steps,
-            "decode_tokens_per_s": len(steps) / sum(steps) if steps else None, "compile_seconds": reply["compile_s"],
-            "threads": threads, "engine": "deepsparse", "licence": LICENCE_NOTE}
+    return {
+        "prompt": prompt,
+        "completion": tokenizer.decode(tokens, skip_special_tokens=True),
+        "tokens": tokens,
+        "new_tokens": len(tokens),
+        "prefill_seconds": reply["timings"]["prefill"][0],
+        "step_seconds": steps,
+        "decode_tokens_per_s": len(steps) / sum(steps) if steps else None,
+        "compile_seconds": reply["compile_s"],
+        "threads": threads,
+        "engine": "deepsparse",
+        "licence": LICENCE_NOTE,
+    }

@@ -76,9 +76,16 @@ def _engine(path: str, batch: int, threads: int, input_shapes=None):
 def handle(req: dict) -> dict:
     action = req.get("action")
     if action == "environment":  # what the worker sees: its import path, environment names, sparsedeploy modules
-        return {"sys_path": sys.path, "environ": sorted(os.environ), "isolated": bool(sys.flags.isolated),
-                "modules": {name: getattr(mod, "__file__", None) for name, mod in sys.modules.items()
-                            if name.split(".")[0] == "sparsedeploy"}}
+        return {
+            "sys_path": sys.path,
+            "environ": sorted(os.environ),
+            "isolated": bool(sys.flags.isolated),
+            "modules": {
+                name: getattr(mod, "__file__", None)
+                for name, mod in sys.modules.items()
+                if name.split(".")[0] == "sparsedeploy"
+            },
+        }
     if action == "info":
         import deepsparse
         import numpy
@@ -86,9 +93,13 @@ def handle(req: dict) -> dict:
         from deepsparse.cpu import cpu_architecture
 
         arch = cpu_architecture()
-        return {"deepsparse": deepsparse.__version__, "numpy": numpy.__version__, "onnx": onnx.__version__,
-                "python": sys.version.split()[0], "cpu": {"isa": str(arch.isa), "vnni": bool(arch.vnni),
-                                                           "cores": int(arch.num_available_physical_cores)}}
+        return {
+            "deepsparse": deepsparse.__version__,
+            "numpy": numpy.__version__,
+            "onnx": onnx.__version__,
+            "python": sys.version.split()[0],
+            "cpu": {"isa": str(arch.isa), "vnni": bool(arch.vnni), "cores": int(arch.num_available_physical_cores)},
+        }
     from sparsedeploy.runtimes import decoder_stack  # NumPy only; imported here so that "environment" needs no NumPy
 
     batch, threads = int(req["batch"]), int(req["threads"])
@@ -101,8 +112,12 @@ def handle(req: dict) -> dict:
         # bundled ONNX Runtime ("Optimized runtime disabled - Detected dynamic input"), which proves nothing
         engine = _engine(path, batch, threads, [list(a.shape) for a in data])
         out = engine.run(data)
-        return {"ok": True, "compile_and_run_s": time.perf_counter() - t0, "outputs": [list(o.shape) for o in out],
-                "fraction_supported": float(getattr(engine, "fraction_of_supported_ops", 1.0))}
+        return {
+            "ok": True,
+            "compile_and_run_s": time.perf_counter() - t0,
+            "outputs": [list(o.shape) for o in out],
+            "fraction_supported": float(getattr(engine, "fraction_of_supported_ops", 1.0)),
+        }
     if action == "bench":
         runners = {}
         compile_s = {}
@@ -111,11 +126,23 @@ def handle(req: dict) -> dict:
             engine = _engine(path, batch, threads)
             compile_s[name] = time.perf_counter() - t0
             data = _inputs(path, batch)
-            runners[name] = (lambda e=engine, d=data: e.run(d))
-        res = run_interleaved(runners, rounds=int(req.get("rounds", 5)), per_round=int(req.get("per_round", 3)),
-                              warmup=int(req.get("warmup", 2)), max_seconds=req.get("max_seconds"),
-                              min_sample_s=float(req.get("min_sample_s", 0.0)))
-        return {"times": res.times, "inner": res.inner, "order": res.order, "compile_s": compile_s, "threads": threads, "batch": batch}
+            runners[name] = lambda e=engine, d=data: e.run(d)
+        res = run_interleaved(
+            runners,
+            rounds=int(req.get("rounds", 5)),
+            per_round=int(req.get("per_round", 3)),
+            warmup=int(req.get("warmup", 2)),
+            max_seconds=req.get("max_seconds"),
+            min_sample_s=float(req.get("min_sample_s", 0.0)),
+        )
+        return {
+            "times": res.times,
+            "inner": res.inner,
+            "order": res.order,
+            "compile_s": compile_s,
+            "threads": threads,
+            "batch": batch,
+        }
     if action == "bench_generate":
         runners, compile_s = {}, {}
         for name, files in models.items():
@@ -124,11 +151,23 @@ def handle(req: dict) -> dict:
             prefill, step = (_engine(files[k], batch, threads) for k in ("prefill", "step"))
             compile_s[name] = time.perf_counter() - t0
             ids = decoder_stack.random_prompt(head, int(req["prompt_len"]))
-            runners[name] = (lambda h=head, p=prefill, s=step, i=ids: decoder_stack.generation_phases(
-                h, p.run, s.run, i, int(req["gen_len"])))
-        res = run_interleaved(runners, rounds=int(req.get("rounds", 3)), per_round=int(req.get("per_round", 1)),
-                              warmup=int(req.get("warmup", 1)))
-        return {"times": res.times, "phases": res.phases, "order": res.order, "compile_s": compile_s, "threads": threads, "batch": batch}
+            runners[name] = lambda h=head, p=prefill, s=step, i=ids: decoder_stack.generation_phases(
+                h, p.run, s.run, i, int(req["gen_len"])
+            )
+        res = run_interleaved(
+            runners,
+            rounds=int(req.get("rounds", 3)),
+            per_round=int(req.get("per_round", 1)),
+            warmup=int(req.get("warmup", 1)),
+        )
+        return {
+            "times": res.times,
+            "phases": res.phases,
+            "order": res.order,
+            "compile_s": compile_s,
+            "threads": threads,
+            "batch": batch,
+        }
     if action == "generate":
         import numpy as np
 
@@ -137,9 +176,16 @@ def handle(req: dict) -> dict:
         engines = {name: _engine(models[name], batch, threads).run for name in ("prefill", "step")}
         compile_s = time.perf_counter() - t0
         timings: dict = {}
-        tokens = decoder_stack.greedy(head, engines["prefill"], engines["step"], np.asarray(req["ids"], np.int64),
-                                       int(req["new_tokens"]), timings)
-        return {"tokens": tokens.tolist(), "timings": timings, "compile_s": compile_s, "threads": threads, "batch": batch}
+        tokens = decoder_stack.greedy(
+            head, engines["prefill"], engines["step"], np.asarray(req["ids"], np.int64), int(req["new_tokens"]), timings
+        )
+        return {
+            "tokens": tokens.tolist(),
+            "timings": timings,
+            "compile_s": compile_s,
+            "threads": threads,
+            "batch": batch,
+        }
     return {"error": f"unknown action {action!r}"}
 
 

@@ -45,14 +45,20 @@ def load_eager_float32(checkpoint: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), attn_implementation="eager", dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(checkpoint), attn_implementation="eager", dtype=torch.float32
+    ).eval()
     inner = getattr(model, "model", None)
     if inner is None or not all(hasattr(inner, a) for a in ("layers", "norm", "rotary_emb", "embed_tokens")):
-        raise UserError(f"{checkpoint}: not a LLaMA-style model (model.layers/norm/rotary_emb): the decoder-stack form cannot be built")
+        raise UserError(
+            f"{checkpoint}: not a LLaMA-style model (model.layers/norm/rotary_emb): the decoder-stack form cannot be built"
+        )
     return model
 
 
-def export_decoder_stack(checkpoint: Path, out: Path, batch: int, seq: int, opset: int = 14, past: int = 0, model=None) -> Path:
+def export_decoder_stack(
+    checkpoint: Path, out: Path, batch: int, seq: int, opset: int = 14, past: int = 0, model=None
+) -> Path:
     """All decoder blocks of a LLaMA-style checkpoint as one static-shape ONNX graph (the form DeepSparse 1.8 compiles).
 
     Inputs: hidden [batch, seq, h], the rotary cos/sin [batch, seq, d] of the tokens' positions and an additive
@@ -79,7 +85,9 @@ def export_decoder_stack(checkpoint: Path, out: Path, batch: int, seq: int, opse
         def forward(self, hidden, cos, sin, mask, *cache):
             kv = _InputCache(layers, [(cache[2 * i], cache[2 * i + 1]) for i in range(len(cache) // 2)])
             for layer in self.layers:
-                o = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), past_key_values=kv, use_cache=True)
+                o = layer(
+                    hidden, attention_mask=mask, position_embeddings=(cos, sin), past_key_values=kv, use_cache=True
+                )
                 hidden = o[0] if isinstance(o, tuple) else o
             return (self.norm(hidden), *[t for pair in kv.new for t in pair])
 
@@ -95,14 +103,22 @@ def export_decoder_stack(checkpoint: Path, out: Path, batch: int, seq: int, opse
     with tempfile.TemporaryDirectory(prefix=".stack-", dir=out.parent) as tmp, torch.no_grad():
         # Through a scratch directory: past 2 GB (a 1B model in fp32) torch writes one external file per
         # tensor; save_model_proto rewrites it as out + out.onnx_data, one file that travels with it.
-        torch.onnx.export(Stack(), (hidden, cos, sin, mask, *cache), str(Path(tmp) / "stack.onnx"), input_names=input_names,
-                          output_names=output_names, opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            Stack(),
+            (hidden, cos, sin, mask, *cache),
+            str(Path(tmp) / "stack.onnx"),
+            input_names=input_names,
+            output_names=output_names,
+            opset_version=opset,
+            dynamo=False,
+        )
         save_model_proto(load_model_proto(Path(tmp) / "stack.onnx"), out)
     return out
 
 
-def write_stack_files(model_dir: Path, out_dir: Path, batch: int, seq: int, context: int, opset: int = 14,
-                      model=None) -> dict[str, Path]:
+def write_stack_files(
+    model_dir: Path, out_dir: Path, batch: int, seq: int, context: int, opset: int = 14, model=None
+) -> dict[str, Path]:
     """The three files sparsedeploy.runtimes.decoder_stack runs: prefill graph (`seq` tokens), decode-step graph (KV cache
     of `context` slots) and the embedding/lm_head/rotary tables, for a static `batch`."""
     import torch
@@ -111,16 +127,26 @@ def write_stack_files(model_dir: Path, out_dir: Path, batch: int, seq: int, cont
 
     model = model if model is not None else load_eager_float32(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"prefill": export_decoder_stack(model_dir, out_dir / PREFILL_FILE, batch, seq, opset, model=model),
-             "step": export_decoder_stack(model_dir, out_dir / STEP_FILE, batch, 1, opset, past=context, model=model),
-             "head": out_dir / HEAD_FILE}
+    files = {
+        "prefill": export_decoder_stack(model_dir, out_dir / PREFILL_FILE, batch, seq, opset, model=model),
+        "step": export_decoder_stack(model_dir, out_dir / STEP_FILE, batch, 1, opset, past=context, model=model),
+        "head": out_dir / HEAD_FILE,
+    }
     inner, cfg = model.model, model.config
     head_dim = head_dim_of(cfg)
     with torch.no_grad():
         cos, sin = inner.rotary_emb(torch.zeros(1, 1, cfg.hidden_size), torch.arange(max(seq, context))[None])
-        arrays = {"embed": inner.embed_tokens.weight.float().numpy(), "cos": cos[0].numpy(), "sin": sin[0].numpy(),
-                  "batch": batch, "seq": seq, "context": context, "layers": len(inner.layers),
-                  "kv_heads": cfg.num_key_value_heads, "head_dim": head_dim}
+        arrays = {
+            "embed": inner.embed_tokens.weight.float().numpy(),
+            "cos": cos[0].numpy(),
+            "sin": sin[0].numpy(),
+            "batch": batch,
+            "seq": seq,
+            "context": context,
+            "layers": len(inner.layers),
+            "kv_heads": cfg.num_key_value_heads,
+            "head_dim": head_dim,
+        }
         if model.lm_head.weight.data_ptr() != inner.embed_tokens.weight.data_ptr():
             arrays["lm_head"] = model.lm_head.weight.float().numpy()
     np.savez(files["head"], **arrays)

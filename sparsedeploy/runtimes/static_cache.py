@@ -46,12 +46,19 @@ class StaticGenerator:
         self.graphs = None
         if graphs:
             with torch.inference_mode():
-                self.graphs = (capture(self._prefill, device, warmup),
-                               capture(self._decode, device, warmup, before=self.rewind))
+                self.graphs = (
+                    capture(self._prefill, device, warmup),
+                    capture(self._decode, device, warmup, before=self.rewind),
+                )
 
     def _prefill(self) -> None:
-        out = self.model(input_ids=self.prompt, cache_position=self.prompt_positions, past_key_values=self.cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=self.prompt,
+            cache_position=self.prompt_positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         self.token.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
         self.rewind()
 
@@ -61,8 +68,13 @@ class StaticGenerator:
         self.position.fill_(self.shape.prompt_len)
 
     def _decode(self) -> None:
-        out = self.model(input_ids=self.token, cache_position=self.position, past_key_values=self.cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=self.token,
+            cache_position=self.position,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         self.token.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
         self.position.add_(1)
 

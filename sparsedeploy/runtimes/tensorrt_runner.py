@@ -25,8 +25,10 @@ from sparsedeploy.common.errors import UserError
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = ("install NVIDIA's TensorRT wheels (`pip install tensorrt-cu12` or `tensorrt-cu13`, matching your CUDA; "
-                "they download from pypi.nvidia.com)")
+INSTALL_HINT = (
+    "install NVIDIA's TensorRT wheels (`pip install tensorrt-cu12` or `tensorrt-cu13`, matching your CUDA; "
+    "they download from pypi.nvidia.com)"
+)
 
 
 def unavailable_reason() -> str | None:
@@ -75,10 +77,13 @@ def sparse_layer_report(messages: list[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {"eligible": [], "picked_sparse": []}
     for msg in messages:
         low = msg.lower()
-        for key, marker in (("eligible", "eligible for sparse math:"), ("picked_sparse", "picked sparse implementation for layers:")):
+        for key, marker in (
+            ("eligible", "eligible for sparse math:"),
+            ("picked_sparse", "picked sparse implementation for layers:"),
+        ):
             at = low.find(marker)
             if at >= 0:
-                out[key].extend(x.strip() for x in msg[at + len(marker):].split(",") if x.strip())
+                out[key].extend(x.strip() for x in msg[at + len(marker) :].split(",") if x.strip())
     return out
 
 
@@ -121,13 +126,27 @@ def build_engine(onnx_path: Path, sparse: bool, fp16: bool = True, workspace_gib
         raise UserError(f"TensorRT could not build an engine from {onnx_path}: {tail[:400]}")
     layers = sparse_layer_report(logger.messages)
     seconds = time.perf_counter() - start
-    log.info("TensorRT %s engine of %s built in %.1f s; sparse kernels in %d of %d eligible layers", "sparse" if sparse else "dense",
-             onnx_path.name, seconds, len(layers["picked_sparse"]), len(layers["eligible"]))
+    log.info(
+        "TensorRT %s engine of %s built in %.1f s; sparse kernels in %d of %d eligible layers",
+        "sparse" if sparse else "dense",
+        onnx_path.name,
+        seconds,
+        len(layers["picked_sparse"]),
+        len(layers["eligible"]),
+    )
     return BuiltEngine(bytes(plan), sparse, precision, seconds, layers)
 
 
-_TORCH_DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
-                      "BOOL": "bool", "INT8": "int8", "UINT8": "uint8"}
+_TORCH_DTYPE_NAMES = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "BF16": "bfloat16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "BOOL": "bool",
+    "INT8": "int8",
+    "UINT8": "uint8",
+}
 
 
 class EngineRunner:
@@ -141,7 +160,10 @@ class EngineRunner:
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(built.plan)
         if self.engine is None:
-            raise UserError("TensorRT could not deserialize the engine it just built: " + " | ".join(self.logger.messages[-3:])[:400])
+            raise UserError(
+                "TensorRT could not deserialize the engine it just built: "
+                + " | ".join(self.logger.messages[-3:])[:400]
+            )
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream(device)
         gen = torch.Generator().manual_seed(seed)
@@ -151,10 +173,14 @@ class EngineRunner:
             name = self.engine.get_tensor_name(i)
             shape = tuple(self.engine.get_tensor_shape(name))
             if any(d < 0 for d in shape):
-                raise UserError(f"TensorRT tensor {name} has a dynamic shape {shape}: this runner takes static-shape engines")
+                raise UserError(
+                    f"TensorRT tensor {name} has a dynamic shape {shape}: this runner takes static-shape engines"
+                )
             dtype = getattr(torch, _TORCH_DTYPE_NAMES[self.engine.get_tensor_dtype(name).name])
             if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                value = torch.from_numpy(inputs[name]) if inputs and name in inputs else torch.randn(shape, generator=gen)
+                value = (
+                    torch.from_numpy(inputs[name]) if inputs and name in inputs else torch.randn(shape, generator=gen)
+                )
                 tensor = value.to(dtype).to(device).contiguous()
                 self.inputs[name] = tensor
             else:
@@ -168,7 +194,9 @@ class EngineRunner:
         self.stream.synchronize()
 
     def numpy_inputs(self) -> dict[str, np.ndarray]:
-        return {k: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy() for k, v in self.inputs.items()}
+        return {
+            k: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy() for k, v in self.inputs.items()
+        }
 
     def numpy_outputs(self) -> dict[str, np.ndarray]:
         return {k: v.float().cpu().numpy() for k, v in self.outputs.items()}

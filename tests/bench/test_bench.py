@@ -10,13 +10,9 @@ import numpy as np
 import pytest
 
 from sparsedeploy.bench.config import BenchConfig
-
 from sparsedeploy.bench.forms import build_linear_skeleton, matmul_weights
-
 from sparsedeploy.bench.ort import OrtCausalLM
-
 from sparsedeploy.bench.report import markdown, plot
-
 from sparsedeploy.bench.run import run_bench
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.onnx.storage import onnx_file
@@ -48,7 +44,9 @@ def test_bad_batch_list(tmp_path):
 
 def test_deepsparse_not_installed_says_what_to_do(tmp_path, monkeypatch):
     (tmp_path / "model.onnx").write_bytes(b"")
-    proc = cli("bench", "--model", str(tmp_path), "--engine", "deepsparse", "--deepsparse-venv", str(tmp_path / "novenv"))
+    proc = cli(
+        "bench", "--model", str(tmp_path), "--engine", "deepsparse", "--deepsparse-venv", str(tmp_path / "novenv")
+    )
     assert proc.returncode == 2
     assert "error:" in proc.stderr and ("engines install deepsparse" in proc.stderr or "DeepSparse" in proc.stderr)
 
@@ -100,12 +98,20 @@ def test_ort_generate_phases(tiny_onnx):
 
 
 def test_ort_bench_report(tiny_onnx, tmp_path):
-    cfg = BenchConfig(model=str(tiny_onnx["sparse"]), baseline=str(tiny_onnx["dense"]), engine="ort", batches=[1, 2],
-                      prompt_len=8, gen_len=2, rounds=2)
+    cfg = BenchConfig(
+        model=str(tiny_onnx["sparse"]),
+        baseline=str(tiny_onnx["dense"]),
+        engine="ort",
+        batches=[1, 2],
+        prompt_len=8,
+        gen_len=2,
+        rounds=2,
+    )
     result = run_bench(cfg)
     rows = result["rows"]
-    assert {(r["variant"], r["batch"], r["phase"]) for r in rows} == {(v, b, p) for v in ("dense", "sparse") for b in (1, 2)
-                                                                    for p in ("prefill", "decode", "total")}
+    assert {(r["variant"], r["batch"], r["phase"]) for r in rows} == {
+        (v, b, p) for v in ("dense", "sparse") for b in (1, 2) for p in ("prefill", "decode", "total")
+    }
     sparse = [r for r in rows if r["variant"] == "sparse"]
     assert all("speedup" in r and r["speedup"] > 0 for r in sparse)
     assert all("speedup" not in r for r in rows if r["variant"] == "dense")
@@ -118,8 +124,24 @@ def test_ort_bench_report(tiny_onnx, tmp_path):
 
 def test_cli_bench_writes_json_md_png(tiny_onnx, tmp_path):
     out = tmp_path / "res"
-    proc = cli("-q", "bench", "--model", str(tiny_onnx["sparse"]), "--baseline", str(tiny_onnx["dense"]), "--batch", "1",
-               "--prompt-len", "4", "--gen-len", "1", "--rounds", "1", "-o", str(out))
+    proc = cli(
+        "-q",
+        "bench",
+        "--model",
+        str(tiny_onnx["sparse"]),
+        "--baseline",
+        str(tiny_onnx["dense"]),
+        "--batch",
+        "1",
+        "--prompt-len",
+        "4",
+        "--gen-len",
+        "1",
+        "--rounds",
+        "1",
+        "-o",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == [".sparsedeploy-output", "bench.json", "bench.md", "bench.png"]
     data = json.loads((out / "bench.json").read_text())
@@ -163,8 +185,8 @@ def test_decoder_stack_matches_the_model_hidden_states(tiny_checkpoint, tmp_path
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sparsedeploy.runtimes.stack_graphs import export_decoder_stack
     from sparsedeploy.onnx.storage import session_from_path
+    from sparsedeploy.runtimes.stack_graphs import export_decoder_stack
 
     batch, seq = 2, 8
     path = export_decoder_stack(tiny_checkpoint, tmp_path / "stack.onnx", batch, seq)
@@ -177,7 +199,9 @@ def test_decoder_stack_matches_the_model_hidden_states(tiny_checkpoint, tmp_path
     mask = torch.full((seq, seq), torch.finfo(torch.float32).min).triu(1)[None, None].expand(batch, 1, seq, seq)
     sess = session_from_path(path, threads=1)
     assert [o.name for o in sess.get_outputs()] == ["out", "new_key_0", "new_value_0", "new_key_1", "new_value_1"]
-    got = sess.run(None, {"hidden": hidden.numpy(), "cos": cos.numpy(), "sin": sin.numpy(), "mask": mask.contiguous().numpy()})
+    got = sess.run(
+        None, {"hidden": hidden.numpy(), "cos": cos.numpy(), "sin": sin.numpy(), "mask": mask.contiguous().numpy()}
+    )
     np.testing.assert_allclose(got[0], run.last_hidden_state.numpy(), atol=1e-4, rtol=1e-4)
     for g, expected in zip(got[1:], _cache_tensors(run.past_key_values, 2), strict=True):
         np.testing.assert_allclose(g, expected.numpy(), atol=1e-5, rtol=1e-4)
@@ -189,9 +213,8 @@ def test_decoder_stack_decode_step_matches_the_model_with_its_kv_cache(tiny_chec
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sparsedeploy.runtimes.stack_graphs import export_decoder_stack
-    from sparsedeploy.runtimes.stack_graphs import decoder_stack_names
     from sparsedeploy.onnx.storage import session_from_path
+    from sparsedeploy.runtimes.stack_graphs import decoder_stack_names, export_decoder_stack
 
     batch, prompt = 2, 12
     path = export_decoder_stack(tiny_checkpoint, tmp_path / "step.onnx", batch, 1, past=prompt)
@@ -204,7 +227,9 @@ def test_decoder_stack_decode_step_matches_the_model_with_its_kv_cache(tiny_chec
         hidden = model.model.embed_tokens(ids[:, prompt:])
         cos, sin = model.model.rotary_emb(hidden, torch.full((batch, 1), prompt))
     inputs, outputs = decoder_stack_names(2, prompt)
-    feed = dict(zip(inputs, [t.numpy() for t in (hidden, cos, sin, torch.zeros(batch, 1, 1, prompt + 1), *past)], strict=True))
+    feed = dict(
+        zip(inputs, [t.numpy() for t in (hidden, cos, sin, torch.zeros(batch, 1, 1, prompt + 1), *past)], strict=True)
+    )
     sess = session_from_path(path, threads=1)
     assert [i.name for i in sess.get_inputs()] == inputs and [o.name for o in sess.get_outputs()] == outputs
     got = sess.run(None, feed)
@@ -218,8 +243,8 @@ def test_decoder_stack_decode_step_matches_the_model_with_its_kv_cache(tiny_chec
 
 @pytest.mark.slow
 def test_decoder_stack_compiles_in_deepsparse(tiny_checkpoint, tmp_path, deepsparse_env):
-    from sparsedeploy.runtimes.stack_graphs import export_decoder_stack
     from sparsedeploy.runtimes import deepsparse_env as ds
+    from sparsedeploy.runtimes.stack_graphs import export_decoder_stack
 
     path = export_decoder_stack(tiny_checkpoint, tmp_path / "stack.onnx", 1, 16)
     info = ds.check_model(deepsparse_env, path, batch=1, threads=1)
@@ -230,12 +255,13 @@ def test_decoder_stack_compiles_in_deepsparse(tiny_checkpoint, tmp_path, deepspa
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device: 2:4 model path not exercised here")
+@pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="no CUDA device: 2:4 model path not exercised here"
+)
 def test_two_four_model_on_cuda_converts_linears_and_keeps_logits(tmp_path):
     import torch
 
     from sparsedeploy.bench.pytorch import TorchCausalLM
-
     from sparsedeploy.bench.run import run_bench
     from tests.conftest import tiny_two_four_pair
 
@@ -248,8 +274,19 @@ def test_two_four_model_on_cuda_converts_linears_and_keeps_logits(tmp_path):
     with torch.inference_mode():
         a, b = sparse.model(input_ids=ids).logits.float(), plain.model(input_ids=ids).logits.float()
     assert (a - b).abs().max() < 2e-2 * b.abs().max()
-    result = run_bench(BenchConfig(model=str(tmp_path / "sparse"), baseline=str(tmp_path / "dense"), engine="torch", device="cuda",
-                                   dtype="float16", batches=[1], prompt_len=64, gen_len=4, rounds=2))
+    result = run_bench(
+        BenchConfig(
+            model=str(tmp_path / "sparse"),
+            baseline=str(tmp_path / "dense"),
+            engine="torch",
+            device="cuda",
+            dtype="float16",
+            batches=[1],
+            prompt_len=64,
+            gen_len=4,
+            rounds=2,
+        )
+    )
     assert result["notes"]["semi_structured_linears"] == {"dense": 0, "sparse": 14}
     assert {r["phase"] for r in result["rows"] if "speedup" in r} == {"prefill", "decode", "total"}
 
@@ -258,6 +295,7 @@ def test_two_four_model_on_cuda_converts_linears_and_keeps_logits(tmp_path):
 def tiny_exports(tmp_path_factory):
     """A tiny LLaMA, dense and Wanda 2:4, exported by sparsedeploy (export_report.json points at each checkpoint)."""
     from onnx_helpers import pruned_tiny_checkpoint
+
     from sparsedeploy.export.run import ExportConfig, export_checkpoint
 
     root = tmp_path_factory.mktemp("tiny_exports")
@@ -275,13 +313,27 @@ def test_deepsparse_bench_times_prefill_and_decode_step_on_the_stack(tiny_export
     with a KV cache, each in DeepSparse and in ONNX Runtime on the same graph."""
     from sparsedeploy.runtimes.deepsparse_env import LICENCE_NOTE
 
-    result = run_bench(BenchConfig(model=str(tiny_exports["sparse"]), baseline=str(tiny_exports["dense"]), engine="deepsparse",
-                                   batches=[2], prompt_len=8, gen_len=4, rounds=1, deepsparse_venv=str(deepsparse_env.path)))
+    result = run_bench(
+        BenchConfig(
+            model=str(tiny_exports["sparse"]),
+            baseline=str(tiny_exports["dense"]),
+            engine="deepsparse",
+            batches=[2],
+            prompt_len=8,
+            gen_len=4,
+            rounds=1,
+            deepsparse_venv=str(deepsparse_env.path),
+        )
+    )
     assert result["licence"] == LICENCE_NOTE and "stack" not in result["notes"]  # both checkpoints were found
-    forms = {(r["engine"], r["phase"], r["form"].split(" (")[0], r.get("rows")) for r in result["rows"] if "speedup" in r}
-    assert forms == {(e, "prefill", "decoder stack", 16) for e in ("deepsparse", "ort")} | \
-                    {(e, "decode-step", "decoder stack + KV cache", 2) for e in ("deepsparse", "ort")} | \
-                    {(e, p, "whole model, stack graphs", None) for e in ("deepsparse", "ort") for p in ("prefill", "decode", "total")}
+    forms = {
+        (r["engine"], r["phase"], r["form"].split(" (")[0], r.get("rows")) for r in result["rows"] if "speedup" in r
+    }
+    assert forms == {(e, "prefill", "decoder stack", 16) for e in ("deepsparse", "ort")} | {
+        (e, "decode-step", "decoder stack + KV cache", 2) for e in ("deepsparse", "ort")
+    } | {
+        (e, p, "whole model, stack graphs", None) for e in ("deepsparse", "ort") for p in ("prefill", "decode", "total")
+    }
     full = result["notes"]["full_graph"]  # the verdict either way, with its evidence
     if full["runs"]:
         assert full["ok"] is True and full["outputs"] and full["compile_and_run_s"] > 0
@@ -294,21 +346,46 @@ def test_deepsparse_bench_times_prefill_and_decode_step_on_the_stack(tiny_export
 
 @pytest.mark.slow
 def test_deepsparse_bench_without_generation_times_the_static_forms_only(tiny_exports, deepsparse_env):
-    result = run_bench(BenchConfig(model=str(tiny_exports["sparse"]), baseline=str(tiny_exports["dense"]), engine="deepsparse",
-                                   batches=[1], prompt_len=8, gen_len=0, rounds=1, deepsparse_venv=str(deepsparse_env.path)))
+    result = run_bench(
+        BenchConfig(
+            model=str(tiny_exports["sparse"]),
+            baseline=str(tiny_exports["dense"]),
+            engine="deepsparse",
+            batches=[1],
+            prompt_len=8,
+            gen_len=0,
+            rounds=1,
+            deepsparse_venv=str(deepsparse_env.path),
+        )
+    )
     assert {r["phase"] for r in result["rows"]} == {"prefill", "decode-step"}
     assert "prompt 8 tokens, no generation (static forms)" in markdown(result)
 
 
 def test_tensorrt_needs_a_gpu_device_and_says_so(tiny_exports, tmp_path):
     proc = cli("bench", "--model", str(tiny_exports["sparse"]), "--engine", "tensorrt")
-    assert proc.returncode == 2 and proc.stderr.strip() == "error: --engine tensorrt runs on a GPU, not on --device cpu: add --device cuda"
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip() == "error: --engine tensorrt runs on a GPU, not on --device cpu: add --device cuda"
+    )
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available() and __import__("importlib").util.find_spec("tensorrt") is not None,
-                    reason="CUDA and tensorrt present: the not-available path is for machines without them")
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available() and __import__("importlib").util.find_spec("tensorrt") is not None,
+    reason="CUDA and tensorrt present: the not-available path is for machines without them",
+)
 def test_tensorrt_unavailable_is_reported_and_writes_nothing(tiny_exports, tmp_path):
-    proc = cli("bench", "--model", str(tiny_exports["sparse"]), "--engine", "tensorrt", "--device", "cuda", "-o", str(tmp_path / "out"))
+    proc = cli(
+        "bench",
+        "--model",
+        str(tiny_exports["sparse"]),
+        "--engine",
+        "tensorrt",
+        "--device",
+        "cuda",
+        "-o",
+        str(tmp_path / "out"),
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert proc.stderr.startswith("error: no measurement: --engine tensorrt: not run: ")
     assert "CUDA is not available" in proc.stderr or "tensorrt package" in proc.stderr
@@ -318,22 +395,40 @@ def test_tensorrt_unavailable_is_reported_and_writes_nothing(tiny_exports, tmp_p
 def test_tensorrt_sparse_layer_report_parses_its_log_lines():
     from sparsedeploy.runtimes.tensorrt_runner import sparse_layer_report
 
-    messages = ["Compiler backend is used during engine build.",
-                "(Sparsity) Layers eligible for sparse math: /layers.0/mlp/up_proj/MatMul, /layers.0/mlp/down_proj/MatMul",
-                "(Sparsity) TRT inference plan picked sparse implementation for layers: /layers.0/mlp/down_proj/MatMul"]
-    assert sparse_layer_report(messages) == {"eligible": ["/layers.0/mlp/up_proj/MatMul", "/layers.0/mlp/down_proj/MatMul"],
-                                             "picked_sparse": ["/layers.0/mlp/down_proj/MatMul"]}
+    messages = [
+        "Compiler backend is used during engine build.",
+        "(Sparsity) Layers eligible for sparse math: /layers.0/mlp/up_proj/MatMul, /layers.0/mlp/down_proj/MatMul",
+        "(Sparsity) TRT inference plan picked sparse implementation for layers: /layers.0/mlp/down_proj/MatMul",
+    ]
+    assert sparse_layer_report(messages) == {
+        "eligible": ["/layers.0/mlp/up_proj/MatMul", "/layers.0/mlp/down_proj/MatMul"],
+        "picked_sparse": ["/layers.0/mlp/down_proj/MatMul"],
+    }
     assert sparse_layer_report(["no sparsity lines"]) == {"eligible": [], "picked_sparse": []}
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not (__import__("torch").cuda.is_available() and __import__("importlib").util.find_spec("tensorrt") is not None),
-                    reason="needs a CUDA GPU and the tensorrt package (not installable in this project's workplace)")
+@pytest.mark.skipif(
+    not (__import__("torch").cuda.is_available() and __import__("importlib").util.find_spec("tensorrt") is not None),
+    reason="needs a CUDA GPU and the tensorrt package (not installable in this project's workplace)",
+)
 def test_tensorrt_engines_from_the_2of4_export_run_and_agree_with_ort(tiny_exports):
-    result = run_bench(BenchConfig(model=str(tiny_exports["sparse"]), baseline=str(tiny_exports["dense"]), engine="tensorrt",
-                                   device="cuda", dtype="float32", batches=[1], prompt_len=16, rounds=2))
-    assert {(r["phase"], r["form"].split(" (")[0]) for r in result["rows"] if "speedup" in r} == \
-        {("prefill", "decoder stack"), ("decode-step", "decoder stack + KV cache")}
+    result = run_bench(
+        BenchConfig(
+            model=str(tiny_exports["sparse"]),
+            baseline=str(tiny_exports["dense"]),
+            engine="tensorrt",
+            device="cuda",
+            dtype="float32",
+            batches=[1],
+            prompt_len=16,
+            rounds=2,
+        )
+    )
+    assert {(r["phase"], r["form"].split(" (")[0]) for r in result["rows"] if "speedup" in r} == {
+        ("prefill", "decoder stack"),
+        ("decode-step", "decoder stack + KV cache"),
+    }
     builds = result["notes"]["builds"]
     assert len(builds) == 4 and all(b["max_rel_err_vs_ort"] < 1e-2 for b in builds)
     assert all(b["eligible_layers"] == 0 for b in builds if b["variant"] == "dense")
@@ -347,8 +442,12 @@ def test_static_forms_free_each_form_once_it_is_timed(tiny_exports, tmp_path):
     for form in static_forms(BenchConfig(model="x", batches=[1, 2], prompt_len=8), variants, tmp_path, notes := {}):
         assert all(p.is_file() for p in form.paths.values())
         seen.append(form)
-    assert [(f.batch, f.phase, f.stack, f.rows) for f in seen] == [(1, "prefill", True, 8), (1, "decode-step", True, 1),
-                                                                   (2, "prefill", True, 16), (2, "decode-step", True, 2)]
+    assert [(f.batch, f.phase, f.stack, f.rows) for f in seen] == [
+        (1, "prefill", True, 8),
+        (1, "decode-step", True, 1),
+        (2, "prefill", True, 16),
+        (2, "decode-step", True, 2),
+    ]
     assert [f.form.split(" (")[0] for f in seen[:2]] == ["decoder stack", "decoder stack + KV cache"]
     assert not any(tmp_path.iterdir())  # every form's files deleted after its turn
     assert "skeleton" not in notes and "stack" not in notes
@@ -379,6 +478,7 @@ def test_ort_bench_loads_a_sparse_storage_export(tmp_path):
     """`--storage sparse` keeps the weights' values in a side file: bench must open it through the one session
     factory that unpacks it, and the unpacked model must compute what the dense-storage export of it computes."""
     from onnx_helpers import pruned_tiny_checkpoint
+
     from sparsedeploy.export.run import ExportConfig, export_checkpoint
     from sparsedeploy.onnx.storage import SPARSE_FILE
 
@@ -386,8 +486,24 @@ def test_ort_bench_loads_a_sparse_storage_export(tmp_path):
     for storage in ("dense", "sparse"):
         export_checkpoint(ExportConfig(model=str(ckpt), storage=storage, verify=False), tmp_path / storage)
     assert (tmp_path / "sparse" / SPARSE_FILE).is_file()
-    proc = cli("bench", "--engine", "ort", "--model", str(tmp_path / "sparse"), "--baseline", str(tmp_path / "dense"),
-               "--batch", "1", "--prompt-len", "4", "--gen-len", "2", "--rounds", "1", "--json")
+    proc = cli(
+        "bench",
+        "--engine",
+        "ort",
+        "--model",
+        str(tmp_path / "sparse"),
+        "--baseline",
+        str(tmp_path / "dense"),
+        "--batch",
+        "1",
+        "--prompt-len",
+        "4",
+        "--gen-len",
+        "2",
+        "--rounds",
+        "1",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])["rows"]
     assert {r["variant"] for r in rows} == {"dense", "sparse"} and all(r["median_s"] > 0 for r in rows)
@@ -402,6 +518,7 @@ def test_bench_finds_the_source_checkpoint_from_the_export_report_after_a_move(t
     import os
 
     from onnx_helpers import pruned_tiny_checkpoint
+
     from sparsedeploy.bench.forms import source_checkpoint
     from sparsedeploy.export.run import ExportConfig, export_checkpoint
 

@@ -16,12 +16,38 @@ def test_pruned_weight_is_two_four_along_k():
 
 
 def test_markdown_names_backends_modes_and_errors():
-    base = {"shape": "s", "out_features": 8, "in_features": 8, "dtype": "float16", "tokens": 1, "dense_us": 5.0, "dense_tflops": 0.1}
-    rows = [{**base, "backend": "cusparselt", "mode": "eager", "speedup": 0.5, "speedup_p10": 0.4, "speedup_p90": 0.6, "noisy": False,
-             "max_rel_error": 1e-3},
-            {**base, "backend": "cusparselt", "mode": "graph", "speedup": 1.5, "speedup_p10": 1.4, "speedup_p90": 1.6, "noisy": True,
-             "max_rel_error": 1e-3},
-            {**base, "backend": "cutlass", "mode": "eager", "error": "RuntimeError: shape refused"}]
+    base = {
+        "shape": "s",
+        "out_features": 8,
+        "in_features": 8,
+        "dtype": "float16",
+        "tokens": 1,
+        "dense_us": 5.0,
+        "dense_tflops": 0.1,
+    }
+    rows = [
+        {
+            **base,
+            "backend": "cusparselt",
+            "mode": "eager",
+            "speedup": 0.5,
+            "speedup_p10": 0.4,
+            "speedup_p90": 0.6,
+            "noisy": False,
+            "max_rel_error": 1e-3,
+        },
+        {
+            **base,
+            "backend": "cusparselt",
+            "mode": "graph",
+            "speedup": 1.5,
+            "speedup_p10": 1.4,
+            "speedup_p90": 1.6,
+            "noisy": True,
+            "max_rel_error": 1e-3,
+        },
+        {**base, "backend": "cutlass", "mode": "eager", "error": "RuntimeError: shape refused"},
+    ]
     md = gk.linear_markdown(rows)
     assert "| cuSPARSELt eager | cuSPARSELt graph | max rel. error |" in md  # a backend never timed gets no column...
     assert "- CUTLASS not timed: RuntimeError: shape refused" in md  # ...but a line that says why

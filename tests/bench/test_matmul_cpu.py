@@ -39,8 +39,17 @@ def test_chain_graph_computes_relu_matmuls(tmp_path):
 
 
 def test_tiny_kernel_bench_runs_on_ort():
-    rows = bench_kernels([KernelShape("tiny", 32, 64, "test")], ["0.5", "2:4"], [1, 4], ["ort"], threads=1, rounds=2,
-                         per_round=1, depth=2, min_sample_s=0.0)
+    rows = bench_kernels(
+        [KernelShape("tiny", 32, 64, "test")],
+        ["0.5", "2:4"],
+        [1, 4],
+        ["ort"],
+        threads=1,
+        rounds=2,
+        per_round=1,
+        depth=2,
+        min_sample_s=0.0,
+    )
     assert len(rows) == 4
     assert {r["pattern"] for r in rows} == {"0.5", "2:4"} and {r["batch"] for r in rows} == {1, 4}
     for r in rows:

@@ -12,8 +12,13 @@ from conftest import REPO, WIKITEXT_TEST
 def test_quality_ci_gate_passes_against_committed_results(tmp_path, wikitext_test):
     committed = json.loads((REPO / "benchmarks" / "results" / "quality.json").read_text())
     out = tmp_path / "quality_ci"
-    proc = subprocess.run([sys.executable, "benchmarks/quality.py", "--ci", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                          env={**__import__("os").environ, "SPARSEDEPLOY_WIKITEXT2": str(WIKITEXT_TEST)})
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/quality.py", "--ci", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "SPARSEDEPLOY_WIKITEXT2": str(WIKITEXT_TEST)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.with_suffix(".json").read_text())
     gate = doc["gate"]
@@ -31,7 +36,9 @@ def test_quality_ci_gate_fails_on_a_regression(tmp_path):
 
     doc = {"setting": {"x": 1}, "results": [{"row": "dense", "ppl": 10.0}, {"row": "wanda 0.5", "ppl": 30.0}]}
     baseline = tmp_path / "quality.json"
-    baseline.write_text(json.dumps({"setting": {"x": 1}, "results": [{"row": "dense", "ppl": 10.0}, {"row": "wanda 0.5", "ppl": 20.0}]}))
+    baseline.write_text(
+        json.dumps({"setting": {"x": 1}, "results": [{"row": "dense", "ppl": 10.0}, {"row": "wanda 0.5", "ppl": 20.0}]})
+    )
     quality.ci_gate(doc, baseline)
     assert doc["gate"]["passed"] is False and doc["gate"]["current"] == 3.0
     baseline.write_text(json.dumps({"setting": {"x": 2}, "results": []}))
@@ -58,12 +65,18 @@ def test_update_docs_replaces_only_the_generated_tables(tmp_path, monkeypatch):
     spec.loader.exec_module(quality)
     dsnot, alloc = tmp_path / "dsnot.md", tmp_path / "allocation.md"
     dsnot.write_text("intro\n<!-- quality:methods -->\nold\n<!-- /quality -->\nafter\n")
-    alloc.write_text("a\n<!-- quality:allocation -->\nold\n<!-- /quality -->\nb\n<!-- quality:recovery -->\nold\n<!-- /quality -->\nc\n")
+    alloc.write_text(
+        "a\n<!-- quality:allocation -->\nold\n<!-- /quality -->\nb\n<!-- quality:recovery -->\nold\n<!-- /quality -->\nc\n"
+    )
     monkeypatch.setattr(quality, "DOC_SECTIONS", {"methods": dsnot, "allocation": alloc, "recovery": alloc})
     doc = json.loads((REPO / "benchmarks" / "results" / "quality.json").read_text())
     assert set(quality.update_docs(doc)) == {dsnot, alloc}
     text = dsnot.read_text()
-    assert text.startswith("intro\n<!-- quality:methods -->\nDense: ") and text.endswith("<!-- /quality -->\nafter\n") and "old" not in text
+    assert (
+        text.startswith("intro\n<!-- quality:methods -->\nDense: ")
+        and text.endswith("<!-- /quality -->\nafter\n")
+        and "old" not in text
+    )
     text = alloc.read_text()
     assert "| method | allocation |" in text and "| pruned | before recovery |" in text and "old" not in text
     assert quality.update_docs(doc) == []  # idempotent
@@ -75,11 +88,29 @@ def test_another_model_gets_its_own_table_and_no_ci_gate(tmp_path):
     import quality
 
     setting = {**quality.asdict(quality.Setting()), "model": "/somewhere/gemma-3-270m-q4_k_m.gguf"}
-    doc = {"setting": setting, "machine": "test box", "results": [
-        {"row": "dense", "method": "dense", "label": "dense", "sparsity": "-", "allocation": "uniform", "ppl": 10.0,
-         "sparsity_measured": 0.0, "peak_rss_mib": 1.0}]}
+    doc = {
+        "setting": setting,
+        "machine": "test box",
+        "results": [
+            {
+                "row": "dense",
+                "method": "dense",
+                "label": "dense",
+                "sparsity": "-",
+                "allocation": "uniform",
+                "ppl": 10.0,
+                "sparsity_measured": 0.0,
+                "peak_rss_mib": 1.0,
+            }
+        ],
+    }
     assert quality.to_markdown(doc).startswith("# Pruning quality on gemma-3-270m-q4_k_m.gguf\n")
     env = {**__import__("os").environ, "SPARSEDEPLOY_WIKITEXT2": str(WIKITEXT_TEST)}
-    proc = subprocess.run([sys.executable, "benchmarks/quality.py", "--ci", "--model", str(tmp_path / "m.gguf")], cwd=REPO,
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/quality.py", "--ci", "--model", str(tmp_path / "m.gguf")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode != 0 and "--ci gates smollm2-135m" in proc.stderr

@@ -17,8 +17,13 @@ def test_speed_ci_gate_passes_and_tracks_deepsparse(tmp_path):
     tracked = {k for entry in baseline["machines"].values() for k in entry["tracked"]} | set(baseline["generic_floor"])
     assert any(k.startswith("deepsparse|") for k in tracked) and any(k.startswith("ort|") for k in tracked)
     # --install-deepsparse: creates DeepSparse's own venv on first use (PyPI), so this machine measures it too
-    proc = subprocess.run([sys.executable, "benchmarks/speed.py", "--ci", "--install-deepsparse", "--out", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, env={**os.environ, "NM_DISABLE_ANALYTICS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/speed.py", "--ci", "--install-deepsparse", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NM_DISABLE_ANALYTICS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "speed_ci.json").read_text())
     measured = {f"{r['engine']}|{r['shape']}|b{r['batch']}|{r['pattern']}": r for r in result["rows"]}
@@ -49,8 +54,9 @@ def test_gate_uses_this_cpus_baseline_else_the_generic_floor(tmp_path, monkeypat
     k = "deepsparse|shape|b64|0.7"
     monkeypatch.setattr(speed, "BASELINE", tmp_path / "b.json")
     monkeypatch.setattr(speed, "CI_TRACKED", [("deepsparse", "shape", 64, "0.7")])
-    (tmp_path / "b.json").write_text(json.dumps({"tolerance": 0.25, "generic_floor": {k: 1.15},
-                                                 "machines": {"CPU A": {"tracked": {k: 2.0}}}}))
+    (tmp_path / "b.json").write_text(
+        json.dumps({"tolerance": 0.25, "generic_floor": {k: 1.15}, "machines": {"CPU A": {"tracked": {k: 2.0}}}})
+    )
     rows = [{"engine": "deepsparse", "shape": "shape", "batch": 64, "pattern": "0.7", "speedup": 1.4, "noisy": False}]
     args = argparse.Namespace(write_baseline=False, tolerance=0.25, threads=1, rounds=None)
     monkeypatch.setattr(speed, "machine", lambda: {"cpu": "CPU A"})

@@ -20,7 +20,10 @@ def test_speed_only_pair_is_the_dense_model_pruned_2of4(tmp_path, cache_dir):
     from sparsedeploy.common.sparsity import satisfies_nm
 
     speed_gpu.speed_only_llama(tmp_path / "dense", tmp_path / "sparse", cache_dir, preset="tiny")
-    dense, sparse = load_file(str(tmp_path / "dense" / "model.safetensors")), load_file(str(tmp_path / "sparse" / "model.safetensors"))
+    dense, sparse = (
+        load_file(str(tmp_path / "dense" / "model.safetensors")),
+        load_file(str(tmp_path / "sparse" / "model.safetensors")),
+    )
     assert dense.keys() == sparse.keys() and all(t.dtype == torch.float16 for t in sparse.values())
     pruned = [k for k in sparse if ".layers." in k and k.endswith("proj.weight")]
     assert len(pruned) == 2 * 7
@@ -34,7 +37,11 @@ def test_speed_only_pair_is_the_dense_model_pruned_2of4(tmp_path, cache_dir):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
 def test_without_cuda_it_says_so_and_exits_cleanly(tmp_path):
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed_gpu.py"), "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "speed_gpu.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert "CUDA" in (run.stdout + run.stderr) and not any(tmp_path.iterdir())

@@ -44,8 +44,13 @@ def test_committed_results_carry_the_gate_figure_and_every_shape():
 
 @pytest.mark.slow
 def test_ci_mode_runs_and_passes(tmp_path):
-    proc = subprocess.run([sys.executable, "benchmarks/speed_sparse_cpu.py", "--ci", "--out", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/speed_sparse_cpu.py", "--ci", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "sparse-cpu CI gate" in proc.stdout and "PASS" in proc.stdout
     result = json.loads((tmp_path / "speed_sparse_cpu_ci.json").read_text())
@@ -53,7 +58,12 @@ def test_ci_mode_runs_and_passes(tmp_path):
 
 
 def test_bad_isa_is_one_error_line(tmp_path):
-    proc = subprocess.run([sys.executable, "benchmarks/speed_sparse_cpu.py", "--isa", "neon", "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/speed_sparse_cpu.py", "--isa", "neon", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --isa neon")
     assert not list(tmp_path.iterdir())  # nothing half-written

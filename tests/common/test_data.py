@@ -2,10 +2,10 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_tokenizer
 
 from sparsedeploy.common.data import calibration_samples, load_text, wikitext_rows_joined
 from sparsedeploy.common.errors import UserError
-from conftest import tiny_tokenizer
 
 
 def test_wikitext_rows_joined_matches_hf_rows():
@@ -23,8 +23,15 @@ def test_text_and_jsonl_sources(tmp_path):
     assert load_text(f"jsonl:{tmp_path / 'c.jsonl'}#body") == "x"
 
 
-@pytest.mark.parametrize("source,match", [("text:/nonexistent/file.txt", "does not exist"), ("bogus", "unknown text source"),
-                                          ("jsonl:{tmp}/bad.jsonl", "not valid JSON"), ("jsonl:{tmp}/nokey.jsonl", "no string field")])
+@pytest.mark.parametrize(
+    "source,match",
+    [
+        ("text:/nonexistent/file.txt", "does not exist"),
+        ("bogus", "unknown text source"),
+        ("jsonl:{tmp}/bad.jsonl", "not valid JSON"),
+        ("jsonl:{tmp}/nokey.jsonl", "no string field"),
+    ],
+)
 def test_source_errors(tmp_path, source, match):
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     (tmp_path / "nokey.jsonl").write_text('{"body": "x"}\n')

@@ -3,8 +3,15 @@ import torch
 from torch import nn
 
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.common.models import (default_seqlen, find_blocks, find_linears, load_model, resolve_device, resolve_dtype,
-                                 resolve_model_path)
+from sparsedeploy.common.models import (
+    default_seqlen,
+    find_blocks,
+    find_linears,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_path,
+)
 
 
 def test_resolve_device_and_dtype():
@@ -22,8 +29,15 @@ def test_find_linears_covers_attention_and_mlp_not_embeddings(tiny_model):
     blocks = find_blocks(tiny_model)
     assert len(blocks) == 2
     names = set(find_linears(blocks[0]))
-    assert names == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    assert names == {
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    }
 
 
 def test_unsupported_architecture_is_a_clear_error():
@@ -65,7 +79,9 @@ def test_directory_without_config(tmp_path):
 def test_non_causal_model_refused(tmp_path):
     from transformers import BertConfig, BertModel
 
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64)).save_pretrained(tmp_path)
+    BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64)
+    ).save_pretrained(tmp_path)
     with pytest.raises(UserError, match="not a causal"):
         load_model(str(tmp_path))
 
@@ -122,7 +138,9 @@ def test_speed_only_model_has_the_preset_shapes_and_loads_everywhere(cache_dir, 
     lm = load_model(str(path), "float32", cache_dir)  # what prune/export/bench load: tokenizer included
     assert lm.model.config.vocab_size == len(lm.tokenizer) == 49152
     again = build_speed_only_model("tiny", tmp_path / "again", seed=3, cache=cache_dir)
-    assert torch.equal(load_model(str(again), "float32", cache_dir).model.lm_head.weight, lm.model.lm_head.weight)  # seeded
+    assert torch.equal(
+        load_model(str(again), "float32", cache_dir).model.lm_head.weight, lm.model.lm_head.weight
+    )  # seeded
     with pytest.raises(UserError, match="unknown speed-only preset"):
         build_speed_only_model("llama-70b", tmp_path / "x", cache=cache_dir)
     assert not (tmp_path / "x").exists()
@@ -137,9 +155,27 @@ def _write_spm_gguf(path, add_space_prefix: bool) -> None:
     control = ["<pad>", "<eos>", "<bos>", "<unk>"]
     user = ["\n", "\n\n", "  ", "<table>"]  # llama.cpp stores SentencePiece's '▁▁' as two spaces
     byte = [f"<0x{b:02X}>" for b in range(256)]
-    normal = [("▁c", -1), ("ap", -2), ("it", -3), ("al", -4), ("▁cap", -5), ("ital", -6), ("of", -7), ("▁of", -8),
-              ("▁capital", -5000), ("▁", -9000), ("c", -9001), ("a", -9002), ("p", -9003), ("i", -9004),
-              ("t", -9005), ("l", -9006), ("o", -9007), ("f", -9008), ("x", -9009)]
+    normal = [
+        ("▁c", -1),
+        ("ap", -2),
+        ("it", -3),
+        ("al", -4),
+        ("▁cap", -5),
+        ("ital", -6),
+        ("of", -7),
+        ("▁of", -8),
+        ("▁capital", -5000),
+        ("▁", -9000),
+        ("c", -9001),
+        ("a", -9002),
+        ("p", -9003),
+        ("i", -9004),
+        ("t", -9005),
+        ("l", -9006),
+        ("o", -9007),
+        ("f", -9008),
+        ("x", -9009),
+    ]
     tokens = control + user + byte + [t for t, _ in normal]
     scores = [-1000.0] * (len(control) + len(user)) + [0.0] * len(byte) + [float(s) for _, s in normal]
     types = [3] * len(control) + [4] * len(user) + [6] * len(byte) + [1] * len(normal)

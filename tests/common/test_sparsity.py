@@ -3,12 +3,29 @@ import pytest
 import torch
 
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.common.sparsity import (nm_violations, SparsitySpec, mask_lowest_global, mask_lowest_per_row, parse_sparsity,
-                                   satisfies_nm, sparsity_of)
+from sparsedeploy.common.sparsity import (
+    SparsitySpec,
+    mask_lowest_global,
+    mask_lowest_per_row,
+    nm_violations,
+    parse_sparsity,
+    satisfies_nm,
+    sparsity_of,
+)
 
 
-@pytest.mark.parametrize("text,ratio,nm", [("0.5", 0.5, None), ("50%", 0.5, None), (0.7, 0.7, None),
-                                           ("2:4", 0.5, (2, 4)), ("4:8", 0.5, (4, 8)), (" 1:4 ", 0.75, (1, 4)), ("0", 0.0, None)])
+@pytest.mark.parametrize(
+    "text,ratio,nm",
+    [
+        ("0.5", 0.5, None),
+        ("50%", 0.5, None),
+        (0.7, 0.7, None),
+        ("2:4", 0.5, (2, 4)),
+        ("4:8", 0.5, (4, 8)),
+        (" 1:4 ", 0.75, (1, 4)),
+        ("0", 0.0, None),
+    ],
+)
 def test_parse_sparsity(text, ratio, nm):
     spec = parse_sparsity(text)
     assert spec.ratio == pytest.approx(ratio)

@@ -19,6 +19,7 @@ class FakeClock:
     def work(self, seconds: float):
         def run():
             self.now += seconds
+
         return run
 
 
@@ -47,9 +48,21 @@ def test_interleaving_alternates_order_and_warms_up():
         step = clock.work(seconds)
         return lambda: (calls.append(name), step())
 
-    res = run_interleaved({"dense": make("dense", 2.0), "sparse": make("sparse", 1.0)}, rounds=4, per_round=2, warmup=1, clock=clock)
+    res = run_interleaved(
+        {"dense": make("dense", 2.0), "sparse": make("sparse", 1.0)}, rounds=4, per_round=2, warmup=1, clock=clock
+    )
     assert calls[:2] == ["dense", "sparse"]  # warm-up, untimed
-    assert res.order == ["dense"] * 2 + ["sparse"] * 2 + ["sparse"] * 2 + ["dense"] * 2 + ["dense"] * 2 + ["sparse"] * 2 + ["sparse"] * 2 + ["dense"] * 2
+    assert (
+        res.order
+        == ["dense"] * 2
+        + ["sparse"] * 2
+        + ["sparse"] * 2
+        + ["dense"] * 2
+        + ["dense"] * 2
+        + ["sparse"] * 2
+        + ["sparse"] * 2
+        + ["dense"] * 2
+    )
     assert res.times["dense"] == [2.0] * 4 and res.times["sparse"] == [1.0] * 4
     assert res.ratio("dense", "sparse").median == 2.0
 
@@ -65,6 +78,7 @@ def test_per_round_ratio_cancels_drift():
             state["calls"] += 1
             if state["calls"] % 2 == 0:  # one call of each variant per round -> drift between rounds
                 state["round_factor"] *= 1.5
+
         return run
 
     res = run_interleaved({"dense": make(2.0), "sparse": make(1.0)}, rounds=5, per_round=1, warmup=0, clock=clock)
@@ -81,9 +95,12 @@ def test_phases_are_recorded_per_round():
         def run():
             clock.now += prefill + decode
             return {"prefill": prefill, "decode": decode}
+
         return run
 
-    res = run_interleaved({"dense": make(4.0, 8.0), "sparse": make(2.0, 8.0)}, rounds=3, per_round=1, warmup=0, clock=clock)
+    res = run_interleaved(
+        {"dense": make(4.0, 8.0), "sparse": make(2.0, 8.0)}, rounds=3, per_round=1, warmup=0, clock=clock
+    )
     assert res.phases["dense"]["prefill"] == [4.0] * 3
     assert res.phase_ratio("dense", "sparse", "prefill").median == 2.0
     assert res.phase_ratio("dense", "sparse", "decode").median == 1.0

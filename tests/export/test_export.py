@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from onnx_helpers import pruned_tiny_checkpoint
+
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.export.run import ExportConfig, export_checkpoint
 from sparsedeploy.onnx.verify import FP16_ATOL, FP32_ATOL
@@ -19,14 +19,22 @@ from sparsedeploy.onnx.verify import FP16_ATOL, FP32_ATOL
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    return {"0.5": pruned_tiny_checkpoint(root / "unstructured", "0.5"), "2:4": pruned_tiny_checkpoint(root / "nm", "2:4")}
+    return {
+        "0.5": pruned_tiny_checkpoint(root / "unstructured", "0.5"),
+        "2:4": pruned_tiny_checkpoint(root / "nm", "2:4"),
+    }
 
 
 @pytest.fixture(scope="module")
 def exported(checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
-    return {key: (root / key.replace(":", "_"), export_checkpoint(ExportConfig(model=str(path)), root / key.replace(":", "_")))
-            for key, path in checkpoints.items()}
+    return {
+        key: (
+            root / key.replace(":", "_"),
+            export_checkpoint(ExportConfig(model=str(path)), root / key.replace(":", "_")),
+        )
+        for key, path in checkpoints.items()
+    }
 
 
 def _onnx_io(path: Path) -> tuple[list[str], list[str]]:
@@ -44,7 +52,10 @@ def test_export_keeps_every_zero_and_matches_pytorch(exported, checkpoints, key)
     sparsity = verification["sparsity"]
     assert sparsity["linears"] == 14  # 7 linears x 2 blocks
     assert sparsity["zeros_onnx"] == sparsity["zeros_torch"] > 0
-    assert all(layer["zeros_onnx"] == layer["zeros_torch"] and layer["pruned_nonzero_in_onnx"] == 0 for layer in sparsity["layers"])
+    assert all(
+        layer["zeros_onnx"] == layer["zeros_torch"] and layer["pruned_nonzero_in_onnx"] == 0
+        for layer in sparsity["layers"]
+    )
     parity = verification["parity"]
     assert parity["max_abs_diff"] <= FP32_ATOL
     assert parity["greedy_identical"] and all(len(p["onnx_tokens"]) == 32 for p in parity["prompts"])
@@ -81,17 +92,21 @@ def test_loads_in_optimum_ortmodel(exported):
 
     ids = AutoTokenizer.from_pretrained(str(out))(prompt["prompt"], return_tensors="pt")["input_ids"]
     generated = model.generate(ids, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(ids))
-    assert generated[0, ids.shape[1]:].tolist() == prompt["onnx_tokens"][:8]
+    assert generated[0, ids.shape[1] :].tolist() == prompt["onnx_tokens"][:8]
 
 
 def test_torch_fallback_has_the_same_names_and_verifies(checkpoints, exported, tmp_path):
-    report = export_checkpoint(ExportConfig(model=str(checkpoints["2:4"]), exporter="torch", greedy_tokens=8), tmp_path / "t")
+    report = export_checkpoint(
+        ExportConfig(model=str(checkpoints["2:4"]), exporter="torch", greedy_tokens=8), tmp_path / "t"
+    )
     assert report["exporter"] == "torch" and report["verification"]["ok"], report["verification"]["problems"]
     assert _onnx_io(tmp_path / "t") == _onnx_io(exported["2:4"][0])
 
 
 def test_float16_export_within_measured_bound(checkpoints, tmp_path):
-    report = export_checkpoint(ExportConfig(model=str(checkpoints["2:4"]), dtype="float16", greedy_tokens=8), tmp_path / "h")
+    report = export_checkpoint(
+        ExportConfig(model=str(checkpoints["2:4"]), dtype="float16", greedy_tokens=8), tmp_path / "h"
+    )
     verification = report["verification"]
     assert verification["parity"]["dtype"] == "float16"
     assert FP32_ATOL < verification["parity"]["max_abs_diff"] <= FP16_ATOL  # fp16 is measurably worse, within bound
@@ -100,14 +115,18 @@ def test_float16_export_within_measured_bound(checkpoints, tmp_path):
 
 
 def export_bytes_fp32(checkpoints, tmp_path) -> int:
-    return export_checkpoint(ExportConfig(model=str(checkpoints["2:4"]), verify=False), tmp_path / "f32")["storage"]["model_bytes"]
+    return export_checkpoint(ExportConfig(model=str(checkpoints["2:4"]), verify=False), tmp_path / "f32")["storage"][
+        "model_bytes"
+    ]
 
 
 @pytest.mark.parametrize("target, opset", [("deepsparse", 14), ("tensorrt", 17)])
 def test_targets_use_standard_ops_and_their_opset(checkpoints, tmp_path, target, opset):
     import onnx
 
-    report = export_checkpoint(ExportConfig(model=str(checkpoints["2:4"]), target=target, greedy_tokens=4), tmp_path / target)
+    report = export_checkpoint(
+        ExportConfig(model=str(checkpoints["2:4"]), target=target, greedy_tokens=4), tmp_path / target
+    )
     assert report["verification"]["ok"]
     model = onnx.load(str(tmp_path / target / "model.onnx"))
     assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
@@ -130,12 +149,15 @@ def test_targets_use_standard_ops_and_their_opset(checkpoints, tmp_path, target,
         assert not stack.exists() and "deepsparse_form" not in report
 
 
-@pytest.mark.parametrize("options, words", [
-    ({"optimize": "all"}, "hardware specific"),
-    ({"target": "deepsparse", "optimize": "extended"}, "com.microsoft"),
-    ({"target": "tensorrt", "storage": "sparse"}, "--storage dense"),
-    ({"opset": 9}, "--opset"),
-])
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"optimize": "all"}, "hardware specific"),
+        ({"target": "deepsparse", "optimize": "extended"}, "com.microsoft"),
+        ({"target": "tensorrt", "storage": "sparse"}, "--storage dense"),
+        ({"opset": 9}, "--opset"),
+    ],
+)
 def test_refused_options_write_nothing(checkpoints, tmp_path, options, words):
     with pytest.raises(UserError, match=words):
         export_checkpoint(ExportConfig(model=str(checkpoints["0.5"]), **options), tmp_path / "x")
@@ -143,7 +165,9 @@ def test_refused_options_write_nothing(checkpoints, tmp_path, options, words):
 
 
 def test_extended_optimisation_keeps_zeros(checkpoints, tmp_path):
-    report = export_checkpoint(ExportConfig(model=str(checkpoints["2:4"]), optimize="extended", greedy_tokens=4), tmp_path / "o")
+    report = export_checkpoint(
+        ExportConfig(model=str(checkpoints["2:4"]), optimize="extended", greedy_tokens=4), tmp_path / "o"
+    )
     assert report["verification"]["ok"] and report["verification"]["sparsity"]["nm_qualifying"] == 14
 
 
@@ -176,7 +200,9 @@ def test_existing_output_needs_overwrite(exported, checkpoints):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sparsedeploy", "-q", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "sparsedeploy", "-q", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_export_inspect_generate(checkpoints, tmp_path):
@@ -202,7 +228,9 @@ def test_cli_bad_model_is_one_line(tmp_path):
 
 def test_external_data_export_verifies(checkpoints, tmp_path):
     """The > 2 GB path (forced here): weights in model.onnx_data, still verified and loadable."""
-    report = export_checkpoint(ExportConfig(model=str(checkpoints["2:4"]), external_data=True, greedy_tokens=4), tmp_path / "e")
+    report = export_checkpoint(
+        ExportConfig(model=str(checkpoints["2:4"]), external_data=True, greedy_tokens=4), tmp_path / "e"
+    )
     assert (tmp_path / "e" / "model.onnx_data").is_file()
     assert (tmp_path / "e" / "model.onnx").stat().st_size < 100_000
     assert report["verification"]["ok"] and report["verification"]["sparsity"]["nm_qualifying"] == 14
@@ -213,28 +241,32 @@ def test_external_data_export_verifies(checkpoints, tmp_path):
 def test_smollm2_pruned_export_end_to_end(smollm, cache_dir, tmp_path, pattern):
     """Real smollm2-135m pruned by Wanda (small calibration): export, sparsity equality, parity, readable text."""
     import torch
+    from safetensors.torch import save_file
 
     from sparsedeploy.common.data import calibration_samples
     from sparsedeploy.common.files import write_json_atomic
-    from sparsedeploy.prune.methods import build_method
     from sparsedeploy.common.models import LoadedModel, load_model, save_checkpoint
+    from sparsedeploy.common.sparsity import parse_sparsity
     from sparsedeploy.onnx.decoder import generate_text
     from sparsedeploy.prune.blocks import prune_model
-    from sparsedeploy.common.sparsity import parse_sparsity
-    from safetensors.torch import save_file
+    from sparsedeploy.prune.methods import build_method
 
     lm = load_model("smollm2-135m", "float32", cache_dir)  # a fresh copy: the session fixture stays dense
     spec = parse_sparsity(pattern)
     samples = calibration_samples(lm.tokenizer, "gensim-wiki", 8, 128, 0)
-    masks = prune_model(lm.model, samples, build_method("wanda"), lambda _i, _n: spec, torch.device("cpu"), show_progress=False)
+    masks = prune_model(
+        lm.model, samples, build_method("wanda"), lambda _i, _n: spec, torch.device("cpu"), show_progress=False
+    )
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     save_checkpoint(LoadedModel(lm.model, lm.tokenizer, ckpt), ckpt)
     save_file({k: v.contiguous() for k, v in masks.items()}, str(ckpt / "masks.safetensors"))
     write_json_atomic(ckpt / "report.json", {"method": "wanda", "sparsity_spec": str(spec)})
 
-    report = export_checkpoint(ExportConfig(model=str(ckpt), decode_steps=3, greedy_tokens=32,
-                                            prompts=("The capital of France is",)), tmp_path / "onnx")
+    report = export_checkpoint(
+        ExportConfig(model=str(ckpt), decode_steps=3, greedy_tokens=32, prompts=("The capital of France is",)),
+        tmp_path / "onnx",
+    )
     verification = report["verification"]
     assert verification["ok"], verification["problems"]
     sparsity = verification["sparsity"]
@@ -270,7 +302,9 @@ def test_optimisation_that_breaks_zeros_is_refused(checkpoints, tmp_path, monkey
 
     monkeypatch.setattr(export_mod, "ort_optimize", damaging)
     with pytest.raises(UserError, match="refusing --optimize basic: .*no longer intact"):
-        export_checkpoint(ExportConfig(model=str(checkpoints["0.5"]), optimize="basic", greedy_tokens=4), tmp_path / "o")
+        export_checkpoint(
+            ExportConfig(model=str(checkpoints["0.5"]), optimize="basic", greedy_tokens=4), tmp_path / "o"
+        )
     assert not (tmp_path / "o").exists()
 
 

@@ -9,8 +9,8 @@ import sys
 
 import onnx
 import pytest
-
 from onnx_helpers import pruned_tiny_checkpoint
+
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.export.run import ExportConfig, export_checkpoint
 from sparsedeploy.onnx.segmented import SegmentedSession
@@ -57,8 +57,27 @@ def test_a_dense_model_is_refused_and_nothing_written(tmp_path):
 
 def test_cli_generate_runs_the_sparse_cpu_export(pair):
     _checkpoint, out, report = pair
-    proc = subprocess.run([sys.executable, "-m", "sparsedeploy", "-q", "generate", "--onnx", str(out), "--prompt",
-                           "The capital of", "--max-new-tokens", "5", "--engine", "sparse-cpu", "--json"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sparsedeploy",
+            "-q",
+            "generate",
+            "--onnx",
+            str(out),
+            "--prompt",
+            "The capital of",
+            "--max-new-tokens",
+            "5",
+            "--engine",
+            "sparse-cpu",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["new_tokens"] >= 1 and data["engine"] == "sparse-cpu"
@@ -71,16 +90,39 @@ def test_bench_sparse_cpu_times_the_export_against_the_dense_one(pair, tmp_path)
     checkpoint, out, _report = pair
     dense = tmp_path / "dense"
     export_checkpoint(ExportConfig(model=str(checkpoint), verify=False), dense)
-    result = run_bench(BenchConfig(model=str(out), baseline=str(dense), engine="sparse-cpu", batches=[1, 2], prompt_len=8,
-                                   gen_len=4, rounds=2, warmup=1))
+    result = run_bench(
+        BenchConfig(
+            model=str(out),
+            baseline=str(dense),
+            engine="sparse-cpu",
+            batches=[1, 2],
+            prompt_len=8,
+            gen_len=4,
+            rounds=2,
+            warmup=1,
+        )
+    )
     rows = result["rows"]
-    assert {(r["variant"], r["batch"], r["phase"]) for r in rows} >= {(v, b, p) for v in ("dense", "sparse") for b in (1, 2)
-                                                                       for p in ("prefill", "decode", "total")}
+    assert {(r["variant"], r["batch"], r["phase"]) for r in rows} >= {
+        (v, b, p) for v in ("dense", "sparse") for b in (1, 2) for p in ("prefill", "decode", "total")
+    }
     assert all(r["engine"] == "sparse-cpu" and r["median_s"] > 0 for r in rows)
     assert result["notes"]["kernels"]["sparse_linear_nodes"] == 8
     with pytest.raises(UserError, match="--target sparse-cpu"):  # the plain export has nothing for the kernels
-        run_bench(BenchConfig(model=str(dense), baseline=str(dense), engine="sparse-cpu", batches=[1], prompt_len=4,
-                              gen_len=1, rounds=1))
+        run_bench(
+            BenchConfig(
+                model=str(dense),
+                baseline=str(dense),
+                engine="sparse-cpu",
+                batches=[1],
+                prompt_len=4,
+                gen_len=1,
+                rounds=1,
+            )
+        )
     with pytest.raises(UserError, match="--baseline"):
-        run_bench(BenchConfig(model=str(out), baseline=str(out), engine="sparse-cpu", batches=[1], prompt_len=4,
-                              gen_len=1, rounds=1))
+        run_bench(
+            BenchConfig(
+                model=str(out), baseline=str(out), engine="sparse-cpu", batches=[1], prompt_len=4, gen_len=1, rounds=1
+            )
+        )

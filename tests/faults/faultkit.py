@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import run_cli  # noqa: F401 - the CLI in this process: (exit code, stdout, stderr)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,13 +20,37 @@ def error_lines(err: str) -> list[str]:
 
 def cli_process(args: list[str], **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
-    return subprocess.Popen([sys.executable, "-m", "sparsedeploy", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=kwargs.pop("cwd", REPO), **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sparsedeploy", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=kwargs.pop("cwd", REPO),
+        **kwargs,
+    )
 
 
 def prune_args(model: Path, calib: Path, out: Path, *extra: str) -> list[str]:
-    return ["-q", "prune", "--model", str(model), "--sparsity", "0.5", "--calib", f"text:{calib}", "--nsamples", "2",
-            "--seqlen", "16", "--device", "cpu", "--output", str(out), *extra]
+    return [
+        "-q",
+        "prune",
+        "--model",
+        str(model),
+        "--sparsity",
+        "0.5",
+        "--calib",
+        f"text:{calib}",
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "16",
+        "--device",
+        "cpu",
+        "--output",
+        str(out),
+        *extra,
+    ]
 
 
 def listing(folder: Path) -> list[str]:

@@ -12,8 +12,9 @@ def test_truncated_gguf_is_named(tmp_path, capsys):
     broken = tmp_path / "broken.gguf"
     with open(folder / name, "rb") as src, open(broken, "wb") as dst:
         dst.write(src.read(2**20))  # the header and the start of the tensor data only
-    code, _, err = run_cli(["eval", "--model", str(broken), "--data", "text:/nonexistent",
-                            "--cache-dir", str(tmp_path / "c")], capsys)
+    code, _, err = run_cli(
+        ["eval", "--model", str(broken), "--data", "text:/nonexistent", "--cache-dir", str(tmp_path / "c")], capsys
+    )
     lines = error_lines(err)
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith(f"error: cannot read GGUF file {broken}: it is truncated or corrupt")

@@ -14,6 +14,8 @@ def test_install_refuses_a_venv_folder_it_did_not_create(tmp_path, capsys):
     (folder / "main.py").write_text("print('mine')\n")
     code, _, err = run_cli(["engines", "install", "deepsparse", "--venv", str(folder), "--force"], capsys)
     assert code == 2 and len(error_lines(err)) == 1
-    assert error_lines(err)[0] == (f"error: --venv {folder} exists and was not created by sparsedeploy: "
-                                   "refusing to replace it; choose another --venv or remove it yourself")
+    assert error_lines(err)[0] == (
+        f"error: --venv {folder} exists and was not created by sparsedeploy: "
+        "refusing to replace it; choose another --venv or remove it yourself"
+    )
     assert listing(folder) == ["main.py"]

@@ -28,7 +28,8 @@ def test_misspelt_local_paths_are_not_hub_ids(name, tmp_path, capsys, monkeypatc
     code, _, err = run_cli(["eval", "--model", name, "--data", "text:/nonexistent"], capsys)
     assert code == 2 and error_lines(err) == [
         f"error: --model {name} does not exist: check the path; a Hub model is named org/name "
-        "(e.g. HuggingFaceTB/SmolLM2-135M), or use the built-in smollm2-135m"]
+        "(e.g. HuggingFaceTB/SmolLM2-135M), or use the built-in smollm2-135m"
+    ]
     assert time.monotonic() - start < 10 and no_network == []
 
 
@@ -40,5 +41,6 @@ def test_hub_id_offline_is_one_line_at_once(tmp_path, capsys, monkeypatch, no_ne
     code, _, err = run_cli(["eval", "--model", "someorg/some-model", "--data", "text:/nonexistent"], capsys)
     assert code == 2 and error_lines(err) == [
         "error: --model someorg/some-model is a Hub id but HF_HUB_OFFLINE=1 and it is not in the local Hugging Face "
-        "cache: download it while online, or give a local directory"]
+        "cache: download it while online, or give a local directory"
+    ]
     assert time.monotonic() - start < 10 and no_network == []

@@ -19,11 +19,34 @@ SCRIPT = textwrap.dedent("""
 
 def test_out_of_memory_names_the_stage_and_the_remedy(deep_checkpoint, calib_file, tmp_path):
     out = tmp_path / "o"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, "-q", "prune", "--model", str(deep_checkpoint), "--calib",
-                           f"text:{calib_file}", "--nsamples", "1000000", "--seqlen", "256", "--device", "cpu",
-                           "--output", str(out)], capture_output=True, text=True, cwd=REPO, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SCRIPT,
+            "-q",
+            "prune",
+            "--model",
+            str(deep_checkpoint),
+            "--calib",
+            f"text:{calib_file}",
+            "--nsamples",
+            "1000000",
+            "--seqlen",
+            "256",
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
     lines = [line for line in proc.stderr.strip().splitlines() if line]
     assert proc.returncode == 2 and lines == [
         "error: out of memory in stage prune: use --offload cpu or --offload disk, "
-        "or fewer --nsamples / a shorter --seqlen"], proc.stderr[-2000:]
+        "or fewer --nsamples / a shorter --seqlen"
+    ], proc.stderr[-2000:]
     assert not out.exists() and not list(tmp_path.glob(".o.tmp-*"))

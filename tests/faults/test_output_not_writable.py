@@ -7,8 +7,15 @@ def test_unwritable_output_is_refused_before_any_work(readonly_mount, tmp_path, 
     missing_model = str(tmp_path / "no-such-model")  # would fail later: the output check must come first
     cases = {
         "prune": ["prune", "--model", missing_model, "--output", str(readonly_mount / "o")],
-        "eval": ["eval", "--model", missing_model, "--data", "text:/nonexistent",
-                 "--output", str(readonly_mount / "e.json")],
+        "eval": [
+            "eval",
+            "--model",
+            missing_model,
+            "--data",
+            "text:/nonexistent",
+            "--output",
+            str(readonly_mount / "e.json"),
+        ],
         "run": ["run", "--model", missing_model, "--output", str(readonly_mount / "r")],
     }
     for name, args in cases.items():

@@ -12,7 +12,8 @@ def test_overwrite_refuses_a_directory_sparsedeploy_did_not_write(tiny_checkpoin
     code, _, err = run_cli(prune_args(tiny_checkpoint, calib_file, mine, "--overwrite"), capsys)
     assert code == 2 and error_lines(err) == [
         f"error: refusing to replace {mine} with --overwrite: it was not written by sparsedeploy (no {MARKER} in it); "
-        "move it away or choose another output"]
+        "move it away or choose another output"
+    ]
     assert listing(mine) == ["notes.txt"] and (mine / "notes.txt").read_text() == "kept by the user"
     assert not list(tmp_path.glob(".mine.*"))  # refused before any work: no partial, no temp
 

@@ -14,8 +14,11 @@ def test_sigterm_mid_prune_cleans_up_and_says_what_was_kept(deep_checkpoint, cal
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     lines = [line for line in err.strip().splitlines() if line]
-    assert len(lines) == 1 and lines[0].startswith("terminated (SIGTERM): no final output was written; ") and \
-        f"finished block(s) kept in {partial}: rerun the same command with --resume to continue" in lines[0], err
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("terminated (SIGTERM): no final output was written; ")
+        and f"finished block(s) kept in {partial}: rerun the same command with --resume to continue" in lines[0]
+    ), err
     assert not out.exists() and not list(tmp_path.glob(".o.tmp-*")) and (partial / "state.json").is_file()
 
 
@@ -26,16 +29,23 @@ def test_sigterm_during_the_final_write_leaves_no_temporary(tiny_checkpoint, cal
 
     from faultkit import REPO
 
-    script = ("import os, signal, sys\n"
-              "import sparsedeploy.prune.driver as p\n"
-              "def save_then_term(*args, **kwargs):\n"
-              "    os.kill(os.getpid(), signal.SIGTERM)\n"
-              "p.save_file = save_then_term\n"
-              "from sparsedeploy.cli import main\n"
-              "main(sys.argv[1:])\n")
+    script = (
+        "import os, signal, sys\n"
+        "import sparsedeploy.prune.driver as p\n"
+        "def save_then_term(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "p.save_file = save_then_term\n"
+        "from sparsedeploy.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
     out = tmp_path / "o"
-    proc = subprocess.run([sys.executable, "-c", script, *prune_args(tiny_checkpoint, calib_file, out)],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *prune_args(tiny_checkpoint, calib_file, out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     lines = [line for line in proc.stderr.strip().splitlines() if line]
     assert proc.returncode == 143 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("terminated (SIGTERM): no final output was written; ")

@@ -22,10 +22,22 @@ def test_worker_imports_only_its_copies_and_gets_a_minimal_environment(tmp_path,
     site = str(Path(ds.__file__).resolve().parents[1].parent)
     assert reply["isolated"] is True
     assert main_parent not in reply["sys_path"] and site not in reply["sys_path"]
-    assert set(reply["environ"]) <= {"PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "NM_DISABLE_ANALYTICS",
-                                     "SPARSEDEPLOY_WORKER_LIB", "OMP_NUM_THREADS", "LC_CTYPE"}
+    assert set(reply["environ"]) <= {
+        "PATH",
+        "HOME",
+        "LANG",
+        "LC_ALL",
+        "TMPDIR",
+        "TZ",
+        "NM_DISABLE_ANALYTICS",
+        "SPARSEDEPLOY_WORKER_LIB",
+        "OMP_NUM_THREADS",
+        "LC_CTYPE",
+    }
     assert "HF_TOKEN" not in reply["environ"] and "PYTHONPATH" not in reply["environ"]
     modules = reply["modules"]
     assert set(modules) == {"sparsedeploy", "sparsedeploy.common", "sparsedeploy.common.timing"}
     assert all(not f.startswith(main_parent) for f in modules.values() if f), modules
-    assert modules["sparsedeploy.common.timing"].startswith(reply["sys_path"][0])  # the temporary copy, first on the path
+    assert modules["sparsedeploy.common.timing"].startswith(
+        reply["sys_path"][0]
+    )  # the temporary copy, first on the path

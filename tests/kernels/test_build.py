@@ -12,23 +12,34 @@ from conftest import REPO
 @pytest.mark.slow
 def test_wheel_builds_and_runs_outside_the_checkout(tmp_path):
     wheels, target = tmp_path / "wheels", tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-                    str(REPO)], check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     (wheel,) = wheels.glob("sparsedeploy-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.startswith("sparsedeploy/kernels/_native") and n.endswith(".so") for n in names)
     assert "sparsedeploy/kernels/csrc/sparse_cpu.c" in names
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True, timeout=300)
-    code = ("import numpy as np, sparsedeploy.kernels as s, sparsedeploy.kernels.native as k;"
-            "w = np.random.default_rng(0).standard_normal((30, 70)).astype(np.float32); w[:, ::3] = 0;"
-            "x = np.ones((2, 70), np.float32);"
-            "assert np.allclose(s.matmul(x, s.pack(w)), x @ w.T, atol=1e-4);"
-            "print(k.library_path())")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    code = (
+        "import numpy as np, sparsedeploy.kernels as s, sparsedeploy.kernels.native as k;"
+        "w = np.random.default_rng(0).standard_normal((30, 70)).astype(np.float32); w[:, ::3] = 0;"
+        "x = np.ones((2, 70), np.float32);"
+        "assert np.allclose(s.matmul(x, s.pack(w)), x @ w.T, atol=1e-4);"
+        "print(k.library_path())"
+    )
     env = {**os.environ, "PYTHONPATH": str(target)}
     env.pop("SPARSEDEPLOY_SPARSE_CPU_LIB", None)
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, capture_output=True, text=True, timeout=120
+    )
     assert out.stdout.strip().startswith(str(target))  # the wheel's own build, not the checkout's
 
 
@@ -37,14 +48,33 @@ def test_portable_only_build_is_correct(tmp_path):
     lib = tmp_path / "libsparse_cpu_portable.so"
     src = REPO / "sparsedeploy" / "kernels" / "csrc" / "sparse_cpu.c"
     cc = os.environ.get("CC", "cc")
-    subprocess.run([cc, "-O2", "-std=c11", "-fPIC", "-shared", "-pthread", "-Wall", "-Werror", "-DSDK_PORTABLE_ONLY",
-                    str(src), "-o", str(lib)], check=True, capture_output=True, timeout=120)
-    code = ("import numpy as np, sparsedeploy.kernels as s;"
-            "assert s.available_isas() == ['portable'], s.available_isas();"
-            "rng = np.random.default_rng(0);"
-            "w = rng.standard_normal((37, 53)).astype(np.float32); w[rng.random(w.shape) < 0.6] = 0;"
-            "p = s.pack(w);"
-            "[np.testing.assert_allclose(s.matmul(x, p, threads=2), x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)"
-            " for x in (rng.standard_normal((b, 53)).astype(np.float32) for b in (1, 3, 130))]")
+    subprocess.run(
+        [
+            cc,
+            "-O2",
+            "-std=c11",
+            "-fPIC",
+            "-shared",
+            "-pthread",
+            "-Wall",
+            "-Werror",
+            "-DSDK_PORTABLE_ONLY",
+            str(src),
+            "-o",
+            str(lib),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    code = (
+        "import numpy as np, sparsedeploy.kernels as s;"
+        "assert s.available_isas() == ['portable'], s.available_isas();"
+        "rng = np.random.default_rng(0);"
+        "w = rng.standard_normal((37, 53)).astype(np.float32); w[rng.random(w.shape) < 0.6] = 0;"
+        "p = s.pack(w);"
+        "[np.testing.assert_allclose(s.matmul(x, p, threads=2), x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)"
+        " for x in (rng.standard_normal((b, 53)).astype(np.float32) for b in (1, 3, 130))]"
+    )
     env = {**os.environ, "SPARSEDEPLOY_SPARSE_CPU_LIB": str(lib)}
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, capture_output=True, timeout=120)

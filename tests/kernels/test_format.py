@@ -32,7 +32,7 @@ def test_round_trip_is_bit_identical(shape, sparsity):
     assert np.array_equal(back.view(np.uint32), w.view(np.uint32))
     assert p.nnz == int(np.count_nonzero(w.view(np.uint32)))
     assert p.mask.shape == (shape[0], -(-shape[1] // GROUP)) and p.values.shape == (p.nnz + PAD,)
-    assert not p.values[p.nnz:].any()  # the padding is zeros
+    assert not p.values[p.nnz :].any()  # the padding is zeros
 
 
 def test_negative_zero_and_specials_survive():
@@ -107,8 +107,14 @@ def test_from_arrays_rejects_inconsistent_arrays():
         PackedLinear.from_arrays(dict(arrays, mask=beyond))
 
 
-@pytest.mark.parametrize("bad,match", [(np.zeros((4, 4), np.float64), "must be float32"),
-                                       (np.zeros(4, np.float32), "2-D"), (np.zeros((0, 4), np.float32), "non-empty")])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (np.zeros((4, 4), np.float64), "must be float32"),
+        (np.zeros(4, np.float32), "2-D"),
+        (np.zeros((0, 4), np.float32), "non-empty"),
+    ],
+)
 def test_pack_rejects_bad_input(bad, match):
     with pytest.raises(ValueError, match=match):
         pack(bad)

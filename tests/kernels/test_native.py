@@ -132,16 +132,19 @@ def test_concurrent_callers_get_their_own_results():
     assert not errors, errors[0]
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda p: matmul(np.zeros((2, 30), np.float64), p), "x must be float32"),
-    (lambda p: matmul(np.zeros((2, 31), np.float32), p), r"x must be \[B, 30\]"),
-    (lambda p: matmul(np.zeros((2, 3, 30), np.float32), p), r"x must be \[B, 30\]"),
-    (lambda p: matmul(np.zeros((0, 30), np.float32), p), r"x must be \[B, 30\]"),
-    (lambda p: matmul(np.zeros((2, 30), np.float32), p, threads=0), "threads must be a positive int"),
-    (lambda p: matmul(np.zeros((2, 30), np.float32), p, isa="sse9"), "unknown isa"),
-    (lambda p: matmul(np.zeros((2, 30), np.float32), p, out=np.zeros((2, 7), np.float32)), "out must be"),
-    (lambda p: matmul(np.zeros((2, 30), np.float32), np.zeros((4, 30), np.float32)), "PackedLinear"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda p: matmul(np.zeros((2, 30), np.float64), p), "x must be float32"),
+        (lambda p: matmul(np.zeros((2, 31), np.float32), p), r"x must be \[B, 30\]"),
+        (lambda p: matmul(np.zeros((2, 3, 30), np.float32), p), r"x must be \[B, 30\]"),
+        (lambda p: matmul(np.zeros((0, 30), np.float32), p), r"x must be \[B, 30\]"),
+        (lambda p: matmul(np.zeros((2, 30), np.float32), p, threads=0), "threads must be a positive int"),
+        (lambda p: matmul(np.zeros((2, 30), np.float32), p, isa="sse9"), "unknown isa"),
+        (lambda p: matmul(np.zeros((2, 30), np.float32), p, out=np.zeros((2, 7), np.float32)), "out must be"),
+        (lambda p: matmul(np.zeros((2, 30), np.float32), np.zeros((4, 30), np.float32)), "PackedLinear"),
+    ],
+)
 def test_bad_input_raises_a_clear_error(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call(pack(pruned(4, 30, 0.5)))
@@ -150,8 +153,21 @@ def test_bad_input_raises_a_clear_error(call, match):
 def test_isa_the_cpu_lacks_is_refused(monkeypatch):
     p = pack(pruned(4, 30, 0.5))
     x = np.zeros((1, 30), np.float32)
-    assert kernels._lib().sdk_matmul(x.ctypes.data, 1, 30, p.mask.ctypes.data, p.values.ctypes.data,
-                                     p.row_ptr.ctypes.data, 4, np.zeros(4, np.float32).ctypes.data, 1, 9) == -2
+    assert (
+        kernels._lib().sdk_matmul(
+            x.ctypes.data,
+            1,
+            30,
+            p.mask.ctypes.data,
+            p.values.ctypes.data,
+            p.row_ptr.ctypes.data,
+            4,
+            np.zeros(4, np.float32).ctypes.data,
+            1,
+            9,
+        )
+        == -2
+    )
     monkeypatch.setattr(kernels, "available_isas", lambda: ["portable"])
     with pytest.raises(ValueError, match="does not run on this CPU"):
         matmul(x, p, isa="avx2")

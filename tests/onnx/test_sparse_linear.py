@@ -24,22 +24,40 @@ def _weight(rng, k, n, sparsity):
 
 def _attention_like_graph(rng):
     """x -> q, k, v (one input, fused), o = Relu(q + k + v) -> o_proj (alone), and a dense MatMul left as it is."""
-    ws = {"q": _weight(rng, K, 24, 0.6), "k": _weight(rng, K, 8, 0.6), "v": _weight(rng, K, 8, 0.7),
-          "o": _weight(rng, 8, K, 0.5), "dense": _weight(rng, K, 8, 0.0)}
-    nodes = [helper.make_node("MatMul", ["x", f"W_{n}"], [f"{n}_out"], name=f"/layers.0/attn/{n}_proj/MatMul")
-             for n in ("q", "k", "v")]
-    nodes += [helper.make_node("Slice", ["q_out", "zero", "eight", "minus_one"], ["q8"], name="slice"),
-              helper.make_node("Add", ["q8", "k_out"], ["qk"], name="add0"),
-              helper.make_node("Add", ["qk", "v_out"], ["qkv"], name="add1"),
-              helper.make_node("Relu", ["qkv"], ["h"], name="relu"),
-              helper.make_node("MatMul", ["h", "W_o"], ["y"], name="/layers.0/attn/o_proj/MatMul"),
-              helper.make_node("MatMul", ["x", "W_dense"], ["z"], name="/lm_head/MatMul")]
+    ws = {
+        "q": _weight(rng, K, 24, 0.6),
+        "k": _weight(rng, K, 8, 0.6),
+        "v": _weight(rng, K, 8, 0.7),
+        "o": _weight(rng, 8, K, 0.5),
+        "dense": _weight(rng, K, 8, 0.0),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", f"W_{n}"], [f"{n}_out"], name=f"/layers.0/attn/{n}_proj/MatMul")
+        for n in ("q", "k", "v")
+    ]
+    nodes += [
+        helper.make_node("Slice", ["q_out", "zero", "eight", "minus_one"], ["q8"], name="slice"),
+        helper.make_node("Add", ["q8", "k_out"], ["qk"], name="add0"),
+        helper.make_node("Add", ["qk", "v_out"], ["qkv"], name="add1"),
+        helper.make_node("Relu", ["qkv"], ["h"], name="relu"),
+        helper.make_node("MatMul", ["h", "W_o"], ["y"], name="/layers.0/attn/o_proj/MatMul"),
+        helper.make_node("MatMul", ["x", "W_dense"], ["z"], name="/lm_head/MatMul"),
+    ]
     inits = [numpy_helper.from_array(w, f"W_{n}") for n, w in ws.items()]
-    inits += [numpy_helper.from_array(np.array([v], np.int64), name)
-              for name, v in (("zero", 0), ("eight", 8), ("minus_one", -1))]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", K])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", K]),
-                               helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", "s", 8])], inits)
+    inits += [
+        numpy_helper.from_array(np.array([v], np.int64), name)
+        for name, v in (("zero", 0), ("eight", 8), ("minus_one", -1))
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", K])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", K]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, ["b", "s", 8]),
+        ],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), ws
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import numpy_helper
-
 from onnx_helpers import pruned_tiny_checkpoint
+
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.export.run import ExportConfig, export_checkpoint
 from sparsedeploy.onnx.storage import SPARSE_FILE, load_model_proto, pack_bits, session_from_path, unpack_bits
@@ -71,7 +71,9 @@ def test_a_model_past_the_2gb_limit_is_saved_with_external_data(tmp_path, monkey
         inits = [numpy_helper.from_array(w, name) for name, w in weights.items()]
         nodes = [helper.make_node("MatMul", ["x", name], [f"y{i}"]) for i, name in enumerate(weights)]
         outs = [helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, [1, 64]) for i in range(len(weights))]
-        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])], outs, inits)
+        graph = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])], outs, inits
+        )
         return helper.make_model(graph)
 
     rng = np.random.default_rng(0)
@@ -80,7 +82,9 @@ def test_a_model_past_the_2gb_limit_is_saved_with_external_data(tmp_path, monkey
     assert not storage.too_big_for_one_file(model_with(dict(list(weights.items())[:2])))
     big = model_with(weights)
     assert storage.too_big_for_one_file(big)
-    monkeypatch.setattr(type(big), "ByteSize", lambda self: (_ for _ in ()).throw(AssertionError("whole-model ByteSize called")))
+    monkeypatch.setattr(
+        type(big), "ByteSize", lambda self: (_ for _ in ()).throw(AssertionError("whole-model ByteSize called"))
+    )
     storage.save_model_proto(big, tmp_path / "model.onnx")
     data = tmp_path / "model.onnx_data"
     assert data.stat().st_size >= 4 * 64 * 64 * 4

@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
-
 from onnx_helpers import pruned_tiny_checkpoint
+
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.export.run import ExportConfig, export_checkpoint
 from sparsedeploy.onnx.storage import load_model_proto
@@ -107,8 +107,12 @@ def test_truncated_file_is_one_clear_line(nm_export, tmp_path):
     (tmp_path / "model.onnx").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="truncated or corrupt"):
         load_model_proto(tmp_path / "model.onnx")
-    proc = subprocess.run([sys.executable, "-m", "sparsedeploy", "inspect", str(tmp_path / "model.onnx")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparsedeploy", "inspect", str(tmp_path / "model.onnx")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot read ONNX model") and "export it again" in lines[0]

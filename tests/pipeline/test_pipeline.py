@@ -3,8 +3,8 @@ import json
 import pytest
 
 from sparsedeploy.cli import main
-from sparsedeploy.pipeline.stages import Pipeline
 from sparsedeploy.pipeline.recipe import parse_recipe
+from sparsedeploy.pipeline.stages import Pipeline
 
 
 @pytest.fixture
@@ -15,10 +15,14 @@ def text_file(tmp_path):
 
 
 def _recipe_dict(ckpt, text, **gate) -> dict:
-    return {"model": str(ckpt), "device": "cpu",
-            "calibration": {"source": f"text:{text}", "nsamples": 2, "seqlen": 32},
-            "prune": {"method": "wanda", "sparsity": "2:4"},
-            "eval": {"data": f"text:{text}", "seqlen": 32, "max_windows": 4}, "gate": gate}
+    return {
+        "model": str(ckpt),
+        "device": "cpu",
+        "calibration": {"source": f"text:{text}", "nsamples": 2, "seqlen": 32},
+        "prune": {"method": "wanda", "sparsity": "2:4"},
+        "eval": {"data": f"text:{text}", "seqlen": 32, "max_windows": 4},
+        "gate": gate,
+    }
 
 
 def tiny_recipe(ckpt, text, **gate):
@@ -29,7 +33,13 @@ def test_pipeline_writes_one_output_dir_with_report(tiny_checkpoint, text_file, 
     out = tmp_path / "run"
     report = Pipeline(tiny_recipe(tiny_checkpoint, text_file, max_ppl_ratio=1000.0), out, show_progress=False).run()
     assert report["gate"]["passed"]
-    for name in ("REPORT.md", "report.json", "model/model.safetensors", "model/masks.safetensors", "plots/sparsity_per_block.png"):
+    for name in (
+        "REPORT.md",
+        "report.json",
+        "model/model.safetensors",
+        "model/masks.safetensors",
+        "plots/sparsity_per_block.png",
+    ):
         assert (out / name).is_file(), name
     text = (out / "REPORT.md").read_text()
     assert "Quality gate: PASSED" in text and "| dense |" in text and "| pruned |" in text
@@ -42,10 +52,18 @@ def test_gate_failure_exits_3_and_still_reports(tiny_checkpoint, text_file, tmp_
     import yaml
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"model": str(tiny_checkpoint), "device": "cpu",
-                                      "calibration": {"source": f"text:{text_file}", "nsamples": 2, "seqlen": 32},
-                                      "prune": {"sparsity": 0.9}, "eval": {"data": f"text:{text_file}", "seqlen": 32, "max_windows": 4},
-                                      "gate": {"max_ppl": 1.0001}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(tiny_checkpoint),
+                "device": "cpu",
+                "calibration": {"source": f"text:{text_file}", "nsamples": 2, "seqlen": 32},
+                "prune": {"sparsity": 0.9},
+                "eval": {"data": f"text:{text_file}", "seqlen": 32, "max_windows": 4},
+                "gate": {"max_ppl": 1.0001},
+            }
+        )
+    )
     with pytest.raises(SystemExit) as exc:
         main(["-q", "run", str(recipe), "--output", str(tmp_path / "out")])
     assert exc.value.code == 3
@@ -109,8 +127,13 @@ def test_pipeline_runs_a_dsnot_chain_with_owl(tiny_checkpoint, text_file, tmp_pa
 
 
 def test_pipeline_benches_the_export_against_the_dense_model(tiny_checkpoint, text_file, tmp_path):
-    recipe = parse_recipe({**_recipe_dict(tiny_checkpoint, text_file), "export": {"enabled": True, "verify": False},
-                           "bench": {"enabled": True, "engine": "ort", "batch": [1], "prompt_len": 8, "gen_len": 2}})
+    recipe = parse_recipe(
+        {
+            **_recipe_dict(tiny_checkpoint, text_file),
+            "export": {"enabled": True, "verify": False},
+            "bench": {"enabled": True, "engine": "ort", "batch": [1], "prompt_len": 8, "gen_len": 2},
+        }
+    )
     out = tmp_path / "run"
     report = Pipeline(recipe, out, show_progress=False).run()
     bench = report["stage_results"]["bench"]
@@ -123,11 +146,19 @@ def test_pipeline_benches_the_export_against_the_dense_model(tiny_checkpoint, te
     assert "## Bench" in text and "speedup vs dense" in text
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available() and __import__("importlib").util.find_spec("tensorrt") is not None,
-                    reason="CUDA and tensorrt present: this checks the report where TensorRT cannot run")
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available() and __import__("importlib").util.find_spec("tensorrt") is not None,
+    reason="CUDA and tensorrt present: this checks the report where TensorRT cannot run",
+)
 def test_pipeline_bench_with_tensorrt_unavailable_says_so_in_the_report(tiny_checkpoint, text_file, tmp_path):
-    recipe = parse_recipe({**_recipe_dict(tiny_checkpoint, text_file), "device": "auto", "export": {"enabled": True, "verify": False},
-                           "bench": {"enabled": True, "engine": "tensorrt", "batch": [1], "prompt_len": 8}})
+    recipe = parse_recipe(
+        {
+            **_recipe_dict(tiny_checkpoint, text_file),
+            "device": "auto",
+            "export": {"enabled": True, "verify": False},
+            "bench": {"enabled": True, "engine": "tensorrt", "batch": [1], "prompt_len": 8},
+        }
+    )
     out = tmp_path / "run"
     report = Pipeline(recipe, out, show_progress=False).run()
     bench = report["stage_results"]["bench"]
@@ -152,16 +183,48 @@ def test_cli_stage_flags_reach_the_recipe(tiny_checkpoint, text_file, tmp_path, 
     monkeypatch.setattr(pipeline_mod, "Pipeline", Recorder)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(_recipe_dict(tiny_checkpoint, text_file)))
-    main(["-q", "run", str(recipe), "-o", str(tmp_path / "o"), "--sparsity", "0.6", "--allocation", "owl", "--offload", "cpu",
-          "--export", "--export-target", "tensorrt", "--export-dtype", "float16", "--storage", "dense", "--bench",
-          "--bench-engine", "ort", "--batch", "1,8"])
+    main(
+        [
+            "-q",
+            "run",
+            str(recipe),
+            "-o",
+            str(tmp_path / "o"),
+            "--sparsity",
+            "0.6",
+            "--allocation",
+            "owl",
+            "--offload",
+            "cpu",
+            "--export",
+            "--export-target",
+            "tensorrt",
+            "--export-dtype",
+            "float16",
+            "--storage",
+            "dense",
+            "--bench",
+            "--bench-engine",
+            "ort",
+            "--batch",
+            "1,8",
+        ]
+    )
     r = seen["recipe"]
-    assert (r.prune.allocation, r.offload, r.export.target, r.export.dtype, r.bench.engine, r.bench.batch) == \
-        ("owl", "cpu", "tensorrt", "float16", "ort", [1, 8])
+    assert (r.prune.allocation, r.offload, r.export.target, r.export.dtype, r.bench.engine, r.bench.batch) == (
+        "owl",
+        "cpu",
+        "tensorrt",
+        "float16",
+        "ort",
+        [1, 8],
+    )
 
 
-@pytest.mark.parametrize("flags,needle", [(["--batch", "1,x"], "--batch"), (["--offload", "ssd"], "offload"),
-                                          (["--bench-engine", "tpu"], "bench.engine")])
+@pytest.mark.parametrize(
+    "flags,needle",
+    [(["--batch", "1,x"], "--batch"), (["--offload", "ssd"], "offload"), (["--bench-engine", "tpu"], "bench.engine")],
+)
 def test_cli_bad_stage_flags_are_one_line(tiny_checkpoint, text_file, tmp_path, capsys, flags, needle):
     import yaml
 

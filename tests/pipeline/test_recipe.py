@@ -13,38 +13,50 @@ def test_defaults_and_example_recipes_parse():
         load_recipe(path)
 
 
-@pytest.mark.parametrize("data,key", [
-    ({"prune": {"methd": "wanda"}}, "prune.methd"),
-    ({"modle": "x"}, "modle"),
-    ({"calibration": {"nsamples": "many"}}, "calibration.nsamples"),
-    ({"calibration": {"nsamples": 0}}, "calibration.nsamples"),
-    ({"prune": {"sparsity": 1.5}}, "prune.sparsity"),
-    ({"prune": {"sparsity": "3:2"}}, "prune.sparsity"),
-    ({"prune": {"sparsity": 0.6, "pattern": "2:4"}}, "prune.sparsity"),
-    ({"prune": {"sparsity": "2:4", "allocation": "owl"}}, "prune.allocation"),
-    ({"prune": {"method": "nope"}}, "prune.method"),
-    ({"gate": {"max_ppl_ratio": 0.5}}, "gate.max_ppl_ratio"),
-    ({"gate": {"max_ppl_ratio": 2.0}, "eval": {"dense": False}}, "gate.max_ppl_ratio"),
-    ({"eval": {"dense": "yes"}}, "eval.dense"),
-    ({"export": {"target": "tpu"}}, "export.target"),
-    ({"bench": {"enabled": True}}, "bench.enabled"),
-    ({"prune": "wanda"}, "prune"),
-    ({"prune": {"allocation": "random"}}, "prune.allocation"),
-    ({"prune": {"method": "foo+dsnot"}}, "prune.method"),
-    ({"prune": {"method": "wanda+dsnot", "options": {"init": "magnitude"}}}, "prune.options.init"),
-    ({"prune": {"method": "dsnot", "options": {"max_cycle": 3}}}, "prune.options"),
-    ({"bench": {"engine": "tpu"}}, "bench.engine"),
-    ({"bench": {"enabled": True, "engine": "tensorrt"}, "export": {"enabled": True}, "device": "cpu"}, "bench.engine"),
-    ({"bench": {"enabled": True, "engine": "sparse-cpu"}, "export": {"enabled": True, "target": "ort"}}, "bench.engine"),
-    ({"bench": {"enabled": True, "engine": "ort"}, "export": {"enabled": True, "target": "sparse-cpu"}}, "bench.engine"),
-    ({"bench": {"prompt_len": 0}}, "bench.prompt_len"),
-    ({"bench": {"gen_len": -1}}, "bench.gen_len"),
-    ({"export": {"dtype": "int8"}}, "export.dtype"),
-    ({"export": {"opset": 9}}, "export.opset"),
-    ({"device": "tpu"}, "device"),
-    ({"device": "cuda:x"}, "device"),
-    ({"offload": "ssd"}, "offload"),
-])
+@pytest.mark.parametrize(
+    "data,key",
+    [
+        ({"prune": {"methd": "wanda"}}, "prune.methd"),
+        ({"modle": "x"}, "modle"),
+        ({"calibration": {"nsamples": "many"}}, "calibration.nsamples"),
+        ({"calibration": {"nsamples": 0}}, "calibration.nsamples"),
+        ({"prune": {"sparsity": 1.5}}, "prune.sparsity"),
+        ({"prune": {"sparsity": "3:2"}}, "prune.sparsity"),
+        ({"prune": {"sparsity": 0.6, "pattern": "2:4"}}, "prune.sparsity"),
+        ({"prune": {"sparsity": "2:4", "allocation": "owl"}}, "prune.allocation"),
+        ({"prune": {"method": "nope"}}, "prune.method"),
+        ({"gate": {"max_ppl_ratio": 0.5}}, "gate.max_ppl_ratio"),
+        ({"gate": {"max_ppl_ratio": 2.0}, "eval": {"dense": False}}, "gate.max_ppl_ratio"),
+        ({"eval": {"dense": "yes"}}, "eval.dense"),
+        ({"export": {"target": "tpu"}}, "export.target"),
+        ({"bench": {"enabled": True}}, "bench.enabled"),
+        ({"prune": "wanda"}, "prune"),
+        ({"prune": {"allocation": "random"}}, "prune.allocation"),
+        ({"prune": {"method": "foo+dsnot"}}, "prune.method"),
+        ({"prune": {"method": "wanda+dsnot", "options": {"init": "magnitude"}}}, "prune.options.init"),
+        ({"prune": {"method": "dsnot", "options": {"max_cycle": 3}}}, "prune.options"),
+        ({"bench": {"engine": "tpu"}}, "bench.engine"),
+        (
+            {"bench": {"enabled": True, "engine": "tensorrt"}, "export": {"enabled": True}, "device": "cpu"},
+            "bench.engine",
+        ),
+        (
+            {"bench": {"enabled": True, "engine": "sparse-cpu"}, "export": {"enabled": True, "target": "ort"}},
+            "bench.engine",
+        ),
+        (
+            {"bench": {"enabled": True, "engine": "ort"}, "export": {"enabled": True, "target": "sparse-cpu"}},
+            "bench.engine",
+        ),
+        ({"bench": {"prompt_len": 0}}, "bench.prompt_len"),
+        ({"bench": {"gen_len": -1}}, "bench.gen_len"),
+        ({"export": {"dtype": "int8"}}, "export.dtype"),
+        ({"export": {"opset": 9}}, "export.opset"),
+        ({"device": "tpu"}, "device"),
+        ({"device": "cuda:x"}, "device"),
+        ({"offload": "ssd"}, "offload"),
+    ],
+)
 def test_invalid_recipes_name_the_key(data, key):
     with pytest.raises(UserError) as err:
         parse_recipe(data)
@@ -91,8 +103,12 @@ def test_cli_choices_and_recipe_checks_come_from_one_vocabulary_each():
     assert choices(prune, "allocation") == ALLOCATIONS and choices(prune, "offload") == OFFLOAD_MODES
     assert choices(export_cmd, "target") == tuple(TARGETS) and choices(export_cmd, "storage") == STORAGES
     assert choices(export_cmd, "dtype") == tuple(DTYPES) and choices(bench, "engine") == tuple(ENGINES)
-    for key, section, values in (("allocation", "prune", ALLOCATIONS), ("target", "export", TARGETS),
-                                 ("storage", "export", STORAGES), ("dtype", "export", DTYPES)):
+    for key, section, values in (
+        ("allocation", "prune", ALLOCATIONS),
+        ("target", "export", TARGETS),
+        ("storage", "export", STORAGES),
+        ("dtype", "export", DTYPES),
+    ):
         for value in values:
             if key == "allocation" and value != "uniform":
                 continue  # owl/atp need calibration choices checked elsewhere; the name itself is accepted below

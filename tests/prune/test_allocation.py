@@ -5,14 +5,24 @@ import random
 import pytest
 import torch
 
-from sparsedeploy.prune.allocation import (AllocationConfig, atp_candidates, atp_max_difference, atp_ratios, fit_around_target,
-                                     outlier_ratio, owl_outlier_ratios, owl_ratios, plan_allocation, weighted_mean)
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.prune.methods import build_method
 from sparsedeploy.common.models import find_blocks, find_linears
+from sparsedeploy.common.sparsity import SparsitySpec, parse_sparsity
+from sparsedeploy.prune.allocation import (
+    AllocationConfig,
+    atp_candidates,
+    atp_max_difference,
+    atp_ratios,
+    fit_around_target,
+    outlier_ratio,
+    owl_outlier_ratios,
+    owl_ratios,
+    plan_allocation,
+    weighted_mean,
+)
 from sparsedeploy.prune.blocks import prune_model
 from sparsedeploy.prune.driver import PruneConfig, run_prune
-from sparsedeploy.common.sparsity import SparsitySpec, parse_sparsity
+from sparsedeploy.prune.methods import build_method
 from tests.conftest import tiny_llama
 
 CPU = torch.device("cpu")
@@ -99,8 +109,15 @@ def test_owl_statistics_pass_leaves_model_untouched_and_sees_outliers(tiny_sampl
     outliers = owl_outlier_ratios(model, tiny_samples, CPU, m=5.0, show_progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert len(outliers) == 3 and outliers[1] > max(outliers[0], outliers[2])
-    alloc = plan_allocation(model, tiny_samples, build_method("wanda"), SparsitySpec.unstructured(0.6),
-                            AllocationConfig("owl"), CPU, show_progress=False)
+    alloc = plan_allocation(
+        model,
+        tiny_samples,
+        build_method("wanda"),
+        SparsitySpec.unstructured(0.6),
+        AllocationConfig("owl"),
+        CPU,
+        show_progress=False,
+    )
     assert alloc.ratios[1] == min(alloc.ratios) and alloc.ratios[1] < 0.6
     assert alloc.allocated_mean == pytest.approx(0.6, abs=1e-12)
 
@@ -108,8 +125,16 @@ def test_owl_statistics_pass_leaves_model_untouched_and_sees_outliers(tiny_sampl
 @pytest.mark.parametrize("kind", ["owl", "atp"])
 def test_nm_refused_for_non_uniform(kind, tiny_samples):
     with pytest.raises(UserError, match="N:M"):
-        plan_allocation(tiny_llama(), tiny_samples, build_method("wanda"), parse_sparsity("2:4"), AllocationConfig(kind), CPU,
-                        lambda n: tiny_samples[:n], show_progress=False)
+        plan_allocation(
+            tiny_llama(),
+            tiny_samples,
+            build_method("wanda"),
+            parse_sparsity("2:4"),
+            AllocationConfig(kind),
+            CPU,
+            lambda n: tiny_samples[:n],
+            show_progress=False,
+        )
 
 
 def test_cli_nm_with_owl_is_one_line_error(tiny_checkpoint, calib_file, tmp_path):
@@ -117,8 +142,27 @@ def test_cli_nm_with_owl_is_one_line_error(tiny_checkpoint, calib_file, tmp_path
 
     out = tmp_path / "o"
     with pytest.raises(SystemExit) as exc:
-        main(["prune", "--model", str(tiny_checkpoint), "--sparsity", "2:4", "--allocation", "owl", "--calib", f"text:{calib_file}",
-              "--nsamples", "2", "--seqlen", "16", "--device", "cpu", "--output", str(out)])
+        main(
+            [
+                "prune",
+                "--model",
+                str(tiny_checkpoint),
+                "--sparsity",
+                "2:4",
+                "--allocation",
+                "owl",
+                "--calib",
+                f"text:{calib_file}",
+                "--nsamples",
+                "2",
+                "--seqlen",
+                "16",
+                "--device",
+                "cpu",
+                "--output",
+                str(out),
+            ]
+        )
     assert exc.value.code == 2 and not out.exists()
 
 
@@ -135,8 +179,18 @@ def _expected_zeros(model, ratios):
 @pytest.mark.parametrize("method", ["wanda", "magnitude", "sparsegpt", "dsnot"])
 def test_run_prune_with_allocation_hits_target(tiny_checkpoint, calib_file, tmp_path, kind, method):
     out = tmp_path / "out"
-    config = PruneConfig(model=str(tiny_checkpoint), method=method, sparsity="0.6", calib=f"text:{calib_file}", nsamples=4, seqlen=32,
-                         device="cpu", allocation=kind, owl_lambda=0.1, method_options={"init": "wanda"} if method == "dsnot" else {})
+    config = PruneConfig(
+        model=str(tiny_checkpoint),
+        method=method,
+        sparsity="0.6",
+        calib=f"text:{calib_file}",
+        nsamples=4,
+        seqlen=32,
+        device="cpu",
+        allocation=kind,
+        owl_lambda=0.1,
+        method_options={"init": "wanda"} if method == "dsnot" else {},
+    )
     report = run_prune(config, out, show_progress=False)
     alloc = report["allocation"]
     assert alloc["kind"] == kind and alloc["allocated_mean"] == pytest.approx(0.6, abs=1e-12)
@@ -151,7 +205,10 @@ def test_run_prune_with_allocation_hits_target(tiny_checkpoint, calib_file, tmp_
     from sparsedeploy.common.models import load_model
 
     reloaded = load_model(str(out)).model
-    if method in ("wanda", "dsnot"):  # each linear prunes round(ratio x numel): the only gap to the target (DSnoT keeps Wanda's counts)
+    if method in (
+        "wanda",
+        "dsnot",
+    ):  # each linear prunes round(ratio x numel): the only gap to the target (DSnoT keeps Wanda's counts)
         assert zeros == _expected_zeros(reloaded, alloc["per_block"])
     assert abs(zeros / numel - 0.6) < 1e-3
     for r in layers:  # each block got its own ratio
@@ -162,11 +219,22 @@ def test_run_prune_with_allocation_hits_target(tiny_checkpoint, calib_file, tmp_
 
 def test_prune_model_accepts_allocation_spec_for(tiny_samples):
     model = tiny_llama(layers=4)
-    alloc = plan_allocation(model, tiny_samples, build_method("wanda"), SparsitySpec.unstructured(0.5), AllocationConfig("atp"), CPU,
-                            lambda n: tiny_samples[:n], show_progress=False)
+    alloc = plan_allocation(
+        model,
+        tiny_samples,
+        build_method("wanda"),
+        SparsitySpec.unstructured(0.5),
+        AllocationConfig("atp"),
+        CPU,
+        lambda n: tiny_samples[:n],
+        show_progress=False,
+    )
     prune_model(model, tiny_samples, build_method("wanda"), alloc.spec_for, CPU, show_progress=False)
-    per_block = [sum(int((lin.weight == 0).sum()) for lin in find_linears(b).values()) / sum(lin.weight.numel() for lin in find_linears(b).values())
-                 for b in find_blocks(model)]
+    per_block = [
+        sum(int((lin.weight == 0).sum()) for lin in find_linears(b).values())
+        / sum(lin.weight.numel() for lin in find_linears(b).values())
+        for b in find_blocks(model)
+    ]
     assert all(b > a for a, b in zip(per_block, per_block[1:]))
     assert not math.isnan(alloc.details["atp_difference"])
 
@@ -176,23 +244,29 @@ def test_owl_on_the_real_model_hits_the_target_exactly(smollm):
     """smollm2-135m at 70% with OWL: per-block ratios within lambda, weighted mean exactly the target, zeros as allocated."""
     import copy
 
-    from sparsedeploy.prune.allocation import plan_allocation
     from sparsedeploy.common.data import calibration_samples
     from sparsedeploy.common.evaluate import layer_sparsity
     from sparsedeploy.common.sparsity import parse_sparsity
+    from sparsedeploy.prune.allocation import plan_allocation
 
     model = copy.deepcopy(smollm.model)
     calib = calibration_samples(smollm.tokenizer, "gensim-wiki", nsamples=4, seqlen=256, seed=0)
     spec = parse_sparsity("0.7")
     method = build_method("wanda")
-    alloc = plan_allocation(model, calib, method, spec, AllocationConfig("owl"), torch.device("cpu"), show_progress=False)
+    alloc = plan_allocation(
+        model, calib, method, spec, AllocationConfig("owl"), torch.device("cpu"), show_progress=False
+    )
     report = alloc.report()
     assert len(report["per_block"]) == 30 and report["allocated_mean"] == pytest.approx(0.7, abs=1e-12)
-    assert max(abs(r - 0.7) for r in report["per_block"]) <= 0.08 + 1e-12 and max(report["per_block"]) > min(report["per_block"])
+    assert max(abs(r - 0.7) for r in report["per_block"]) <= 0.08 + 1e-12 and max(report["per_block"]) > min(
+        report["per_block"]
+    )
     prune_model(model, calib, method, alloc.spec_for, torch.device("cpu"), show_progress=False)
     layers = layer_sparsity(model)
     assert sum(r["zeros"] for r in layers) == _expected_zeros(model, report["per_block"])
-    assert abs(sum(r["zeros"] for r in layers) / sum(r["numel"] for r in layers) - 0.7) < 1e-6  # exact to the weight per linear
+    assert (
+        abs(sum(r["zeros"] for r in layers) / sum(r["numel"] for r in layers) - 0.7) < 1e-6
+    )  # exact to the weight per linear
 
 
 def test_atp_search_of_a_refining_method_prunes_with_its_initial_method(tiny_model, tiny_samples, monkeypatch):
@@ -201,11 +275,17 @@ def test_atp_search_of_a_refining_method_prunes_with_its_initial_method(tiny_mod
 
     used = []
     real = prune_mod.prune_model
-    monkeypatch.setattr(prune_mod, "prune_model", lambda model, samples, method, *a, **k: used.append(method.name) or real(model, samples, method, *a, **k))
+    monkeypatch.setattr(
+        prune_mod,
+        "prune_model",
+        lambda model, samples, method, *a, **k: used.append(method.name) or real(model, samples, method, *a, **k),
+    )
     method = build_method("dsnot", init="sparsegpt")
     weights = [sum(lin.weight.numel() for lin in find_linears(b).values()) for b in find_blocks(tiny_model)]
     before = [lin.weight.clone() for b in find_blocks(tiny_model) for lin in find_linears(b).values()]
-    best, trials = atp_search(tiny_model, tiny_samples, method, 0.6, weights, AllocationConfig("atp"), torch.device("cpu"), tiny_samples[:2])
+    best, trials = atp_search(
+        tiny_model, tiny_samples, method, 0.6, weights, AllocationConfig("atp"), torch.device("cpu"), tiny_samples[:2]
+    )
     assert len(trials) >= 2 and set(used) == {method.initial_method().name}
     after = [lin.weight for b in find_blocks(tiny_model) for lin in find_linears(b).values()]
     assert all(torch.equal(a, b) for a, b in zip(before, after))  # the search leaves the model as it was

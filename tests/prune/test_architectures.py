@@ -17,8 +17,8 @@ import copy
 
 import pytest
 import torch
-
 from onnx_helpers import tiny_tokenizer
+
 from sparsedeploy.common.evaluate import layer_sparsity, perplexity
 from sparsedeploy.common.models import find_blocks
 from sparsedeploy.common.sparsity import SparsitySpec, satisfies_nm
@@ -38,8 +38,15 @@ def family_model(kind: str, layers: int = LAYERS, vocab: int = VOCAB) -> torch.n
     import transformers as t
 
     torch.manual_seed(0)
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     # Qwen2/Qwen3: sliding-window attention from layer 3 on (the other layers attend to everything).
     qwen_window = dict(use_sliding_window=True, sliding_window=SLIDING, max_window_layers=3)
     builders = {
@@ -52,14 +59,30 @@ def family_model(kind: str, layers: int = LAYERS, vocab: int = VOCAB) -> torch.n
         # Gemma2 alternates sliding and global layers; Gemma3 has five sliding layers per global one.
         "gemma2": lambda: t.Gemma2ForCausalLM(t.Gemma2Config(**common, head_dim=16, sliding_window=SLIDING)),
         "gemma3": lambda: t.Gemma3ForCausalLM(t.Gemma3TextConfig(**common, head_dim=16, sliding_window=SLIDING)),
-        "opt": lambda: t.OPTForCausalLM(t.OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=128,
-                                                    num_hidden_layers=layers, num_attention_heads=4,
-                                                    max_position_embeddings=128, word_embed_proj_dim=64)),
-        "gpt_neox": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(vocab_size=vocab, hidden_size=64,
-                                                                 intermediate_size=128, num_hidden_layers=layers,
-                                                                 num_attention_heads=4, max_position_embeddings=128)),
-        "falcon": lambda: t.FalconForCausalLM(t.FalconConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=layers,
-                                                             num_attention_heads=4)),
+        "opt": lambda: t.OPTForCausalLM(
+            t.OPTConfig(
+                vocab_size=vocab,
+                hidden_size=64,
+                ffn_dim=128,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                max_position_embeddings=128,
+                word_embed_proj_dim=64,
+            )
+        ),
+        "gpt_neox": lambda: t.GPTNeoXForCausalLM(
+            t.GPTNeoXConfig(
+                vocab_size=vocab,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                max_position_embeddings=128,
+            )
+        ),
+        "falcon": lambda: t.FalconForCausalLM(
+            t.FalconConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4)
+        ),
     }
     return builders[kind]().eval()
 
@@ -79,7 +102,8 @@ def test_walk_reproduces_full_model_hidden_states(kind):
     assert len(blocks) == LAYERS
     last_out: list[torch.Tensor] = []
     hook = blocks[-1].register_forward_hook(
-        lambda _m, _a, out: last_out.append(out[0] if isinstance(out, tuple) else out))
+        lambda _m, _a, out: last_out.append(out[0] if isinstance(out, tuple) else out)
+    )
     with torch.no_grad():
         full = [model(s[None], output_hidden_states=True, use_cache=False).hidden_states for s in samples]
     hook.remove()
@@ -96,8 +120,13 @@ def test_walk_reproduces_full_model_hidden_states(kind):
     for i in range(LAYERS):
         for j in range(len(samples)):
             assert walked[i][j].shape == expected[i][j].shape == (1, samples.shape[1], 64)
-            torch.testing.assert_close(walked[i][j], expected[i][j], rtol=1e-5, atol=1e-5,
-                                       msg=lambda m, i=i, j=j: f"{kind} block {i} sample {j}: {m}")
+            torch.testing.assert_close(
+                walked[i][j],
+                expected[i][j],
+                rtol=1e-5,
+                atol=1e-5,
+                msg=lambda m, i=i, j=j: f"{kind} block {i} sample {j}: {m}",
+            )
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3", "gemma2", "gemma3"])
@@ -136,9 +165,9 @@ METHODS = (("magnitude", {}), ("wanda", {}), ("sparsegpt", {}), ("dsnot", {"init
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_every_method_prunes_evaluates_and_exports(kind, tmp_path):
     from sparsedeploy.common.errors import UserError
+    from sparsedeploy.common.models import LoadedModel, save_checkpoint
     from sparsedeploy.export.config import ExportConfig
     from sparsedeploy.export.run import export_checkpoint
-    from sparsedeploy.common.models import LoadedModel, save_checkpoint
 
     dense = family_model(kind)
     samples = _samples(4, 32, seed=1)
@@ -149,8 +178,9 @@ def test_every_method_prunes_evaluates_and_exports(kind, tmp_path):
         for spec in (SparsitySpec.unstructured(0.5), SparsitySpec.nm(2, 4)):
             label = f"{kind} {method} {spec}"
             model = copy.deepcopy(dense)
-            masks = prune_model(model, samples, build_method(method, **options), lambda _i, _n, s=spec: s, CPU,
-                                show_progress=False)
+            masks = prune_model(
+                model, samples, build_method(method, **options), lambda _i, _n, s=spec: s, CPU, show_progress=False
+            )
             _assert_exact_sparsity(model, spec, label)
             assert all(int((~m).sum()) == m.numel() // 2 for m in masks.values()), label
             ppl = perplexity(model, held_out, 32, CPU, show_progress=False).ppl
@@ -161,8 +191,9 @@ def test_every_method_prunes_evaluates_and_exports(kind, tmp_path):
     checkpoint.mkdir()
     save_checkpoint(LoadedModel(pruned_24, tiny_tokenizer(), checkpoint), checkpoint)
     try:  # optimum-onnx knows every family here; a refusal (UserError, one line) would fail the matrix
-        report = export_checkpoint(ExportConfig(model=str(checkpoint), decode_steps=2, greedy_tokens=8),
-                                   tmp_path / "onnx")
+        report = export_checkpoint(
+            ExportConfig(model=str(checkpoint), decode_steps=2, greedy_tokens=8), tmp_path / "onnx"
+        )
     except UserError as exc:
         pytest.fail(f"{kind}: export refused: {exc}")
     assert report["exporter"] == "optimum", kind
@@ -177,8 +208,9 @@ def test_every_method_prunes_evaluates_and_exports(kind, tmp_path):
 def test_prune_architecture_in_half_precision(kind, dtype):
     model = family_model(kind).to(dtype)
     samples = _samples(3, 32)
-    prune_model(model, samples, build_method("wanda"), lambda i, n: SparsitySpec.unstructured(0.5), CPU,
-                show_progress=False)
+    prune_model(
+        model, samples, build_method("wanda"), lambda i, n: SparsitySpec.unstructured(0.5), CPU, show_progress=False
+    )
     _assert_exact_sparsity(model, SparsitySpec.unstructured(0.5), f"{kind} {dtype}")
     assert next(model.parameters()).dtype is dtype
     with torch.no_grad():

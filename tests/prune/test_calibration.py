@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from sparsedeploy.prune.calibration import EngineConfig, InputStats, capture_block_inputs, walk_blocks
 from sparsedeploy.common.models import find_blocks, find_linears
+from sparsedeploy.prune.calibration import EngineConfig, InputStats, capture_block_inputs, walk_blocks
 
 
 def _dense_reference_stats(model, samples):
@@ -57,10 +57,15 @@ def test_linears_reading_one_tensor_share_stats(tiny_model, tiny_samples):
 
 def test_sample_order_does_not_matter(tiny_model, tiny_samples):
     """No state (e.g. a KV cache) may leak from one calibration sample into the next."""
+
     def collect(samples):
         out = {}
-        walk_blocks(tiny_model, samples, EngineConfig(show_progress=False),
-                    lambda i, b, lins, s, _f: out.update({(i, n): st.sumsq.clone() for n, st in s.items()}))
+        walk_blocks(
+            tiny_model,
+            samples,
+            EngineConfig(show_progress=False),
+            lambda i, b, lins, s, _f: out.update({(i, n): st.sumsq.clone() for n, st in s.items()}),
+        )
         return out
 
     a = collect(tiny_samples)
@@ -76,8 +81,14 @@ def test_block_fn_changes_propagate_and_start_block(tiny_model, tiny_samples):
         calls.append(index)
         linears["self_attn.q_proj"].weight.data.zero_()
 
-    walk_blocks(tiny_model, tiny_samples, EngineConfig(show_progress=False), zero_q, start_block=1,
-                on_block_done=lambda i, b: done.append(i))
+    walk_blocks(
+        tiny_model,
+        tiny_samples,
+        EngineConfig(show_progress=False),
+        zero_q,
+        start_block=1,
+        on_block_done=lambda i, b: done.append(i),
+    )
     assert calls == [1] and done == [1]
     blocks = find_blocks(tiny_model)
     assert blocks[1].self_attn.q_proj.weight.abs().sum() == 0
@@ -112,8 +123,10 @@ def test_capture_runs_only_block_0_once_and_returns_what_the_block_returns(tiny_
     from sparsedeploy.prune.calibration import _like
 
     runs = []
-    handles = [b.register_forward_hook(lambda _m, _a, out, i=i: runs.append((i, type(out))))
-               for i, b in enumerate(find_blocks(tiny_model))]
+    handles = [
+        b.register_forward_hook(lambda _m, _a, out, i=i: runs.append((i, type(out))))
+        for i, b in enumerate(find_blocks(tiny_model))
+    ]
     capture_block_inputs(tiny_model, tiny_samples, torch.device("cpu"))
     for h in handles:
         h.remove()

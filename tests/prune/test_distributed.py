@@ -5,22 +5,55 @@ import sys
 
 import torch
 
-from sparsedeploy.prune.checkpoint import load_masks
 from sparsedeploy.common.models import load_model
+from sparsedeploy.prune.checkpoint import load_masks
 from sparsedeploy.prune.driver import PruneConfig, run_prune
 
 
 def test_two_processes_match_one(tiny_checkpoint, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(f"w{i % 150} The quick brown fox." for i in range(400)))
-    config = PruneConfig(model=str(tiny_checkpoint), method="wanda", sparsity="0.5", calib=f"text:{calib}",
-                         nsamples=4, seqlen=24, device="cpu")
+    config = PruneConfig(
+        model=str(tiny_checkpoint),
+        method="wanda",
+        sparsity="0.5",
+        calib=f"text:{calib}",
+        nsamples=4,
+        seqlen=24,
+        device="cpu",
+    )
     run_prune(config, tmp_path / "one", show_progress=False)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-           "-m", "sparsedeploy", "-q", "prune", "--model", str(tiny_checkpoint), "--sparsity", "0.5",
-           "--calib", f"text:{calib}", "--nsamples", "4", "--seqlen", "24", "--device", "cpu",
-           "--output", str(tmp_path / "two"), "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29533",
+        "-m",
+        "sparsedeploy",
+        "-q",
+        "prune",
+        "--model",
+        str(tiny_checkpoint),
+        "--sparsity",
+        "0.5",
+        "--calib",
+        f"text:{calib}",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "24",
+        "--device",
+        "cpu",
+        "--output",
+        str(tmp_path / "two"),
+        "--json",
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     import json
 

@@ -5,11 +5,11 @@ import torch
 from safetensors.torch import load_file
 
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.prune.methods import build_method
 from sparsedeploy.common.models import find_blocks, find_linears, load_model
+from sparsedeploy.common.sparsity import SparsitySpec, satisfies_nm
 from sparsedeploy.prune.blocks import prune_model
 from sparsedeploy.prune.driver import PruneConfig, run_prune
-from sparsedeploy.common.sparsity import SparsitySpec, satisfies_nm
+from sparsedeploy.prune.methods import build_method
 
 
 @pytest.fixture
@@ -23,8 +23,15 @@ def calib_file(tmp_path):
 @pytest.mark.parametrize("sparsity", ["0.5", "2:4"])
 def test_run_prune_writes_loadable_sparse_checkpoint(tiny_checkpoint, calib_file, tmp_path, method, sparsity):
     out = tmp_path / "out"
-    config = PruneConfig(model=str(tiny_checkpoint), method=method, sparsity=sparsity, calib=f"text:{calib_file}",
-                         nsamples=4, seqlen=32, device="cpu")
+    config = PruneConfig(
+        model=str(tiny_checkpoint),
+        method=method,
+        sparsity=sparsity,
+        calib=f"text:{calib_file}",
+        nsamples=4,
+        seqlen=32,
+        device="cpu",
+    )
     report = run_prune(config, out, show_progress=False)
     assert report["overall_sparsity"] == pytest.approx(0.5, abs=1e-6)
     saved = json.loads((out / "report.json").read_text())
@@ -75,7 +82,9 @@ def test_failure_midway_leaves_no_output(tiny_checkpoint, calib_file, tmp_path, 
 
 def test_prune_model_per_layer_specs(tiny_model, tiny_samples):
     specs = {0: SparsitySpec.unstructured(0.25), 1: SparsitySpec.unstructured(0.75)}
-    masks = prune_model(tiny_model, tiny_samples, build_method("wanda"), lambda i, n: specs[i], torch.device("cpu"), show_progress=False)
+    masks = prune_model(
+        tiny_model, tiny_samples, build_method("wanda"), lambda i, n: specs[i], torch.device("cpu"), show_progress=False
+    )
     assert len(masks) == 14
     for name, mask in masks.items():
         block = int(name.split(".")[2])
@@ -84,15 +93,24 @@ def test_prune_model_per_layer_specs(tiny_model, tiny_samples):
 
 def test_block_seconds_are_recorded_per_block(tiny_model, tiny_samples):
     times: list[float] = []
-    prune_model(tiny_model, tiny_samples, build_method("wanda"), lambda i, n: SparsitySpec.unstructured(0.5), torch.device("cpu"),
-                show_progress=False, block_seconds=times)
+    prune_model(
+        tiny_model,
+        tiny_samples,
+        build_method("wanda"),
+        lambda i, n: SparsitySpec.unstructured(0.5),
+        torch.device("cpu"),
+        show_progress=False,
+        block_seconds=times,
+    )
     assert len(times) == 2 and all(t > 0 for t in times)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: pruning on CUDA not checked here")
-@pytest.mark.parametrize("method,options", [("wanda", {}), ("sparsegpt", {}), ("dsnot", {"init": "wanda"}),
-                                            ("dsnot", {"init": "sparsegpt", "mode": "paper"})])
+@pytest.mark.parametrize(
+    "method,options",
+    [("wanda", {}), ("sparsegpt", {}), ("dsnot", {"init": "wanda"}), ("dsnot", {"init": "sparsegpt", "mode": "paper"})],
+)
 def test_prune_on_cuda_matches_cpu(tiny_model, tiny_samples, method, options):
     """The engine and every method run on CUDA: same masks as on the CPU up to near-ties, model back on the CPU."""
     import copy
@@ -101,8 +119,14 @@ def test_prune_on_cuda_matches_cpu(tiny_model, tiny_samples, method, options):
     results = {}
     for dev in ("cpu", "cuda"):
         model = copy.deepcopy(tiny_model)
-        masks = prune_model(model, tiny_samples, build_method(method, **options), lambda i, n: spec, torch.device(dev),
-                            show_progress=False)
+        masks = prune_model(
+            model,
+            tiny_samples,
+            build_method(method, **options),
+            lambda i, n: spec,
+            torch.device(dev),
+            show_progress=False,
+        )
         assert all(p.device.type == "cpu" for p in model.parameters())
         results[dev] = (model, masks)
     (cpu_model, cpu_masks), (gpu_model, gpu_masks) = results["cpu"], results["cuda"]
@@ -119,7 +143,6 @@ def test_wanda_beats_magnitude_on_reconstruction(tiny_model, tiny_samples):
     """On the tiny model, Wanda's block outputs stay closer to dense than magnitude's (sanity, not a benchmark)."""
     import copy
 
-
     def final_hidden(model):
         with torch.no_grad():
             return torch.cat([model.model(s[None]).last_hidden_state for s in tiny_samples])
@@ -128,7 +151,14 @@ def test_wanda_beats_magnitude_on_reconstruction(tiny_model, tiny_samples):
     errs = {}
     for method in ("magnitude", "wanda"):
         m = copy.deepcopy(tiny_model)
-        prune_model(m, tiny_samples, build_method(method), lambda i, n: SparsitySpec.unstructured(0.5), torch.device("cpu"), show_progress=False)
+        prune_model(
+            m,
+            tiny_samples,
+            build_method(method),
+            lambda i, n: SparsitySpec.unstructured(0.5),
+            torch.device("cpu"),
+            show_progress=False,
+        )
         errs[method] = float((final_hidden(m) - dense).pow(2).mean())
     assert errs["wanda"] < errs["magnitude"]
 
@@ -136,8 +166,15 @@ def test_wanda_beats_magnitude_on_reconstruction(tiny_model, tiny_samples):
 def test_resume_after_interruption_gives_identical_model(tiny_checkpoint, calib_file, tmp_path, monkeypatch):
     import sparsedeploy.prune.checkpoint as ckpt_mod
 
-    config = PruneConfig(model=str(tiny_checkpoint), method="wanda", sparsity="0.6", calib=f"text:{calib_file}",
-                         nsamples=3, seqlen=24, device="cpu")
+    config = PruneConfig(
+        model=str(tiny_checkpoint),
+        method="wanda",
+        sparsity="0.6",
+        calib=f"text:{calib_file}",
+        nsamples=3,
+        seqlen=24,
+        device="cpu",
+    )
     run_prune(config, tmp_path / "straight", show_progress=False)
 
     real_save = ckpt_mod.BlockCheckpoint.save_block
@@ -168,7 +205,9 @@ def test_resume_after_interruption_gives_identical_model(tiny_checkpoint, calib_
 def test_resume_refuses_changed_settings(tiny_checkpoint, calib_file, tmp_path, monkeypatch):
     import sparsedeploy.prune.checkpoint as ckpt_mod
 
-    config = PruneConfig(model=str(tiny_checkpoint), sparsity="0.6", calib=f"text:{calib_file}", nsamples=2, seqlen=16, device="cpu")
+    config = PruneConfig(
+        model=str(tiny_checkpoint), sparsity="0.6", calib=f"text:{calib_file}", nsamples=2, seqlen=16, device="cpu"
+    )
     monkeypatch.setattr(ckpt_mod.BlockCheckpoint, "save_block", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         run_prune(config, tmp_path / "o", show_progress=False)
@@ -183,8 +222,22 @@ def test_sigkill_midway_then_resume_matches(tiny_checkpoint, calib_file, tmp_pat
     import subprocess
     import sys
 
-    args = ["-q", "prune", "--model", str(tiny_checkpoint), "--sparsity", "0.5", "--calib", f"text:{calib_file}",
-            "--nsamples", "3", "--seqlen", "24", "--device", "cpu"]
+    args = [
+        "-q",
+        "prune",
+        "--model",
+        str(tiny_checkpoint),
+        "--sparsity",
+        "0.5",
+        "--calib",
+        f"text:{calib_file}",
+        "--nsamples",
+        "3",
+        "--seqlen",
+        "24",
+        "--device",
+        "cpu",
+    ]
     killer = (
         "import os, signal, sys\n"
         "import sparsedeploy.prune.checkpoint as c\n"
@@ -196,7 +249,9 @@ def test_sigkill_midway_then_resume_matches(tiny_checkpoint, calib_file, tmp_pat
         "from sparsedeploy.cli import main\n"
         "main(sys.argv[1:])\n"
     )
-    proc = subprocess.run([sys.executable, "-c", killer, *args, "--output", str(tmp_path / "k")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", killer, *args, "--output", str(tmp_path / "k")], capture_output=True, text=True
+    )
     assert proc.returncode == -9
     assert not (tmp_path / "k").exists() and (tmp_path / ".k.partial" / "block-0000.safetensors").is_file()
     from sparsedeploy.cli import main

@@ -7,9 +7,9 @@ import torch
 
 from sparsedeploy.common.data import calibration_samples, eval_tokens
 from sparsedeploy.common.evaluate import layer_sparsity, overall_sparsity, perplexity
-from sparsedeploy.prune.methods import build_method
-from sparsedeploy.prune.blocks import prune_model
 from sparsedeploy.common.sparsity import SparsitySpec
+from sparsedeploy.prune.blocks import prune_model
+from sparsedeploy.prune.methods import build_method
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
@@ -21,7 +21,9 @@ def test_wanda_far_below_magnitude_and_above_dense(smollm, wikitext_test):
     ppl = {"dense": perplexity(smollm.model, tokens, 256, CPU, max_windows=12, show_progress=False).ppl}
     for method in ("wanda", "magnitude"):
         model = copy.deepcopy(smollm.model)
-        masks = prune_model(model, samples, build_method(method), lambda i, n: SparsitySpec.unstructured(0.5), CPU, show_progress=False)
+        masks = prune_model(
+            model, samples, build_method(method), lambda i, n: SparsitySpec.unstructured(0.5), CPU, show_progress=False
+        )
         assert len(masks) == 30 * 7
         rows = layer_sparsity(model)
         assert overall_sparsity(rows) == pytest.approx(0.5, abs=1e-4)

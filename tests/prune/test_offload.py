@@ -1,9 +1,8 @@
 import pytest
 import torch
 
-from sparsedeploy.prune.checkpoint import load_masks
-
 from sparsedeploy.common.models import find_blocks, load_model
+from sparsedeploy.prune.checkpoint import load_masks
 from sparsedeploy.prune.driver import PruneConfig, run_prune
 
 
@@ -21,8 +20,15 @@ def _weights(folder):
 
 @pytest.mark.parametrize("offload", ["cpu", "disk"])
 def test_offload_gives_the_same_model(tiny_checkpoint, calib_file, tmp_path, offload):
-    config = PruneConfig(model=str(tiny_checkpoint), method="wanda", sparsity="0.5", calib=f"text:{calib_file}",
-                         nsamples=3, seqlen=24, device="cpu")
+    config = PruneConfig(
+        model=str(tiny_checkpoint),
+        method="wanda",
+        sparsity="0.5",
+        calib=f"text:{calib_file}",
+        nsamples=3,
+        seqlen=24,
+        device="cpu",
+    )
     run_prune(config, tmp_path / "ram", show_progress=False)
     report = run_prune(config, tmp_path / offload, show_progress=False, offload=offload)
     assert report["offload"] == offload and report["overall_sparsity"] == pytest.approx(0.5)
@@ -65,7 +71,9 @@ def test_disk_offload_keeps_blocks_off_memory(tiny_checkpoint, calib_file, tmp_p
 def test_disk_offload_resume(tiny_checkpoint, calib_file, tmp_path, monkeypatch):
     import sparsedeploy.prune.checkpoint as ckpt_mod
 
-    config = PruneConfig(model=str(tiny_checkpoint), sparsity="0.6", calib=f"text:{calib_file}", nsamples=3, seqlen=24, device="cpu")
+    config = PruneConfig(
+        model=str(tiny_checkpoint), sparsity="0.6", calib=f"text:{calib_file}", nsamples=3, seqlen=24, device="cpu"
+    )
     run_prune(config, tmp_path / "straight", show_progress=False)
     real = ckpt_mod.BlockCheckpoint.save_block
 

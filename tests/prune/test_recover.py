@@ -5,13 +5,20 @@ import torch
 from safetensors.torch import load_file
 
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.prune.methods import build_method
 from sparsedeploy.common.models import find_blocks, find_linears, load_model
+from sparsedeploy.common.sparsity import parse_sparsity, satisfies_nm
 from sparsedeploy.prune.blocks import prune_model
 from sparsedeploy.prune.driver import PruneConfig, run_prune
-from sparsedeploy.prune.recover import (MaskedLoRA, RecoverConfig, attach_adapters, merge_adapters, recover_model,
-                                  same_zeros, zero_pattern)
-from sparsedeploy.common.sparsity import parse_sparsity, satisfies_nm
+from sparsedeploy.prune.methods import build_method
+from sparsedeploy.prune.recover import (
+    MaskedLoRA,
+    RecoverConfig,
+    attach_adapters,
+    merge_adapters,
+    recover_model,
+    same_zeros,
+    zero_pattern,
+)
 from tests.conftest import tiny_llama
 
 CPU = torch.device("cpu")
@@ -28,10 +35,14 @@ def learnable_windows(n: int, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
 def test_recovery_keeps_every_zero_and_lowers_loss(sparsity):
     model = tiny_llama()
     samples = learnable_windows(60)
-    masks = prune_model(model, samples[:8], build_method("wanda"), lambda i, n: parse_sparsity(sparsity), CPU, show_progress=False)
+    masks = prune_model(
+        model, samples[:8], build_method("wanda"), lambda i, n: parse_sparsity(sparsity), CPU, show_progress=False
+    )
     before = zero_pattern(model)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    info = recover_model(model, masks, samples, RecoverConfig(steps=60, rank=4, lr=1e-2, seqlen=32), CPU, show_progress=False)
+    info = recover_model(
+        model, masks, samples, RecoverConfig(steps=60, rank=4, lr=1e-2, seqlen=32), CPU, show_progress=False
+    )
     assert same_zeros(before, zero_pattern(model))  # the zero set is identical, position by position
     assert info["loss_last"] < info["loss_first"] - 0.2
     assert info["tokens"] == 60 * 32
@@ -48,10 +59,18 @@ def test_recovery_keeps_every_zero_and_lowers_loss(sparsity):
 def test_recovery_on_cuda_keeps_every_zero_and_lowers_loss():
     model = tiny_llama()
     samples = learnable_windows(40)
-    masks = prune_model(model, samples[:8], build_method("wanda"), lambda i, n: parse_sparsity("2:4"), CPU, show_progress=False)
+    masks = prune_model(
+        model, samples[:8], build_method("wanda"), lambda i, n: parse_sparsity("2:4"), CPU, show_progress=False
+    )
     before = zero_pattern(model)
-    info = recover_model(model, masks, samples, RecoverConfig(steps=40, rank=4, lr=1e-2, seqlen=32), torch.device("cuda"),
-                         show_progress=False)
+    info = recover_model(
+        model,
+        masks,
+        samples,
+        RecoverConfig(steps=40, rank=4, lr=1e-2, seqlen=32),
+        torch.device("cuda"),
+        show_progress=False,
+    )
     assert same_zeros(before, zero_pattern(model))
     assert info["loss_last"] < info["loss_first"] - 0.2
     assert all(p.device.type == "cpu" for p in model.parameters())  # merged back where it came from
@@ -61,10 +80,19 @@ def test_distillation_against_teacher_lowers_kl():
     teacher = tiny_llama(seed=0)
     model = tiny_llama(seed=0)
     samples = learnable_windows(40, seed=3)
-    masks = prune_model(model, samples[:8], build_method("magnitude"), lambda i, n: parse_sparsity("0.6"), CPU, show_progress=False)
+    masks = prune_model(
+        model, samples[:8], build_method("magnitude"), lambda i, n: parse_sparsity("0.6"), CPU, show_progress=False
+    )
     before = zero_pattern(model)
-    info = recover_model(model, masks, samples, RecoverConfig(steps=40, rank=4, lr=1e-2, seqlen=32), CPU, teacher=teacher,
-                         show_progress=False)
+    info = recover_model(
+        model,
+        masks,
+        samples,
+        RecoverConfig(steps=40, rank=4, lr=1e-2, seqlen=32),
+        CPU,
+        teacher=teacher,
+        show_progress=False,
+    )
     assert info["loss"] == "kl" and info["loss_last"] < info["loss_first"]
     assert same_zeros(before, zero_pattern(model))
 
@@ -113,11 +141,41 @@ def test_recover_command_writes_checkpoint_masks_and_report(tiny_checkpoint, tex
     from sparsedeploy.cli import main
 
     pruned = tmp_path / "pruned"
-    run_prune(PruneConfig(model=str(tiny_checkpoint), sparsity="2:4", calib=f"text:{text_file}", nsamples=4, seqlen=32, device="cpu"),
-              pruned, show_progress=False)
+    run_prune(
+        PruneConfig(
+            model=str(tiny_checkpoint), sparsity="2:4", calib=f"text:{text_file}", nsamples=4, seqlen=32, device="cpu"
+        ),
+        pruned,
+        show_progress=False,
+    )
     out = tmp_path / "recovered"
-    main(["-q", "recover", "--model", str(pruned), "--data", f"text:{text_file}", "--steps", "12", "--rank", "2", "--lr", "5e-3",
-          "--seqlen", "32", "--eval", f"text:{text_file}", "--eval-windows", "4", "--device", "cpu", "--output", str(out), "--json"])
+    main(
+        [
+            "-q",
+            "recover",
+            "--model",
+            str(pruned),
+            "--data",
+            f"text:{text_file}",
+            "--steps",
+            "12",
+            "--rank",
+            "2",
+            "--lr",
+            "5e-3",
+            "--seqlen",
+            "32",
+            "--eval",
+            f"text:{text_file}",
+            "--eval-windows",
+            "4",
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+            "--json",
+        ]
+    )
     report = json.loads((out / "recover_report.json").read_text())
     assert report["zeros_identical"] and report["sparsity_after"] == report["sparsity_before"] == pytest.approx(0.5)
     assert report["recovery"]["tokens"] == 12 * 32 and report["ppl_after"] < report["ppl_before"]
@@ -131,8 +189,24 @@ def test_recover_command_writes_checkpoint_masks_and_report(tiny_checkpoint, tex
             assert torch.equal(lin.weight == 0, ~masks[f"model.layers.{i}.{name}"])
     # an existing output is refused (one line, exit 2) and left untouched
     with pytest.raises(SystemExit) as exc:
-        main(["-q", "recover", "--model", str(pruned), "--data", f"text:{text_file}", "--steps", "2", "--seqlen", "32",
-              "--device", "cpu", "--output", str(out)])
+        main(
+            [
+                "-q",
+                "recover",
+                "--model",
+                str(pruned),
+                "--data",
+                f"text:{text_file}",
+                "--steps",
+                "2",
+                "--seqlen",
+                "32",
+                "--device",
+                "cpu",
+                "--output",
+                str(out),
+            ]
+        )
     assert exc.value.code == 2 and json.loads((out / "recover_report.json").read_text()) == report
 
 
@@ -146,12 +220,16 @@ def test_recovery_on_the_real_model_lowers_perplexity_and_keeps_zeros(smollm, wi
 
     model = copy.deepcopy(smollm.model)
     calib = calibration_samples(smollm.tokenizer, "gensim-wiki", nsamples=8, seqlen=256, seed=0)
-    masks = prune_model(model, calib, build_method("wanda"), lambda i, n: parse_sparsity("0.7"), CPU, show_progress=False)
+    masks = prune_model(
+        model, calib, build_method("wanda"), lambda i, n: parse_sparsity("0.7"), CPU, show_progress=False
+    )
     tokens = eval_tokens(smollm.tokenizer, f"wikitext2:{wikitext_test}")
     before_ppl = perplexity(model, tokens, 256, CPU, max_windows=8, show_progress=False).ppl
     before, sparsity = zero_pattern(model), overall_sparsity(layer_sparsity(model))
     train = calibration_samples(smollm.tokenizer, "gensim-wiki", nsamples=30, seqlen=128, seed=7)
-    info = recover_model(model, masks, train, RecoverConfig(steps=30, seqlen=128, rank=8, lr=2e-3), CPU, show_progress=False)
+    info = recover_model(
+        model, masks, train, RecoverConfig(steps=30, seqlen=128, rank=8, lr=2e-3), CPU, show_progress=False
+    )
     after_ppl = perplexity(model, tokens, 256, CPU, max_windows=8, show_progress=False).ppl
     print(f"ppl {before_ppl:.2f} -> {after_ppl:.2f}", info)
     assert same_zeros(before, zero_pattern(model))

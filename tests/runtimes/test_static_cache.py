@@ -51,7 +51,9 @@ def test_both_phases_run_without_a_host_sync():
 
     model = tiny_llama()
     with FakeTensorMode(allow_non_fake_inputs=True), torch.inference_mode():
-        gen = StaticGenerator(model, GenerationShape(batch=2, prompt_len=8, gen_len=3), torch.device("cpu"), graphs=False)
+        gen = StaticGenerator(
+            model, GenerationShape(batch=2, prompt_len=8, gen_len=3), torch.device("cpu"), graphs=False
+        )
         gen._prefill()
         gen._decode()
         # control: without an explicit cache position the model asks the cache how full it is, a host sync
@@ -66,7 +68,9 @@ def test_decode_warm_up_rewinds_so_it_stays_inside_the_cache():
     prompt = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         for gen_len in (0, 1):
-            gen = StaticGenerator(model, GenerationShape(batch=1, prompt_len=6, gen_len=gen_len), torch.device("cpu"), graphs=False)
+            gen = StaticGenerator(
+                model, GenerationShape(batch=1, prompt_len=6, gen_len=gen_len), torch.device("cpu"), graphs=False
+            )
             gen.prefill(prompt)
             warm_up(gen._decode, 2, before=gen.rewind)
             assert gen.position.item() == 7
@@ -97,11 +101,15 @@ def test_cuda_graphs_flag_errors(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "m")
     proc = cli("bench", "--model", str(tmp_path / "m"), "--engine", "torch", "--cuda-graphs")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: --cuda-graphs needs a GPU, not --device cpu: add --device cuda or drop --cuda-graphs"
+    assert (
+        proc.stderr.strip()
+        == "error: --cuda-graphs needs a GPU, not --device cpu: add --device cuda or drop --cuda-graphs"
+    )
     proc = cli("bench", "--model", str(tmp_path / "m"), "--engine", "ort", "--cuda-graphs")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("error: --cuda-graphs is for --engine torch (checkpoints on a GPU), not --engine ort: "
-                                   "drop --cuda-graphs")
+    assert proc.stderr.strip() == (
+        "error: --cuda-graphs is for --engine torch (checkpoints on a GPU), not --engine ort: drop --cuda-graphs"
+    )
 
 
 @pytest.mark.cuda
@@ -121,9 +129,24 @@ def test_cuda_graph_replay_gives_the_eager_tokens_with_two_four_kernels(tmp_path
     graphed = StaticGenerator(sparse.model, shape, dev, graphs=True).generate(prompt)
     eager = StaticGenerator(sparse.model, shape, dev, graphs=False).generate(prompt)
     assert torch.equal(graphed, eager)
-    result = run_bench(BenchConfig(model=str(tmp_path / "sparse"), baseline=str(tmp_path / "dense"), engine="torch", device="cuda",
-                                   dtype="float16", batches=[1, 2], prompt_len=32, gen_len=4, rounds=2, cuda_graphs=True))
-    assert result["notes"]["cuda_graphs"] is True and result["notes"]["semi_structured_linears"] == {"dense": 0, "sparse": 14}
+    result = run_bench(
+        BenchConfig(
+            model=str(tmp_path / "sparse"),
+            baseline=str(tmp_path / "dense"),
+            engine="torch",
+            device="cuda",
+            dtype="float16",
+            batches=[1, 2],
+            prompt_len=32,
+            gen_len=4,
+            rounds=2,
+            cuda_graphs=True,
+        )
+    )
+    assert result["notes"]["cuda_graphs"] is True and result["notes"]["semi_structured_linears"] == {
+        "dense": 0,
+        "sparse": 14,
+    }
     rows = [r for r in result["rows"] if "speedup" in r]
     assert {(r["batch"], r["phase"]) for r in rows} == {(b, p) for b in (1, 2) for p in ("prefill", "decode", "total")}
     assert all("CUDA graph" in r["form"] for r in rows)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsedeploy.prune.calibration import InputStats
 from sparsedeploy.common.sparsity import SparsitySpec
+from sparsedeploy.prune.calibration import InputStats
 
 
 @dataclass

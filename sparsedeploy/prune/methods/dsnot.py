@@ -34,10 +34,10 @@ from typing import ClassVar
 
 import torch
 
-from sparsedeploy.prune.calibration import InputStats
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.prune.methods.base import PruneResult, PruningMethod
 from sparsedeploy.common.sparsity import SparsitySpec, check_nm_shape
+from sparsedeploy.prune.calibration import InputStats
+from sparsedeploy.prune.methods.base import PruneResult, PruningMethod
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class LayerStats:
     hessian: torch.Tensor | None = None
 
     @classmethod
-    def from_input_stats(cls, stats: InputStats) -> "LayerStats":
+    def from_input_stats(cls, stats: InputStats) -> LayerStats:
         return cls(stats.mean, stats.var, stats.sq_mean, stats.hessian if stats.xtx is not None else None)
 
 
@@ -84,8 +84,9 @@ def _same_group(cols: int, chosen: torch.Tensor, m: int) -> torch.Tensor:
     return group.unsqueeze(0) == (chosen // m).unsqueeze(1)
 
 
-def _paper_cycles(weight0: torch.Tensor, keep: torch.Tensor, st: LayerStats, spec: SparsitySpec,
-                  opt: DSnoTOptions) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _paper_cycles(
+    weight0: torch.Tensor, keep: torch.Tensor, st: LayerStats, spec: SparsitySpec, opt: DSnoTOptions
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     rows, cols = weight0.shape
     contrib = weight0 * st.mean.unsqueeze(0)  # expected contribution of each weight to its output
     grow_base = contrib / st.var.clamp_min(1e-12).pow(opt.pow_of_var_regrowing).unsqueeze(0)
@@ -130,8 +131,9 @@ def _paper_cycles(weight0: torch.Tensor, keep: torch.Tensor, st: LayerStats, spe
     return keep, swaps, cycles
 
 
-def _second_order_cycles(weight0: torch.Tensor, keep: torch.Tensor, st: LayerStats, spec: SparsitySpec,
-                         opt: DSnoTOptions) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _second_order_cycles(
+    weight0: torch.Tensor, keep: torch.Tensor, st: LayerStats, spec: SparsitySpec, opt: DSnoTOptions
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     if st.hessian is None:
         raise ValueError("second-order DSnoT needs the Hessian X^T X of the layer inputs")
     H = st.hessian.float()
@@ -160,8 +162,9 @@ def _second_order_cycles(weight0: torch.Tensor, keep: torch.Tensor, st: LayerSta
         # exact change of d H d^T from growing j alone: -2 w_j (H d)_j + w_j^2 H_jj
         grow_gain = (-2.0 * w * hd + self_term[idx]).masked_fill(k, float("inf"))
         mean_rank = (torch.sign(err[idx]).unsqueeze(1) * grow_base[idx]).masked_fill(k, float("-inf"))
-        cand = torch.cat([mean_rank.topk(min(half, cols), 1).indices,
-                          grow_gain.topk(min(half, cols), 1, largest=False).indices], 1)  # [n, K]
+        cand = torch.cat(
+            [mean_rank.topk(min(half, cols), 1).indices, grow_gain.topk(min(half, cols), 1, largest=False).indices], 1
+        )  # [n, K]
         wg = w.gather(1, cand)  # [n, K]
         dg = grow_gain.gather(1, cand)  # [n, K]; inf where the candidate is not pruned
         # then pruning p: +2 w_p (H d')_p + w_p^2 H_pp with H d' = H d - w_g H[g]; only kept p allowed
@@ -192,8 +195,13 @@ def _second_order_cycles(weight0: torch.Tensor, keep: torch.Tensor, st: LayerSta
 
 
 @torch.no_grad()
-def refine(weight0: torch.Tensor, init_mask: torch.Tensor, stats: LayerStats | InputStats, spec: SparsitySpec,
-           options: DSnoTOptions | None = None) -> tuple[torch.Tensor, dict]:
+def refine(
+    weight0: torch.Tensor,
+    init_mask: torch.Tensor,
+    stats: LayerStats | InputStats,
+    spec: SparsitySpec,
+    options: DSnoTOptions | None = None,
+) -> tuple[torch.Tensor, dict]:
     """Refine `init_mask` (bool [out, in], True = kept) for dense weight `weight0`; return (mask, info).
 
     The mode's search only ("paper" for both paper and verified, "second-order"); choosing between the
@@ -217,8 +225,13 @@ def refine(weight0: torch.Tensor, init_mask: torch.Tensor, stats: LayerStats | I
 
 
 @torch.no_grad()
-def choose_verified(weight0: torch.Tensor, H: torch.Tensor, init: tuple[torch.Tensor, torch.Tensor],
-                    refined: tuple[torch.Tensor, torch.Tensor], per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def choose_verified(
+    weight0: torch.Tensor,
+    H: torch.Tensor,
+    init: tuple[torch.Tensor, torch.Tensor],
+    refined: tuple[torch.Tensor, torch.Tensor],
+    per_row: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Between init=(mask, weight) and refined=(mask, weight), keep what has the lower actual error.
 
     Error: ||(W0 - What) X||^2 = sum over rows of d H d^T. per_row chooses row by row (exact sparsity and
@@ -237,8 +250,13 @@ def choose_verified(weight0: torch.Tensor, H: torch.Tensor, init: tuple[torch.Te
         mask, weight = refined if kept else init
         chosen = e_new.sum() if kept else e_init.sum()
         take = None
-    info = {"error_init": float(e_init.sum()), "error_refined": float(e_new.sum()), "error_chosen": float(chosen),
-            "kept_refined": kept, "rows_refined": int(take.sum()) if take is not None else (weight0.shape[0] if kept else 0)}
+    info = {
+        "error_init": float(e_init.sum()),
+        "error_refined": float(e_new.sum()),
+        "error_chosen": float(chosen),
+        "kept_refined": kept,
+        "rows_refined": int(take.sum()) if take is not None else (weight0.shape[0] if kept else 0),
+    }
     return mask, weight, info
 
 
@@ -256,14 +274,20 @@ class DSnoT(PruningMethod):
 
     init: str = "wanda"
     targets: str = "all"  # measured on smollm2-135m: all >= attn at 60%, 70% and 2:4 (docs/dsnot.md)
-    mode: str = "second-order"  # measured best on smollm2-135m at 60%, 70% and 2:4 (docs/dsnot.md); verified like "verified"
+    mode: str = (
+        "second-order"  # measured best on smollm2-135m at 60%, 70% and 2:4 (docs/dsnot.md); verified like "verified"
+    )
     max_cycles: int = 50
     update_threshold: float = 0.1
     pow_of_var_regrowing: float = 1.0
     no_sign_flip: bool = False
     verify_rows: bool = False
-    verify_block: bool = True  # verified modes: also keep a block's refinement only if the block output gets closer to dense
-    verify_model: bool = True  # verified modes: and keep the refined model only if it beats the initialiser alone on held-out windows
+    verify_block: bool = (
+        True  # verified modes: also keep a block's refinement only if the block output gets closer to dense
+    )
+    verify_model: bool = (
+        True  # verified modes: and keep the refined model only if it beats the initialiser alone on held-out windows
+    )
     candidates: int = 4
     blocksize: int = 128
     percdamp: float = 0.01
@@ -286,7 +310,9 @@ class DSnoT(PruningMethod):
         if self.update_threshold < 0:
             raise UserError(f"--update-threshold {self.update_threshold} must be 0 or more")
         if self.verify_rows and self.mode == "paper":
-            raise UserError("--verify-rows needs a verified mode, not --dsnot-mode paper: use --dsnot-mode second-order or verified")
+            raise UserError(
+                "--verify-rows needs a verified mode, not --dsnot-mode paper: use --dsnot-mode second-order or verified"
+            )
         if self.candidates < 1:
             raise UserError("DSnoT candidates must be at least 1")
         self.needs_hessian = self.init == "sparsegpt" or self.mode in ("verified", "second-order")
@@ -298,7 +324,9 @@ class DSnoT(PruningMethod):
         if self.verify_rows:
             self.summary.update(rows=0, rows_kept_refined=0)
 
-    def _init_result(self, weight: torch.Tensor, stats: InputStats, spec: SparsitySpec) -> tuple[torch.Tensor, torch.Tensor]:
+    def _init_result(
+        self, weight: torch.Tensor, stats: InputStats, spec: SparsitySpec
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.init == "wanda":
             from sparsedeploy.prune.methods.wanda import wanda_mask
 
@@ -317,15 +345,27 @@ class DSnoT(PruningMethod):
         mask0, w0 = self._init_result(weight, stats, spec)
         return self.refine_result(weight, stats, spec, mask0, w0, name)
 
-    def refine_result(self, weight: torch.Tensor, stats: InputStats, spec: SparsitySpec, mask0: torch.Tensor,
-                      w0: torch.Tensor, name: str = "") -> PruneResult:
+    def refine_result(
+        self,
+        weight: torch.Tensor,
+        stats: InputStats,
+        spec: SparsitySpec,
+        mask0: torch.Tensor,
+        w0: torch.Tensor,
+        name: str = "",
+    ) -> PruneResult:
         """Refine a given initial result (mask0, w0) of the dense `weight` as this method's mode says."""
         self.summary["linears"] += 1
         if not target_matches(self.targets, name):
             return PruneResult(mask0, w0, {"dsnot": "not a target"})
-        options = DSnoTOptions(mode=self.mode, max_cycles=self.max_cycles, update_threshold=self.update_threshold,
-                               pow_of_var_regrowing=self.pow_of_var_regrowing, no_sign_flip=self.no_sign_flip,
-                               candidates=self.candidates)
+        options = DSnoTOptions(
+            mode=self.mode,
+            max_cycles=self.max_cycles,
+            update_threshold=self.update_threshold,
+            pow_of_var_regrowing=self.pow_of_var_regrowing,
+            no_sign_flip=self.no_sign_flip,
+            candidates=self.candidates,
+        )
         mask, info = refine(weight, mask0, stats, spec, options)
         self.summary["refined"] += 1
         self.summary["swaps"] += info["swaps"]
@@ -366,5 +406,10 @@ class DSnoT(PruningMethod):
         """The block-level check's decision (called by prune_model after comparing the block outputs)."""
         self.summary["blocks_checked"] += 1
         self.summary["blocks_kept_refined"] += int(kept)
-        log.debug("DSnoT block %d: output error initial %.4g, refined %.4g -> %s", index, error_initial, error_refined,
-                  "refined" if kept else "initial")
+        log.debug(
+            "DSnoT block %d: output error initial %.4g, refined %.4g -> %s",
+            index,
+            error_initial,
+            error_refined,
+            "refined" if kept else "initial",
+        )

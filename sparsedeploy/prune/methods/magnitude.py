@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsedeploy.common.sparsity import SparsitySpec, mask_lowest_global
 from sparsedeploy.prune.calibration import InputStats
 from sparsedeploy.prune.methods.base import PruneResult, PruningMethod
-from sparsedeploy.common.sparsity import SparsitySpec, mask_lowest_global
 
 
 def magnitude_mask(weight: torch.Tensor, spec: SparsitySpec) -> torch.Tensor:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsedeploy.common.sparsity import SparsitySpec, check_nm_shape, mask_lowest_global
 from sparsedeploy.prune.calibration import InputStats
 from sparsedeploy.prune.methods.base import PruneResult, PruningMethod
-from sparsedeploy.common.sparsity import SparsitySpec, check_nm_shape, mask_lowest_global
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +44,27 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Te
                 return U, damp
         if attempt == MAX_DAMP_RETRIES:
             break
-        log.warning("SparseGPT: Cholesky failed with dampening %.3g (%.3g x mean diag); retrying with 10x more",
-                    damp, damp / mean_diag)
+        log.warning(
+            "SparseGPT: Cholesky failed with dampening %.3g (%.3g x mean diag); retrying with 10x more",
+            damp,
+            damp / mean_diag,
+        )
         damp = damp * 10.0 if damp > 0 else 1e-3 * mean_diag
-    raise ValueError(f"SparseGPT: Hessian not positive definite even with dampening {damp:.3g}: "
-                     "use more calibration samples or a larger --percdamp")
+    raise ValueError(
+        f"SparseGPT: Hessian not positive definite even with dampening {damp:.3g}: "
+        "use more calibration samples or a larger --percdamp"
+    )
 
 
 @torch.no_grad()
-def sparsegpt(weight: torch.Tensor, H: torch.Tensor, spec: SparsitySpec, blocksize: int = 128,
-              percdamp: float = 0.01, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sparsegpt(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    spec: SparsitySpec,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune `weight` [out, in] with the OBS update; return (keep-mask, new weight), both [out, in].
 
     H: [in, in] Hessian (any positive scale). With `mask` given, the mask is not chosen but imposed,
@@ -93,9 +104,9 @@ def sparsegpt(weight: torch.Tensor, H: torch.Tensor, spec: SparsitySpec, blocksi
         for i in range(count):
             w = W1[:, i]
             if mask is None and spec.is_nm and i % spec.m == 0:
-                saliency = W1[:, i:i + spec.m] ** 2 / d[i:i + spec.m].unsqueeze(0) ** 2
+                saliency = W1[:, i : i + spec.m] ** 2 / d[i : i + spec.m].unsqueeze(0) ** 2
                 low = torch.topk(saliency, spec.m - spec.n, dim=1, largest=False).indices
-                pruned1[:, i:i + spec.m].scatter_(1, low, True)
+                pruned1[:, i : i + spec.m].scatter_(1, low, True)
             q = w.masked_fill(pruned1[:, i], 0.0)
             Q1[:, i] = q
             err = (w - q) / d[i]

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsedeploy.common.sparsity import SparsitySpec, mask_lowest_per_row
 from sparsedeploy.prune.calibration import InputStats
 from sparsedeploy.prune.methods.base import PruneResult, PruningMethod
-from sparsedeploy.common.sparsity import SparsitySpec, mask_lowest_per_row
 
 
 def wanda_scores(weight: torch.Tensor, sq_mean: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from sparsedeploy.prune.calibration import InputStats
 from sparsedeploy.common.errors import UserError
+from sparsedeploy.common.sparsity import SparsitySpec, parse_sparsity, satisfies_nm
+from sparsedeploy.prune.calibration import InputStats
 from sparsedeploy.prune.methods import build_method
 from sparsedeploy.prune.methods.dsnot import DSnoT, DSnoTOptions, LayerStats, choose_verified, refine, row_errors
 from sparsedeploy.prune.methods.wanda import wanda_mask
-from sparsedeploy.common.sparsity import SparsitySpec, parse_sparsity, satisfies_nm
 
 CPU = torch.device("cpu")
 
@@ -51,8 +51,10 @@ def test_hand_layer_finds_the_known_optimum_swap():
     assert keep[1].tolist() == init[1].tolist()  # below the threshold: untouched
     assert info["swaps"] == 1 and info["rows_changed"] == 1
     # brute force over all masks keeping 2 of 4 in row 0: the result is the minimum of |e|
-    best = min(abs(sum(float(w[0, j]) for j in range(4) if j not in kept))
-               for kept in [(a, b) for a in range(4) for b in range(a + 1, 4)])
+    best = min(
+        abs(sum(float(w[0, j]) for j in range(4) if j not in kept))
+        for kept in [(a, b) for a in range(4) for b in range(a + 1, 4)]
+    )
     assert float(expected_error(w, keep, st.mean)[0].abs()) == pytest.approx(best)
 
 
@@ -155,8 +157,14 @@ def test_verified_mode_returns_initial_mask_when_paper_procedure_hurts():
     # through the method class, from this initial result
     method = DSnoT(targets="all", mode="verified")
     result = method.refine_result(w, st, spec, init, w * init, name="self_attn.q_proj")
-    assert torch.equal(result.mask, init) and method.summary == {"linears": 1, "refined": 1, "kept_refined": 0, "swaps": 1,
-                                                                  "blocks_checked": 0, "blocks_kept_refined": 0}
+    assert torch.equal(result.mask, init) and method.summary == {
+        "linears": 1,
+        "refined": 1,
+        "kept_refined": 0,
+        "swaps": 1,
+        "blocks_checked": 0,
+        "blocks_kept_refined": 0,
+    }
     paper_method = DSnoT(targets="all", mode="paper")
     assert torch.equal(paper_method.refine_result(w, st, spec, init, w * init, name="self_attn.q_proj").mask, paper)
 
@@ -206,16 +214,18 @@ def test_targets_select_linears_and_options_are_validated():
 
 
 def test_dsnot_on_tiny_model_through_engine(tiny_model, tiny_samples):
-    from sparsedeploy.prune.blocks import prune_model
-
     import copy
+
+    from sparsedeploy.prune.blocks import prune_model
 
     tiny_model_copy = copy.deepcopy(tiny_model)
     method = build_method("dsnot", init="wanda", targets="attn", mode="verified")
     spec = SparsitySpec.unstructured(0.6)
     masks = prune_model(tiny_model, tiny_samples, method, lambda _i, _n: spec, CPU, show_progress=False)
     assert method.summary["linears"] == 14 and method.summary["refined"] == 8
-    wanda = prune_model(tiny_model_copy, tiny_samples, build_method("wanda"), lambda _i, _n: spec, CPU, show_progress=False)
+    wanda = prune_model(
+        tiny_model_copy, tiny_samples, build_method("wanda"), lambda _i, _n: spec, CPU, show_progress=False
+    )
     for name, mask in masks.items():  # DSnoT keeps its Wanda start's row counts, and the layer's sparsity is the ratio
         assert int((~mask).sum()) == round(mask.numel() * 0.6)
         assert int(mask.sum(1).max() - mask.sum(1).min()) <= 1
@@ -228,15 +238,20 @@ def test_block_check_never_leaves_a_block_output_worse_than_its_initialisation(t
     """Block 0 sees the same inputs whatever the method: its output error versus dense is no worse than Wanda's."""
     import copy
 
-    from sparsedeploy.prune.calibration import capture_block_inputs, run_block
     from sparsedeploy.common.models import find_blocks
     from sparsedeploy.prune.blocks import output_error, prune_model
+    from sparsedeploy.prune.calibration import capture_block_inputs, run_block
 
     inputs, calls = capture_block_inputs(tiny_model, tiny_samples, CPU)
     dense_out = run_block(find_blocks(tiny_model)[0], inputs, calls[0], CPU, CPU)
     spec = parse_sparsity(sparsity)
-    errors, methods = {}, {"wanda": build_method("wanda"), "dsnot": build_method("dsnot", init="wanda", targets="all", max_cycles=20,
-                                                                                   update_threshold=0.0)}
+    errors, methods = (
+        {},
+        {
+            "wanda": build_method("wanda"),
+            "dsnot": build_method("dsnot", init="wanda", targets="all", max_cycles=20, update_threshold=0.0),
+        },
+    )
     for label, method in methods.items():
         model = copy.deepcopy(tiny_model)
         prune_model(model, tiny_samples, method, lambda _i, _n: spec, CPU, show_progress=False)
@@ -264,7 +279,9 @@ def test_whole_model_check_never_worse_than_the_plain_initialiser(tiny_model, ti
     for cycles in (2, 20):
         model = copy.deepcopy(tiny_model)
         method = build_method("dsnot", init="wanda", targets="all", max_cycles=cycles, update_threshold=0.0)
-        masks = prune_model(model, tiny_samples, method, lambda _i, _n: spec, CPU, show_progress=False, check_samples=check)
+        masks = prune_model(
+            model, tiny_samples, method, lambda _i, _n: spec, CPU, show_progress=False, check_samples=check
+        )
         s = method.summary
         assert s["blocks_kept_refined"] >= 1 and set(s["calib_ppl"]) == {"refined", "plain initial"}
         assert s["calib_ppl"]["plain initial"] == pytest.approx(ppl(wanda), rel=1e-6)  # the plain run is plain Wanda

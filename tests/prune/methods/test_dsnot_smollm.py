@@ -7,9 +7,9 @@ import torch
 
 from sparsedeploy.common.data import calibration_samples, eval_tokens
 from sparsedeploy.common.evaluate import perplexity
-from sparsedeploy.prune.methods import build_method
-from sparsedeploy.prune.blocks import prune_model
 from sparsedeploy.common.sparsity import parse_sparsity
+from sparsedeploy.prune.blocks import prune_model
+from sparsedeploy.prune.methods import build_method
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
@@ -25,7 +25,9 @@ def test_verified_dsnot_never_worse_than_wanda_init_and_better_somewhere(smollm,
         ppl, masks = {}, {}
         for label, method in (("wanda", build_method("wanda")), ("dsnot", build_method("dsnot", init="wanda"))):
             model = copy.deepcopy(smollm.model)
-            masks[label] = prune_model(model, samples, method, lambda _i, _n: spec, CPU, show_progress=False, check_samples=check)
+            masks[label] = prune_model(
+                model, samples, method, lambda _i, _n: spec, CPU, show_progress=False, check_samples=check
+            )
             ppl[label] = perplexity(model, tokens, 256, CPU, max_windows=8, show_progress=False).ppl
             del model
         print(sparsity, ppl, method.summary)
@@ -44,7 +46,9 @@ def test_verified_dsnot_never_worse_than_wanda_init_and_better_somewhere(smollm,
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: DSnoT on CUDA not checked on the real model here")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: DSnoT on CUDA not checked on the real model here"
+)
 def test_default_dsnot_on_cuda_is_as_good_as_on_cpu_on_the_real_model(smollm, wikitext_test):
     """CUDA and CPU run the same tensor code; rounding differs, and the real model amplifies it.
 
@@ -62,8 +66,16 @@ def test_default_dsnot_on_cuda_is_as_good_as_on_cpu_on_the_real_model(smollm, wi
         for label, method in (("wanda", build_method("wanda")), ("dsnot", build_method("dsnot", init="wanda"))):
             model = copy.deepcopy(smollm.model)
             times[dev, label] = []
-            masks[dev, label] = prune_model(model, samples, method, lambda _i, _n: spec, torch.device(dev), show_progress=False,
-                                            check_samples=check, block_seconds=times[dev, label])
+            masks[dev, label] = prune_model(
+                model,
+                samples,
+                method,
+                lambda _i, _n: spec,
+                torch.device(dev),
+                show_progress=False,
+                check_samples=check,
+                block_seconds=times[dev, label],
+            )
             ppl[dev, label] = perplexity(model, tokens, 256, torch.device(dev), max_windows=8, show_progress=False).ppl
             summary[dev, label] = getattr(method, "summary", None)
             del model
@@ -73,4 +85,6 @@ def test_default_dsnot_on_cuda_is_as_good_as_on_cpu_on_the_real_model(smollm, wi
     for dev in ("cpu", "cuda"):
         assert ppl[dev, "dsnot"] <= 1.01 * ppl[dev, "wanda"], (dev, ppl)
         for name, mask in masks[dev, "dsnot"].items():  # N:M kept exactly on both devices
-            assert torch.equal(mask.reshape(mask.shape[0], -1, 4).sum(-1), torch.full_like(mask[:, ::4], 2, dtype=torch.long)), name
+            assert torch.equal(
+                mask.reshape(mask.shape[0], -1, 4).sum(-1), torch.full_like(mask[:, ::4], 2, dtype=torch.long)
+            ), name

@@ -1,7 +1,7 @@
 import torch
 
-from sparsedeploy.prune.methods.magnitude import Magnitude
 from sparsedeploy.common.sparsity import SparsitySpec
+from sparsedeploy.prune.methods.magnitude import Magnitude
 
 
 def test_magnitude_layer_threshold():
@@ -19,16 +19,19 @@ def test_magnitude_nm():
 
 
 def test_magnitude_prune_linears_prunes_every_decoder_linear_in_place_and_nothing_else():
-    from sparsedeploy.prune.methods.magnitude import magnitude_prune_linears
     from sparsedeploy.common.models import find_blocks, find_linears
+    from sparsedeploy.prune.methods.magnitude import magnitude_prune_linears
     from tests.conftest import tiny_llama
 
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     spec = SparsitySpec.unstructured(0.6)
     magnitude_prune_linears(model, spec)
-    linears = {f"{name}.weight" for name, module in model.named_modules()
-               if any(module is lin for block in find_blocks(model) for lin in find_linears(block).values())}
+    linears = {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if any(module is lin for block in find_blocks(model) for lin in find_linears(block).values())
+    }
     assert len(linears) == 2 * 7
     for key, value in model.state_dict().items():
         if key in linears:

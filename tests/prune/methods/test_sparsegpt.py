@@ -3,12 +3,12 @@ import logging
 import pytest
 import torch
 
+from sparsedeploy.common.sparsity import SparsitySpec, parse_sparsity, satisfies_nm
 from sparsedeploy.prune.calibration import InputStats
 from sparsedeploy.prune.methods import build_method
 from sparsedeploy.prune.methods.magnitude import magnitude_mask
 from sparsedeploy.prune.methods.sparsegpt import inverse_hessian_cholesky, sparsegpt
 from sparsedeploy.prune.methods.wanda import wanda_mask
-from sparsedeploy.common.sparsity import SparsitySpec, parse_sparsity, satisfies_nm
 
 
 def correlated_layer(seed: int = 0, out: int = 48, inp: int = 64, tokens: int = 1024):
@@ -95,20 +95,21 @@ def test_unusable_hessian_raises_instead_of_garbage():
 
 def test_sparsegpt_method_on_tiny_model_shares_hessian_and_is_exact(tiny_model, tiny_samples):
     from sparsedeploy.common.evaluate import layer_sparsity
-    from sparsedeploy.prune.blocks import prune_model
-
     from sparsedeploy.common.models import find_blocks, find_linears
+    from sparsedeploy.prune.blocks import prune_model
 
     method = build_method("sparsegpt", blocksize=32)
     assert method.needs_hessian
     seen = []  # the statistics object each linear is pruned with, in the engine's order
     prune_one = method.prune
     method.prune = lambda weight, stats, spec, **kw: (seen.append(stats), prune_one(weight, stats, spec, **kw))[1]
-    masks = prune_model(tiny_model, tiny_samples, method, lambda _i, _n: SparsitySpec.nm(2, 4), torch.device("cpu"), show_progress=False)
+    masks = prune_model(
+        tiny_model, tiny_samples, method, lambda _i, _n: SparsitySpec.nm(2, 4), torch.device("cpu"), show_progress=False
+    )
     assert len(masks) == 14
     names = list(find_linears(find_blocks(tiny_model)[0]))
     for block in range(2):
-        stats = dict(zip(names, seen[block * len(names):(block + 1) * len(names)]))
+        stats = dict(zip(names, seen[block * len(names) : (block + 1) * len(names)]))
         attn = stats["self_attn.q_proj"]
         mlp = stats["mlp.gate_proj"]
         # linears reading the same tensor share one Hessian, collected once over every calibration token

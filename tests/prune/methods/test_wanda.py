@@ -1,9 +1,9 @@
 import torch
 
+from sparsedeploy.common.sparsity import SparsitySpec
 from sparsedeploy.prune.calibration import InputStats
 from sparsedeploy.prune.methods import build_method
 from sparsedeploy.prune.methods.wanda import wanda_scores
-from sparsedeploy.common.sparsity import SparsitySpec
 
 
 def _stats(x: torch.Tensor) -> InputStats:
