@@ -259,12 +259,13 @@ def to_markdown(doc: dict) -> str:
     lines = [
         f"# Pruning quality on {Path(s.model).name}",
         "",
-        f"Calibration `{s.calib}` {s.nsamples} x {s.calib_seqlen} tokens (seed {s.seed}); evaluation WikiText-2 test, first "
-        f"{s.max_windows} non-overlapping windows x {s.eval_seqlen} (the same for every row); device {s.device}, {s.threads} thread{'s' if s.threads > 1 else ''}. "
+        f"Calibration `{s.calib}` {s.nsamples} x {s.calib_seqlen} tokens (seed {s.seed}); "
+        f"evaluation WikiText-2 test, first {s.max_windows} non-overlapping windows x {s.eval_seqlen} "
+        f"(the same for every row); device {s.device}, {s.threads} thread{'s' if s.threads > 1 else ''}. "
         f"Machine: {doc['machine']}. Time = allocation + pruning (+ recovery training where marked).",
         "",
-        "| sparsity | row | perplexity | vs dense | vs Wanda | measured sparsity | time (s) | s/block (median) | peak RSS (MiB) | "
-        "peak GPU (MiB) | notes |",
+        "| sparsity | row | perplexity | vs dense | vs Wanda | measured sparsity | time (s) | s/block (median) | "
+        "peak RSS (MiB) | peak GPU (MiB) | notes |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(res, key=_order):
@@ -281,7 +282,8 @@ def to_markdown(doc: dict) -> str:
             )
         if v := r.get("recovery"):
             notes.append(
-                f"before recovery {r['ppl_before_recovery']:.2f}; {v['tokens']} tokens, {v['seconds']:.0f} s; zeros identical: {r['zeros_identical']}"
+                f"before recovery {r['ppl_before_recovery']:.2f}; {v['tokens']} tokens, {v['seconds']:.0f} s; "
+                f"zeros identical: {r['zeros_identical']}"
             )
         if r.get("machine", doc["machine"]) != doc["machine"]:
             notes.append(f"measured on {r['machine']}")
@@ -290,8 +292,9 @@ def to_markdown(doc: dict) -> str:
         per_block = f"{statistics.median(r['block_seconds']):.2f}" if r.get("block_seconds") else ""
         gpu = f"{r['peak_cuda_mib']:.0f}" if "peak_cuda_mib" in r else ""
         lines.append(
-            f"| {r['sparsity']} | {r['row']} | {r['ppl']:.2f} | {vs_dense} | {vs_wanda} | {r['sparsity_measured']:.4f} | "
-            f"{t:.0f} | {per_block} | {r['peak_rss_mib']:.0f} | {gpu} | {'; '.join(notes)} |"
+            f"| {r['sparsity']} | {r['row']} | {r['ppl']:.2f} | {vs_dense} | {vs_wanda} | "
+            f"{r['sparsity_measured']:.4f} | {t:.0f} | {per_block} | {r['peak_rss_mib']:.0f} | {gpu} | "
+            f"{'; '.join(notes)} |"
         )
     failed = [r for r in doc["results"] if "error" in r]
     lines += [""] + [f"- FAILED {r['row']}: {r['error']}" for r in failed]
@@ -348,7 +351,8 @@ def summary_sections(doc: dict) -> dict[str, str]:
         for r in recs:
             v = r["recovery"]
             out.append(
-                f"| {r['label']} {r['sparsity']} | {r['ppl_before_recovery']:.1f} | {r['ppl']:.1f} | {v['tokens']} | {v['seconds']:.0f} | "
+                f"| {r['label']} {r['sparsity']} | {r['ppl_before_recovery']:.1f} | {r['ppl']:.1f} | {v['tokens']} | "
+                f"{v['seconds']:.0f} | "
                 f"{r['zeros_identical']} |"
             )
         sections["recovery"] = out
@@ -444,7 +448,8 @@ def ci_gate(doc: dict, baseline_path: Path) -> None:
     ratio_now = current["wanda 0.5"] / current["dense"]
     if not baseline_path.is_file():
         raise SystemExit(
-            f"quality CI: no baseline at {baseline_path}: run the full suite (or --only dense 'wanda 0.5') and commit it"
+            f"quality CI: no baseline at {baseline_path}: run the full suite (or --only dense 'wanda 0.5') "
+            "and commit it"
         )
     baseline = json.loads(baseline_path.read_text())
     if comparable(baseline["setting"]) != comparable(doc["setting"]):
@@ -561,7 +566,8 @@ def main() -> None:
         if not doc.get("gate", {"passed": True})["passed"]:
             g = doc["gate"]
             raise SystemExit(
-                f"quality regression: Wanda-50% perplexity ratio {g['current']:.4f} > baseline {g['baseline']:.4f} +{TOLERANCE:.0%}"
+                f"quality regression: Wanda-50% perplexity ratio {g['current']:.4f} > baseline {g['baseline']:.4f} "
+                f"+{TOLERANCE:.0%}"
             )
     logging.info("wrote %s.{json,md}", stem)
 

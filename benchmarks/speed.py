@@ -127,7 +127,8 @@ def run(args) -> int:
         header = (
             f"# Kernel speed: dense vs sparse MatMul chains\n\nMachine: {result['machine']['cpu']}, "
             f"{result['machine']['logical_cpus']} logical CPUs (shared, throttled dev box, no GPU); "
-            f"threads: {args.threads}; rounds: {rounds} (dense/sparse interleaved); DeepSparse: {result['deepsparse']}.\n"
+            f"threads: {args.threads}; rounds: {rounds} (dense/sparse interleaved); DeepSparse: "
+            f"{result['deepsparse']}.\n"
             "Speedup = dense time / sparse time per round, median (p10-p90). NOISY = spread (p90-p10)/median > 10%.\n\n"
         )
         tmp = out / f".{stem}.md.tmp"
@@ -174,8 +175,8 @@ def check(rows: list[dict], have_deepsparse: bool, args) -> int:
     entry = base["machines"].get(cpu)
     if entry is None:
         print(
-            f"no baseline for CPU {cpu!r} in {BASELINE} (it has {sorted(base['machines'])}): gating on the generic floors; "
-            "record one with --ci --write-baseline and commit it"
+            f"no baseline for CPU {cpu!r} in {BASELINE} (it has {sorted(base['machines'])}): gating on the generic "
+            "floors; record one with --ci --write-baseline and commit it"
         )
         floors = dict(base.get("generic_floor", {}))
     else:

@@ -91,19 +91,21 @@ def kernels_markdown(doc: dict) -> str:
     m = doc["machine"]
     return (
         f"# 2:4 semi-structured vs dense linear kernels on GPU\n\n{m['gpu']}, torch {m['torch']} (CUDA {m['cuda']}, "
-        f"cuSPARSELt {m['cusparselt_version']}), {doc['date']}; {doc['rounds']} alternating rounds, each sample timed with CUDA "
-        "events over back-to-back calls. Speedup = dense time / sparse time per round, median (p10-p90); NOISY = spread > 10%. "
-        "`eager`: `F.linear(x, W)` called from Python, as a PyTorch program pays for it (dispatch and the kernel library's "
-        "host-side setup included); `graph`: the same call captured once in a CUDA graph and replayed, i.e. GPU time only. "
-        "Weights random, pruned 2:4 by magnitude; the 1B/8B shapes are speed-only (LLaMA-like sizes, no checkpoint).\n\n"
-        + linear_markdown(doc["rows"])
+        f"cuSPARSELt {m['cusparselt_version']}), {doc['date']}; {doc['rounds']} alternating rounds, each sample timed "
+        "with CUDA events over back-to-back calls. Speedup = dense time / sparse time per round, median (p10-p90); "
+        "NOISY = spread > 10%. `eager`: `F.linear(x, W)` called from Python, as a PyTorch program pays for it "
+        "(dispatch and the kernel library's host-side setup included); `graph`: the same call captured once in a "
+        "CUDA graph and replayed, i.e. GPU time only. "
+        "Weights random, pruned 2:4 by magnitude; the 1B/8B shapes are speed-only (LLaMA-like sizes, no "
+        "checkpoint).\n\n" + linear_markdown(doc["rows"])
     )
 
 
 def speed_only_llama(
     path_dense: Path, path_sparse: Path, cache_dir=None, seed: int = 0, preset: str = "llama-1b-like"
 ) -> None:
-    """The LLaMA-1B-like speed-only model (random weights, sparsedeploy.common.models preset), dense and 2:4 by magnitude."""
+    """The LLaMA-1B-like speed-only model (random weights, sparsedeploy.common.models preset), dense and 2:4 by
+    magnitude."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sparsedeploy.common.models import build_speed_only_model

@@ -208,7 +208,7 @@ def bench_shape(
                 x = xs[b]
                 out = np.empty((b, shape.n), np.float32)
                 variants: dict[str, Callable[[int], object]] = {
-                    "dense": lambda c, x=x: sessions[c].run(None, {"x": x}),
+                    "dense": lambda c, x=x, sessions=sessions: sessions[c].run(None, {"x": x}),
                     isa: lambda c, x=x, out=out, isa=isa: matmul(x, packed[c], threads=threads, isa=isa, out=out),
                 }
                 copies = {"dense": d_copies, isa: s_copies}

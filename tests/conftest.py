@@ -31,7 +31,8 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: i
 
 
 def tiny_two_four_pair(root: Path) -> tuple[Path, Path]:
-    """A tiny LLaMA wide enough for GPU 2:4 kernels, saved dense (root/dense) and pruned 2:4 by magnitude (root/sparse)."""
+    """A tiny LLaMA wide enough for GPU 2:4 kernels, saved dense (root/dense) and pruned 2:4 by magnitude
+    (root/sparse)."""
     from sparsedeploy.common.sparsity import SparsitySpec
     from sparsedeploy.prune.methods.magnitude import magnitude_prune_linears
 

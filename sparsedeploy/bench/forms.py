@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 def matmul_weights(path: Path) -> list[tuple[str, np.ndarray]]:
-    """(name, weight [k, n]) for every MatMul/Gemm(no transpose) of `path` whose weight is a 2-D initializer, in graph order."""
+    """(name, weight [k, n]) for every MatMul/Gemm(no transpose) of `path` whose weight is a 2-D initializer, in graph
+    order."""
     import onnx
     from onnx import numpy_helper
 

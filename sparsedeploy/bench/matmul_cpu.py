@@ -230,6 +230,7 @@ def kernel_markdown(rows: list[dict]) -> str:
             note.append("NOISY")
         lines.append(
             f"| {r['engine']} | {r['shape']} | {r['batch']} | {r['threads']} | {r['pattern']} | {r['dense_ms']:.3f} | "
-            f"{r['sparse_ms']:.3f} | {r['speedup']:.2f}x ({r['speedup_p10']:.2f}-{r['speedup_p90']:.2f}) | {', '.join(note)} |"
+            f"{r['sparse_ms']:.3f} | {r['speedup']:.2f}x ({r['speedup_p10']:.2f}-{r['speedup_p90']:.2f}) | "
+            f"{', '.join(note)} |"
         )
     return "\n".join(lines) + "\n"

@@ -25,7 +25,8 @@ class OrtCausalLM:
         self.path, self.session = self.decoder.path, self.decoder.session
         if not self.decoder.with_past:
             raise UserError(
-                f"{path} has no past_key_values inputs: export with KV cache (task text-generation-with-past) to time decode"
+                f"{path} has no past_key_values inputs: export with KV cache (task text-generation-with-past) to time "
+                "decode"
             )
         self.vocab = self._vocab_size()
 

@@ -69,7 +69,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         for what, p in (("--model", cfg.model), ("--baseline", cfg.baseline)):
             if p and not Path(p, "config.json").is_file():
                 raise UserError(
-                    f"{what} {p} is not a Hugging Face checkpoint directory (no config.json): --engine torch times checkpoints, not ONNX"
+                    f"{what} {p} is not a Hugging Face checkpoint directory (no config.json): --engine torch times "
+                    "checkpoints, not ONNX"
                 )
         variants = {**({"dense": Path(cfg.baseline)} if cfg.baseline else {}), "sparse": Path(cfg.model)}
     else:

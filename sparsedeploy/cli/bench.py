@@ -186,7 +186,8 @@ def engines_status(venv, cache_dir):
         click.echo(f"deepsparse: cannot run here: {problem}")
     elif env is None:
         click.echo(
-            f"deepsparse: not installed (expected at {Path(venv) if venv else default_venv_dir(cache_dir)}): run `sparsedeploy engines install deepsparse`"
+            f"deepsparse: not installed (expected at {Path(venv) if venv else default_venv_dir(cache_dir)}): run "
+            "`sparsedeploy engines install deepsparse`"
         )
     else:
         click.echo(f"deepsparse: installed at {env.path}")

@@ -18,7 +18,10 @@ log = logging.getLogger("sparsedeploy")
 @click.option(
     "--data",
     default=None,
-    help="evaluation text: wikitext2:PATH, wikitext2, c4, text:PATH, jsonl:PATH [default: the offline WikiText-2 test file when found]",
+    help=(
+        "evaluation text: wikitext2:PATH, wikitext2, c4, text:PATH, jsonl:PATH "
+        "[default: the offline WikiText-2 test file when found]"
+    ),
 )
 @click.option("--seqlen", default=None, type=int, help="window length [default: min(2048, model max)]")
 @click.option("--max-windows", default=None, type=int, help="score only the first K windows (bounds CPU cost)")
@@ -64,7 +67,10 @@ def eval_cmd(ctx, model, data, seqlen, max_windows, baseline, device, dtype, cac
         "device": str(dev),
         "dtype": dtype,
     }
-    text = f"perplexity {result.ppl:.3f} on {data} ({result.windows} windows x {seqlen}, {result.tokens} tokens); sparsity {out['sparsity']:.4f}"
+    text = (
+        f"perplexity {result.ppl:.3f} on {data} ({result.windows} windows x {seqlen}, {result.tokens} tokens); "
+        f"sparsity {out['sparsity']:.4f}"
+    )
     if baseline:
         base_lm = load_model(baseline, dtype, cache_dir)
         base = perplexity(base_lm.model, tokens, seqlen, dev, max_windows, show_progress=not ctx.obj["quiet"])

@@ -178,7 +178,8 @@ def generate_cmd(onnx_dir, prompt, max_new_tokens, threads, engine, deepsparse_v
         emit(
             out,
             as_json,
-            f"{prompt}{out['completion']}\n[DeepSparse, {out['threads']} thread(s): prefill {out['prefill_seconds'] * 1e3:.0f} ms, "
+            f"{prompt}{out['completion']}\n[DeepSparse, {out['threads']} thread(s): prefill "
+            f"{out['prefill_seconds'] * 1e3:.0f} ms, "
             f"decode {f'{rate:.1f} tok/s' if rate else 'n/a'}; {out['licence']}]",
         )
         return
@@ -189,6 +190,7 @@ def generate_cmd(onnx_dir, prompt, max_new_tokens, threads, engine, deepsparse_v
     emit(
         out,
         as_json,
-        f"{prompt}{out['completion']}\n[{out['engine']}: {out['new_tokens']} tokens in {out['seconds']:.2f} s, {rate:.1f} tok/s, "
+        f"{prompt}{out['completion']}\n[{out['engine']}: {out['new_tokens']} tokens in {out['seconds']:.2f} s, "
+        f"{rate:.1f} tok/s, "
         f"KV cache {'on' if out['kv_cache'] else 'off'}]",
     )

@@ -69,7 +69,10 @@ method_option_flags = [
         "--dsnot-mode",
         default=None,
         type=click.Choice(["verified", "paper", "second-order"]),
-        help="dsnot: second-order (swaps chosen by the exact error change) or verified (the paper's mean criterion), both kept only where they lower the actual error; paper (as published) [default: second-order]",
+        help=(
+            "dsnot: second-order (swaps chosen by the exact error change) or verified (the paper's mean criterion), "
+            "both kept only where they lower the actual error; paper (as published) [default: second-order]"
+        ),
     ),
     click.option("--max-cycles", default=None, type=int, help="dsnot: prune-and-grow cycles per layer [default: 50]"),
     click.option(
@@ -132,7 +135,8 @@ def method_options_from_flags(method: str, flags: dict) -> dict:
                 else " or ".join(f"--method {name}" for name in takes)
             )
             raise UserError(
-                f"{cli_name} does not apply to --method {method}{' without --init sparsegpt' if method == 'dsnot' else ''}: drop it or use {needs}"
+                f"{cli_name} does not apply to --method "
+                f"{method}{' without --init sparsegpt' if method == 'dsnot' else ''}: drop it or use {needs}"
             )
         options[keyword] = value
     if "blocksize" in options and options["blocksize"] < 1:

@@ -38,7 +38,10 @@ log = logging.getLogger("sparsedeploy")
     default="uniform",
     show_default=True,
     type=click.Choice(list(ALLOCATIONS)),
-    help="per-layer sparsity: uniform, owl (outlier-weighted) or atp (increasing with depth); the overall mean stays the target",
+    help=(
+        "per-layer sparsity: uniform, owl (outlier-weighted) or atp (increasing with depth); "
+        "the overall mean stays the target"
+    ),
 )
 @click.option(
     "--owl-m", default=5.0, show_default=True, type=float, help="OWL: a score is an outlier above M x the block mean"
@@ -212,7 +215,8 @@ def recover(
         "output": str(output),
     }
     text = (
-        f"recovered {model}: {rec['steps']} steps, {rec['tokens']} tokens, {rec['seconds']:.1f} s, loss {rec['loss_first']:.3f} -> "
+        f"recovered {model}: {rec['steps']} steps, {rec['tokens']} tokens, {rec['seconds']:.1f} s, loss "
+        f"{rec['loss_first']:.3f} -> "
         f"{rec['loss_last']:.3f}; sparsity {report['sparsity_after']:.4f} (zeros identical)"
     )
     if "ppl_after" in report:

@@ -100,7 +100,8 @@ def _hf_dataset_text(name: str, split: str) -> str:
         from datasets import load_dataset
     except ImportError:
         raise UserError(
-            f"source {name} needs the `datasets` package and network access: pip install datasets, or use a local file (wikitext2:PATH, text:PATH)"
+            f"source {name} needs the `datasets` package and network access: pip install datasets, or use a local file "
+            "(wikitext2:PATH, text:PATH)"
         ) from None
     try:
         if name == "wikitext2":
@@ -116,7 +117,8 @@ def _hf_dataset_text(name: str, split: str) -> str:
         return "\n\n".join(ds["text"])
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds when offline
         raise UserError(
-            f"could not fetch {name} through datasets ({type(exc).__name__}); offline, use wikitext2:PATH or gensim-wiki"
+            f"could not fetch {name} through datasets ({type(exc).__name__}); offline, use wikitext2:PATH or "
+            "gensim-wiki"
         ) from None
 
 

@@ -44,7 +44,8 @@ def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = No
         n = min(n, max_windows)
     if n == 0:
         raise UserError(
-            f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}: give more text or a smaller --seqlen"
+            f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}: give more text or a "
+            "smaller --seqlen"
         )
     return tokens[: n * seqlen].reshape(n, seqlen)
 

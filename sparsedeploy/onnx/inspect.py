@@ -122,7 +122,8 @@ def format_inspect(data: dict, all_weights: bool = False) -> str:
     for r in rows:
         nm = "-" if r["nm_ok"] is None else ("yes" if r["nm_ok"] else "no")
         lines.append(
-            f"{r['name']:<{width}}  {'x'.join(map(str, r['shape'])):>14}  {r['dtype']:>8}  {r['sparsity']:>8.4f}  {nm:>5}  {r['used_by'] or ''}"
+            f"{r['name']:<{width}}  {'x'.join(map(str, r['shape'])):>14}  {r['dtype']:>8}  {r['sparsity']:>8.4f}  "
+            f"{nm:>5}  {r['used_by'] or ''}"
         )
     lines.append(
         f"total: {data['weights']} weights, {data['total_elements']} elements, sparsity {data['sparsity']:.4f}; "

@@ -156,7 +156,8 @@ def unpack_sparse(model, sparse_file: Path) -> None:
         values = handle.get_tensor(entry["key"] + ".values")
         if int(nonzero.sum()) != values.size:
             raise UserError(
-                f"{sparse_file}: initializer {init.name} has {int(nonzero.sum())} non-zeros in its bitmap but {values.size} values; export again"
+                f"{sparse_file}: initializer {init.name} has {int(nonzero.sum())} non-zeros in its bitmap but "
+                f"{values.size} values; export again"
             )
         dense = np.zeros(count, dtype=helper.tensor_dtype_to_np_dtype(entry["data_type"]))
         dense[nonzero] = values
@@ -244,7 +245,8 @@ def session_from_path(
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if f"{SPARSE_LINEAR_DOMAIN}:{SPARSE_LINEAR_OP}" in str(exc):
-            # a sparse-cpu export: ONNX Runtime runs its standard operators, sparsedeploy's kernels its SparseLinear nodes
+            # a sparse-cpu export: ONNX Runtime runs its standard operators,
+            # sparsedeploy's kernels its SparseLinear nodes
             from sparsedeploy.onnx.segmented import SegmentedSession
 
             return SegmentedSession(load_model_proto(file), threads, options.graph_optimization_level, name=str(file))

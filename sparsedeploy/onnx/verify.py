@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PROMPTS = ("The capital of France is", "In the beginning of the twentieth century, the city")
 FP32_ATOL = 1e-4
-# float16 ONNX vs the float32 PyTorch model, measured (docs/export.md): 0.042 (Wanda 50 %) and 0.046 (2:4) on smollm2-135m,
-# 0.0005 on the tiny test model. The bound leaves ~2x headroom over the worst measured value.
+# float16 ONNX vs the float32 PyTorch model, measured (docs/export.md): 0.042 (Wanda 50 %) and 0.046 (2:4) on
+# smollm2-135m, 0.0005 on the tiny test model. The bound leaves ~2x headroom over the worst measured value.
 FP16_ATOL = 0.1
 
 
@@ -174,7 +174,10 @@ def verify_sparsity(
                     None,
                     zeros_t / expected.size,
                     False,
-                    problem=f"no MatMul/Gemm weight of shape {list(expected.shape)} (K x N) with its values is in the ONNX graph",
+                    problem=(
+                        f"no MatMul/Gemm weight of shape {list(expected.shape)} (K x N) "
+                        "with its values is in the ONNX graph"
+                    ),
                 )
             )
             continue
@@ -303,7 +306,8 @@ def verify_parity(
     torch_model=None,
     tokenizer=None,
 ) -> ParityReport:
-    """Prefill + decode steps with the KV cache through PyTorch (float32) and ONNX Runtime; compare logits and greedy tokens."""
+    """Prefill + decode steps with the KV cache through PyTorch (float32) and ONNX Runtime; compare logits and greedy
+    tokens."""
     import torch
     from transformers import AutoModelForCausalLM
 

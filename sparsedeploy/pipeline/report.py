@@ -83,7 +83,8 @@ def write_report(folder: Path, report: dict, prune_report: dict) -> None:
         "",
         f"Model `{recipe['model']}`, method `{prune_report['method']}` at `{prune_report['sparsity_spec']}` "
         f"(allocation {recipe['prune']['allocation']}), calibration `{prune_report['calibration']['source']}` "
-        f"{prune_report['calibration']['nsamples']}x{prune_report['calibration']['seqlen']} seed {prune_report['calibration']['seed']}, "
+        f"{prune_report['calibration']['nsamples']}x{prune_report['calibration']['seqlen']} seed "
+        f"{prune_report['calibration']['seed']}, "
         f"device {prune_report['device']}, {prune_report['versions']['torch_threads']} torch threads.",
         "",
         f"**Quality gate: {verdict}**",

@@ -53,8 +53,8 @@ def _eval_data(recipe: Recipe) -> str:
     found = default_wikitext_test()
     if found is None:
         raise UserError(
-            "recipe key eval.data is not set and no offline WikiText-2 test file was found: set eval.data (e.g. wikitext2:PATH) "
-            "or SPARSEDEPLOY_WIKITEXT2=PATH/wiki.test.raw"
+            "recipe key eval.data is not set and no offline WikiText-2 test file was found: set eval.data (e.g. "
+            "wikitext2:PATH) or SPARSEDEPLOY_WIKITEXT2=PATH/wiki.test.raw"
         )
     return f"wikitext2:{found}"
 
@@ -129,7 +129,8 @@ class Pipeline:
         if self.staging.exists() and not self.resume:
             if not self.overwrite:
                 raise UserError(
-                    f"an interrupted run left {self.staging}: pass --resume to continue it, or --overwrite to start over"
+                    f"an interrupted run left {self.staging}: pass --resume to continue it, or --overwrite to start "
+                    "over"
                 )
             shutil.rmtree(self.staging)
         self.staging.mkdir(parents=True, exist_ok=True)
@@ -144,7 +145,8 @@ class Pipeline:
             and json.loads(recipe_file.read_text()) != json.loads(json.dumps(current))
         ):
             raise UserError(
-                f"cannot resume {self.staging}: the recipe changed since it started; rerun with the same recipe or pass --overwrite"
+                f"cannot resume {self.staging}: the recipe changed since it started; rerun with the same recipe or "
+                "pass --overwrite"
             )
         write_json_atomic(recipe_file, current)
 
@@ -260,7 +262,8 @@ def run_bench_stage(recipe: Recipe, model_dir: Path, onnx_dir: Path, out_dir: Pa
 
 
 def export_stage(recipe, model_dir: Path, onnx_dir: Path) -> dict:
-    """The pipeline's export stage (`export:` section of a recipe): export + verify the pruned model, return the summary."""
+    """The pipeline's export stage (`export:` section of a recipe): export + verify the pruned model, return the
+    summary."""
     from sparsedeploy.export.run import ExportConfig, export_checkpoint, summary
 
     section = recipe.export
@@ -279,7 +282,8 @@ def export_stage(recipe, model_dir: Path, onnx_dir: Path) -> dict:
         ("ONNX", f"`{onnx_dir.name}/model.onnx` ({data['exporter']}, opset {data['opset']}, target {data['target']})"),
         (
             "size",
-            f"{data['model_bytes'] / 2**20:.1f} MiB ({data['storage']} storage), ONNX Runtime load {data['ort_load_seconds']:.2f} s",
+            f"{data['model_bytes'] / 2**20:.1f} MiB ({data['storage']} storage), ONNX Runtime load "
+            f"{data['ort_load_seconds']:.2f} s",
         ),
     ]
     if data["verified"]:

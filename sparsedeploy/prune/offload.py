@@ -40,7 +40,8 @@ class SafetensorsSource:
                 self.files = dict.fromkeys(fh.keys(), folder / "model.safetensors")
         else:
             raise UserError(
-                f"--offload disk needs a safetensors checkpoint, and {folder} has none: convert it first (e.g. load and save_pretrained)"
+                f"--offload disk needs a safetensors checkpoint, and {folder} has none: convert it first (e.g. load "
+                "and save_pretrained)"
             )
 
     def get(self, name: str) -> torch.Tensor:

@@ -240,7 +240,8 @@ class RecoverRun:
 def run_recover(
     run: RecoverRun, config: RecoverConfig, output: Path, overwrite: bool = False, show_progress: bool = True
 ) -> dict:
-    """Load a pruned checkpoint, recover, check the zeros, and write checkpoint + masks + recover_report.json atomically."""
+    """Load a pruned checkpoint, recover, check the zeros, and write checkpoint + masks + recover_report.json
+    atomically."""
     from safetensors.torch import load_file
 
     from sparsedeploy.common.data import calibration_samples, eval_tokens

@@ -85,7 +85,10 @@ def platform_problem(
     system = system or platform.system()
     machine = (machine or platform.machine()).lower()
     if system != "Linux":
-        return f"DeepSparse 1.8 ships Linux wheels only (this is {system}): run the DeepSparse benchmark on a Linux x86-64 or ARM64 machine, or use --engine ort"
+        return (
+            f"DeepSparse 1.8 ships Linux wheels only (this is {system}): "
+            "run the DeepSparse benchmark on a Linux x86-64 or ARM64 machine, or use --engine ort"
+        )
     if machine in ("aarch64", "arm64"):
         return None
     if machine not in ("x86_64", "amd64"):
@@ -120,7 +123,8 @@ def find_python(explicit: str | None = None) -> str:
             raise UserError(f"--python {explicit} could not be run: give the path of a Python 3.8-3.11 interpreter")
         if not MIN_PYTHON <= version <= MAX_PYTHON:
             raise UserError(
-                f"--python {explicit} is Python {version[0]}.{version[1]}, but DeepSparse 1.8 needs 3.8-3.11: install python3.11 and pass --python python3.11"
+                f"--python {explicit} is Python {version[0]}.{version[1]}, but DeepSparse 1.8 needs 3.8-3.11: install "
+                "python3.11 and pass --python python3.11"
             )
         return explicit
     if MIN_PYTHON <= sys.version_info[:2] <= MAX_PYTHON:
@@ -130,7 +134,8 @@ def find_python(explicit: str | None = None) -> str:
         if found:
             return found
     raise UserError(
-        f"DeepSparse 1.8 needs Python 3.8-3.11 and this is {sys.version_info[0]}.{sys.version_info[1]} with no python3.11..3.8 on PATH: "
+        f"DeepSparse 1.8 needs Python 3.8-3.11 and this is {sys.version_info[0]}.{sys.version_info[1]} with no "
+        "python3.11..3.8 on PATH: "
         "install python3.11 (e.g. apt-get install python3.11-venv) and pass --python /path/to/python3.11"
     )
 
@@ -166,7 +171,8 @@ def require_env(venv: str | os.PathLike | None = None, cache: str | os.PathLike 
     if env is None:
         where = Path(venv) if venv else default_venv_dir(cache)
         raise UserError(
-            f"DeepSparse is not installed (no complete virtualenv at {where}): run `sparsedeploy engines install deepsparse` "
+            f"DeepSparse is not installed (no complete virtualenv at {where}): run `sparsedeploy engines install "
+            "deepsparse` "
             "(needs Python 3.8-3.11 and PyPI access), or use --engine ort"
         )
     return env
@@ -406,7 +412,8 @@ def stack_files(export_dir: Path | str) -> dict[str, Path]:
     missing = [f.name for f in files.values() if not f.is_file()]
     if missing:
         raise UserError(
-            f"{export_dir} has no {', '.join(missing)}: export with --target deepsparse to get the graphs DeepSparse runs"
+            f"{export_dir} has no {', '.join(missing)}: export with --target deepsparse to get the graphs DeepSparse "
+            "runs"
         )
     return files
 
@@ -455,7 +462,8 @@ def generate_text(
     tokenizer = load_tokenizer(export_dir)
     if tokenizer is None:
         raise UserError(
-            f"no tokenizer in {export_dir}: export from a checkpoint that has one (tokenizer.json / tokenizer_config.json)"
+            f"no tokenizer in {export_dir}: export from a checkpoint that has one (tokenizer.json / "
+            "tokenizer_config.json)"
         )
     head = StackHead.load(files["head"])
     ids = tokenizer(prompt)["input_ids"]
@@ -469,7 +477,8 @@ def generate_text(
     if max_new_tokens < 1 or len(ids) + max_new_tokens - 1 > head.context:
         raise UserError(
             f"--max-new-tokens {max_new_tokens} with a {len(ids)}-token prompt does not fit the decode step's cache of "
-            f"{head.context} slots: use at most {head.context - len(ids) + 1}, or export with a larger --deepsparse-context"
+            f"{head.context} slots: use at most {head.context - len(ids) + 1}, or export with a larger "
+            "--deepsparse-context"
         )
     reply = generate(env, export_dir, [ids] * head.batch, max_new_tokens, threads)
     tokens = reply["tokens"][0]

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
-# Only the copies of common/timing.py and runtimes/decoder_stack.py the caller prepared (never the main environment's site-packages);
-# run by hand from a source checkout, the checkout itself.
+# Only the copies of common/timing.py and runtimes/decoder_stack.py the caller prepared (never the main
+# environment's site-packages); run by hand from a source checkout, the checkout itself.
 sys.path.insert(0, os.environ.get("SPARSEDEPLOY_WORKER_LIB") or str(Path(__file__).resolve().parents[2]))
 
 from sparsedeploy.common.timing import run_interleaved  # noqa: E402

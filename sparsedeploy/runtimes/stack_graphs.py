@@ -51,7 +51,8 @@ def load_eager_float32(checkpoint: Path):
     inner = getattr(model, "model", None)
     if inner is None or not all(hasattr(inner, a) for a in ("layers", "norm", "rotary_emb", "embed_tokens")):
         raise UserError(
-            f"{checkpoint}: not a LLaMA-style model (model.layers/norm/rotary_emb): the decoder-stack form cannot be built"
+            f"{checkpoint}: not a LLaMA-style model (model.layers/norm/rotary_emb): the decoder-stack form cannot be "
+            "built"
         )
     return model
 
@@ -66,7 +67,8 @@ def export_decoder_stack(
     `past_key_i`/`past_value_i` [batch, kv_heads, past, d]. Outputs: the final-norm hidden states `out` and
     each layer's keys/values of these `seq` tokens (`new_key_i`/`new_value_i`), which a runtime appends to its
     cache. Eager attention: DeepSparse aborts (graph.cpp:925) on the full optimum export; this form leaves the
-    embedding lookup, lm_head, mask construction and cache bookkeeping to the caller (sparsedeploy.runtimes.decoder_stack).
+    embedding lookup, lm_head, mask construction and cache bookkeeping to the caller
+    (sparsedeploy.runtimes.decoder_stack).
     `model`: the checkpoint already loaded by load_eager_float32.
     """
     import torch
@@ -119,8 +121,8 @@ def export_decoder_stack(
 def write_stack_files(
     model_dir: Path, out_dir: Path, batch: int, seq: int, context: int, opset: int = 14, model=None
 ) -> dict[str, Path]:
-    """The three files sparsedeploy.runtimes.decoder_stack runs: prefill graph (`seq` tokens), decode-step graph (KV cache
-    of `context` slots) and the embedding/lm_head/rotary tables, for a static `batch`."""
+    """The three files sparsedeploy.runtimes.decoder_stack runs: prefill graph (`seq` tokens), decode-step graph
+    (KV cache of `context` slots) and the embedding/lm_head/rotary tables, for a static `batch`."""
     import torch
 
     from sparsedeploy.runtimes.decoder_stack import HEAD_FILE, PREFILL_FILE, STEP_FILE

@@ -38,7 +38,10 @@ def unavailable_reason() -> str | None:
     import torch
 
     if not torch.cuda.is_available():
-        return "CUDA is not available on this machine, so no TensorRT engine was built (use --engine ort or deepsparse on CPU)"
+        return (
+            "CUDA is not available on this machine, so no TensorRT engine was built "
+            "(use --engine ort or deepsparse on CPU)"
+        )
     if importlib.util.find_spec("tensorrt") is None:
         return f"the tensorrt package is not importable: {INSTALL_HINT}"
     return None

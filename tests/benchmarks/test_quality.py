@@ -66,7 +66,8 @@ def test_update_docs_replaces_only_the_generated_tables(tmp_path, monkeypatch):
     dsnot, alloc = tmp_path / "dsnot.md", tmp_path / "allocation.md"
     dsnot.write_text("intro\n<!-- quality:methods -->\nold\n<!-- /quality -->\nafter\n")
     alloc.write_text(
-        "a\n<!-- quality:allocation -->\nold\n<!-- /quality -->\nb\n<!-- quality:recovery -->\nold\n<!-- /quality -->\nc\n"
+        "a\n<!-- quality:allocation -->\nold\n<!-- /quality -->\n"
+        "b\n<!-- quality:recovery -->\nold\n<!-- /quality -->\nc\n"
     )
     monkeypatch.setattr(quality, "DOC_SECTIONS", {"methods": dsnot, "allocation": alloc, "recovery": alloc})
     doc = json.loads((REPO / "benchmarks" / "results" / "quality.json").read_text())

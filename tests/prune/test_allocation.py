@@ -241,7 +241,8 @@ def test_prune_model_accepts_allocation_spec_for(tiny_samples):
 
 @pytest.mark.slow
 def test_owl_on_the_real_model_hits_the_target_exactly(smollm):
-    """smollm2-135m at 70% with OWL: per-block ratios within lambda, weighted mean exactly the target, zeros as allocated."""
+    """smollm2-135m at 70% with OWL: per-block ratios within lambda, weighted mean exactly the target, zeros as
+    allocated."""
     import copy
 
     from sparsedeploy.common.data import calibration_samples
