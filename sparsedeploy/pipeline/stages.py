@@ -92,6 +92,27 @@ def check_gate(recipe: Recipe, dense_ppl: float | None, pruned_ppl: float) -> di
     return gate
 
 
+def refuse_unrunnable_bench(recipe: Recipe) -> None:
+    """A requested measurement that cannot happen on this machine is refused before any work (exit 2)."""
+    section = recipe.bench
+    if not section.enabled:
+        return
+    reason = None
+    if section.engine == "tensorrt":
+        from sparsedeploy.runtimes.tensorrt_runner import unavailable_reason
+
+        reason = unavailable_reason()
+    elif section.engine == "torch" and recipe.device.startswith("cuda"):
+        import torch
+
+        reason = None if torch.cuda.is_available() else "CUDA is not available on this machine"
+    if reason:
+        raise UserError(
+            f"bench.engine {section.engine} cannot run here ({reason}): set bench.enabled: false, or use "
+            "bench.engine sparse-cpu or ort"
+        )
+
+
 class Pipeline:
     def __init__(
         self, recipe: Recipe, output: Path, overwrite: bool = False, resume: bool = False, show_progress: bool = True
@@ -126,6 +147,7 @@ class Pipeline:
 
     def prepare(self) -> None:
         check_output_dir(self.output, self.overwrite)
+        refuse_unrunnable_bench(self.recipe)
         if self.staging.exists() and not self.resume:
             if not self.overwrite:
                 raise UserError(
@@ -327,13 +349,6 @@ def bench_stage(recipe, model_dir: Path, onnx_dir: Path, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     scratch = out_dir / ".dense_onnx"
     device = recipe.device if recipe.device != "auto" else ("cuda" if section.engine == "tensorrt" else "cpu")
-    if section.engine == "tensorrt":
-        from sparsedeploy.runtimes.tensorrt_runner import unavailable_reason
-
-        reason = unavailable_reason()
-        if reason:  # say so before exporting a dense baseline nobody will time
-            message = f"bench engine tensorrt: not run: {reason}"
-            return {"skipped": message, "markdown": message}
     cfg = BenchConfig(
         model=str(onnx_dir),
         engine=section.engine,
@@ -367,8 +382,8 @@ def bench_stage(recipe, model_dir: Path, onnx_dir: Path, out_dir: Path) -> dict:
         result = run_bench(cfg)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if "skipped" in result:
-        return {"skipped": result["skipped"], "markdown": result["skipped"]}
+    if "skipped" in result:  # a requested measurement that did not happen fails the run
+        raise UserError(f"no measurement: {result['skipped']}")
     md = markdown(result)
     write_json_atomic(out_dir / "bench.json", result)
     (out_dir / "bench.md").write_text(md)

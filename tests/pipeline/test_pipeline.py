@@ -3,6 +3,7 @@ import json
 import pytest
 
 from sparsedeploy.cli import main
+from sparsedeploy.common.errors import UserError
 from sparsedeploy.pipeline.recipe import parse_recipe
 from sparsedeploy.pipeline.stages import Pipeline
 
@@ -150,7 +151,7 @@ def test_pipeline_benches_the_export_against_the_dense_model(tiny_checkpoint, te
     __import__("torch").cuda.is_available() and __import__("importlib").util.find_spec("tensorrt") is not None,
     reason="CUDA and tensorrt present: this checks the report where TensorRT cannot run",
 )
-def test_pipeline_bench_with_tensorrt_unavailable_says_so_in_the_report(tiny_checkpoint, text_file, tmp_path):
+def test_pipeline_refuses_a_bench_that_cannot_run_before_any_work(tiny_checkpoint, text_file, tmp_path):
     recipe = parse_recipe(
         {
             **_recipe_dict(tiny_checkpoint, text_file),
@@ -160,11 +161,9 @@ def test_pipeline_bench_with_tensorrt_unavailable_says_so_in_the_report(tiny_che
         }
     )
     out = tmp_path / "run"
-    report = Pipeline(recipe, out, show_progress=False).run()
-    bench = report["stage_results"]["bench"]
-    assert bench["skipped"].startswith("bench engine tensorrt: not run: ")
-    assert not (out / "bench" / ".dense_onnx").exists() and not (out / "bench" / "bench.json").exists()
-    assert "## Bench" in (out / "REPORT.md").read_text() and bench["skipped"] in (out / "REPORT.md").read_text()
+    with pytest.raises(UserError, match=r"bench.engine tensorrt cannot run here \(.+\): set bench.enabled: false"):
+        Pipeline(recipe, out, show_progress=False).run()
+    assert not out.exists() and not list(tmp_path.glob(".run*"))  # nothing pruned, nothing written
 
 
 def test_cli_stage_flags_reach_the_recipe(tiny_checkpoint, text_file, tmp_path, monkeypatch):
