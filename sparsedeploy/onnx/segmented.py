@@ -163,10 +163,10 @@ class SegmentedSession:
                 raise RuntimeError(f"{self.name}: cannot infer the type of {o} in segment {index}")
             model.graph.output.append(helper.make_tensor_value_info(o, types[o], None))
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
+        # The segments between kernels are small (norms, rotary, attention on a few rows): one thread each. A pool per
+        # segment would wake (or spin) a worker on every call: 121 pools made 2-thread decode slower than 1-thread.
+        options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
-        # one thread pool per segment: idle workers must sleep, not spin (121 spinning pools starve the kernels)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         if self.optimization_level is not None:
             options.graph_optimization_level = self.optimization_level

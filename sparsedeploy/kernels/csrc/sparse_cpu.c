@@ -172,7 +172,7 @@ __attribute__((target("avx2,fma,popcnt"))) static inline __m256 expand8(const fl
 
 
 #ifndef SDK_PF_FLOATS
-#define SDK_PF_FLOATS 512
+#define SDK_PF_FLOATS 1024 /* batch-1 software prefetch distance (floats) on each row's stream */
 #endif
 /* Batch 1: 4 rows interleaved (4 accumulator chains share each x vector), GROUP as for DEF_GEMVB with BB = 1. */
 #define DEF_GEMV(NAME, TARGET, VEC, PFX, HSUM, GROUP)                                                        \
@@ -186,8 +186,9 @@ __attribute__((target("avx2,fma,popcnt"))) static inline __m256 expand8(const fl
             VEC a0[1] = {PFX##_setzero_ps()}, a1[1] = {a0[0]}, a2[1] = {a0[0]}, a3[1] = {a0[0]};             \
             for (int64_t g = 0; g < G; g++) {                                                                \
                 const float *xg = j->x + g * 16;                                                             \
-                if (!(g & 3)) {                                                                              \
-                    __builtin_prefetch(v3 + SDK_PF_FLOATS); __builtin_prefetch(v3 + SDK_PF_FLOATS + 16);     \
+                if (!(g & 1)) {                                                                              \
+                    __builtin_prefetch(v0 + SDK_PF_FLOATS); __builtin_prefetch(v1 + SDK_PF_FLOATS);          \
+                    __builtin_prefetch(v2 + SDK_PF_FLOATS); __builtin_prefetch(v3 + SDK_PF_FLOATS);          \
                     __builtin_prefetch(m3 + g + SDK_PF_FLOATS);                                              \
                 }                                                                                            \
                 GROUP(a0, 1, v0, m0[g], xg, 0);                                                              \
@@ -542,7 +543,7 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-#define SPIN_NS 100000 /* a worker spins this long for the next call before sleeping */
+#define SPIN_NS 2000000 /* a worker spins this long for the next call before sleeping (2 ms: across the ONNX Runtime segments between a model's kernel calls) */
 
 /* claim word: gen (32 bits) | chunk count (16) | next chunk (16); everything a claimer checks is in one word. */
 static void run_chunks(unsigned gen) {
