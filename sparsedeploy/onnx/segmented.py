@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -194,9 +193,3 @@ class SegmentedSession:
             for name in self._drop[index]:
                 env.pop(name, None)
         return [env[o] for o in (output_names or [o.name for o in self._outputs])]
-
-
-def load(path: Path | str, threads: int | None = None, optimization_level=None) -> SegmentedSession:
-    import onnx
-
-    return SegmentedSession(onnx.load(str(path)), threads, optimization_level, name=Path(path).name)

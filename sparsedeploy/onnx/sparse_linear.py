@@ -37,10 +37,6 @@ def is_sparse_linear(node) -> bool:
     return node.op_type == OP_TYPE and node.domain == DOMAIN
 
 
-def has_sparse_linears(model) -> bool:
-    return any(is_sparse_linear(n) for n in model.graph.node)
-
-
 def pack_linears(model, min_sparsity: float = MIN_SPARSITY) -> dict:
     """Rewrite `model` in place: every float32 MatMul with a 2-D initializer weight of at least `min_sparsity` zeros
     (used by that MatMul only) becomes a SparseLinear node; MatMuls on one input are fused. Returns a summary."""
