@@ -196,7 +196,7 @@ def bench_shape(
         base = pack(w)
         s_copies = n_copies(base.kernel_nbytes, cold_bytes)
         packed = [base] + [
-            replace(base, mask=base.mask.copy(), values=base.values.copy(), row_ptr=base.row_ptr.copy())
+            replace(base, mask=base.mask.copy(), values=base.values.copy(), block_ptr=base.block_ptr.copy())
             for _ in range(s_copies - 1)
         ]
         w_kn = np.ascontiguousarray(w.T)

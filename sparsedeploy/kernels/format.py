@@ -1,14 +1,18 @@
 """The bitmask16 compressed weight format of the sparse-cpu runtime (byte layout: docs/sparse_cpu.md).
 
-A float32 nn.Linear weight W [N, K] (y = x @ W.T) is stored as
-  mask     uint16 [N, G], G = ceil(K / 16): bit j of mask[n, g] set <=> W[n, 16 g + j] is stored
-  values   float32 [nnz + 16]: the stored elements, row-major, then 16 zero floats of padding
-  row_ptr  int64 [N + 1]: row n's elements are values[row_ptr[n]:row_ptr[n + 1]]
-  negzero  uint8 [ceil(Z / 8)] or [0]: over the Z zero elements (+0.0 or -0.0) in row-major order, bit i
-           (little-endian bit order) set <=> the i-th zero is -0.0; empty when the weight has no -0.0
-An element is stored when it is not +-0.0 (NaN payloads and denormals are kept). Pruning by `w * mask` leaves
--0.0 wherever a negative weight was pruned, so the sign of zeros rides in `negzero` (read by unpack only,
-never by the kernels, since +-0.0 add the same to a sum): the round trip is bit-exact.
+A float32 nn.Linear weight W [N, K] (y = x @ W.T) is stored in blocks of ROWS = 4 consecutive rows
+(NB = ceil(N / 4) blocks; the rows past N of the last block are empty), G = ceil(K / 16) column groups:
+  mask      uint16 [NB, G, 4]: bit j of mask[b, g, i] set <=> W[4 b + i, 16 g + j] is stored
+  values    float32 [nnz + 16]: the stored elements block by block; within a block group by group, and
+            within a group row 0, 1, 2, 3, each row's elements in column order; then 16 zero floats of
+            padding (a 16-lane vector load may start at any element)
+  block_ptr int64 [NB + 1]: block b's elements are values[block_ptr[b]:block_ptr[b + 1]]
+  negzero   uint8 [ceil(Z / 8)] or [0]: over the Z zero elements (+0.0 or -0.0) of W in row-major order, bit i
+            (little-endian bit order) set <=> the i-th zero is -0.0; empty when the weight has no -0.0
+So a batch-1 matmul reads each block as two sequential streams (its masks and its values) instead of two
+per row. An element is stored when it is not +-0.0 (NaN payloads and denormals are kept). Pruning by
+`w * mask` leaves -0.0 wherever a negative weight was pruned, so the sign of zeros rides in `negzero` (read by
+unpack only, never by the kernels, since +-0.0 add the same to a sum): the round trip is bit-exact.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-LAYOUT = "bitmask16-v1"
+LAYOUT = "bitmask16-v2"
+OLD_LAYOUTS = {"row_ptr": "bitmask16-v1"}  # an array only an older layout has -> that layout's name
 GROUP = 16
+ROWS = 4  # rows per block
 PAD = 16  # trailing floats after the stored values, so a 16-lane vector load may start at any element
 
 
@@ -26,16 +32,16 @@ PAD = 16  # trailing floats after the stored values, so a 16-lane vector load ma
 class PackedLinear:
     """One linear layer's weight in the bitmask16 format (immutable; arrays are read-only)."""
 
-    mask: np.ndarray  # uint16 [N, G]
+    mask: np.ndarray  # uint16 [NB, G, ROWS]
     values: np.ndarray  # float32 [nnz + PAD]
-    row_ptr: np.ndarray  # int64 [N + 1]
+    block_ptr: np.ndarray  # int64 [NB + 1]
     shape: tuple[int, int]  # (N, K)
     negzero: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))  # uint8 sign bits of zeros
     layout: str = LAYOUT
 
     @property
     def nnz(self) -> int:
-        return int(self.row_ptr[-1])
+        return int(self.block_ptr[-1])
 
     @property
     def sparsity(self) -> float:
@@ -50,13 +56,24 @@ class PackedLinear:
 
     @property
     def kernel_nbytes(self) -> int:
-        """Bytes a matmul reads (mask + values incl. padding + row pointers; not `negzero`)."""
-        return int(self.mask.nbytes + self.values.nbytes + self.row_ptr.nbytes)
+        """Bytes a matmul reads (mask + values incl. padding + block pointers; not `negzero`)."""
+        return int(self.mask.nbytes + self.values.nbytes + self.block_ptr.nbytes)
 
     @property
     def dense_nbytes(self) -> int:
         n, k = self.shape
         return 4 * n * k
+
+    def stored(self) -> np.ndarray:
+        """bool [N, K]: which elements are stored (the mask in the weight's own row-major layout)."""
+        n, k = self.shape
+        nb, g, _ = self.mask.shape
+        bits = (self.mask[..., None] >> np.arange(GROUP, dtype=np.uint16)) & np.uint16(1)  # [NB, G, ROWS, 16]
+        return bits.astype(bool).transpose(0, 2, 1, 3).reshape(nb * ROWS, g * GROUP)[:n, :k]
+
+    def row_counts(self) -> np.ndarray:
+        """int64 [N]: stored elements per row."""
+        return _popcount(self.mask).sum(axis=1).reshape(-1)[: self.shape[0]]
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The arrays to store (e.g. as ONNX initializers); `shape` and `layout` are recoverable from them."""
@@ -64,7 +81,7 @@ class PackedLinear:
         return {
             "mask": self.mask,
             "values": self.values,
-            "row_ptr": self.row_ptr,
+            "block_ptr": self.block_ptr,
             "negzero": self.negzero,
             "shape": np.array([n, k], dtype=np.int64),
         }
@@ -72,31 +89,40 @@ class PackedLinear:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> PackedLinear:
         """Rebuild from `to_arrays()` output, validating every array (raises ValueError naming the problem)."""
-        missing = {"mask", "values", "row_ptr", "shape"} - set(arrays)
+        old = [layout for name, layout in OLD_LAYOUTS.items() if name in arrays and "block_ptr" not in arrays]
+        if old:
+            raise ValueError(
+                f"packed weight is in the older {old[0]} layout, which this version no longer reads: "
+                f"export it again (`sparsedeploy export --target sparse-cpu`) to get {LAYOUT}"
+            )
+        missing = {"mask", "values", "block_ptr", "shape"} - set(arrays)
         if missing:
             raise ValueError(
                 f"packed weight is missing arrays {sorted(missing)}: "
-                "expected mask, values, row_ptr, shape (and optionally negzero)"
+                "expected mask, values, block_ptr, shape (and optionally negzero)"
             )
         shape = np.asarray(arrays["shape"])
         if shape.shape != (2,) or shape.dtype.kind not in "iu" or (shape < 1).any():
             raise ValueError(f"packed weight 'shape' must be two positive ints [N, K], got {shape!r}")
         n, k = int(shape[0]), int(shape[1])
-        mask = _as(arrays["mask"], np.uint16, (n, -(-k // GROUP)), "mask")
-        row_ptr = _as(arrays["row_ptr"], np.int64, (n + 1,), "row_ptr")
-        if k % GROUP and (mask[:, -1] >> np.uint16(k % GROUP)).any():
+        nb, g = -(-n // ROWS), -(-k // GROUP)
+        mask = _as(arrays["mask"], np.uint16, (nb, g, ROWS), "mask")
+        block_ptr = _as(arrays["block_ptr"], np.int64, (nb + 1,), "block_ptr")
+        if k % GROUP and (mask[:, -1, :] >> np.uint16(k % GROUP)).any():
             raise ValueError(f"packed weight 'mask' has bits set beyond K={k}")
-        counts = _popcount(mask).sum(axis=1)
-        if row_ptr[0] != 0 or not np.array_equal(np.diff(row_ptr), counts):
-            raise ValueError("packed weight 'row_ptr' does not match the popcount of 'mask' rows")
-        values = _as(arrays["values"], np.float32, (int(row_ptr[-1]) + PAD,), "values")
+        if n % ROWS and mask[-1, :, n % ROWS :].any():
+            raise ValueError(f"packed weight 'mask' has bits set in rows beyond N={n}")
+        counts = _popcount(mask).sum(axis=(1, 2))
+        if block_ptr[0] != 0 or not np.array_equal(np.diff(block_ptr), counts):
+            raise ValueError("packed weight 'block_ptr' does not match the popcount of the 'mask' blocks")
+        values = _as(arrays["values"], np.float32, (int(block_ptr[-1]) + PAD,), "values")
         negzero = np.asarray(arrays.get("negzero", np.zeros(0, np.uint8)))
-        zeros = n * k - int(row_ptr[-1])
+        zeros = n * k - int(block_ptr[-1])
         if negzero.size:
             negzero = _as(negzero, np.uint8, (-(-zeros // 8),), "negzero")
         else:
             negzero = _as(negzero.astype(np.uint8), np.uint8, (0,), "negzero")
-        return cls(mask=mask, values=values, row_ptr=row_ptr, shape=(n, k), negzero=negzero)
+        return cls(mask=mask, values=values, block_ptr=block_ptr, shape=(n, k), negzero=negzero)
 
 
 def _as(a: np.ndarray, dtype: type, shape: tuple[int, ...], name: str) -> np.ndarray:
@@ -118,6 +144,14 @@ def _popcount(mask: np.ndarray) -> np.ndarray:
     return _POP8[mask & 0xFF] + _POP8[mask >> 8]
 
 
+def _blocked(a: np.ndarray, n: int, k: int) -> np.ndarray:
+    """[N, K] -> [NB, G, ROWS, 16] (zero-padded): the order the format stores elements in."""
+    nb, g = -(-n // ROWS), -(-k // GROUP)
+    padded = np.zeros((nb * ROWS, g * GROUP), dtype=a.dtype)
+    padded[:n, :k] = a
+    return padded.reshape(nb, ROWS, g, GROUP).transpose(0, 2, 1, 3)
+
+
 def pack(weight: np.ndarray) -> PackedLinear:
     """Pack a float32 [N, K] weight (nn.Linear layout). Lossless: unpack(pack(w)) is bit-identical to w."""
     w = np.asarray(weight)
@@ -126,36 +160,34 @@ def pack(weight: np.ndarray) -> PackedLinear:
     if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 1:
         raise ValueError(f"pack: weight must be a non-empty 2-D [N, K] array, got shape {w.shape}")
     n, k = w.shape
-    g = -(-k // GROUP)
     bits = np.ascontiguousarray(w).view(np.uint32)
     stored = (bits & np.uint32(0x7FFFFFFF)) != 0
     neg = bits == np.uint32(0x80000000)
     negzero = np.packbits(neg[~stored], bitorder="little") if neg.any() else np.zeros(0, dtype=np.uint8)
-    padded = np.zeros((n, g * GROUP), dtype=bool)
-    padded[:, :k] = stored
-    mask = np.packbits(padded, axis=1, bitorder="little").view("<u2").astype(np.uint16)  # byte 0 = bits 0-7
+    stored_b = _blocked(stored, n, k)  # [NB, G, ROWS, 16]
+    mask = np.packbits(stored_b, axis=-1, bitorder="little").view("<u2")[..., 0].astype(np.uint16)
     values = np.zeros(int(stored.sum()) + PAD, dtype=np.float32)
-    values[:-PAD] = w[stored]  # boolean indexing is row-major: each row's elements in column order
-    row_ptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(stored.sum(axis=1), out=row_ptr[1:])
-    for a in (mask, values, row_ptr, negzero):
+    values[:-PAD] = _blocked(w, n, k)[stored_b]  # boolean indexing walks the blocked order
+    block_ptr = np.zeros(mask.shape[0] + 1, dtype=np.int64)
+    np.cumsum(stored_b.sum(axis=(1, 2, 3)), out=block_ptr[1:])
+    for a in (mask, values, block_ptr, negzero):
         a.flags.writeable = False
-    return PackedLinear(mask=mask, values=values, row_ptr=row_ptr, shape=(n, k), negzero=negzero)
+    return PackedLinear(mask=mask, values=values, block_ptr=block_ptr, shape=(n, k), negzero=negzero)
 
 
 def unpack(p: PackedLinear) -> np.ndarray:
     """The dense float32 [N, K] weight, bit-identical to what was packed."""
     n, k = p.shape
-    g = p.mask.shape[1]
-    bits = (p.mask[:, :, None] >> np.arange(GROUP, dtype=np.uint16)) & np.uint16(1)
-    stored = bits.reshape(n, g * GROUP)[:, :k].astype(bool)
-    out = np.zeros((n, k), dtype=np.float32)
-    out.view(np.uint32)[stored] = p.values[: p.nnz].view(np.uint32)
+    nb, g, _ = p.mask.shape
+    bits = (p.mask[..., None] >> np.arange(GROUP, dtype=np.uint16)) & np.uint16(1)
+    blocked = np.zeros((nb, g, ROWS, GROUP), dtype=np.uint32)
+    blocked[bits.astype(bool)] = p.values[: p.nnz].view(np.uint32)
+    out = np.ascontiguousarray(blocked.transpose(0, 2, 1, 3).reshape(nb * ROWS, g * GROUP)[:n, :k])
     if p.negzero.size:
-        zeros = ~stored
+        zeros = ~p.stored()
         sign = np.unpackbits(p.negzero, count=int(zeros.sum()), bitorder="little").astype(bool)
-        out.view(np.uint32)[zeros] = np.where(sign, np.uint32(0x80000000), np.uint32(0))
-    return out
+        out[zeros] = np.where(sign, np.uint32(0x80000000), np.uint32(0))
+    return out.view(np.float32)
 
 
 def byte_bound_ceiling(p: PackedLinear) -> float:

@@ -118,11 +118,11 @@ def matmul(
     elif out.dtype != np.float32 or out.shape != (b, n) or not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError(f"matmul: out must be a writable C-contiguous float32 array of shape {(b, n)}")
     lib = _lib()
-    mask, values, row_ptr = p.mask.ctypes.data, p.values.ctypes.data, p.row_ptr.ctypes.data
+    mask, values, block_ptr = p.mask.ctypes.data, p.values.ctypes.data, p.block_ptr.ctypes.data
     for b0 in range(0, b, MAX_BATCH_CHUNK):
         xb, yb = x2[b0 : b0 + MAX_BATCH_CHUNK], out[b0 : b0 + MAX_BATCH_CHUNK]
         rc = lib.sdk_matmul(
-            xb.ctypes.data, xb.shape[0], k, mask, values, row_ptr, n, yb.ctypes.data, int(threads), code
+            xb.ctypes.data, xb.shape[0], k, mask, values, block_ptr, n, yb.ctypes.data, int(threads), code
         )
         if rc != 0:
             raise RuntimeError(f"sparse-cpu kernel failed (code {rc}) for x {xb.shape}, weight {n}x{k}, isa {isa}")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sparsedeploy.kernels.format import GROUP, LAYOUT, PAD, PackedLinear, byte_bound_ceiling, pack, unpack
+from sparsedeploy.kernels.format import GROUP, LAYOUT, PAD, ROWS, PackedLinear, byte_bound_ceiling, pack, unpack
 
 
 def pruned(n: int, k: int, sparsity: float, seed: int = 0) -> np.ndarray:
@@ -31,7 +31,8 @@ def test_round_trip_is_bit_identical(shape, sparsity):
     assert back.dtype == np.float32 and back.shape == w.shape
     assert np.array_equal(back.view(np.uint32), w.view(np.uint32))
     assert p.nnz == int(np.count_nonzero(w.view(np.uint32)))
-    assert p.mask.shape == (shape[0], -(-shape[1] // GROUP)) and p.values.shape == (p.nnz + PAD,)
+    assert p.mask.shape == (-(-shape[0] // ROWS), -(-shape[1] // GROUP), ROWS) and p.values.shape == (p.nnz + PAD,)
+    assert np.array_equal(p.stored(), w != 0) and np.array_equal(p.row_counts(), (w != 0).sum(axis=1))
     assert not p.values[p.nnz :].any()  # the padding is zeros
 
 
@@ -60,12 +61,18 @@ def test_mask_pruning_keeps_compression_and_the_zero_signs():
 
 
 def test_mask_bit_order_is_the_documented_layout():
-    w = np.zeros((1, 20), dtype=np.float32)
+    """Blocks of 4 rows; within a block group by group, rows 0-3 within a group; bits past N and K are 0."""
+    w = np.zeros((5, 20), dtype=np.float32)
     w[0, [0, 9, 15, 16, 19]] = [1, 2, 3, 4, 5]
+    w[2, [1, 17]] = [6, 7]
+    w[4, [18]] = [8]  # the second block, whose rows 5-7 do not exist
     p = pack(w)
-    assert p.mask.tolist() == [[(1 << 0) | (1 << 9) | (1 << 15), (1 << 0) | (1 << 3)]]
-    assert p.values[:5].tolist() == [1, 2, 3, 4, 5] and p.row_ptr.tolist() == [0, 5]
-    assert p.layout == LAYOUT == "bitmask16-v1"
+    assert p.mask.shape == (2, 2, 4)
+    assert p.mask[0].tolist() == [[(1 << 0) | (1 << 9) | (1 << 15), 0, 1 << 1, 0], [(1 << 0) | (1 << 3), 0, 1 << 1, 0]]
+    assert p.mask[1].tolist() == [[0, 0, 0, 0], [1 << 2, 0, 0, 0]]
+    # block 0: group 0 (row 0: 1 2 3, row 2: 6), group 1 (row 0: 4 5, row 2: 7); block 1: group 1 (row 4: 8)
+    assert p.values[:8].tolist() == [1, 2, 3, 6, 4, 5, 7, 8] and p.block_ptr.tolist() == [0, 7, 8]
+    assert p.layout == LAYOUT == "bitmask16-v2"
 
 
 @pytest.mark.parametrize("keep,m", [(2, 4), (4, 8)])
@@ -80,10 +87,10 @@ def test_arrays_round_trip_and_sizes():
     w = pruned(64, 2048, 0.7)
     p = pack(w)
     arrays = p.to_arrays()
-    assert set(arrays) == {"mask", "values", "row_ptr", "negzero", "shape"}
+    assert set(arrays) == {"mask", "values", "block_ptr", "negzero", "shape"}
     q = PackedLinear.from_arrays({k: v.copy() for k, v in arrays.items()})
     assert q.shape == p.shape and np.array_equal(unpack(q), w)
-    assert p.nbytes == sum(a.nbytes for a in (p.mask, p.values, p.row_ptr, p.negzero))
+    assert p.nbytes == sum(a.nbytes for a in (p.mask, p.values, p.block_ptr, p.negzero))
     # 1 bit per weight + 4 bytes per stored weight: 4 / (1/8 + 0.3 * 4) ~= 3.02 at 70 % (the issue's byte-bound figure)
     assert byte_bound_ceiling(p) == pytest.approx(4 / (1 / 8 + 4 * p.nnz / w.size), rel=0.01)
     assert 2.9 < byte_bound_ceiling(p) < 3.1
@@ -92,8 +99,8 @@ def test_arrays_round_trip_and_sizes():
 
 def test_from_arrays_rejects_inconsistent_arrays():
     arrays = pack(pruned(8, 40, 0.5)).to_arrays()
-    bad_ptr = dict(arrays, row_ptr=arrays["row_ptr"] + 1)
-    with pytest.raises(ValueError, match="row_ptr"):
+    bad_ptr = dict(arrays, block_ptr=arrays["block_ptr"] + 1)
+    with pytest.raises(ValueError, match="block_ptr"):
         PackedLinear.from_arrays(bad_ptr)
     with pytest.raises(ValueError, match="'values' must be float32"):
         PackedLinear.from_arrays(dict(arrays, values=arrays["values"].astype(np.float64)))
@@ -102,9 +109,22 @@ def test_from_arrays_rejects_inconsistent_arrays():
     with pytest.raises(ValueError, match="missing arrays"):
         PackedLinear.from_arrays({"mask": arrays["mask"]})
     beyond = arrays["mask"].copy()
-    beyond[0, -1] |= np.uint16(1 << 15)  # K = 40: bits 8..15 of the last group are past the end
+    beyond[0, -1, 0] |= np.uint16(1 << 15)  # K = 40: bits 8..15 of the last group are past the end
     with pytest.raises(ValueError, match="beyond K"):
         PackedLinear.from_arrays(dict(arrays, mask=beyond))
+    odd = pack(pruned(6, 40, 0.5)).to_arrays()  # N = 6: rows 2 and 3 of the second block do not exist
+    past_n = odd["mask"].copy()
+    past_n[1, 0, 3] = np.uint16(1)
+    with pytest.raises(ValueError, match="beyond N"):
+        PackedLinear.from_arrays(dict(odd, mask=past_n))
+
+
+def test_an_older_layout_is_refused_with_the_fix():
+    """An artifact exported before bitmask16-v2 carries `row_ptr` (v1); loading it names the re-export."""
+    arrays = pack(pruned(8, 40, 0.5)).to_arrays()
+    v1 = {k: v for k, v in arrays.items() if k != "block_ptr"} | {"row_ptr": np.zeros(9, np.int64)}
+    with pytest.raises(ValueError, match=r"bitmask16-v1 layout.*export --target sparse-cpu"):
+        PackedLinear.from_arrays(v1)
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,7 @@ def test_every_isa_this_cpu_has_is_offered():
     if platform.machine() in ("x86_64", "AMD64") and Path("/proc/cpuinfo").exists():
         flags = set(next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split())
         assert ("avx2" in ISAS) == ({"avx2", "fma"} <= flags)
-        assert ("avx512" in ISAS) == ({"avx512f", "avx2", "fma"} <= flags)
+        assert ("avx512" in ISAS) == ({"avx512f", "avx512vl", "avx2", "fma"} <= flags)
 
 
 def weights():
@@ -160,7 +160,7 @@ def test_isa_the_cpu_lacks_is_refused(monkeypatch):
             30,
             p.mask.ctypes.data,
             p.values.ctypes.data,
-            p.row_ptr.ctypes.data,
+            p.block_ptr.ctypes.data,
             4,
             np.zeros(4, np.float32).ctypes.data,
             1,

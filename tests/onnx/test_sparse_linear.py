@@ -124,9 +124,9 @@ def test_corrupt_packed_weight_is_named():
     model, _ = _attention_like_graph(np.random.default_rng(7))
     pack_linears(model)
     node = next(n for n in model.graph.node if n.op_type == OP_TYPE)
-    row_ptr = next(i for i in model.graph.initializer if i.name == node.input[3])
-    bad = numpy_helper.to_array(row_ptr).copy()
+    block_ptr = next(i for i in model.graph.initializer if i.name == node.input[3])
+    bad = numpy_helper.to_array(block_ptr).copy()
     bad[-1] += 1
-    row_ptr.CopyFrom(numpy_helper.from_array(bad, row_ptr.name))
+    block_ptr.CopyFrom(numpy_helper.from_array(bad, block_ptr.name))
     with pytest.raises(ValueError, match=node.name):
         sparse_linear_nodes(model)

@@ -1,18 +1,21 @@
-/* sparsedeploy sparse-cpu kernels: y[B, N] = x[B, K] @ W.T for W stored in the "bitmask16" format.
+/* sparsedeploy sparse-cpu kernels: y[B, N] = x[B, K] @ W.T for W stored in the "bitmask16-v2" format.
  *
- * Format (see docs/sparse_cpu.md): for each output row n, G = ceil(K / 16) little-endian uint16 masks
- * (bit j of mask[n * G + g] set <=> element W[n, 16 g + j] is stored), the stored elements of all rows packed
- * row-major in `values` (followed by 16 padding floats so vector loads may read past the last row), and
- * row_ptr[n] = index in `values` of row n's first element (row_ptr[N] = nnz).
+ * Format (see docs/sparse_cpu.md): rows in blocks of 4 (NB = ceil(N / 4) blocks, rows past N empty),
+ * G = ceil(K / 16) column groups. mask[(b * G + g) * 4 + i] (uint16, little-endian) has bit j set <=> element
+ * W[4 b + i, 16 g + j] is stored. `values` holds the stored elements block by block, within a block group by
+ * group, within a group row 0..3, each row's elements in column order (then 16 padding floats so vector
+ * loads may read past the last element); block_ptr[b] = index in `values` of block b's first element
+ * (block_ptr[NB] = nnz). A block is two sequential streams: its masks (8 bytes a group) and its values.
  *
  * Paths: batch 1 is a GEMV that expands each 16-weight group to a vector (a 256-entry permute table + vpermps;
- * on AVX-512 one masked vpermps per 16), 4 rows interleaved. Batch 2-8 below 75 % sparsity expands each group
- * once and FMAs it into every batch row (K-blocked). Otherwise batch >= 2 uses the weight-broadcast form:
- * each row's stored elements are decoded into column offsets, then each weight is broadcast and multiplied
- * into the activations of the whole batch (x transposed to [K, Bp]), so zero weights cost nothing.
+ * on AVX-512 one masked vpermps per 16), the 4 rows of a block together. Batch 2-8 below 75 % sparsity expands
+ * each group once and FMAs it into every batch row (K-blocked). Otherwise batch >= 2 uses the weight-broadcast
+ * form: each row's stored elements are decoded into column offsets (and their values gathered into a
+ * contiguous run), then each weight is broadcast and multiplied into the activations of the whole batch
+ * (x transposed to [K, Bp]), so zero weights cost nothing.
  * A portable plain-C path compiles anywhere. ISA is picked at run time (__builtin_cpu_supports on x86).
- * Threads: a persistent pool; rows are split into contiguous chunks of equal work (stored elements + groups),
- * a few per thread, claimed dynamically (robust when the OS runs other work on the same cores).
+ * Threads: a persistent pool; blocks are split into contiguous chunks of equal work (stored elements +
+ * groups), a few per thread, claimed dynamically (robust when the OS runs other work on the same cores).
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -37,10 +40,11 @@ enum { ERR_ISA = -2, ERR_ARGS = -1, ERR_NOMEM = -3 };
 #define SDK_MAX_THREADS 64
 #define SDK_CHUNKS_PER_THREAD 4
 #define SDK_MAX_CHUNKS (SDK_MAX_THREADS * SDK_CHUNKS_PER_THREAD)
-#define SDK_ROWS 4 /* rows interleaved in the GEMV */
+#define SDK_ROWS 4 /* rows per block of the format */
 #define SDK_EXPAND_MAX_B 8
 #define SDK_XBLOCK_BYTES (192 * 1024) /* x transposed is walked in K blocks of about this size (stays in L2) */
-#define SDK_ROW_TILE 32                /* rows whose outputs stay in L1 while the K blocks go by */
+#define SDK_BLOCK_TILE 8               /* blocks (32 rows) whose outputs stay in L1 while the K blocks go by */
+#define SDK_ROW_TILE (SDK_BLOCK_TILE * SDK_ROWS)
 #define SDK_EXPAND_XBLOCK_BYTES (16 * 1024) /* expand form: the K block of all batch rows of x (stays in L1) */
 
 static inline int64_t expand_block_groups(int64_t b) {
@@ -50,74 +54,102 @@ static inline int64_t expand_block_groups(int64_t b) {
 static double expand_max_sparsity = 0.75; /* small batches use the expand form up to this sparsity */
 
 typedef struct {
-    const float *x;        /* batch 1: padded x [G*16]; batch >= 2: x transposed [K, bp] */
-    const uint16_t *mask;  /* [N, G] */
-    const float *values;   /* [nnz + 16] */
-    const int64_t *row_ptr;/* [N + 1] */
-    float *y;              /* [B, N] */
-    int64_t n, k, g, b, bp;
-    int64_t xs;            /* expand forms: row stride of the padded x copy */
+    const float *x;           /* batch 1: padded x [G*16]; batch >= 2: x transposed [K, bp] */
+    const uint16_t *mask;     /* [NB, G, 4] */
+    const float *values;      /* [nnz + 16] */
+    const int64_t *block_ptr; /* [NB + 1] */
+    float *y;                 /* [B, N] */
+    int64_t n, nb, k, g, b, bp;
+    int64_t xs;               /* expand forms: row stride of the padded x copy */
     int isa;
-    int expand_batch;      /* 2 <= b <= SDK_EXPAND_MAX_B: expand each weight group once, FMA it into every batch row */
-    atomic_int *failed;    /* set when a worker could not allocate its scratch */
+    int expand_batch;         /* 2 <= b <= SDK_EXPAND_MAX_B: expand each weight group once, FMA it into every batch row */
+    atomic_int *failed;       /* set when a worker could not allocate its scratch */
     int nchunks;
-    int64_t bounds[SDK_MAX_CHUNKS + 1];
+    int64_t bounds[SDK_MAX_CHUNKS + 1]; /* chunk c is blocks [bounds[c], bounds[c + 1]) */
 } job_t;
+
+/* The 4 rows' masks of group g of block blk, row i in bits 16 i .. 16 i + 15. */
+static inline uint64_t group_masks(const job_t *j, int64_t blk, int64_t g) {
+    uint64_t mm;
+    memcpy(&mm, j->mask + (blk * j->g + g) * SDK_ROWS, sizeof mm);
+    return mm;
+}
+static inline unsigned row_mask(uint64_t mm, int i) { return (unsigned)(mm >> (16 * i)) & 0xffffu; }
+/* Stored elements of the rows before row i in a group (where row i's elements start). */
+static inline int64_t before_row(uint64_t mm, int i) { return __builtin_popcountll(mm & ((1ull << (16 * i)) - 1)); }
+/* Stored elements of block blk in groups [g0, g1). */
+static int64_t block_span(const job_t *j, int64_t blk, int64_t g0, int64_t g1) {
+    int64_t c = 0;
+    for (int64_t g = g0; g < g1; g++) c += __builtin_popcountll(group_masks(j, blk, g));
+    return c;
+}
+static inline int rows_in_block(const job_t *j, int64_t blk) {
+    const int64_t left = j->n - blk * SDK_ROWS;
+    return left < SDK_ROWS ? (int)left : SDK_ROWS;
+}
 
 /* ------------------------------------------------------------------------------------------------ portable */
 
-static void gemv_portable(const job_t *j, int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++) {
-        const uint16_t *m = j->mask + r * j->g;
-        const float *v = j->values + j->row_ptr[r];
-        float facc = 0.0f;
+static void gemv_portable(const job_t *j, int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; blk++) {
+        const float *v = j->values + j->block_ptr[blk];
+        float acc[SDK_ROWS] = {0};
         for (int64_t g = 0; g < j->g; g++) {
-            unsigned bits = m[g];
+            const uint64_t mm = group_masks(j, blk, g);
             const float *xg = j->x + g * 16;
-            while (bits) {
-                int t = __builtin_ctz(bits);
-                facc += *v++ * xg[t];
-                bits &= bits - 1;
+            for (int i = 0; i < SDK_ROWS; i++) {
+                unsigned bits = row_mask(mm, i);
+                while (bits) {
+                    acc[i] += *v++ * xg[__builtin_ctz(bits)];
+                    bits &= bits - 1;
+                }
             }
         }
-        j->y[r] = facc;
+        for (int i = 0; i < rows_in_block(j, blk); i++) j->y[blk * SDK_ROWS + i] = acc[i];
     }
 }
 
 /* Small batch, expand form: x padded [b, G*16]; each stored element is read once and used for every batch row. */
-static void gemvb_portable(const job_t *j, int64_t r0, int64_t r1) {
+static void gemvb_portable(const job_t *j, int64_t b0, int64_t b1) {
     const int64_t S = j->xs;
-    for (int64_t r = r0; r < r1; r++) {
-        const uint16_t *m = j->mask + r * j->g;
-        const float *v = j->values + j->row_ptr[r];
-        float acc[8] = {0};
+    for (int64_t blk = b0; blk < b1; blk++) {
+        const float *v = j->values + j->block_ptr[blk];
+        float acc[SDK_ROWS][SDK_EXPAND_MAX_B] = {{0}};
         for (int64_t g = 0; g < j->g; g++) {
-            unsigned bits = m[g];
-            while (bits) {
-                const int64_t col = g * 16 + __builtin_ctz(bits);
-                const float w = *v++;
-                for (int64_t b = 0; b < j->b; b++) acc[b] += w * j->x[b * S + col];
-                bits &= bits - 1;
+            const uint64_t mm = group_masks(j, blk, g);
+            for (int i = 0; i < SDK_ROWS; i++) {
+                unsigned bits = row_mask(mm, i);
+                while (bits) {
+                    const int64_t col = g * 16 + __builtin_ctz(bits);
+                    const float w = *v++;
+                    for (int64_t b = 0; b < j->b; b++) acc[i][b] += w * j->x[b * S + col];
+                    bits &= bits - 1;
+                }
             }
         }
-        for (int64_t b = 0; b < j->b; b++) j->y[b * j->n + r] = acc[b];
+        for (int i = 0; i < rows_in_block(j, blk); i++)
+            for (int64_t b = 0; b < j->b; b++) j->y[b * j->n + blk * SDK_ROWS + i] = acc[i][b];
     }
 }
 
-/* Decode row r's stored-element columns into offsets col * bp (into x transposed). Returns the count. */
-static int64_t decode_row_portable(const job_t *j, int64_t r, int64_t g0, int64_t g1, int32_t *off) {
-    const uint16_t *m = j->mask + r * j->g;
+/* Decode row i of block blk in groups [g0, g1) (v: the block's values at group g0): the x offsets col * bp of
+ * its stored elements into off, their values into val (contiguous). Returns the count. */
+static int64_t decode_row_portable(const job_t *j, int64_t blk, int i, int64_t g0, int64_t g1, const float *v,
+                                   int32_t *off, float *val) {
     int64_t c = 0;
     for (int64_t g = g0; g < g1; g++) {
-        unsigned bits = m[g];
+        const uint64_t mm = group_masks(j, blk, g);
+        const float *vr = v + before_row(mm, i);
+        unsigned bits = row_mask(mm, i);
         while (bits) {
-            off[c++] = (int32_t)((g * 16 + __builtin_ctz(bits)) * j->bp);
+            off[c] = (int32_t)((g * 16 + __builtin_ctz(bits)) * j->bp);
+            val[c++] = *vr++;
             bits &= bits - 1;
         }
+        v += __builtin_popcountll(mm);
     }
     return c;
 }
-
 
 /* One row's contribution from c decoded elements (values v, x offsets off) to its batch vector yt [bp]
  * (set on the first K block, accumulated on later ones). */
@@ -170,67 +202,64 @@ __attribute__((target("avx2,fma,popcnt"))) static inline __m256 expand8(const fl
     return _mm256_blendv_ps(_mm256_setzero_ps(), w, _mm256_castsi256_ps(idx));
 }
 
-
-#ifndef SDK_PF_FLOATS
-#define SDK_PF_FLOATS 1024 /* batch-1 software prefetch distance (floats) on each row's stream */
-#endif
-/* Batch 1: 4 rows interleaved (4 accumulator chains share each x vector), GROUP as for DEF_GEMVB with BB = 1. */
+/* Batch 1: the 4 rows of a block together (4 accumulator chains share each x vector); the block's values are one
+ * sequential stream. GROUP(acc, BB, v, mg, xg, S) does one row's group (advancing v) for BB = 1. */
 #define DEF_GEMV(NAME, TARGET, VEC, PFX, HSUM, GROUP)                                                        \
-    __attribute__((target(TARGET))) static void NAME(const job_t *j, int64_t r0, int64_t r1) {               \
+    __attribute__((target(TARGET))) static void NAME(const job_t *j, int64_t b0, int64_t b1) {               \
         const int64_t G = j->g;                                                                              \
-        int64_t r = r0;                                                                                      \
-        for (; r + SDK_ROWS <= r1; r += SDK_ROWS) {                                                          \
-            const uint16_t *m0 = j->mask + r * G, *m1 = m0 + G, *m2 = m1 + G, *m3 = m2 + G;                  \
-            const float *v0 = j->values + j->row_ptr[r], *v1 = j->values + j->row_ptr[r + 1];                \
-            const float *v2 = j->values + j->row_ptr[r + 2], *v3 = j->values + j->row_ptr[r + 3];            \
+        for (int64_t blk = b0; blk < b1; blk++) {                                                            \
+            const uint16_t *mk = j->mask + blk * G * SDK_ROWS;                                               \
+            const float *v = j->values + j->block_ptr[blk];                                                  \
             VEC a0[1] = {PFX##_setzero_ps()}, a1[1] = {a0[0]}, a2[1] = {a0[0]}, a3[1] = {a0[0]};             \
             for (int64_t g = 0; g < G; g++) {                                                                \
+                uint64_t mm;                                                                                 \
+                memcpy(&mm, mk + g * SDK_ROWS, sizeof mm);                                                   \
+                const unsigned k0 = (unsigned)mm & 0xffffu, k1 = (unsigned)(mm >> 16) & 0xffffu;             \
+                const unsigned k2 = (unsigned)(mm >> 32) & 0xffffu, k3 = (unsigned)(mm >> 48);               \
                 const float *xg = j->x + g * 16;                                                             \
-                if (!(g & 1)) {                                                                              \
-                    __builtin_prefetch(v0 + SDK_PF_FLOATS); __builtin_prefetch(v1 + SDK_PF_FLOATS);          \
-                    __builtin_prefetch(v2 + SDK_PF_FLOATS); __builtin_prefetch(v3 + SDK_PF_FLOATS);          \
-                    __builtin_prefetch(m3 + g + SDK_PF_FLOATS);                                              \
-                }                                                                                            \
-                GROUP(a0, 1, v0, m0[g], xg, 0);                                                              \
-                GROUP(a1, 1, v1, m1[g], xg, 0);                                                              \
-                GROUP(a2, 1, v2, m2[g], xg, 0);                                                              \
-                GROUP(a3, 1, v3, m3[g], xg, 0);                                                              \
+                const float *p0 = v, *p1 = v + __builtin_popcount(k0);                                       \
+                const float *p2 = p1 + __builtin_popcount(k1), *p3 = p2 + __builtin_popcount(k2);            \
+                GROUP(a0, 1, p0, k0, xg, 0);                                                                 \
+                GROUP(a1, 1, p1, k1, xg, 0);                                                                 \
+                GROUP(a2, 1, p2, k2, xg, 0);                                                                 \
+                GROUP(a3, 1, p3, k3, xg, 0);                                                                 \
+                v = p3;                                                                                      \
             }                                                                                                \
-            j->y[r] = HSUM(a0[0]);                                                                           \
-            j->y[r + 1] = HSUM(a1[0]);                                                                       \
-            j->y[r + 2] = HSUM(a2[0]);                                                                       \
-            j->y[r + 3] = HSUM(a3[0]);                                                                       \
-        }                                                                                                    \
-        for (; r < r1; r++) {                                                                                \
-            const uint16_t *m0 = j->mask + r * G;                                                            \
-            const float *v0 = j->values + j->row_ptr[r];                                                     \
-            VEC a0[1] = {PFX##_setzero_ps()};                                                                \
-            for (int64_t g = 0; g < G; g++) GROUP(a0, 1, v0, m0[g], j->x + g * 16, 0);                       \
-            j->y[r] = HSUM(a0[0]);                                                                           \
+            float out[SDK_ROWS] = {HSUM(a0[0]), HSUM(a1[0]), HSUM(a2[0]), HSUM(a3[0])};                       \
+            for (int i = 0; i < rows_in_block(j, blk); i++) j->y[blk * SDK_ROWS + i] = out[i];               \
         }                                                                                                    \
     }
 
-/* Small batch, expand form, K-blocked so the block of x rows stays in L1: per tile of rows, per K block, each
+/* Small batch, expand form, K-blocked so the block of x rows stays in L1: per tile of blocks, per K block, each
  * row's 16-weight groups are expanded once and FMA'd into all BB batch rows; partial sums add into y.
- * GROUP(acc, v, mg, xg) does one group (mask mg, x at xg for batch row 0, batch rows S floats apart). */
+ * GROUP(acc, BB, v, mg, xg, S) does one group (mask mg, x at xg for batch row 0, batch rows S floats apart). */
 #define DEF_GEMVB(NAME, TARGET, VEC, PFX, HSUM, GROUP, BB)                                                   \
-    __attribute__((target(TARGET))) static void NAME##_##BB(const job_t *j, int64_t r0, int64_t r1) {         \
+    __attribute__((target(TARGET))) static void NAME##_##BB(const job_t *j, int64_t b0, int64_t b1) {         \
         const int64_t G = j->g, S = j->xs, kb = expand_block_groups(BB);                                     \
-        int64_t cur[SDK_ROW_TILE];                                                                           \
-        for (int64_t t0 = r0; t0 < r1; t0 += SDK_ROW_TILE) {                                                 \
-            const int64_t t1 = t0 + SDK_ROW_TILE < r1 ? t0 + SDK_ROW_TILE : r1;                              \
-            for (int64_t r = t0; r < t1; r++) cur[r - t0] = j->row_ptr[r];                                   \
+        int64_t cur[SDK_BLOCK_TILE];                                                                         \
+        for (int64_t t0 = b0; t0 < b1; t0 += SDK_BLOCK_TILE) {                                               \
+            const int64_t t1 = t0 + SDK_BLOCK_TILE < b1 ? t0 + SDK_BLOCK_TILE : b1;                          \
+            for (int64_t blk = t0; blk < t1; blk++) cur[blk - t0] = j->block_ptr[blk];                       \
             for (int64_t g0 = 0; g0 < G; g0 += kb) {                                                         \
                 const int64_t g1 = g0 + kb < G ? g0 + kb : G;                                                \
-                for (int64_t r = t0; r < t1; r++) {                                                          \
-                    const uint16_t *m = j->mask + r * G;                                                     \
-                    const float *v = j->values + cur[r - t0], *v_start = v;                                  \
-                    VEC acc[BB];                                                                             \
-                    for (int b = 0; b < BB; b++) acc[b] = PFX##_setzero_ps();                                \
-                    for (int64_t g = g0; g < g1; g++) GROUP(acc, BB, v, m[g], j->x + g * 16, S);             \
-                    cur[r - t0] += v - v_start;                                                              \
-                    for (int b = 0; b < BB; b++)                                                             \
-                        j->y[b * j->n + r] = (g0 ? j->y[b * j->n + r] : 0.0f) + HSUM(acc[b]);                \
+                for (int64_t blk = t0; blk < t1; blk++) {                                                    \
+                    const float *vb = j->values + cur[blk - t0];                                             \
+                    const int rows = rows_in_block(j, blk);                                                  \
+                    for (int i = 0; i < rows; i++) {                                                         \
+                        const float *v = vb;                                                                 \
+                        VEC acc[BB];                                                                         \
+                        for (int b = 0; b < BB; b++) acc[b] = PFX##_setzero_ps();                            \
+                        for (int64_t g = g0; g < g1; g++) {                                                  \
+                            const uint64_t mm = group_masks(j, blk, g);                                      \
+                            const float *p = v + __builtin_popcountll(mm & ((1ull << (16 * i)) - 1));        \
+                            GROUP(acc, BB, p, row_mask(mm, i), j->x + g * 16, S);                            \
+                            v += __builtin_popcountll(mm);                                                   \
+                        }                                                                                    \
+                        if (i == 0) cur[blk - t0] += v - vb;                                                 \
+                        const int64_t r = blk * SDK_ROWS + i;                                                \
+                        for (int b = 0; b < BB; b++)                                                         \
+                            j->y[b * j->n + r] = (g0 ? j->y[b * j->n + r] : 0.0f) + HSUM(acc[b]);            \
+                    }                                                                                        \
                 }                                                                                            \
             }                                                                                                \
         }                                                                                                    \
@@ -253,23 +282,28 @@ DEF_GEMVB_AVX2(6)
 DEF_GEMVB_AVX2(7)
 DEF_GEMVB_AVX2(8)
 
-__attribute__((target("avx2,fma,popcnt"))) static int64_t decode_row_avx2(const job_t *j, int64_t r, int64_t g0,
-                                                                           int64_t g1, int32_t *off) {
-    const uint16_t *m = j->mask + r * j->g;
+__attribute__((target("avx2,fma,popcnt"))) static int64_t decode_row_avx2(const job_t *j, int64_t blk, int i,
+                                                                           int64_t g0, int64_t g1, const float *v,
+                                                                           int32_t *off, float *val) {
     const __m256i stride = _mm256_set1_epi32((int32_t)j->bp);
     int64_t c = 0;
     for (int64_t g = g0; g < g1; g++) {
+        const uint64_t mm = group_masks(j, blk, g);
+        const float *vr = v + __builtin_popcountll(mm & ((1ull << (16 * i)) - 1));
+        const unsigned k = row_mask(mm, i);
+        _mm256_storeu_ps(val + c, _mm256_loadu_ps(vr)); /* 16 floats; only popcount(k) of them are kept */
+        _mm256_storeu_ps(val + c + 8, _mm256_loadu_ps(vr + 8));
         for (int h = 0; h < 2; h++) {
-            unsigned byte = (unsigned)(m[g] >> (8 * h)) & 0xff;
+            unsigned byte = (k >> (8 * h)) & 0xff;
             __m256i col = _mm256_add_epi32(_mm256_load_si256((const __m256i *)comp_table[byte]),
                                            _mm256_set1_epi32((int32_t)(g * 16 + h * 8)));
             _mm256_storeu_si256((__m256i *)(off + c), _mm256_mullo_epi32(col, stride));
             c += __builtin_popcount(byte);
         }
+        v += __builtin_popcountll(mm);
     }
     return c;
 }
-
 /* One row's decoded elements into T vectors of W batch lanes (PFX: _mm256 for W = 8, _mm512 for W = 16), with U
  * independent partial sums (to hide FMA latency when T is small); accumulates onto `out` when `add`. */
 #define GEMM_BODY(VEC, PFX, W, T, U)                                                                         \
@@ -345,7 +379,22 @@ __attribute__((target("avx512f,avx2,popcnt"))) static inline __m512 expand16(con
     } while (0)
 #define DEF_GEMVB_AVX512(BB)                                                                                 \
     DEF_GEMVB(gemvb_avx512, "avx512f,avx2,fma,popcnt", __m512, _mm512, _mm512_reduce_add_ps, GROUP_AVX512, BB)
-DEF_GEMV(gemv_avx512, "avx512f,avx2,fma,popcnt", __m512, _mm512, _mm512_reduce_add_ps, GROUP_AVX512)
+/* Batch 1 on AVX-512 CPUs: 256-bit halves, each expanded by one zero-masking vpermps (AVX-512VL), no blend.
+ * Measured faster than the 512-bit expand16 on Zen 4 (docs/sparse_cpu.md). */
+__attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static inline __m256 expand8z(const float **v,
+                                                                                           unsigned byte) {
+    const __m256i idx = _mm256_load_si256((const __m256i *)perm_table[byte]);
+    const __m256 w = _mm256_maskz_permutexvar_ps((__mmask8)byte, idx, _mm256_loadu_ps(*v));
+    *v += __builtin_popcount(byte);
+    return w;
+}
+#define GROUP_AVX512_GEMV(acc, BB, v, mg, xg, S)                                                             \
+    do {                                                                                                     \
+        const __m256 wl = expand8z(&v, (mg) & 0xff), wh = expand8z(&v, (mg) >> 8);                           \
+        acc[0] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(xg), acc[0]);                                           \
+        acc[0] = _mm256_fmadd_ps(wh, _mm256_loadu_ps((xg) + 8), acc[0]);                                     \
+    } while (0)
+DEF_GEMV(gemv_avx512, "avx512f,avx512vl,avx2,fma,popcnt", __m256, _mm256, hsum256, GROUP_AVX512_GEMV)
 DEF_GEMVB_AVX512(2)
 DEF_GEMVB_AVX512(3)
 DEF_GEMVB_AVX512(4)
@@ -354,19 +403,23 @@ DEF_GEMVB_AVX512(6)
 DEF_GEMVB_AVX512(7)
 DEF_GEMVB_AVX512(8)
 
-__attribute__((target("avx512f,popcnt"))) static int64_t decode_row_avx512(const job_t *j, int64_t r, int64_t g0,
-                                                                            int64_t g1, int32_t *off) {
-    const uint16_t *m = j->mask + r * j->g;
+__attribute__((target("avx512f,popcnt"))) static int64_t decode_row_avx512(const job_t *j, int64_t blk, int i,
+                                                                            int64_t g0, int64_t g1, const float *v,
+                                                                            int32_t *off, float *val) {
     const __m512i step = _mm512_set1_epi32((int32_t)(16 * j->bp));
     __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                      _mm512_set1_epi32((int32_t)j->bp));
     col = _mm512_add_epi32(col, _mm512_set1_epi32((int32_t)(16 * g0 * j->bp)));
     int64_t c = 0;
     for (int64_t g = g0; g < g1; g++) {
-        const __mmask16 k = m[g];
+        const uint64_t mm = group_masks(j, blk, g);
+        const float *vr = v + __builtin_popcountll(mm & ((1ull << (16 * i)) - 1));
+        const __mmask16 k = (__mmask16)row_mask(mm, i);
+        _mm512_storeu_ps(val + c, _mm512_loadu_ps(vr)); /* 16 floats; only popcount(k) of them are kept */
         _mm512_storeu_si512((void *)(off + c), _mm512_maskz_compress_epi32(k, col));
         c += __builtin_popcount(k);
         col = _mm512_add_epi32(col, step);
+        v += __builtin_popcountll(mm);
     }
     return c;
 }
@@ -406,7 +459,8 @@ static int isa_supported(int isa) {
     __builtin_cpu_init();
     if (isa == ISA_AVX2)
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
-    if (isa == ISA_AVX512) return __builtin_cpu_supports("avx512f") && isa_supported(ISA_AVX2);
+    if (isa == ISA_AVX512)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && isa_supported(ISA_AVX2);
 #endif
     return 0;
 }
@@ -422,47 +476,44 @@ SDK_EXPORT int sdk_supported_isas(void) {
     return bits;
 }
 
-static __thread int32_t *tl_off;
-static __thread int64_t tl_off_cap;
-static __thread float *tl_yt;
-static __thread int64_t tl_yt_cap;
-
-
-/* Batch >= 2: rows in tiles; per tile, for each K block (a range of 16-column groups), each row's stored
- * elements in the block are decoded into x offsets and multiplied into the row's batch vector yt (the tile's
- * outputs, transposed); at the end of the tile yt is written to y [B, N]. */
-static void gemm_rows(const job_t *j, int64_t r0, int64_t r1, int32_t *off, float *ytile) {
+/* Batch >= 2: blocks in tiles; per tile, for each K block (a range of 16-column groups), each row's stored
+ * elements in the block are decoded into x offsets and contiguous values and multiplied into the row's batch
+ * vector yt (the tile's outputs, transposed); at the end of the tile yt is written to y [B, N]. */
+static void gemm_rows(const job_t *j, int64_t b0, int64_t b1, int32_t *off, float *val, float *ytile) {
     int64_t kb = SDK_XBLOCK_BYTES / (16 * j->bp * (int64_t)sizeof(float));
     if (kb < 1) kb = 1;
-    int64_t cur[SDK_ROW_TILE];
-    for (int64_t t0 = r0; t0 < r1; t0 += SDK_ROW_TILE) {
-        const int64_t t1 = t0 + SDK_ROW_TILE < r1 ? t0 + SDK_ROW_TILE : r1;
-        for (int64_t r = t0; r < t1; r++) cur[r - t0] = j->row_ptr[r];
+    int64_t cur[SDK_BLOCK_TILE];
+    for (int64_t t0 = b0; t0 < b1; t0 += SDK_BLOCK_TILE) {
+        const int64_t t1 = t0 + SDK_BLOCK_TILE < b1 ? t0 + SDK_BLOCK_TILE : b1;
+        for (int64_t blk = t0; blk < t1; blk++) cur[blk - t0] = j->block_ptr[blk];
         for (int64_t g0 = 0; g0 < j->g; g0 += kb) {
             const int64_t g1 = g0 + kb < j->g ? g0 + kb : j->g;
-            for (int64_t r = t0; r < t1; r++) {
-                const float *v = j->values + cur[r - t0];
-                float *yt = ytile + (r - t0) * j->bp;
-                int64_t c;
+            for (int64_t blk = t0; blk < t1; blk++) {
+                const float *v = j->values + cur[blk - t0];
+                for (int i = 0; i < rows_in_block(j, blk); i++) {
+                    float *yt = ytile + ((blk - t0) * SDK_ROWS + i) * j->bp;
+                    int64_t c;
 #if SDK_X86
-                if (j->isa == ISA_AVX512) {
-                    c = decode_row_avx512(j, r, g0, g1, off);
-                    gemm_row_avx512(j, v, off, c, yt, g0 > 0);
-                } else if (j->isa == ISA_AVX2) {
-                    c = decode_row_avx2(j, r, g0, g1, off);
-                    gemm_row_avx2(j, v, off, c, yt, g0 > 0);
-                } else
+                    if (j->isa == ISA_AVX512) {
+                        c = decode_row_avx512(j, blk, i, g0, g1, v, off, val);
+                        gemm_row_avx512(j, val, off, c, yt, g0 > 0);
+                    } else if (j->isa == ISA_AVX2) {
+                        c = decode_row_avx2(j, blk, i, g0, g1, v, off, val);
+                        gemm_row_avx2(j, val, off, c, yt, g0 > 0);
+                    } else
 #endif
-                {
-                    c = decode_row_portable(j, r, g0, g1, off);
-                    gemm_row_portable(j, v, off, c, yt, g0 > 0);
+                    {
+                        c = decode_row_portable(j, blk, i, g0, g1, v, off, val);
+                        gemm_row_portable(j, val, off, c, yt, g0 > 0);
+                    }
                 }
-                cur[r - t0] += c;
+                cur[blk - t0] += block_span(j, blk, g0, g1);
             }
         }
+        const int64_t r0 = t0 * SDK_ROWS, r1 = t1 * SDK_ROWS < j->n ? t1 * SDK_ROWS : j->n;
         for (int64_t b = 0; b < j->b; b++) {
             float *y = j->y + b * j->n;
-            for (int64_t r = t0; r < t1; r++) y[r] = ytile[(r - t0) * j->bp + b];
+            for (int64_t r = r0; r < r1; r++) y[r] = ytile[(r - r0) * j->bp + b];
         }
     }
 }
@@ -475,38 +526,46 @@ static const rows_fn gemvb_avx512_fns[9] = {0, 0, gemvb_avx512_2, gemvb_avx512_3
                                             gemvb_avx512_6, gemvb_avx512_7, gemvb_avx512_8};
 #endif
 
+static __thread int32_t *tl_off;
+static __thread float *tl_val;
+static __thread int64_t tl_off_cap;
+static __thread float *tl_yt;
+static __thread int64_t tl_yt_cap;
+
 static void run_part(const job_t *j, int chunk) {
-    const int64_t r0 = j->bounds[chunk], r1 = j->bounds[chunk + 1];
-    if (r0 >= r1) return;
+    const int64_t b0 = j->bounds[chunk], b1 = j->bounds[chunk + 1];
+    if (b0 >= b1) return;
     if (j->expand_batch) {
 #if SDK_X86
-        if (j->isa == ISA_AVX512) { gemvb_avx512_fns[j->b](j, r0, r1); return; }
-        if (j->isa == ISA_AVX2) { gemvb_avx2_fns[j->b](j, r0, r1); return; }
+        if (j->isa == ISA_AVX512) { gemvb_avx512_fns[j->b](j, b0, b1); return; }
+        if (j->isa == ISA_AVX2) { gemvb_avx2_fns[j->b](j, b0, b1); return; }
 #endif
-        gemvb_portable(j, r0, r1);
+        gemvb_portable(j, b0, b1);
         return;
     }
     if (j->b == 1) {
 #if SDK_X86
-        if (j->isa == ISA_AVX512) { gemv_avx512(j, r0, r1); return; }
-        if (j->isa == ISA_AVX2) { gemv_avx2(j, r0, r1); return; }
+        if (j->isa == ISA_AVX512) { gemv_avx512(j, b0, b1); return; }
+        if (j->isa == ISA_AVX2) { gemv_avx2(j, b0, b1); return; }
 #endif
-        gemv_portable(j, r0, r1);
+        gemv_portable(j, b0, b1);
         return;
     }
     const int64_t need = j->g * 16 + 16;
     if (tl_off_cap < need) {
         free(tl_off);
+        free(tl_val);
         tl_off = aligned_alloc(64, (size_t)need * sizeof(int32_t) + 64);
-        tl_off_cap = tl_off ? need : 0;
+        tl_val = aligned_alloc(64, (size_t)need * sizeof(float) + 64);
+        tl_off_cap = tl_off && tl_val ? need : 0;
     }
     if (tl_yt_cap < SDK_ROW_TILE * j->bp) {
         free(tl_yt);
         tl_yt = aligned_alloc(64, (size_t)(SDK_ROW_TILE * j->bp) * sizeof(float));
         tl_yt_cap = tl_yt ? SDK_ROW_TILE * j->bp : 0;
     }
-    if (!tl_off || !tl_yt) { atomic_store(j->failed, 1); return; }
-    gemm_rows(j, r0, r1, tl_off, tl_yt);
+    if (!tl_off_cap || !tl_yt_cap) { atomic_store(j->failed, 1); return; }
+    gemm_rows(j, b0, b1, tl_off, tl_val, tl_yt);
 }
 
 /* ------------------------------------------------------------------------------------------------ pool */
@@ -616,37 +675,35 @@ static void pool_run(const job_t *j, int nthreads) {
         if (++spins % 256 == 0) sched_yield(); else cpu_relax();
 }
 
-/* Split rows [0, n) into nchunks ranges of about equal work (stored elements plus a per-row cost),
- * boundaries on multiples of SDK_ROWS. */
+/* Split blocks [0, nb) into nchunks ranges of about equal work (stored elements plus a per-block cost). */
 static void balance(job_t *j, int nchunks) {
-    const int64_t per_row = j->g; /* mask decode / loop overhead, in element-equivalents */
-    const double total = (double)j->row_ptr[j->n] + (double)per_row * (double)j->n;
-    int64_t r = 0;
+    const int64_t per_block = SDK_ROWS * j->g; /* mask decode / loop overhead, in element-equivalents */
+    const double total = (double)j->block_ptr[j->nb] + (double)per_block * (double)j->nb;
+    int64_t blk = 0;
     j->nchunks = nchunks;
     j->bounds[0] = 0;
     for (int t = 1; t < nchunks; t++) {
         const double target = total * t / nchunks;
-        int64_t lo = r, hi = j->n; /* first row whose prefix work >= target */
+        int64_t lo = blk, hi = j->nb; /* first block whose prefix work >= target */
         while (lo < hi) {
             int64_t mid = (lo + hi) / 2;
-            if ((double)j->row_ptr[mid] + (double)per_row * mid < target) lo = mid + 1; else hi = mid;
+            if ((double)j->block_ptr[mid] + (double)per_block * mid < target) lo = mid + 1; else hi = mid;
         }
-        r = (lo + SDK_ROWS / 2) / SDK_ROWS * SDK_ROWS;
-        if (r > j->n) r = j->n;
-        if (r < j->bounds[t - 1]) r = j->bounds[t - 1];
-        j->bounds[t] = r;
+        blk = lo;
+        j->bounds[t] = blk;
     }
-    j->bounds[nchunks] = j->n;
+    j->bounds[nchunks] = j->nb;
 }
 
 static float *scratch;
 static int64_t scratch_cap;
 
-/* y[b, n] = sum_k x[b, k] * W[n, k]. isa: 0 auto, 1 portable, 2 AVX2, 3 AVX-512. threads >= 1.
+/* y[b, n] = sum_k x[b, k] * W[n, k] for W in bitmask16-v2 (mask [ceil(n/4), ceil(k/16), 4], values,
+ * block_ptr [ceil(n/4) + 1]). isa: 0 auto, 1 portable, 2 AVX2, 3 AVX-512. threads >= 1.
  * Returns 0, or ERR_ARGS / ERR_ISA / ERR_NOMEM. Safe to call from several threads (calls serialize). */
 SDK_EXPORT int sdk_matmul(const float *x, int64_t b, int64_t k, const uint16_t *mask, const float *values,
-                          const int64_t *row_ptr, int64_t n, float *y, int threads, int isa) {
-    if (b < 1 || k < 1 || n < 1 || !x || !mask || !values || !row_ptr || !y || threads < 1) return ERR_ARGS;
+                          const int64_t *block_ptr, int64_t n, float *y, int threads, int isa) {
+    if (b < 1 || k < 1 || n < 1 || !x || !mask || !values || !block_ptr || !y || threads < 1) return ERR_ARGS;
     if (threads > SDK_MAX_THREADS) threads = SDK_MAX_THREADS;
     if (isa == ISA_AUTO)
         isa = isa_supported(ISA_AVX512) ? ISA_AVX512 : isa_supported(ISA_AVX2) ? ISA_AVX2 : ISA_PORTABLE;
@@ -655,14 +712,15 @@ SDK_EXPORT int sdk_matmul(const float *x, int64_t b, int64_t k, const uint16_t *
     pthread_once(&tables_once, init_tables);
 #endif
     atomic_int failed = 0;
-    job_t j = {.failed = &failed, .mask = mask, .values = values, .row_ptr = row_ptr, .y = y,
+    job_t j = {.failed = &failed, .mask = mask, .values = values, .block_ptr = block_ptr, .y = y,
                .n = n, .k = k, .b = b, .isa = isa};
     j.g = (k + 15) / 16;
+    j.nb = (n + SDK_ROWS - 1) / SDK_ROWS;
     j.expand_batch = b >= 2 && b <= SDK_EXPAND_MAX_B &&
-                     1.0 - (double)row_ptr[n] / ((double)n * (double)k) <= expand_max_sparsity;
+                     1.0 - (double)block_ptr[j.nb] / ((double)n * (double)k) <= expand_max_sparsity;
     j.bp = b == 1 || j.expand_batch ? 1 : (b + 15) / 16 * 16;
     if ((double)j.g * 16 * (double)j.bp >= 2147483647.0) return ERR_ARGS; /* int32 offsets: callers chunk the batch */
-    if ((int64_t)threads * SDK_ROWS > n) threads = (int)((n + SDK_ROWS - 1) / SDK_ROWS);
+    if (threads > j.nb) threads = (int)j.nb;
     if (threads < 1) threads = 1;
 
     pthread_mutex_lock(&pool.call_lock);
@@ -689,7 +747,7 @@ SDK_EXPORT int sdk_matmul(const float *x, int64_t b, int64_t k, const uint16_t *
     }
     j.x = scratch;
     int64_t nchunks = threads == 1 ? 1 : (int64_t)threads * SDK_CHUNKS_PER_THREAD;
-    if (nchunks > (n + SDK_ROWS - 1) / SDK_ROWS) nchunks = (n + SDK_ROWS - 1) / SDK_ROWS;
+    if (nchunks > j.nb) nchunks = j.nb;
     balance(&j, (int)nchunks);
     pool_run(&j, threads);
     pthread_mutex_unlock(&pool.call_lock);

@@ -5,8 +5,8 @@
 // API (onnxruntime_cxx_api.h, Ort::CustomOpBase) and calls the same C ABI as the Python binding
 // (sparsedeploy/kernels/native.py -> sdk_matmul in ../sparse_cpu.c). Build: see CMakeLists.txt beside it.
 //
-// Node: SparseLinear(x, mask, values, row_ptr, negzero, shape) -> y, inputs in the order of the node's `arrays`
-// attribute (what export --target sparse-cpu writes: mask, values, row_ptr, negzero, shape). x: float [..., K];
+// Node: SparseLinear(x, mask, values, block_ptr, negzero, shape) -> y, inputs in the order of the node's `arrays`
+// attribute (what export --target sparse-cpu writes: mask, values, block_ptr, negzero, shape). x: float [..., K];
 // y: float [..., N]. negzero only matters for unpacking; the kernel never reads it.
 #include <onnxruntime_cxx_api.h>
 
@@ -16,7 +16,7 @@
 #include <vector>
 
 extern "C" int sdk_matmul(const float *x, int64_t b, int64_t k, const uint16_t *mask, const float *values,
-                          const int64_t *row_ptr, int64_t n, float *y, int threads, int isa);
+                          const int64_t *block_ptr, int64_t n, float *y, int threads, int isa);
 
 namespace {
 
@@ -35,7 +35,7 @@ struct SparseLinearKernel {
         auto x = ctx.GetInput(0);
         auto mask = ctx.GetInput(1);
         auto values = ctx.GetInput(2);
-        auto row_ptr = ctx.GetInput(3);
+        auto block_ptr = ctx.GetInput(3);
         auto shape = ctx.GetInput(5);
         const int64_t *nk = shape.GetTensorData<int64_t>();
         const int64_t n = nk[0], k = nk[1];
@@ -47,7 +47,7 @@ struct SparseLinearKernel {
         auto y = ctx.GetOutput(0, dims);
         if (rows == 0) return;
         int rc = sdk_matmul(x.GetTensorData<float>(), rows, k, mask.GetTensorData<uint16_t>(),
-                            values.GetTensorData<float>(), row_ptr.GetTensorData<int64_t>(), n,
+                            values.GetTensorData<float>(), block_ptr.GetTensorData<int64_t>(), n,
                             y.GetTensorMutableData<float>(), threads_ > 0 ? threads_ : 1, 0);
         if (rc != 0) throw std::runtime_error("SparseLinear: kernel error " + std::to_string(rc));
     }
@@ -64,7 +64,7 @@ struct SparseLinearOp : Ort::CustomOpBase<SparseLinearOp, SparseLinearKernel> {
             case 0: case 2: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;   // x, values
             case 1: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16;          // mask
             case 4: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;           // negzero (bit array)
-            default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;          // row_ptr, shape
+            default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;          // block_ptr, shape
         }
     }
     size_t GetOutputTypeCount() const { return 1; }
