@@ -379,22 +379,6 @@ __attribute__((target("avx512f,avx2,popcnt"))) static inline __m512 expand16(con
     } while (0)
 #define DEF_GEMVB_AVX512(BB)                                                                                 \
     DEF_GEMVB(gemvb_avx512, "avx512f,avx2,fma,popcnt", __m512, _mm512, _mm512_reduce_add_ps, GROUP_AVX512, BB)
-/* Batch 1 on AVX-512 CPUs: 256-bit halves, each expanded by one zero-masking vpermps (AVX-512VL), no blend.
- * Measured faster than the 512-bit expand16 on Zen 4 (docs/sparse_cpu.md). */
-__attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static inline __m256 expand8z(const float **v,
-                                                                                           unsigned byte) {
-    const __m256i idx = _mm256_load_si256((const __m256i *)perm_table[byte]);
-    const __m256 w = _mm256_maskz_permutexvar_ps((__mmask8)byte, idx, _mm256_loadu_ps(*v));
-    *v += __builtin_popcount(byte);
-    return w;
-}
-#define GROUP_AVX512_GEMV(acc, BB, v, mg, xg, S)                                                             \
-    do {                                                                                                     \
-        const __m256 wl = expand8z(&v, (mg) & 0xff), wh = expand8z(&v, (mg) >> 8);                           \
-        acc[0] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(xg), acc[0]);                                           \
-        acc[0] = _mm256_fmadd_ps(wh, _mm256_loadu_ps((xg) + 8), acc[0]);                                     \
-    } while (0)
-DEF_GEMV(gemv_avx512, "avx512f,avx512vl,avx2,fma,popcnt", __m256, _mm256, hsum256, GROUP_AVX512_GEMV)
 DEF_GEMVB_AVX512(2)
 DEF_GEMVB_AVX512(3)
 DEF_GEMVB_AVX512(4)
@@ -459,8 +443,7 @@ static int isa_supported(int isa) {
     __builtin_cpu_init();
     if (isa == ISA_AVX2)
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
-    if (isa == ISA_AVX512)
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && isa_supported(ISA_AVX2);
+    if (isa == ISA_AVX512) return __builtin_cpu_supports("avx512f") && isa_supported(ISA_AVX2);
 #endif
     return 0;
 }
@@ -545,8 +528,9 @@ static void run_part(const job_t *j, int chunk) {
     }
     if (j->b == 1) {
 #if SDK_X86
-        if (j->isa == ISA_AVX512) { gemv_avx512(j, b0, b1); return; }
-        if (j->isa == ISA_AVX2) { gemv_avx2(j, b0, b1); return; }
+        /* AVX-512 CPUs run the 256-bit GEMV too: the 512-bit expand (one masked vpermps per group) and a
+         * zero-masking 256-bit vpermps (AVX-512VL) both measured slower on Zen 4 (docs/sparse_cpu.md) */
+        if (j->isa == ISA_AVX512 || j->isa == ISA_AVX2) { gemv_avx2(j, b0, b1); return; }
 #endif
         gemv_portable(j, b0, b1);
         return;
