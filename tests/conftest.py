@@ -140,3 +140,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "deepsparse_install" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def pruned_checkpoints(tmp_path_factory):
+    """Two tiny LLaMAs pruned by Wanda, one unstructured 50 %, one 2:4: {"0.5": dir, "2:4": dir}."""
+    from onnx_helpers import pruned_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt")
+    return {
+        "0.5": pruned_tiny_checkpoint(root / "unstructured", "0.5"),
+        "2:4": pruned_tiny_checkpoint(root / "nm", "2:4"),
+    }
+
+
+@pytest.fixture(scope="session")
+def pruned_exports(pruned_checkpoints, tmp_path_factory):
+    """pruned_checkpoints exported with default options and verified: {key: (export dir, report)}."""
+    from sparsedeploy.export.run import ExportConfig, export_checkpoint
+
+    root = tmp_path_factory.mktemp("onnx")
+    return {
+        key: (
+            root / key.replace(":", "_"),
+            export_checkpoint(ExportConfig(model=str(path)), root / key.replace(":", "_")),
+        )
+        for key, path in pruned_checkpoints.items()
+    }
