@@ -42,6 +42,9 @@ class MethodOption:
         return self.flag or self.key
 
     def shown_default(self) -> str:
+        """The default as a flag's help and the recipe write it (1.0 -> 1, False -> false)."""
+        if self.type is bool:
+            return str(self.default).lower()
         return f"{self.default:g}" if self.type is float else str(self.default)
 
     def help_text(self) -> str:
