@@ -1,6 +1,9 @@
-"""The CLI run in this process, shared by tests/cli and tests/faults."""
+"""The CLI run in this process (tests/cli, tests/faults) or in a fresh interpreter (tests/bench)."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 from sparsedeploy.cli import main
 
@@ -14,3 +17,8 @@ def run_cli(args, capsys):
         code = exc.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def run_cli_subprocess(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m sparsedeploy ARGS` in a fresh interpreter, output captured as text."""
+    return subprocess.run([sys.executable, "-m", "sparsedeploy", *args], capture_output=True, text=True, env=env)

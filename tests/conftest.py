@@ -140,3 +140,71 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "deepsparse_install" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def pruned_checkpoints(tmp_path_factory):
+    """Two tiny LLaMAs pruned by Wanda, one unstructured 50 %, one 2:4: {"0.5": dir, "2:4": dir}."""
+    from onnx_helpers import pruned_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt")
+    return {
+        "0.5": pruned_tiny_checkpoint(root / "unstructured", "0.5"),
+        "2:4": pruned_tiny_checkpoint(root / "nm", "2:4"),
+    }
+
+
+@pytest.fixture(scope="session")
+def pruned_exports(pruned_checkpoints, tmp_path_factory):
+    """pruned_checkpoints exported with default options and verified: {key: (export dir, report)}."""
+    from sparsedeploy.export.run import ExportConfig, export_checkpoint
+
+    root = tmp_path_factory.mktemp("onnx")
+    return {
+        key: (
+            root / key.replace(":", "_"),
+            export_checkpoint(ExportConfig(model=str(path)), root / key.replace(":", "_")),
+        )
+        for key, path in pruned_checkpoints.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory):
+    """The tiny random LLaMA exported with KV cache by optimum (dense) plus a 50%-zeroed copy (sparse)."""
+    pytest.importorskip("optimum.exporters.onnx")
+    import torch
+    from optimum.exporters.onnx import main_export
+
+    root = tmp_path_factory.mktemp("tiny_onnx")
+    out = {}
+    for name in ("dense", "sparse"):
+        model = tiny_llama()
+        if name == "sparse":
+            with torch.no_grad():
+                for mod in model.model.layers.modules():
+                    if isinstance(mod, torch.nn.Linear):
+                        w = mod.weight
+                        w[w.abs() < w.abs().median()] = 0
+        ckpt = root / f"{name}_ckpt"
+        model.config.use_cache = True
+        model.save_pretrained(ckpt)
+        main_export(str(ckpt), output=str(root / name), task="text-generation-with-past", do_validation=False)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tmp_path_factory):
+    """A tiny LLaMA, dense and Wanda 2:4, exported by sparsedeploy (export_report.json points at each checkpoint)."""
+    from onnx_helpers import pruned_tiny_checkpoint
+
+    from sparsedeploy.export.run import ExportConfig, export_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_exports")
+    out = {}
+    for name, sparsity in (("dense", "0"), ("sparse", "2:4")):
+        ckpt = pruned_tiny_checkpoint(root / f"{name}_ckpt", sparsity)
+        export_checkpoint(ExportConfig(model=str(ckpt), verify=False), root / name)
+        out[name] = root / name
+    return out

@@ -14,7 +14,18 @@ log = logging.getLogger(__name__)
 PHASES = ("prefill", "decode", "total")
 
 
-ENGINES = ("ort", "sparse-cpu", "deepsparse", "torch", "tensorrt")
+# The engines (--engine, run --bench-engine, the recipe's bench.engine) and what each times (docs/bench.md's table)
+ENGINE_NOTES = {
+    "ort": "the whole model with its KV cache in ONNX Runtime: prefill, decode, end to end",
+    "sparse-cpu": "a `--target sparse-cpu` export in sparsedeploy's own kernels against the dense export in "
+    "ONNX Runtime",
+    "deepsparse": "DeepSparse 1.8 (own virtualenv): the decoder-stack graphs for prefill and a decode step, and "
+    "generation through them, each against ONNX Runtime on the same graphs",
+    "torch": "PyTorch on a GPU (`--device cuda`): 2:4 semi-structured kernels, eager or replayed as CUDA graphs",
+    "tensorrt": "dense and 2:4-sparse TensorRT engines built from the export (`--device cuda`; needs NVIDIA's "
+    "`tensorrt` package)",
+}
+ENGINES = tuple(ENGINE_NOTES)
 
 
 @dataclass

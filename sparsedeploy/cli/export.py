@@ -101,7 +101,8 @@ def export_cmd(
     as_json,
 ):
     """Export a pruned checkpoint to ONNX (KV cache) and prove zeros, N:M layout and logit parity."""
-    from sparsedeploy.export.run import ExportConfig, export_checkpoint, summary
+    from sparsedeploy.export.report import summary
+    from sparsedeploy.export.run import ExportConfig, export_checkpoint
 
     check_numbers(
         greedy_tokens=(greedy_tokens, 0),

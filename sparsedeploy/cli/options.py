@@ -8,6 +8,7 @@ import logging
 import click
 
 from sparsedeploy.common.errors import UserError
+from sparsedeploy.prune.method_options import METHOD_OPTIONS, OPTIONS_BY_KEY, MethodOption, check_minimums
 
 log = logging.getLogger("sparsedeploy")
 
@@ -38,111 +39,38 @@ def with_options(options):
     return wrap
 
 
-# Method-specific prune flags -> the option (dataclass field) of the method class they set. Which methods take
-# an option is the methods' own declaration (PruningMethod.option_names()), read when the command runs.
-_METHOD_FLAGS = {
-    "init": "init",
-    "dsnot_targets": "targets",
-    "dsnot_mode": "mode",
-    "max_cycles": "max_cycles",
-    "update_threshold": "update_threshold",
-    "pow_of_var_regrowing": "pow_of_var_regrowing",
-    "no_sign_flip": "no_sign_flip",
-    "verify_rows": "verify_rows",
-    "blocksize": "blocksize",
-    "percdamp": "percdamp",
-}
-method_option_flags = [
-    click.option(
-        "--init",
-        default=None,
-        type=click.Choice(["wanda", "sparsegpt", "magnitude"]),
-        help="dsnot: initial method [default: wanda]",
-    ),
-    click.option(
-        "--dsnot-targets",
-        default=None,
-        type=click.Choice(["all", "attn", "mlp"]),
-        help="dsnot: linears to refine [default: all]",
-    ),
-    click.option(
-        "--dsnot-mode",
-        default=None,
-        type=click.Choice(["verified", "paper", "second-order"]),
-        help=(
-            "dsnot: second-order (swaps chosen by the exact error change) or verified (the paper's mean criterion), "
-            "both kept only where they lower the actual error; paper (as published) [default: second-order]"
-        ),
-    ),
-    click.option("--max-cycles", default=None, type=int, help="dsnot: prune-and-grow cycles per layer [default: 50]"),
-    click.option(
-        "--update-threshold",
-        default=None,
-        type=float,
-        help="dsnot: stop a row once its expected error is this small [default: 0.1]",
-    ),
-    click.option(
-        "--pow-of-var-regrowing",
-        default=None,
-        type=float,
-        help="dsnot: exponent p of Var[x]^p in the grow score [default: 1]",
-    ),
-    click.option(
-        "--no-sign-flip",
-        is_flag=True,
-        default=None,
-        help="dsnot: reject swaps that flip the sign of a row's expected error",
-    ),
-    click.option(
-        "--verify-rows",
-        is_flag=True,
-        default=None,
-        help="dsnot: keep the refinement row by row where it lowers that row's actual error [default: per linear]; "
-        "matters for --dsnot-mode verified and --init sparsegpt (second-order swaps already lower each row's error)",
-    ),
-    click.option(
-        "--blocksize",
-        default=None,
-        type=int,
-        help="sparsegpt (or dsnot --init sparsegpt): OBS column block [default: 128]",
-    ),
-    click.option(
-        "--percdamp",
-        default=None,
-        type=float,
-        help="sparsegpt (or dsnot --init sparsegpt): dampening, fraction of mean diag(H) [default: 0.01]",
-    ),
-]
+def _method_flag(option: MethodOption):
+    """A prune flag generated from a method option's declaration; None (not given) unless set."""
+    kwargs: dict = {"default": None, "help": option.help_text()}
+    if option.type is bool:
+        kwargs["is_flag"] = True
+    else:
+        kwargs["type"] = click.Choice(list(option.choices)) if option.choices else option.type
+    return click.option(option.flag, **kwargs)
+
+
+# The method flags, one per declared option that has a flag (prune/method_options.py owns them all).
+method_option_flags = [_method_flag(o) for o in METHOD_OPTIONS if o.flag]
+_FLAG_OPTIONS = {o.param: o for o in METHOD_OPTIONS if o.flag}
 
 
 def method_options_from_flags(method: str, flags: dict) -> dict:
     """Keyword options for the method from the given flags; a flag the method does not use is an error."""
-    from sparsedeploy.prune.methods import METHODS
-
     options = {}
-    for flag, value in flags.items():
+    for param, value in flags.items():
         if value is None or value is False:
             continue
-        keyword = _METHOD_FLAGS[flag]
-        cli_name = "--" + flag.replace("_", "-")
-        takes = [name for name, cls in METHODS.items() if keyword in cls.option_names()]
-        if method not in takes or (
-            flag in ("blocksize", "percdamp") and method == "dsnot" and flags.get("init") != "sparsegpt"
-        ):
-            needs = (
-                "--method sparsegpt or --method dsnot --init sparsegpt"
-                if flag in ("blocksize", "percdamp")
-                else " or ".join(f"--method {name}" for name in takes)
+        option = _FLAG_OPTIONS[param]
+        conditions = [(o, v) for m, o, v in option.only_when if m == method]
+        if method not in option.methods or any(flags.get(OPTIONS_BY_KEY[o].param) != v for o, v in conditions):
+            needs = " or ".join(
+                f"--method {m}" + "".join(f" {OPTIONS_BY_KEY[o].flag} {v}" for m2, o, v in option.only_when if m2 == m)
+                for m in option.methods
             )
-            raise UserError(
-                f"{cli_name} does not apply to --method "
-                f"{method}{' without --init sparsegpt' if method == 'dsnot' else ''}: drop it or use {needs}"
-            )
-        options[keyword] = value
-    if "blocksize" in options and options["blocksize"] < 1:
-        raise UserError(f"--blocksize {options['blocksize']} must be at least 1")
-    if "percdamp" in options and not options["percdamp"] >= 0:
-        raise UserError(f"--percdamp {options['percdamp']} must be 0 or more")
+            unless = "".join(f" without {OPTIONS_BY_KEY[o].flag} {v}" for o, v in conditions)
+            raise UserError(f"{option.flag} does not apply to --method {method}{unless}: drop it or use {needs}")
+        options[option.key] = value
+    check_minimums(options)
     return options
 
 

@@ -16,13 +16,14 @@ from sparsedeploy.cli.options import (
     with_options,
 )
 from sparsedeploy.prune.choices import ALLOCATIONS, OFFLOAD_MODES
+from sparsedeploy.prune.method_options import METHOD_NAMES
 
 log = logging.getLogger("sparsedeploy")
 
 
 @click.command()
 @click.option("--model", required=True, help="HF id or directory, a .gguf file, or smollm2-135m")
-@click.option("--method", default="wanda", show_default=True, help="magnitude, wanda, sparsegpt, dsnot")
+@click.option("--method", default="wanda", show_default=True, help=", ".join(METHOD_NAMES))
 @click.option("--sparsity", default="0.5", show_default=True, help="fraction of zeros (0.5, 50%) or N:M (2:4, 4:8)")
 @click.option(
     "--calib",

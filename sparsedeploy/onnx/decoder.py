@@ -15,19 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from sparsedeploy.common.errors import UserError
+from sparsedeploy.onnx.dtypes import ORT_TYPES
 from sparsedeploy.onnx.storage import onnx_file, session_from_path
 
 log = logging.getLogger(__name__)
-
-# ONNX Runtime input/output type names -> NumPy dtypes (the one table: inputs fed from NumPy are built from it)
-ORT_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(bool)": np.bool_,
-}
 
 
 @dataclass

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparsedeploy.kernels import native
+from sparsedeploy.onnx.dtypes import ort_type_name
 from sparsedeploy.onnx.sparse_linear import is_sparse_linear, sparse_linear_nodes
 
 log = logging.getLogger(__name__)
-
-_ELEM_NAMES = {1: "float", 10: "float16", 11: "double", 7: "int64", 6: "int32", 9: "bool"}
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class _Linear:
 def _value_info(proto) -> ValueInfo:
     tensor = proto.type.tensor_type
     shape = [d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim]
-    return ValueInfo(proto.name, shape, f"tensor({_ELEM_NAMES.get(tensor.elem_type, 'unknown')})")
+    return ValueInfo(proto.name, shape, ort_type_name(tensor.elem_type))
 
 
 class SegmentedSession:

@@ -18,6 +18,7 @@ from sparsedeploy.common.errors import UserError
 from sparsedeploy.common.sparsity import SparsitySpec, parse_sparsity
 from sparsedeploy.export.config import DTYPES, OPSET_RANGE, STORAGES, TARGETS
 from sparsedeploy.prune.choices import ALLOCATIONS, OFFLOAD_MODES
+from sparsedeploy.prune.method_options import METHOD_NAMES, check_recipe_options
 
 
 @dataclass
@@ -194,10 +195,13 @@ def validate(recipe: Recipe) -> None:
                 f"{recipe.prune.options['init']!r} contradicts prune.method {recipe.prune.method!r}",
             )
         recipe.prune.method, recipe.prune.options = refine, {**recipe.prune.options, "init": init}
-    if recipe.prune.method not in METHODS:
+    if recipe.prune.method not in METHOD_NAMES:
         raise _key_error(
-            "prune.method", f"unknown method {recipe.prune.method!r}: choose one of {', '.join(sorted(METHODS))}"
+            "prune.method", f"unknown method {recipe.prune.method!r}: choose one of {', '.join(sorted(METHOD_NAMES))}"
         )
+    problem = check_recipe_options(recipe.prune.method, recipe.prune.options)
+    if problem is not None:
+        raise _key_error("prune.options", f"not accepted by {recipe.prune.method}: {problem}")
     try:
         build_method(recipe.prune.method, **recipe.prune.options)
     except TypeError as exc:

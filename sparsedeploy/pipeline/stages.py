@@ -286,7 +286,8 @@ def run_bench_stage(recipe: Recipe, model_dir: Path, onnx_dir: Path, out_dir: Pa
 def export_stage(recipe, model_dir: Path, onnx_dir: Path) -> dict:
     """The pipeline's export stage (`export:` section of a recipe): export + verify the pruned model, return the
     summary."""
-    from sparsedeploy.export.run import ExportConfig, export_checkpoint, summary
+    from sparsedeploy.export.report import summary
+    from sparsedeploy.export.run import ExportConfig, export_checkpoint
 
     section = recipe.export
     config = ExportConfig(

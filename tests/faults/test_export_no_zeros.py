@@ -2,7 +2,7 @@
 
 import logging
 
-from sparsedeploy.export.run import warn_if_no_zeros
+from sparsedeploy.export.verification import warn_if_no_zeros
 
 
 def test_dense_checkpoint_warns_and_pruned_does_not(tiny_checkpoint, tmp_path, caplog):

@@ -26,3 +26,16 @@ def test_polygraphy_verdict_agrees_when_installed(nm_export):
     poly = inspect_onnx(out)["polygraphy"]
     assert poly["ran"], poly
     assert poly["agree"] and poly["polygraphy_2_4_weights"] == 14
+
+
+def test_inspect_table_for_people(pruned_exports):
+    from sparsedeploy.onnx.inspect import format_inspect, inspect_onnx
+
+    out, _ = pruned_exports["2:4"]
+    text = format_inspect(inspect_onnx(out / "model.onnx"))
+    lines = text.splitlines()
+    assert lines[0].split() == ["weight", "shape", "dtype", "sparsity", "2:4", "used", "by"]
+    rows = [line for line in lines[1:] if "MatMul /" in line]
+    assert len(rows) == 15 and sum(line.split()[4] == "yes" for line in rows) == 14  # every decoder linear, not lm_head
+    assert all("q_proj" not in line or "0.5000" in line for line in rows)
+    assert any(line.startswith("total:") and "14/15 MatMul/Gemm weights satisfy 2:4 along K" in line for line in lines)

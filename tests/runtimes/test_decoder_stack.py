@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.export.run import ExportConfig, export_checkpoint, summary
+from sparsedeploy.export.report import summary
+from sparsedeploy.export.run import ExportConfig, export_checkpoint
 from sparsedeploy.runtimes.decoder_stack import StackHead, greedy
 
 

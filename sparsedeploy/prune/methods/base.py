@@ -9,6 +9,7 @@ import torch
 
 from sparsedeploy.common.sparsity import SparsitySpec
 from sparsedeploy.prune.calibration import InputStats
+from sparsedeploy.prune.method_options import check_minimums
 
 
 @dataclass
@@ -39,6 +40,10 @@ class PruningMethod:
     def option_names(cls) -> tuple[str, ...]:
         """The options a recipe or CLI may set: the dataclass init fields, less the name."""
         return tuple(f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("name", "needs_hessian"))
+
+    def check_option_values(self) -> None:
+        """Every numeric option at least its declared least value (prune/method_options.py), else a UserError."""
+        check_minimums({name: getattr(self, name) for name in self.option_names()})
 
     def initial_method(self) -> PruningMethod | None:
         """The method whose result this one refines (None: it prunes from the dense weights)."""

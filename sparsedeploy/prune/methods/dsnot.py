@@ -37,25 +37,28 @@ import torch
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.common.sparsity import SparsitySpec, check_nm_shape
 from sparsedeploy.prune.calibration import InputStats
+from sparsedeploy.prune.method_options import option
 from sparsedeploy.prune.methods.base import PruneResult, PruningMethod
 
 log = logging.getLogger(__name__)
 
-MODES = ("verified", "paper", "second-order")
-TARGETS = ("all", "attn", "mlp")
-INITS = ("wanda", "sparsegpt", "magnitude")
+MODES = option("mode").choices
+TARGETS = option("targets").choices
+INITS = option("init").choices
 _ATTN_KEYS = ("attn", "attention")
 _MLP_KEYS = ("mlp", "feed_forward", "ffn")
 
 
 @dataclass
 class DSnoTOptions:
+    """The refinement's own settings (the DSnoT method passes its options through)."""
+
     mode: str = "verified"
-    max_cycles: int = 50
-    update_threshold: float = 0.1
-    pow_of_var_regrowing: float = 1.0
-    no_sign_flip: bool = False
-    candidates: int = 4  # second-order: grow candidates examined per row and cycle
+    max_cycles: int = option("max_cycles").default
+    update_threshold: float = option("update_threshold").default
+    pow_of_var_regrowing: float = option("pow_of_var_regrowing").default
+    no_sign_flip: bool = option("no_sign_flip").default
+    candidates: int = option("candidates").default  # second-order: grow candidates examined per row and cycle
 
 
 @dataclass
@@ -272,25 +275,19 @@ def target_matches(targets: str, name: str) -> bool:
 class DSnoT(PruningMethod):
     """Initial method, then DSnoT refinement of the target linears (others keep the initial result)."""
 
-    init: str = "wanda"
-    targets: str = "all"  # measured on smollm2-135m: all >= attn at 60%, 70% and 2:4 (docs/dsnot.md)
-    mode: str = (
-        "second-order"  # measured best on smollm2-135m at 60%, 70% and 2:4 (docs/dsnot.md); verified like "verified"
-    )
-    max_cycles: int = 50
-    update_threshold: float = 0.1
-    pow_of_var_regrowing: float = 1.0
-    no_sign_flip: bool = False
-    verify_rows: bool = False
-    verify_block: bool = (
-        True  # verified modes: also keep a block's refinement only if the block output gets closer to dense
-    )
-    verify_model: bool = (
-        True  # verified modes: and keep the refined model only if it beats the initialiser alone on held-out windows
-    )
-    candidates: int = 4
-    blocksize: int = 128
-    percdamp: float = 0.01
+    init: str = option("init").default
+    targets: str = option("targets").default
+    mode: str = option("mode").default  # second-order and verified are checked like "verified" (docs/dsnot.md)
+    max_cycles: int = option("max_cycles").default
+    update_threshold: float = option("update_threshold").default
+    pow_of_var_regrowing: float = option("pow_of_var_regrowing").default
+    no_sign_flip: bool = option("no_sign_flip").default
+    verify_rows: bool = option("verify_rows").default
+    verify_block: bool = option("verify_block").default  # verified modes only (dropped for mode paper)
+    verify_model: bool = option("verify_model").default  # only with verify_block
+    candidates: int = option("candidates").default
+    blocksize: int = option("blocksize").default
+    percdamp: float = option("percdamp").default
     name: str = "dsnot"
     needs_hessian: bool = field(init=False, default=False)
     uses_name: ClassVar[bool] = True
@@ -305,10 +302,7 @@ class DSnoT(PruningMethod):
             raise UserError(f"unknown --dsnot-targets {self.targets!r}: choose one of {', '.join(TARGETS)}")
         if self.mode not in MODES:
             raise UserError(f"unknown --dsnot-mode {self.mode!r}: choose one of {', '.join(MODES)}")
-        if self.max_cycles < 0:
-            raise UserError(f"--max-cycles {self.max_cycles} must be 0 or more")
-        if self.update_threshold < 0:
-            raise UserError(f"--update-threshold {self.update_threshold} must be 0 or more")
+        self.check_option_values()
         if self.verify_rows and self.mode == "paper":
             raise UserError(
                 "--verify-rows needs a verified mode, not --dsnot-mode paper: use --dsnot-mode second-order or verified"

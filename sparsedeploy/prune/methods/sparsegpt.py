@@ -16,6 +16,7 @@ import torch
 
 from sparsedeploy.common.sparsity import SparsitySpec, check_nm_shape, mask_lowest_global
 from sparsedeploy.prune.calibration import InputStats
+from sparsedeploy.prune.method_options import option
 from sparsedeploy.prune.methods.base import PruneResult, PruningMethod
 
 log = logging.getLogger(__name__)
@@ -124,10 +125,13 @@ def sparsegpt(
 class SparseGPT(PruningMethod):
     """SparseGPT as a method of the shared engine (q/k/v and gate/up share one Hessian)."""
 
-    blocksize: int = 128
-    percdamp: float = 0.01
+    blocksize: int = option("blocksize").default
+    percdamp: float = option("percdamp").default
     name: str = "sparsegpt"
     needs_hessian: bool = True
+
+    def __post_init__(self) -> None:
+        self.check_option_values()
 
     def prune(self, weight: torch.Tensor, stats: InputStats, spec: SparsitySpec) -> PruneResult:
         mask, new = sparsegpt(weight, stats.hessian, spec, self.blocksize, self.percdamp)
