@@ -77,12 +77,6 @@ static inline uint64_t group_masks(const job_t *j, int64_t blk, int64_t g) {
 static inline unsigned row_mask(uint64_t mm, int i) { return (unsigned)(mm >> (16 * i)) & 0xffffu; }
 /* Stored elements of the rows before row i in a group (where row i's elements start). */
 static inline int64_t before_row(uint64_t mm, int i) { return __builtin_popcountll(mm & ((1ull << (16 * i)) - 1)); }
-/* Stored elements of block blk in groups [g0, g1). */
-static int64_t block_span(const job_t *j, int64_t blk, int64_t g0, int64_t g1) {
-    int64_t c = 0;
-    for (int64_t g = g0; g < g1; g++) c += __builtin_popcountll(group_masks(j, blk, g));
-    return c;
-}
 static inline int rows_in_block(const job_t *j, int64_t blk) {
     const int64_t left = j->n - blk * SDK_ROWS;
     return left < SDK_ROWS ? (int)left : SDK_ROWS;
@@ -473,6 +467,7 @@ static void gemm_rows(const job_t *j, int64_t b0, int64_t b1, int32_t *off, floa
             const int64_t g1 = g0 + kb < j->g ? g0 + kb : j->g;
             for (int64_t blk = t0; blk < t1; blk++) {
                 const float *v = j->values + cur[blk - t0];
+                int64_t span = 0; /* the block's elements in this K block: its rows' counts (rows past N have none) */
                 for (int i = 0; i < rows_in_block(j, blk); i++) {
                     float *yt = ytile + ((blk - t0) * SDK_ROWS + i) * j->bp;
                     int64_t c;
@@ -489,8 +484,9 @@ static void gemm_rows(const job_t *j, int64_t b0, int64_t b1, int32_t *off, floa
                         c = decode_row_portable(j, blk, i, g0, g1, v, off, val);
                         gemm_row_portable(j, val, off, c, yt, g0 > 0);
                     }
+                    span += c;
                 }
-                cur[blk - t0] += block_span(j, blk, g0, g1);
+                cur[blk - t0] += span;
             }
         }
         const int64_t r0 = t0 * SDK_ROWS, r1 = t1 * SDK_ROWS < j->n ? t1 * SDK_ROWS : j->n;
