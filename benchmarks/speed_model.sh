@@ -8,9 +8,11 @@
 #             and DeepSparse. About 4.5 GB per fp32 export and 12 GB of RAM; about an hour on one core.
 #   sparsecpu smollm2-135m Wanda-70%: the --target sparse-cpu export (sparsedeploy's kernels) against the dense export
 #             in ONNX Runtime, batch 1, prompt 64 + 64 new tokens, 1 and 2 threads (issue 17's whole-model row).
-#   bash benchmarks/speed_model.sh [WORK_DIR] [smollm2|llama1b|sparsecpu|all]
+#   sparsecpu1b the speed-only LLaMA-1B-like model, magnitude 70%: --target sparse-cpu against the dense export in
+#             ONNX Runtime, batch 1, prompt 64 + 64 new tokens, 1 thread (issue 17's 1B-like row). ~12 GB of RAM.
+#   bash benchmarks/speed_model.sh [WORK_DIR] [smollm2|llama1b|sparsecpu|sparsecpu1b|all]
 #     -> benchmarks/results/speed_model/{ort,deepsparse}_{wanda50,wanda24,llama1b_mag70,llama1b_mag24}/,
-#        sparse_cpu_wanda70_t{1,2}/
+#        sparse_cpu_wanda70_t{1,2}/, sparse_cpu_llama1b_mag70_t1/
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="${1:-/tmp/sparsedeploy-speed-model}"
@@ -66,4 +68,15 @@ if [[ "$part" == sparsecpu || "$part" == all ]]; then
     OMP_NUM_THREADS=$t "${sd[@]}" bench --engine sparse-cpu --model "$work/wanda70_sc" --baseline "$work/dense_onnx" --batch 1 \
       --prompt-len 64 --gen-len 64 --threads "$t" --rounds 5 -o "$out/sparse_cpu_wanda70_t$t" --overwrite
   done
+fi
+
+if [[ "$part" == sparsecpu1b || "$part" == all ]]; then
+  l="$work/llama1b"
+  [[ -f "$l/dense/config.json" ]] || "$py" -c "import sys; from sparsedeploy.common.models import build_speed_only_model as b; b('llama-1b-like', sys.argv[1])" "$l/dense"
+  [[ -f "$l/dense_onnx/model.onnx" ]] || "${sd[@]}" export --model "$l/dense" --output "$l/dense_onnx" --no-verify --overwrite
+  [[ -f "$l/mag70/report.json" ]] || "${sd[@]}" prune --model "$l/dense" --method magnitude --sparsity 70% --nsamples 2 --seqlen 64 \
+    --output "$l/mag70" --overwrite
+  [[ -f "$l/mag70_sc/model.onnx" ]] || "${sd[@]}" export --model "$l/mag70" --target sparse-cpu --output "$l/mag70_sc" --overwrite
+  "${sd[@]}" bench --engine sparse-cpu --model "$l/mag70_sc" --baseline "$l/dense_onnx" --batch 1 --prompt-len 64 --gen-len 64 \
+    --threads 1 --rounds 3 -o "$out/sparse_cpu_llama1b_mag70_t1" --overwrite
 fi
