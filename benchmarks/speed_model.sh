@@ -33,9 +33,13 @@ if [[ "$part" == smollm2 || "$part" == all ]]; then
       --gen-len 32 --rounds 5 -o "$out/ort_$tag"
   done
   "${sd[@]}" engines install deepsparse
+  # bench times only what export wrote: the decoder-stack forms come from --target deepsparse exports
+  # (--bench-batch 1,8 --bench-prompt-len 128 --bench-gen-len 64 are the defaults, as bench's)
+  "${sd[@]}" export --model smollm2-135m --target deepsparse --output "$work/dense_ds" --no-verify --overwrite
   for tag in wanda50 wanda24; do
-    "${sd[@]}" bench --engine deepsparse --model "$work/${tag}_onnx" --baseline "$work/dense_onnx" --batch 1,8 --prompt-len 128 \
-      --rounds 5 -o "$out/deepsparse_$tag"
+    "${sd[@]}" export --model "$work/$tag" --target deepsparse --output "$work/${tag}_ds" --no-verify --overwrite
+    "${sd[@]}" bench --engine deepsparse --model "$work/${tag}_ds" --baseline "$work/dense_ds" --batch 1,8 \
+      --prompt-len 128 --rounds 5 -o "$out/deepsparse_$tag"
   done
 fi
 
@@ -53,7 +57,13 @@ if [[ "$part" == llama1b || "$part" == all ]]; then
       --rounds 3 -o "$out/ort_llama1b_$tag"
     # --gen-len 0: static forms only; whole generations would hold both stack graphs of both variants
     # (4 x 4.4 GB of fp32 weights, ~18 GB before DeepSparse's own copies) in one process on a 24 GB machine
-    "${sd[@]}" bench --engine deepsparse --model "$l/${tag}_onnx" --baseline "$l/dense_onnx" --batch 1 --prompt-len 128 \
+    # the two static forms bench times (4.4 GB each; generate's pair is the same two with --deepsparse-context 128)
+    forms=(--target deepsparse --bench-batch 1 --bench-prompt-len 128 --bench-gen-len 0 --deepsparse-context 128
+      --no-verify --overwrite)
+    for v in dense "$tag"; do
+      [[ -f "$l/${v}_ds/export_report.json" ]] || "${sd[@]}" export --model "$l/$v" --output "$l/${v}_ds" "${forms[@]}"
+    done
+    "${sd[@]}" bench --engine deepsparse --model "$l/${tag}_ds" --baseline "$l/dense_ds" --batch 1 --prompt-len 128 \
       --gen-len 0 --rounds 3 -o "$out/deepsparse_llama1b_$tag"
   done
 fi

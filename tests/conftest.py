@@ -196,15 +196,16 @@ def tiny_onnx(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_exports(tmp_path_factory):
-    """A tiny LLaMA, dense and Wanda 2:4, exported by sparsedeploy (export_report.json points at each checkpoint)."""
-    from onnx_helpers import pruned_tiny_checkpoint
+    """A tiny LLaMA, dense and Wanda 2:4, exported by sparsedeploy with the static forms a deepsparse or tensorrt
+    bench times at batch 1 and 2, prompt 8, 4 generated tokens (listed in export_report.json static_forms)."""
+    from onnx_helpers import forms_export_config, pruned_tiny_checkpoint
 
-    from sparsedeploy.export.run import ExportConfig, export_checkpoint
+    from sparsedeploy.export.run import export_checkpoint
 
     root = tmp_path_factory.mktemp("tiny_exports")
     out = {}
     for name, sparsity in (("dense", "0"), ("sparse", "2:4")):
         ckpt = pruned_tiny_checkpoint(root / f"{name}_ckpt", sparsity)
-        export_checkpoint(ExportConfig(model=str(ckpt), verify=False), root / name)
+        export_checkpoint(forms_export_config(ckpt), root / name)
         out[name] = root / name
     return out

@@ -55,3 +55,12 @@ def pruned_tiny_checkpoint(path: Path, sparsity: str = "0.5", seed: int = 0, met
     save_file({k: v.contiguous() for k, v in masks.items()}, str(path / "masks.safetensors"))
     write_json_atomic(path / "report.json", {"method": method, "sparsity_spec": str(spec)})
     return path
+
+
+def forms_export_config(ckpt: Path, **fields):
+    """An unverified ExportConfig that writes bench's deepsparse forms at batch 1 and 2, prompt 8, 4 generated tokens
+    (tiny_exports' configuration; `fields` override it)."""
+    from sparsedeploy.export.config import ExportConfig
+
+    base = {"bench_forms": "deepsparse", "bench_batch": (1, 2), "bench_prompt_len": 8, "bench_gen_len": 4}
+    return ExportConfig(model=str(ckpt), verify=False, **{**base, **fields})

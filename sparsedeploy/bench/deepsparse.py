@@ -8,7 +8,14 @@ import tempfile
 from pathlib import Path
 
 from sparsedeploy.bench.config import BenchConfig
-from sparsedeploy.bench.forms import GENERATION_FORM, form_rows, source_checkpoint, static_forms
+from sparsedeploy.bench.forms import (
+    GENERATION_FORM,
+    build_skeletons,
+    form_rows,
+    free_skeletons,
+    generation_bundles,
+    static_forms,
+)
 from sparsedeploy.bench.report import phase_rows
 from sparsedeploy.common.timing import Interleaved, run_interleaved
 from sparsedeploy.onnx.storage import session_from_path
@@ -19,8 +26,19 @@ log = logging.getLogger(__name__)
 def bench_deepsparse(cfg: BenchConfig, variants: dict[str, Path], progress=None) -> tuple[list[dict], dict]:
     from sparsedeploy.runtimes import deepsparse_env as ds
 
-    env = ds.require_env(cfg.deepsparse_venv, cfg.cache_dir)
     notes: dict = {"full_graph": {}}
+    # Every form looked up before anything is timed: a form the exports did not write stops here, with the fix.
+    with tempfile.TemporaryDirectory(prefix="sd-deepsparse-forms-") as tmp:
+        forms = static_forms(cfg, variants, Path(tmp), notes)
+        bundles = generation_bundles(cfg, variants) if cfg.gen_len > 0 else None
+        env = ds.require_env(cfg.deepsparse_venv, cfg.cache_dir)
+        rows = time_forms(env, cfg, variants, forms, bundles, notes, progress)
+    return rows, notes
+
+
+def time_forms(env, cfg: BenchConfig, variants: dict[str, Path], forms, bundles, notes: dict, progress) -> list[dict]:
+    from sparsedeploy.runtimes import deepsparse_env as ds
+
     rows: list[dict] = []
     # 1. The full graph, as exported: report whether DeepSparse accepts it.
     first = next(iter(variants.values()))
@@ -40,58 +58,53 @@ def bench_deepsparse(cfg: BenchConfig, variants: dict[str, Path], progress=None)
     #    and, on the same graph, in ONNX Runtime.
     from sparsedeploy.bench.matmul_cpu import time_ort_static
 
-    with tempfile.TemporaryDirectory(prefix="sd-deepsparse-forms-") as tmp:
-        for form in static_forms(cfg, variants, Path(tmp), notes):
-            for engine in ("deepsparse", "ort"):
-                if engine == "deepsparse":
-                    times = ds.bench_models(
-                        env,
-                        form.paths,
-                        form.batch if form.stack else form.rows,
-                        cfg.threads,
-                        rounds=max(cfg.rounds, 3),
-                        per_round=3,
-                        min_sample_s=0.02,
-                    )["times"]
-                else:
-                    times = time_ort_static(form.paths, cfg.threads, max(cfg.rounds, 3), 3)
-                rows.extend(form_rows(form, times, engine, cfg, progress))
+    for form in forms:
+        if not form.stack:
+            build_skeletons(form, variants, notes)
+        for engine in ("deepsparse", "ort"):
+            if engine == "deepsparse":
+                times = ds.bench_models(
+                    env,
+                    form.paths,
+                    form.batch if form.stack else form.rows,
+                    cfg.threads,
+                    rounds=max(cfg.rounds, 3),
+                    per_round=3,
+                    min_sample_s=0.02,
+                )["times"]
+            else:
+                times = time_ort_static(form.paths, cfg.threads, max(cfg.rounds, 3), 3)
+            rows.extend(form_rows(form, times, engine, cfg, progress))
+        free_skeletons(form)
     # 3. Whole generations (prompt + gen_len tokens) through both stack graphs with the embedding lookup and
     #    lm_head around them: the complete model as DeepSparse runs it, and ONNX Runtime on the same files.
-    checkpoints = {name: source_checkpoint(path.parent) for name, path in variants.items()}
-    if cfg.gen_len > 0 and all(checkpoints.values()):
-        from sparsedeploy.runtimes.stack_graphs import write_stack_files
-
+    if bundles:
         for batch in cfg.batches:
-            with tempfile.TemporaryDirectory(prefix="sd-deepsparse-generate-") as tmp:
-                bundles = {
-                    name: write_stack_files(
-                        checkpoints[name], Path(tmp) / name, batch, cfg.prompt_len, cfg.prompt_len + cfg.gen_len
-                    )
-                    for name in variants
-                }
-                reply = ds.bench_generation(
-                    env,
-                    bundles,
-                    batch,
-                    cfg.prompt_len,
-                    cfg.gen_len,
-                    cfg.threads,
-                    rounds=cfg.rounds,
-                    per_round=cfg.per_round,
-                    warmup=cfg.warmup,
-                )
-                for engine, res in (
-                    ("deepsparse", Interleaved(times=reply["times"], phases=reply["phases"])),
-                    ("ort", time_ort_generation(bundles, cfg, batch)),
-                ):
-                    new = phase_rows(res, list(variants), batch, cfg.prompt_len, cfg.gen_len, GENERATION_FORM, engine)
-                    rows.extend(new)
-                    if progress:
-                        progress(new)
+            reply = ds.bench_generation(
+                env,
+                bundles[batch],
+                batch,
+                cfg.prompt_len,
+                cfg.gen_len,
+                cfg.threads,
+                rounds=cfg.rounds,
+                per_round=cfg.per_round,
+                warmup=cfg.warmup,
+            )
+            for engine, res in (
+                ("deepsparse", Interleaved(times=reply["times"], phases=reply["phases"])),
+                ("ort", time_ort_generation(bundles[batch], cfg, batch)),
+            ):
+                new = phase_rows(res, list(variants), batch, cfg.prompt_len, cfg.gen_len, GENERATION_FORM, engine)
+                rows.extend(new)
+                if progress:
+                    progress(new)
     elif cfg.gen_len > 0:
-        notes["generation"] = "not timed: needs each export's source checkpoint (export_report.json model_path)"
-    return rows, notes
+        notes["generation"] = (
+            "not timed: the exports list no decoder-stack forms (export_report.json static_forms); export both "
+            "with --target deepsparse"
+        )
+    return rows
 
 
 def time_ort_generation(bundles: dict[str, dict[str, Path]], cfg: BenchConfig, batch: int) -> Interleaved:

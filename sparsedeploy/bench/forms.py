@@ -1,5 +1,6 @@
-"""The static forms DeepSparse and TensorRT time: the decoder stack (prefill, and a decode step over a KV cache)
-built from the checkpoint each export's report names, else the linear skeleton of the export's MatMuls."""
+"""The static forms DeepSparse and TensorRT time: the decoder-stack files each export wrote and lists in its report
+(`static_forms`: prefill, a decode step over a KV cache, generation bundles), else the linear skeleton of the
+export's MatMuls. Nothing here loads a checkpoint or traces a graph from one."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sparsedeploy.bench.config import BenchConfig
 from sparsedeploy.bench.report import phase_rows
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.common.timing import Interleaved
-from sparsedeploy.runtimes.stack_graphs import export_decoder_stack
+from sparsedeploy.runtimes import stack_forms as sf
 
 log = logging.getLogger(__name__)
 
@@ -102,19 +103,48 @@ GENERATION_FORM = (
 SKELETON_FORM = "linear skeleton (all MatMuls, real weights, ReLU between; no attention core/norms/KV)"
 
 
-def source_checkpoint(onnx_dir: Path) -> Path | None:
-    """The PyTorch checkpoint an export came from, as its export_report.json records it (model_path, else
-    model_path_relative to the export, which survives moving a pipeline's run directory), if it is still there."""
-    import json
+VARIANT_FLAGS = {"sparse": "--model", "dense": "--baseline"}
 
-    report = Path(onnx_dir) / "export_report.json"
-    if not report.is_file():
+
+def stack_manifests(variants: dict[str, Path]) -> dict[str, dict] | None:
+    """Each variant's `static_forms` (from its export_report.json); None when no export lists any (the linear
+    skeleton then stands in); UserError when some do and some do not (the two would be timed on different forms)."""
+    manifests = {name: sf.read_manifest(path.parent) for name, path in variants.items()}
+    if not any(manifests.values()):
         return None
-    data = json.loads(report.read_text())
-    candidates = [Path(data["model_path"])] if data.get("model_path") else []
-    if data.get("model_path_relative"):
-        candidates.append(Path(onnx_dir) / data["model_path_relative"])
-    return next((path for path in candidates if (path / "config.json").is_file()), None)
+    lacking = [name for name, manifest in manifests.items() if not manifest]
+    if lacking:
+        name = lacking[0]
+        raise UserError(
+            f"{VARIANT_FLAGS.get(name, name)} {variants[name].parent} lists no static forms (export_report.json "
+            "static_forms) while the other export does: export it with the same --target (deepsparse or tensorrt), "
+            "--bench-batch and --bench-prompt-len"
+        )
+    return manifests
+
+
+def lookup(variants: dict[str, Path], manifests: dict[str, dict], spec: sf.FormSpec, cfg: BenchConfig) -> dict:
+    """{variant: path} of one form in every export; UserError naming the export option when one was not written."""
+    paths = {}
+    for name, path in variants.items():
+        try:
+            paths[name] = sf.find_form(path.parent, manifests[name], spec)
+        except sf.MissingForm as exc:
+            flag = f"{VARIANT_FLAGS.get(name, name)} {path.parent}"
+            manifest = manifests[name]
+            exported = f"exported: batch {manifest.get('batches')}, prompt {manifest.get('prompt_len')}"
+            if str(exc) != "not exported":
+                raise UserError(f"{flag}: {exc}: export it again") from None
+            if spec.phase == sf.PREFILL or spec.past == cfg.prompt_len:
+                batches = sorted({*manifest.get("batches", []), *cfg.batches})
+                fix = f"--bench-batch {','.join(map(str, batches))} --bench-prompt-len {cfg.prompt_len}"
+            else:
+                fix = f"--target deepsparse --bench-gen-len {cfg.gen_len} (or bench with --gen-len 0)"
+            raise UserError(
+                f"{flag} has no {spec.phase} form for batch {spec.batch}, {spec.seq} tokens, cache {spec.past} "
+                f"({exported}, gen {manifest.get('gen_len')}): export it again with {fix}"
+            ) from None
+    return paths
 
 
 @dataclass
@@ -129,38 +159,62 @@ class StaticForm:
     form: str  # what the graph holds, as the report names it
 
 
-def static_forms(cfg: BenchConfig, variants: dict[str, Path], tmp: Path, notes: dict):
-    """The decoder stack when every variant's source checkpoint is at hand (the most complete form DeepSparse
-    compiles): over the prompt for prefill, one token over a cache of the prompt's length for a decode step;
-    else the linear skeleton with as many rows as tokens go through the linears."""
+def static_forms(cfg: BenchConfig, variants: dict[str, Path], tmp: Path, notes: dict) -> list[StaticForm]:
+    """The forms to time, every file looked up before any is timed: the decoder stack each export wrote (over the
+    prompt for prefill, one token over a cache of the prompt's length for a decode step) when the exports list
+    static forms; else the linear skeleton with as many rows as tokens go through the linears, written into `tmp`
+    from each export's own model.onnx."""
+    manifests = stack_manifests(variants)
+    forms = []
+    if manifests is None:
+        notes["stack"] = (
+            "the exports list no decoder-stack forms (export_report.json static_forms): timed on the linear "
+            "skeleton; export both with --target deepsparse or tensorrt to time the decoder stack"
+        )
+        log.warning("%s", notes["stack"])
+    for batch in cfg.batches:
+        for phase, spec in zip(("prefill", "decode-step"), sf.static_specs(batch, cfg.prompt_len), strict=True):
+            rows_n = batch * cfg.prompt_len if phase == "prefill" else batch
+            if manifests is not None:
+                paths = lookup(variants, manifests, spec, cfg)
+                forms.append(
+                    StaticForm(batch, phase, True, rows_n, paths, STACK_FORM if phase == "prefill" else STEP_FORM)
+                )
+                continue
+            paths = {name: tmp / f"{name}_{phase}_b{batch}.onnx" for name in variants}
+            forms.append(StaticForm(batch, phase, False, rows_n, paths, SKELETON_FORM))
+    return forms
+
+
+def build_skeletons(form: StaticForm, variants: dict[str, Path], notes: dict) -> None:
+    """Write a skeleton form's graphs (weights read per skeleton, not held: a 1B model's are 4.7 GB per variant)."""
+    for name, path in form.paths.items():
+        notes.setdefault("skeleton", {})[name] = build_linear_skeleton(matmul_weights(variants[name]), form.rows, path)
+
+
+def free_skeletons(form: StaticForm) -> None:
+    """Delete a timed skeleton's files (the export's own stack files are never touched)."""
     from sparsedeploy.onnx.storage import external_data_path
 
-    checkpoints = {name: source_checkpoint(path.parent) for name, path in variants.items()}
-    use_stack = all(checkpoints.values())
-    if not use_stack:
-        notes["stack"] = (
-            "no source checkpoint beside an export (export_report.json model_path): timed on the linear skeleton"
-        )
+    if form.stack:
+        return
+    for path in form.paths.values():
+        for file in [path, external_data_path(path)]:
+            file.unlink(missing_ok=True)
+
+
+def generation_bundles(cfg: BenchConfig, variants: dict[str, Path]) -> dict[int, dict[str, dict[str, Path]]] | None:
+    """{batch: {variant: {"prefill", "step", "head"}}} of the generation forms each export wrote (prompt + gen_len
+    cache slots); None without static forms; UserError when a requested one was not exported."""
+    manifests = stack_manifests(variants)
+    if manifests is None:
+        return None
+    out: dict[int, dict[str, dict[str, Path]]] = {}
     for batch in cfg.batches:
-        for phase in ("prefill", "decode-step"):
-            stack = use_stack
-            rows_n = batch * cfg.prompt_len if phase == "prefill" else batch
-            paths = {}
-            for name in variants:
-                paths[name] = tmp / f"{name}_{phase}_b{batch}.onnx"
-                if stack and phase == "prefill":
-                    export_decoder_stack(checkpoints[name], paths[name], batch, cfg.prompt_len)
-                elif stack:
-                    export_decoder_stack(checkpoints[name], paths[name], batch, 1, past=cfg.prompt_len)
-                else:  # weights read per skeleton, not held: a 1B model's are 4.7 GB per variant in fp32
-                    notes.setdefault("skeleton", {})[name] = build_linear_skeleton(
-                        matmul_weights(variants[name]), rows_n, paths[name]
-                    )
-            form = (STACK_FORM if phase == "prefill" else STEP_FORM) if stack else SKELETON_FORM
-            yield StaticForm(batch, phase, stack, rows_n, paths, form)
-            for path in paths.values():  # timed: free the disk (a 1B model's stack is 4 GB per variant)
-                for file in [path, external_data_path(path)]:
-                    file.unlink(missing_ok=True)
+        specs = sf.generation_specs(batch, cfg.prompt_len, cfg.prompt_len + cfg.gen_len)
+        found = {kind: lookup(variants, manifests, spec, cfg) for kind, spec in specs.items()}
+        out[batch] = {name: {kind: found[kind][name] for kind in specs} for name in variants}
+    return out
 
 
 def form_rows(

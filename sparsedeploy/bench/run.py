@@ -13,8 +13,9 @@ Engines:
   measures the most complete forms that compile: the **decoder stack** -- every block (attention,
   norms, MLP, residuals) with its real weights, static shapes, eager attention, rotary tables and mask
   as inputs, each layer's new keys/values as outputs -- over the prompt for prefill, and for a decode
-  step over one token attending to a KV cache of the prompt's length (cache tensors as inputs). The
-  embedding lookup and lm_head stay outside. Without the source checkpoints the **linear skeleton** --
+  step over one token attending to a KV cache of the prompt's length (cache tensors as inputs): the files
+  each export wrote and lists under ``static_forms`` (a form not exported: exit 2 naming the export option).
+  The embedding lookup and lm_head stay outside. For exports without static forms the **linear skeleton** --
   every MatMul with its real (pruned) weights, a ReLU after each, residual adds -- stands in. With
   ``--gen-len`` > 0 it then times **whole generations** through the two stack graphs with the embedding
   lookup and lm_head in NumPy (sparsedeploy.runtimes.decoder_stack, what ``generate --engine deepsparse`` runs):

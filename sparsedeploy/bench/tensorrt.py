@@ -1,4 +1,5 @@
-"""`bench --engine tensorrt`: the static forms built into TensorRT engines on a GPU, checked against ONNX Runtime."""
+"""`bench --engine tensorrt`: the static forms each export wrote (export_report.json static_forms) built into
+TensorRT engines on a GPU, checked against ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsedeploy.bench.config import BenchConfig
-from sparsedeploy.bench.forms import form_rows, static_forms
+from sparsedeploy.bench.forms import build_skeletons, form_rows, free_skeletons, static_forms
 from sparsedeploy.common.timing import run_interleaved
 from sparsedeploy.onnx.storage import session_from_path
 
@@ -31,7 +32,9 @@ def bench_tensorrt(cfg: BenchConfig, variants: dict[str, Path], progress=None) -
     notes: dict = {"device": str(device), "gpu": torch.cuda.get_device_name(device), "builds": []}
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="sd-tensorrt-forms-") as tmp:
-        for form in static_forms(cfg, variants, Path(tmp), notes):
+        for form in static_forms(cfg, variants, Path(tmp), notes):  # every form looked up before any is built
+            if not form.stack:
+                build_skeletons(form, variants, notes)
             runners = {}
             for name, path in form.paths.items():
                 built = te.build_engine(path, sparse=name != "dense", fp16=cfg.dtype != "float32")
@@ -59,4 +62,5 @@ def bench_tensorrt(cfg: BenchConfig, variants: dict[str, Path], progress=None) -
             rows.extend(form_rows(form, times, "tensorrt", cfg, progress))
             del runners
             torch.cuda.empty_cache()
+            free_skeletons(form)
     return rows, notes

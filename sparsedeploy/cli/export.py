@@ -7,12 +7,29 @@ from pathlib import Path
 
 import click
 
-from sparsedeploy.cli.options import check_numbers, emit
+from sparsedeploy.cli.options import check_numbers, emit, parse_batch_list
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.export.config import DTYPES, EXPORTERS, OPTIMIZE_LEVELS, STORAGES, TARGETS, TASKS
+from sparsedeploy.export.config import (
+    BENCH_FORM_OPTIONS,
+    DTYPES,
+    EXPORTERS,
+    OPTIMIZE_LEVELS,
+    STORAGES,
+    TARGETS,
+    TASKS,
+)
 from sparsedeploy.runtimes import GENERATE_ENGINES
 
 log = logging.getLogger("sparsedeploy")
+
+
+def bench_form_options(fn):
+    """--bench-batch, --bench-prompt-len, --bench-gen-len, declared in export.config.BENCH_FORM_OPTIONS."""
+    for field_name, (flag, default, text) in reversed(BENCH_FORM_OPTIONS.items()):
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        kind = str if isinstance(default, tuple) else int
+        fn = click.option(flag, field_name, default=shown, show_default=True, type=kind, help=text)(fn)
+    return fn
 
 
 @click.command("export")
@@ -77,6 +94,7 @@ log = logging.getLogger("sparsedeploy")
     type=int,
     help="--target deepsparse: KV-cache slots of the static decode-step graph (prompt + new tokens - 1)",
 )
+@bench_form_options
 @click.option("--cache-dir", default=None, help="where converted checkpoints are cached")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory that sparsedeploy wrote")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as one JSON object")
@@ -96,6 +114,9 @@ def export_cmd(
     deepsparse_batch,
     deepsparse_seq,
     deepsparse_context,
+    bench_batch,
+    bench_prompt_len,
+    bench_gen_len,
     cache_dir,
     overwrite,
     as_json,
@@ -110,6 +131,8 @@ def export_cmd(
         deepsparse_batch=(deepsparse_batch, 1),
         deepsparse_seq=(deepsparse_seq, 1),
         deepsparse_context=(deepsparse_context, 1),
+        bench_prompt_len=(bench_prompt_len, 1),
+        bench_gen_len=(bench_gen_len, 0),
     )
     config = ExportConfig(
         model=model,
@@ -127,6 +150,9 @@ def export_cmd(
         deepsparse_batch=deepsparse_batch,
         deepsparse_seq=deepsparse_seq,
         deepsparse_context=deepsparse_context,
+        bench_batch=tuple(parse_batch_list(bench_batch, "--bench-batch")),
+        bench_prompt_len=bench_prompt_len,
+        bench_gen_len=bench_gen_len,
     )
     report = export_checkpoint(config, output, overwrite=overwrite)
     data, text = summary(report, output)

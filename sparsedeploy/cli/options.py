@@ -81,12 +81,12 @@ def check_numbers(**limits: tuple[float | None, float]) -> None:
             raise UserError(f"--{name.replace('_', '-')} {value} must be at least {least:g}")
 
 
-def parse_batch_list(text: str) -> list[int]:
-    """`--batch 1,8` (bench and run): comma-separated positive integers."""
+def parse_batch_list(text: str, flag: str = "--batch") -> list[int]:
+    """`--batch 1,8` (bench and run; export's --bench-batch): comma-separated positive integers."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UserError(f"--batch {text!r} is not a comma-separated list of integers such as 1,8") from None
+        raise UserError(f"{flag} {text!r} is not a comma-separated list of integers such as 1,8") from None
     if not values or min(values) < 1:
-        raise UserError(f"--batch {text!r} must list positive integers such as 1,8")
+        raise UserError(f"{flag} {text!r} must list positive integers such as 1,8")
     return values

@@ -18,6 +18,28 @@ EXPORTERS = ("auto", "optimum", "torch")
 OPSET_RANGE = (14, 21)  # opsets the LLaMA export supports here (>= 14: LLaMA's ops)
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 
+# The static forms written for bench (docs/export.md, "Static forms for bench"): the bench engines that time them,
+# what each needs (deepsparse also times generations through them), and the options' flags and defaults, which are
+# bench's own defaults (--batch 1,8, --prompt-len 128, --gen-len 64) so that export then bench fit.
+BENCH_FORM_ENGINES = {"deepsparse": "prefill, decode step, generations", "tensorrt": "prefill, decode step"}
+BENCH_FORM_OPTIONS = {
+    "bench_batch": (
+        "--bench-batch",
+        (1, 8),
+        "--target deepsparse|tensorrt: batch sizes of the static forms written for bench (comma-separated)",
+    ),
+    "bench_prompt_len": (
+        "--bench-prompt-len",
+        128,
+        "--target deepsparse|tensorrt: prompt tokens of the static forms written for bench",
+    ),
+    "bench_gen_len": (
+        "--bench-gen-len",
+        64,
+        "--target deepsparse: new tokens of the generation forms written for bench (0: none)",
+    ),
+}
+
 
 @dataclass(frozen=True)
 class TargetProfile:
@@ -99,6 +121,18 @@ class ExportConfig:
     deepsparse_batch: int = 1  # --target deepsparse: static shapes of the decoder-stack graph written beside the export
     deepsparse_seq: int = 128
     deepsparse_context: int = 256  # KV-cache slots of the decode-step graph: prompt + new tokens - 1 must fit
+    # the static forms written for bench: None writes the target's (deepsparse, tensorrt), "none" none
+    bench_forms: str | None = None
+    bench_batch: tuple[int, ...] = BENCH_FORM_OPTIONS["bench_batch"][1]
+    bench_prompt_len: int = BENCH_FORM_OPTIONS["bench_prompt_len"][1]
+    bench_gen_len: int = BENCH_FORM_OPTIONS["bench_gen_len"][1]
+
+
+def bench_forms_engine(config: ExportConfig) -> str | None:
+    """The bench engine whose static forms this export writes, if any."""
+    if config.bench_forms is None:
+        return config.target if config.target in BENCH_FORM_ENGINES else None
+    return None if config.bench_forms == "none" else config.bench_forms
 
 
 def validate(config: ExportConfig) -> TargetProfile:
@@ -147,4 +181,10 @@ def validate(config: ExportConfig) -> TargetProfile:
             f"{config.deepsparse_seq}: "
             f"the decode step's cache must hold a whole prompt; raise --deepsparse-context"
         )
+    if config.bench_forms not in (None, "none", *BENCH_FORM_ENGINES):
+        raise UserError(
+            f"bench_forms {config.bench_forms!r} is not supported: choose none, {', '.join(BENCH_FORM_ENGINES)}"
+        )
+    if not config.bench_batch or min(config.bench_batch) < 1 or config.bench_prompt_len < 1 or config.bench_gen_len < 0:
+        raise UserError("--bench-batch and --bench-prompt-len must be positive and --bench-gen-len at least 0")
     return target

@@ -1,5 +1,6 @@
-"""--target deepsparse's second form: the decoder-stack graphs DeepSparse 1.8 compiles with its own kernels
-(prefill, decode step, embedding/lm_head tables), their zeros verified and their greedy tokens PyTorch's."""
+"""The static forms beside an export: --target deepsparse's decoder-stack graphs DeepSparse 1.8 compiles with its
+own kernels (prefill, decode step, embedding/lm_head tables; their greedy tokens PyTorch's), and every static form
+bench times for deepsparse and tensorrt, listed in export_report.json's `static_forms`; zeros of each verified."""
 
 from __future__ import annotations
 
@@ -8,11 +9,75 @@ from pathlib import Path
 import numpy as np
 
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.export.config import ExportConfig
-from sparsedeploy.runtimes.stack_graphs import load_eager_float32, write_stack_files
+from sparsedeploy.export.config import ExportConfig, bench_forms_engine
+from sparsedeploy.runtimes import stack_forms as sf
+from sparsedeploy.runtimes.stack_graphs import load_eager_float32, write_form, write_stack_files
 
 
-def write_deepsparse_stack(model_dir: Path, out_dir: Path, config: ExportConfig) -> dict:
+class ZeroCheck:
+    """Zeros of a written graph against the checkpoint's (the reference loaded once, on first use)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir, self.reference = model_dir, None
+
+    def __call__(self, path: Path, what: str) -> dict:
+        from sparsedeploy.onnx.storage import load_model_proto
+        from sparsedeploy.onnx.verify import checkpoint_reference, verify_sparsity
+
+        if self.reference is None:
+            self.reference = checkpoint_reference(self.model_dir, np.float32)
+        sparsity = verify_sparsity(load_model_proto(path), *self.reference)
+        if not sparsity.ok:
+            raise UserError(f"the {what} graph lost zeros ({sparsity.problems[0]}): nothing written")
+        found = sparsity.to_dict()
+        return {k: found[k] for k in ("zeros_onnx", "zeros_torch")}
+
+
+def write_static_forms(model_dir: Path, out_dir: Path, config: ExportConfig) -> dict:
+    """Every static form the target needs, written beside the export: {"deepsparse_form": ..., "static_forms": ...}.
+
+    --target deepsparse: the decoder stack `generate --engine deepsparse` runs (write_deepsparse_stack). For the
+    bench engine of bench_forms_engine(config): per batch of bench_batch, the stack over bench_prompt_len tokens and
+    a decode step over a cache of that length; for deepsparse with bench_gen_len > 0 also the generation bundle
+    (decode step over prompt + gen_len slots, head). `static_forms` lists each file once (runtimes.stack_forms).
+    """
+    engine = bench_forms_engine(config)
+    if config.target != "deepsparse" and engine is None:
+        return {}
+    model = load_eager_float32(model_dir)
+    zeros = ZeroCheck(model_dir)
+    out: dict = {}
+    listed: dict[sf.FormSpec, Path] = {}
+    if config.target == "deepsparse":
+        out["deepsparse_form"] = write_deepsparse_stack(model_dir, out_dir, config, model=model, zeros=zeros)
+        files = out["deepsparse_form"]["files"]
+        bundle = sf.generation_specs(config.deepsparse_batch, config.deepsparse_seq, config.deepsparse_context)
+        listed.update(
+            {spec: out_dir / files["decode_step" if kind == "step" else kind] for kind, spec in bundle.items()}
+        )
+    gen_len = config.bench_gen_len if engine == "deepsparse" else 0
+    specs = sf.bench_specs(config.bench_batch, config.bench_prompt_len, gen_len) if engine else []
+    checked = {}
+    for spec in specs:
+        if spec in listed:
+            continue
+        listed[spec] = write_form(model_dir, out_dir / spec.file_name(), spec, model)
+        if spec.phase != sf.HEAD and config.verify:
+            checked[spec.file_name()] = zeros(listed[spec], f"{spec.phase} (batch {spec.batch})")
+    out["static_forms"] = {
+        "engine": engine,
+        "batches": list(config.bench_batch) if engine else [],
+        "prompt_len": config.bench_prompt_len if engine else None,
+        "gen_len": gen_len,
+        "files": [sf.entry(spec, path) for spec, path in listed.items()],
+        "zeros": checked,
+    }
+    return out
+
+
+def write_deepsparse_stack(
+    model_dir: Path, out_dir: Path, config: ExportConfig, model=None, zeros: ZeroCheck | None = None
+) -> dict:
     """For --target deepsparse: also write the whole model in the form DeepSparse 1.8's own engine compiles.
 
     The full decoder with KV cache aborts its engine (graph.cpp:925, with static shapes) and with dynamic
@@ -22,21 +87,13 @@ def write_deepsparse_stack(model_dir: Path, out_dir: Path, config: ExportConfig)
     runs around them. Zeros of both graphs are verified like the main export's; with verification on,
     greedy generation through the three files (in ONNX Runtime) must give PyTorch's tokens.
     """
-    from sparsedeploy.onnx.storage import load_model_proto
-    from sparsedeploy.onnx.verify import checkpoint_reference, verify_sparsity
     from sparsedeploy.runtimes.decoder_stack import HEAD_FILE, PREFILL_FILE, STEP_FILE
 
-    model = load_eager_float32(model_dir)
+    model = model if model is not None else load_eager_float32(model_dir)
+    zeros = zeros or ZeroCheck(model_dir)
     batch, seq, context = config.deepsparse_batch, config.deepsparse_seq, config.deepsparse_context
     files = write_stack_files(model_dir, out_dir, batch, seq, context, model=model)
-    reference, masks, nm = checkpoint_reference(model_dir, np.float32)
-    counts = {}
-    for name in ("prefill", "step"):
-        sparsity = verify_sparsity(load_model_proto(files[name]), reference, masks, nm)
-        if not sparsity.ok:
-            raise UserError(f"the DeepSparse {name} graph lost zeros ({sparsity.problems[0]}): nothing written")
-        found = sparsity.to_dict()
-        counts[name] = {k: found[k] for k in ("zeros_onnx", "zeros_torch")}
+    counts = {name: zeros(files[name], f"DeepSparse {name}") for name in ("prefill", "step")}
     form = {
         "files": {"prefill": PREFILL_FILE, "decode_step": STEP_FILE, "head": HEAD_FILE},
         "batch": batch,

@@ -26,7 +26,7 @@ from pathlib import Path
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.common.files import atomic_dir, check_output_dir, write_json_atomic
 from sparsedeploy.export.config import ExportConfig, validate
-from sparsedeploy.export.deepsparse_form import write_deepsparse_stack
+from sparsedeploy.export.deepsparse_form import write_static_forms
 from sparsedeploy.export.exporters import export_with_optimum, export_with_torch, optimum_supports
 from sparsedeploy.export.graph import (
     Rewrite,
@@ -178,8 +178,7 @@ def export_checkpoint(
                 )
         else:
             report["verification"] = None
-        if target.name == "deepsparse":
-            report["deepsparse_form"] = write_deepsparse_stack(model_dir, tmp, config)
+        report.update(write_static_forms(model_dir, tmp, config))  # the target's further forms, bench's too
         write_json_atomic(tmp / "export_report.json", report)
     log.info("exported %s -> %s in %.1f s", config.model, output, time.perf_counter() - start)
     return report

@@ -283,6 +283,22 @@ def run_bench_stage(recipe: Recipe, model_dir: Path, onnx_dir: Path, out_dir: Pa
     return bench_stage(recipe, model_dir, onnx_dir, out_dir)
 
 
+def bench_form_fields(recipe) -> dict:
+    """ExportConfig fields for the static forms the recipe's bench times: its engine's, at its batch sizes, prompt
+    and generation lengths (the pruned and the dense export both); none when the bench needs none."""
+    from sparsedeploy.export.config import BENCH_FORM_ENGINES
+
+    bench = recipe.bench
+    if not (bench.enabled and bench.engine in BENCH_FORM_ENGINES):
+        return {"bench_forms": "none"}
+    return {
+        "bench_forms": bench.engine,
+        "bench_batch": tuple(bench.batch),
+        "bench_prompt_len": bench.prompt_len,
+        "bench_gen_len": bench.gen_len,
+    }
+
+
 def export_stage(recipe, model_dir: Path, onnx_dir: Path) -> dict:
     """The pipeline's export stage (`export:` section of a recipe): export + verify the pruned model, return the
     summary."""
@@ -297,6 +313,7 @@ def export_stage(recipe, model_dir: Path, onnx_dir: Path) -> dict:
         target=section.target,
         storage=section.storage,
         verify=section.verify,
+        **bench_form_fields(recipe),
     )
     report = export_checkpoint(config, onnx_dir, overwrite=True)
     data, text = summary(report, onnx_dir)
@@ -375,6 +392,7 @@ def bench_stage(recipe, model_dir: Path, onnx_dir: Path, out_dir: Path) -> dict:
                     opset=recipe.export.opset,
                     target=target,
                     verify=False,
+                    **bench_form_fields(recipe),
                 ),
                 scratch,
                 overwrite=True,

@@ -123,8 +123,6 @@ def write_stack_files(
 ) -> dict[str, Path]:
     """The three files sparsedeploy.runtimes.decoder_stack runs: prefill graph (`seq` tokens), decode-step graph
     (KV cache of `context` slots) and the embedding/lm_head/rotary tables, for a static `batch`."""
-    import torch
-
     from sparsedeploy.runtimes.decoder_stack import HEAD_FILE, PREFILL_FILE, STEP_FILE
 
     model = model if model is not None else load_eager_float32(model_dir)
@@ -134,8 +132,16 @@ def write_stack_files(
         "step": export_decoder_stack(model_dir, out_dir / STEP_FILE, batch, 1, opset, past=context, model=model),
         "head": out_dir / HEAD_FILE,
     }
+    write_head(model, files["head"], batch, seq, context)
+    return files
+
+
+def write_head(model, path: Path, batch: int, seq: int, context: int) -> Path:
+    """The embedding matrix, lm_head (when not tied) and rotary tables of a loaded model, with the static shapes of
+    the graphs they go with (runtimes.decoder_stack.StackHead)."""
+    import torch
+
     inner, cfg = model.model, model.config
-    head_dim = head_dim_of(cfg)
     with torch.no_grad():
         cos, sin = inner.rotary_emb(torch.zeros(1, 1, cfg.hidden_size), torch.arange(max(seq, context))[None])
         arrays = {
@@ -147,9 +153,21 @@ def write_stack_files(
             "context": context,
             "layers": len(inner.layers),
             "kv_heads": cfg.num_key_value_heads,
-            "head_dim": head_dim,
+            "head_dim": head_dim_of(cfg),
         }
         if model.lm_head.weight.data_ptr() != inner.embed_tokens.weight.data_ptr():
             arrays["lm_head"] = model.lm_head.weight.float().numpy()
-    np.savez(files["head"], **arrays)
-    return files
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return path
+
+
+def write_form(checkpoint: Path, out: Path, spec, model, opset: int = 14) -> Path:
+    """One runtimes.stack_forms.FormSpec written to `out` from a loaded model (load_eager_float32)."""
+    from sparsedeploy.runtimes.stack_forms import HEAD, PREFILL
+
+    if spec.phase == HEAD:
+        return write_head(model, out, spec.batch, spec.seq, spec.past)
+    if spec.phase == PREFILL:
+        return export_decoder_stack(checkpoint, out, spec.batch, spec.seq, opset, model=model)
+    return export_decoder_stack(checkpoint, out, spec.batch, 1, opset, past=spec.past, model=model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from cli_helpers import pair_config
 from cli_helpers import run_cli_subprocess as cli
 
 from sparsedeploy.bench.config import BenchConfig
@@ -11,6 +12,13 @@ from sparsedeploy.bench.run import run_bench
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
+
+
+def bench_tiny(tiny_exports, env, batches: list[int], gen_len: int) -> dict:
+    """--engine deepsparse on tiny_exports' forms (prompt 8), one round."""
+    config = pair_config(tiny_exports, engine="deepsparse", batches=batches, prompt_len=8, gen_len=gen_len, rounds=1)
+    config.deepsparse_venv = str(env.path)
+    return run_bench(config)
 
 
 def test_deepsparse_not_installed_says_what_to_do(tmp_path, monkeypatch):
@@ -28,19 +36,8 @@ def test_deepsparse_bench_times_prefill_and_decode_step_on_the_stack(tiny_export
     with a KV cache, each in DeepSparse and in ONNX Runtime on the same graph."""
     from sparsedeploy.runtimes.deepsparse_env import LICENCE_NOTE
 
-    result = run_bench(
-        BenchConfig(
-            model=str(tiny_exports["sparse"]),
-            baseline=str(tiny_exports["dense"]),
-            engine="deepsparse",
-            batches=[2],
-            prompt_len=8,
-            gen_len=4,
-            rounds=1,
-            deepsparse_venv=str(deepsparse_env.path),
-        )
-    )
-    assert result["licence"] == LICENCE_NOTE and "stack" not in result["notes"]  # both checkpoints were found
+    result = bench_tiny(tiny_exports, deepsparse_env, [2], gen_len=4)
+    assert result["licence"] == LICENCE_NOTE and "stack" not in result["notes"]  # both exports list their forms
     forms = {
         (r["engine"], r["phase"], r["form"].split(" (")[0], r.get("rows")) for r in result["rows"] if "speedup" in r
     }
@@ -61,18 +58,7 @@ def test_deepsparse_bench_times_prefill_and_decode_step_on_the_stack(tiny_export
 
 @pytest.mark.slow
 def test_deepsparse_bench_without_generation_times_the_static_forms_only(tiny_exports, deepsparse_env):
-    result = run_bench(
-        BenchConfig(
-            model=str(tiny_exports["sparse"]),
-            baseline=str(tiny_exports["dense"]),
-            engine="deepsparse",
-            batches=[1],
-            prompt_len=8,
-            gen_len=0,
-            rounds=1,
-            deepsparse_venv=str(deepsparse_env.path),
-        )
-    )
+    result = bench_tiny(tiny_exports, deepsparse_env, [1], gen_len=0)
     assert {r["phase"] for r in result["rows"]} == {"prefill", "decode-step"}
     assert "prompt 8 tokens, no generation (static forms)" in markdown(result)
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from cli_helpers import GPU_TORCH, pair_config
 
-from sparsedeploy.bench.config import BenchConfig
 from sparsedeploy.bench.run import run_bench
 
 ort = pytest.importorskip("onnxruntime")
@@ -30,18 +30,6 @@ def test_two_four_model_on_cuda_converts_linears_and_keeps_logits(tmp_path):
     with torch.inference_mode():
         a, b = sparse.model(input_ids=ids).logits.float(), plain.model(input_ids=ids).logits.float()
     assert (a - b).abs().max() < 2e-2 * b.abs().max()
-    result = run_bench(
-        BenchConfig(
-            model=str(tmp_path / "sparse"),
-            baseline=str(tmp_path / "dense"),
-            engine="torch",
-            device="cuda",
-            dtype="float16",
-            batches=[1],
-            prompt_len=64,
-            gen_len=4,
-            rounds=2,
-        )
-    )
+    result = run_bench(pair_config(tmp_path, **GPU_TORCH, batches=[1], prompt_len=64, gen_len=4, rounds=2))
     assert result["notes"]["semi_structured_linears"] == {"dense": 0, "sparse": 14}
     assert {r["phase"] for r in result["rows"] if "speedup" in r} == {"prefill", "decode", "total"}

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from cli_helpers import pair_config
 from cli_helpers import run_cli_subprocess as cli
 
-from sparsedeploy.bench.config import BenchConfig
 from sparsedeploy.bench.run import run_bench
 
 ort = pytest.importorskip("onnxruntime")
@@ -48,18 +48,8 @@ def test_tensorrt_unavailable_is_reported_and_writes_nothing(tiny_exports, tmp_p
     reason="needs a CUDA GPU and the tensorrt package (not installable in this project's workplace)",
 )
 def test_tensorrt_engines_from_the_2of4_export_run_and_agree_with_ort(tiny_exports):
-    result = run_bench(
-        BenchConfig(
-            model=str(tiny_exports["sparse"]),
-            baseline=str(tiny_exports["dense"]),
-            engine="tensorrt",
-            device="cuda",
-            dtype="float32",
-            batches=[1],
-            prompt_len=16,
-            rounds=2,
-        )
-    )
+    config = pair_config(tiny_exports, engine="tensorrt", device="cuda", dtype="float32", batches=[1], prompt_len=8)
+    result = run_bench(config)  # prompt 8 and batch 1: forms tiny_exports wrote
     assert {(r["phase"], r["form"].split(" (")[0]) for r in result["rows"] if "speedup" in r} == {
         ("prefill", "decoder stack"),
         ("decode-step", "decoder stack + KV cache"),

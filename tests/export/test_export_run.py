@@ -40,6 +40,15 @@ def test_targets_use_standard_ops_and_their_opset(pruned_checkpoints, tmp_path, 
         assert form["generation"]["identical"] and all(r["new_tokens"] == 4 for r in form["generation"]["prompts"])
     else:
         assert not stack.exists() and "deepsparse_form" not in report
+    # bench's forms at its defaults (batch 1,8, prompt 128; generations of 64 tokens for deepsparse), each listed once
+    forms = report["static_forms"]
+    files = {(e["phase"], e["batch"], e["seq"], e["past"]): e["file"] for e in forms["files"]}
+    assert (forms["engine"], forms["batches"], forms["prompt_len"]) == (target, [1, 8], 128)
+    assert files[("decode-step", 8, 1, 128)] == "stack_step_b8_c128.onnx"
+    assert (("head", 8, 128, 192) in files) == (target == "deepsparse")
+    assert files[("prefill", 1, 128, 0)] == (  # generate's prefill graph is bench's too: written once
+        "deepsparse_decoder_stack.onnx" if target == "deepsparse" else "stack_prefill_b1_s128.onnx"
+    )
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from cli_helpers import GPU_TORCH, pair_config
 
 from sparsedeploy.runtimes.static_cache import GenerationShape, StaticGenerator, warm_up
 from tests.conftest import tiny_llama
@@ -115,7 +116,6 @@ def test_cuda_graphs_flag_errors(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: CUDA-graph capture not exercised here")
 def test_cuda_graph_replay_gives_the_eager_tokens_with_two_four_kernels(tmp_path):
-    from sparsedeploy.bench.config import BenchConfig
     from sparsedeploy.bench.pytorch import TorchCausalLM
     from sparsedeploy.bench.run import run_bench
     from tests.conftest import tiny_two_four_pair
@@ -129,20 +129,8 @@ def test_cuda_graph_replay_gives_the_eager_tokens_with_two_four_kernels(tmp_path
     graphed = StaticGenerator(sparse.model, shape, dev, graphs=True).generate(prompt)
     eager = StaticGenerator(sparse.model, shape, dev, graphs=False).generate(prompt)
     assert torch.equal(graphed, eager)
-    result = run_bench(
-        BenchConfig(
-            model=str(tmp_path / "sparse"),
-            baseline=str(tmp_path / "dense"),
-            engine="torch",
-            device="cuda",
-            dtype="float16",
-            batches=[1, 2],
-            prompt_len=32,
-            gen_len=4,
-            rounds=2,
-            cuda_graphs=True,
-        )
-    )
+    config = pair_config(tmp_path, **GPU_TORCH, batches=[1, 2], prompt_len=32, gen_len=4, rounds=2, cuda_graphs=True)
+    result = run_bench(config)
     assert result["notes"]["cuda_graphs"] is True and result["notes"]["semi_structured_linears"] == {
         "dense": 0,
         "sparse": 14,
