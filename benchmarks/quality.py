@@ -309,7 +309,7 @@ def to_markdown(doc: dict) -> str:
     failed = [r for r in doc["results"] if "error" in r]
     lines += [""] + [f"- FAILED {r['row']}: {r['error']}" for r in failed]
     if doc.get("notes"):  # hand-written analysis kept in the JSON, so a rerun keeps it
-        lines += [doc["notes"].rstrip(), ""]
+        lines += [doc["notes"].rstrip()]
     return "\n".join(lines) + "\n"
 
 
