@@ -144,7 +144,7 @@ def run_one(setting: Setting, row: Row) -> dict:
     """In a child process: load, calibrate, allocate, prune, (recover), evaluate; return the row's figures."""
     import torch
 
-    from sparsedeploy.common.data import calibration_samples, eval_tokens
+    from sparsedeploy.common.data import calibration_samples, eval_tokens, window_bos
     from sparsedeploy.common.evaluate import layer_sparsity, overall_sparsity, perplexity
     from sparsedeploy.common.models import load_model, resolve_device
     from sparsedeploy.common.sparsity import parse_sparsity
@@ -156,21 +156,24 @@ def run_one(setting: Setting, row: Row) -> dict:
     device = resolve_device(setting.device)
     lm = load_model(setting.model, "float32")
     tokens = eval_tokens(lm.tokenizer, setting.eval_data)
+    bos = window_bos(lm.model, lm.tokenizer)  # Gemma: BOS before every calibration and evaluation window
 
     def ppl() -> tuple[float, int, int]:
-        r = perplexity(lm.model, tokens, setting.eval_seqlen, device, setting.max_windows, show_progress=False)
+        r = perplexity(lm.model, tokens, setting.eval_seqlen, device, setting.max_windows, False, bos)
         return r.ppl, r.windows, r.tokens
 
-    result: dict = {"row": row.name(), **asdict(row)}
+    result: dict = {"row": row.name(), **asdict(row), "bos_per_window": bos is not None}
     if row.method != "dense":
         spec = parse_sparsity(row.sparsity)
-        samples = calibration_samples(lm.tokenizer, setting.calib, setting.nsamples, setting.calib_seqlen, setting.seed)
+        samples = calibration_samples(
+            lm.tokenizer, setting.calib, setting.nsamples, setting.calib_seqlen, setting.seed, bos
+        )
         method = build_method(row.method, **row.options)
         start = time.perf_counter()
         spec_for = lambda _i, _n: spec  # noqa: E731
         if row.allocation != "uniform":
             held_out = lambda n: calibration_samples(
-                lm.tokenizer, setting.calib, n, setting.calib_seqlen, setting.seed + 1
+                lm.tokenizer, setting.calib, n, setting.calib_seqlen, setting.seed + 1, bos
             )  # noqa: E731
             alloc = plan_allocation(
                 lm.model, samples, method, spec, AllocationConfig(row.allocation), device, held_out, show_progress=False
@@ -181,7 +184,7 @@ def run_one(setting: Setting, row: Row) -> dict:
         check = None
         if getattr(method, "verify_model", False):  # as `sparsedeploy prune` does: other windows judge the whole model
             check = calibration_samples(
-                lm.tokenizer, setting.calib, max(4, setting.nsamples // 4), setting.calib_seqlen, setting.seed + 1
+                lm.tokenizer, setting.calib, max(4, setting.nsamples // 4), setting.calib_seqlen, setting.seed + 1, bos
             )
         block_seconds: list[float] = []
         masks = prune_model(
@@ -214,7 +217,9 @@ def run_one(setting: Setting, row: Row) -> dict:
                 lr=setting.recover_lr,
                 seed=setting.seed,
             )
-            train = calibration_samples(lm.tokenizer, setting.recover_data, cfg.steps, cfg.seqlen, setting.seed + 7)
+            train = calibration_samples(
+                lm.tokenizer, setting.recover_data, cfg.steps, cfg.seqlen, setting.seed + 7, bos
+            )
             result["recovery"] = recover_model(lm.model, masks, train, cfg, device, show_progress=False)
             result["zeros_identical"] = same_zeros(before, zero_pattern(lm.model))
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -262,7 +267,12 @@ def to_markdown(doc: dict) -> str:
         f"Calibration `{s.calib}` {s.nsamples} x {s.calib_seqlen} tokens (seed {s.seed}); "
         f"evaluation WikiText-2 test, first {s.max_windows} non-overlapping windows x {s.eval_seqlen} "
         f"(the same for every row); device {s.device}, {s.threads} thread{'s' if s.threads > 1 else ''}. "
-        f"Machine: {doc['machine']}. Time = allocation + pruning (+ recovery training where marked).",
+        + (
+            "Every calibration and evaluation window is BOS + text (`bos_per_window`, the protocol for Gemma). "
+            if any(r.get("bos_per_window") for r in res)
+            else ""
+        )
+        + f"Machine: {doc['machine']}. Time = allocation + pruning (+ recovery training where marked).",
         "",
         "| sparsity | row | perplexity | vs dense | vs Wanda | measured sparsity | time (s) | s/block (median) | "
         "peak RSS (MiB) | peak GPU (MiB) | notes |",
@@ -298,6 +308,8 @@ def to_markdown(doc: dict) -> str:
         )
     failed = [r for r in doc["results"] if "error" in r]
     lines += [""] + [f"- FAILED {r['row']}: {r['error']}" for r in failed]
+    if doc.get("notes"):  # hand-written analysis kept in the JSON, so a rerun keeps it
+        lines += [doc["notes"].rstrip()]
     return "\n".join(lines) + "\n"
 
 
@@ -551,6 +563,8 @@ def main() -> None:
         if comparable(old["setting"]) == comparable(doc["setting"]):
             doc["results"] = [r for r in old["results"] if "error" not in r]
             doc["machine"] = old.get("machine", doc["machine"])  # the table's machine; other rows name theirs
+            if old.get("notes"):
+                doc["notes"] = old["notes"]
         else:
             logging.warning("%s has another setting: starting over", stem.with_suffix(".json"))
     done = {r["row"] for r in doc["results"]}

@@ -77,6 +77,37 @@ def tiny_checkpoint(tmp_path):
     return path
 
 
+def tiny_decoder_kwargs(layers: int, vocab: int) -> dict:
+    """The config arguments of the tiny random decoders (hidden 64, 4 heads, 2 KV heads), any LLaMA-like family."""
+    return dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+
+
+def tiny_gemma3(seed: int = 0, layers: int = 2, vocab: int = 256):
+    """A tiny random Gemma 3 text model (model_type gemma3_text): a family whose windows each begin with BOS."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(**tiny_decoder_kwargs(layers, vocab), head_dim=16, sliding_window=8)
+    return Gemma3ForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_gemma_checkpoint(tmp_path):
+    """A tiny random Gemma 3 saved as a HF checkpoint directory with the small tokenizer (its BOS is `<s>`, 1)."""
+    path = tmp_path / "tiny-gemma"
+    tiny_gemma3().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def wikitext_test() -> Path:
     if not WIKITEXT_TEST.is_file():

@@ -36,7 +36,7 @@ log = logging.getLogger("sparsedeploy")
 @click.pass_context
 def eval_cmd(ctx, model, data, seqlen, max_windows, baseline, device, dtype, cache_dir, output, as_json):
     """Perplexity of MODEL (Wanda/SparseGPT protocol) and its measured sparsity."""
-    from sparsedeploy.common.data import default_wikitext_test, eval_tokens
+    from sparsedeploy.common.data import default_wikitext_test, eval_tokens, window_bos
     from sparsedeploy.common.evaluate import layer_sparsity, overall_sparsity, perplexity
     from sparsedeploy.common.files import check_writable, write_json_atomic
     from sparsedeploy.common.models import default_seqlen, load_model, resolve_device
@@ -57,7 +57,8 @@ def eval_cmd(ctx, model, data, seqlen, max_windows, baseline, device, dtype, cac
     lm = load_model(model, dtype, cache_dir)
     seqlen = seqlen or default_seqlen(lm.model)
     tokens = eval_tokens(lm.tokenizer, data)
-    result = perplexity(lm.model, tokens, seqlen, dev, max_windows, show_progress=not ctx.obj["quiet"])
+    bos = window_bos(lm.model, lm.tokenizer)
+    result = perplexity(lm.model, tokens, seqlen, dev, max_windows, show_progress=not ctx.obj["quiet"], bos=bos)
     layers = layer_sparsity(lm.model)
     out = {
         **result.to_dict(),
@@ -68,12 +69,16 @@ def eval_cmd(ctx, model, data, seqlen, max_windows, baseline, device, dtype, cac
         "dtype": dtype,
     }
     text = (
-        f"perplexity {result.ppl:.3f} on {data} ({result.windows} windows x {seqlen}, {result.tokens} tokens); "
+        f"perplexity {result.ppl:.3f} on {data} ({result.windows} windows x {seqlen}"
+        f"{', each BOS + text' if result.bos_per_window else ''}, {result.tokens} tokens); "
         f"sparsity {out['sparsity']:.4f}"
     )
     if baseline:
         base_lm = load_model(baseline, dtype, cache_dir)
-        base = perplexity(base_lm.model, tokens, seqlen, dev, max_windows, show_progress=not ctx.obj["quiet"])
+        base_bos = window_bos(base_lm.model, base_lm.tokenizer)
+        base = perplexity(
+            base_lm.model, tokens, seqlen, dev, max_windows, show_progress=not ctx.obj["quiet"], bos=base_bos
+        )
         out["baseline"] = {
             "model": baseline,
             "ppl": base.ppl,

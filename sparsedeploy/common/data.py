@@ -7,6 +7,13 @@ Sources (``--calib`` / ``--data``):
   gensim-wiki      the English Wikipedia articles shipped inside the `gensim` wheel (offline default)
   text:PATH        a plain UTF-8 text file
   jsonl:PATH[#key] a JSON-lines file, one document per line under "text" (or the given key)
+
+Windows and BOS: the Wanda/SparseGPT protocol cuts windows straight out of the token stream, so only the
+first window starts with the tokenizer's BOS. That is kept for every family except the ones whose models
+are trained to always see a leading BOS and collapse without it (Gemma 1-3, `BOS_PER_WINDOW`): for those
+every calibration and evaluation window is BOS followed by `seqlen - 1` text tokens (still `seqlen` long).
+`window_bos` is the one place that decides it; calibration (here) and evaluation (`evaluate.eval_windows`)
+both take its answer.
 """
 
 from __future__ import annotations
@@ -153,30 +160,76 @@ def load_text(source: str, split: str = "calib") -> str:
     raise UserError(f"unknown text source {source!r}: use {SOURCES_HELP}")
 
 
+# config.model_type of the families whose windows each begin with BOS (see the module docstring).
+BOS_PER_WINDOW = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
+
+
+def window_bos(model, tokenizer) -> int | None:
+    """The token id every window must begin with for this model, or None (the plain Wanda/SparseGPT windows).
+
+    The tokenizer's BOS (what it prepends to text) is used, the model config's when the tokenizer has none.
+    """
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in BOS_PER_WINDOW:
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        bos = getattr(config, "bos_token_id", None)
+    if bos is None:
+        raise UserError(
+            f"{kind} models need a BOS token before every window, but neither the tokenizer nor the config names "
+            "one: save a tokenizer with its bos_token next to the model"
+        )
+    return int(bos)
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """Tokenize a whole corpus once, as the Wanda/SparseGPT protocol does: a 1-D LongTensor."""
     ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
     return ids
 
 
-def calibration_samples(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """`nsamples` random windows of `seqlen` tokens ([nsamples, seqlen]), reproducible from `seed`."""
+def calibration_samples(
+    tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0, bos: int | None = None
+) -> torch.Tensor:
+    """`nsamples` random windows of `seqlen` tokens ([nsamples, seqlen]), reproducible from `seed`.
+
+    With `bos` (from `window_bos`) each window is `bos` and then `seqlen - 1` text tokens.
+    """
     if nsamples < 1:
         raise UserError(f"--nsamples {nsamples} must be at least 1")
     if seqlen < 2:
         raise UserError(f"--seqlen {seqlen} must be at least 2")
     ids = tokenize(tokenizer, load_text(source, "calib"))
-    if ids.numel() <= seqlen:
+    if bos is not None:
+        ids = strip_bos(ids, bos)
+    span = seqlen if bos is None else seqlen - 1  # text tokens per window
+    if ids.numel() <= span:
         raise UserError(
             f"calibration text {source!r} has {ids.numel()} tokens, too few for one window of {seqlen}: "
             "give more text or a smaller --seqlen"
         )
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
+    starts = torch.randint(0, ids.numel() - span, (nsamples,), generator=gen)
     log.info(
-        "calibration: %d windows of %d tokens from %s (%d tokens, seed %d)", nsamples, seqlen, source, ids.numel(), seed
+        "calibration: %d windows of %d tokens from %s (%d tokens, seed %d%s)",
+        nsamples,
+        seqlen,
+        source,
+        ids.numel(),
+        seed,
+        "" if bos is None else f", BOS {bos} before every window",
     )
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    windows = torch.stack([ids[s : s + span] for s in starts.tolist()])
+    if bos is not None:
+        windows = torch.cat([torch.full((nsamples, 1), bos, dtype=windows.dtype), windows], dim=1)
+    return windows
+
+
+def strip_bos(ids: torch.Tensor, bos: int) -> torch.Tensor:
+    """The token stream without the BOS the tokenizer put in front of it (windows get their own)."""
+    return ids[1:] if ids.numel() and int(ids[0]) == bos else ids
 
 
 def eval_tokens(tokenizer, source: str) -> torch.Tensor:

@@ -3,6 +3,8 @@
 Protocol: the evaluation text is joined and tokenized once; it is cut into non-overlapping windows
 of `seqlen` tokens (the tail that does not fill a window is dropped); every window is scored
 independently (no cache carried between windows); ppl = exp(total NLL / predicted tokens).
+For the families that need a BOS before every window (`data.window_bos`, Gemma 1-3) each window is that BOS
+and `seqlen - 1` text tokens, so windows stay `seqlen` long and `seqlen - 1` tokens are predicted in each.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparsedeploy.common.data import strip_bos
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.common.models import find_blocks, find_linears
 from sparsedeploy.common.sparsity import sparsity_of
@@ -30,13 +33,24 @@ class PerplexityResult:
     seqlen: int
     windows: int
     tokens: int  # predicted tokens scored
+    bos_per_window: bool = False  # every window began with BOS (data.window_bos)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows [n, seqlen] from a 1-D token tensor (tail dropped)."""
+def eval_windows(
+    tokens: torch.Tensor, seqlen: int, max_windows: int | None = None, bos: int | None = None
+) -> torch.Tensor:
+    """Non-overlapping windows [n, seqlen] from a 1-D token tensor (tail dropped).
+
+    With `bos`, the stream's own leading BOS is dropped and each window is `bos` + `seqlen - 1` text tokens.
+    """
+    if bos is not None:
+        if seqlen < 2:
+            raise UserError(f"--seqlen {seqlen} must be at least 2")
+        windows = eval_windows(strip_bos(tokens, bos), seqlen - 1, max_windows)
+        return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
     n = tokens.numel() // seqlen
     if max_windows is not None:
         if max_windows < 1:
@@ -58,8 +72,20 @@ def perplexity(
     device: torch.device,
     max_windows: int | None = None,
     show_progress: bool = True,
+    bos: int | None = None,
 ) -> PerplexityResult:
-    windows = eval_windows(tokens, seqlen, max_windows)
+    """Perplexity over the evaluation windows of `tokens` (`bos` from `data.window_bos`)."""
+    result = window_perplexity(model, eval_windows(tokens, seqlen, max_windows, bos), device, show_progress)
+    result.bos_per_window = bos is not None
+    return result
+
+
+@torch.no_grad()
+def window_perplexity(
+    model: nn.Module, windows: torch.Tensor, device: torch.device, show_progress: bool = True
+) -> PerplexityResult:
+    """Perplexity over ready-made windows [n, seqlen] (e.g. calibration samples), each scored on its own."""
+    seqlen = windows.shape[1]
     home = next(model.parameters()).device
     model.to(device)
     total_nll = 0.0

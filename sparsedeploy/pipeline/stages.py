@@ -60,7 +60,7 @@ def _eval_data(recipe: Recipe) -> str:
 
 
 def _evaluate(model_ref: str, recipe: Recipe, data: str, show_progress: bool) -> dict:
-    from sparsedeploy.common.data import eval_tokens
+    from sparsedeploy.common.data import eval_tokens, window_bos
     from sparsedeploy.common.evaluate import layer_sparsity, overall_sparsity, perplexity
     from sparsedeploy.common.models import default_seqlen, load_model, resolve_device
 
@@ -73,6 +73,7 @@ def _evaluate(model_ref: str, recipe: Recipe, data: str, show_progress: bool) ->
         resolve_device(recipe.device),
         recipe.eval.max_windows,
         show_progress,
+        bos=window_bos(lm.model, lm.tokenizer),
     )
     return {**result.to_dict(), "data": data, "sparsity": overall_sparsity(layer_sparsity(lm.model))}
 

@@ -380,7 +380,7 @@ def atp_search(
     A method that refines an initial one (DSnoT) is searched with its initial method: the allocation is a
     property of the initial pruning, and refining every candidate would multiply the search cost.
     """
-    from sparsedeploy.common.evaluate import perplexity
+    from sparsedeploy.common.evaluate import window_perplexity
     from sparsedeploy.prune.blocks import prune_model
 
     method = method.initial_method() or method
@@ -402,7 +402,7 @@ def atp_search(
             )
             t0 = time.perf_counter()
             prune_model(model, subset, method, alloc.spec_for, device, show_progress=False, model_check=False)
-            ppl = perplexity(model, held_out.flatten(), held_out.shape[1], device, show_progress=False).ppl
+            ppl = window_perplexity(model, held_out, device, show_progress=False).ppl
             trials.append(
                 {"difference": d, "spread": d * (len(weights) - 1), "ppl": ppl, "seconds": time.perf_counter() - t0}
             )

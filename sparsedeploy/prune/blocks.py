@@ -160,9 +160,9 @@ class PlainInitial:
 
 
 def calibration_ppl(model: nn.Module, samples: torch.Tensor, device: torch.device) -> float:
-    from sparsedeploy.common.evaluate import perplexity
+    from sparsedeploy.common.evaluate import window_perplexity
 
-    return perplexity(model, samples.reshape(-1), samples.shape[1], device, show_progress=False).ppl
+    return window_perplexity(model, samples, device, show_progress=False).ppl
 
 
 def plain_initial(

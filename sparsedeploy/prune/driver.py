@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sparsedeploy.common.data import calibration_samples
+from sparsedeploy.common.data import calibration_samples, window_bos
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.common.evaluate import layer_sparsity, overall_sparsity
 from sparsedeploy.common.files import atomic_dir, check_output_dir, write_json_atomic
@@ -93,7 +93,8 @@ def run_prune(
     else:
         lm, disk = load_model(config.model, config.dtype, config.cache_dir), None
     seqlen = config.seqlen or default_seqlen(lm.model)
-    samples = calibration_samples(lm.tokenizer, config.calib, config.nsamples, seqlen, config.seed)
+    bos = window_bos(lm.model, lm.tokenizer)  # Gemma: every window begins with BOS
+    samples = calibration_samples(lm.tokenizer, config.calib, config.nsamples, seqlen, config.seed, bos)
     prefix = blocks_prefix(lm.model)
     allocation = plan_or_restore_allocation(
         lm.model,
@@ -102,7 +103,7 @@ def run_prune(
         spec,
         AllocationConfig(config.allocation, config.owl_m, config.owl_lambda),
         device,
-        lambda n: calibration_samples(lm.tokenizer, config.calib, n, seqlen, config.seed + 1),
+        lambda n: calibration_samples(lm.tokenizer, config.calib, n, seqlen, config.seed + 1, bos),
         checkpoint.work if main_rank else None,
         show_progress,
         load_block=disk.load if disk else None,
@@ -119,7 +120,7 @@ def run_prune(
     check_samples = None
     if method.verify_model:  # other windows of the calibration source judge the whole model
         check_samples = calibration_samples(
-            lm.tokenizer, config.calib, max(4, config.nsamples // 4), seqlen, config.seed + 1
+            lm.tokenizer, config.calib, max(4, config.nsamples // 4), seqlen, config.seed + 1, bos
         )
     block_seconds: list[float] = []
     masks = prune_model(
@@ -153,7 +154,13 @@ def run_prune(
         "sparsity_spec": str(spec),
         "model": config.model,
         "model_path": str(lm.path),
-        "calibration": {"source": config.calib, "nsamples": config.nsamples, "seqlen": seqlen, "seed": config.seed},
+        "calibration": {
+            "source": config.calib,
+            "nsamples": config.nsamples,
+            "seqlen": seqlen,
+            "seed": config.seed,
+            "bos_per_window": bos is not None,
+        },
         "device": str(device),
         "dtype": config.dtype,
         "offload": offload,

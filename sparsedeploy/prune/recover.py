@@ -244,7 +244,7 @@ def run_recover(
     atomically."""
     from safetensors.torch import load_file
 
-    from sparsedeploy.common.data import calibration_samples, eval_tokens
+    from sparsedeploy.common.data import calibration_samples, eval_tokens, window_bos
     from sparsedeploy.common.evaluate import layer_sparsity, overall_sparsity, perplexity
     from sparsedeploy.common.files import atomic_dir, check_output_dir, write_json_atomic
     from sparsedeploy.common.models import load_model, resolve_device, save_checkpoint
@@ -262,7 +262,8 @@ def run_recover(
         log.warning("no masks.safetensors beside %s: the adapters are restricted to the non-zero weights", run.model)
     before_layers = layer_sparsity(lm.model)
     zeros_before = zero_pattern(lm.model)
-    train = calibration_samples(lm.tokenizer, run.data, config.steps * config.batch, config.seqlen, config.seed)
+    bos = window_bos(lm.model, lm.tokenizer)
+    train = calibration_samples(lm.tokenizer, run.data, config.steps * config.batch, config.seqlen, config.seed, bos)
     teacher = load_model(run.teacher, run.dtype, run.cache_dir).model if run.teacher else None
     report: dict = {
         "model": run.model,
@@ -274,14 +275,23 @@ def run_recover(
     tokens = eval_tokens(lm.tokenizer, run.eval_data) if run.eval_data else None
     eval_seqlen = run.eval_seqlen or config.seqlen
     if tokens is not None:
-        report["ppl_before"] = perplexity(lm.model, tokens, eval_seqlen, device, run.eval_windows, show_progress).ppl
+        report["ppl_before"] = perplexity(
+            lm.model, tokens, eval_seqlen, device, run.eval_windows, show_progress, bos
+        ).ppl
     report["recovery"] = recover_model(lm.model, masks, train, config, device, teacher, show_progress)
     zeros_after = zero_pattern(lm.model)
     if not same_zeros(zeros_before, zeros_after):  # cannot happen by construction; never write such a model
         raise RuntimeError("recovery changed the zero pattern: refusing to write the checkpoint")
     if tokens is not None:
-        report["ppl_after"] = perplexity(lm.model, tokens, eval_seqlen, device, run.eval_windows, show_progress).ppl
-        report["eval"] = {"data": run.eval_data, "windows": run.eval_windows, "seqlen": eval_seqlen}
+        report["ppl_after"] = perplexity(
+            lm.model, tokens, eval_seqlen, device, run.eval_windows, show_progress, bos
+        ).ppl
+        report["eval"] = {
+            "data": run.eval_data,
+            "windows": run.eval_windows,
+            "seqlen": eval_seqlen,
+            "bos_per_window": bos is not None,
+        }
     after_layers = layer_sparsity(lm.model)
     report.update(
         sparsity_before=overall_sparsity(before_layers),

@@ -106,6 +106,12 @@ def test_another_model_gets_its_own_table_and_no_ci_gate(tmp_path):
         ],
     }
     assert quality.to_markdown(doc).startswith("# Pruning quality on gemma-3-270m-q4_k_m.gguf\n")
+    assert "BOS + text" not in quality.to_markdown(doc)  # plain windows: nothing said
+    doc["results"][0]["bos_per_window"] = True
+    doc["notes"] = "## Why the ratio is what it is\n\nmeasured text"
+    text = quality.to_markdown(doc)
+    assert "Every calibration and evaluation window is BOS + text" in text
+    assert text.endswith("## Why the ratio is what it is\n\nmeasured text\n")
     env = {**__import__("os").environ, "SPARSEDEPLOY_WIKITEXT2": str(WIKITEXT_TEST)}
     proc = subprocess.run(
         [sys.executable, "benchmarks/quality.py", "--ci", "--model", str(tmp_path / "m.gguf")],

@@ -13,6 +13,30 @@ def calib_file(tmp_path):
     return path
 
 
+def test_eval_of_a_gemma_model_puts_bos_before_every_window(tiny_gemma_checkpoint, calib_file, capsys):
+    """Gemma's evaluation windows are BOS + 31 text tokens (32 long, 31 predicted each): the perplexity `eval`
+    prints is the one over exactly those windows."""
+    import torch
+
+    from sparsedeploy.common.data import eval_tokens
+    from sparsedeploy.common.evaluate import window_perplexity
+    from sparsedeploy.common.models import load_model
+
+    args = ["-q", "eval", "--model", str(tiny_gemma_checkpoint), "--data", f"text:{calib_file}", "--seqlen", "32"]
+    code, stdout, _ = run_cli([*args, "--max-windows", "3", "--json"], capsys)
+    assert code == 0
+    result = json.loads(stdout)
+    assert result["bos_per_window"] and result["windows"] == 3 and result["seqlen"] == 32 and result["tokens"] == 93
+    lm = load_model(str(tiny_gemma_checkpoint))
+    text = eval_tokens(lm.tokenizer, f"text:{calib_file}")
+    bos = lm.tokenizer.bos_token_id
+    windows = torch.cat([torch.full((3, 1), bos), text[: 3 * 31].reshape(3, 31)], dim=1)
+    expected = window_perplexity(lm.model, windows, torch.device("cpu"), show_progress=False)
+    assert result["ppl"] == pytest.approx(expected.ppl, rel=1e-5)
+    code, stdout, _ = run_cli([*args, "--max-windows", "3"], capsys)
+    assert code == 0 and "each BOS + text" in stdout
+
+
 def test_prune_then_eval_json(tiny_checkpoint, calib_file, tmp_path, capsys):
     out = tmp_path / "pruned"
     code, stdout, _ = run_cli(

@@ -17,6 +17,7 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_decoder_kwargs
 from onnx_helpers import tiny_tokenizer
 
 from sparsedeploy.common.evaluate import layer_sparsity, perplexity
@@ -38,15 +39,7 @@ def family_model(kind: str, layers: int = LAYERS, vocab: int = VOCAB) -> torch.n
     import transformers as t
 
     torch.manual_seed(0)
-    common = dict(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    common = tiny_decoder_kwargs(layers, vocab)
     # Qwen2/Qwen3: sliding-window attention from layer 3 on (the other layers attend to everything).
     qwen_window = dict(use_sliding_window=True, sliding_window=SLIDING, max_window_layers=3)
     builders = {

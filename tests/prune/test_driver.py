@@ -265,3 +265,33 @@ def test_sigkill_midway_then_resume_matches(tiny_checkpoint, calib_file, tmp_pat
     b = load_file(str(tmp_path / "straight" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "k" / "report.json").read_text())["resumed_from_block"] == 1
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+def test_calibration_windows_begin_with_bos_only_for_gemma(
+    family, tiny_checkpoint, tiny_gemma_checkpoint, calib_file, tmp_path, monkeypatch
+):
+    """Gemma's calibration windows are BOS + text; LLaMA's are exactly the plain Wanda/SparseGPT windows (the
+    smollm2 protocol does not move). The report says which."""
+    from sparsedeploy.common.data import calibration_samples
+    from sparsedeploy.prune import driver
+
+    checkpoint = tiny_gemma_checkpoint if family == "gemma3" else tiny_checkpoint
+    seen: list[torch.Tensor] = []
+    real = driver.prune_model
+    monkeypatch.setattr(
+        driver, "prune_model", lambda model, samples, *a, **k: seen.append(samples) or real(model, samples, *a, **k)
+    )
+    config = PruneConfig(
+        model=str(checkpoint), method="wanda", calib=f"text:{calib_file}", nsamples=4, seqlen=32, device="cpu"
+    )
+    report = run_prune(config, tmp_path / "out", show_progress=False)
+    (samples,) = seen
+    assert samples.shape == (4, 32) and report["overall_sparsity"] == pytest.approx(0.5, abs=1e-6)
+    tokenizer = load_model(str(checkpoint)).tokenizer
+    if family == "gemma3":
+        assert samples[:, 0].tolist() == [tokenizer.bos_token_id] * 4 and report["calibration"]["bos_per_window"]
+        assert torch.equal(samples, calibration_samples(tokenizer, config.calib, 4, 32, 0, bos=tokenizer.bos_token_id))
+    else:
+        assert not report["calibration"]["bos_per_window"] and (samples[:, 0] != tokenizer.bos_token_id).any()
+        assert torch.equal(samples, calibration_samples(tokenizer, config.calib, 4, 32, 0))
