@@ -201,6 +201,20 @@ def pruned_exports(pruned_checkpoints, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sparse_cpu_export(tmp_path_factory):
+    """A tiny LLaMA pruned by Wanda to 70 % and exported with --target sparse-cpu (verified):
+    (checkpoint dir, export dir, export report)."""
+    from onnx_helpers import pruned_tiny_checkpoint
+
+    from sparsedeploy.export.run import ExportConfig, export_checkpoint
+
+    root = tmp_path_factory.mktemp("sparse_cpu")
+    checkpoint = pruned_tiny_checkpoint(root / "ckpt", "0.7")
+    report = export_checkpoint(ExportConfig(model=str(checkpoint), target="sparse-cpu"), root / "onnx")
+    return checkpoint, root / "onnx", report
+
+
+@pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory):
     """The tiny random LLaMA exported with KV cache by optimum (dense) plus a 50%-zeroed copy (sparse)."""
     pytest.importorskip("optimum.exporters.onnx")
