@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from sparsedeploy.bench.config import ENGINES
-from sparsedeploy.cli.options import parse_batch_list
+from sparsedeploy.cli.options import TORCH_DTYPES, choice_option, parse_batch_list
 from sparsedeploy.common.errors import UserError
 
 log = logging.getLogger("sparsedeploy")
@@ -40,12 +40,11 @@ def _log_rows(rows: list[dict]) -> None:
 @click.option(
     "--baseline", default=None, help="dense model of the same kind, timed alternately with --model for the speedup"
 )
-@click.option(
+@choice_option(
     "--engine",
-    default="ort",
-    show_default=True,
-    type=click.Choice(list(ENGINES)),
-    help="ort/deepsparse: ONNX on CPU; sparse-cpu: a --target sparse-cpu export in sparsedeploy's kernels vs the "
+    ENGINES,
+    "ort",
+    "ort/deepsparse: ONNX on CPU; sparse-cpu: a --target sparse-cpu export in sparsedeploy's kernels vs the "
     "dense export in ONNX Runtime; torch: checkpoints (2:4 kernels with --device cuda); tensorrt: ONNX on a GPU",
 )
 @click.option("--batch", "batch", default="1,8", show_default=True, help="comma-separated batch sizes")
@@ -62,12 +61,8 @@ def _log_rows(rows: list[dict]) -> None:
     help="timed rounds after warm-up; dense/sparse alternate every round",
 )
 @click.option("--device", default="cpu", show_default=True, help="torch/tensorrt engines: cpu or cuda[:N]")
-@click.option(
-    "--dtype",
-    default="float16",
-    show_default=True,
-    type=click.Choice(["float32", "float16", "bfloat16"]),
-    help="torch/tensorrt engines on GPU (tensorrt: float32 builds without FP16)",
+@choice_option(
+    "--dtype", TORCH_DTYPES, "float16", "torch/tensorrt engines on GPU (tensorrt: float32 builds without FP16)"
 )
 @click.option(
     "--cuda-graphs",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from sparsedeploy.cli.options import check_numbers, emit, parse_batch_list
+from sparsedeploy.cli.options import check_numbers, choice_option, emit, parse_batch_list
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.export.config import (
     BENCH_FORM_OPTIONS,
@@ -41,31 +41,18 @@ def bench_form_options(fn):
     type=click.Path(path_type=Path),
     help="output directory for model.onnx + export_report.json",
 )
-@click.option("--task", default="text-generation-with-past", show_default=True, type=click.Choice(list(TASKS)))
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)))
+@choice_option("--task", TASKS, "text-generation-with-past")
+@choice_option("--dtype", DTYPES, "float32")
 @click.option("--opset", default=None, type=int, help="ONNX opset [default: the target's]")
-@click.option(
-    "--target",
-    default="ort",
-    show_default=True,
-    type=click.Choice(list(TARGETS)),
-    help="runtime the graph is shaped for",
-)
-@click.option(
-    "--storage",
-    default="dense",
-    show_default=True,
-    type=click.Choice(list(STORAGES)),
-    help="sparse: bitmap+values side file (smaller; needs sparsedeploy to load)",
-)
-@click.option(
+@choice_option("--target", TARGETS, "ort", "runtime the graph is shaped for")
+@choice_option("--storage", STORAGES, "dense", "sparse: bitmap+values side file (smaller; needs sparsedeploy to load)")
+@choice_option(
     "--optimize",
-    default="none",
-    show_default=True,
-    type=click.Choice(list(OPTIMIZE_LEVELS)),
-    help="ONNX Runtime graph optimisation saved into the file (refused when it breaks zeros or the target)",
+    OPTIMIZE_LEVELS,
+    "none",
+    "ONNX Runtime graph optimisation saved into the file (refused when it breaks zeros or the target)",
 )
-@click.option("--exporter", default="auto", show_default=True, type=click.Choice(list(EXPORTERS)))
+@choice_option("--exporter", EXPORTERS, "auto")
 @click.option("--no-verify", is_flag=True, help="skip the sparsity and parity verification")
 @click.option(
     "--greedy-tokens", default=32, show_default=True, type=int, help="greedy tokens compared PyTorch vs ONNX Runtime"
@@ -183,12 +170,11 @@ def inspect_cmd(onnx_model, nm, all_weights, as_json):
 @click.option("--prompt", required=True, help="text to continue")
 @click.option("--max-new-tokens", default=32, show_default=True, type=int)
 @click.option("--threads", default=None, type=int, help="intra-op threads [ORT: its default; DeepSparse: 1]")
-@click.option(
+@choice_option(
     "--engine",
-    default="ort",
-    show_default=True,
-    type=click.Choice(list(GENERATE_ENGINES)),
-    help="ort: ONNX Runtime (a sparse-cpu export's SparseLinear nodes in sparsedeploy's kernels); sparse-cpu: "
+    GENERATE_ENGINES,
+    "ort",
+    "ort: ONNX Runtime (a sparse-cpu export's SparseLinear nodes in sparsedeploy's kernels); sparse-cpu: "
     "the same, refusing an export without SparseLinear nodes; deepsparse: the decoder-stack graphs of an "
     "export made with --target deepsparse, in DeepSparse's engine",
 )

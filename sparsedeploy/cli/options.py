@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 
 import click
 
@@ -17,11 +18,27 @@ def emit(data: dict, as_json: bool, text: str) -> None:
     click.echo(json.dumps(data, default=str) if as_json else text)
 
 
+TORCH_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def choice_option(flag: str, choices: Iterable[str], default: str, help: str | None = None):
+    """`flag` limited to `choices` (a vocabulary's names, in its order), its default shown in --help."""
+    return click.option(flag, default=default, show_default=True, type=click.Choice(list(choices)), help=help)
+
+
+def text_source_option(flag: str, what: str):
+    """A text source (`--calib`, `--data`): gensim-wiki unless given; common/data.py reads every form."""
+    return click.option(
+        flag,
+        default="gensim-wiki",
+        show_default=True,
+        help=f"{what}: gensim-wiki, wikitext2[:PATH], c4, text:PATH, jsonl:PATH",
+    )
+
+
 common_model = [
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N"),
-    click.option(
-        "--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"])
-    ),
+    choice_option("--dtype", TORCH_DTYPES, "float32"),
     click.option(
         "--cache-dir",
         default=None,

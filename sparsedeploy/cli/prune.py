@@ -9,10 +9,12 @@ import click
 
 from sparsedeploy.cli.options import (
     check_numbers,
+    choice_option,
     common_model,
     emit,
     method_option_flags,
     method_options_from_flags,
+    text_source_option,
     with_options,
 )
 from sparsedeploy.prune.choices import ALLOCATIONS, OFFLOAD_MODES
@@ -25,24 +27,16 @@ log = logging.getLogger("sparsedeploy")
 @click.option("--model", required=True, help="HF id or directory, a .gguf file, or smollm2-135m")
 @click.option("--method", default="wanda", show_default=True, help=", ".join(METHOD_NAMES))
 @click.option("--sparsity", default="0.5", show_default=True, help="fraction of zeros (0.5, 50%) or N:M (2:4, 4:8)")
-@click.option(
-    "--calib",
-    default="gensim-wiki",
-    show_default=True,
-    help="calibration text: gensim-wiki, wikitext2[:PATH], c4, text:PATH, jsonl:PATH",
-)
+@text_source_option("--calib", "calibration text")
 @click.option("--nsamples", default=128, show_default=True, type=int, help="calibration windows")
 @click.option("--seqlen", default=None, type=int, help="tokens per window [default: min(2048, model max)]")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option(
+@choice_option(
     "--allocation",
-    default="uniform",
-    show_default=True,
-    type=click.Choice(list(ALLOCATIONS)),
-    help=(
-        "per-layer sparsity: uniform, owl (outlier-weighted) or atp (increasing with depth); "
-        "the overall mean stays the target"
-    ),
+    ALLOCATIONS,
+    "uniform",
+    "per-layer sparsity: uniform, owl (outlier-weighted) or atp (increasing with depth); "
+    "the overall mean stays the target",
 )
 @click.option(
     "--owl-m", default=5.0, show_default=True, type=float, help="OWL: a score is an outlier above M x the block mean"
@@ -62,12 +56,11 @@ log = logging.getLogger("sparsedeploy")
     help="replace an existing output directory that sparsedeploy wrote (and discard an interrupted run)",
 )
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last finished block")
-@click.option(
+@choice_option(
     "--offload",
-    default="none",
-    show_default=True,
-    type=click.Choice(list(OFFLOAD_MODES)),
-    help="cpu: calibration activations stay in RAM; disk: weights stay on disk, one block in memory",
+    OFFLOAD_MODES,
+    "none",
+    "cpu: calibration activations stay in RAM; disk: weights stay on disk, one block in memory",
 )
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
 @with_options(method_option_flags)
@@ -135,12 +128,7 @@ def prune(
     required=True,
     help="a pruned checkpoint directory (from `prune`; its masks.safetensors is used when present)",
 )
-@click.option(
-    "--data",
-    default="gensim-wiki",
-    show_default=True,
-    help="training text: gensim-wiki, wikitext2[:PATH], c4, text:PATH, jsonl:PATH",
-)
+@text_source_option("--data", "training text")
 @click.option("--steps", default=100, show_default=True, type=int, help="optimizer steps")
 @click.option("--rank", default=8, show_default=True, type=int, help="adapter rank r")
 @click.option("--alpha", default=None, type=float, help="adapter scale alpha/r [default: alpha = r]")
