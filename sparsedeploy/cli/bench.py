@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from sparsedeploy.bench.config import ENGINES
-from sparsedeploy.cli.options import TORCH_DTYPES, choice_option, parse_batch_list
+from sparsedeploy.cli.options import TORCH_DTYPES, choice_option, number_option, parse_batch_list
 from sparsedeploy.common.errors import UserError
 
 log = logging.getLogger("sparsedeploy")
@@ -48,18 +48,10 @@ def _log_rows(rows: list[dict]) -> None:
     "dense export in ONNX Runtime; torch: checkpoints (2:4 kernels with --device cuda); tensorrt: ONNX on a GPU",
 )
 @click.option("--batch", "batch", default="1,8", show_default=True, help="comma-separated batch sizes")
-@click.option("--prompt-len", default=128, show_default=True, type=int)
-@click.option("--gen-len", default=64, show_default=True, type=int, help="decode steps (KV cache)")
-@click.option(
-    "--threads", default=1, show_default=True, type=int, help="CPU threads (1 gives stable figures on a shared box)"
-)
-@click.option(
-    "--rounds",
-    default=3,
-    show_default=True,
-    type=int,
-    help="timed rounds after warm-up; dense/sparse alternate every round",
-)
+@number_option("--prompt-len", 128)
+@number_option("--gen-len", 64, "decode steps (KV cache)")
+@number_option("--threads", 1, "CPU threads (1 gives stable figures on a shared box)")
+@number_option("--rounds", 3, "timed rounds after warm-up; dense/sparse alternate every round")
 @click.option("--device", default="cpu", show_default=True, help="torch/tensorrt engines: cpu or cuda[:N]")
 @choice_option(
     "--dtype", TORCH_DTYPES, "float16", "torch/tensorrt engines on GPU (tensorrt: float32 builds without FP16)"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from sparsedeploy.cli.options import check_numbers, choice_option, emit, parse_batch_list
+from sparsedeploy.cli.options import check_numbers, choice_option, emit, number_option, parse_batch_list
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.export.config import (
     BENCH_FORM_OPTIONS,
@@ -54,32 +54,14 @@ def bench_form_options(fn):
 )
 @choice_option("--exporter", EXPORTERS, "auto")
 @click.option("--no-verify", is_flag=True, help="skip the sparsity and parity verification")
-@click.option(
-    "--greedy-tokens", default=32, show_default=True, type=int, help="greedy tokens compared PyTorch vs ONNX Runtime"
-)
-@click.option(
-    "--decode-steps", default=4, show_default=True, type=int, help="KV-cache decode steps whose logits are compared"
-)
-@click.option(
-    "--deepsparse-batch",
-    default=1,
-    show_default=True,
-    type=int,
-    help="--target deepsparse: batch of the static decoder-stack graph",
-)
-@click.option(
-    "--deepsparse-seq",
-    default=128,
-    show_default=True,
-    type=int,
-    help="--target deepsparse: prompt tokens of the static prefill graph",
-)
-@click.option(
+@number_option("--greedy-tokens", 32, "greedy tokens compared PyTorch vs ONNX Runtime")
+@number_option("--decode-steps", 4, "KV-cache decode steps whose logits are compared")
+@number_option("--deepsparse-batch", 1, "--target deepsparse: batch of the static decoder-stack graph")
+@number_option("--deepsparse-seq", 128, "--target deepsparse: prompt tokens of the static prefill graph")
+@number_option(
     "--deepsparse-context",
-    default=256,
-    show_default=True,
-    type=int,
-    help="--target deepsparse: KV-cache slots of the static decode-step graph (prompt + new tokens - 1)",
+    256,
+    "--target deepsparse: KV-cache slots of the static decode-step graph (prompt + new tokens - 1)",
 )
 @bench_form_options
 @click.option("--cache-dir", default=None, help="where converted checkpoints are cached")
@@ -168,7 +150,7 @@ def inspect_cmd(onnx_model, nm, all_weights, as_json):
     "--onnx", "onnx_dir", required=True, type=click.Path(path_type=Path), help="export directory (or model.onnx)"
 )
 @click.option("--prompt", required=True, help="text to continue")
-@click.option("--max-new-tokens", default=32, show_default=True, type=int)
+@number_option("--max-new-tokens", 32)
 @click.option("--threads", default=None, type=int, help="intra-op threads [ORT: its default; DeepSparse: 1]")
 @choice_option(
     "--engine",

@@ -26,6 +26,11 @@ def choice_option(flag: str, choices: Iterable[str], default: str, help: str | N
     return click.option(flag, default=default, show_default=True, type=click.Choice(list(choices)), help=help)
 
 
+def number_option(flag: str, default: int | float, help: str | None = None):
+    """A numeric `flag` of the default's type (int or float), its default shown in --help."""
+    return click.option(flag, default=default, show_default=True, type=type(default), help=help)
+
+
 def text_source_option(flag: str, what: str):
     """A text source (`--calib`, `--data`): gensim-wiki unless given; common/data.py reads every form."""
     return click.option(

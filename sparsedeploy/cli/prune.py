@@ -14,6 +14,7 @@ from sparsedeploy.cli.options import (
     emit,
     method_option_flags,
     method_options_from_flags,
+    number_option,
     text_source_option,
     with_options,
 )
@@ -28,9 +29,9 @@ log = logging.getLogger("sparsedeploy")
 @click.option("--method", default="wanda", show_default=True, help=", ".join(METHOD_NAMES))
 @click.option("--sparsity", default="0.5", show_default=True, help="fraction of zeros (0.5, 50%) or N:M (2:4, 4:8)")
 @text_source_option("--calib", "calibration text")
-@click.option("--nsamples", default=128, show_default=True, type=int, help="calibration windows")
+@number_option("--nsamples", 128, "calibration windows")
 @click.option("--seqlen", default=None, type=int, help="tokens per window [default: min(2048, model max)]")
-@click.option("--seed", default=0, show_default=True, type=int)
+@number_option("--seed", 0)
 @choice_option(
     "--allocation",
     ALLOCATIONS,
@@ -38,16 +39,8 @@ log = logging.getLogger("sparsedeploy")
     "per-layer sparsity: uniform, owl (outlier-weighted) or atp (increasing with depth); "
     "the overall mean stays the target",
 )
-@click.option(
-    "--owl-m", default=5.0, show_default=True, type=float, help="OWL: a score is an outlier above M x the block mean"
-)
-@click.option(
-    "--owl-lambda",
-    default=0.08,
-    show_default=True,
-    type=float,
-    help="OWL: largest deviation of a block's sparsity from the target",
-)
+@number_option("--owl-m", 5.0, "OWL: a score is an outlier above M x the block mean")
+@number_option("--owl-lambda", 0.08, "OWL: largest deviation of a block's sparsity from the target")
 @with_options(common_model)
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="output checkpoint directory")
 @click.option(
@@ -129,15 +122,13 @@ def prune(
     help="a pruned checkpoint directory (from `prune`; its masks.safetensors is used when present)",
 )
 @text_source_option("--data", "training text")
-@click.option("--steps", default=100, show_default=True, type=int, help="optimizer steps")
-@click.option("--rank", default=8, show_default=True, type=int, help="adapter rank r")
+@number_option("--steps", 100, "optimizer steps")
+@number_option("--rank", 8, "adapter rank r")
 @click.option("--alpha", default=None, type=float, help="adapter scale alpha/r [default: alpha = r]")
-@click.option(
-    "--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate (warm-up, then cosine to 10%)"
-)
-@click.option("--seqlen", default=256, show_default=True, type=int, help="tokens per training window")
-@click.option("--batch", default=1, show_default=True, type=int, help="windows per step")
-@click.option("--seed", default=0, show_default=True, type=int)
+@number_option("--lr", 1e-3, "AdamW learning rate (warm-up, then cosine to 10%)")
+@number_option("--seqlen", 256, "tokens per training window")
+@number_option("--batch", 1, "windows per step")
+@number_option("--seed", 0)
 @click.option(
     "--teacher",
     default=None,
@@ -146,7 +137,7 @@ def prune(
 @click.option(
     "--eval", "eval_data", default=None, help="also report perplexity before/after on this text (e.g. wikitext2:PATH)"
 )
-@click.option("--eval-windows", default=16, show_default=True, type=int, help="windows scored by --eval")
+@number_option("--eval-windows", 16, "windows scored by --eval")
 @with_options(common_model)
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="output checkpoint directory")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory that sparsedeploy wrote")
