@@ -29,6 +29,7 @@ so the same code runs on CPU and CUDA.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -87,6 +88,18 @@ def _same_group(cols: int, chosen: torch.Tensor, m: int) -> torch.Tensor:
     return group.unsqueeze(0) == (chosen // m).unsqueeze(1)
 
 
+def _active_rows(active: torch.Tensor, max_cycles: int) -> Iterator[torch.Tensor]:
+    """The indices of the rows still active at each cycle, at most `max_cycles` times; stops early when none is.
+
+    The caller updates `active` (bool [rows]) in place after each cycle.
+    """
+    for _ in range(max_cycles):
+        idx = active.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return
+        yield idx
+
+
 def _paper_cycles(
     weight0: torch.Tensor, keep: torch.Tensor, st: LayerStats, spec: SparsitySpec, opt: DSnoTOptions
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -99,10 +112,7 @@ def _paper_cycles(
     swaps = torch.zeros(rows, dtype=torch.long, device=weight0.device)
     active = err.abs() > opt.update_threshold
     cycles = 0
-    for _ in range(opt.max_cycles):
-        idx = active.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            break
+    for idx in _active_rows(active, opt.max_cycles):
         cycles += 1
         k = keep[idx]
         c = contrib[idx]
@@ -128,9 +138,8 @@ def _paper_cycles(
         keep[r, pi] = False
         err[r] = e2[ok]
         swaps[r] += 1
-        still = torch.zeros_like(active)
-        still[r] = err[r].abs() > opt.update_threshold
-        active = still
+        active.zero_()
+        active[r] = err[r].abs() > opt.update_threshold
     return keep, swaps, cycles
 
 
@@ -152,10 +161,7 @@ def _second_order_cycles(
     active = torch.ones(rows, dtype=torch.bool, device=weight0.device)
     half = max(1, opt.candidates // 2)
     cycles = 0
-    for _ in range(opt.max_cycles):
-        idx = active.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            break
+    for idx in _active_rows(active, opt.max_cycles):
         cycles += 1
         n = idx.numel()
         ar = torch.arange(n, device=idx.device)
@@ -191,9 +197,8 @@ def _second_order_cycles(
         HD[r] += -weight0[r, g_ok].unsqueeze(1) * H[g_ok] + weight0[r, p_ok].unsqueeze(1) * H[p_ok]
         err[r] += -contrib[r, g_ok] + contrib[r, p_ok]
         swaps[r] += 1
-        still = torch.zeros_like(active)
-        still[r] = True
-        active = still
+        active.zero_()
+        active[r] = True
     return keep, swaps, cycles
 
 
