@@ -309,25 +309,9 @@ def plan_allocation(
     return allocation
 
 
-def plan_or_restore_allocation(
-    model: nn.Module,
-    samples: torch.Tensor,
-    method,
-    spec: SparsitySpec,
-    config: AllocationConfig,
-    device: torch.device,
-    eval_samples: Callable[[int], torch.Tensor] | None,
-    work: Path | None,
-    show_progress: bool = True,
-    load_block: BlockHook | None = None,
-    release_block: BlockHook | None = None,
-) -> Allocation:
-    """`plan_allocation`, remembered in the run's work directory so that --resume reuses it unchanged.
-
-    A resumed run must not re-plan: its model already holds pruned blocks (OWL wants the dense
-    activations) and the ATP search would cost again. The file is keyed by the settings it used.
-    """
-    key = {
+def _memory_key(spec: SparsitySpec, config: AllocationConfig) -> dict:
+    """The settings a remembered allocation was planned with: a resumed run reuses it only when they match."""
+    return {
         "kind": config.kind,
         "target": str(spec),
         "owl_m": config.owl_m,
@@ -337,31 +321,44 @@ def plan_or_restore_allocation(
         "atp_search_windows": config.atp_search_windows,
         "max_sparsity": config.max_sparsity,
     }
-    path = Path(work) / "allocation.json" if work is not None else None
-    if path is not None and path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("key") == key:
-            log.info("resuming with the %s allocation planned before the interruption (%s)", config.kind, path)
-            return Allocation(
-                saved["kind"], spec, saved["ratios"], saved["weights"], {**saved["details"], "restored": True}
-            )
-    allocation = plan_allocation(
-        model, samples, method, spec, config, device, eval_samples, show_progress, load_block, release_block
-    )
-    if path is not None and config.kind != "uniform":
-        from sparsedeploy.common.files import write_json_atomic
 
-        write_json_atomic(
-            path,
-            {
-                "key": key,
-                "kind": allocation.kind,
-                "ratios": allocation.ratios,
-                "weights": allocation.weights,
-                "details": allocation.details,
-            },
-        )
-    return allocation
+
+def restore_allocation(work: Path | None, spec: SparsitySpec, config: AllocationConfig) -> Allocation | None:
+    """The allocation `remember_allocation` kept in the run's work directory for these settings, else None.
+
+    A resumed run must not re-plan: its model already holds pruned blocks (OWL wants the dense
+    activations) and the ATP search would cost again. The file is keyed by the settings it used.
+    """
+    if work is None:
+        return None
+    path = Path(work) / "allocation.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("key") != _memory_key(spec, config):
+        return None
+    log.info("resuming with the %s allocation planned before the interruption (%s)", config.kind, path)
+    return Allocation(saved["kind"], spec, saved["ratios"], saved["weights"], {**saved["details"], "restored": True})
+
+
+def remember_allocation(
+    work: Path | None, spec: SparsitySpec, config: AllocationConfig, allocation: Allocation
+) -> None:
+    """Keep a planned non-uniform allocation in the run's work directory (none: nothing kept) for --resume."""
+    if work is None or config.kind == "uniform":
+        return
+    from sparsedeploy.common.files import write_json_atomic
+
+    write_json_atomic(
+        Path(work) / "allocation.json",
+        {
+            "key": _memory_key(spec, config),
+            "kind": allocation.kind,
+            "ratios": allocation.ratios,
+            "weights": allocation.weights,
+            "details": allocation.details,
+        },
+    )
 
 
 def atp_search(

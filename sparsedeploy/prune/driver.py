@@ -18,7 +18,7 @@ from sparsedeploy.common.models import LoadedModel, default_seqlen, load_model, 
 from sparsedeploy.common.provenance import peak_memory, versions
 from sparsedeploy.common.sparsity import parse_sparsity
 from sparsedeploy.prune import distributed
-from sparsedeploy.prune.allocation import AllocationConfig, plan_or_restore_allocation
+from sparsedeploy.prune.allocation import AllocationConfig, plan_allocation, remember_allocation, restore_allocation
 from sparsedeploy.prune.blocks import blocks_prefix, prune_model
 from sparsedeploy.prune.checkpoint import BlockCheckpoint, work_dir_for
 from sparsedeploy.prune.choices import OFFLOAD_MODES
@@ -96,19 +96,23 @@ def run_prune(
     bos = window_bos(lm.model, lm.tokenizer)  # Gemma: every window begins with BOS
     samples = calibration_samples(lm.tokenizer, config.calib, config.nsamples, seqlen, config.seed, bos)
     prefix = blocks_prefix(lm.model)
-    allocation = plan_or_restore_allocation(
-        lm.model,
-        samples,
-        method,
-        spec,
-        AllocationConfig(config.allocation, config.owl_m, config.owl_lambda),
-        device,
-        lambda n: calibration_samples(lm.tokenizer, config.calib, n, seqlen, config.seed + 1, bos),
-        checkpoint.work if main_rank else None,
-        show_progress,
-        load_block=disk.load if disk else None,
-        release_block=disk.release if disk else None,
-    )
+    allocation_config = AllocationConfig(config.allocation, config.owl_m, config.owl_lambda)
+    work = checkpoint.work if main_rank else None
+    allocation = restore_allocation(work, spec, allocation_config)
+    if allocation is None:
+        allocation = plan_allocation(
+            lm.model,
+            samples,
+            method,
+            spec,
+            allocation_config,
+            device,
+            lambda n: calibration_samples(lm.tokenizer, config.calib, n, seqlen, config.seed + 1, bos),
+            show_progress,
+            load_block=disk.load if disk else None,
+            release_block=disk.release if disk else None,
+        )
+        remember_allocation(work, spec, allocation_config, allocation)
     start_block, masks = (
         checkpoint.restore(lm.model, prefix, load_weights=disk is None) if checkpoint.exists() else (0, {})
     )

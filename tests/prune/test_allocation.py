@@ -9,6 +9,7 @@ from sparsedeploy.common.errors import UserError
 from sparsedeploy.common.models import find_blocks, find_linears
 from sparsedeploy.common.sparsity import SparsitySpec, parse_sparsity
 from sparsedeploy.prune.allocation import (
+    Allocation,
     AllocationConfig,
     atp_candidates,
     atp_max_difference,
@@ -18,6 +19,8 @@ from sparsedeploy.prune.allocation import (
     owl_outlier_ratios,
     owl_ratios,
     plan_allocation,
+    remember_allocation,
+    restore_allocation,
     weighted_mean,
 )
 from sparsedeploy.prune.blocks import prune_model
@@ -290,3 +293,25 @@ def test_atp_search_of_a_refining_method_prunes_with_its_initial_method(tiny_mod
     assert len(trials) >= 2 and set(used) == {method.initial_method().name}
     after = [lin.weight for b in find_blocks(tiny_model) for lin in find_linears(b).values()]
     assert all(torch.equal(a, b) for a, b in zip(before, after))  # the search leaves the model as it was
+
+
+def test_a_remembered_allocation_is_restored_only_for_the_same_settings(tmp_path):
+    spec = parse_sparsity("0.5")
+    config = AllocationConfig("owl", owl_m=5.0, owl_lambda=0.08)
+    planned = Allocation("owl", spec, [0.45, 0.55], [10, 10], {"owl_m": 5.0})
+    assert restore_allocation(tmp_path, spec, config) is None  # nothing kept yet
+    remember_allocation(tmp_path, spec, config, planned)
+    restored = restore_allocation(tmp_path, spec, config)
+    assert restored is not None and restored.ratios == [0.45, 0.55] and restored.weights == [10, 10]
+    assert restored.details == {"owl_m": 5.0, "restored": True}
+    assert restore_allocation(tmp_path, spec, AllocationConfig("owl", owl_m=3.0, owl_lambda=0.08)) is None
+    assert restore_allocation(tmp_path, parse_sparsity("0.6"), config) is None
+    assert restore_allocation(None, spec, config) is None
+
+
+def test_uniform_or_workless_allocation_is_not_written(tmp_path):
+    spec = parse_sparsity("0.5")
+    remember_allocation(tmp_path, spec, AllocationConfig("uniform"), Allocation("uniform", spec, [0.5], [10]))
+    assert not (tmp_path / "allocation.json").exists()
+    remember_allocation(None, spec, AllocationConfig("owl"), Allocation("owl", spec, [0.5], [10]))
+    assert list(tmp_path.iterdir()) == []
