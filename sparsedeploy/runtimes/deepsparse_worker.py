@@ -73,6 +73,18 @@ def _engine(path: str, batch: int, threads: int, input_shapes=None):
     return Engine(model=path, batch_size=batch, num_cores=threads, input_shapes=input_shapes)
 
 
+def _timing_reply(res, per_sample: dict, compile_s: dict, threads: int, batch: int) -> dict:
+    """The reply of a timing action: each round's times, `per_sample` (inner repeats or phases), the order."""
+    return {
+        "times": res.times,
+        **per_sample,
+        "order": res.order,
+        "compile_s": compile_s,
+        "threads": threads,
+        "batch": batch,
+    }
+
+
 def handle(req: dict) -> dict:
     action = req.get("action")
     if action == "environment":  # what the worker sees: its import path, environment names, sparsedeploy modules
@@ -135,14 +147,7 @@ def handle(req: dict) -> dict:
             max_seconds=req.get("max_seconds"),
             min_sample_s=float(req.get("min_sample_s", 0.0)),
         )
-        return {
-            "times": res.times,
-            "inner": res.inner,
-            "order": res.order,
-            "compile_s": compile_s,
-            "threads": threads,
-            "batch": batch,
-        }
+        return _timing_reply(res, {"inner": res.inner}, compile_s, threads, batch)
     if action == "bench_generate":
         runners, compile_s = {}, {}
         for name, files in models.items():
@@ -160,14 +165,7 @@ def handle(req: dict) -> dict:
             per_round=int(req.get("per_round", 1)),
             warmup=int(req.get("warmup", 1)),
         )
-        return {
-            "times": res.times,
-            "phases": res.phases,
-            "order": res.order,
-            "compile_s": compile_s,
-            "threads": threads,
-            "batch": batch,
-        }
+        return _timing_reply(res, {"phases": res.phases}, compile_s, threads, batch)
     if action == "generate":
         import numpy as np
 
