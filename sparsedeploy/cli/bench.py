@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from sparsedeploy.bench.config import ENGINES
-from sparsedeploy.cli.options import TORCH_DTYPES, choice_option, number_option, parse_batch_list
+from sparsedeploy.cli.options import TORCH_DTYPES, choice_option, number_option, output_option, parse_batch_list
 from sparsedeploy.common.errors import UserError
 
 log = logging.getLogger("sparsedeploy")
@@ -66,13 +66,7 @@ def _log_rows(rows: list[dict]) -> None:
 @click.option(
     "--cache-dir", default=None, help="sparsedeploy cache [default: $SPARSEDEPLOY_CACHE or ~/.cache/sparsedeploy]"
 )
-@click.option(
-    "--output",
-    "-o",
-    default=None,
-    type=click.Path(path_type=Path),
-    help="write bench.json, bench.md and bench.png into this directory",
-)
+@output_option("write bench.json, bench.md and bench.png into this directory")
 @click.option("--overwrite", is_flag=True, help="replace an existing --output directory (only one sparsedeploy wrote)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
 def bench(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from sparsedeploy.cli.options import check_numbers, choice_option, emit, number_option, parse_batch_list
+from sparsedeploy.cli.options import check_numbers, choice_option, emit, number_option, output_option, parse_batch_list
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.export.config import (
     BENCH_FORM_OPTIONS,
@@ -34,13 +34,7 @@ def bench_form_options(fn):
 
 @click.command("export")
 @click.option("--model", required=True, help="pruned checkpoint directory (as written by `sparsedeploy prune`)")
-@click.option(
-    "--output",
-    "-o",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="output directory for model.onnx + export_report.json",
-)
+@output_option("output directory for model.onnx + export_report.json", required=True)
 @choice_option("--task", TASKS, "text-generation-with-past")
 @choice_option("--dtype", DTYPES, "float32")
 @click.option("--opset", default=None, type=int, help="ONNX opset [default: the target's]")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 
 import click
 
@@ -29,6 +30,11 @@ def choice_option(flag: str, choices: Iterable[str], default: str, help: str | N
 def number_option(flag: str, default: int | float, help: str | None = None):
     """A numeric `flag` of the default's type (int or float), its default shown in --help."""
     return click.option(flag, default=default, show_default=True, type=type(default), help=help)
+
+
+def output_option(help: str, required: bool = False):
+    """`--output`/`-o`, the directory a command writes."""
+    return click.option("--output", "-o", required=required, type=click.Path(path_type=Path), help=help)
 
 
 def text_source_option(flag: str, what: str):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import click
 
@@ -15,6 +14,7 @@ from sparsedeploy.cli.options import (
     method_option_flags,
     method_options_from_flags,
     number_option,
+    output_option,
     text_source_option,
     with_options,
 )
@@ -42,7 +42,7 @@ log = logging.getLogger("sparsedeploy")
 @number_option("--owl-m", 5.0, "OWL: a score is an outlier above M x the block mean")
 @number_option("--owl-lambda", 0.08, "OWL: largest deviation of a block's sparsity from the target")
 @with_options(common_model)
-@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="output checkpoint directory")
+@output_option("output checkpoint directory", required=True)
 @click.option(
     "--overwrite",
     is_flag=True,
@@ -139,7 +139,7 @@ def prune(
 )
 @number_option("--eval-windows", 16, "windows scored by --eval")
 @with_options(common_model)
-@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="output checkpoint directory")
+@output_option("output checkpoint directory", required=True)
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory that sparsedeploy wrote")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object")
 @click.pass_context

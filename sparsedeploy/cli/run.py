@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from sparsedeploy.bench.config import ENGINES
-from sparsedeploy.cli.options import check_numbers, emit, parse_batch_list
+from sparsedeploy.cli.options import check_numbers, emit, output_option, parse_batch_list
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.export.config import DTYPES, STORAGES, TARGETS
 from sparsedeploy.prune.choices import ALLOCATIONS, OFFLOAD_MODES
@@ -39,9 +39,7 @@ log = logging.getLogger("sparsedeploy")
 @click.option("--storage", default=None, help=f"override recipe: export.storage ({', '.join(STORAGES)})")
 @click.option("--bench-engine", default=None, help=f"override recipe: bench.engine ({', '.join(ENGINES)})")
 @click.option("--batch", default=None, help="override recipe: bench.batch, comma-separated (e.g. 1,8)")
-@click.option(
-    "--output", "-o", default=None, type=click.Path(path_type=Path), help="output directory [default: recipe output]"
-)
+@output_option("output directory [default: recipe output]")
 @click.option(
     "--overwrite",
     is_flag=True,
