@@ -51,15 +51,19 @@ class StaticGenerator:
                     capture(self._decode, device, warmup, before=self.rewind),
                 )
 
-    def _prefill(self) -> None:
+    def _greedy_step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """One forward through the static cache at `positions`; its greedy next token into ``self.token``."""
         out = self.model(
-            input_ids=self.prompt,
-            cache_position=self.prompt_positions,
+            input_ids=input_ids,
+            cache_position=positions,
             past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1,
         )
         self.token.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
+
+    def _prefill(self) -> None:
+        self._greedy_step(self.prompt, self.prompt_positions)
         self.rewind()
 
     def rewind(self) -> None:
@@ -68,14 +72,7 @@ class StaticGenerator:
         self.position.fill_(self.shape.prompt_len)
 
     def _decode(self) -> None:
-        out = self.model(
-            input_ids=self.token,
-            cache_position=self.position,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self.token.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
+        self._greedy_step(self.token, self.position)
         self.position.add_(1)
 
     def prefill(self, prompt: torch.Tensor) -> None:
