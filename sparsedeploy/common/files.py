@@ -12,7 +12,9 @@ import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -194,6 +196,32 @@ def write_failed(target: Path, exc: BaseException, need_bytes: int | None = None
     return UserError(
         f"could not write {target}: {message} (check free disk space and permissions); nothing was written"
     )
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, so a few steps that must all happen (a file renamed
+    into place and recorded for --resume) are not cut between them; the first signal that came meanwhile is
+    handed to the handler that was installed before, on exit. Python runs signal handlers in the main thread
+    whichever thread the OS delivered to, so a handler swap (not a thread signal mask) is what holds them.
+    A no-op off the main thread (where handlers cannot be changed)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if got:
+            handler = previous[got[0]]
+            if callable(handler):
+                handler(got[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), got[0])
 
 
 @contextmanager

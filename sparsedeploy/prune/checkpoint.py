@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparsedeploy.common.errors import UserError
-from sparsedeploy.common.files import KEPT_FOR_RESUME, write_json_atomic, writing
+from sparsedeploy.common.files import KEPT_FOR_RESUME, deferred_signals, write_json_atomic, writing
 from sparsedeploy.common.models import find_blocks
 
 log = logging.getLogger(__name__)
@@ -99,10 +99,11 @@ class BlockCheckpoint:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        os.replace(tmp, path)
-        self.done.append(index)
-        self._write_state()
-        KEPT_FOR_RESUME[str(self.work)] = f"{len(self.done)} finished block(s)"
+        with deferred_signals():  # Ctrl-C lands before the block is in place or after it is recorded, not between
+            os.replace(tmp, path)
+            self.done.append(index)
+            self._write_state()
+            KEPT_FOR_RESUME[str(self.work)] = f"{len(self.done)} finished block(s)"
 
     def clear(self) -> None:
         KEPT_FOR_RESUME.pop(str(self.work), None)
