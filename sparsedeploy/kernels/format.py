@@ -71,10 +71,6 @@ class PackedLinear:
         bits = (self.mask[..., None] >> np.arange(GROUP, dtype=np.uint16)) & np.uint16(1)  # [NB, G, ROWS, 16]
         return bits.astype(bool).transpose(0, 2, 1, 3).reshape(nb * ROWS, g * GROUP)[:n, :k]
 
-    def row_counts(self) -> np.ndarray:
-        """int64 [N]: stored elements per row."""
-        return _popcount(self.mask).sum(axis=1).reshape(-1)[: self.shape[0]]
-
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The arrays to store (e.g. as ONNX initializers); `shape` and `layout` are recoverable from them."""
         n, k = self.shape

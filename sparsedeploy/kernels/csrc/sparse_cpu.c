@@ -202,12 +202,10 @@ __attribute__((target("avx2,fma,popcnt"))) static inline __m256 expand8(const fl
     __attribute__((target(TARGET))) static void NAME(const job_t *j, int64_t b0, int64_t b1) {               \
         const int64_t G = j->g;                                                                              \
         for (int64_t blk = b0; blk < b1; blk++) {                                                            \
-            const uint16_t *mk = j->mask + blk * G * SDK_ROWS;                                               \
             const float *v = j->values + j->block_ptr[blk];                                                  \
             VEC a0[1] = {PFX##_setzero_ps()}, a1[1] = {a0[0]}, a2[1] = {a0[0]}, a3[1] = {a0[0]};             \
             for (int64_t g = 0; g < G; g++) {                                                                \
-                uint64_t mm;                                                                                 \
-                memcpy(&mm, mk + g * SDK_ROWS, sizeof mm);                                                   \
+                const uint64_t mm = group_masks(j, blk, g);                                                  \
                 const unsigned k0 = (unsigned)mm & 0xffffu, k1 = (unsigned)(mm >> 16) & 0xffffu;             \
                 const unsigned k2 = (unsigned)(mm >> 32) & 0xffffu, k3 = (unsigned)(mm >> 48);               \
                 const float *xg = j->x + g * 16;                                                             \
@@ -245,7 +243,7 @@ __attribute__((target("avx2,fma,popcnt"))) static inline __m256 expand8(const fl
                         for (int b = 0; b < BB; b++) acc[b] = PFX##_setzero_ps();                            \
                         for (int64_t g = g0; g < g1; g++) {                                                  \
                             const uint64_t mm = group_masks(j, blk, g);                                      \
-                            const float *p = v + __builtin_popcountll(mm & ((1ull << (16 * i)) - 1));        \
+                            const float *p = v + before_row(mm, i);                                          \
                             GROUP(acc, BB, p, row_mask(mm, i), j->x + g * 16, S);                            \
                             v += __builtin_popcountll(mm);                                                   \
                         }                                                                                    \
@@ -283,7 +281,7 @@ __attribute__((target("avx2,fma,popcnt"))) static int64_t decode_row_avx2(const 
     int64_t c = 0;
     for (int64_t g = g0; g < g1; g++) {
         const uint64_t mm = group_masks(j, blk, g);
-        const float *vr = v + __builtin_popcountll(mm & ((1ull << (16 * i)) - 1));
+        const float *vr = v + before_row(mm, i);
         const unsigned k = row_mask(mm, i);
         _mm256_storeu_ps(val + c, _mm256_loadu_ps(vr)); /* 16 floats; only popcount(k) of them are kept */
         _mm256_storeu_ps(val + c + 8, _mm256_loadu_ps(vr + 8));
@@ -391,7 +389,7 @@ __attribute__((target("avx512f,popcnt"))) static int64_t decode_row_avx512(const
     int64_t c = 0;
     for (int64_t g = g0; g < g1; g++) {
         const uint64_t mm = group_masks(j, blk, g);
-        const float *vr = v + __builtin_popcountll(mm & ((1ull << (16 * i)) - 1));
+        const float *vr = v + before_row(mm, i);
         const __mmask16 k = (__mmask16)row_mask(mm, i);
         _mm512_storeu_ps(val + c, _mm512_loadu_ps(vr)); /* 16 floats; only popcount(k) of them are kept */
         _mm512_storeu_si512((void *)(off + c), _mm512_maskz_compress_epi32(k, col));
