@@ -16,7 +16,16 @@ import numpy as np
 
 from sparsedeploy.kernels.format import PackedLinear, byte_bound_ceiling
 
-__all__ = ["ISAS", "NativeLibraryMissing", "available_isas", "best_isa", "byte_bound_ceiling", "library_path", "matmul"]
+__all__ = [
+    "ISAS",
+    "BoundMatmul",
+    "NativeLibraryMissing",
+    "available_isas",
+    "best_isa",
+    "byte_bound_ceiling",
+    "library_path",
+    "matmul",
+]
 
 # name -> the library's ISA code; ordered best first
 ISAS = {"avx512": 3, "avx2": 2, "portable": 1}
@@ -81,6 +90,73 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _isa_code(isa: str | None) -> int:
+    if isa is None:
+        return 0
+    if isa not in ISAS:
+        raise ValueError(f"matmul: unknown isa {isa!r}: use one of {list(ISAS)}")
+    if isa not in available_isas():
+        raise ValueError(f"matmul: isa {isa!r} does not run on this CPU: use one of {available_isas()}")
+    return ISAS[isa]
+
+
+def _check_threads(threads: int | None) -> int:
+    if threads is None:
+        return default_threads()
+    if not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"matmul: threads must be a positive int, got {threads!r}")
+    return int(threads)
+
+
+class BoundMatmul:
+    """``matmul`` for one packed weight with the weight, thread and ISA checks done once.
+
+    What a runtime calls for every token: ``bound(x)`` takes x float32 C-contiguous ``[B, K]`` and returns a new
+    ``[B, N]``. ``matmul`` itself goes through here.
+    """
+
+    def __init__(self, p: PackedLinear, threads: int | None = None, isa: str | None = None) -> None:
+        if not isinstance(p, PackedLinear):
+            raise TypeError(f"matmul: the weight must be a PackedLinear (from format.pack), got {type(p).__name__}")
+        self.weight = p
+        self.n, self.k = p.shape
+        self.threads = _check_threads(threads)
+        self.isa = isa
+        self._code = _isa_code(isa)
+        self._fn = _lib().sdk_matmul
+        self._ptrs = (p.mask.ctypes.data, p.values.ctypes.data, p.block_ptr.ctypes.data)
+
+    def __call__(self, x2: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if x2.dtype != np.float32 or x2.ndim != 2 or x2.shape[1] != self.k or not x2.flags.c_contiguous:
+            raise ValueError(
+                f"matmul: x must be C-contiguous float32 [B, {self.k}] "
+                f"(K of the packed weight {self.n}x{self.k}), got {x2.dtype} {x2.shape}"
+            )
+        b = x2.shape[0]
+        if out is None:
+            out = np.empty((b, self.n), dtype=np.float32)
+        mask, values, block_ptr = self._ptrs
+        for b0 in range(0, b, MAX_BATCH_CHUNK):
+            xb, yb = x2[b0 : b0 + MAX_BATCH_CHUNK], out[b0 : b0 + MAX_BATCH_CHUNK]
+            rc = self._fn(
+                xb.ctypes.data,
+                xb.shape[0],
+                self.k,
+                mask,
+                values,
+                block_ptr,
+                self.n,
+                yb.ctypes.data,
+                self.threads,
+                self._code,
+            )
+            if rc != 0:
+                raise RuntimeError(
+                    f"sparse-cpu kernel failed (code {rc}) for x {xb.shape}, weight {self.n}x{self.k}, isa {self.isa}"
+                )
+        return out
+
+
 def matmul(
     x: np.ndarray, p: PackedLinear, threads: int | None = None, isa: str | None = None, out: np.ndarray | None = None
 ) -> np.ndarray:
@@ -89,8 +165,7 @@ def matmul(
     threads: worker threads (None: the CPUs this process may run on). isa: force a dispatch path
     ("avx512", "avx2", "portable"; None: the best this CPU runs). out: optional C-contiguous float32 [B, N].
     """
-    if not isinstance(p, PackedLinear):
-        raise TypeError(f"matmul: the weight must be a PackedLinear (from format.pack), got {type(p).__name__}")
+    bound = BoundMatmul(p, threads, isa)
     n, k = p.shape
     x = np.asarray(x)
     if x.dtype != np.float32:
@@ -101,29 +176,9 @@ def matmul(
         raise ValueError(f"matmul: x must be [B, {k}] (K of the packed weight {n}x{k}), got shape {x.shape}")
     x2 = np.ascontiguousarray(x2)
     b = x2.shape[0]
-    if threads is None:
-        threads = default_threads()
-    if not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or threads < 1:
-        raise ValueError(f"matmul: threads must be a positive int, got {threads!r}")
-    if isa is None:
-        code = 0
-    elif isa not in ISAS:
-        raise ValueError(f"matmul: unknown isa {isa!r}: use one of {list(ISAS)}")
-    elif isa not in available_isas():
-        raise ValueError(f"matmul: isa {isa!r} does not run on this CPU: use one of {available_isas()}")
-    else:
-        code = ISAS[isa]
-    if out is None:
-        out = np.empty((b, n), dtype=np.float32)
-    elif out.dtype != np.float32 or out.shape != (b, n) or not out.flags.c_contiguous or not out.flags.writeable:
+    if out is not None and (
+        out.dtype != np.float32 or out.shape != (b, n) or not out.flags.c_contiguous or not out.flags.writeable
+    ):
         raise ValueError(f"matmul: out must be a writable C-contiguous float32 array of shape {(b, n)}")
-    lib = _lib()
-    mask, values, block_ptr = p.mask.ctypes.data, p.values.ctypes.data, p.block_ptr.ctypes.data
-    for b0 in range(0, b, MAX_BATCH_CHUNK):
-        xb, yb = x2[b0 : b0 + MAX_BATCH_CHUNK], out[b0 : b0 + MAX_BATCH_CHUNK]
-        rc = lib.sdk_matmul(
-            xb.ctypes.data, xb.shape[0], k, mask, values, block_ptr, n, yb.ctypes.data, int(threads), code
-        )
-        if rc != 0:
-            raise RuntimeError(f"sparse-cpu kernel failed (code {rc}) for x {xb.shape}, weight {n}x{k}, isa {isa}")
+    out = bound(x2, out)
     return out[0] if squeeze else out

@@ -45,6 +45,7 @@ class _Linear:
     input: str
     output: str
     weight: object  # kernels.format.PackedLinear
+    matmul: object = None  # kernels.native.BoundMatmul: x [B, K] -> [B, N], the checks done once
 
 
 def _value_info(proto) -> ValueInfo:
@@ -82,7 +83,7 @@ class SegmentedSession:
         for node in nodes:
             if is_sparse_linear(node):
                 sl = linears[node.name]
-                raw.append(_Linear(sl.input, sl.output, sl.weight))
+                raw.append(_Linear(sl.input, sl.output, sl.weight, native.BoundMatmul(sl.weight, self.threads)))
             elif raw and isinstance(raw[-1], list):
                 raw[-1].append(node)
             else:
@@ -181,11 +182,8 @@ class SegmentedSession:
         for index, step in enumerate(self.steps):
             if isinstance(step, _Linear):
                 x = env[step.input]
-                n, k = step.weight.shape
-                y = native.matmul(
-                    np.ascontiguousarray(x, dtype=np.float32).reshape(-1, k), step.weight, threads=self.threads
-                )
-                env[step.output] = y.reshape(*x.shape[:-1], n)
+                y = step.matmul(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, step.matmul.k))
+                env[step.output] = y.reshape(*x.shape[:-1], step.matmul.n)
             else:
                 session = step.session or self._session(step, index, env)
                 env.update(zip(step.outputs, session.run(step.outputs, {i: env[i] for i in step.inputs})))

@@ -150,6 +150,23 @@ def test_bad_input_raises_a_clear_error(call, match):
         call(pack(pruned(4, 30, 0.5)))
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_bound_matmul_is_matmul_with_the_checks_done_once(isa):
+    w = pruned(37, 45, 0.7, seed=3)
+    bound = kernels.BoundMatmul(pack(w), threads=2, isa=isa)
+    for batch in (1, 5):
+        x = np.random.default_rng(batch).standard_normal((batch, 45)).astype(np.float32)
+        y = bound(x)
+        check(x, w, y)
+        assert np.array_equal(y, matmul(x, pack(w), threads=2, isa=isa))
+    with pytest.raises(ValueError, match=r"C-contiguous float32 \[B, 45\]"):
+        bound(np.zeros((45, 3), np.float32).T)
+    with pytest.raises(ValueError, match=r"C-contiguous float32 \[B, 45\]"):
+        bound(np.zeros((3, 45), np.float64))
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        kernels.BoundMatmul(pack(w), threads=0)
+
+
 def test_isa_the_cpu_lacks_is_refused(monkeypatch):
     p = pack(pruned(4, 30, 0.5))
     x = np.zeros((1, 30), np.float32)

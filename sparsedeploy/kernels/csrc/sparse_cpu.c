@@ -77,6 +77,16 @@ static inline uint64_t group_masks(const job_t *j, int64_t blk, int64_t g) {
 static inline unsigned row_mask(uint64_t mm, int i) { return (unsigned)(mm >> (16 * i)) & 0xffffu; }
 /* Stored elements of the rows before row i in a group (where row i's elements start). */
 static inline int64_t before_row(uint64_t mm, int i) { return __builtin_popcountll(mm & ((1ull << (16 * i)) - 1)); }
+/* Cold weights: the hardware prefetchers alone left the expand kernels waiting on memory (measured, one thread,
+ * 1B-like shapes at 70 %: batch 1 1.06-1.39x faster with this, 2048 x 5632, whose x no longer stays in L1, gains
+ * most; batch 8 1.07-1.18x; neutral at 50 and 90 %).
+ * The values are fetched non-temporally (used once), the masks normally. */
+#define SDK_PREFETCH_VALUES_BYTES 2048
+#define SDK_PREFETCH_MASK_BYTES 512
+static inline void prefetch_ahead(const float *v, const uint16_t *m) {
+    __builtin_prefetch((const char *)v + SDK_PREFETCH_VALUES_BYTES, 0, 0);
+    __builtin_prefetch((const char *)m + SDK_PREFETCH_MASK_BYTES, 0, 3);
+}
 static inline int rows_in_block(const job_t *j, int64_t blk) {
     const int64_t left = j->n - blk * SDK_ROWS;
     return left < SDK_ROWS ? (int)left : SDK_ROWS;
@@ -91,6 +101,7 @@ static void gemv_portable(const job_t *j, int64_t b0, int64_t b1) {
         for (int64_t g = 0; g < j->g; g++) {
             const uint64_t mm = group_masks(j, blk, g);
             const float *xg = j->x + g * 16;
+            prefetch_ahead(v, j->mask + (blk * j->g + g) * SDK_ROWS);
             for (int i = 0; i < SDK_ROWS; i++) {
                 unsigned bits = row_mask(mm, i);
                 while (bits) {
@@ -209,6 +220,7 @@ __attribute__((target("avx2,fma,popcnt"))) static inline __m256 expand8(const fl
                 const unsigned k0 = (unsigned)mm & 0xffffu, k1 = (unsigned)(mm >> 16) & 0xffffu;             \
                 const unsigned k2 = (unsigned)(mm >> 32) & 0xffffu, k3 = (unsigned)(mm >> 48);               \
                 const float *xg = j->x + g * 16;                                                             \
+                prefetch_ahead(v, j->mask + (blk * G + g) * SDK_ROWS);                                      \
                 const float *p0 = v, *p1 = v + __builtin_popcount(k0);                                       \
                 const float *p2 = p1 + __builtin_popcount(k1), *p3 = p2 + __builtin_popcount(k2);            \
                 GROUP(a0, 1, p0, k0, xg, 0);                                                                 \
@@ -244,6 +256,7 @@ __attribute__((target("avx2,fma,popcnt"))) static inline __m256 expand8(const fl
                         for (int64_t g = g0; g < g1; g++) {                                                  \
                             const uint64_t mm = group_masks(j, blk, g);                                      \
                             const float *p = v + before_row(mm, i);                                          \
+                            prefetch_ahead(v, j->mask + (blk * G + g) * SDK_ROWS);                          \
                             GROUP(acc, BB, p, row_mask(mm, i), j->x + g * 16, S);                            \
                             v += __builtin_popcountll(mm);                                                   \
                         }                                                                                    \
