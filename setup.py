@@ -14,6 +14,7 @@ setup(
             sources=["sparsedeploy/kernels/csrc/sparse_cpu.c"],
             extra_compile_args=["-O3", "-std=c11", "-fvisibility=hidden", "-pthread", "-Wall"],
             extra_link_args=["-pthread"],
+            libraries=["m"],
         )
     ],
 )

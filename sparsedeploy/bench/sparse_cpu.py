@@ -25,17 +25,18 @@ def bench_sparse_cpu(cfg: BenchConfig, variants: dict[str, Path], progress=None)
             "(--target ort), the baseline runs in plain ONNX Runtime"
         )
     session = models["sparse"].session
+    rows = time_generations(
+        cfg, models, "full model with KV cache; sparse linears in sparsedeploy's kernels", "sparse-cpu", progress
+    )
     notes = {
         "kernels": {
             "isa": native.best_isa(),
             "threads": cfg.threads,
             "sparse_linear_nodes": session.linear_count,
-            "ort_segments": session.segment_count,
+            "segments": session.segment_count,
+            "segments_native": session.fused_segment_count,  # residual add + RMSNorm, SiLU * up (known after a run)
         },
-        "form": "sparse: ONNX Runtime runs the standard operators, sparsedeploy's kernels each SparseLinear node; "
-        "dense: the whole graph in ONNX Runtime",
+        "form": "sparse: ONNX Runtime runs the standard operators, sparsedeploy's kernels each SparseLinear node "
+        "and the residual add + RMSNorm and SiLU * up segments; dense: the whole graph in ONNX Runtime",
     }
-    rows = time_generations(
-        cfg, models, "full model with KV cache; sparse linears in sparsedeploy's kernels", "sparse-cpu", progress
-    )
     return rows, notes

@@ -70,6 +70,12 @@ def _lib() -> ctypes.CDLL:
         ctypes.c_int,
         ctypes.c_int,
     ]
+    lib.sdk_add_rmsnorm.restype = ctypes.c_int
+    lib.sdk_add_rmsnorm.argtypes = (
+        [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float] + [ctypes.c_void_p] * 2
+    )
+    lib.sdk_silu_mul.restype = ctypes.c_int
+    lib.sdk_silu_mul.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -182,3 +188,48 @@ def matmul(
         raise ValueError(f"matmul: out must be a writable C-contiguous float32 array of shape {(b, n)}")
     out = bound(x2, out)
     return out[0] if squeeze else out
+
+
+def _rows(name: str, x: np.ndarray, width: int) -> np.ndarray:
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim < 1 or x.shape[-1] != width:
+        got = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise ValueError(f"{name} must be a float32 array [..., {width}], got {got}")
+    return np.ascontiguousarray(x)
+
+
+def add_rmsnorm(a: np.ndarray, b: np.ndarray, weight: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Residual add + RMSNorm over the last axis: (s, weight * (s / sqrt(mean(s * s) + eps))) for s = a + b.
+
+    a and b: float32 of one shape [..., H]; weight: float32 [H]. Both results have a's shape.
+    """
+    h = weight.shape[-1] if isinstance(weight, np.ndarray) and weight.ndim == 1 else -1
+    weight = _rows("add_rmsnorm: weight", weight, h)
+    a = _rows("add_rmsnorm: a", a, h)
+    b = _rows("add_rmsnorm: b", b, h)
+    if a.shape != b.shape:
+        raise ValueError(f"add_rmsnorm: a and b must have one shape, got {a.shape} and {b.shape}")
+    s, out = np.empty_like(a), np.empty_like(a)
+    rows = a.size // h
+    if rows:
+        rc = _lib().sdk_add_rmsnorm(
+            a.ctypes.data, b.ctypes.data, weight.ctypes.data, rows, h, float(eps), s.ctypes.data, out.ctypes.data
+        )
+        if rc != 0:
+            raise RuntimeError(f"add_rmsnorm failed (code {rc}) for {a.shape}")
+    return s, out
+
+
+def silu_mul(gate_up: np.ndarray, isa: str | None = None) -> np.ndarray:
+    """SiLU(gate) * up for gate_up = [gate | up] on the last axis (float32 [..., 2H]) -> float32 [..., H]."""
+    width = gate_up.shape[-1] if isinstance(gate_up, np.ndarray) and gate_up.ndim else 0
+    if width % 2:
+        raise ValueError(f"silu_mul: the last axis must hold gate and up, two equal halves; got {gate_up.shape}")
+    gate_up = _rows("silu_mul: gate_up", gate_up, width)
+    h = width // 2
+    out = np.empty(gate_up.shape[:-1] + (h,), dtype=np.float32)
+    rows = out.size // h if h else 0
+    if rows:
+        rc = _lib().sdk_silu_mul(gate_up.ctypes.data, rows, h, out.ctypes.data, _isa_code(isa))
+        if rc != 0:
+            raise RuntimeError(f"silu_mul failed (code {rc}) for {gate_up.shape}, isa {isa}")
+    return out

@@ -2,8 +2,10 @@
 SparseLinear node between them.
 
 The graph is cut at its SparseLinear nodes into segments of standard nodes; each segment becomes its own ONNX
-Runtime session (built on first use, typed from the values it is fed). A run walks the steps in order, passing
-NumPy arrays from one to the next, so the artifact needs nothing but ONNX Runtime and the compiled kernels.
+Runtime session (built on first use, typed from the values it is fed), except the residual add + RMSNorm and
+SiLU * up segments, which run as one native call each once their first run agrees with that session
+(onnx/fused_segment.py). A run walks the steps in order, passing NumPy arrays from one to the next, so the
+artifact needs nothing but ONNX Runtime and the compiled library.
 Why not one ORT session with a custom op: the onnxruntime-extensions Python-op bridge (the only custom-op route
 installable here) copies every output element through Python, ~0.16 us each (docs/sparse_cpu.md).
 """
@@ -17,6 +19,7 @@ import numpy as np
 
 from sparsedeploy.kernels import native
 from sparsedeploy.onnx.dtypes import ort_type_name
+from sparsedeploy.onnx.fused_segment import FusedSegment, Unsupported
 from sparsedeploy.onnx.sparse_linear import is_sparse_linear, sparse_linear_nodes
 
 log = logging.getLogger(__name__)
@@ -37,7 +40,9 @@ class _Segment:
     inputs: list[str]
     outputs: list[str]
     initializers: list
-    session: object = None
+    session: object = None  # the ONNX Runtime session (built on first use)
+    run: object = None  # what runs it, chosen on first use: feeds dict -> outputs list
+    fused: str = ""  # the FusedSegment kind when native code runs it
 
 
 @dataclass
@@ -57,10 +62,13 @@ def _value_info(proto) -> ValueInfo:
 class SegmentedSession:
     """An InferenceSession look-alike (get_inputs, get_outputs, run) over a graph with SparseLinear nodes."""
 
-    def __init__(self, model, threads: int | None = None, optimization_level=None, name: str = "model") -> None:
+    def __init__(
+        self, model, threads: int | None = None, optimization_level=None, name: str = "model", fuse: bool = True
+    ) -> None:
         from onnx import TensorProto
 
         self.threads = threads or native.default_threads()
+        self.fuse = fuse  # False: every segment runs in ONNX Runtime (comparisons, tests)
         self.optimization_level = optimization_level
         self.name = name
         graph = model.graph
@@ -71,10 +79,17 @@ class SegmentedSession:
         linears = {n.name: n for n in sparse_linear_nodes(model)}
         inits = {i.name: i for i in graph.initializer}
         nodes = []
-        for node in graph.node:  # Constant nodes become initializers, so no segment depends on another for them
+        # Constant nodes, and Identity nodes of an initializer (torch.onnx writes one weight shared by several
+        # modules, e.g. equal norm weights, that way), become initializers: no segment depends on another for them
+        for node in graph.node:
+            source = None
             if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+                source = node.attribute[0].t
+            elif node.op_type == "Identity" and node.input[0] in inits:
+                source = inits[node.input[0]]
+            if source is not None:
                 tensor = TensorProto()
-                tensor.CopyFrom(node.attribute[0].t)
+                tensor.CopyFrom(source)
                 tensor.name = node.output[0]
                 inits[tensor.name] = tensor
             else:
@@ -174,6 +189,32 @@ class SegmentedSession:
         )
         return segment.session
 
+    def _first_run(self, segment: _Segment, index: int, env: dict, feeds: dict) -> list:
+        """Run a segment for the first time (in ONNX Runtime) and choose what runs it from now on."""
+        session = self._session(segment, index, env)
+        expected = session.run(segment.outputs, feeds)
+        segment.run = lambda f: session.run(segment.outputs, f)
+        if not self.fuse:
+            return expected
+        try:
+            fused = FusedSegment.build(segment.nodes, segment.inputs, segment.outputs, segment.initializers)
+        except Unsupported as e:
+            log.debug("%s: segment %d stays with ONNX Runtime: %s", self.name, index, e)
+            return expected
+        fused.fallback = segment.run
+        got = fused.run_native(feeds)
+        differs = "inputs the form does not take" if got is None else fused.check_against(expected, got)
+        if differs:
+            log.warning("%s: segment %d (%s) stays with ONNX Runtime: %s", self.name, index, fused.kind, differs)
+            return expected
+        segment.run, segment.fused = fused.run, fused.kind
+        return expected
+
+    @property
+    def fused_segment_count(self) -> int:
+        """Segments run by native code (known once each segment has run once)."""
+        return sum(isinstance(s, _Segment) and bool(s.fused) for s in self.steps)
+
     def run(self, output_names, feeds: dict, run_options=None) -> list[np.ndarray]:
         missing = [i.name for i in self._inputs if i.name not in feeds]
         if missing:
@@ -185,8 +226,9 @@ class SegmentedSession:
                 y = step.matmul(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, step.matmul.k))
                 env[step.output] = y.reshape(*x.shape[:-1], step.matmul.n)
             else:
-                session = step.session or self._session(step, index, env)
-                env.update(zip(step.outputs, session.run(step.outputs, {i: env[i] for i in step.inputs})))
+                inputs = {i: env[i] for i in step.inputs}
+                outputs = step.run(inputs) if step.run else self._first_run(step, index, env, inputs)
+                env.update(zip(step.outputs, outputs))
             for name in self._drop[index]:
                 env.pop(name, None)
         return [env[o] for o in (output_names or [o.name for o in self._outputs])]

@@ -62,6 +62,7 @@ def test_portable_only_build_is_correct(tmp_path):
             str(src),
             "-o",
             str(lib),
+            "-lm",
         ],
         check=True,
         capture_output=True,
@@ -74,7 +75,11 @@ def test_portable_only_build_is_correct(tmp_path):
         "w = rng.standard_normal((37, 53)).astype(np.float32); w[rng.random(w.shape) < 0.6] = 0;"
         "p = s.pack(w);"
         "[np.testing.assert_allclose(s.matmul(x, p, threads=2), x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)"
-        " for x in (rng.standard_normal((b, 53)).astype(np.float32) for b in (1, 3, 130))]"
+        " for x in (rng.standard_normal((b, 53)).astype(np.float32) for b in (1, 3, 130))];"
+        "gu = rng.standard_normal((3, 10)).astype(np.float32); g, u = gu[:, :5], gu[:, 5:];"
+        "np.testing.assert_allclose(s.native.silu_mul(gu), g / (1 + np.exp(-g)) * u, rtol=1e-5);"
+        "t, o = s.native.add_rmsnorm(g, u, np.ones(5, np.float32), 1e-5);"
+        "np.testing.assert_allclose(o, t / np.sqrt((t * t).mean(-1, keepdims=True) + 1e-5), rtol=1e-5)"
     )
     env = {**os.environ, "SPARSEDEPLOY_SPARSE_CPU_LIB": str(lib)}
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, capture_output=True, timeout=120)

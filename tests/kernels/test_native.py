@@ -205,3 +205,51 @@ def test_k_blocked_batches(isa, batch, k):
     w[3] = 0.0
     x = np.random.default_rng(4).standard_normal((batch, k)).astype(np.float32)
     check(x, w, matmul(x, pack(w), threads=2, isa=isa))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", [(1, 7), (3, 576), (2, 5, 33)])
+def test_silu_mul_matches_float64(isa, shape):
+    rng = np.random.default_rng(len(shape))
+    gate_up = (8 * rng.standard_normal(shape[:-1] + (2 * shape[-1],))).astype(np.float32)
+    gate_up.reshape(-1)[:4] = [100.0, -100.0, 0.0, -0.0]  # exp clamps both ways; sigmoid(0) = 0.5
+    g, u = np.split(gate_up.astype(np.float64), 2, axis=-1)
+    ref = g / (1 + np.exp(-g)) * u
+    got = kernels.silu_mul(gate_up, isa=isa)
+    assert got.dtype == np.float32 and got.shape == shape
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (3, 576), (2, 5, 33)])
+def test_add_rmsnorm_matches_float64(shape):
+    rng = np.random.default_rng(len(shape))
+    a, b = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    weight = rng.standard_normal(shape[-1]).astype(np.float32)
+    total, normed = kernels.add_rmsnorm(a, b, weight, 1e-5)
+    assert np.array_equal(total, a + b)
+    s = total.astype(np.float64)
+    ref = weight * (s / np.sqrt((s * s).mean(-1, keepdims=True) + np.float64(np.float32(1e-5))))
+    np.testing.assert_allclose(normed, ref, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: kernels.silu_mul(np.zeros((2, 7), np.float32)), "two equal halves"),
+        (lambda: kernels.silu_mul(np.zeros((2, 8))), r"float32 array \[\.\.\., 8\]"),
+        (lambda: kernels.silu_mul(np.zeros((2, 8), np.float32), isa="sse9"), "unknown isa"),
+        (
+            lambda: kernels.add_rmsnorm(*[np.zeros((2, 4), np.float32)] * 2, np.ones(5, np.float32), 1e-5),
+            r"\[\.\.\., 5\]",
+        ),
+        (
+            lambda: kernels.add_rmsnorm(
+                np.zeros((2, 4), np.float32), np.zeros((1, 4), np.float32), np.ones(4, np.float32), 1e-5
+            ),
+            "one shape",
+        ),
+    ],
+)
+def test_elementwise_bad_input_is_refused(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
