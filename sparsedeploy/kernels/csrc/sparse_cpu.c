@@ -45,9 +45,12 @@ enum { ERR_ISA = -2, ERR_ARGS = -1, ERR_NOMEM = -3 };
 #define SDK_MAX_CHUNKS (SDK_MAX_THREADS * SDK_CHUNKS_PER_THREAD)
 #define SDK_ROWS 4 /* rows per block of the format */
 #define SDK_EXPAND_MAX_B 8
-/* x transposed is walked in K blocks of about this size: 48 KB (mostly L1) measured 1.10-1.25x faster than 192 KB
- * (L2) at batch 64 and 128, 50 and 70 %, one thread, cold 1B-like shapes; 24 and 96 KB were in between */
+/* x transposed is walked in K blocks of about SDK_XBLOCK_BYTES at density >= 0.3, larger in proportion below that
+ * (up to 4x): 48 KB (mostly L1) measured 1.10-1.25x faster than 192 KB (L2) at batch 64 and 128, 50 and 70 %,
+ * one thread, cold 1B-like shapes (24 and 96 KB in between), but at 90 % a row has too few stored elements in
+ * such a block and 192 KB was faster */
 #define SDK_XBLOCK_BYTES (48 * 1024)
+#define SDK_XBLOCK_DENSITY 0.3
 #define SDK_BLOCK_TILE 8               /* blocks (32 rows) whose outputs stay in L1 while the K blocks go by */
 #define SDK_ROW_TILE (SDK_BLOCK_TILE * SDK_ROWS)
 #define SDK_EXPAND_XBLOCK_BYTES (16 * 1024) /* expand form: the K block of all batch rows of x (stays in L1) */
@@ -473,7 +476,10 @@ SDK_EXPORT int sdk_supported_isas(void) {
  * elements in the block are decoded into x offsets and contiguous values and multiplied into the row's batch
  * vector yt (the tile's outputs, transposed); at the end of the tile yt is written to y [B, N]. */
 static void gemm_rows(const job_t *j, int64_t b0, int64_t b1, int32_t *off, float *val, float *ytile) {
-    int64_t kb = SDK_XBLOCK_BYTES / (16 * j->bp * (int64_t)sizeof(float));
+    const double density = (double)j->block_ptr[j->nb] / ((double)j->n * (double)j->k);
+    const double scale = density >= SDK_XBLOCK_DENSITY ? 1.0 : density * 4.0 <= SDK_XBLOCK_DENSITY ? 4.0
+                                                                                                : SDK_XBLOCK_DENSITY / density;
+    int64_t kb = (int64_t)(SDK_XBLOCK_BYTES * scale) / (16 * j->bp * (int64_t)sizeof(float));
     if (kb < 1) kb = 1;
     int64_t cur[SDK_BLOCK_TILE];
     for (int64_t t0 = b0; t0 < b1; t0 += SDK_BLOCK_TILE) {
