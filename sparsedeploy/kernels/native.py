@@ -23,8 +23,10 @@ __all__ = [
     "available_isas",
     "best_isa",
     "byte_bound_ceiling",
+    "add_rmsnorm",
     "library_path",
     "matmul",
+    "silu_mul",
 ]
 
 # name -> the library's ISA code; ordered best first
@@ -96,13 +98,13 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _isa_code(isa: str | None) -> int:
+def _isa_code(isa: str | None, caller: str = "matmul") -> int:
     if isa is None:
         return 0
     if isa not in ISAS:
-        raise ValueError(f"matmul: unknown isa {isa!r}: use one of {list(ISAS)}")
+        raise ValueError(f"{caller}: unknown isa {isa!r}: use one of {list(ISAS)}")
     if isa not in available_isas():
-        raise ValueError(f"matmul: isa {isa!r} does not run on this CPU: use one of {available_isas()}")
+        raise ValueError(f"{caller}: isa {isa!r} does not run on this CPU: use one of {available_isas()}")
     return ISAS[isa]
 
 
@@ -229,7 +231,7 @@ def silu_mul(gate_up: np.ndarray, isa: str | None = None) -> np.ndarray:
     out = np.empty(gate_up.shape[:-1] + (h,), dtype=np.float32)
     rows = out.size // h if h else 0
     if rows:
-        rc = _lib().sdk_silu_mul(gate_up.ctypes.data, rows, h, out.ctypes.data, _isa_code(isa))
+        rc = _lib().sdk_silu_mul(gate_up.ctypes.data, rows, h, out.ctypes.data, _isa_code(isa, "silu_mul"))
         if rc != 0:
             raise RuntimeError(f"silu_mul failed (code {rc}) for {gate_up.shape}, isa {isa}")
     return out

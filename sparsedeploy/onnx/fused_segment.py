@@ -15,15 +15,12 @@ expects (never seen from the exporter) go to ONNX Runtime too.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from sparsedeploy.kernels import native
-
-log = logging.getLogger(__name__)
 
 ADD_RMSNORM = ["Add", "Cast", "Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul", "Cast", "Mul"]
 SILU_MUL = ["Split", "Sigmoid", "Mul", "Mul"]

@@ -237,7 +237,7 @@ def test_add_rmsnorm_matches_float64(shape):
     [
         (lambda: kernels.silu_mul(np.zeros((2, 7), np.float32)), "two equal halves"),
         (lambda: kernels.silu_mul(np.zeros((2, 8))), r"float32 array \[\.\.\., 8\]"),
-        (lambda: kernels.silu_mul(np.zeros((2, 8), np.float32), isa="sse9"), "unknown isa"),
+        (lambda: kernels.silu_mul(np.zeros((2, 8), np.float32), isa="sse9"), "silu_mul: unknown isa"),
         (
             lambda: kernels.add_rmsnorm(*[np.zeros((2, 4), np.float32)] * 2, np.ones(5, np.float32), 1e-5),
             r"\[\.\.\., 5\]",

@@ -477,8 +477,9 @@ SDK_EXPORT int sdk_supported_isas(void) {
  * vector yt (the tile's outputs, transposed); at the end of the tile yt is written to y [B, N]. */
 static void gemm_rows(const job_t *j, int64_t b0, int64_t b1, int32_t *off, float *val, float *ytile) {
     const double density = (double)j->block_ptr[j->nb] / ((double)j->n * (double)j->k);
-    const double scale = density >= SDK_XBLOCK_DENSITY ? 1.0 : density * 4.0 <= SDK_XBLOCK_DENSITY ? 4.0
-                                                                                                : SDK_XBLOCK_DENSITY / density;
+    double scale = density > 0.0 ? SDK_XBLOCK_DENSITY / density : 4.0; /* in [1, 4] */
+    if (scale < 1.0) scale = 1.0;
+    if (scale > 4.0) scale = 4.0;
     int64_t kb = (int64_t)(SDK_XBLOCK_BYTES * scale) / (16 * j->bp * (int64_t)sizeof(float));
     if (kb < 1) kb = 1;
     int64_t cur[SDK_BLOCK_TILE];
@@ -786,12 +787,11 @@ SDK_EXPORT int sdk_add_rmsnorm(const float *a, const float *b, const float *w, i
     return 0;
 }
 
+static inline float silu_mul1(float g, float u) { return g * (1.0f / (1.0f + expf(-g))) * u; }
+
 static void silu_mul_portable(const float *gu, int64_t rows, int64_t h, float *out) {
     for (int64_t r = 0; r < rows; r++)
-        for (int64_t i = 0; i < h; i++) {
-            const float g = gu[r * 2 * h + i], u = gu[r * 2 * h + h + i];
-            out[r * h + i] = g * (1.0f / (1.0f + expf(-g))) * u;
-        }
+        for (int64_t i = 0; i < h; i++) out[r * h + i] = silu_mul1(gu[r * 2 * h + i], gu[r * 2 * h + h + i]);
 }
 
 #if SDK_X86
@@ -826,7 +826,7 @@ __attribute__((target("avx2,fma"))) static void silu_mul_avx2(const float *gu, i
             const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
             _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
         }
-        for (; i < h; i++) o[i] = g[i] * (1.0f / (1.0f + expf(-g[i]))) * u[i];
+        for (; i < h; i++) o[i] = silu_mul1(g[i], u[i]);
     }
 }
 #endif
