@@ -38,6 +38,7 @@ from sparsedeploy.export.graph import (
 )
 from sparsedeploy.export.report import dir_bytes, measure_load, summary
 from sparsedeploy.export.verification import verify_export, warn_if_no_zeros
+from sparsedeploy.onnx.int8_nodes import pack_scaled_int8
 from sparsedeploy.onnx.sparse_linear import MIN_SPARSITY as SPARSE_LINEAR_MIN
 from sparsedeploy.onnx.sparse_linear import pack_linears
 
@@ -144,6 +145,8 @@ def export_checkpoint(
                     f"--target sparse-cpu: no decoder linear of {model_dir} has {SPARSE_LINEAR_MIN:.0%} zeros or "
                     "more, so nothing would run sparse; prune it first (sparsedeploy prune) or use --target ort"
                 )
+            # dense weights that are exactly int8 x a scale per 32 (e.g. a GGUF Q8_0 embedding / tied lm_head)
+            report["sparse_cpu"]["scaled_int8"] = pack_scaled_int8(model)
         check_domains(model, target)
         storage: dict = {"kind": config.storage}
         if config.storage == "sparse":

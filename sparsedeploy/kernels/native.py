@@ -15,13 +15,17 @@ from pathlib import Path
 import numpy as np
 
 from sparsedeploy.kernels.format import PackedLinear, byte_bound_ceiling
+from sparsedeploy.kernels.scaled_int8 import ScaledInt8Linear
 
 __all__ = [
     "ISAS",
+    "BoundInt8Matmul",
     "BoundMatmul",
     "NativeLibraryMissing",
     "available_isas",
     "best_isa",
+    "cpu_profile",
+    "set_cpu_profile",
     "byte_bound_ceiling",
     "add_rmsnorm",
     "library_path",
@@ -72,6 +76,21 @@ def _lib() -> ctypes.CDLL:
         ctypes.c_int,
         ctypes.c_int,
     ]
+    lib.sdk_cpu_profile.restype = ctypes.c_int
+    lib.sdk_cpu_profile.argtypes = []
+    lib.sdk_set_cpu_profile.restype = ctypes.c_int
+    lib.sdk_set_cpu_profile.argtypes = [ctypes.c_int]
+    lib.sdk_int8_matmul.restype = ctypes.c_int
+    lib.sdk_int8_matmul.argtypes = (
+        [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+        + [ctypes.c_void_p] * 2
+        + [
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+        ]
+    )
     lib.sdk_add_rmsnorm.restype = ctypes.c_int
     lib.sdk_add_rmsnorm.argtypes = (
         [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float] + [ctypes.c_void_p] * 2
@@ -85,6 +104,24 @@ def available_isas() -> list[str]:
     """The dispatch paths this CPU can run, best first (always ends with "portable")."""
     bits = _lib().sdk_supported_isas()
     return [name for name, code in ISAS.items() if bits >> code & 1]
+
+
+# name -> the library's CPU profile code: how the kernels prefetch and which batch-1 AVX-512 GEMV they use
+# (docs/sparse_cpu.md); chosen from the CPU's vendor at the first call
+CPU_PROFILES = {"amd": 0, "intel": 1}
+
+
+def cpu_profile() -> str:
+    """The CPU profile the kernels use ("amd" for AMD and any non-Intel CPU, "intel")."""
+    code = _lib().sdk_cpu_profile()
+    return next(name for name, c in CPU_PROFILES.items() if c == code)
+
+
+def set_cpu_profile(name: str) -> None:
+    """Force a CPU profile (tests and benchmarks time and check both on one machine; both are correct anywhere)."""
+    if name not in CPU_PROFILES:
+        raise ValueError(f"unknown CPU profile {name!r}: use one of {list(CPU_PROFILES)}")
+    _lib().sdk_set_cpu_profile(CPU_PROFILES[name])
 
 
 def best_isa() -> str:
@@ -161,6 +198,42 @@ class BoundMatmul:
             if rc != 0:
                 raise RuntimeError(
                     f"sparse-cpu kernel failed (code {rc}) for x {xb.shape}, weight {self.n}x{self.k}, isa {self.isa}"
+                )
+        return out
+
+
+class BoundInt8Matmul:
+    """y = x @ W.T for a dense weight stored as scaled-int8 (kernels/scaled_int8.py), checks done once.
+
+    ``bound(x)`` takes x float32 C-contiguous ``[B, K]`` and returns a new ``[B, N]``. AVX-512 CPUs run the AVX2 code.
+    """
+
+    def __init__(self, p: ScaledInt8Linear, threads: int | None = None, isa: str | None = None) -> None:
+        if not isinstance(p, ScaledInt8Linear):
+            raise TypeError(f"int8 matmul: the weight must be a ScaledInt8Linear, got {type(p).__name__}")
+        self.weight = p
+        self.n, self.k = p.shape
+        self.threads = _check_threads(threads)
+        self.isa = isa
+        self._code = _isa_code(isa, "int8 matmul")
+        self._fn = _lib().sdk_int8_matmul
+        self._ptrs = (p.q.ctypes.data, p.scales.ctypes.data)
+
+    def __call__(self, x2: np.ndarray) -> np.ndarray:
+        if x2.dtype != np.float32 or x2.ndim != 2 or x2.shape[1] != self.k or not x2.flags.c_contiguous:
+            raise ValueError(
+                f"int8 matmul: x must be C-contiguous float32 [B, {self.k}] (K of the weight {self.n}x{self.k}), "
+                f"got {x2.dtype} {x2.shape}"
+            )
+        out = np.empty((x2.shape[0], self.n), dtype=np.float32)
+        if x2.shape[0]:
+            q, scales = self._ptrs
+            rc = self._fn(
+                x2.ctypes.data, x2.shape[0], self.k, q, scales, self.n, out.ctypes.data, self.threads, self._code
+            )
+            if rc != 0:
+                raise RuntimeError(
+                    f"int8 kernel failed (code {rc}) for x {x2.shape}, weight {self.n}x{self.k}, isa {self.isa}"
                 )
         return out
 

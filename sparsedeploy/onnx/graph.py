@@ -88,12 +88,19 @@ class Graph:
     def matmul_weights(self) -> list[OnnxWeight]:
         """Every constant 2-D right-hand operand of MatMul / Gemm / com.microsoft FusedMatMul, and every linear packed
         in a SparseLinear node (sparse-cpu), unpacked."""
+        from sparsedeploy.kernels.scaled_int8 import unpack as unpack_int8
+        from sparsedeploy.onnx.int8_nodes import LINEAR_OP as INT8_LINEAR
+        from sparsedeploy.onnx.int8_nodes import int8_nodes
         from sparsedeploy.onnx.sparse_linear import sparse_linear_nodes, unpacked
 
         weights = []
         for sparse in sparse_linear_nodes(self.model, arrays=self.array):  # sparse-cpu: each packed linear, unpacked
             for name, matrix in unpacked(sparse):
                 weights.append(OnnxWeight(name, "SparseLinear", sparse.name, sparse.weight.shape, False, matrix))
+        for node in int8_nodes(self.model, arrays=self.array):  # sparse-cpu: a dense weight stored as scaled-int8
+            if node.op_type == INT8_LINEAR:
+                matrix = np.ascontiguousarray(unpack_int8(node.weight).T)  # [K, N], as the MatMul read it
+                weights.append(OnnxWeight(node.nodes[0], INT8_LINEAR, node.name, node.weight.shape, True, matrix))
         for node in self.model.graph.node:
             if node.op_type not in ("MatMul", "Gemm", "FusedMatMul") or len(node.input) < 2:
                 continue

@@ -1,5 +1,5 @@
 """Running a sparse-cpu graph: ONNX Runtime runs every standard operator, sparsedeploy's kernels run each
-SparseLinear node between them.
+SparseLinear node (and each Int8Linear / Int8Gather node: onnx/int8_nodes.py) between them.
 
 The graph is cut at its SparseLinear nodes into segments of standard nodes; each segment becomes its own ONNX
 Runtime session (built on first use, typed from the values it is fed), except the residual add + RMSNorm and
@@ -20,7 +20,9 @@ import numpy as np
 from sparsedeploy.kernels import native
 from sparsedeploy.onnx.dtypes import ort_type_name
 from sparsedeploy.onnx.fused_segment import FusedSegment, Unsupported
-from sparsedeploy.onnx.sparse_linear import is_sparse_linear, sparse_linear_nodes
+from sparsedeploy.onnx.int8_nodes import GATHER_OP as INT8_GATHER
+from sparsedeploy.onnx.int8_nodes import int8_nodes, is_int8_node
+from sparsedeploy.onnx.sparse_linear import OP_TYPE, is_sparse_linear, sparse_linear_nodes
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +49,22 @@ class _Segment:
 
 @dataclass
 class _Linear:
+    """A node run by sparsedeploy's code: SparseLinear, Int8Linear (x [..., K] -> [..., N]) or Int8Gather."""
+
     input: str
     output: str
-    weight: object  # kernels.format.PackedLinear
-    matmul: object = None  # kernels.native.BoundMatmul: x [B, K] -> [B, N], the checks done once
+    op_type: str
+    run: object  # the array in -> the array out
+
+
+def _matmul_step(bound):
+    """x [..., K] -> [..., N] through a bound kernel call ([B, K] -> [B, N], the checks done once)."""
+
+    def run(x: np.ndarray) -> np.ndarray:
+        y = bound(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, bound.k))
+        return y.reshape(*x.shape[:-1], bound.n)
+
+    return run
 
 
 def _value_info(proto) -> ValueInfo:
@@ -77,6 +91,7 @@ class SegmentedSession:
         self._inputs = [_value_info(i) for i in graph.input]
         self._outputs = [_value_info(o) for o in graph.output]
         linears = {n.name: n for n in sparse_linear_nodes(model)}
+        int8 = {n.name: n for n in int8_nodes(model)}
         inits = {i.name: i for i in graph.initializer}
         nodes = []
         # Constant nodes, and Identity nodes of an initializer (torch.onnx writes one weight shared by several
@@ -98,7 +113,15 @@ class SegmentedSession:
         for node in nodes:
             if is_sparse_linear(node):
                 sl = linears[node.name]
-                raw.append(_Linear(sl.input, sl.output, sl.weight, native.BoundMatmul(sl.weight, self.threads)))
+                bound = native.BoundMatmul(sl.weight, self.threads)
+                raw.append(_Linear(sl.input, sl.output, node.op_type, _matmul_step(bound)))
+            elif is_int8_node(node):
+                i8 = int8[node.name]
+                if i8.op_type == INT8_GATHER:
+                    raw.append(_Linear(i8.input, i8.output, i8.op_type, i8.weight.rows))
+                else:
+                    bound = native.BoundInt8Matmul(i8.weight, self.threads)
+                    raw.append(_Linear(i8.input, i8.output, i8.op_type, _matmul_step(bound)))
             elif raw and isinstance(raw[-1], list):
                 raw[-1].append(node)
             else:
@@ -143,7 +166,13 @@ class SegmentedSession:
 
     @property
     def linear_count(self) -> int:
-        return sum(isinstance(s, _Linear) for s in self.steps)
+        """SparseLinear nodes (the packed sparse linears)."""
+        return sum(isinstance(s, _Linear) and s.op_type == OP_TYPE for s in self.steps)
+
+    @property
+    def int8_node_count(self) -> int:
+        """Int8Gather / Int8Linear nodes (dense weights stored as scaled-int8)."""
+        return sum(isinstance(s, _Linear) and s.op_type != OP_TYPE for s in self.steps)
 
     @property
     def segment_count(self) -> int:
@@ -222,9 +251,7 @@ class SegmentedSession:
         env = dict(feeds)
         for index, step in enumerate(self.steps):
             if isinstance(step, _Linear):
-                x = env[step.input]
-                y = step.matmul(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, step.matmul.k))
-                env[step.output] = y.reshape(*x.shape[:-1], step.matmul.n)
+                env[step.output] = step.run(env[step.input])
             else:
                 inputs = {i: env[i] for i in step.inputs}
                 outputs = step.run(inputs) if step.run else self._first_run(step, index, env, inputs)

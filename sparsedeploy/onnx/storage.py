@@ -23,7 +23,6 @@ import numpy as np
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.common.files import _umask
 from sparsedeploy.onnx.sparse_linear import DOMAIN as SPARSE_LINEAR_DOMAIN
-from sparsedeploy.onnx.sparse_linear import OP_TYPE as SPARSE_LINEAR_OP
 
 log = logging.getLogger(__name__)
 
@@ -244,9 +243,9 @@ def session_from_path(
         return ort.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if f"{SPARSE_LINEAR_DOMAIN}:{SPARSE_LINEAR_OP}" in str(exc):
+        if f"{SPARSE_LINEAR_DOMAIN}:" in str(exc):
             # a sparse-cpu export: ONNX Runtime runs its standard operators,
-            # sparsedeploy's kernels its SparseLinear nodes
+            # sparsedeploy's kernels its SparseLinear (and Int8Linear / Int8Gather) nodes
             from sparsedeploy.onnx.segmented import SegmentedSession
 
             return SegmentedSession(load_model_proto(file), threads, options.graph_optimization_level, name=str(file))

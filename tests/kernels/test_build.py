@@ -79,7 +79,13 @@ def test_portable_only_build_is_correct(tmp_path):
         "gu = rng.standard_normal((3, 10)).astype(np.float32); g, u = gu[:, :5], gu[:, 5:];"
         "np.testing.assert_allclose(s.native.silu_mul(gu), g / (1 + np.exp(-g)) * u, rtol=1e-5);"
         "t, o = s.native.add_rmsnorm(g, u, np.ones(5, np.float32), 1e-5);"
-        "np.testing.assert_allclose(o, t / np.sqrt((t * t).mean(-1, keepdims=True) + 1e-5), rtol=1e-5)"
+        "np.testing.assert_allclose(o, t / np.sqrt((t * t).mean(-1, keepdims=True) + 1e-5), rtol=1e-5);"
+        "from sparsedeploy.kernels import scaled_int8 as si; from sparsedeploy.kernels.native import BoundInt8Matmul;"
+        "d = rng.random((37, 2)).astype(np.float16).astype(np.float32) + 0.01;"
+        "qq = rng.integers(-127, 128, (37, 64)); qq[:, ::32] = 127;"
+        "w8 = (qq.reshape(37, 2, 32).astype(np.float32) * d[..., None]).reshape(37, 64); p8 = si.pack(w8);"
+        "[np.testing.assert_allclose(BoundInt8Matmul(p8, 2)(x), x.astype(np.float64) @ w8.T, rtol=1e-4, atol=1e-4)"
+        " for x in (rng.standard_normal((b, 64)).astype(np.float32) for b in (1, 7))]"
     )
     env = {**os.environ, "SPARSEDEPLOY_SPARSE_CPU_LIB": str(lib)}
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, capture_output=True, timeout=120)

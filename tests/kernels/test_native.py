@@ -66,11 +66,30 @@ def weights():
 WEIGHTS = weights()
 
 
+@pytest.fixture(params=list(kernels.CPU_PROFILES))
+def profile(request):
+    """Each CPU profile forced in turn (how the kernels prefetch, and the AVX-512 batch-1 GEMV: the 256-bit permute
+    form on "amd", the expand-load form on "intel"); both must be exact on any CPU. Restored afterwards."""
+    before = kernels.cpu_profile()
+    kernels.set_cpu_profile(request.param)
+    yield request.param
+    kernels.set_cpu_profile(before)
+
+
+def test_cpu_profile_follows_the_vendor_and_can_be_forced():
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine() in ("x86_64", "AMD64") and cpuinfo.exists():
+        intel = "GenuineIntel" in cpuinfo.read_text()
+        assert kernels.cpu_profile() == ("intel" if intel else "amd")
+    with pytest.raises(ValueError, match="unknown CPU profile 'arm'"):
+        kernels.set_cpu_profile("arm")
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [1, 3, 8, 130])
 @pytest.mark.parametrize("name", list(WEIGHTS))
-def test_matches_dense_reference(name, batch, threads, isa):
+def test_matches_dense_reference(name, batch, threads, isa, profile):
     w = WEIGHTS[name]
     x = np.random.default_rng(batch).standard_normal((batch, w.shape[1])).astype(np.float32)
     check(x, w, matmul(x, pack(w), threads=threads, isa=isa))

@@ -202,7 +202,8 @@ def test_segmented_session_runs_the_small_segments_natively(sparse_cpu_export):
 @pytest.mark.slow
 def test_native_segments_pass_the_export_check_on_the_real_model(tmp_path, cache_dir):
     """smollm2-135m, Wanda 70 %, exported for sparse-cpu: the export's own check (every zero, logits within 1e-4 of
-    PyTorch, 32 greedy tokens) runs through the native residual + RMSNorm and SiLU * up segments and passes, and
+    PyTorch, 32 greedy tokens) runs through the native residual + RMSNorm and SiLU * up segments and the scaled-int8
+    embedding lookup and lm_head, and passes (artifact <= 0.4x the dense weights), and
     greedy decoding gives the same tokens with and without them."""
     env = {**os.environ, "SPARSEDEPLOY_CACHE": str(cache_dir)}
     for args in (
@@ -216,9 +217,14 @@ def test_native_segments_pass_the_export_check_on_the_real_model(tmp_path, cache
         assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "x" / "export_report.json").read_text())
     assert report["verification"]["ok"] and report["verification"]["parity"]["greedy_identical"]
+    # the Q8_0 tied embedding / lm_head is stored once as scaled-int8, so the artifact is <= 0.4x the dense weights
+    assert report["sparse_cpu"]["scaled_int8"]["weights"] == ["model.embed_tokens.weight"]
+    dense = report["sparse_cpu"]["dense_bytes"] + report["sparse_cpu"]["scaled_int8"]["dense_bytes"]
+    assert report["storage"]["model_bytes"] <= 0.4 * dense
     fast = OnnxDecoder.load(tmp_path / "x", threads=1)
     plain = dataclasses.replace(fast, session=SegmentedSession(onnx.load(fast.path), threads=1, fuse=False))
     prompt = np.array([[504, 3575, 282, 4649, 314]])  # "The capital of France is" in smollm2's vocabulary
     tokens = [decoder.greedy(prompt, 16).tolist() for decoder in (fast, plain)]
     assert fast.session.fused_segment_count == 89 and plain.session.fused_segment_count == 0
+    assert fast.session.int8_node_count == 2
     assert tokens[0] == tokens[1]

@@ -74,6 +74,8 @@ typedef struct {
     atomic_int *failed;       /* set when a worker could not allocate its scratch */
     int nchunks;
     int64_t bounds[SDK_MAX_CHUNKS + 1]; /* chunk c is blocks [bounds[c], bounds[c + 1]) */
+    const int8_t *q;          /* scaled-int8 job (sdk_int8_matmul): codes, NULL for a bitmask16 job */
+    const float *scales;
 } job_t;
 
 /* The 4 rows' masks of group g of block blk, row i in bits 16 i .. 16 i + 15. */
@@ -85,14 +87,20 @@ static inline uint64_t group_masks(const job_t *j, int64_t blk, int64_t g) {
 static inline unsigned row_mask(uint64_t mm, int i) { return (unsigned)(mm >> (16 * i)) & 0xffffu; }
 /* Stored elements of the rows before row i in a group (where row i's elements start). */
 static inline int64_t before_row(uint64_t mm, int i) { return __builtin_popcountll(mm & ((1ull << (16 * i)) - 1)); }
-/* Cold weights: the hardware prefetchers alone left the expand kernels waiting on memory (measured, one thread,
- * 1B-like shapes at 70 %: batch 1 1.06-1.39x faster with this, 2048 x 5632, whose x no longer stays in L1, gains
- * most; batch 8 1.07-1.18x; neutral at 50 and 90 %).
- * The values are fetched non-temporally (used once), the masks normally. */
-#define SDK_PREFETCH_VALUES_BYTES 2048
+/* Cold weights: the hardware prefetchers alone leave the expand kernels waiting on memory, so each group step
+ * prefetches the values ahead, and the masks 512 B ahead. How depends on the CPU (the profile, chosen from the
+ * vendor at the first call; sdk_set_cpu_profile overrides), each measured (docs/sparse_cpu.md):
+ *   AMD (Zen 4): values 2 KB ahead, non-temporal (prefetchnta): batch 1 1.06-1.39x faster than no prefetch.
+ *   Intel (Emerald Rapids): values 4 KB ahead into all levels (prefetcht0): there prefetchnta made batch 1 *slower*
+ *   than dense (0.94x at 70 %) and t0 made it 2.1x; no software prefetch at all 1.8x. */
+enum { PROFILE_UNSET = -1, PROFILE_AMD = 0, PROFILE_INTEL = 1 };
+static int cpu_profile = PROFILE_UNSET;
 #define SDK_PREFETCH_MASK_BYTES 512
 static inline void prefetch_ahead(const float *v, const uint16_t *m) {
-    __builtin_prefetch((const char *)v + SDK_PREFETCH_VALUES_BYTES, 0, 0);
+    if (cpu_profile == PROFILE_INTEL)
+        __builtin_prefetch((const char *)v + 4096, 0, 3);
+    else
+        __builtin_prefetch((const char *)v + 2048, 0, 0);
     __builtin_prefetch((const char *)m + SDK_PREFETCH_MASK_BYTES, 0, 3);
 }
 static inline int rows_in_block(const job_t *j, int64_t blk) {
@@ -448,6 +456,36 @@ __attribute__((target("avx512f,avx2,fma,popcnt"))) static void gemm_row_avx512(c
 }
 #endif /* SDK_X86 */
 
+#if SDK_X86
+/* Batch 1, AVX-512, Intel profile: one masked expand-load (vexpandps) per row and 16-weight group, 4 rows together.
+ * On Emerald Rapids 1.15-1.2x faster than the 256-bit permute GEMV (70 %, cold 1B-like shapes); on Zen 4 it measured
+ * slower (vexpandps ~5 cycles a vector there), so AMD CPUs keep the permute GEMV. */
+__attribute__((target("avx512f,avx2,fma,popcnt"))) static void gemv_expand512(const job_t *j, int64_t b0, int64_t b1) {
+    const int64_t G = j->g;
+    for (int64_t blk = b0; blk < b1; blk++) {
+        const float *v = j->values + j->block_ptr[blk];
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t g = 0; g < G; g++) {
+            const uint64_t mm = group_masks(j, blk, g);
+            const __mmask16 k0 = (__mmask16)mm, k1 = (__mmask16)(mm >> 16), k2 = (__mmask16)(mm >> 32),
+                            k3 = (__mmask16)(mm >> 48);
+            const __m512 xv = _mm512_loadu_ps(j->x + g * 16);
+            prefetch_ahead(v, j->mask + (blk * G + g) * SDK_ROWS);
+            const float *p1 = v + __builtin_popcount(k0), *p2 = p1 + __builtin_popcount(k1);
+            const float *p3 = p2 + __builtin_popcount(k2);
+            a0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k0, v), xv, a0);
+            a1 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k1, p1), xv, a1);
+            a2 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k2, p2), xv, a2);
+            a3 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(k3, p3), xv, a3);
+            v = p3 + __builtin_popcount(k3);
+        }
+        const float out[SDK_ROWS] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                                     _mm512_reduce_add_ps(a3)};
+        for (int i = 0; i < rows_in_block(j, blk); i++) j->y[blk * SDK_ROWS + i] = out[i];
+    }
+}
+#endif
+
 /* ------------------------------------------------------------------------------------------------ dispatch */
 
 static int isa_supported(int isa) {
@@ -458,6 +496,30 @@ static int isa_supported(int isa) {
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
     if (isa == ISA_AVX512) return __builtin_cpu_supports("avx512f") && isa_supported(ISA_AVX2);
 #endif
+    return 0;
+}
+
+static pthread_once_t profile_once = PTHREAD_ONCE_INIT;
+static void init_profile(void) {
+    if (cpu_profile != PROFILE_UNSET) return;
+#if SDK_X86
+    __builtin_cpu_init();
+    cpu_profile = __builtin_cpu_is("intel") ? PROFILE_INTEL : PROFILE_AMD;
+#else
+    cpu_profile = PROFILE_AMD;
+#endif
+}
+
+/* The CPU profile in use (0 AMD and others, 1 Intel; see prefetch_ahead); set_cpu_profile forces one (tests and
+ * benchmarks run both on one machine; both are correct everywhere, only their speed differs). */
+SDK_EXPORT int sdk_cpu_profile(void) {
+    pthread_once(&profile_once, init_profile);
+    return cpu_profile;
+}
+SDK_EXPORT int sdk_set_cpu_profile(int profile) {
+    if (profile != PROFILE_AMD && profile != PROFILE_INTEL) return ERR_ARGS;
+    pthread_once(&profile_once, init_profile);
+    cpu_profile = profile;
     return 0;
 }
 
@@ -534,9 +596,12 @@ static __thread int64_t tl_off_cap;
 static __thread float *tl_yt;
 static __thread int64_t tl_yt_cap;
 
+static void int8_part(const job_t *j, int64_t u0, int64_t u1);
+
 static void run_part(const job_t *j, int chunk) {
     const int64_t b0 = j->bounds[chunk], b1 = j->bounds[chunk + 1];
     if (b0 >= b1) return;
+    if (j->q) { int8_part(j, b0, b1); return; }
     if (j->expand_batch) {
 #if SDK_X86
         if (j->isa == ISA_AVX512) { gemvb_avx512_fns[j->b](j, b0, b1); return; }
@@ -549,6 +614,7 @@ static void run_part(const job_t *j, int chunk) {
 #if SDK_X86
         /* AVX-512 CPUs run the 256-bit GEMV too: the 512-bit expand (one masked vpermps per group) and a
          * zero-masking 256-bit vpermps (AVX-512VL) both measured slower on Zen 4 (docs/sparse_cpu.md) */
+        if (j->isa == ISA_AVX512 && cpu_profile == PROFILE_INTEL) { gemv_expand512(j, b0, b1); return; }
         if (j->isa == ISA_AVX512 || j->isa == ISA_AVX2) { gemv_avx2(j, b0, b1); return; }
 #endif
         gemv_portable(j, b0, b1);
@@ -714,6 +780,7 @@ SDK_EXPORT int sdk_matmul(const float *x, int64_t b, int64_t k, const uint16_t *
 #if SDK_X86
     pthread_once(&tables_once, init_tables);
 #endif
+    pthread_once(&profile_once, init_profile);
     atomic_int failed = 0;
     job_t j = {.failed = &failed, .mask = mask, .values = values, .block_ptr = block_ptr, .y = y,
                .n = n, .k = k, .b = b, .isa = isa};
@@ -845,4 +912,266 @@ SDK_EXPORT int sdk_silu_mul(const float *gu, int64_t rows, int64_t h, float *out
 #endif
     silu_mul_portable(gu, rows, h, out);
     return 0;
+}
+
+/* ------------------------------------------------------------------------------------------- scaled int8 */
+
+/* y[b, n] = sum_k x[b, k] * W[n, k] for a dense W stored as scaled-int8 (kernels/scaled_int8.py): W[n, k] =
+ * scale(n, k / 32) * code(n, k) exactly (the exporter stores that form only where it gives back every weight bit
+ * for bit), so the matmul reads 1.125 bytes a weight instead of 4. Rows in groups of 4 (the last one padded with
+ * zero rows), each group's 4 rows interleaved by 32-column block so a group is one sequential stream:
+ *   q      int8    [NG, K / 32, 4, 32]    code(n, k) at q[n / 4, k / 32, n % 4, k % 32]
+ *   scales float32 [NG, K / 32, 4]        scale(n, b) at scales[n / 4, b, n % 4]
+ * Batch 1: a group's 4 rows together, each block's 32-element dot product of the codes with x scaled once.
+ * Batch >= 2: 16 rows (AVX-512: 32) are rebuilt exactly (code * scale) into a float buffer transposed to [K, 16]
+ * ([K, 32]), then 6 batch rows x those outputs at a time (12 accumulators, one broadcast x element per k and batch
+ * row). */
+#define SDK_I8_BLOCK 32
+#define SDK_I8_UNIT 32 /* rows per unit of work (a multiple of 4) */
+#define SDK_I8_AHEAD 1024 /* batch 1 prefetches this many bytes of codes ahead */
+#ifndef SDK_I8_GEMV_MAX_B
+#define SDK_I8_GEMV_MAX_B 8 /* batches up to this run the batch-1 form per row (measured: 2-8 faster than the rebuild + tiles) */
+#endif
+
+static inline const int8_t *i8_codes(const job_t *j, int64_t r, int64_t c) {
+    return j->q + ((r >> 2) * (j->k / SDK_I8_BLOCK) + c / SDK_I8_BLOCK) * 4 * SDK_I8_BLOCK + (r & 3) * SDK_I8_BLOCK +
+           c % SDK_I8_BLOCK;
+}
+static inline float i8_scale(const job_t *j, int64_t r, int64_t blk) {
+    return j->scales[((r >> 2) * (j->k / SDK_I8_BLOCK) + blk) * 4 + (r & 3)];
+}
+
+static void int8_portable(const job_t *j, int64_t r0, int64_t r1, float *w) {
+    const int64_t k = j->k;
+    for (int64_t r = r0; r < r1; r += SDK_I8_UNIT) {
+        const int64_t rows = r + SDK_I8_UNIT <= r1 ? SDK_I8_UNIT : r1 - r;
+        for (int64_t rr = 0; rr < rows; rr++)
+            for (int64_t c = 0; c < k; c++) w[rr * k + c] = i8_scale(j, r + rr, c / SDK_I8_BLOCK) * (float)*i8_codes(j, r + rr, c);
+        for (int64_t bb = 0; bb < j->b; bb++) {
+            const float *x = j->x + bb * k;
+            for (int64_t rr = 0; rr < rows; rr++) {
+                float part[8] = {0};
+                for (int64_t c = 0; c < k; c += 8)
+                    for (int l = 0; l < 8; l++) part[l] += w[rr * k + c + l] * x[c + l];
+                j->y[bb * j->n + r + rr] =
+                    ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
+            }
+        }
+    }
+}
+
+#if SDK_X86
+__attribute__((target("avx2,fma,popcnt"))) static inline __m256 int8_codes8(const int8_t *q) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q)));
+}
+
+/* batch 1: the group of rows r .. r + 3 (one stream of codes); outputs past N are not written. (Named
+ * accumulators: with arrays of vectors GCC 12 stores them to the stack on every step.) */
+__attribute__((target("avx2,fma,popcnt"))) static void int8_gemv4(const job_t *j, int64_t r, int64_t bb) {
+    const int64_t nbk = j->k / SDK_I8_BLOCK;
+    const int8_t *q = i8_codes(j, r, 0);
+    const float *sc = j->scales + (r >> 2) * nbk * 4;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t blk = 0; blk < nbk; blk++, q += 4 * SDK_I8_BLOCK, sc += 4) {
+        if (cpu_profile == PROFILE_INTEL) { /* as prefetch_ahead: t0 on Intel, non-temporal elsewhere */
+            _mm_prefetch((const char *)(q + 2 * SDK_I8_AHEAD), _MM_HINT_T0);
+            _mm_prefetch((const char *)(q + 2 * SDK_I8_AHEAD + 64), _MM_HINT_T0);
+        } else {
+            _mm_prefetch((const char *)(q + SDK_I8_AHEAD), _MM_HINT_NTA);
+            _mm_prefetch((const char *)(q + SDK_I8_AHEAD + 64), _MM_HINT_NTA);
+        }
+        __m256 t0 = _mm256_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
+        for (int v = 0; v < SDK_I8_BLOCK; v += 8) {
+            const __m256 xv = _mm256_loadu_ps(j->x + bb * j->k + blk * SDK_I8_BLOCK + v);
+            t0 = _mm256_fmadd_ps(int8_codes8(q + v), xv, t0);
+            t1 = _mm256_fmadd_ps(int8_codes8(q + SDK_I8_BLOCK + v), xv, t1);
+            t2 = _mm256_fmadd_ps(int8_codes8(q + 2 * SDK_I8_BLOCK + v), xv, t2);
+            t3 = _mm256_fmadd_ps(int8_codes8(q + 3 * SDK_I8_BLOCK + v), xv, t3);
+        }
+        a0 = _mm256_fmadd_ps(t0, _mm256_broadcast_ss(sc), a0);
+        a1 = _mm256_fmadd_ps(t1, _mm256_broadcast_ss(sc + 1), a1);
+        a2 = _mm256_fmadd_ps(t2, _mm256_broadcast_ss(sc + 2), a2);
+        a3 = _mm256_fmadd_ps(t3, _mm256_broadcast_ss(sc + 3), a3);
+    }
+    const float out[4] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};
+    for (int i = 0; i < 4 && r + i < j->n; i++) j->y[bb * j->n + r + i] = out[i];
+}
+
+/* batch >= 2: 6 batch rows (x rows past the batch read `zeros`) x the 16 weight rows of the transposed rebuilt
+ * buffer wt [K, 16] (2 vectors a k): 12 accumulators, each x element broadcast once per k into both vectors */
+__attribute__((target("avx2,fma,popcnt"))) static void int8_tile6(const job_t *j, const float *wt, int64_t r,
+                                                                  int64_t rows, int64_t b0, const float *zeros) {
+    const int64_t k = j->k, tb = j->b - b0 < 6 ? j->b - b0 : 6;
+    const float *x0 = j->x + b0 * k;
+    const float *x1 = tb > 1 ? x0 + k : zeros, *x2 = tb > 2 ? x0 + 2 * k : zeros, *x3 = tb > 3 ? x0 + 3 * k : zeros;
+    const float *x4 = tb > 4 ? x0 + 4 * k : zeros, *x5 = tb > 5 ? x0 + 5 * k : zeros;
+    __m256 a0 = _mm256_setzero_ps(), b0v = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0, a4 = a0, b4 = a0,
+           a5 = a0, b5 = a0;
+    for (int64_t c = 0; c < k; c++) {
+        const __m256 va = _mm256_load_ps(wt + c * 16), vb = _mm256_load_ps(wt + c * 16 + 8);
+        __m256 xv = _mm256_broadcast_ss(x0 + c);
+        a0 = _mm256_fmadd_ps(xv, va, a0), b0v = _mm256_fmadd_ps(xv, vb, b0v);
+        xv = _mm256_broadcast_ss(x1 + c);
+        a1 = _mm256_fmadd_ps(xv, va, a1), b1 = _mm256_fmadd_ps(xv, vb, b1);
+        xv = _mm256_broadcast_ss(x2 + c);
+        a2 = _mm256_fmadd_ps(xv, va, a2), b2 = _mm256_fmadd_ps(xv, vb, b2);
+        xv = _mm256_broadcast_ss(x3 + c);
+        a3 = _mm256_fmadd_ps(xv, va, a3), b3 = _mm256_fmadd_ps(xv, vb, b3);
+        xv = _mm256_broadcast_ss(x4 + c);
+        a4 = _mm256_fmadd_ps(xv, va, a4), b4 = _mm256_fmadd_ps(xv, vb, b4);
+        xv = _mm256_broadcast_ss(x5 + c);
+        a5 = _mm256_fmadd_ps(xv, va, a5), b5 = _mm256_fmadd_ps(xv, vb, b5);
+    }
+    float out[6][16] __attribute__((aligned(32)));
+    _mm256_store_ps(out[0], a0), _mm256_store_ps(out[0] + 8, b0v);
+    _mm256_store_ps(out[1], a1), _mm256_store_ps(out[1] + 8, b1);
+    _mm256_store_ps(out[2], a2), _mm256_store_ps(out[2] + 8, b2);
+    _mm256_store_ps(out[3], a3), _mm256_store_ps(out[3] + 8, b3);
+    _mm256_store_ps(out[4], a4), _mm256_store_ps(out[4] + 8, b4);
+    _mm256_store_ps(out[5], a5), _mm256_store_ps(out[5] + 8, b5);
+    for (int64_t i = 0; i < tb; i++) memcpy(j->y + (b0 + i) * j->n + r, out[i], (size_t)rows * sizeof(float));
+}
+
+/* rows r0 .. r0 + rows - 1 (rows <= width, 16 or 32) rebuilt exactly (code * scale) as wt [K, width] (rows past
+ * `rows` zero):
+ * each 8 x 8 tile of weights is transposed in registers */
+__attribute__((target("avx2,fma,popcnt"))) static void int8_rebuild_transposed_avx2(const job_t *j, int64_t r0,
+                                                                                     int64_t rows, float *wt,
+                                                                                     int width) {
+    for (int64_t c = 0; c < j->k; c += 8)
+        for (int h = 0; h < width / 8; h++) {
+            __m256 v[8];
+            for (int i = 0; i < 8; i++) {
+                const int64_t r = r0 + h * 8 + i;
+                v[i] = h * 8 + i < rows ? _mm256_mul_ps(int8_codes8(i8_codes(j, r, c)),
+                                                        _mm256_set1_ps(i8_scale(j, r, c / SDK_I8_BLOCK)))
+                                        : _mm256_setzero_ps();
+            }
+            const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+            const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+            const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+            const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+            const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+            const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+            const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+            const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+            float *o = wt + c * width + h * 8;
+            _mm256_store_ps(o + 0 * width, _mm256_permute2f128_ps(u0, u4, 0x20));
+            _mm256_store_ps(o + 1 * width, _mm256_permute2f128_ps(u1, u5, 0x20));
+            _mm256_store_ps(o + 2 * width, _mm256_permute2f128_ps(u2, u6, 0x20));
+            _mm256_store_ps(o + 3 * width, _mm256_permute2f128_ps(u3, u7, 0x20));
+            _mm256_store_ps(o + 4 * width, _mm256_permute2f128_ps(u0, u4, 0x31));
+            _mm256_store_ps(o + 5 * width, _mm256_permute2f128_ps(u1, u5, 0x31));
+            _mm256_store_ps(o + 6 * width, _mm256_permute2f128_ps(u2, u6, 0x31));
+            _mm256_store_ps(o + 7 * width, _mm256_permute2f128_ps(u3, u7, 0x31));
+        }
+}
+
+__attribute__((target("avx2,fma,popcnt"))) static void int8_avx2(const job_t *j, int64_t r0, int64_t r1, float *w) {
+    if (j->b <= SDK_I8_GEMV_MAX_B) { /* a group's codes stay in L1 across the batch rows */
+        for (int64_t r = r0; r < r1; r += 4)
+            for (int64_t bb = 0; bb < j->b; bb++) int8_gemv4(j, r, bb);
+        return;
+    }
+    for (int64_t r = r0; r < r1; r += 16) {
+        const int64_t rows = r + 16 <= r1 ? 16 : r1 - r;
+        int8_rebuild_transposed_avx2(j, r, rows, w, 16);
+        for (int64_t b0 = 0; b0 < j->b; b0 += 6) int8_tile6(j, w, r, rows, b0, w + SDK_I8_UNIT * j->k);
+    }
+}
+
+/* batch >= 2, AVX-512: as int8_tile6 with 32 weight rows (wt [K, 32], 2 zmm a k) */
+__attribute__((target("avx512f,avx2,fma,popcnt"))) static void int8_tile6_512(const job_t *j, const float *wt,
+                                                                              int64_t r, int64_t rows, int64_t b0,
+                                                                              const float *zeros) {
+    const int64_t k = j->k, tb = j->b - b0 < 6 ? j->b - b0 : 6;
+    const float *x0 = j->x + b0 * k;
+    const float *x1 = tb > 1 ? x0 + k : zeros, *x2 = tb > 2 ? x0 + 2 * k : zeros, *x3 = tb > 3 ? x0 + 3 * k : zeros;
+    const float *x4 = tb > 4 ? x0 + 4 * k : zeros, *x5 = tb > 5 ? x0 + 5 * k : zeros;
+    __m512 a0 = _mm512_setzero_ps(), b0v = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0, a4 = a0, b4 = a0,
+           a5 = a0, b5 = a0;
+    for (int64_t c = 0; c < k; c++) {
+        const __m512 va = _mm512_load_ps(wt + c * 32), vb = _mm512_load_ps(wt + c * 32 + 16);
+        __m512 xv = _mm512_set1_ps(x0[c]);
+        a0 = _mm512_fmadd_ps(xv, va, a0), b0v = _mm512_fmadd_ps(xv, vb, b0v);
+        xv = _mm512_set1_ps(x1[c]);
+        a1 = _mm512_fmadd_ps(xv, va, a1), b1 = _mm512_fmadd_ps(xv, vb, b1);
+        xv = _mm512_set1_ps(x2[c]);
+        a2 = _mm512_fmadd_ps(xv, va, a2), b2 = _mm512_fmadd_ps(xv, vb, b2);
+        xv = _mm512_set1_ps(x3[c]);
+        a3 = _mm512_fmadd_ps(xv, va, a3), b3 = _mm512_fmadd_ps(xv, vb, b3);
+        xv = _mm512_set1_ps(x4[c]);
+        a4 = _mm512_fmadd_ps(xv, va, a4), b4 = _mm512_fmadd_ps(xv, vb, b4);
+        xv = _mm512_set1_ps(x5[c]);
+        a5 = _mm512_fmadd_ps(xv, va, a5), b5 = _mm512_fmadd_ps(xv, vb, b5);
+    }
+    float out[6][32] __attribute__((aligned(64)));
+    _mm512_store_ps(out[0], a0), _mm512_store_ps(out[0] + 16, b0v);
+    _mm512_store_ps(out[1], a1), _mm512_store_ps(out[1] + 16, b1);
+    _mm512_store_ps(out[2], a2), _mm512_store_ps(out[2] + 16, b2);
+    _mm512_store_ps(out[3], a3), _mm512_store_ps(out[3] + 16, b3);
+    _mm512_store_ps(out[4], a4), _mm512_store_ps(out[4] + 16, b4);
+    _mm512_store_ps(out[5], a5), _mm512_store_ps(out[5] + 16, b5);
+    for (int64_t i = 0; i < tb; i++) memcpy(j->y + (b0 + i) * j->n + r, out[i], (size_t)rows * sizeof(float));
+}
+
+__attribute__((target("avx512f,avx2,fma,popcnt"))) static void int8_avx512(const job_t *j, int64_t r0, int64_t r1,
+                                                                           float *w) {
+    if (j->b <= SDK_I8_GEMV_MAX_B) { /* a group's codes stay in L1 across the batch rows */
+        for (int64_t r = r0; r < r1; r += 4)
+            for (int64_t bb = 0; bb < j->b; bb++) int8_gemv4(j, r, bb);
+        return;
+    }
+    for (int64_t r = r0; r < r1; r += 32) {
+        const int64_t rows = r + 32 <= r1 ? 32 : r1 - r;
+        int8_rebuild_transposed_avx2(j, r, rows, w, 32);
+        for (int64_t b0 = 0; b0 < j->b; b0 += 6) int8_tile6_512(j, w, r, rows, b0, w + SDK_I8_UNIT * j->k);
+    }
+}
+#endif
+
+static __thread float *tl_w8;
+static __thread int64_t tl_w8_cap;
+
+static void int8_part(const job_t *j, int64_t u0, int64_t u1) {
+    const int64_t r0 = u0 * SDK_I8_UNIT, r1 = u1 * SDK_I8_UNIT < j->n ? u1 * SDK_I8_UNIT : j->n;
+    const int64_t need = (SDK_I8_UNIT + 1) * j->k; /* batch >= 2: rebuilt weights [K, 16 or 32], then K zeros */
+    if (tl_w8_cap < need) {
+        free(tl_w8);
+        tl_w8 = aligned_alloc(64, (size_t)need * sizeof(float) + 64);
+        tl_w8_cap = tl_w8 ? need : 0;
+        if (!tl_w8) { atomic_store(j->failed, 1); return; }
+    }
+    memset(tl_w8 + SDK_I8_UNIT * j->k, 0, (size_t)j->k * sizeof(float));
+#if SDK_X86
+    if (j->isa == ISA_AVX512) { int8_avx512(j, r0, r1, tl_w8); return; }
+    if (j->isa == ISA_AVX2) { int8_avx2(j, r0, r1, tl_w8); return; }
+#endif
+    int8_portable(j, r0, r1, tl_w8);
+}
+
+/* y [b, n] = x [b, k] @ W.T for W in scaled-int8 (q int8 [ceil(n / 4), k / 32, 4, 32], scales float32
+ * [ceil(n / 4), k / 32, 4]; k a multiple of 32).
+ * isa as sdk_matmul's (AVX-512 runs the AVX2 batch-1 code). Rows are split evenly over the threads. */
+SDK_EXPORT int sdk_int8_matmul(const float *x, int64_t b, int64_t k, const int8_t *q, const float *scales, int64_t n,
+                               float *y, int threads, int isa) {
+    if (b < 1 || k < SDK_I8_BLOCK || k % SDK_I8_BLOCK || n < 1 || !x || !q || !scales || !y || threads < 1)
+        return ERR_ARGS;
+    if (threads > SDK_MAX_THREADS) threads = SDK_MAX_THREADS;
+    if (isa == ISA_AUTO)
+        isa = isa_supported(ISA_AVX512) ? ISA_AVX512 : isa_supported(ISA_AVX2) ? ISA_AVX2 : ISA_PORTABLE;
+    if (!isa_supported(isa)) return ERR_ISA;
+    pthread_once(&profile_once, init_profile);
+    atomic_int failed = 0;
+    job_t j = {.failed = &failed, .x = x, .y = y, .n = n, .k = k, .b = b, .isa = isa, .q = q, .scales = scales};
+    const int64_t units = (n + SDK_I8_UNIT - 1) / SDK_I8_UNIT;
+    int64_t nchunks = threads == 1 ? 1 : (int64_t)threads * SDK_CHUNKS_PER_THREAD;
+    if (nchunks > units) nchunks = units;
+    if (threads > units) threads = (int)units;
+    j.nchunks = (int)nchunks;
+    for (int64_t c = 0; c <= nchunks; c++) j.bounds[c] = units * c / nchunks;
+    pthread_mutex_lock(&pool.call_lock);
+    pool_run(&j, threads);
+    pthread_mutex_unlock(&pool.call_lock);
+    return atomic_load(&failed) ? ERR_NOMEM : 0;
 }
