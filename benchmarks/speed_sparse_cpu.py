@@ -11,6 +11,9 @@ Full run (writes JSON + Markdown + PNG; ~10 min on a 2-core box):
 CI gate (~1 min): re-measures the 70 % batch-1 ratio on the 1B-like shapes and exits 1 when it is more than
 15 % below the committed figure for this CPU (another CPU is held to a generic floor):
     python benchmarks/speed_sparse_cpu.py --ci
+Another machine's committed run lives in a subfolder (e.g. intel_xeon/) with its own CI figure:
+    python benchmarks/speed_sparse_cpu.py --out benchmarks/results/speed_sparse_cpu/intel_xeon
+    python benchmarks/speed_sparse_cpu.py --ci --write-ci-baseline --out benchmarks/results/speed_sparse_cpu/intel_xeon
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from sparsedeploy.common.files import write_json_atomic  # noqa: E402
 from sparsedeploy.common.sparsity import parse_sparsity  # noqa: E402
 from sparsedeploy.common.timing import summarize  # noqa: E402
 from sparsedeploy.kernels import available_isas, byte_bound_ceiling, matmul, pack  # noqa: E402
+from sparsedeploy.kernels.native import cpu_profile  # noqa: E402
 
 log = logging.getLogger("benchmarks.speed_sparse_cpu")
 RESULTS = ROOT / "benchmarks" / "results" / "speed_sparse_cpu"
@@ -101,6 +105,7 @@ def machine(isa: str) -> dict:
         "logical_cpus": os.cpu_count(),
         "isas": available_isas(),
         "isa": isa,
+        "kernel_cpu_profile": cpu_profile(),
         "python": platform.python_version(),
     }
 
@@ -434,6 +439,16 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def committed_ci_baseline(cpu: str, isa: str) -> dict | None:
+    """The committed CI figure for this CPU and path: the main results, or a machine's subfolder of them (e.g.
+    intel_xeon/: each machine the suite was committed on keeps its own figure)."""
+    for path in [RESULTS / "speed_sparse_cpu.json", *sorted(RESULTS.glob("*/speed_sparse_cpu.json"))]:
+        baseline = json.loads(path.read_text()).get("ci_baseline")
+        if baseline and baseline.get("cpu") == cpu and baseline.get("isa") == isa:
+            return baseline
+    return None
+
+
 def ci_check(rows: list[dict], committed: dict | None, this_cpu: str, isa: str) -> tuple[int, str]:
     """Exit code and message for the CI gate: the mean 70 % batch-1 1B-like ratio against the committed one."""
     measured = statistics.mean(r["speedup"] for r in rows)
@@ -504,9 +519,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.ci:
         out_json = args.out / "speed_sparse_cpu.json"
-        committed = None
-        if (RESULTS / "speed_sparse_cpu.json").exists():
-            committed = json.loads((RESULTS / "speed_sparse_cpu.json").read_text()).get("ci_baseline")
+        committed = committed_ci_baseline(mach["cpu"], isa)
         rows = []
         for shape in LLAMA1B:
             rows += bench_shape(shape, [CI_PATTERN], [CI_BATCH], [CI_THREADS], isa, None, 9, cold)

@@ -31,6 +31,16 @@ def test_gate_fails_a_regression_beyond_15_percent_of_the_committed_figure():
     assert mod.ci_check([{"speedup": 2.0}] * 3, committed, "CPU A", "avx2")[0] == 0  # same CPU name, other path
 
 
+def test_each_machine_keeps_its_own_committed_gate_figure():
+    """The AMD run is the main results, the Intel one a subfolder; the gate finds each CPU's own figure."""
+    mod = _module()
+    results = REPO / "benchmarks" / "results" / "speed_sparse_cpu"
+    for path in (results / "speed_sparse_cpu.json", results / "intel_xeon" / "speed_sparse_cpu.json"):
+        baseline = json.loads(path.read_text())["ci_baseline"]
+        assert mod.committed_ci_baseline(baseline["cpu"], baseline["isa"]) == baseline
+    assert mod.committed_ci_baseline("Some Other CPU", "avx512") is None
+
+
 def test_committed_results_carry_the_gate_figure_and_every_shape():
     data = json.loads((REPO / "benchmarks" / "results" / "speed_sparse_cpu" / "speed_sparse_cpu.json").read_text())
     assert data["ci_baseline"]["ratio"] > 1.0 and data["ci_baseline"]["threads"] == 1
