@@ -10,14 +10,14 @@
 #             in ONNX Runtime, batch 1, prompt 64 + 64 new tokens, 1 and 2 threads (issue 17's whole-model row).
 #   sparsecpu1b the speed-only LLaMA-1B-like model, magnitude 70%: --target sparse-cpu against the dense export in
 #             ONNX Runtime, batch 1, prompt 64 + 64 new tokens, 1 thread (issue 17's 1B-like row). ~12 GB of RAM.
-#   bash benchmarks/speed_model.sh [WORK_DIR] [smollm2|llama1b|sparsecpu|sparsecpu1b|all]
+#   [SPEED_MODEL_OUT=DIR] bash benchmarks/speed_model.sh [WORK_DIR] [smollm2|llama1b|sparsecpu|sparsecpu1b|all]
 #     -> benchmarks/results/speed_model/{ort,deepsparse}_{wanda50,wanda24,llama1b_mag70,llama1b_mag24}/,
 #        sparse_cpu_wanda70_t{1,2}/, sparse_cpu_llama1b_mag70_t1/
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="${1:-/tmp/sparsedeploy-speed-model}"
 part="${2:-smollm2}"
-out="$here/benchmarks/results/speed_model"
+out="${SPEED_MODEL_OUT:-$here/benchmarks/results/speed_model}"  # another machine: e.g. .../speed_model/intel_xeon
 py="${PYTHON:-$here/.venv/bin/python}"
 sd=("${SPARSEDEPLOY:-$here/.venv/bin/sparsedeploy}" -q)
 export OMP_NUM_THREADS=1 NM_DISABLE_ANALYTICS=1
