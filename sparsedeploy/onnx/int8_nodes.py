@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparsedeploy.kernels import scaled_int8
-from sparsedeploy.onnx.sparse_linear import DOMAIN
+from sparsedeploy.onnx.sparse_linear import DOMAIN, rewrite_nodes
 
 GATHER_OP = "Int8Gather"
 LINEAR_OP = "Int8Linear"
@@ -56,16 +56,33 @@ def _axis(node) -> int:
     return next((a.i for a in node.attribute if a.name == "axis"), 0)
 
 
+def _node(original, op_type: str, first_input: str, arrays: list[str], source: str) -> list:
+    """The Int8Gather / Int8Linear node standing for `original` (one node; a list, as the rewrite takes)."""
+    from onnx import helper
+
+    return [
+        helper.make_node(
+            op_type,
+            [first_input, *arrays],
+            [original.output[0]],
+            name=f"{original.name}/{op_type}",
+            domain=DOMAIN,
+            nodes=[original.name],
+            source=source,
+        )
+    ]
+
+
 def pack_scaled_int8(model) -> dict:
     """Rewrite `model` in place (see the module doc). Returns a summary: weights packed, bytes before and after,
     and the weights that were candidates but not exactly int8 (they stay float32)."""
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     uses = _uses(graph)
     outputs = {o.name for o in graph.output}
-    plans: list[tuple[str, np.ndarray, list]] = []  # (initializer, packed matrix [N, K], [(node, how)])
+    plans: list[tuple[str, list, list, list]] = []  # (initializer, its Gathers, (Transpose, MatMul)s, MatMuls)
     for name, init in inits.items():
         if len(init.dims) != 2 or init.data_type != 1 or name in outputs or not uses.get(name):  # 1: FLOAT
             continue
@@ -109,58 +126,16 @@ def pack_scaled_int8(model) -> dict:
         arrays = [f"{name}.int8.{key}" for key in weight.to_arrays()]
         for key, array in weight.to_arrays().items():
             graph.initializer.append(numpy_helper.from_array(array, f"{name}.int8.{key}"))
+
         for node in gathers:
-            replace[node.name] = [
-                helper.make_node(
-                    GATHER_OP,
-                    [node.input[1], *arrays],
-                    [node.output[0]],
-                    name=f"{node.name}/Int8Gather",
-                    domain=DOMAIN,
-                    nodes=[node.name],
-                    source=name,
-                )
-            ]
+            replace[node.name] = _node(node, GATHER_OP, node.input[1], arrays, name)
         for transpose, matmul in linears:
             drop.add(transpose.name)
-            replace[matmul.name] = [
-                helper.make_node(
-                    LINEAR_OP,
-                    [matmul.input[0], *arrays],
-                    [matmul.output[0]],
-                    name=f"{matmul.name}/Int8Linear",
-                    domain=DOMAIN,
-                    nodes=[matmul.name],
-                    source=name,
-                )
-            ]
+            replace[matmul.name] = _node(matmul, LINEAR_OP, matmul.input[0], arrays, name)
         for matmul in direct:
-            replace[matmul.name] = [
-                helper.make_node(
-                    LINEAR_OP,
-                    [matmul.input[0], *arrays],
-                    [matmul.output[0]],
-                    name=f"{matmul.name}/Int8Linear",
-                    domain=DOMAIN,
-                    nodes=[matmul.name],
-                    source=name,
-                )
-            ]
+            replace[matmul.name] = _node(matmul, LINEAR_OP, matmul.input[0], arrays, name)
     if packed:
-        kept = []
-        for node in graph.node:
-            if node.name in replace:
-                kept.extend(replace[node.name])
-            elif node.name not in drop:
-                kept.append(node)
-        del graph.node[:]
-        graph.node.extend(kept)
-        gone = set(packed)
-        keep = [i for i in graph.initializer if i.name not in gone]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-        if not any(o.domain == DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        rewrite_nodes(model, replace, drop, set(packed))
     return {
         "weights": packed,
         "not_exact": not_exact,

@@ -92,20 +92,8 @@ def pack_linears(model, min_sparsity: float = MIN_SPARSITY) -> dict:
             )
         replaced[first.name] = nodes
         dropped.update(n.name for n, _ in members)
-    kept = []
-    for node in graph.node:
-        if node.name in replaced:
-            kept.extend(replaced[node.name])
-        elif node.name not in dropped:
-            kept.append(node)
-    del graph.node[:]
-    graph.node.extend(kept)
-    gone = {n.input[1] for members in groups.values() for n, _ in members}
-    keep = [i for i in graph.initializer if i.name not in gone]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    if groups and not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    if groups:
+        rewrite_nodes(model, replaced, dropped, {n.input[1] for members in groups.values() for n, _ in members})
     return {
         "nodes": len(groups),
         "linears": sum(len(m) for m in groups.values()),
@@ -114,6 +102,27 @@ def pack_linears(model, min_sparsity: float = MIN_SPARSITY) -> dict:
         "dense_bytes": int(dense_bytes),
         "layout": packed_format.LAYOUT,
     }
+
+
+def rewrite_nodes(model, replaced: dict[str, list], dropped: set[str], gone: set[str]) -> None:
+    """Put each node named in `replaced` by its new nodes (in place, order kept), remove the other `dropped` nodes and
+    the initializers named in `gone`, and import this domain."""
+    from onnx import helper
+
+    graph = model.graph
+    kept = []
+    for node in graph.node:
+        if node.name in replaced:
+            kept.extend(replaced[node.name])
+        elif node.name not in dropped:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    keep = [i for i in graph.initializer if i.name not in gone]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
 
 
 def sparse_linear_nodes(model, arrays=None) -> list[SparseLinearNode]:

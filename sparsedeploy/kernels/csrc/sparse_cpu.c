@@ -382,6 +382,13 @@ __attribute__((target("avx2,fma,popcnt"))) static void gemm_row_avx2(const job_t
  * zeroed by the permute's own write-mask. (vexpandps would do this in one instruction but runs ~5 cycles per
  * vector on AMD Zen 4; this form is faster there and about as fast on Intel.) */
 __attribute__((target("avx512f,avx2,popcnt"))) static inline __m512 expand16(const float **v, unsigned k) {
+#ifdef SDK_TRY_GEMVB_EXPANDLOAD
+    if (cpu_profile == PROFILE_INTEL) { /* one masked expand-load (see gemv_expand512) */
+        const __m512 w = _mm512_maskz_expandloadu_ps((__mmask16)k, *v);
+        *v += __builtin_popcount(k);
+        return w;
+    }
+#endif
     const unsigned lo = k & 0xff, hi = k >> 8;
     const int plo = __builtin_popcount(lo);
     const __m256i ilo = _mm256_load_si256((const __m256i *)perm_table[lo]);
@@ -997,40 +1004,45 @@ __attribute__((target("avx2,fma,popcnt"))) static void int8_gemv4(const job_t *j
     for (int i = 0; i < 4 && r + i < j->n; i++) j->y[bb * j->n + r + i] = out[i];
 }
 
-/* batch >= 2: 6 batch rows (x rows past the batch read `zeros`) x the 16 weight rows of the transposed rebuilt
- * buffer wt [K, 16] (2 vectors a k): 12 accumulators, each x element broadcast once per k into both vectors */
-__attribute__((target("avx2,fma,popcnt"))) static void int8_tile6(const job_t *j, const float *wt, int64_t r,
-                                                                  int64_t rows, int64_t b0, const float *zeros) {
-    const int64_t k = j->k, tb = j->b - b0 < 6 ? j->b - b0 : 6;
-    const float *x0 = j->x + b0 * k;
-    const float *x1 = tb > 1 ? x0 + k : zeros, *x2 = tb > 2 ? x0 + 2 * k : zeros, *x3 = tb > 3 ? x0 + 3 * k : zeros;
-    const float *x4 = tb > 4 ? x0 + 4 * k : zeros, *x5 = tb > 5 ? x0 + 5 * k : zeros;
-    __m256 a0 = _mm256_setzero_ps(), b0v = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0, a4 = a0, b4 = a0,
-           a5 = a0, b5 = a0;
-    for (int64_t c = 0; c < k; c++) {
-        const __m256 va = _mm256_load_ps(wt + c * 16), vb = _mm256_load_ps(wt + c * 16 + 8);
-        __m256 xv = _mm256_broadcast_ss(x0 + c);
-        a0 = _mm256_fmadd_ps(xv, va, a0), b0v = _mm256_fmadd_ps(xv, vb, b0v);
-        xv = _mm256_broadcast_ss(x1 + c);
-        a1 = _mm256_fmadd_ps(xv, va, a1), b1 = _mm256_fmadd_ps(xv, vb, b1);
-        xv = _mm256_broadcast_ss(x2 + c);
-        a2 = _mm256_fmadd_ps(xv, va, a2), b2 = _mm256_fmadd_ps(xv, vb, b2);
-        xv = _mm256_broadcast_ss(x3 + c);
-        a3 = _mm256_fmadd_ps(xv, va, a3), b3 = _mm256_fmadd_ps(xv, vb, b3);
-        xv = _mm256_broadcast_ss(x4 + c);
-        a4 = _mm256_fmadd_ps(xv, va, a4), b4 = _mm256_fmadd_ps(xv, vb, b4);
-        xv = _mm256_broadcast_ss(x5 + c);
-        a5 = _mm256_fmadd_ps(xv, va, a5), b5 = _mm256_fmadd_ps(xv, vb, b5);
+/* batch >= 2: 6 batch rows (x rows past the batch read `zeros`) x the W weight rows of the transposed rebuilt
+ * buffer wt [K, W] (2 vectors a k): 12 accumulators, each x element broadcast once per k into both vectors.
+ * (Named accumulators: with arrays of vectors GCC 12 stores them to the stack on every step.) */
+#define DEF_INT8_TILE(NAME, TARGET, VEC, PFX, W)                                                               \
+    __attribute__((target(TARGET))) static void NAME(const job_t *j, const float *wt, int64_t r, int64_t rows,  \
+                                                     int64_t b0, const float *zeros) {                        \
+        const int64_t k = j->k, tb = j->b - b0 < 6 ? j->b - b0 : 6;                                          \
+        const float *x0 = j->x + b0 * k;                                                                     \
+        const float *x1 = tb > 1 ? x0 + k : zeros, *x2 = tb > 2 ? x0 + 2 * k : zeros;                        \
+        const float *x3 = tb > 3 ? x0 + 3 * k : zeros, *x4 = tb > 4 ? x0 + 4 * k : zeros;                    \
+        const float *x5 = tb > 5 ? x0 + 5 * k : zeros;                                                       \
+        VEC a0 = PFX##_setzero_ps(), c0 = a0, a1 = a0, c1 = a0, a2 = a0, c2 = a0, a3 = a0, c3 = a0, a4 = a0,  \
+            c4 = a0, a5 = a0, c5 = a0;                                                                       \
+        for (int64_t c = 0; c < k; c++) {                                                                    \
+            const VEC va = PFX##_load_ps(wt + c * (W)), vb = PFX##_load_ps(wt + c * (W) + (W) / 2);           \
+            VEC xv = PFX##_set1_ps(x0[c]);                                                                   \
+            a0 = PFX##_fmadd_ps(xv, va, a0), c0 = PFX##_fmadd_ps(xv, vb, c0);                                \
+            xv = PFX##_set1_ps(x1[c]);                                                                       \
+            a1 = PFX##_fmadd_ps(xv, va, a1), c1 = PFX##_fmadd_ps(xv, vb, c1);                                \
+            xv = PFX##_set1_ps(x2[c]);                                                                       \
+            a2 = PFX##_fmadd_ps(xv, va, a2), c2 = PFX##_fmadd_ps(xv, vb, c2);                                \
+            xv = PFX##_set1_ps(x3[c]);                                                                       \
+            a3 = PFX##_fmadd_ps(xv, va, a3), c3 = PFX##_fmadd_ps(xv, vb, c3);                                \
+            xv = PFX##_set1_ps(x4[c]);                                                                       \
+            a4 = PFX##_fmadd_ps(xv, va, a4), c4 = PFX##_fmadd_ps(xv, vb, c4);                                \
+            xv = PFX##_set1_ps(x5[c]);                                                                       \
+            a5 = PFX##_fmadd_ps(xv, va, a5), c5 = PFX##_fmadd_ps(xv, vb, c5);                                \
+        }                                                                                                    \
+        float out[6][W] __attribute__((aligned(64)));                                                        \
+        PFX##_store_ps(out[0], a0), PFX##_store_ps(out[0] + (W) / 2, c0);                                    \
+        PFX##_store_ps(out[1], a1), PFX##_store_ps(out[1] + (W) / 2, c1);                                    \
+        PFX##_store_ps(out[2], a2), PFX##_store_ps(out[2] + (W) / 2, c2);                                    \
+        PFX##_store_ps(out[3], a3), PFX##_store_ps(out[3] + (W) / 2, c3);                                    \
+        PFX##_store_ps(out[4], a4), PFX##_store_ps(out[4] + (W) / 2, c4);                                    \
+        PFX##_store_ps(out[5], a5), PFX##_store_ps(out[5] + (W) / 2, c5);                                    \
+        for (int64_t i = 0; i < tb; i++) memcpy(j->y + (b0 + i) * j->n + r, out[i], (size_t)rows * sizeof(float)); \
     }
-    float out[6][16] __attribute__((aligned(32)));
-    _mm256_store_ps(out[0], a0), _mm256_store_ps(out[0] + 8, b0v);
-    _mm256_store_ps(out[1], a1), _mm256_store_ps(out[1] + 8, b1);
-    _mm256_store_ps(out[2], a2), _mm256_store_ps(out[2] + 8, b2);
-    _mm256_store_ps(out[3], a3), _mm256_store_ps(out[3] + 8, b3);
-    _mm256_store_ps(out[4], a4), _mm256_store_ps(out[4] + 8, b4);
-    _mm256_store_ps(out[5], a5), _mm256_store_ps(out[5] + 8, b5);
-    for (int64_t i = 0; i < tb; i++) memcpy(j->y + (b0 + i) * j->n + r, out[i], (size_t)rows * sizeof(float));
-}
+DEF_INT8_TILE(int8_tile6, "avx2,fma,popcnt", __m256, _mm256, 16)
+DEF_INT8_TILE(int8_tile6_512, "avx512f,avx2,fma,popcnt", __m512, _mm512, 32)
 
 /* rows r0 .. r0 + rows - 1 (rows <= width, 16 or 32) rebuilt exactly (code * scale) as wt [K, width] (rows past
  * `rows` zero):
@@ -1067,65 +1079,20 @@ __attribute__((target("avx2,fma,popcnt"))) static void int8_rebuild_transposed_a
         }
 }
 
-__attribute__((target("avx2,fma,popcnt"))) static void int8_avx2(const job_t *j, int64_t r0, int64_t r1, float *w) {
+/* AVX2 or (wide) AVX-512: the batch-1 form per row up to SDK_I8_GEMV_MAX_B, else rebuild + tiles of 16 (32) rows */
+__attribute__((target("avx2,fma,popcnt"))) static void int8_x86(const job_t *j, int64_t r0, int64_t r1, float *w,
+                                                                int wide) {
     if (j->b <= SDK_I8_GEMV_MAX_B) { /* a group's codes stay in L1 across the batch rows */
         for (int64_t r = r0; r < r1; r += 4)
             for (int64_t bb = 0; bb < j->b; bb++) int8_gemv4(j, r, bb);
         return;
     }
-    for (int64_t r = r0; r < r1; r += 16) {
-        const int64_t rows = r + 16 <= r1 ? 16 : r1 - r;
-        int8_rebuild_transposed_avx2(j, r, rows, w, 16);
-        for (int64_t b0 = 0; b0 < j->b; b0 += 6) int8_tile6(j, w, r, rows, b0, w + SDK_I8_UNIT * j->k);
-    }
-}
-
-/* batch >= 2, AVX-512: as int8_tile6 with 32 weight rows (wt [K, 32], 2 zmm a k) */
-__attribute__((target("avx512f,avx2,fma,popcnt"))) static void int8_tile6_512(const job_t *j, const float *wt,
-                                                                              int64_t r, int64_t rows, int64_t b0,
-                                                                              const float *zeros) {
-    const int64_t k = j->k, tb = j->b - b0 < 6 ? j->b - b0 : 6;
-    const float *x0 = j->x + b0 * k;
-    const float *x1 = tb > 1 ? x0 + k : zeros, *x2 = tb > 2 ? x0 + 2 * k : zeros, *x3 = tb > 3 ? x0 + 3 * k : zeros;
-    const float *x4 = tb > 4 ? x0 + 4 * k : zeros, *x5 = tb > 5 ? x0 + 5 * k : zeros;
-    __m512 a0 = _mm512_setzero_ps(), b0v = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0, a4 = a0, b4 = a0,
-           a5 = a0, b5 = a0;
-    for (int64_t c = 0; c < k; c++) {
-        const __m512 va = _mm512_load_ps(wt + c * 32), vb = _mm512_load_ps(wt + c * 32 + 16);
-        __m512 xv = _mm512_set1_ps(x0[c]);
-        a0 = _mm512_fmadd_ps(xv, va, a0), b0v = _mm512_fmadd_ps(xv, vb, b0v);
-        xv = _mm512_set1_ps(x1[c]);
-        a1 = _mm512_fmadd_ps(xv, va, a1), b1 = _mm512_fmadd_ps(xv, vb, b1);
-        xv = _mm512_set1_ps(x2[c]);
-        a2 = _mm512_fmadd_ps(xv, va, a2), b2 = _mm512_fmadd_ps(xv, vb, b2);
-        xv = _mm512_set1_ps(x3[c]);
-        a3 = _mm512_fmadd_ps(xv, va, a3), b3 = _mm512_fmadd_ps(xv, vb, b3);
-        xv = _mm512_set1_ps(x4[c]);
-        a4 = _mm512_fmadd_ps(xv, va, a4), b4 = _mm512_fmadd_ps(xv, vb, b4);
-        xv = _mm512_set1_ps(x5[c]);
-        a5 = _mm512_fmadd_ps(xv, va, a5), b5 = _mm512_fmadd_ps(xv, vb, b5);
-    }
-    float out[6][32] __attribute__((aligned(64)));
-    _mm512_store_ps(out[0], a0), _mm512_store_ps(out[0] + 16, b0v);
-    _mm512_store_ps(out[1], a1), _mm512_store_ps(out[1] + 16, b1);
-    _mm512_store_ps(out[2], a2), _mm512_store_ps(out[2] + 16, b2);
-    _mm512_store_ps(out[3], a3), _mm512_store_ps(out[3] + 16, b3);
-    _mm512_store_ps(out[4], a4), _mm512_store_ps(out[4] + 16, b4);
-    _mm512_store_ps(out[5], a5), _mm512_store_ps(out[5] + 16, b5);
-    for (int64_t i = 0; i < tb; i++) memcpy(j->y + (b0 + i) * j->n + r, out[i], (size_t)rows * sizeof(float));
-}
-
-__attribute__((target("avx512f,avx2,fma,popcnt"))) static void int8_avx512(const job_t *j, int64_t r0, int64_t r1,
-                                                                           float *w) {
-    if (j->b <= SDK_I8_GEMV_MAX_B) { /* a group's codes stay in L1 across the batch rows */
-        for (int64_t r = r0; r < r1; r += 4)
-            for (int64_t bb = 0; bb < j->b; bb++) int8_gemv4(j, r, bb);
-        return;
-    }
-    for (int64_t r = r0; r < r1; r += 32) {
-        const int64_t rows = r + 32 <= r1 ? 32 : r1 - r;
-        int8_rebuild_transposed_avx2(j, r, rows, w, 32);
-        for (int64_t b0 = 0; b0 < j->b; b0 += 6) int8_tile6_512(j, w, r, rows, b0, w + SDK_I8_UNIT * j->k);
+    const int width = wide ? 32 : 16;
+    for (int64_t r = r0; r < r1; r += width) {
+        const int64_t rows = r + width <= r1 ? width : r1 - r;
+        int8_rebuild_transposed_avx2(j, r, rows, w, width);
+        for (int64_t b0 = 0; b0 < j->b; b0 += 6)
+            (wide ? int8_tile6_512 : int8_tile6)(j, w, r, rows, b0, w + SDK_I8_UNIT * j->k);
     }
 }
 #endif
@@ -1144,8 +1111,7 @@ static void int8_part(const job_t *j, int64_t u0, int64_t u1) {
     }
     memset(tl_w8 + SDK_I8_UNIT * j->k, 0, (size_t)j->k * sizeof(float));
 #if SDK_X86
-    if (j->isa == ISA_AVX512) { int8_avx512(j, r0, r1, tl_w8); return; }
-    if (j->isa == ISA_AVX2) { int8_avx2(j, r0, r1, tl_w8); return; }
+    if (j->isa == ISA_AVX512 || j->isa == ISA_AVX2) { int8_x86(j, r0, r1, tl_w8, j->isa == ISA_AVX512); return; }
 #endif
     int8_portable(j, r0, r1, tl_w8);
 }
