@@ -153,6 +153,14 @@ def _check_threads(threads: int | None) -> int:
     return int(threads)
 
 
+def _check_x(caller: str, weight: str, x2: np.ndarray, n: int, k: int) -> None:
+    """x of a bound matmul: C-contiguous float32 [B, K] (ValueError naming the weight's shape otherwise)."""
+    if x2.dtype != np.float32 or x2.ndim != 2 or x2.shape[1] != k or not x2.flags.c_contiguous:
+        raise ValueError(
+            f"{caller}: x must be C-contiguous float32 [B, {k}] (K of the {weight} {n}x{k}), got {x2.dtype} {x2.shape}"
+        )
+
+
 class BoundMatmul:
     """``matmul`` for one packed weight with the weight, thread and ISA checks done once.
 
@@ -172,11 +180,7 @@ class BoundMatmul:
         self._ptrs = (p.mask.ctypes.data, p.values.ctypes.data, p.block_ptr.ctypes.data)
 
     def __call__(self, x2: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        if x2.dtype != np.float32 or x2.ndim != 2 or x2.shape[1] != self.k or not x2.flags.c_contiguous:
-            raise ValueError(
-                f"matmul: x must be C-contiguous float32 [B, {self.k}] "
-                f"(K of the packed weight {self.n}x{self.k}), got {x2.dtype} {x2.shape}"
-            )
+        _check_x("matmul", "packed weight", x2, self.n, self.k)
         b = x2.shape[0]
         if out is None:
             out = np.empty((b, self.n), dtype=np.float32)
@@ -220,11 +224,7 @@ class BoundInt8Matmul:
         self._ptrs = (p.q.ctypes.data, p.scales.ctypes.data)
 
     def __call__(self, x2: np.ndarray) -> np.ndarray:
-        if x2.dtype != np.float32 or x2.ndim != 2 or x2.shape[1] != self.k or not x2.flags.c_contiguous:
-            raise ValueError(
-                f"int8 matmul: x must be C-contiguous float32 [B, {self.k}] (K of the weight {self.n}x{self.k}), "
-                f"got {x2.dtype} {x2.shape}"
-            )
+        _check_x("int8 matmul", "weight", x2, self.n, self.k)
         out = np.empty((x2.shape[0], self.n), dtype=np.float32)
         if x2.shape[0]:
             q, scales = self._ptrs

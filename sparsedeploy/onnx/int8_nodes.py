@@ -123,9 +123,10 @@ def pack_scaled_int8(model) -> dict:
         packed.append(name)
         packed_bytes += weight.nbytes
         dense_bytes += weight.dense_nbytes
-        arrays = [f"{name}.int8.{key}" for key in weight.to_arrays()]
+        arrays = []
         for key, array in weight.to_arrays().items():
-            graph.initializer.append(numpy_helper.from_array(array, f"{name}.int8.{key}"))
+            arrays.append(f"{name}.int8.{key}")
+            graph.initializer.append(numpy_helper.from_array(array, arrays[-1]))
 
         for node in gathers:
             replace[node.name] = _node(node, GATHER_OP, node.input[1], arrays, name)

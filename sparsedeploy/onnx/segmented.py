@@ -1,7 +1,7 @@
 """Running a sparse-cpu graph: ONNX Runtime runs every standard operator, sparsedeploy's kernels run each
 SparseLinear node (and each Int8Linear / Int8Gather node: onnx/int8_nodes.py) between them.
 
-The graph is cut at its SparseLinear nodes into segments of standard nodes; each segment becomes its own ONNX
+The graph is cut at those nodes into segments of standard nodes; each segment becomes its own ONNX
 Runtime session (built on first use, typed from the values it is fed), except the residual add + RMSNorm and
 SiLU * up segments, which run as one native call each once their first run agrees with that session
 (onnx/fused_segment.py). A run walks the steps in order, passing NumPy arrays from one to the next, so the
@@ -48,7 +48,7 @@ class _Segment:
 
 
 @dataclass
-class _Linear:
+class _KernelStep:
     """A node run by sparsedeploy's code: SparseLinear, Int8Linear (x [..., K] -> [..., N]) or Int8Gather."""
 
     input: str
@@ -114,14 +114,14 @@ class SegmentedSession:
             if is_sparse_linear(node):
                 sl = linears[node.name]
                 bound = native.BoundMatmul(sl.weight, self.threads)
-                raw.append(_Linear(sl.input, sl.output, node.op_type, _matmul_step(bound)))
+                raw.append(_KernelStep(sl.input, sl.output, node.op_type, _matmul_step(bound)))
             elif is_int8_node(node):
                 i8 = int8[node.name]
                 if i8.op_type == INT8_GATHER:
-                    raw.append(_Linear(i8.input, i8.output, i8.op_type, i8.weight.rows))
+                    raw.append(_KernelStep(i8.input, i8.output, i8.op_type, i8.weight.rows))
                 else:
                     bound = native.BoundInt8Matmul(i8.weight, self.threads)
-                    raw.append(_Linear(i8.input, i8.output, i8.op_type, _matmul_step(bound)))
+                    raw.append(_KernelStep(i8.input, i8.output, i8.op_type, _matmul_step(bound)))
             elif raw and isinstance(raw[-1], list):
                 raw[-1].append(node)
             else:
@@ -130,11 +130,11 @@ class SegmentedSession:
         later = {o.name for o in graph.output}
         for step in reversed(raw):
             needed_after.append(set(later))
-            later |= {step.input} if isinstance(step, _Linear) else {i for n in step for i in n.input if i}
+            later |= {step.input} if isinstance(step, _KernelStep) else {i for n in step for i in n.input if i}
         needed_after.reverse()
         self.steps: list = []
         for step, after in zip(raw, needed_after):
-            if isinstance(step, _Linear):
+            if isinstance(step, _KernelStep):
                 self.steps.append(step)
                 continue
             produced = {o for n in step for o in n.output if o}
@@ -149,7 +149,7 @@ class SegmentedSession:
             )
         last_use: dict[str, int] = {}
         for index, step in enumerate(self.steps):
-            for value in [step.input] if isinstance(step, _Linear) else step.inputs:
+            for value in [step.input] if isinstance(step, _KernelStep) else step.inputs:
                 last_use[value] = index
         keep = {o.name for o in graph.output}
         self._drop = [[] for _ in self.steps]  # values no later step reads: freed as soon as they are used
@@ -167,12 +167,12 @@ class SegmentedSession:
     @property
     def linear_count(self) -> int:
         """SparseLinear nodes (the packed sparse linears)."""
-        return sum(isinstance(s, _Linear) and s.op_type == OP_TYPE for s in self.steps)
+        return sum(isinstance(s, _KernelStep) and s.op_type == OP_TYPE for s in self.steps)
 
     @property
     def int8_node_count(self) -> int:
         """Int8Gather / Int8Linear nodes (dense weights stored as scaled-int8)."""
-        return sum(isinstance(s, _Linear) and s.op_type != OP_TYPE for s in self.steps)
+        return sum(isinstance(s, _KernelStep) and s.op_type != OP_TYPE for s in self.steps)
 
     @property
     def segment_count(self) -> int:
@@ -250,7 +250,7 @@ class SegmentedSession:
             raise ValueError(f"{self.name}: missing inputs {missing}")
         env = dict(feeds)
         for index, step in enumerate(self.steps):
-            if isinstance(step, _Linear):
+            if isinstance(step, _KernelStep):
                 env[step.output] = step.run(env[step.input])
             else:
                 inputs = {i: env[i] for i in step.inputs}
