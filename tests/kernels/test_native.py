@@ -87,7 +87,7 @@ def test_cpu_profile_follows_the_vendor_and_can_be_forced():
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("batch", [1, 3, 8, 130])
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 6, 7, 8, 130])  # each batch 2-8 is its own compiled form
 @pytest.mark.parametrize("name", list(WEIGHTS))
 def test_matches_dense_reference(name, batch, threads, isa, profile):
     w = WEIGHTS[name]
