@@ -288,16 +288,12 @@ __attribute__((target("avx2,fma,popcnt"))) static inline __m256 expand8(const fl
                         VEC acc[R][BB];                                                                      \
                         for (int r = 0; r < R; r++)                                                          \
                             for (int b = 0; b < BB; b++) acc[r][b] = PFX##_setzero_ps();                     \
-                        const int sh = 16 * i;                                                               \
-                        const uint64_t before = (1ull << sh) - 1; /* the masks of the rows before row i */    \
-                        const uint16_t *mp = j->mask + (blk * G + g0) * SDK_ROWS;                            \
                         v = vb;                                                                              \
-                        for (int64_t g = g0; g < g1; g++, mp += SDK_ROWS) {                                  \
-                            uint64_t mm;                                                                     \
-                            memcpy(&mm, mp, sizeof mm);                                                      \
-                            if (i == 0) prefetch_ahead(v, mp);                                               \
-                            const float *p = v + __builtin_popcountll(mm & before);                          \
-                            STEP(acc, R, BB, p, mm >> sh, j->x + g * 16 * BB);                               \
+                        for (int64_t g = g0; g < g1; g++) {                                                  \
+                            const uint64_t mm = group_masks(j, blk, g);                                      \
+                            if (i == 0) prefetch_ahead(v, j->mask + (blk * G + g) * SDK_ROWS);               \
+                            const float *p = v + before_row(mm, i);                                          \
+                            STEP(acc, R, BB, p, mm >> (16 * i), j->x + g * 16 * BB);                         \
                             v += __builtin_popcountll(mm);                                                   \
                         }                                                                                    \
                         for (int r = 0; r < R && i + r < rows; r++) {                                        \
@@ -328,7 +324,7 @@ __attribute__((target("avx2,fma,popcnt"))) static inline __m256 expand8(const fl
     do {                                                                                                     \
         __m256 wl[R], wh[R];                                                                                 \
         for (int r = 0; r < R; r++) {                                                                        \
-            const unsigned m = (unsigned)((ms) >> (16 * r)) & 0xffffu;                                       \
+            const unsigned m = row_mask(ms, r);                                                              \
             wl[r] = expand8(&p, m & 0xff);                                                                   \
             wh[r] = expand8(&p, m >> 8);                                                                     \
         }                                                                                                    \
@@ -448,7 +444,7 @@ __attribute__((target("avx512f,avx2,popcnt"))) static inline __m512 expand16(con
 #define STEP_AVX512(acc, R, BB, p, ms, xg)                                                                   \
     do {                                                                                                     \
         __m512 w[R];                                                                                         \
-        for (int r = 0; r < R; r++) w[r] = expand16(&p, (unsigned)((ms) >> (16 * r)) & 0xffffu);             \
+        for (int r = 0; r < R; r++) w[r] = expand16(&p, row_mask(ms, r));                                    \
         for (int b = 0; b < BB; b++) {                                                                       \
             __m512 xv = _mm512_load_ps((xg) + 16 * b);                                                       \
             IN_REGISTER(xv);                                                                                 \
@@ -860,7 +856,10 @@ SDK_EXPORT int sdk_matmul(const float *x, int64_t b, int64_t k, const uint16_t *
         scratch_cap = scratch ? need : 0;
         if (!scratch) { pthread_mutex_unlock(&pool.call_lock); return ERR_NOMEM; }
     }
-    if (b == 1 || j.expand_batch) { /* [G, b, 16]: a group's 16 columns of every batch row together, zero-padded */
+    if (b == 1) { /* [G, 1, 16] is x itself, zero-padded: one copy (every token of a decode comes here) */
+        memcpy(scratch, x, (size_t)k * sizeof(float));
+        memset(scratch + k, 0, (size_t)(j.g * 16 - k) * sizeof(float));
+    } else if (j.expand_batch) { /* [G, b, 16]: a group's 16 columns of every batch row together, zero-padded */
         for (int64_t g = 0; g < j.g; g++)
             for (int64_t bb = 0; bb < b; bb++) {
                 float *dst = scratch + (g * b + bb) * 16;
