@@ -54,6 +54,7 @@ def weights():
         "K=1": pruned(9, 1, 0.3),
         "K=16 exact group": pruned(12, 16, 0.5),
         "dense 0%": pruned(33, 100, 0.0),
+        "90% (AVX-512 expand, AVX2 broadcast at batch 5-8)": pruned(70, 200, 0.9),
         "99%": pruned(64, 300, 0.99),
         "all zero": np.zeros((6, 20), np.float32),
         "zero rows and cols": zero_rows_cols,

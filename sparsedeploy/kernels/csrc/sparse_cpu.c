@@ -59,10 +59,12 @@ static inline int64_t expand_block_groups(int64_t b) {
     const int64_t kb = SDK_EXPAND_XBLOCK_BYTES / (b * 16 * (int64_t)sizeof(float));
     return kb < 1 ? 1 : kb;
 }
-/* Batches 2-8 use the expand form up to this sparsity, batches 2-4 at any sparsity (the broadcast form's 8 lanes
- * would be half padding). Emerald Rapids, cold 1B-like shapes, one thread, expand against broadcast: batch 8 1.18x at
- * 80 %, 0.97x at 90 %; batch 4 2.57x at 80 %, 1.58x at 90 %. */
-static double expand_max_sparsity = 0.85;
+/* Batches 5-8 use the expand form up to this sparsity, batches 2-4 at any sparsity (the broadcast form's 8 lanes
+ * would be half padding). Emerald Rapids, cold 5632 x 2048, one thread, expand against broadcast, batch 8:
+ *   AVX-512 (expand16: one two-source permute a group): 1.35x at 90 %, 1.20x at 95 %, 0.77x at 98 %;
+ *   AVX2 (expand8, forced): 0.87x at 90 %; with the older 512-bit expand 0.97x at 90 %, batch 4 1.58x at 90 %. */
+static double expand_max_sparsity_avx512 = 0.96, expand_max_sparsity_other = 0.85;
+static double expand_max_sparsity_override = -1.0; /* >= 0: sdk_set_expand_max_sparsity's value, for every ISA */
 
 typedef struct {
     const float *x;           /* batch 1 and the expand form: x as [G, B, 16], zero-padded (a group's 16 columns of
@@ -207,6 +209,10 @@ static void gemm_row_portable(const job_t *j, const float *v, const int32_t *off
  * comp[m][i]: the position of the i-th set bit of m (for decoding columns). */
 static int32_t perm_table[256][8] __attribute__((aligned(32)));
 static int32_t comp_table[256][8] __attribute__((aligned(32)));
+/* expand_table[m]: lanes 0-7, for a 16-weight group whose low mask byte is m, the two-source permute index of each
+ * lane (16 + its element's place in the packed values when stored, 0 (a zero register's lane) when not); lanes
+ * 8-15 popcount(m), the offset of the high byte's elements. Lanes 0-7 of the high byte's row serve as its indices. */
+static int32_t expand_table[256][16] __attribute__((aligned(64)));
 static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
 
 static void init_tables(void) {
@@ -222,6 +228,9 @@ static void init_tables(void) {
             }
         }
         for (; c < 8; c++) comp_table[m][c] = 0;
+        c = 0;
+        for (int i = 0; i < 8; i++) expand_table[m][i] = m >> i & 1 ? 16 + c++ : 0;
+        for (int i = 8; i < 16; i++) expand_table[m][i] = c;
     }
 }
 
@@ -266,6 +275,26 @@ __attribute__((target("avx2,fma,popcnt"))) static inline __m256 expand8(const fl
         }                                                                                                    \
     }
 
+/* The expand form walks the K blocks of a tile's blocks in turn, so the data it reads next is not next in memory:
+ * where the step after block blk's K block [g0, g1) starts (the tile's next block, its first block at the next K
+ * block, or the next tile), for the walk of blk to prefetch at the same offsets (*nv stays NULL where the next step
+ * is this same block, a one-block tile: that continues in its own stream). Emerald Rapids, cold 5632 x 2048, one
+ * thread, against prefetching the block's own stream ahead: batch 8 1.19-1.23x at 70 %, 1.10-1.17x at 50 %,
+ * batch 4 1.14-1.17x (AVX-512; not measured on AMD). */
+static inline void next_step(const job_t *j, const int64_t *cur, int64_t t0, int64_t t1, int64_t b1, int64_t blk,
+                             int64_t g0, int64_t g1, const float **nv, const uint16_t **nm) {
+    if (blk + 1 < t1) {
+        *nv = j->values + cur[blk + 1 - t0];
+        *nm = j->mask + ((blk + 1) * j->g + g0) * SDK_ROWS;
+    } else if (g1 < j->g && t1 - t0 > 1) {
+        *nv = j->values + cur[0];
+        *nm = j->mask + (t0 * j->g + g1) * SDK_ROWS;
+    } else if (g1 >= j->g && t1 < b1) {
+        *nv = j->values + j->block_ptr[t1];
+        *nm = j->mask + t1 * j->g * SDK_ROWS;
+    }
+}
+
 /* Small batch, expand form, K-blocked so the block of x stays in L1: per tile of blocks, per K block, R rows of a
  * block at a time walk the K block's groups; each row's 16-weight group is expanded once and FMA'd into all BB batch
  * rows, and each x vector is loaded once for the R rows (x is [G, BB, 16]: one pointer, constant offsets); partial
@@ -284,6 +313,9 @@ __attribute__((target("avx2,fma,popcnt"))) static inline __m256 expand8(const fl
                 for (int64_t blk = t0; blk < t1; blk++) {                                                    \
                     const float *vb = j->values + cur[blk - t0], *v = vb;                                    \
                     const int rows = rows_in_block(j, blk);                                                  \
+                    const float *nv = NULL;                                                                  \
+                    const uint16_t *nm = NULL;                                                               \
+                    next_step(j, cur, t0, t1, b1, blk, g0, g1, &nv, &nm);                                    \
                     for (int i = 0; i < rows; i += R) {                                                      \
                         VEC acc[R][BB];                                                                      \
                         for (int r = 0; r < R; r++)                                                          \
@@ -291,7 +323,11 @@ __attribute__((target("avx2,fma,popcnt"))) static inline __m256 expand8(const fl
                         v = vb;                                                                              \
                         for (int64_t g = g0; g < g1; g++) {                                                  \
                             const uint64_t mm = group_masks(j, blk, g);                                      \
-                            if (i == 0) prefetch_ahead(v, j->mask + (blk * G + g) * SDK_ROWS);               \
+                            if (i == 0 && nv) {                                                              \
+                                __builtin_prefetch(nv + (v - vb) + 64, 0, 3);                                \
+                                __builtin_prefetch(nm + (g - g0) * SDK_ROWS, 0, 3);                          \
+                            } else if (i == 0)                                                               \
+                                prefetch_ahead(v, j->mask + (blk * G + g) * SDK_ROWS);                       \
                             const float *p = v + before_row(mm, i);                                          \
                             STEP(acc, R, BB, p, mm >> (16 * i), j->x + g * 16 * BB);                         \
                             v += __builtin_popcountll(mm);                                                   \
@@ -422,20 +458,20 @@ __attribute__((target("avx2,fma,popcnt"))) static void gemm_row_avx2(const job_t
 
 /* ------------------------------------------------------------------------------------------------ AVX-512 */
 
-/* Expand 16 packed values by the 16-bit mask k with one vpermps: the index vector is built from the two
- * mask bytes' permute-table rows (the high byte's indices shifted by popcount(low byte)); masked lanes are
- * zeroed by the permute's own write-mask. (vexpandps would do this in one instruction but runs ~5 cycles per
- * vector on AMD Zen 4; this form is faster there. On Emerald Rapids a masked expand-load instead measured
- * 0.96-1.04x of this form at batch 8, 50-70 %, cold 1B-like shapes, so the batch 2-8 form keeps it on Intel too,
- * unlike batch 1.) */
+/* Expand 16 packed values by the 16-bit mask k with one two-source permute (vpermi2ps) between a zero register and
+ * the 16 values from *v: its index is the low byte's expand_table row plus, in lanes 8-15, the high byte's row (one
+ * masked add; both rows are plain loads). Two vector ALU operations a group besides the FMAs, which share ports 0
+ * and 5 with them; the previous form (a vpermps whose index was built with a broadcast and an insert, and a mask
+ * register move) took six. Emerald Rapids, same process, cold 5632 x 2048, one thread: batch 8 at 70 % 1.06-1.15x,
+ * batch 4 1.20x, batch 2 at 90 % 1.5x faster than that form (not measured on Zen 4). (vexpandps would do it in one
+ * instruction but runs ~5 cycles a vector on AMD Zen 4; a masked expand-load measured no faster than the old form
+ * here.) */
 __attribute__((target("avx512f,avx2,popcnt"))) static inline __m512 expand16(const float **v, unsigned k) {
-    const unsigned lo = k & 0xff, hi = k >> 8;
-    const int plo = __builtin_popcount(lo);
-    const __m256i ilo = _mm256_load_si256((const __m256i *)perm_table[lo]);
-    const __m256i ihi = _mm256_add_epi32(_mm256_load_si256((const __m256i *)perm_table[hi]), _mm256_set1_epi32(plo));
-    const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(ilo), ihi, 1);
-    const __m512 w = _mm512_maskz_permutexvar_ps((__mmask16)k, idx, _mm512_loadu_ps(*v));
-    *v += plo + __builtin_popcount(hi);
+    const __m512i lo = _mm512_load_si512((const void *)expand_table[k & 0xff]);
+    const __m512i hi = _mm512_broadcast_i64x4(_mm256_load_si256((const __m256i *)expand_table[k >> 8]));
+    const __m512i idx = _mm512_mask_add_epi32(lo, (__mmask16)0xff00, lo, hi);
+    const __m512 w = _mm512_permutex2var_ps(_mm512_setzero_ps(), idx, _mm512_loadu_ps(*v));
+    *v += __builtin_popcount(k);
     return w;
 }
 
@@ -578,8 +614,13 @@ SDK_EXPORT int sdk_set_cpu_profile(int profile) {
     return 0;
 }
 
-/* Tuning hook (benchmarks): batches 5-8 use the expand form when sparsity <= s. */
-SDK_EXPORT void sdk_set_expand_max_sparsity(double s) { expand_max_sparsity = s; }
+/* Tuning hook (benchmarks): batches 5-8 use the expand form when sparsity <= s, on every ISA; s < 0 restores the
+ * per-ISA defaults. */
+SDK_EXPORT void sdk_set_expand_max_sparsity(double s) { expand_max_sparsity_override = s; }
+static inline double expand_max_sparsity(int isa) {
+    if (expand_max_sparsity_override >= 0.0) return expand_max_sparsity_override;
+    return isa == ISA_AVX512 ? expand_max_sparsity_avx512 : expand_max_sparsity_other;
+}
 
 /* Bit i set <=> ISA i (ISA_PORTABLE, ISA_AVX2, ISA_AVX512) runs on this CPU. */
 SDK_EXPORT int sdk_supported_isas(void) {
@@ -842,7 +883,7 @@ SDK_EXPORT int sdk_matmul(const float *x, int64_t b, int64_t k, const uint16_t *
     j.g = (k + 15) / 16;
     j.nb = (n + SDK_ROWS - 1) / SDK_ROWS;
     j.expand_batch = b >= 2 && b <= SDK_EXPAND_MAX_B &&
-                     (b <= 4 || 1.0 - (double)block_ptr[j.nb] / ((double)n * (double)k) <= expand_max_sparsity);
+                     (b <= 4 || 1.0 - (double)block_ptr[j.nb] / ((double)n * (double)k) <= expand_max_sparsity(isa));
     j.bp = b == 1 || j.expand_batch ? 1 : (b + 15) / 16 * 16;
     if ((double)j.g * 16 * (double)j.bp >= 2147483647.0) return ERR_ARGS; /* int32 offsets: callers chunk the batch */
     if (threads > j.nb) threads = (int)j.nb;
