@@ -63,7 +63,7 @@ static inline int64_t expand_block_groups(int64_t b) {
  * would be half padding). Emerald Rapids, cold 5632 x 2048, one thread, expand against broadcast, batch 8:
  *   AVX-512 (expand16: one two-source permute a group): 1.35x at 90 %, 1.20x at 95 %, 0.77x at 98 %;
  *   AVX2 (expand8, forced): 0.87x at 90 %; with the older 512-bit expand 0.97x at 90 %, batch 4 1.58x at 90 %. */
-static double expand_max_sparsity_avx512 = 0.96, expand_max_sparsity_other = 0.85;
+static const double expand_max_sparsity_avx512 = 0.96, expand_max_sparsity_other = 0.85;
 static double expand_max_sparsity_override = -1.0; /* >= 0: sdk_set_expand_max_sparsity's value, for every ISA */
 
 typedef struct {
@@ -294,6 +294,11 @@ static inline void next_step(const job_t *j, const int64_t *cur, int64_t t0, int
         *nm = j->mask + t1 * j->g * SDK_ROWS;
     }
 }
+/* Step dg of a walk, dv values into its K block: the next step's values (64 floats on) and masks at the same place. */
+static inline void prefetch_next(const float *nv, const uint16_t *nm, int64_t dv, int64_t dg) {
+    __builtin_prefetch(nv + dv + 64, 0, 3);
+    __builtin_prefetch(nm + dg * SDK_ROWS, 0, 3);
+}
 
 /* Small batch, expand form, K-blocked so the block of x stays in L1: per tile of blocks, per K block, R rows of a
  * block at a time walk the K block's groups; each row's 16-weight group is expanded once and FMA'd into all BB batch
@@ -323,10 +328,9 @@ static inline void next_step(const job_t *j, const int64_t *cur, int64_t t0, int
                         v = vb;                                                                              \
                         for (int64_t g = g0; g < g1; g++) {                                                  \
                             const uint64_t mm = group_masks(j, blk, g);                                      \
-                            if (i == 0 && nv) {                                                              \
-                                __builtin_prefetch(nv + (v - vb) + 64, 0, 3);                                \
-                                __builtin_prefetch(nm + (g - g0) * SDK_ROWS, 0, 3);                          \
-                            } else if (i == 0)                                                               \
+                            if (i == 0 && nv)                                                                \
+                                prefetch_next(nv, nm, v - vb, g - g0);                                       \
+                            else if (i == 0)                                                                 \
                                 prefetch_ahead(v, j->mask + (blk * G + g) * SDK_ROWS);                       \
                             const float *p = v + before_row(mm, i);                                          \
                             STEP(acc, R, BB, p, mm >> (16 * i), j->x + g * 16 * BB);                         \
