@@ -218,9 +218,10 @@ def test_missing_library_names_the_fix(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("batch,k", [(130, 1000), (8, 4000)])
+@pytest.mark.parametrize("batch,k", [(130, 1000), (2, 4000), (3, 4000), (4, 4000), (5, 4000), (8, 4000)])
 def test_k_blocked_batches(isa, batch, k):
-    """Batches walk x in K blocks (~192 KB of transposed x): several blocks, a partial last one, value cursors."""
+    """Batches walk x in K blocks (48-192 KB of transposed x; 16 KB of x in the batch 2-8 expand form, whose partial
+    sums wait between K blocks): several blocks, a partial last one, value cursors, the tiles' last rows."""
     w = pruned(45, k, 0.6)
     w[3] = 0.0
     x = np.random.default_rng(4).standard_normal((batch, k)).astype(np.float32)

@@ -277,8 +277,8 @@ __attribute__((target("avx2,fma,popcnt"))) static inline __m256 expand8(const fl
 
 /* The expand form walks the K blocks of a tile's blocks in turn, so the data it reads next is not next in memory:
  * where the step after block blk's K block [g0, g1) starts (the tile's next block, its first block at the next K
- * block, or the next tile), for the walk of blk to prefetch at the same offsets (*nv stays NULL where the next step
- * is this same block, a one-block tile: that continues in its own stream). Emerald Rapids, cold 5632 x 2048, one
+ * block, or the next tile), for the walk of blk to prefetch at the same offsets (*nv and *nm keep the caller's value
+ * where the next step is this same block, a one-block tile, or there is none). Emerald Rapids, cold 5632 x 2048, one
  * thread, against prefetching the block's own stream ahead: batch 8 1.19-1.23x at 70 %, 1.10-1.17x at 50 %,
  * batch 4 1.14-1.17x (AVX-512; not measured on AMD). */
 static inline void next_step(const job_t *j, const int64_t *cur, int64_t t0, int64_t t1, int64_t b1, int64_t blk,
@@ -302,14 +302,33 @@ static inline void prefetch_next(const float *nv, const uint16_t *nm, int64_t dv
 
 /* Small batch, expand form, K-blocked so the block of x stays in L1: per tile of blocks, per K block, R rows of a
  * block at a time walk the K block's groups; each row's 16-weight group is expanded once and FMA'd into all BB batch
- * rows, and each x vector is loaded once for the R rows (x is [G, BB, 16]: one pointer, constant offsets); partial
- * sums add into y. R * BB accumulators stay in registers. STEP(acc, R, BB, p, ms, xg) does one group: rows 0..R-1 of
- * the pass have masks ms >> 16 r, their values start at p. (Emerald Rapids, batch 8, cold 1B-like shapes, one
- * thread, against one row per pass with x rows 8 KB apart: 1.1-1.4x at 50-70 %, batch 4 1.5x at 70 %.) */
+ * rows, and each x vector is loaded once for the R rows (x is [G, BB, 16]: one pointer, constant offsets). R * BB
+ * accumulators stay in registers. STEP(acc, R, BB, p, ms, xg) does one group: rows 0..R-1 of the pass have masks
+ * ms >> 16 r, their values start at p. (Emerald Rapids, batch 8, cold 1B-like shapes, one thread, against one row
+ * per pass with x rows 8 KB apart: 1.1-1.4x at 50-70 %, batch 4 1.5x at 70 %.)
+ * Between K blocks a pass's accumulators wait in `part` (the tile's rows, one vector per batch row), and only the
+ * last K block reduces them to y: reducing every K block (16 horizontal sums and a y update per pass of 32 groups)
+ * took ~12 % of the batch 8 call (Emerald Rapids, warm 512 x 1024, 50 %). EXPAND_PASS is one pass of rows I..I+R-1
+ * with I a constant (the first row's offset folds away), the next step's prefetch only on the first pass (PF). */
+#define EXPAND_PASS(STEP, R, BB, I, PF)                                                                      \
+    do {                                                                                                     \
+        const uint16_t *mp = j->mask + (blk * G + g0) * SDK_ROWS;                                            \
+        const float *xg = j->x + g0 * 16 * BB;                                                               \
+        v = vb;                                                                                              \
+        for (int64_t g = g0; g < g1; g++, mp += SDK_ROWS, xg += 16 * BB) {                                   \
+            uint64_t mm;                                                                                     \
+            memcpy(&mm, mp, sizeof mm);                                                                      \
+            if (PF) prefetch_next(nv, nm, v - vb, g - g0);                                                   \
+            const float *p = v + before_row(mm, I);                                                          \
+            STEP(acc, R, BB, p, mm >> (16 * (I)), xg);                                                       \
+            v += __builtin_popcountll(mm);                                                                   \
+        }                                                                                                    \
+    } while (0)
 #define DEF_GEMVB(NAME, TARGET, VEC, PFX, HSUM, STEP, BB, R)                                                 \
     __attribute__((target(TARGET))) static void NAME##_##BB(const job_t *j, int64_t b0, int64_t b1) {         \
         const int64_t G = j->g, kb = expand_block_groups(BB);                                                \
         int64_t cur[SDK_BLOCK_TILE];                                                                         \
+        VEC part[SDK_ROW_TILE][BB];                                                                          \
         for (int64_t t0 = b0; t0 < b1; t0 += SDK_BLOCK_TILE) {                                               \
             const int64_t t1 = t0 + SDK_BLOCK_TILE < b1 ? t0 + SDK_BLOCK_TILE : b1;                          \
             for (int64_t blk = t0; blk < t1; blk++) cur[blk - t0] = j->block_ptr[blk];                       \
@@ -318,29 +337,29 @@ static inline void prefetch_next(const float *nv, const uint16_t *nm, int64_t dv
                 for (int64_t blk = t0; blk < t1; blk++) {                                                    \
                     const float *vb = j->values + cur[blk - t0], *v = vb;                                    \
                     const int rows = rows_in_block(j, blk);                                                  \
-                    const float *nv = NULL;                                                                  \
-                    const uint16_t *nm = NULL;                                                               \
+                    /* the next step's data; a one-block tile continues in its own stream, 4 KB ahead */     \
+                    const float *nv = vb + 1024;                                                             \
+                    const uint16_t *nm = j->mask + (blk * G + g0) * SDK_ROWS + SDK_PREFETCH_MASK_BYTES / 2;  \
                     next_step(j, cur, t0, t1, b1, blk, g0, g1, &nv, &nm);                                    \
                     for (int i = 0; i < rows; i += R) {                                                      \
                         VEC acc[R][BB];                                                                      \
+                        VEC *pr = part[(blk - t0) * SDK_ROWS + i];                                           \
                         for (int r = 0; r < R; r++)                                                          \
-                            for (int b = 0; b < BB; b++) acc[r][b] = PFX##_setzero_ps();                     \
-                        v = vb;                                                                              \
-                        for (int64_t g = g0; g < g1; g++) {                                                  \
-                            const uint64_t mm = group_masks(j, blk, g);                                      \
-                            if (i == 0 && nv)                                                                \
-                                prefetch_next(nv, nm, v - vb, g - g0);                                       \
-                            else if (i == 0)                                                                 \
-                                prefetch_ahead(v, j->mask + (blk * G + g) * SDK_ROWS);                       \
-                            const float *p = v + before_row(mm, i);                                          \
-                            STEP(acc, R, BB, p, mm >> (16 * i), j->x + g * 16 * BB);                         \
-                            v += __builtin_popcountll(mm);                                                   \
+                            for (int b = 0; b < BB; b++) acc[r][b] = g0 ? pr[r * BB + b] : PFX##_setzero_ps(); \
+                        switch (i) {                                                                         \
+                        case 0: EXPAND_PASS(STEP, R, BB, 0, 1); break;                                       \
+                        case 1: EXPAND_PASS(STEP, R, BB, 1, 0); break;                                       \
+                        case 2: EXPAND_PASS(STEP, R, BB, 2, 0); break;                                       \
+                        default: EXPAND_PASS(STEP, R, BB, 3, 0); break;                                      \
                         }                                                                                    \
-                        for (int r = 0; r < R && i + r < rows; r++) {                                        \
-                            const int64_t row = blk * SDK_ROWS + i + r;                                      \
+                        if (g1 < G) {                                                                        \
+                            for (int r = 0; r < R; r++)                                                      \
+                                for (int b = 0; b < BB; b++) pr[r * BB + b] = acc[r][b];                     \
+                            continue;                                                                        \
+                        }                                                                                    \
+                        for (int r = 0; r < R && i + r < rows; r++)                                          \
                             for (int b = 0; b < BB; b++)                                                     \
-                                j->y[b * j->n + row] = (g0 ? j->y[b * j->n + row] : 0.0f) + HSUM(acc[r][b]); \
-                        }                                                                                    \
+                                j->y[b * j->n + blk * SDK_ROWS + i + r] = HSUM(acc[r][b]);                   \
                     }                                                                                        \
                     cur[blk - t0] += v - vb;                                                                 \
                 }                                                                                            \
