@@ -312,15 +312,12 @@ static inline void prefetch_next(const float *nv, const uint16_t *nm, int64_t dv
  * with I a constant (the first row's offset folds away), the next step's prefetch only on the first pass (PF). */
 #define EXPAND_PASS(STEP, R, BB, I, PF)                                                                      \
     do {                                                                                                     \
-        const uint16_t *mp = j->mask + (blk * G + g0) * SDK_ROWS;                                            \
-        const float *xg = j->x + g0 * 16 * BB;                                                               \
         v = vb;                                                                                              \
-        for (int64_t g = g0; g < g1; g++, mp += SDK_ROWS, xg += 16 * BB) {                                   \
-            uint64_t mm;                                                                                     \
-            memcpy(&mm, mp, sizeof mm);                                                                      \
+        for (int64_t g = g0; g < g1; g++) {                                                                  \
+            const uint64_t mm = group_masks(j, blk, g);                                                      \
             if (PF) prefetch_next(nv, nm, v - vb, g - g0);                                                   \
             const float *p = v + before_row(mm, I);                                                          \
-            STEP(acc, R, BB, p, mm >> (16 * (I)), xg);                                                       \
+            STEP(acc, R, BB, p, mm >> (16 * (I)), j->x + g * 16 * BB);                                       \
             v += __builtin_popcountll(mm);                                                                   \
         }                                                                                                    \
     } while (0)
@@ -339,7 +336,8 @@ static inline void prefetch_next(const float *nv, const uint16_t *nm, int64_t dv
                     const int rows = rows_in_block(j, blk);                                                  \
                     /* the next step's data; a one-block tile continues in its own stream, 4 KB ahead */     \
                     const float *nv = vb + 1024;                                                             \
-                    const uint16_t *nm = j->mask + (blk * G + g0) * SDK_ROWS + SDK_PREFETCH_MASK_BYTES / 2;  \
+                    const uint16_t *nm =                                                                     \
+                        j->mask + (blk * G + g0) * SDK_ROWS + SDK_PREFETCH_MASK_BYTES / sizeof(uint16_t);    \
                     next_step(j, cur, t0, t1, b1, blk, g0, g1, &nv, &nm);                                    \
                     for (int i = 0; i < rows; i += R) {                                                      \
                         VEC acc[R][BB];                                                                      \
