@@ -101,6 +101,7 @@ static inline int64_t before_row(uint64_t mm, int i) { return __builtin_popcount
 enum { PROFILE_UNSET = -1, PROFILE_AMD = 0, PROFILE_INTEL = 1 };
 static int cpu_profile = PROFILE_UNSET;
 #define SDK_PREFETCH_MASK_BYTES 512
+#define SDK_PREFETCH_VALUE_BYTES 2048 /* the AMD profile's distance for a value stream; Intel's is twice it */
 /* A weight stream read once (values, int8 codes), `ahead` bytes ahead as the AMD profile fetches it: non-temporal
  * there, into all levels and twice as far ahead on Intel. */
 static inline void prefetch_stream(const void *p, int64_t ahead) {
@@ -110,7 +111,7 @@ static inline void prefetch_stream(const void *p, int64_t ahead) {
         __builtin_prefetch((const char *)p + ahead, 0, 0);
 }
 static inline void prefetch_ahead(const float *v, const uint16_t *m) {
-    prefetch_stream(v, 2048);
+    prefetch_stream(v, SDK_PREFETCH_VALUE_BYTES);
     __builtin_prefetch((const char *)m + SDK_PREFETCH_MASK_BYTES, 0, 3);
 }
 /* Batch >= 9 (the GEMM): a block's values and masks are walked K block by K block, 8 blocks taking turns, too
@@ -334,8 +335,8 @@ static inline void prefetch_next(const float *nv, const uint16_t *nm, int64_t dv
                 for (int64_t blk = t0; blk < t1; blk++) {                                                    \
                     const float *vb = j->values + cur[blk - t0], *v = vb;                                    \
                     const int rows = rows_in_block(j, blk);                                                  \
-                    /* the next step's data; a one-block tile continues in its own stream, 4 KB ahead */     \
-                    const float *nv = vb + 1024;                                                             \
+                    /* the next step's data; a one-block tile goes on in its own stream, Intel's distance */ \
+                    const float *nv = vb + 2 * SDK_PREFETCH_VALUE_BYTES / sizeof(float);                     \
                     const uint16_t *nm =                                                                     \
                         j->mask + (blk * G + g0) * SDK_ROWS + SDK_PREFETCH_MASK_BYTES / sizeof(uint16_t);    \
                     next_step(j, cur, t0, t1, b1, blk, g0, g1, &nv, &nm);                                    \
