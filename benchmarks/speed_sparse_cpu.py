@@ -1,4 +1,4 @@
-"""Kernel suite: the sparse-cpu kernels (bitmask16 format) against ONNX Runtime's dense MatMul, cold weights.
+"""Kernel suite: the sparse-cpu kernels (bitmask16 format, its row form) against ONNX Runtime's dense MatMul, cold.
 
 For each shape (smollm2-135m's own linears and 1B-like ones), sparsity pattern, batch and thread count, a
 dense ORT MatMul session and the sparse kernel run alternately in one process (round by round, order
@@ -42,7 +42,7 @@ from sparsedeploy.common.files import write_json_atomic  # noqa: E402
 from sparsedeploy.common.sparsity import parse_sparsity  # noqa: E402
 from sparsedeploy.common.timing import summarize  # noqa: E402
 from sparsedeploy.kernels import available_isas, byte_bound_ceiling, matmul, pack  # noqa: E402
-from sparsedeploy.kernels.native import cpu_profile  # noqa: E402
+from sparsedeploy.kernels.native import BoundMatmul, cpu_profile, row_form  # noqa: E402
 
 log = logging.getLogger("benchmarks.speed_sparse_cpu")
 RESULTS = ROOT / "benchmarks" / "results" / "speed_sparse_cpu"
@@ -237,6 +237,7 @@ def bench_shape(
                             b,
                             threads,
                             name,
+                            BoundMatmul(base, threads, name).form_for(b),
                             base,
                             times["dense"],
                             times[name],
@@ -248,12 +249,13 @@ def bench_shape(
                     )
                     r = rows[-1]
                     log.info(
-                        "%-9s %-4s b=%-3d t=%d %-8s dense %8.3f ms  sparse %8.3f ms  %5.2fx (ceiling %.2fx)",
+                        "%-9s %-4s b=%-3d t=%d %-8s %-7s dense %8.3f ms  sparse %8.3f ms  %5.2fx (ceiling %.2fx)",
                         shape.name,
                         pattern,
                         b,
                         threads,
                         name,
+                        r["form"],
                         r["dense_ms"],
                         r["sparse_ms"],
                         r["speedup"],
@@ -269,6 +271,7 @@ def row(
     batch: int,
     threads: int,
     isa: str,
+    form: str,
     p,
     dense: list[float],
     sparse: list[float],
@@ -283,6 +286,7 @@ def row(
     byte_ceiling = byte_bound_ceiling(p)
     flop_ceiling = 1.0 / density if density > 0 else float("inf")
     ceiling = byte_ceiling if batch == 1 else flop_ceiling
+    read = row_form(p).kernel_nbytes if form == "rows" else p.kernel_nbytes  # bytes of the form the call read
     return {
         "shape": shape.name,
         "k": shape.k,
@@ -293,6 +297,7 @@ def row(
         "batch": batch,
         "threads": threads,
         "isa": isa,
+        "form": form,
         "dense_ms": dense_s * 1e3,
         "sparse_ms": sparse_s * 1e3,
         "speedup": ratio.median,
@@ -304,7 +309,7 @@ def row(
         "flop_ceiling": flop_ceiling,
         "achieved_of_ceiling": ratio.median / ceiling,
         "dense_gbs": 4 * shape.k * shape.n / dense_s / 1e9,
-        "sparse_gbs": p.kernel_nbytes / sparse_s / 1e9,
+        "sparse_gbs": read / sparse_s / 1e9,
         "sparse_gflops": 2 * p.nnz * batch / sparse_s / 1e9,
         "ns_per_nz_per_thread": sparse_s * threads / max(p.nnz * batch, 1) * 1e9,
         "ns_per_16_weights_per_thread": sparse_s * threads / (shape.n * -(-shape.k // 16)) * 1e9,
@@ -358,6 +363,8 @@ def markdown(result: dict) -> str:
         "(the CPU is shared with other jobs: 2-thread figures are from a contended machine).",
         "",
         "Speedup = median over rounds of (dense time / sparse time), both timed alternately in one process. "
+        "Form: what the kernels read, the bitmask16 form or its row form (CSR, uint16 columns; batches 2-32 where "
+        "it pays). "
         "Ceiling: batch 1 the byte-bound ceiling (dense bytes / packed bytes), batch > 1 the FLOP ceiling "
         "(1 / density).",
         "",
@@ -373,15 +380,16 @@ def markdown(result: dict) -> str:
     out += [
         "## All rows",
         "",
-        "| shape | pattern | batch | threads | isa | dense ms | sparse ms | speedup (p10-p90) | ceiling | "
+        "| shape | pattern | batch | threads | isa | form | dense ms | sparse ms | speedup (p10-p90) | ceiling | "
         "achieved/ceiling | sparse GB/s | dense GB/s | ns/nz/thread |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ceiling = r["byte_ceiling"] if r["batch"] == 1 else r["flop_ceiling"]
         out.append(
             f"| {r['shape']} | {r['pattern']} | {r['batch']} | {r['threads']} | {r['isa']} | "
-            f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f} ({r['speedup_p10']:.2f}-"
+            f"{r.get('form', 'bitmask')} | {r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | "
+            f"{r['speedup']:.2f} ({r['speedup_p10']:.2f}-"
             f"{r['speedup_p90']:.2f}){' noisy' if r['noisy'] else ''} | {ceiling:.2f} | "
             f"{r['achieved_of_ceiling']:.2f} | {r['sparse_gbs']:.1f} | {r['dense_gbs']:.1f} | "
             f"{r['ns_per_nz_per_thread']:.3f} |"

@@ -13,6 +13,9 @@ So a batch-1 matmul reads each block as two sequential streams (its masks and it
 per row. An element is stored when it is not +-0.0 (NaN payloads and denormals are kept). Pruning by
 `w * mask` leaves -0.0 wherever a negative weight was pruned, so the sign of zeros rides in `negzero` (read by
 unpack only, never by the kernels, since +-0.0 add the same to a sum): the round trip is bit-exact.
+
+The row form (`RowForm`, built by native.row_form) is derived from it in memory, never stored: the stored elements
+row by row (CSR) with uint16 columns, which the batch 2-32 kernels read where it pays (native.row_form_pays).
 """
 
 from __future__ import annotations
@@ -119,6 +122,33 @@ class PackedLinear:
         else:
             negzero = _as(negzero.astype(np.uint8), np.uint8, (0,), "negzero")
         return cls(mask=mask, values=values, block_ptr=block_ptr, shape=(n, k), negzero=negzero)
+
+
+ROW_FORM_MAX_K = 65536  # uint16 columns
+
+
+@dataclass(frozen=True)
+class RowForm:
+    """A weight's stored elements row by row (CSR with uint16 columns), derived from a PackedLinear in memory
+    (native.row_form; +6 bytes a stored element on top of the packed weight).
+
+    Row r's elements are ``values[row_ptr[r]:row_ptr[r + 1]]`` at columns ``cols[row_ptr[r]:row_ptr[r + 1]]``
+    (ascending); ``values`` ends with PAD zero floats like the bitmask form's.
+    """
+
+    row_ptr: np.ndarray  # int64 [N + 1]
+    cols: np.ndarray  # uint16 [nnz]
+    values: np.ndarray  # float32 [nnz + PAD]
+    shape: tuple[int, int]  # (N, K)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.row_ptr[-1])
+
+    @property
+    def kernel_nbytes(self) -> int:
+        """Bytes a matmul reads (row pointers + columns + values)."""
+        return int(self.row_ptr.nbytes + self.cols.nbytes + self.values.nbytes)
 
 
 def _as(a: np.ndarray, dtype: type, shape: tuple[int, ...], name: str) -> np.ndarray:

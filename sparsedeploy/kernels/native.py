@@ -9,15 +9,17 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import weakref
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from sparsedeploy.kernels.format import PackedLinear, byte_bound_ceiling
+from sparsedeploy.kernels.format import PAD, ROW_FORM_MAX_K, PackedLinear, RowForm, byte_bound_ceiling
 from sparsedeploy.kernels.scaled_int8 import ScaledInt8Linear
 
 __all__ = [
+    "FORMS",
     "ISAS",
     "BoundInt8Matmul",
     "BoundMatmul",
@@ -30,12 +32,19 @@ __all__ = [
     "add_rmsnorm",
     "library_path",
     "matmul",
+    "row_form",
+    "row_form_pays",
     "silu_mul",
 ]
 
 # name -> the library's ISA code; ordered best first
 ISAS = {"avx512": 3, "avx2": 2, "portable": 1}
 MAX_BATCH_CHUNK = 256  # rows of x per native call (bounds the transposed copy and keeps offsets in int32)
+# The forms a packed weight is multiplied in: "bitmask" reads the PackedLinear itself (every batch), "rows" its row
+# form (format.RowForm, batches up to ROW_FORM_MAX_BATCH, K up to format.ROW_FORM_MAX_K).
+FORMS = ("bitmask", "rows")
+ROW_FORM_MAX_BATCH = 32
+EXPAND_MAX_BATCH = 8  # the bitmask form expands each weight group once per batch up to this batch (sparse_cpu.c)
 _NATIVE = "sparsedeploy.kernels._native"
 
 
@@ -76,6 +85,10 @@ def _lib() -> ctypes.CDLL:
         ctypes.c_int,
         ctypes.c_int,
     ]
+    lib.sdk_rows_matmul.restype = ctypes.c_int
+    lib.sdk_rows_matmul.argtypes = lib.sdk_matmul.argtypes
+    lib.sdk_row_form.restype = ctypes.c_int
+    lib.sdk_row_form.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3
     lib.sdk_cpu_profile.restype = ctypes.c_int
     lib.sdk_cpu_profile.argtypes = []
     lib.sdk_set_cpu_profile.restype = ctypes.c_int
@@ -161,23 +174,103 @@ def _check_x(caller: str, weight: str, x2: np.ndarray, n: int, k: int) -> None:
         )
 
 
+def row_form_pays(batch: int, density: float, isa: str) -> bool:
+    """Whether `batch` rows of x multiply faster in the row form than in the bitmask form on this dispatch path, for a
+    weight with this fraction of stored elements.
+
+    The bitmask kernels cost per 16-weight group (expanded, or its columns decoded, whatever its count), the row form
+    per stored element (one FMA per element and vector of batch lanes, 6 bytes read). Measured on Emerald Rapids, one
+    thread, 5632 x 2048, both forms alternately in one process (docs/sparse_cpu.md): at batch 9-32 (where the bitmask
+    form is the broadcast GEMM) the row form was faster at 50-90 % on both paths; at batch 2-8 (the expand form) from
+    density ~0.06 at batch 2 to ~0.25-0.3 at batch 8 on AVX-512, and ~0.15 to ~0.45 on AVX2, whose expand costs more.
+    The portable path follows AVX2 (not measured on a CPU that needs it).
+    """
+    if batch < 2 or batch > ROW_FORM_MAX_BATCH:
+        return False
+    if batch > EXPAND_MAX_BATCH:
+        return True
+    return density <= (batch / 32 if isa == "avx512" else (batch + 1) / 20)
+
+
+_ROW_FORMS: dict[int, RowForm] = {}
+
+
+def row_form(p: PackedLinear) -> RowForm:
+    """The row form of a packed weight, built by the native library at the first call and kept while `p` lives."""
+    rf = _ROW_FORMS.get(id(p))
+    if rf is not None:
+        return rf
+    n, k = p.shape
+    if k > ROW_FORM_MAX_K:
+        raise ValueError(f"row form: K={k} is more than its uint16 columns hold ({ROW_FORM_MAX_K})")
+    row_ptr = np.empty(n + 1, dtype=np.int64)
+    cols = np.empty(p.nnz, dtype=np.uint16)
+    values = np.zeros(p.nnz + PAD, dtype=np.float32)
+    rc = _lib().sdk_row_form(
+        p.mask.ctypes.data,
+        p.values.ctypes.data,
+        p.block_ptr.ctypes.data,
+        n,
+        k,
+        row_ptr.ctypes.data,
+        cols.ctypes.data,
+        values.ctypes.data,
+    )
+    if rc != 0:
+        raise RuntimeError(f"sparse-cpu row form failed (code {rc}) for weight {n}x{k}")
+    for a in (row_ptr, cols, values):
+        a.flags.writeable = False
+    rf = RowForm(row_ptr=row_ptr, cols=cols, values=values, shape=(n, k))
+    _ROW_FORMS[id(p)] = rf
+    weakref.finalize(p, _ROW_FORMS.pop, id(p), None)
+    return rf
+
+
 class BoundMatmul:
     """``matmul`` for one packed weight with the weight, thread and ISA checks done once.
 
     What a runtime calls for every token: ``bound(x)`` takes x float32 C-contiguous ``[B, K]`` and returns a new
-    ``[B, N]``. ``matmul`` itself goes through here.
+    ``[B, N]``. ``matmul`` itself goes through here. form: None picks per call (the row form where
+    ``row_form_pays``), "bitmask" or "rows" forces one (tests and benchmarks).
     """
 
-    def __init__(self, p: PackedLinear, threads: int | None = None, isa: str | None = None) -> None:
+    def __init__(
+        self, p: PackedLinear, threads: int | None = None, isa: str | None = None, form: str | None = None
+    ) -> None:
         if not isinstance(p, PackedLinear):
             raise TypeError(f"matmul: the weight must be a PackedLinear (from format.pack), got {type(p).__name__}")
+        if form is not None and form not in FORMS:
+            raise ValueError(f"matmul: unknown form {form!r}: use one of {list(FORMS)} (or None to pick per call)")
         self.weight = p
         self.n, self.k = p.shape
+        if form == "rows" and self.k > ROW_FORM_MAX_K:
+            raise ValueError(f"matmul: the row form holds K up to {ROW_FORM_MAX_K}, this weight has K={self.k}")
         self.threads = _check_threads(threads)
         self.isa = isa
+        self.form = form
         self._code = _isa_code(isa)
+        self._path = isa or best_isa()
         self._fn = _lib().sdk_matmul
         self._ptrs = (p.mask.ctypes.data, p.values.ctypes.data, p.block_ptr.ctypes.data)
+        self._density = p.nnz / (self.n * self.k)
+        self._rows_ptrs: tuple[int, int, int] | None = None
+
+    def form_for(self, batch: int) -> str:
+        """The form a call with `batch` rows of x runs in."""
+        if self.form is not None:
+            return self.form
+        if self.k <= ROW_FORM_MAX_K and row_form_pays(batch, self._density, self._path):
+            return "rows"
+        return "bitmask"
+
+    def _rows_call(self, xb: np.ndarray, yb: np.ndarray) -> int:
+        if self._rows_ptrs is None:
+            rf = row_form(self.weight)
+            self._rows_ptrs = (rf.row_ptr.ctypes.data, rf.cols.ctypes.data, rf.values.ctypes.data)
+        row_ptr, cols, values = self._rows_ptrs
+        return _lib().sdk_rows_matmul(
+            xb.ctypes.data, xb.shape[0], self.k, row_ptr, cols, values, self.n, yb.ctypes.data, self.threads, self._code
+        )
 
     def __call__(self, x2: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         _check_x("matmul", "packed weight", x2, self.n, self.k)
@@ -185,8 +278,18 @@ class BoundMatmul:
         if out is None:
             out = np.empty((b, self.n), dtype=np.float32)
         mask, values, block_ptr = self._ptrs
-        for b0 in range(0, b, MAX_BATCH_CHUNK):
-            xb, yb = x2[b0 : b0 + MAX_BATCH_CHUNK], out[b0 : b0 + MAX_BATCH_CHUNK]
+        form = self.form_for(b)
+        chunk = ROW_FORM_MAX_BATCH if form == "rows" else MAX_BATCH_CHUNK
+        for b0 in range(0, b, chunk):
+            xb, yb = x2[b0 : b0 + chunk], out[b0 : b0 + chunk]
+            if form == "rows":
+                rc = self._rows_call(xb, yb)
+                if rc != 0:
+                    raise RuntimeError(
+                        f"sparse-cpu row-form kernel failed (code {rc}) for x {xb.shape}, weight {self.n}x{self.k}, "
+                        f"isa {self.isa}"
+                    )
+                continue
             rc = self._fn(
                 xb.ctypes.data,
                 xb.shape[0],
@@ -239,14 +342,20 @@ class BoundInt8Matmul:
 
 
 def matmul(
-    x: np.ndarray, p: PackedLinear, threads: int | None = None, isa: str | None = None, out: np.ndarray | None = None
+    x: np.ndarray,
+    p: PackedLinear,
+    threads: int | None = None,
+    isa: str | None = None,
+    out: np.ndarray | None = None,
+    form: str | None = None,
 ) -> np.ndarray:
     """y = x @ W.T for x float32 [B, K] (or [K]) and W packed in `p`: float32 [B, N] (or [N]).
 
     threads: worker threads (None: the CPUs this process may run on). isa: force a dispatch path
     ("avx512", "avx2", "portable"; None: the best this CPU runs). out: optional C-contiguous float32 [B, N].
+    form: force "bitmask" or "rows" (None: the faster for the batch, see row_form_pays).
     """
-    bound = BoundMatmul(p, threads, isa)
+    bound = BoundMatmul(p, threads, isa, form)
     n, k = p.shape
     x = np.asarray(x)
     if x.dtype != np.float32:

@@ -1,5 +1,6 @@
 """The native sparse-cpu kernels against a float64 dense reference, on every dispatch path this CPU runs."""
 
+import gc
 import platform
 import threading
 from pathlib import Path
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from sparsedeploy.kernels import native as kernels
-from sparsedeploy.kernels.format import pack
+from sparsedeploy.kernels.format import PAD, pack
 from sparsedeploy.kernels.native import available_isas, matmul
 
 ISAS = available_isas()
@@ -93,7 +94,105 @@ def test_cpu_profile_follows_the_vendor_and_can_be_forced():
 def test_matches_dense_reference(name, batch, threads, isa, profile):
     w = WEIGHTS[name]
     x = np.random.default_rng(batch).standard_normal((batch, w.shape[1])).astype(np.float32)
-    check(x, w, matmul(x, pack(w), threads=threads, isa=isa))
+    check(x, w, matmul(x, pack(w), threads=threads, isa=isa, form="bitmask"))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 2, 7, 8, 9, 16, 17, 24, 32, 40])  # 8 / 16 lanes, 1-4 vectors, 40 in 2 calls
+@pytest.mark.parametrize("name", list(WEIGHTS))
+def test_row_form_matches_dense_reference(name, batch, threads, isa):
+    w = WEIGHTS[name]
+    x = np.random.default_rng(batch).standard_normal((batch, w.shape[1])).astype(np.float32)
+    check(x, w, matmul(x, pack(w), threads=threads, isa=isa, form="rows"))
+
+
+def csr_reference(w):
+    """The row form by definition: each row's stored elements (not +-0.0) in column order."""
+    stored = (w.view(np.uint32) & np.uint32(0x7FFFFFFF)) != 0
+    rows, cols = np.nonzero(stored)
+    row_ptr = np.concatenate([[0], np.cumsum(stored.sum(axis=1))])
+    return row_ptr, cols, w[rows, cols]
+
+
+@pytest.mark.parametrize("name", list(WEIGHTS) + ["nan, denormal, -0.0"])
+def test_row_form_is_the_stored_elements_row_by_row(name):
+    if name in WEIGHTS:
+        w = WEIGHTS[name]
+    else:
+        w = pruned(9, 37, 0.5, 5)
+        w[0, 3], w[1, 4], w[2, 5] = np.float32(np.nan), np.float32(1e-42), np.float32(-0.0)
+        w.view(np.uint32)[3, 6] = 0x7FC00123  # a NaN payload
+    rf = kernels.row_form(pack(w))
+    row_ptr, cols, values = csr_reference(w)
+    assert rf.shape == w.shape and rf.nnz == len(cols)
+    assert rf.row_ptr.dtype == np.int64 and np.array_equal(rf.row_ptr, row_ptr)
+    assert rf.cols.dtype == np.uint16 and np.array_equal(rf.cols, cols)
+    assert np.array_equal(rf.values[: rf.nnz].view(np.uint32), values.view(np.uint32))  # bit for bit
+    assert len(rf.values) == rf.nnz + PAD and not rf.values[rf.nnz :].any()
+    assert not rf.values.flags.writeable
+    assert rf.kernel_nbytes == 8 * (w.shape[0] + 1) + 6 * rf.nnz + 4 * PAD
+
+
+def test_row_form_is_built_once_and_dropped_with_its_weight():
+    p = pack(pruned(30, 40, 0.8))
+    rf = kernels.row_form(p)
+    assert kernels.row_form(p) is rf
+    key = id(p)
+    del p
+    gc.collect()
+    assert key not in kernels._ROW_FORMS
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_the_form_is_picked_per_batch_by_row_form_pays(isa):
+    for sparsity in (0.5, 0.7, 0.85, 0.95):
+        w = pruned(40, 64, sparsity, 7)
+        p = pack(w)
+        bound = kernels.BoundMatmul(p, threads=1, isa=isa)
+        density = p.nnz / w.size
+        picked = {b: bound.form_for(b) for b in range(1, 45)}
+        assert picked == {b: "rows" if kernels.row_form_pays(b, density, isa) else "bitmask" for b in picked}
+        assert picked[1] == "bitmask" and picked[33] == "bitmask" and picked[16] == "rows"
+        for b in (2, 8, 16):
+            x = np.random.default_rng(b).standard_normal((b, 64)).astype(np.float32)
+            check(x, w, bound(x))
+    # denser weights take the row form from a smaller batch up, and no batch picks it at density 1
+    for path in ("avx512", "avx2", "portable"):
+        first = [min([b for b in range(2, 9) if kernels.row_form_pays(b, d, path)] or [99]) for d in (0.05, 0.2, 1.0)]
+        assert first[0] <= first[1] < first[2] == 99
+
+
+def test_row_form_limits():
+    k = kernels.ROW_FORM_MAX_K + 1
+    w = pruned(2, k, 0.99)
+    p = pack(w)
+    with pytest.raises(ValueError, match="uint16 columns"):
+        kernels.row_form(p)
+    with pytest.raises(ValueError, match="row form holds K up to 65536"):
+        kernels.BoundMatmul(p, form="rows")
+    bound = kernels.BoundMatmul(p, threads=1)
+    assert bound.form_for(8) == "bitmask"  # too wide for uint16 columns: the bitmask form serves every batch
+    x = np.random.default_rng(0).standard_normal((8, k)).astype(np.float32)
+    check(x, w, bound(x))
+    with pytest.raises(ValueError, match="unknown form 'csr'"):
+        kernels.BoundMatmul(p, form="csr")
+    small = kernels.row_form(pack(pruned(4, 30, 0.5)))
+    y = np.zeros((33, 4), np.float32)
+    for b, kk in ((33, 30), (0, 30), (2, k)):  # the library refuses what the row form cannot hold
+        rc = kernels._lib().sdk_rows_matmul(
+            np.zeros((33, k), np.float32).ctypes.data,
+            b,
+            kk,
+            small.row_ptr.ctypes.data,
+            small.cols.ctypes.data,
+            small.values.ctypes.data,
+            4,
+            y.ctypes.data,
+            1,
+            0,
+        )
+        assert rc == -1
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -104,8 +203,9 @@ def test_threads_split_skewed_rows(isa):
     x = np.random.default_rng(0).standard_normal((5, 333)).astype(np.float32)
     p = pack(w)
     for threads in (1, 2, 3, 7):
-        check(x[:1], w, matmul(x[:1], p, threads=threads, isa=isa))
-        check(x, w, matmul(x, p, threads=threads, isa=isa))
+        for form in kernels.FORMS:
+            check(x[:1], w, matmul(x[:1], p, threads=threads, isa=isa, form=form))
+            check(x, w, matmul(x, p, threads=threads, isa=isa, form=form))
 
 
 def test_large_batch_is_chunked_and_1d_input_squeezes():
@@ -126,8 +226,9 @@ def test_paths_agree_and_are_deterministic():
     x = np.random.default_rng(2).standard_normal((4, 1000)).astype(np.float32)
     p = pack(w)
     for isa in ISAS:
-        a = matmul(x, p, threads=2, isa=isa)
-        assert np.array_equal(a, matmul(x, p, threads=2, isa=isa))  # same split, same order: same bits
+        for form in kernels.FORMS:
+            a = matmul(x, p, threads=2, isa=isa, form=form)
+            assert np.array_equal(a, matmul(x, p, threads=2, isa=isa, form=form))  # same split and order: same bits
 
 
 def test_concurrent_callers_get_their_own_results():

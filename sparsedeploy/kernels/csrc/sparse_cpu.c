@@ -8,11 +8,14 @@
  * (block_ptr[NB] = nnz). A block is two sequential streams: its masks (8 bytes a group) and its values.
  *
  * Paths: batch 1 is a GEMV that expands each 16-weight group to a vector (a 256-entry permute table + vpermps;
- * on AVX-512 one masked vpermps per 16), the 4 rows of a block together. Batch 2-4, and 5-8 up to 85 % sparsity,
- * expand each group once and FMA it into every batch row (K-blocked). Otherwise batch >= 2 uses the weight-broadcast
- * form: each row's stored elements are decoded into column offsets (and their values gathered into a
- * contiguous run), then each weight is broadcast and multiplied into the activations of the whole batch
+ * on AVX-512 one masked vpermps per 16), the 4 rows of a block together. Batch 2-4, and 5-8 up to 85 % sparsity
+ * (96 % on AVX-512), expand each group once and FMA it into every batch row (K-blocked). Otherwise batch >= 2 uses
+ * the weight-broadcast form: each row's stored elements are decoded into column offsets (and their values gathered
+ * into a contiguous run), then each weight is broadcast and multiplied into the activations of the whole batch
  * (x transposed to [K, Bp]), so zero weights cost nothing.
+ * sdk_rows_matmul multiplies by the row form (CSR with uint16 columns, built from this format by sdk_row_form and
+ * held in memory beside it): batch 2-32 where it pays (kernels/native.py row_form_pays), one broadcast + FMA per
+ * stored element and vector of batch lanes, no per-group decode.
  * A portable plain-C path compiles anywhere. ISA is picked at run time (__builtin_cpu_supports on x86).
  * Threads: a persistent pool; blocks are split into contiguous chunks of equal work (stored elements +
  * groups), a few per thread, claimed dynamically (robust when the OS runs other work on the same cores).
@@ -45,6 +48,8 @@ enum { ERR_ISA = -2, ERR_ARGS = -1, ERR_NOMEM = -3 };
 #define SDK_MAX_CHUNKS (SDK_MAX_THREADS * SDK_CHUNKS_PER_THREAD)
 #define SDK_ROWS 4 /* rows per block of the format */
 #define SDK_EXPAND_MAX_B 8
+#define SDK_ROWFORM_MAX_B 32 /* the row form's largest batch (x transposed [K, 32] is 256 KB at K = 2048) */
+#define SDK_ROWFORM_MAX_K 65536 /* uint16 columns */
 /* x transposed is walked in K blocks of about SDK_XBLOCK_BYTES at density >= 0.3, larger in proportion below that
  * (up to 4x): 48 KB (mostly L1) measured 1.10-1.25x faster than 192 KB (L2) at batch 64 and 128, 50 and 70 %,
  * one thread, cold 1B-like shapes (24 and 96 KB in between), but at 90 % a row has too few stored elements in
@@ -81,6 +86,8 @@ typedef struct {
     int64_t bounds[SDK_MAX_CHUNKS + 1]; /* chunk c is blocks [bounds[c], bounds[c + 1]) */
     const int8_t *q;          /* scaled-int8 job (sdk_int8_matmul): codes, NULL for a bitmask16 job */
     const float *scales;
+    const int64_t *row_ptr;   /* row-form job (sdk_rows_matmul): [N + 1]; NULL for a bitmask16 job */
+    const uint16_t *cols;     /* row form: the column of each stored element */
 } job_t;
 
 /* The 4 rows' masks of group g of block blk, row i in bits 16 i .. 16 i + 15. */
@@ -199,6 +206,32 @@ static void gemm_row_portable(const job_t *j, const float *v, const int32_t *off
         const float w = v[i];
         const float *xp = j->x + off[i];
         for (int64_t b = 0; b < j->b; b++) yt[b] += w * xp[b];
+    }
+}
+
+/* Row form (CSR with uint16 columns): row r's stored elements are values[row_ptr[r] .. row_ptr[r + 1]) at columns
+ * cols[...]; x transposed [K, bp]. Each element is broadcast once and multiplied into the whole batch vector: one
+ * FMA per stored element and vector of batch lanes, no per-group decode (what bounds the bitmask forms at high
+ * sparsity and batch 2-32; docs/sparse_cpu.md). Rows [r0, r1). */
+static inline void rows_store(const job_t *j, int64_t r, const float *acc) {
+    for (int64_t b = 0; b < j->b; b++) j->y[b * j->n + r] = acc[b];
+}
+/* Portable: 8 lanes at a time (bp is a multiple of 8), a fixed-width inner loop the compiler vectorizes. */
+static void rows_portable(const job_t *j, int64_t r0, int64_t r1) {
+    const float *vals = j->values;
+    const uint16_t *cols = j->cols;
+    for (int64_t r = r0; r < r1; r++) {
+        float out[SDK_ROWFORM_MAX_B];
+        for (int64_t b0 = 0; b0 < j->bp; b0 += 8) {
+            float acc[8] = {0};
+            const float *xb = j->x + b0;
+            for (int64_t e = j->row_ptr[r]; e < j->row_ptr[r + 1]; e++) {
+                const float w = vals[e], *xp = xb + (int64_t)cols[e] * j->bp;
+                for (int l = 0; l < 8; l++) acc[l] += w * xp[l];
+            }
+            memcpy(out + b0, acc, sizeof acc);
+        }
+        rows_store(j, r, out);
     }
 }
 
@@ -567,6 +600,58 @@ __attribute__((target("avx512f,avx2,fma,popcnt"))) static void gemm_row_avx512(c
         }
     }
 }
+
+/* The row form's SIMD loop: T vectors of W lanes per stored element, A independent accumulator sets (FMA latency),
+ * 8 elements an iteration with the value and column streams prefetched ahead (the weights are read once). */
+#define ROWS_BODY(VEC, PFX, W, T, A)                                                                         \
+    do {                                                                                                     \
+        const float *vals = j->values;                                                                       \
+        const uint16_t *cols = j->cols;                                                                      \
+        const int64_t bp = j->bp;                                                                            \
+        for (int64_t r = r0; r < r1; r++) {                                                                  \
+            int64_t e = j->row_ptr[r];                                                                       \
+            const int64_t e1 = j->row_ptr[r + 1];                                                            \
+            VEC acc[A][T];                                                                                   \
+            for (int a = 0; a < A; a++)                                                                      \
+                for (int t = 0; t < T; t++) acc[a][t] = PFX##_setzero_ps();                                  \
+            for (; e + 8 <= e1; e += 8) {                                                                    \
+                prefetch_stream(vals + e, SDK_PREFETCH_VALUE_BYTES);                                         \
+                prefetch_stream(cols + e, SDK_PREFETCH_VALUE_BYTES / 2);                                     \
+                for (int u = 0; u < 8; u++) {                                                                \
+                    const VEC w = PFX##_set1_ps(vals[e + u]);                                                \
+                    const float *xp = j->x + (int64_t)cols[e + u] * bp;                                      \
+                    for (int t = 0; t < T; t++)                                                              \
+                        acc[u % A][t] = PFX##_fmadd_ps(w, PFX##_load_ps(xp + W * t), acc[u % A][t]);         \
+                }                                                                                            \
+            }                                                                                                \
+            for (; e < e1; e++) {                                                                            \
+                const VEC w = PFX##_set1_ps(vals[e]);                                                        \
+                const float *xp = j->x + (int64_t)cols[e] * bp;                                              \
+                for (int t = 0; t < T; t++) acc[0][t] = PFX##_fmadd_ps(w, PFX##_load_ps(xp + W * t), acc[0][t]); \
+            }                                                                                                \
+            for (int a = 1; a < A; a++)                                                                      \
+                for (int t = 0; t < T; t++) acc[0][t] = PFX##_add_ps(acc[0][t], acc[a][t]);                  \
+            float out[W * T] __attribute__((aligned(64)));                                                   \
+            for (int t = 0; t < T; t++) PFX##_store_ps(out + W * t, acc[0][t]);                              \
+            rows_store(j, r, out);                                                                           \
+        }                                                                                                    \
+    } while (0)
+
+/* AVX2: bp = the batch rounded up to 8, T = bp / 8 vectors (16 registers: 4 accumulator sets up to T = 2). */
+__attribute__((target("avx2,fma,popcnt"))) static void rows_avx2(const job_t *j, int64_t r0, int64_t r1) {
+    switch (j->bp / 8) {
+    case 1: ROWS_BODY(__m256, _mm256, 8, 1, 4); break;
+    case 2: ROWS_BODY(__m256, _mm256, 8, 2, 4); break;
+    case 3: ROWS_BODY(__m256, _mm256, 8, 3, 2); break;
+    default: ROWS_BODY(__m256, _mm256, 8, 4, 2); break;
+    }
+}
+/* AVX-512: batches up to 8 run the AVX2 loop (bp 8: a 512-bit vector would be half padding); else bp = the batch
+ * rounded up to 16, T = bp / 16. */
+__attribute__((target("avx512f,avx2,fma,popcnt"))) static void rows_avx512(const job_t *j, int64_t r0, int64_t r1) {
+    if (j->bp == 16) ROWS_BODY(__m512, _mm512, 16, 1, 4);
+    else ROWS_BODY(__m512, _mm512, 16, 2, 4);
+}
 #endif /* SDK_X86 */
 
 #if SDK_X86
@@ -720,6 +805,14 @@ static void run_part(const job_t *j, int chunk) {
     const int64_t b0 = j->bounds[chunk], b1 = j->bounds[chunk + 1];
     if (b0 >= b1) return;
     if (j->q) { int8_part(j, b0, b1); return; }
+    if (j->row_ptr) {
+#if SDK_X86
+        if (j->isa == ISA_AVX512 && j->bp > 8) { rows_avx512(j, b0, b1); return; }
+        if (j->isa == ISA_AVX512 || j->isa == ISA_AVX2) { rows_avx2(j, b0, b1); return; }
+#endif
+        rows_portable(j, b0, b1);
+        return;
+    }
     if (j->expand_batch) {
 #if SDK_X86
         if (j->isa == ISA_AVX512) { gemvb_avx512_fns[j->b](j, b0, b1); return; }
@@ -862,24 +955,33 @@ static void pool_run(const job_t *j, int nthreads) {
         if (++spins % 256 == 0) sched_yield(); else cpu_relax();
 }
 
-/* Split blocks [0, nb) into nchunks ranges of about equal work (stored elements plus a per-block cost). */
-static void balance(job_t *j, int nchunks) {
-    const int64_t per_block = SDK_ROWS * j->g; /* mask decode / loop overhead, in element-equivalents */
-    const double total = (double)j->block_ptr[j->nb] + (double)per_block * (double)j->nb;
-    int64_t blk = 0;
+/* Split units [0, units) (blocks of the bitmask form, rows of the row form) into nchunks ranges of about equal work:
+ * ptr[u] stored elements before unit u, plus per_unit element-equivalents of fixed cost a unit. */
+static void balance(job_t *j, int nchunks, const int64_t *ptr, int64_t units, int64_t per_unit) {
+    const double total = (double)ptr[units] + (double)per_unit * (double)units;
+    int64_t u = 0;
     j->nchunks = nchunks;
     j->bounds[0] = 0;
     for (int t = 1; t < nchunks; t++) {
         const double target = total * t / nchunks;
-        int64_t lo = blk, hi = j->nb; /* first block whose prefix work >= target */
+        int64_t lo = u, hi = units; /* first unit whose prefix work >= target */
         while (lo < hi) {
             int64_t mid = (lo + hi) / 2;
-            if ((double)j->block_ptr[mid] + (double)per_block * mid < target) lo = mid + 1; else hi = mid;
+            if ((double)ptr[mid] + (double)per_unit * mid < target) lo = mid + 1; else hi = mid;
         }
-        blk = lo;
-        j->bounds[t] = blk;
+        u = lo;
+        j->bounds[t] = u;
     }
-    j->bounds[nchunks] = j->nb;
+    j->bounds[nchunks] = units;
+}
+
+/* x [b, k] -> [k, bp] in 16 x 16 tiles, padding lanes zero. */
+static void transpose_x(const float *x, int64_t b, int64_t k, int64_t bp, float *dst) {
+    memset(dst, 0, (size_t)(k * bp) * sizeof(float));
+    for (int64_t k0 = 0; k0 < k; k0 += 16)
+        for (int64_t b0 = 0; b0 < b; b0 += 16)
+            for (int64_t kk = k0; kk < k0 + 16 && kk < k; kk++)
+                for (int64_t bb = b0; bb < b0 + 16 && bb < b; bb++) dst[kk * bp + bb] = x[bb * k + kk];
 }
 
 static float *scratch;
@@ -930,17 +1032,77 @@ SDK_EXPORT int sdk_matmul(const float *x, int64_t b, int64_t k, const uint16_t *
                 memcpy(dst, x + bb * k + c0, (size_t)w * sizeof(float));
                 if (w < 16) memset(dst + w, 0, (size_t)(16 - w) * sizeof(float));
             }
-    } else { /* transpose to [K, bp] in 16 x 16 tiles; padding lanes zero */
-        memset(scratch, 0, (size_t)need * sizeof(float));
-        for (int64_t k0 = 0; k0 < k; k0 += 16)
-            for (int64_t b0 = 0; b0 < b; b0 += 16)
-                for (int64_t kk = k0; kk < k0 + 16 && kk < k; kk++)
-                    for (int64_t bb = b0; bb < b0 + 16 && bb < b; bb++) scratch[kk * j.bp + bb] = x[bb * k + kk];
+    } else { /* transposed to [K, bp] */
+        transpose_x(x, b, k, j.bp, scratch);
     }
     j.x = scratch;
     int64_t nchunks = threads == 1 ? 1 : (int64_t)threads * SDK_CHUNKS_PER_THREAD;
     if (nchunks > j.nb) nchunks = j.nb;
-    balance(&j, (int)nchunks);
+    balance(&j, (int)nchunks, block_ptr, j.nb, SDK_ROWS * j.g); /* per block: its mask walk */
+    pool_run(&j, threads);
+    pthread_mutex_unlock(&pool.call_lock);
+    return atomic_load(&failed) ? ERR_NOMEM : 0;
+}
+
+/* The row form of a bitmask16-v2 weight (kernels/format.py RowForm): row_ptr [n + 1], cols [nnz], out_values [nnz]
+ * (the caller adds the padding). k <= 65536. */
+SDK_EXPORT int sdk_row_form(const uint16_t *mask, const float *values, const int64_t *block_ptr, int64_t n, int64_t k,
+                            int64_t *row_ptr, uint16_t *cols, float *out_values) {
+    if (n < 1 || k < 1 || k > SDK_ROWFORM_MAX_K || !mask || !values || !block_ptr || !row_ptr || !cols || !out_values)
+        return ERR_ARGS;
+    const int64_t G = (k + 15) / 16, nb = (n + SDK_ROWS - 1) / SDK_ROWS;
+    int64_t c = 0;
+    row_ptr[0] = 0;
+    for (int64_t blk = 0; blk < nb; blk++) {
+        const int rows = n - blk * SDK_ROWS < SDK_ROWS ? (int)(n - blk * SDK_ROWS) : SDK_ROWS;
+        for (int i = 0; i < rows; i++) {
+            const float *v = values + block_ptr[blk];
+            for (int64_t g = 0; g < G; g++) {
+                uint64_t mm;
+                memcpy(&mm, mask + (blk * G + g) * SDK_ROWS, sizeof mm);
+                const float *vr = v + before_row(mm, i);
+                for (unsigned bits = row_mask(mm, i); bits; bits &= bits - 1) {
+                    cols[c] = (uint16_t)(g * 16 + __builtin_ctz(bits));
+                    out_values[c++] = *vr++;
+                }
+                v += __builtin_popcountll(mm);
+            }
+            row_ptr[blk * SDK_ROWS + i + 1] = c;
+        }
+    }
+    return 0;
+}
+
+/* y[b, n] = sum_k x[b, k] * W[n, k] for W in the row form (CSR: row_ptr [n + 1], cols uint16 [nnz] ascending within
+ * a row, values [nnz]; kernels/format.py RowForm), b <= 32, k <= 65536. isa and threads as sdk_matmul. */
+SDK_EXPORT int sdk_rows_matmul(const float *x, int64_t b, int64_t k, const int64_t *row_ptr, const uint16_t *cols,
+                               const float *values, int64_t n, float *y, int threads, int isa) {
+    if (b < 1 || b > SDK_ROWFORM_MAX_B || k < 1 || k > SDK_ROWFORM_MAX_K || n < 1 || !x || !row_ptr || !cols ||
+        !values || !y || threads < 1)
+        return ERR_ARGS;
+    if (threads > SDK_MAX_THREADS) threads = SDK_MAX_THREADS;
+    if (isa == ISA_AUTO)
+        isa = isa_supported(ISA_AVX512) ? ISA_AVX512 : isa_supported(ISA_AVX2) ? ISA_AVX2 : ISA_PORTABLE;
+    if (!isa_supported(isa)) return ERR_ISA;
+    pthread_once(&profile_once, init_profile);
+    atomic_int failed = 0;
+    job_t j = {.failed = &failed, .values = values, .y = y, .n = n, .k = k, .b = b, .isa = isa, .row_ptr = row_ptr,
+               .cols = cols};
+    j.bp = isa == ISA_AVX512 && b > 8 ? (b + 15) / 16 * 16 : (b + 7) / 8 * 8;
+    if (threads > n) threads = (int)n;
+    pthread_mutex_lock(&pool.call_lock);
+    const int64_t need = k * j.bp;
+    if (scratch_cap < need) {
+        free(scratch);
+        scratch = aligned_alloc(64, (size_t)need * sizeof(float) + 64);
+        scratch_cap = scratch ? need : 0;
+        if (!scratch) { pthread_mutex_unlock(&pool.call_lock); return ERR_NOMEM; }
+    }
+    transpose_x(x, b, k, j.bp, scratch);
+    j.x = scratch;
+    int64_t nchunks = threads == 1 ? 1 : (int64_t)threads * SDK_CHUNKS_PER_THREAD;
+    if (nchunks > n) nchunks = n;
+    balance(&j, (int)nchunks, row_ptr, n, 16); /* per row: its reduction and b scattered stores */
     pool_run(&j, threads);
     pthread_mutex_unlock(&pool.call_lock);
     return atomic_load(&failed) ? ERR_NOMEM : 0;
