@@ -143,6 +143,12 @@ def ort_matmul(w_kn: np.ndarray, threads: int):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads > 1:
+        # Each copy is its own session with its own thread pool; ONNX Runtime's pool threads spin after a run, and
+        # with the copies rotated the spinning threads of the last session hold the cores the next one needs:
+        # measured on the Intel box (2 cores, right after idle), 2-thread sessions with spinning ran 0.41-1.08x of
+        # their 1-thread time, without it 1.48-2.00x. So the dense baseline's 2-thread rows do not spin.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
