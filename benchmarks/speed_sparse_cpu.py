@@ -369,7 +369,7 @@ def markdown(result: dict) -> str:
         "(the CPU is shared with other jobs: 2-thread figures are from a contended machine).",
         "",
         "Speedup = median over rounds of (dense time / sparse time), both timed alternately in one process. "
-        "Form: what the kernels read, the bitmask16 form or its row form (CSR, uint16 columns; batches 2-32 where "
+        "Form: what the kernels read, the bitmask16 form or its row form (CSR, uint16 columns; batches 1-32 where "
         "it pays). "
         "Ceiling: batch 1 the byte-bound ceiling (dense bytes / packed bytes), batch > 1 the FLOP ceiling "
         "(1 / density).",

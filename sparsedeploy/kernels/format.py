@@ -15,7 +15,7 @@ per row. An element is stored when it is not +-0.0 (NaN payloads and denormals a
 unpack only, never by the kernels, since +-0.0 add the same to a sum): the round trip is bit-exact.
 
 The row form (`RowForm`, built by native.row_form) is derived from it in memory, never stored: the stored elements
-row by row (CSR) with uint16 columns, which the batch 2-32 kernels read where it pays (native.row_form_pays).
+row by row (CSR) with uint16 columns, which the batch 1-32 kernels read where it pays (native.row_form_pays).
 """
 
 from __future__ import annotations

@@ -174,21 +174,29 @@ def _check_x(caller: str, weight: str, x2: np.ndarray, n: int, k: int) -> None:
         )
 
 
-def row_form_pays(batch: int, density: float, isa: str) -> bool:
-    """Whether `batch` rows of x multiply faster in the row form than in the bitmask form on this dispatch path, for a
-    weight with this fraction of stored elements.
+def row_form_pays(batch: int, density: float, isa: str, profile: str = "intel") -> bool:
+    """Whether `batch` rows of x multiply faster in the row form than in the bitmask form on this dispatch path (and
+    CPU profile), for a weight with this fraction of stored elements.
 
     The bitmask kernels cost per 16-weight group (expanded, or its columns decoded, whatever its count), the row form
-    per stored element (one FMA per element and vector of batch lanes, 6 bytes read). Measured on Emerald Rapids, one
-    thread, 5632 x 2048, both forms alternately in one process (docs/sparse_cpu.md): at batch 9-32 (where the bitmask
-    form is the broadcast GEMM) the row form was faster at 50-90 % on both paths; at batch 2-8 (the expand form) from
-    density ~0.06 at batch 2 to ~0.25-0.3 at batch 8 on AVX-512, and ~0.15 to ~0.45 on AVX2, whose expand costs more.
-    The portable path follows AVX2 (not measured on a CPU that needs it).
+    per stored element (batch 1: a scalar multiply-add; batches 2-32: one FMA per element and vector of batch lanes;
+    6 bytes read). Measured on Emerald Rapids, one thread, 5632 x 2048, both forms alternately in one process
+    (docs/sparse_cpu.md):
+      batch 1: from density ~0.1 on the AVX-512 expand-load GEMV (the "intel" profile; at 90 % the kernel suite gave
+        the row form 4.1-5.1x of ORT dense, the expand-load GEMV 3.0-3.6x), ~0.2 on the 256-bit GEMV (AVX2, and
+        AVX-512 CPUs on the "amd" profile, which run it);
+      batch 2-8 (the expand form): from ~0.06 at batch 2 to ~0.25-0.3 at batch 8 on AVX-512 (density <= batch / 32),
+        from ~0.15 to ~0.45 on AVX2 ((batch + 1) / 20), whose expand costs more;
+      batch 9-32 (where the bitmask form is the broadcast GEMM): at 50-90 % on every path;
+      the portable path at every density tried (50-90 %, batch 1 and 8: 3-5x faster than its bit loops).
     """
-    if batch < 2 or batch > ROW_FORM_MAX_BATCH:
+    if batch < 1 or batch > ROW_FORM_MAX_BATCH:
         return False
-    if batch > EXPAND_MAX_BATCH:
+    if isa == "portable" or batch > EXPAND_MAX_BATCH:
         return True
+    if batch == 1:
+        # 0.21, not 0.2: a weight pruned to "80 %" per row keeps round(0.2 K) elements, a hair over 0.2 for some K
+        return density <= (0.12 if isa == "avx512" and profile == "intel" else 0.21)
     return density <= (batch / 32 if isa == "avx512" else (batch + 1) / 20)
 
 
@@ -259,7 +267,7 @@ class BoundMatmul:
         """The form a call with `batch` rows of x runs in."""
         if self.form is not None:
             return self.form
-        if self.k <= ROW_FORM_MAX_K and row_form_pays(batch, self._density, self._path):
+        if self.k <= ROW_FORM_MAX_K and row_form_pays(batch, self._density, self._path, cpu_profile()):
             return "rows"
         return "bitmask"
 

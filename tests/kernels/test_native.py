@@ -145,22 +145,35 @@ def test_row_form_is_built_once_and_dropped_with_its_weight():
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_the_form_is_picked_per_batch_by_row_form_pays(isa):
+def test_the_form_is_picked_per_batch_by_row_form_pays(isa, profile):
     for sparsity in (0.5, 0.7, 0.85, 0.95):
         w = pruned(40, 64, sparsity, 7)
         p = pack(w)
         bound = kernels.BoundMatmul(p, threads=1, isa=isa)
         density = p.nnz / w.size
         picked = {b: bound.form_for(b) for b in range(1, 45)}
-        assert picked == {b: "rows" if kernels.row_form_pays(b, density, isa) else "bitmask" for b in picked}
-        assert picked[1] == "bitmask" and picked[33] == "bitmask" and picked[16] == "rows"
-        for b in (2, 8, 16):
+        assert picked == {b: "rows" if kernels.row_form_pays(b, density, isa, profile) else "bitmask" for b in picked}
+        assert picked[33] == "bitmask" and picked[16] == "rows"
+        for b in (1, 2, 8, 16):
             x = np.random.default_rng(b).standard_normal((b, 64)).astype(np.float32)
             check(x, w, bound(x))
-    # denser weights take the row form from a smaller batch up, and no batch picks it at density 1
-    for path in ("avx512", "avx2", "portable"):
-        first = [min([b for b in range(2, 9) if kernels.row_form_pays(b, d, path)] or [99]) for d in (0.05, 0.2, 1.0)]
-        assert first[0] <= first[1] < first[2] == 99
+
+
+def test_row_form_pays_grows_with_sparsity_and_batch():
+    for isa in ("avx512", "avx2"):
+        for profile in kernels.CPU_PROFILES:
+            # the smallest batch that takes the row form, at rising density: it never falls
+            first = [
+                min([b for b in range(1, 9) if kernels.row_form_pays(b, d, isa, profile)] or [99])
+                for d in (0.04, 0.1, 0.2, 0.4, 1.0)
+            ]
+            assert first == sorted(first) and first[-1] == 99 and first[0] <= 2
+    # the batch-1 GEMV the "intel" profile runs on AVX-512 (expand-load) holds out longer than the 256-bit one
+    assert not kernels.row_form_pays(1, 0.15, "avx512", "intel") and kernels.row_form_pays(1, 0.15, "avx512", "amd")
+    assert kernels.row_form_pays(1, 0.15, "avx2", "intel") == kernels.row_form_pays(1, 0.15, "avx512", "amd")
+    # the portable path's bit loops lose at any density; nothing past 32
+    assert all(kernels.row_form_pays(b, 1.0, "portable") for b in range(1, 33))
+    assert not any(kernels.row_form_pays(33, d, i) for d in (0.01, 0.5) for i in ("avx512", "avx2", "portable"))
 
 
 def test_row_form_limits():

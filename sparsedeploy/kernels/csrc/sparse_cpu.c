@@ -14,8 +14,8 @@
  * into a contiguous run), then each weight is broadcast and multiplied into the activations of the whole batch
  * (x transposed to [K, Bp]), so zero weights cost nothing.
  * sdk_rows_matmul multiplies by the row form (CSR with uint16 columns, built from this format by sdk_row_form and
- * held in memory beside it): batch 2-32 where it pays (kernels/native.py row_form_pays), one broadcast + FMA per
- * stored element and vector of batch lanes, no per-group decode.
+ * held in memory beside it): batch 1-32 where it pays (kernels/native.py row_form_pays), one broadcast + FMA per
+ * stored element and vector of batch lanes (batch 1: a scalar multiply-add), no per-group decode.
  * A portable plain-C path compiles anywhere. ISA is picked at run time (__builtin_cpu_supports on x86).
  * Threads: a persistent pool; blocks are split into contiguous chunks of equal work (stored elements +
  * groups), a few per thread, claimed dynamically (robust when the OS runs other work on the same cores).
@@ -212,10 +212,31 @@ static void gemm_row_portable(const job_t *j, const float *v, const int32_t *off
 /* Row form (CSR with uint16 columns): row r's stored elements are values[row_ptr[r] .. row_ptr[r + 1]) at columns
  * cols[...]; x transposed [K, bp]. Each element is broadcast once and multiplied into the whole batch vector: one
  * FMA per stored element and vector of batch lanes, no per-group decode (what bounds the bitmask forms at high
- * sparsity and batch 2-32; docs/sparse_cpu.md). Rows [r0, r1). */
+ * sparsity and batch 1-32; docs/sparse_cpu.md). Rows [r0, r1). */
 static inline void rows_store(const job_t *j, int64_t r, const float *acc) {
     for (int64_t b = 0; b < j->b; b++) j->y[b * j->n + r] = acc[b];
 }
+/* Batch 1: x itself (bp = 1), a scalar multiply-add per stored element, 8 independent sums (the x loads are
+ * scattered: nothing to vectorize without a gather); the value and column streams are prefetched ahead. */
+#define ROWS_GEMV_BODY                                                                                       \
+    do {                                                                                                     \
+        const float *vals = j->values, *x = j->x;                                                            \
+        const uint16_t *cols = j->cols;                                                                      \
+        for (int64_t r = r0; r < r1; r++) {                                                                  \
+            int64_t e = j->row_ptr[r];                                                                       \
+            const int64_t e1 = j->row_ptr[r + 1];                                                            \
+            float a[8] = {0};                                                                                \
+            for (; e + 8 <= e1; e += 8) {                                                                    \
+                prefetch_stream(vals + e, SDK_PREFETCH_VALUE_BYTES);                                         \
+                prefetch_stream(cols + e, SDK_PREFETCH_VALUE_BYTES / 2);                                     \
+                for (int u = 0; u < 8; u++) a[u] += vals[e + u] * x[cols[e + u]];                            \
+            }                                                                                                \
+            for (; e < e1; e++) a[0] += vals[e] * x[cols[e]];                                                \
+            j->y[r] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));                     \
+        }                                                                                                    \
+    } while (0)
+static void rows_gemv_portable(const job_t *j, int64_t r0, int64_t r1) { ROWS_GEMV_BODY; }
+
 /* Portable: 8 lanes at a time (bp is a multiple of 8), a fixed-width inner loop the compiler vectorizes. */
 static void rows_portable(const job_t *j, int64_t r0, int64_t r1) {
     const float *vals = j->values;
@@ -637,6 +658,10 @@ __attribute__((target("avx512f,avx2,fma,popcnt"))) static void gemm_row_avx512(c
         }                                                                                                    \
     } while (0)
 
+/* Batch 1 with scalar FMAs (the same loop as rows_gemv_portable, compiled for FMA). */
+__attribute__((target("avx2,fma,popcnt"))) static void rows_gemv_fma(const job_t *j, int64_t r0, int64_t r1) {
+    ROWS_GEMV_BODY;
+}
 /* AVX2: bp = the batch rounded up to 8, T = bp / 8 vectors (16 registers: 4 accumulator sets up to T = 2). */
 __attribute__((target("avx2,fma,popcnt"))) static void rows_avx2(const job_t *j, int64_t r0, int64_t r1) {
     switch (j->bp / 8) {
@@ -807,10 +832,11 @@ static void run_part(const job_t *j, int chunk) {
     if (j->q) { int8_part(j, b0, b1); return; }
     if (j->row_ptr) {
 #if SDK_X86
+        if (j->bp == 1 && (j->isa == ISA_AVX512 || j->isa == ISA_AVX2)) { rows_gemv_fma(j, b0, b1); return; }
         if (j->isa == ISA_AVX512 && j->bp > 8) { rows_avx512(j, b0, b1); return; }
         if (j->isa == ISA_AVX512 || j->isa == ISA_AVX2) { rows_avx2(j, b0, b1); return; }
 #endif
-        rows_portable(j, b0, b1);
+        if (j->bp == 1) rows_gemv_portable(j, b0, b1); else rows_portable(j, b0, b1);
         return;
     }
     if (j->expand_batch) {
@@ -1088,7 +1114,7 @@ SDK_EXPORT int sdk_rows_matmul(const float *x, int64_t b, int64_t k, const int64
     atomic_int failed = 0;
     job_t j = {.failed = &failed, .values = values, .y = y, .n = n, .k = k, .b = b, .isa = isa, .row_ptr = row_ptr,
                .cols = cols};
-    j.bp = isa == ISA_AVX512 && b > 8 ? (b + 15) / 16 * 16 : (b + 7) / 8 * 8;
+    j.bp = b == 1 ? 1 : isa == ISA_AVX512 && b > 8 ? (b + 15) / 16 * 16 : (b + 7) / 8 * 8;
     if (threads > n) threads = (int)n;
     pthread_mutex_lock(&pool.call_lock);
     const int64_t need = k * j.bp;
@@ -1098,7 +1124,7 @@ SDK_EXPORT int sdk_rows_matmul(const float *x, int64_t b, int64_t k, const int64
         scratch_cap = scratch ? need : 0;
         if (!scratch) { pthread_mutex_unlock(&pool.call_lock); return ERR_NOMEM; }
     }
-    transpose_x(x, b, k, j.bp, scratch);
+    transpose_x(x, b, k, j.bp, scratch); /* batch 1: a copy of x */
     j.x = scratch;
     int64_t nchunks = threads == 1 ? 1 : (int64_t)threads * SDK_CHUNKS_PER_THREAD;
     if (nchunks > n) nchunks = n;
