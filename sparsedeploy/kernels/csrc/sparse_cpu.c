@@ -1013,20 +1013,37 @@ static void transpose_x(const float *x, int64_t b, int64_t k, int64_t bp, float 
 static float *scratch;
 static int64_t scratch_cap;
 
+/* What every matmul entry point does first: cap threads, resolve ISA_AUTO to the best path this CPU runs (ERR_ISA when
+ * the one asked for does not run here), and set up the tables and the CPU profile once. */
+static int prepare_call(int *threads, int *isa) {
+    if (*threads > SDK_MAX_THREADS) *threads = SDK_MAX_THREADS;
+    if (*isa == ISA_AUTO)
+        *isa = isa_supported(ISA_AVX512) ? ISA_AVX512 : isa_supported(ISA_AVX2) ? ISA_AVX2 : ISA_PORTABLE;
+    if (!isa_supported(*isa)) return ERR_ISA;
+#if SDK_X86
+    pthread_once(&tables_once, init_tables);
+#endif
+    pthread_once(&profile_once, init_profile);
+    return 0;
+}
+
+/* The shared x scratch (the caller holds pool.call_lock) grown to at least `need` floats: 0, or ERR_NOMEM. */
+static int reserve_scratch(int64_t need) {
+    if (scratch_cap >= need) return 0;
+    free(scratch);
+    scratch = aligned_alloc(64, (size_t)need * sizeof(float) + 64);
+    scratch_cap = scratch ? need : 0;
+    return scratch ? 0 : ERR_NOMEM;
+}
+
 /* y[b, n] = sum_k x[b, k] * W[n, k] for W in bitmask16-v2 (mask [ceil(n/4), ceil(k/16), 4], values,
  * block_ptr [ceil(n/4) + 1]). isa: 0 auto, 1 portable, 2 AVX2, 3 AVX-512. threads >= 1.
  * Returns 0, or ERR_ARGS / ERR_ISA / ERR_NOMEM. Safe to call from several threads (calls serialize). */
 SDK_EXPORT int sdk_matmul(const float *x, int64_t b, int64_t k, const uint16_t *mask, const float *values,
                           const int64_t *block_ptr, int64_t n, float *y, int threads, int isa) {
     if (b < 1 || k < 1 || n < 1 || !x || !mask || !values || !block_ptr || !y || threads < 1) return ERR_ARGS;
-    if (threads > SDK_MAX_THREADS) threads = SDK_MAX_THREADS;
-    if (isa == ISA_AUTO)
-        isa = isa_supported(ISA_AVX512) ? ISA_AVX512 : isa_supported(ISA_AVX2) ? ISA_AVX2 : ISA_PORTABLE;
-    if (!isa_supported(isa)) return ERR_ISA;
-#if SDK_X86
-    pthread_once(&tables_once, init_tables);
-#endif
-    pthread_once(&profile_once, init_profile);
+    const int rc = prepare_call(&threads, &isa);
+    if (rc) return rc;
     atomic_int failed = 0;
     job_t j = {.failed = &failed, .mask = mask, .values = values, .block_ptr = block_ptr, .y = y,
                .n = n, .k = k, .b = b, .isa = isa};
@@ -1041,12 +1058,7 @@ SDK_EXPORT int sdk_matmul(const float *x, int64_t b, int64_t k, const uint16_t *
 
     pthread_mutex_lock(&pool.call_lock);
     const int64_t need = j.g * 16 * (b == 1 || j.expand_batch ? b : j.bp);
-    if (scratch_cap < need) {
-        free(scratch);
-        scratch = aligned_alloc(64, (size_t)need * sizeof(float) + 64);
-        scratch_cap = scratch ? need : 0;
-        if (!scratch) { pthread_mutex_unlock(&pool.call_lock); return ERR_NOMEM; }
-    }
+    if (reserve_scratch(need)) { pthread_mutex_unlock(&pool.call_lock); return ERR_NOMEM; }
     if (b == 1) { /* [G, 1, 16] is x itself, zero-padded: one copy (every token of a decode comes here) */
         memcpy(scratch, x, (size_t)k * sizeof(float));
         memset(scratch + k, 0, (size_t)(j.g * 16 - k) * sizeof(float));
@@ -1106,11 +1118,8 @@ SDK_EXPORT int sdk_rows_matmul(const float *x, int64_t b, int64_t k, const int64
     if (b < 1 || b > SDK_ROWFORM_MAX_B || k < 1 || k > SDK_ROWFORM_MAX_K || n < 1 || !x || !row_ptr || !cols ||
         !values || !y || threads < 1)
         return ERR_ARGS;
-    if (threads > SDK_MAX_THREADS) threads = SDK_MAX_THREADS;
-    if (isa == ISA_AUTO)
-        isa = isa_supported(ISA_AVX512) ? ISA_AVX512 : isa_supported(ISA_AVX2) ? ISA_AVX2 : ISA_PORTABLE;
-    if (!isa_supported(isa)) return ERR_ISA;
-    pthread_once(&profile_once, init_profile);
+    const int rc = prepare_call(&threads, &isa);
+    if (rc) return rc;
     atomic_int failed = 0;
     job_t j = {.failed = &failed, .values = values, .y = y, .n = n, .k = k, .b = b, .isa = isa, .row_ptr = row_ptr,
                .cols = cols};
@@ -1118,12 +1127,7 @@ SDK_EXPORT int sdk_rows_matmul(const float *x, int64_t b, int64_t k, const int64
     if (threads > n) threads = (int)n;
     pthread_mutex_lock(&pool.call_lock);
     const int64_t need = k * j.bp;
-    if (scratch_cap < need) {
-        free(scratch);
-        scratch = aligned_alloc(64, (size_t)need * sizeof(float) + 64);
-        scratch_cap = scratch ? need : 0;
-        if (!scratch) { pthread_mutex_unlock(&pool.call_lock); return ERR_NOMEM; }
-    }
+    if (reserve_scratch(need)) { pthread_mutex_unlock(&pool.call_lock); return ERR_NOMEM; }
     transpose_x(x, b, k, j.bp, scratch); /* batch 1: a copy of x */
     j.x = scratch;
     int64_t nchunks = threads == 1 ? 1 : (int64_t)threads * SDK_CHUNKS_PER_THREAD;
@@ -1421,11 +1425,8 @@ SDK_EXPORT int sdk_int8_matmul(const float *x, int64_t b, int64_t k, const int8_
                                float *y, int threads, int isa) {
     if (b < 1 || k < SDK_I8_BLOCK || k % SDK_I8_BLOCK || n < 1 || !x || !q || !scales || !y || threads < 1)
         return ERR_ARGS;
-    if (threads > SDK_MAX_THREADS) threads = SDK_MAX_THREADS;
-    if (isa == ISA_AUTO)
-        isa = isa_supported(ISA_AVX512) ? ISA_AVX512 : isa_supported(ISA_AVX2) ? ISA_AVX2 : ISA_PORTABLE;
-    if (!isa_supported(isa)) return ERR_ISA;
-    pthread_once(&profile_once, init_profile);
+    const int rc = prepare_call(&threads, &isa);
+    if (rc) return rc;
     atomic_int failed = 0;
     job_t j = {.failed = &failed, .x = x, .y = y, .n = n, .k = k, .b = b, .isa = isa, .q = q, .scales = scales};
     const int64_t units = (n + SDK_I8_UNIT - 1) / SDK_I8_UNIT;
