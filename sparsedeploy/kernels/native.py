@@ -40,10 +40,10 @@ __all__ = [
 # name -> the library's ISA code; ordered best first
 ISAS = {"avx512": 3, "avx2": 2, "portable": 1}
 MAX_BATCH_CHUNK = 256  # rows of x per native call (bounds the transposed copy and keeps offsets in int32)
-# The forms a packed weight is multiplied in: "bitmask" reads the PackedLinear itself (every batch), "rows" its row
-# form (format.RowForm, batches up to ROW_FORM_MAX_BATCH, K up to format.ROW_FORM_MAX_K).
+# The forms a packed weight is multiplied in: "bitmask" reads the PackedLinear itself, "rows" its row form
+# (format.RowForm, K up to format.ROW_FORM_MAX_K; larger batches in calls of ROW_FORM_MAX_BATCH rows of x).
 FORMS = ("bitmask", "rows")
-ROW_FORM_MAX_BATCH = 32
+ROW_FORM_MAX_BATCH = 32  # the row-form kernel's largest batch a call (32 lanes measured faster than 16, 24 or 64)
 EXPAND_MAX_BATCH = 8  # the bitmask form expands each weight group once per batch up to this batch (sparse_cpu.c)
 _NATIVE = "sparsedeploy.kernels._native"
 
@@ -188,10 +188,16 @@ def row_form_pays(batch: int, density: float, isa: str, profile: str = "intel") 
       batch 2-8 (the expand form): from ~0.06 at batch 2 to ~0.25-0.3 at batch 8 on AVX-512 (density <= batch / 32),
         from ~0.15 to ~0.45 on AVX2 ((batch + 1) / 20), whose expand costs more;
       batch 9-32 (where the bitmask form is the broadcast GEMM): at 50-90 % on every path;
-      the portable path at every density tried (50-90 %, batch 1 and 8: 3-5x faster than its bit loops).
+      batch 33 and up (prefill; the row form in calls of ROW_FORM_MAX_BATCH rows of x, each walking the weight):
+        from density ~0.2 (at 90 % 2.9-3.3x of ORT dense against the broadcast GEMM's 1.8-2.7x, at 80 % 1.6-2.0x
+        against 1.3-1.8x; at 70 % it lost on 2048 x 2048 and on AVX2), the portable path too;
+      the portable path up to batch 32 at every density tried (50-90 %, batch 1 and 8: 3-5x faster than its bit
+        loops).
     """
-    if batch < 1 or batch > ROW_FORM_MAX_BATCH:
+    if batch < 1:
         return False
+    if batch > ROW_FORM_MAX_BATCH:
+        return density <= 0.21  # 0.21: "80 %" per row keeps round(0.2 K), a hair over 0.2 for some K
     if isa == "portable" or batch > EXPAND_MAX_BATCH:
         return True
     if batch == 1:
