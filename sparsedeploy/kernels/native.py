@@ -45,6 +45,7 @@ MAX_BATCH_CHUNK = 256  # rows of x per native call (bounds the transposed copy a
 FORMS = ("bitmask", "rows")
 ROW_FORM_MAX_BATCH = 32  # the row-form kernel's largest batch a call (32 lanes measured faster than 16, 24 or 64)
 EXPAND_MAX_BATCH = 8  # the bitmask form expands each weight group once per batch up to this batch (sparse_cpu.c)
+DENSITY_80 = 0.21  # "80 %" as a density limit: pruned per row, 80 % keeps round(0.2 K) elements, a hair over 0.2
 _NATIVE = "sparsedeploy.kernels._native"
 
 
@@ -182,8 +183,8 @@ def row_form_pays(batch: int, density: float, isa: str, profile: str = "intel") 
     per stored element (batch 1: a scalar multiply-add; batches 2-32: one FMA per element and vector of batch lanes;
     6 bytes read). Measured on Emerald Rapids, one thread, 5632 x 2048, both forms alternately in one process
     (docs/sparse_cpu.md):
-      batch 1: from density ~0.1 on the AVX-512 expand-load GEMV (the "intel" profile; at 90 % the kernel suite gave
-        the row form 4.1-5.1x of ORT dense, the expand-load GEMV 3.0-3.6x), ~0.2 on the 256-bit GEMV (AVX2, and
+      batch 1: from density ~0.1 on the AVX-512 expand-load GEMV (the "intel" profile; at 90 %, 24 cold copies, the
+        row form ran 4.0-4.1x of ORT dense, the expand-load GEMV 2.8-3.3x), ~0.2 on the 256-bit GEMV (AVX2, and
         AVX-512 CPUs on the "amd" profile, which run it);
       batch 2-8 (the expand form): from ~0.06 at batch 2 to ~0.25-0.3 at batch 8 on AVX-512 (density <= batch / 32),
         from ~0.15 to ~0.45 on AVX2 ((batch + 1) / 20), whose expand costs more;
@@ -197,12 +198,11 @@ def row_form_pays(batch: int, density: float, isa: str, profile: str = "intel") 
     if batch < 1:
         return False
     if batch > ROW_FORM_MAX_BATCH:
-        return density <= 0.21  # 0.21: "80 %" per row keeps round(0.2 K), a hair over 0.2 for some K
+        return density <= DENSITY_80
     if isa == "portable" or batch > EXPAND_MAX_BATCH:
         return True
     if batch == 1:
-        # 0.21, not 0.2: a weight pruned to "80 %" per row keeps round(0.2 K) elements, a hair over 0.2 for some K
-        return density <= (0.12 if isa == "avx512" and profile == "intel" else 0.21)
+        return density <= (0.12 if isa == "avx512" and profile == "intel" else DENSITY_80)
     return density <= (batch / 32 if isa == "avx512" else (batch + 1) / 20)
 
 
