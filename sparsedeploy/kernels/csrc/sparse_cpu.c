@@ -1088,16 +1088,14 @@ SDK_EXPORT int sdk_row_form(const uint16_t *mask, const float *values, const int
                             int64_t *row_ptr, uint16_t *cols, float *out_values) {
     if (n < 1 || k < 1 || k > SDK_ROWFORM_MAX_K || !mask || !values || !block_ptr || !row_ptr || !cols || !out_values)
         return ERR_ARGS;
-    const int64_t G = (k + 15) / 16, nb = (n + SDK_ROWS - 1) / SDK_ROWS;
+    const job_t j = {.mask = mask, .n = n, .g = (k + 15) / 16, .nb = (n + SDK_ROWS - 1) / SDK_ROWS};
     int64_t c = 0;
     row_ptr[0] = 0;
-    for (int64_t blk = 0; blk < nb; blk++) {
-        const int rows = n - blk * SDK_ROWS < SDK_ROWS ? (int)(n - blk * SDK_ROWS) : SDK_ROWS;
-        for (int i = 0; i < rows; i++) {
+    for (int64_t blk = 0; blk < j.nb; blk++) {
+        for (int i = 0; i < rows_in_block(&j, blk); i++) {
             const float *v = values + block_ptr[blk];
-            for (int64_t g = 0; g < G; g++) {
-                uint64_t mm;
-                memcpy(&mm, mask + (blk * G + g) * SDK_ROWS, sizeof mm);
+            for (int64_t g = 0; g < j.g; g++) {
+                const uint64_t mm = group_masks(&j, blk, g);
                 const float *vr = v + before_row(mm, i);
                 for (unsigned bits = row_mask(mm, i); bits; bits &= bits - 1) {
                     cols[c] = (uint16_t)(g * 16 + __builtin_ctz(bits));
@@ -1126,10 +1124,13 @@ SDK_EXPORT int sdk_rows_matmul(const float *x, int64_t b, int64_t k, const int64
     j.bp = b == 1 ? 1 : isa == ISA_AVX512 && b > 8 ? (b + 15) / 16 * 16 : (b + 7) / 8 * 8;
     if (threads > n) threads = (int)n;
     pthread_mutex_lock(&pool.call_lock);
-    const int64_t need = k * j.bp;
-    if (reserve_scratch(need)) { pthread_mutex_unlock(&pool.call_lock); return ERR_NOMEM; }
-    transpose_x(x, b, k, j.bp, scratch); /* batch 1: a copy of x */
-    j.x = scratch;
+    if (b == 1) { /* the batch-1 loop reads x itself */
+        j.x = x;
+    } else {
+        if (reserve_scratch(k * j.bp)) { pthread_mutex_unlock(&pool.call_lock); return ERR_NOMEM; }
+        transpose_x(x, b, k, j.bp, scratch);
+        j.x = scratch;
+    }
     int64_t nchunks = threads == 1 ? 1 : (int64_t)threads * SDK_CHUNKS_PER_THREAD;
     if (nchunks > n) nchunks = n;
     balance(&j, (int)nchunks, row_ptr, n, 16); /* per row: its reduction and b scattered stores */
