@@ -8,11 +8,13 @@
 #             and DeepSparse. About 4.5 GB per fp32 export and 12 GB of RAM; about an hour on one core.
 #   sparsecpu smollm2-135m Wanda-70%: the --target sparse-cpu export (sparsedeploy's kernels) against the dense export
 #             in ONNX Runtime, batch 1, prompt 64 + 64 new tokens, 1 and 2 threads (issue 17's whole-model row).
+#   deepsparse70 DeepSparse 1.8 on sparsecpu's row (smollm2-135m Wanda-70%, batch 1, prompt 64 + 64 new tokens, 1 thread):
+#             the same pruned checkpoint as --target deepsparse exports, so the two engines can be set side by side.
 #   sparsecpu1b the speed-only LLaMA-1B-like model, magnitude 70%: --target sparse-cpu against the dense export in
 #             ONNX Runtime, batch 1, prompt 64 + 64 new tokens, 1 thread (issue 17's 1B-like row). ~12 GB of RAM.
-#   [SPEED_MODEL_OUT=DIR] bash benchmarks/speed_model.sh [WORK_DIR] [smollm2|llama1b|sparsecpu|sparsecpu1b|all]
+#   [SPEED_MODEL_OUT=DIR] bash benchmarks/speed_model.sh [WORK_DIR] [smollm2|llama1b|sparsecpu|deepsparse70|sparsecpu1b|all]
 #     -> benchmarks/results/speed_model/{ort,deepsparse}_{wanda50,wanda24,llama1b_mag70,llama1b_mag24}/,
-#        sparse_cpu_wanda70_t{1,2}/, sparse_cpu_llama1b_mag70_t1/
+#        sparse_cpu_wanda70_t{1,2}/, deepsparse_wanda70_t1/, sparse_cpu_llama1b_mag70_t1/
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="${1:-/tmp/sparsedeploy-speed-model}"
@@ -78,6 +80,20 @@ if [[ "$part" == sparsecpu || "$part" == all ]]; then
     OMP_NUM_THREADS=$t "${sd[@]}" bench --engine sparse-cpu --model "$work/wanda70_sc" --baseline "$work/dense_onnx" --batch 1 \
       --prompt-len 64 --gen-len 64 --threads "$t" --rounds 5 -o "$out/sparse_cpu_wanda70_t$t" --overwrite
   done
+fi
+
+if [[ "$part" == deepsparse70 || "$part" == all ]]; then
+  [[ -f "$work/wanda70/report.json" ]] || "${sd[@]}" prune --model smollm2-135m --method wanda --sparsity 70% --nsamples 16 \
+    --seqlen 512 --output "$work/wanda70" --overwrite
+  "${sd[@]}" engines install deepsparse
+  # prompt 64 + 64 new tokens: 127 KV-cache slots
+  forms=(--target deepsparse --bench-batch 1 --bench-prompt-len 64 --bench-gen-len 64 --deepsparse-context 128 --no-verify
+    --overwrite)
+  [[ -f "$work/dense_ds64/export_report.json" ]] || "${sd[@]}" export --model smollm2-135m --output "$work/dense_ds64" "${forms[@]}"
+  [[ -f "$work/wanda70_ds64/export_report.json" ]] || "${sd[@]}" export --model "$work/wanda70" --output "$work/wanda70_ds64" \
+    "${forms[@]}"
+  "${sd[@]}" bench --engine deepsparse --model "$work/wanda70_ds64" --baseline "$work/dense_ds64" --batch 1 --prompt-len 64 \
+    --gen-len 64 --threads 1 --rounds 5 -o "$out/deepsparse_wanda70_t1" --overwrite
 fi
 
 if [[ "$part" == sparsecpu1b || "$part" == all ]]; then
