@@ -1,4 +1,5 @@
-"""Kernel suite: the sparse-cpu kernels (bitmask16 format, its row form) against ONNX Runtime's dense MatMul, cold.
+"""Kernel suite: the sparse-cpu kernels (bitmask16 format, its row and tile forms) against ONNX Runtime's dense
+MatMul, cold.
 
 For each shape (smollm2-135m's own linears and 1B-like ones), sparsity pattern, batch and thread count, a
 dense ORT MatMul session and the sparse kernel run alternately in one process (round by round, order
@@ -42,7 +43,7 @@ from sparsedeploy.common.files import write_json_atomic  # noqa: E402
 from sparsedeploy.common.sparsity import parse_sparsity  # noqa: E402
 from sparsedeploy.common.timing import summarize  # noqa: E402
 from sparsedeploy.kernels import available_isas, byte_bound_ceiling, matmul, pack  # noqa: E402
-from sparsedeploy.kernels.native import BoundMatmul, cpu_profile, row_form  # noqa: E402
+from sparsedeploy.kernels.native import BoundMatmul, cpu_profile, row_form, tile_form  # noqa: E402
 
 log = logging.getLogger("benchmarks.speed_sparse_cpu")
 RESULTS = ROOT / "benchmarks" / "results" / "speed_sparse_cpu"
@@ -292,7 +293,8 @@ def row(
     byte_ceiling = byte_bound_ceiling(p)
     flop_ceiling = 1.0 / density if density > 0 else float("inf")
     ceiling = byte_ceiling if batch == 1 else flop_ceiling
-    read = row_form(p).kernel_nbytes if form == "rows" else p.kernel_nbytes  # bytes of the form the call read
+    # bytes of the form the call read
+    read = {"rows": row_form, "tiles": tile_form}.get(form, lambda q: q)(p).kernel_nbytes
     return {
         "shape": shape.name,
         "k": shape.k,
@@ -369,8 +371,8 @@ def markdown(result: dict) -> str:
         "(the CPU is shared with other jobs: 2-thread figures are from a contended machine).",
         "",
         "Speedup = median over rounds of (dense time / sparse time), both timed alternately in one process. "
-        "Form: what the kernels read, the bitmask16 form or its row form (CSR, uint16 columns; batches 1-32 where "
-        "it pays). "
+        "Form: what the kernels read, the bitmask16 form, its row form (CSR, uint16 columns; batches 1-32 where "
+        "it pays, prefill at 90 %) or its tile form (32 rows x 128-column K blocks; prefill). "
         "Ceiling: batch 1 the byte-bound ceiling (dense bytes / packed bytes), batch > 1 the FLOP ceiling "
         "(1 / density).",
         "",

@@ -14,8 +14,11 @@ per row. An element is stored when it is not +-0.0 (NaN payloads and denormals a
 `w * mask` leaves -0.0 wherever a negative weight was pruned, so the sign of zeros rides in `negzero` (read by
 unpack only, never by the kernels, since +-0.0 add the same to a sum): the round trip is bit-exact.
 
-The row form (`RowForm`, built by native.row_form) is derived from it in memory, never stored: the stored elements
-row by row (CSR) with uint16 columns, which the batch 1-32 kernels read where it pays (native.row_form_pays).
+Two forms are derived from it in memory, never stored, each where it pays (native.BoundMatmul.form_for):
+  the row form (`RowForm`, native.row_form): the stored elements row by row (CSR) with uint16 columns, for batches
+    1-32;
+  the tile form (`TileForm`, native.tile_form): tiles of TILE_ROWS rows, each in K blocks of TILE_COLS columns,
+    uint8 columns within the block, for prefill (batches above 32).
 """
 
 from __future__ import annotations
@@ -149,6 +152,51 @@ class RowForm:
     def kernel_nbytes(self) -> int:
         """Bytes a matmul reads (row pointers + columns + values)."""
         return int(self.row_ptr.nbytes + self.cols.nbytes + self.values.nbytes)
+
+
+TILE_ROWS = 32  # the tile form's rows a tile (sparse_cpu.c SDK_TILE_ROWS)
+TILE_COLS = 128  # its columns a K block (SDK_TILE_COLS; uint8 columns within the block)
+
+
+@dataclass(frozen=True)
+class TileForm:
+    """A weight's stored elements tile by tile, derived from a PackedLinear in memory (native.tile_form; +5 bytes a
+    stored element and one byte per 128 weights on top of the packed weight).
+
+    Tile t (rows ``TILE_ROWS t`` ..) holds ``values[tile_ptr[t]:tile_ptr[t + 1]]``, K block by K block (columns
+    ``TILE_COLS kb`` ..), within a block row by row in column order: ``counts[t, kb, i]`` elements of row i, each at
+    column ``TILE_COLS kb + cols[e]``. ``values`` ends with PAD zero floats like the bitmask form's.
+    """
+
+    tile_ptr: np.ndarray  # int64 [tiles + 1]
+    counts: np.ndarray  # uint8 [tiles, K blocks, TILE_ROWS]
+    cols: np.ndarray  # uint8 [nnz]
+    values: np.ndarray  # float32 [nnz + PAD]
+    shape: tuple[int, int]  # (N, K)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.tile_ptr[-1])
+
+    @property
+    def kernel_nbytes(self) -> int:
+        """Bytes a matmul reads (tile pointers + counts + columns + values)."""
+        return int(self.tile_ptr.nbytes + self.counts.nbytes + self.cols.nbytes + self.values.nbytes)
+
+    def to_dense(self) -> np.ndarray:
+        """W [N, K] float32 (zeros where nothing is stored): the plain reference the kernels are tested against."""
+        n, k = self.shape
+        tiles, nkb, _ = self.counts.shape
+        w = np.zeros((tiles * TILE_ROWS, nkb * TILE_COLS), dtype=np.float32)
+        e = 0
+        for t in range(tiles):
+            for kb in range(nkb):
+                for i in range(TILE_ROWS):
+                    c = int(self.counts[t, kb, i])
+                    cols = kb * TILE_COLS + self.cols[e : e + c].astype(np.int64)
+                    w[t * TILE_ROWS + i, cols] = self.values[e : e + c]
+                    e += c
+        return w[:n, :k]
 
 
 def _as(a: np.ndarray, dtype: type, shape: tuple[int, ...], name: str) -> np.ndarray:

@@ -15,7 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsedeploy.kernels.format import PAD, ROW_FORM_MAX_K, PackedLinear, RowForm, byte_bound_ceiling
+from sparsedeploy.kernels.format import (
+    PAD,
+    ROW_FORM_MAX_K,
+    TILE_COLS,
+    TILE_ROWS,
+    PackedLinear,
+    RowForm,
+    TileForm,
+    byte_bound_ceiling,
+)
 from sparsedeploy.kernels.scaled_int8 import ScaledInt8Linear
 
 __all__ = [
@@ -35,16 +44,23 @@ __all__ = [
     "row_form",
     "row_form_pays",
     "silu_mul",
+    "tile_form",
 ]
 
 # name -> the library's ISA code; ordered best first
 ISAS = {"avx512": 3, "avx2": 2, "portable": 1}
 MAX_BATCH_CHUNK = 256  # rows of x per native call (bounds the transposed copy and keeps offsets in int32)
 # The forms a packed weight is multiplied in: "bitmask" reads the PackedLinear itself, "rows" its row form
-# (format.RowForm, K up to format.ROW_FORM_MAX_K; larger batches in calls of ROW_FORM_MAX_BATCH rows of x).
-FORMS = ("bitmask", "rows")
+# (format.RowForm, K up to format.ROW_FORM_MAX_K; larger batches in calls of ROW_FORM_MAX_BATCH rows of x), "tiles"
+# its tile form (format.TileForm; in calls of TILE_FORM_BATCH rows of x).
+FORMS = ("bitmask", "rows", "tiles")
 ROW_FORM_MAX_BATCH = 32  # the row-form kernel's largest batch a call (32 lanes measured faster than 16, 24 or 64)
+TILE_FORM_BATCH = 64  # the tile-form kernel's lanes (sparse_cpu.c SDK_TILE_LANES): rows of x a call
 EXPAND_MAX_BATCH = 8  # the bitmask form expands each weight group once per batch up to this batch (sparse_cpu.c)
+# Prefill (batch > ROW_FORM_MAX_BATCH) runs in the row form up to this density, in the tile form above it: at 80 %
+# (density 0.2) the tile form measured 1.1-1.15x faster than the row form, at 85 % a tie, at 90 % the row form ahead
+# (Emerald Rapids, one thread, 5632 x 2048, batch 128, AVX-512 and AVX2; docs/sparse_cpu.md).
+PREFILL_ROWS_MAX_DENSITY = 0.15
 DENSITY_80 = 0.21  # "80 %" as a density limit: pruned per row, 80 % keeps round(0.2 K) elements, a hair over 0.2
 _NATIVE = "sparsedeploy.kernels._native"
 
@@ -90,6 +106,14 @@ def _lib() -> ctypes.CDLL:
     lib.sdk_rows_matmul.argtypes = lib.sdk_matmul.argtypes
     lib.sdk_row_form.restype = ctypes.c_int
     lib.sdk_row_form.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3
+    lib.sdk_tile_form.restype = ctypes.c_int
+    lib.sdk_tile_form.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 4
+    lib.sdk_tiles_matmul.restype = ctypes.c_int
+    lib.sdk_tiles_matmul.argtypes = (
+        [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+        + [ctypes.c_void_p] * 4
+        + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    )
     lib.sdk_cpu_profile.restype = ctypes.c_int
     lib.sdk_cpu_profile.argtypes = []
     lib.sdk_set_cpu_profile.restype = ctypes.c_int
@@ -190,15 +214,16 @@ def row_form_pays(batch: int, density: float, isa: str, profile: str = "intel") 
         from ~0.15 to ~0.45 on AVX2 ((batch + 1) / 20), whose expand costs more;
       batch 9-32 (where the bitmask form is the broadcast GEMM): at 50-90 % on every path;
       batch 33 and up (prefill; the row form in calls of ROW_FORM_MAX_BATCH rows of x, each walking the weight):
-        from density ~0.2 (at 90 % 2.9-3.3x of ORT dense against the broadcast GEMM's 1.8-2.7x, at 80 % 1.6-2.0x
-        against 1.3-1.8x; at 70 % it lost on 2048 x 2048 and on AVX2), the portable path too;
+        up to density PREFILL_ROWS_MAX_DENSITY (90 %: 2.9-3.3x of ORT dense against the broadcast GEMM's 1.8-2.7x);
+        above it the tile form (form_for) runs, which beat the row form and the bitmask GEMM at 50-80 % (at 85 %
+        a tie with the row form), the portable path too;
       the portable path up to batch 32 at every density tried (50-90 %, batch 1 and 8: 3-5x faster than its bit
         loops).
     """
     if batch < 1:
         return False
     if batch > ROW_FORM_MAX_BATCH:
-        return density <= DENSITY_80
+        return density <= PREFILL_ROWS_MAX_DENSITY
     if isa == "portable" or batch > EXPAND_MAX_BATCH:
         return True
     if batch == 1:
@@ -207,6 +232,7 @@ def row_form_pays(batch: int, density: float, isa: str, profile: str = "intel") 
 
 
 _ROW_FORMS: dict[int, RowForm] = {}
+_TILE_FORMS: dict[int, TileForm] = {}
 
 
 def row_form(p: PackedLinear) -> RowForm:
@@ -240,12 +266,45 @@ def row_form(p: PackedLinear) -> RowForm:
     return rf
 
 
+def tile_form(p: PackedLinear) -> TileForm:
+    """The tile form of a packed weight, built by the native library at the first call and kept while `p` lives."""
+    tf = _TILE_FORMS.get(id(p))
+    if tf is not None:
+        return tf
+    n, k = p.shape
+    tiles, nkb = -(-n // TILE_ROWS), -(-k // TILE_COLS)
+    tile_ptr = np.empty(tiles + 1, dtype=np.int64)
+    counts = np.empty((tiles, nkb, TILE_ROWS), dtype=np.uint8)
+    cols = np.empty(p.nnz, dtype=np.uint8)
+    values = np.zeros(p.nnz + PAD, dtype=np.float32)
+    rc = _lib().sdk_tile_form(
+        p.mask.ctypes.data,
+        p.values.ctypes.data,
+        p.block_ptr.ctypes.data,
+        n,
+        k,
+        tile_ptr.ctypes.data,
+        counts.ctypes.data,
+        cols.ctypes.data,
+        values.ctypes.data,
+    )
+    if rc != 0:
+        raise RuntimeError(f"sparse-cpu tile form failed (code {rc}) for weight {n}x{k}")
+    for a in (tile_ptr, counts, cols, values):
+        a.flags.writeable = False
+    tf = TileForm(tile_ptr=tile_ptr, counts=counts, cols=cols, values=values, shape=(n, k))
+    _TILE_FORMS[id(p)] = tf
+    weakref.finalize(p, _TILE_FORMS.pop, id(p), None)
+    return tf
+
+
 class BoundMatmul:
     """``matmul`` for one packed weight with the weight, thread and ISA checks done once.
 
     What a runtime calls for every token: ``bound(x)`` takes x float32 C-contiguous ``[B, K]`` and returns a new
-    ``[B, N]``. ``matmul`` itself goes through here. form: None picks per call (the row form where
-    ``row_form_pays``), "bitmask" or "rows" forces one (tests and benchmarks).
+    ``[B, N]``. ``matmul`` itself goes through here. form: None picks per call (``form_for``: the row form where
+    ``row_form_pays``, else the tile form above ROW_FORM_MAX_BATCH rows of x, else the bitmask form), one of FORMS
+    forces one (tests and benchmarks).
     """
 
     def __init__(
@@ -268,6 +327,7 @@ class BoundMatmul:
         self._ptrs = (p.mask.ctypes.data, p.values.ctypes.data, p.block_ptr.ctypes.data)
         self._density = p.nnz / (self.n * self.k)
         self._rows_ptrs: tuple[int, int, int] | None = None
+        self._tiles_ptrs: tuple[int, ...] | None = None
 
     def form_for(self, batch: int) -> str:
         """The form a call with `batch` rows of x runs in."""
@@ -275,7 +335,7 @@ class BoundMatmul:
             return self.form
         if self.k <= ROW_FORM_MAX_K and row_form_pays(batch, self._density, self._path, cpu_profile()):
             return "rows"
-        return "bitmask"
+        return "tiles" if batch > ROW_FORM_MAX_BATCH else "bitmask"
 
     def _rows_call(self, xb: np.ndarray, yb: np.ndarray) -> int:
         if self._rows_ptrs is None:
@@ -286,6 +346,14 @@ class BoundMatmul:
             xb.ctypes.data, xb.shape[0], self.k, row_ptr, cols, values, self.n, yb.ctypes.data, self.threads, self._code
         )
 
+    def _tiles_call(self, xb: np.ndarray, yb: np.ndarray) -> int:
+        if self._tiles_ptrs is None:
+            tf = tile_form(self.weight)
+            self._tiles_ptrs = tuple(a.ctypes.data for a in (tf.tile_ptr, tf.counts, tf.cols, tf.values))
+        return _lib().sdk_tiles_matmul(
+            xb.ctypes.data, xb.shape[0], self.k, *self._tiles_ptrs, self.n, yb.ctypes.data, self.threads, self._code
+        )
+
     def __call__(self, x2: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         _check_x("matmul", "packed weight", x2, self.n, self.k)
         b = x2.shape[0]
@@ -293,14 +361,16 @@ class BoundMatmul:
             out = np.empty((b, self.n), dtype=np.float32)
         mask, values, block_ptr = self._ptrs
         form = self.form_for(b)
-        chunk = ROW_FORM_MAX_BATCH if form == "rows" else MAX_BATCH_CHUNK
+        chunk = {"rows": ROW_FORM_MAX_BATCH, "tiles": TILE_FORM_BATCH}.get(form, MAX_BATCH_CHUNK)
         for b0 in range(0, b, chunk):
             xb, yb = x2[b0 : b0 + chunk], out[b0 : b0 + chunk]
-            if form == "rows":
-                rc = self._rows_call(xb, yb)
+            # a short last chunk of a prefill runs in the form its own size picks (the tile form's lanes would idle)
+            part = form if xb.shape[0] == chunk or form != "tiles" else self.form_for(xb.shape[0])
+            if part in ("rows", "tiles"):
+                rc = self._rows_call(xb, yb) if part == "rows" else self._tiles_call(xb, yb)
                 if rc != 0:
                     raise RuntimeError(
-                        f"sparse-cpu row-form kernel failed (code {rc}) for x {xb.shape}, weight {self.n}x{self.k}, "
+                        f"sparse-cpu {part} kernel failed (code {rc}) for x {xb.shape}, weight {self.n}x{self.k}, "
                         f"isa {self.isa}"
                     )
                 continue
@@ -367,7 +437,7 @@ def matmul(
 
     threads: worker threads (None: the CPUs this process may run on). isa: force a dispatch path
     ("avx512", "avx2", "portable"; None: the best this CPU runs). out: optional C-contiguous float32 [B, N].
-    form: force "bitmask" or "rows" (None: the faster for the batch, see row_form_pays).
+    form: force one of FORMS (None: the faster for the batch, see BoundMatmul.form_for).
     """
     bound = BoundMatmul(p, threads, isa, form)
     n, k = p.shape

@@ -144,17 +144,113 @@ def test_row_form_is_built_once_and_dropped_with_its_weight():
     assert key not in kernels._ROW_FORMS
 
 
+TILE_WEIGHTS = {
+    "3 tiles x 3 K blocks, partial last of each, 70%": pruned(70, 300, 0.7, 4),
+    "full 128-column blocks (count 128)": pruned(40, 256, 0.0, 5),
+    "one row, K=129": pruned(1, 129, 0.5, 6),
+}
+
+
 @pytest.mark.parametrize("isa", ISAS)
-def test_the_form_is_picked_per_batch_by_row_form_pays(isa, profile):
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 7, 33, 64, 65, 97, 130])  # padded lanes, one call, a short last call
+@pytest.mark.parametrize("name", list(WEIGHTS) + list(TILE_WEIGHTS))
+def test_tile_form_matches_dense_reference(name, batch, threads, isa):
+    w = WEIGHTS.get(name, TILE_WEIGHTS.get(name))
+    x = np.random.default_rng(batch).standard_normal((batch, w.shape[1])).astype(np.float32)
+    check(x, w, matmul(x, pack(w), threads=threads, isa=isa, form="tiles"))
+
+
+def tile_reference(w):
+    """The tile form by definition: per tile of 32 rows, per K block of 128 columns, per row, its stored elements
+    (not +-0.0) in column order, each column counted from its block's first."""
+    n, k = w.shape
+    stored = (w.view(np.uint32) & np.uint32(0x7FFFFFFF)) != 0
+    tiles, nkb = -(-n // 32), -(-k // 128)
+    tile_ptr, counts, cols, values = [0], np.zeros((tiles, nkb, 32), np.uint8), [], []
+    for t in range(tiles):
+        for kb in range(nkb):
+            for i in range(32):
+                r = 32 * t + i
+                if r >= n:  # rows past N: none stored
+                    continue
+                c = np.nonzero(stored[r, 128 * kb : 128 * (kb + 1)])[0]
+                counts[t, kb, i] = len(c)
+                cols += list(c)
+                values += list(w[r, 128 * kb + c])
+        tile_ptr.append(len(cols))
+    return np.array(tile_ptr), counts, np.array(cols, np.uint8), np.array(values, np.float32)
+
+
+@pytest.mark.parametrize("name", list(WEIGHTS) + list(TILE_WEIGHTS) + ["nan, denormal, -0.0"])
+def test_tile_form_is_the_stored_elements_tile_by_tile(name):
+    if name == "nan, denormal, -0.0":
+        w = pruned(41, 150, 0.5, 5)
+        w[0, 3], w[1, 140], w[33, 5] = np.float32(np.nan), np.float32(1e-42), np.float32(-0.0)
+        w.view(np.uint32)[40, 130] = 0x7FC00123  # a NaN payload
+    else:
+        w = WEIGHTS.get(name, TILE_WEIGHTS.get(name))
+    tf = kernels.tile_form(pack(w))
+    tile_ptr, counts, cols, values = tile_reference(w)
+    assert tf.shape == w.shape and tf.nnz == len(cols)
+    assert tf.tile_ptr.dtype == np.int64 and np.array_equal(tf.tile_ptr, tile_ptr)
+    assert tf.counts.dtype == np.uint8 and np.array_equal(tf.counts, counts)
+    assert tf.cols.dtype == np.uint8 and np.array_equal(tf.cols, cols)
+    assert np.array_equal(tf.values[: tf.nnz].view(np.uint32), values.view(np.uint32))  # bit for bit
+    assert len(tf.values) == tf.nnz + PAD and not tf.values[tf.nnz :].any()
+    assert not any(a.flags.writeable for a in (tf.tile_ptr, tf.counts, tf.cols, tf.values))
+    assert tf.kernel_nbytes == 8 * (counts.shape[0] + 1) + counts.size + 5 * tf.nnz + 4 * PAD
+    dense = w.copy()
+    dense[(w.view(np.uint32) & np.uint32(0x7FFFFFFF)) == 0] = 0.0  # -0.0 is not stored: it comes back as +0.0
+    assert np.array_equal(tf.to_dense().view(np.uint32), dense.view(np.uint32))
+
+
+def test_tile_form_is_built_once_and_dropped_with_its_weight():
+    p = pack(pruned(30, 40, 0.8))
+    tf = kernels.tile_form(p)
+    assert kernels.tile_form(p) is tf
+    key = id(p)
+    del p
+    gc.collect()
+    assert key not in kernels._TILE_FORMS
+
+
+def test_tile_form_kernel_refuses_what_it_cannot_hold():
+    tf = kernels.tile_form(pack(pruned(4, 30, 0.5)))
+    y = np.zeros((kernels.TILE_FORM_BATCH + 1, 4), np.float32)
+    x = np.zeros((kernels.TILE_FORM_BATCH + 1, 30), np.float32)
+    for b in (kernels.TILE_FORM_BATCH + 1, 0):
+        rc = kernels._lib().sdk_tiles_matmul(
+            x.ctypes.data,
+            b,
+            30,
+            tf.tile_ptr.ctypes.data,
+            tf.counts.ctypes.data,
+            tf.cols.ctypes.data,
+            tf.values.ctypes.data,
+            4,
+            y.ctypes.data,
+            1,
+            0,
+        )
+        assert rc == -1
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_the_form_is_picked_per_batch(isa, profile):
     for sparsity in (0.5, 0.7, 0.85, 0.95):
         w = pruned(40, 64, sparsity, 7)
         p = pack(w)
         bound = kernels.BoundMatmul(p, threads=1, isa=isa)
         density = p.nnz / w.size
-        picked = {b: bound.form_for(b) for b in range(1, 45)}
-        assert picked == {b: "rows" if kernels.row_form_pays(b, density, isa, profile) else "bitmask" for b in picked}
+        picked = {b: bound.form_for(b) for b in range(1, 70)}
+        assert picked == {
+            b: "rows" if kernels.row_form_pays(b, density, isa, profile) else "tiles" if b > 32 else "bitmask"
+            for b in picked
+        }
         assert picked[16] == "rows"
-        for b in (1, 2, 8, 16):
+        assert picked[64] == ("rows" if density <= kernels.PREFILL_ROWS_MAX_DENSITY else "tiles")
+        for b in (1, 2, 8, 16, 64, 97):  # 97: two tile-form calls and a last one of 33 rows
             x = np.random.default_rng(b).standard_normal((b, 64)).astype(np.float32)
             check(x, w, bound(x))
 
@@ -174,7 +270,7 @@ def test_row_form_pays_grows_with_sparsity_and_batch():
     # the portable path's bit loops lose at any density up to batch 32; past 32 (prefill) only sparse weights
     assert all(kernels.row_form_pays(b, 1.0, "portable") for b in range(1, 33))
     for isa in ("avx512", "avx2", "portable"):
-        assert kernels.row_form_pays(128, 0.1, isa) and not kernels.row_form_pays(128, 0.3, isa)
+        assert kernels.row_form_pays(128, 0.1, isa) and not kernels.row_form_pays(128, 0.2, isa)
 
 
 def test_row_form_limits():
@@ -186,8 +282,10 @@ def test_row_form_limits():
     with pytest.raises(ValueError, match="row form holds K up to 65536"):
         kernels.BoundMatmul(p, form="rows")
     bound = kernels.BoundMatmul(p, threads=1)
-    assert bound.form_for(8) == "bitmask"  # too wide for uint16 columns: the bitmask form serves every batch
-    x = np.random.default_rng(0).standard_normal((8, k)).astype(np.float32)
+    # too wide for uint16 columns: the bitmask form serves batches up to 32, the tile form (no K limit) prefill
+    assert bound.form_for(8) == "bitmask" and bound.form_for(33) == "tiles"
+    x = np.random.default_rng(0).standard_normal((33, k)).astype(np.float32)
+    check(x[:8], w, bound(x[:8]))
     check(x, w, bound(x))
     with pytest.raises(ValueError, match="unknown form 'csr'"):
         kernels.BoundMatmul(p, form="csr")

@@ -50,6 +50,12 @@ enum { ERR_ISA = -2, ERR_ARGS = -1, ERR_NOMEM = -3 };
 #define SDK_EXPAND_MAX_B 8
 #define SDK_ROWFORM_MAX_B 32 /* the row form's largest batch (x transposed [K, 32] is 256 KB at K = 2048) */
 #define SDK_ROWFORM_MAX_K 65536 /* uint16 columns */
+/* The tile form (prefill): tiles of SDK_TILE_ROWS rows, each walked in K blocks of SDK_TILE_COLS columns (uint8 column
+ * within the block); x transposed [K, SDK_TILE_LANES], one 32 KB K block of it (128 columns x 64 lanes) stays in L1 while
+ * the tile's rows go by. Measured against other shapes on Emerald Rapids (docs/sparse_cpu.md). */
+#define SDK_TILE_ROWS 32
+#define SDK_TILE_COLS 128
+#define SDK_TILE_LANES 64
 /* x transposed is walked in K blocks of about SDK_XBLOCK_BYTES at density >= 0.3, larger in proportion below that
  * (up to 4x): 48 KB (mostly L1) measured 1.10-1.25x faster than 192 KB (L2) at batch 64 and 128, 50 and 70 %,
  * one thread, cold 1B-like shapes (24 and 96 KB in between), but at 90 % a row has too few stored elements in
@@ -88,6 +94,9 @@ typedef struct {
     const float *scales;
     const int64_t *row_ptr;   /* row-form job (sdk_rows_matmul): [N + 1]; NULL for a bitmask16 job */
     const uint16_t *cols;     /* row form: the column of each stored element */
+    const int64_t *tile_ptr;  /* tile-form job (sdk_tiles_matmul): [tiles + 1]; NULL otherwise */
+    const uint8_t *tile_counts; /* tile form: [tiles, K blocks, SDK_TILE_ROWS] stored elements of each row in each block */
+    const uint8_t *tile_cols; /* tile form: each stored element's column within its K block */
 } job_t;
 
 /* The 4 rows' masks of group g of block blk, row i in bits 16 i .. 16 i + 15. */
@@ -255,6 +264,66 @@ static void rows_portable(const job_t *j, int64_t r0, int64_t r1) {
         rows_store(j, r, out);
     }
 }
+
+/* Tile form (format.TileForm): tile t's stored elements start at tile_ptr[t]; within a tile, K block by K block, row by
+ * row (tile_counts gives each row's count in each block), each element's column within its block (uint8) and value.
+ * x transposed [K, SDK_TILE_LANES]. Each tile's 32 rows keep their partial sums in `yt` while its K blocks go by, so
+ * the weight is one sequential stream and each 32 KB block of x is reused by the tile's rows from L1 (the row form's
+ * columns range over all of x, 256 KB at K = 2048, from L2). Tiles [t0, t1). */
+#define TILES_BODY(VEC, PFX, W, A)                                                                           \
+    do {                                                                                                     \
+        enum { T = SDK_TILE_LANES / (W) };                                                                   \
+        const int64_t nkb = (j->k + SDK_TILE_COLS - 1) / SDK_TILE_COLS;                                      \
+        float yt[SDK_TILE_ROWS][SDK_TILE_LANES] __attribute__((aligned(64)));                                \
+        for (int64_t t = t0; t < t1; t++) {                                                                  \
+            const uint8_t *cnt = j->tile_counts + t * nkb * SDK_TILE_ROWS;                                   \
+            const uint8_t *c8 = j->tile_cols + j->tile_ptr[t];                                               \
+            const float *v = j->values + j->tile_ptr[t];                                                     \
+            for (int64_t kb = 0; kb < nkb; kb++) {                                                           \
+                const float *xb = j->x + kb * SDK_TILE_COLS * SDK_TILE_LANES;                                \
+                for (int i = 0; i < SDK_TILE_ROWS; i++) {                                                    \
+                    const int c = *cnt++;                                                                    \
+                    VEC acc[A][T];                                                                           \
+                    for (int t_ = 0; t_ < T; t_++) {                                                         \
+                        acc[0][t_] = kb ? PFX##_load_ps(yt[i] + (W) * t_) : PFX##_setzero_ps();              \
+                        for (int a = 1; a < A; a++) acc[a][t_] = PFX##_setzero_ps();                         \
+                    }                                                                                        \
+                    int e = 0;                                                                               \
+                    for (; e + A <= c; e += A) {                                                             \
+                        if ((e & 15) < A) prefetch_stream(v + e, SDK_PREFETCH_VALUE_BYTES / 2);              \
+                        for (int a = 0; a < A; a++) {                                                        \
+                            const VEC w = PFX##_set1_ps(v[e + a]);                                           \
+                            const float *xp = xb + (int64_t)c8[e + a] * SDK_TILE_LANES;                      \
+                            for (int t_ = 0; t_ < T; t_++)                                                   \
+                                acc[a][t_] = PFX##_fmadd_ps(w, PFX##_load_ps(xp + (W) * t_), acc[a][t_]);    \
+                        }                                                                                    \
+                    }                                                                                        \
+                    for (; e < c; e++) {                                                                     \
+                        const VEC w = PFX##_set1_ps(v[e]);                                                   \
+                        const float *xp = xb + (int64_t)c8[e] * SDK_TILE_LANES;                              \
+                        for (int t_ = 0; t_ < T; t_++)                                                       \
+                            acc[0][t_] = PFX##_fmadd_ps(w, PFX##_load_ps(xp + (W) * t_), acc[0][t_]);        \
+                    }                                                                                        \
+                    v += c;                                                                                  \
+                    c8 += c;                                                                                 \
+                    for (int a = 1; a < A; a++)                                                              \
+                        for (int t_ = 0; t_ < T; t_++) acc[0][t_] = PFX##_add_ps(acc[0][t_], acc[a][t_]);    \
+                    for (int t_ = 0; t_ < T; t_++) PFX##_store_ps(yt[i] + (W) * t_, acc[0][t_]);             \
+                }                                                                                            \
+            }                                                                                                \
+            const int64_t r0 = t * SDK_TILE_ROWS;                                                            \
+            for (int i = 0; i < SDK_TILE_ROWS && r0 + i < j->n; i++) rows_store(j, r0 + i, yt[i]);           \
+        }                                                                                                    \
+    } while (0)
+/* Portable: 8-lane "vectors" of plain floats, a fixed-width loop the compiler vectorizes. */
+typedef struct { float f[8]; } vec8_t;
+static inline vec8_t p8_setzero_ps(void) { vec8_t r = {{0}}; return r; }
+static inline vec8_t p8_load_ps(const float *p) { vec8_t r; memcpy(r.f, p, sizeof r.f); return r; }
+static inline void p8_store_ps(float *p, vec8_t a) { memcpy(p, a.f, sizeof a.f); }
+static inline vec8_t p8_set1_ps(float w) { vec8_t r; for (int l = 0; l < 8; l++) r.f[l] = w; return r; }
+static inline vec8_t p8_fmadd_ps(vec8_t w, vec8_t x, vec8_t a) { for (int l = 0; l < 8; l++) a.f[l] += w.f[l] * x.f[l]; return a; }
+static inline vec8_t p8_add_ps(vec8_t a, vec8_t b) { for (int l = 0; l < 8; l++) a.f[l] += b.f[l]; return a; }
+static void tiles_portable(const job_t *j, int64_t t0, int64_t t1) { TILES_BODY(vec8_t, p8, 8, 1); }
 
 #if SDK_X86
 /* ------------------------------------------------------------------------------------------------ AVX2 */
@@ -677,6 +746,13 @@ __attribute__((target("avx512f,avx2,fma,popcnt"))) static void rows_avx512(const
     if (j->bp == 16) ROWS_BODY(__m512, _mm512, 16, 1, 4);
     else ROWS_BODY(__m512, _mm512, 16, 2, 4);
 }
+/* Tile form: AVX2 8 vectors of 8 lanes an element (8 accumulators: A = 1; 16 registers), AVX-512 4 of 16 (A = 2). */
+__attribute__((target("avx2,fma,popcnt"))) static void tiles_avx2(const job_t *j, int64_t t0, int64_t t1) {
+    TILES_BODY(__m256, _mm256, 8, 1);
+}
+__attribute__((target("avx512f,avx2,fma,popcnt"))) static void tiles_avx512(const job_t *j, int64_t t0, int64_t t1) {
+    TILES_BODY(__m512, _mm512, 16, 2);
+}
 #endif /* SDK_X86 */
 
 #if SDK_X86
@@ -830,6 +906,14 @@ static void run_part(const job_t *j, int chunk) {
     const int64_t b0 = j->bounds[chunk], b1 = j->bounds[chunk + 1];
     if (b0 >= b1) return;
     if (j->q) { int8_part(j, b0, b1); return; }
+    if (j->tile_ptr) {
+#if SDK_X86
+        if (j->isa == ISA_AVX512) { tiles_avx512(j, b0, b1); return; }
+        if (j->isa == ISA_AVX2) { tiles_avx2(j, b0, b1); return; }
+#endif
+        tiles_portable(j, b0, b1);
+        return;
+    }
     if (j->row_ptr) {
 #if SDK_X86
         if (j->bp == 1 && (j->isa == ISA_AVX512 || j->isa == ISA_AVX2)) { rows_gemv_fma(j, b0, b1); return; }
@@ -1134,6 +1218,77 @@ SDK_EXPORT int sdk_rows_matmul(const float *x, int64_t b, int64_t k, const int64
     int64_t nchunks = threads == 1 ? 1 : (int64_t)threads * SDK_CHUNKS_PER_THREAD;
     if (nchunks > n) nchunks = n;
     balance(&j, (int)nchunks, row_ptr, n, 16); /* per row: its reduction and b scattered stores */
+    pool_run(&j, threads);
+    pthread_mutex_unlock(&pool.call_lock);
+    return atomic_load(&failed) ? ERR_NOMEM : 0;
+}
+
+/* The tile form of a bitmask16-v2 weight (format.TileForm): tiles = ceil(n / 32), K blocks = ceil(k / 128);
+ * tile_ptr [tiles + 1], counts [tiles * K blocks * 32] (rows past n: 0), cols uint8 [nnz], out_values [nnz] (the caller
+ * adds the padding). */
+SDK_EXPORT int sdk_tile_form(const uint16_t *mask, const float *values, const int64_t *block_ptr, int64_t n, int64_t k,
+                             int64_t *tile_ptr, uint8_t *counts, uint8_t *cols, float *out_values) {
+    if (n < 1 || k < 1 || !mask || !values || !block_ptr || !tile_ptr || !counts || !cols || !out_values)
+        return ERR_ARGS;
+    const job_t j = {.mask = mask, .n = n, .g = (k + 15) / 16, .nb = (n + SDK_ROWS - 1) / SDK_ROWS};
+    enum { BLOCKS = SDK_TILE_ROWS / SDK_ROWS, GROUPS = SDK_TILE_COLS / 16 };
+    const int64_t tiles = (n + SDK_TILE_ROWS - 1) / SDK_TILE_ROWS, nkb = (k + SDK_TILE_COLS - 1) / SDK_TILE_COLS;
+    int64_t c = 0;
+    for (int64_t t = 0; t < tiles; t++) {
+        tile_ptr[t] = c;
+        int64_t cur[BLOCKS]; /* each block's values at the current K block */
+        for (int b = 0; b < BLOCKS; b++) cur[b] = t * BLOCKS + b < j.nb ? block_ptr[t * BLOCKS + b] : 0;
+        for (int64_t kb = 0; kb < nkb; kb++) {
+            const int64_t g0 = kb * GROUPS, g1 = g0 + GROUPS < j.g ? g0 + GROUPS : j.g;
+            for (int b = 0; b < BLOCKS; b++) {
+                const int64_t blk = t * BLOCKS + b;
+                const int rows = blk < j.nb ? rows_in_block(&j, blk) : 0;
+                int64_t goff[GROUPS + 1]; /* where each group's values start */
+                goff[0] = cur[b];
+                for (int64_t g = g0; g < g1 && rows; g++)
+                    goff[g - g0 + 1] = goff[g - g0] + __builtin_popcountll(group_masks(&j, blk, g));
+                for (int i = 0; i < SDK_ROWS; i++) {
+                    int count = 0;
+                    for (int64_t g = g0; g < g1 && i < rows; g++) {
+                        const uint64_t mm = group_masks(&j, blk, g);
+                        const float *vr = values + goff[g - g0] + before_row(mm, i);
+                        for (unsigned bits = row_mask(mm, i); bits; bits &= bits - 1) {
+                            cols[c] = (uint8_t)((g - g0) * 16 + __builtin_ctz(bits));
+                            out_values[c++] = *vr++;
+                            count++;
+                        }
+                    }
+                    *counts++ = (uint8_t)count;
+                }
+                if (rows) cur[b] = goff[g1 - g0];
+            }
+        }
+    }
+    tile_ptr[tiles] = c;
+    return 0;
+}
+
+/* y[b, n] = sum_k x[b, k] * W[n, k] for W in the tile form (sdk_tile_form's arrays), b <= 64. isa and threads as
+ * sdk_matmul. */
+SDK_EXPORT int sdk_tiles_matmul(const float *x, int64_t b, int64_t k, const int64_t *tile_ptr, const uint8_t *counts,
+                                const uint8_t *cols, const float *values, int64_t n, float *y, int threads, int isa) {
+    if (b < 1 || b > SDK_TILE_LANES || k < 1 || n < 1 || !x || !tile_ptr || !counts || !cols || !values || !y ||
+        threads < 1)
+        return ERR_ARGS;
+    const int rc = prepare_call(&threads, &isa);
+    if (rc) return rc;
+    const int64_t tiles = (n + SDK_TILE_ROWS - 1) / SDK_TILE_ROWS, nkb = (k + SDK_TILE_COLS - 1) / SDK_TILE_COLS;
+    atomic_int failed = 0;
+    job_t j = {.failed = &failed, .values = values, .y = y, .n = n, .k = k, .b = b, .bp = SDK_TILE_LANES, .isa = isa,
+               .tile_ptr = tile_ptr, .tile_counts = counts, .tile_cols = cols};
+    if (threads > tiles) threads = (int)tiles;
+    pthread_mutex_lock(&pool.call_lock);
+    if (reserve_scratch(k * SDK_TILE_LANES)) { pthread_mutex_unlock(&pool.call_lock); return ERR_NOMEM; }
+    transpose_x(x, b, k, SDK_TILE_LANES, scratch);
+    j.x = scratch;
+    int64_t nchunks = threads == 1 ? 1 : (int64_t)threads * SDK_CHUNKS_PER_THREAD;
+    if (nchunks > tiles) nchunks = tiles;
+    balance(&j, (int)nchunks, tile_ptr, tiles, nkb * SDK_TILE_ROWS * 8); /* per tile: its row visits */
     pool_run(&j, threads);
     pthread_mutex_unlock(&pool.call_lock);
     return atomic_load(&failed) ? ERR_NOMEM : 0;
