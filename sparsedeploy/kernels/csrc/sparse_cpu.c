@@ -265,6 +265,15 @@ static void rows_portable(const job_t *j, int64_t r0, int64_t r1) {
     }
 }
 
+/* Rows r0 .. r0 + rows - 1 of y from a tile's sums yt [rows][SDK_TILE_LANES], batch row by batch row: each batch row's
+ * outputs are consecutive in y, so they go out as one run (one or two pages), where a row at a time would write one
+ * float to each of the batch's rows of y (b pages apart by N floats: a TLB miss a store at large N). */
+static inline void tile_store(const job_t *j, int64_t r0, int rows, const float *yt) {
+    for (int64_t b = 0; b < j->b; b++) {
+        float *yo = j->y + b * j->n + r0;
+        for (int i = 0; i < rows; i++) yo[i] = yt[i * SDK_TILE_LANES + b];
+    }
+}
 /* Tile form (format.TileForm): tile t's stored elements start at tile_ptr[t]; within a tile, K block by K block, row by
  * row (tile_counts gives each row's count in each block), each element's column within its block (uint8) and value.
  * x transposed [K, SDK_TILE_LANES]. Each tile's 32 rows keep their partial sums in `yt` while its K blocks go by, so
@@ -312,7 +321,7 @@ static void rows_portable(const job_t *j, int64_t r0, int64_t r1) {
                 }                                                                                            \
             }                                                                                                \
             const int64_t r0 = t * SDK_TILE_ROWS;                                                            \
-            for (int i = 0; i < SDK_TILE_ROWS && r0 + i < j->n; i++) rows_store(j, r0 + i, yt[i]);           \
+            tile_store(j, r0, j->n - r0 < SDK_TILE_ROWS ? (int)(j->n - r0) : SDK_TILE_ROWS, yt[0]);          \
         }                                                                                                    \
     } while (0)
 /* Portable: 8-lane "vectors" of plain floats, a fixed-width loop the compiler vectorizes. */
