@@ -225,6 +225,17 @@ static void gemm_row_portable(const job_t *j, const float *v, const int32_t *off
 static inline void rows_store(const job_t *j, int64_t r, const float *acc) {
     for (int64_t b = 0; b < j->b; b++) j->y[b * j->n + r] = acc[b];
 }
+/* Rows r0 .. r0 + rows - 1 of y from their sums (row i's batch vector at sums + i * ld), batch row by batch row: each
+ * batch row's outputs are consecutive in y, so they go out as one run, where a row at a time writes one float to
+ * each batch row of y (N floats apart: another page every store at large N). The row-form loops collect
+ * SDK_STORE_ROWS rows for it, the tile form a tile. */
+#define SDK_STORE_ROWS 16
+static inline void store_rows(const job_t *j, int64_t r0, int rows, const float *sums, int64_t ld) {
+    for (int64_t b = 0; b < j->b; b++) {
+        float *yo = j->y + b * j->n + r0;
+        for (int i = 0; i < rows; i++) yo[i] = sums[i * ld + b];
+    }
+}
 /* Batch 1: x itself (bp = 1), a scalar multiply-add per stored element, 8 independent sums (the x loads are
  * scattered: nothing to vectorize without a gather); the value and column streams are prefetched ahead. */
 #define ROWS_GEMV_BODY                                                                                       \
@@ -265,15 +276,6 @@ static void rows_portable(const job_t *j, int64_t r0, int64_t r1) {
     }
 }
 
-/* Rows r0 .. r0 + rows - 1 of y from a tile's sums yt [rows][SDK_TILE_LANES], batch row by batch row: each batch row's
- * outputs are consecutive in y, so they go out as one run (one or two pages), where a row at a time would write one
- * float to each of the batch's rows of y (b pages apart by N floats: a TLB miss a store at large N). */
-static inline void tile_store(const job_t *j, int64_t r0, int rows, const float *yt) {
-    for (int64_t b = 0; b < j->b; b++) {
-        float *yo = j->y + b * j->n + r0;
-        for (int i = 0; i < rows; i++) yo[i] = yt[i * SDK_TILE_LANES + b];
-    }
-}
 /* Tile form (format.TileForm): tile t's stored elements start at tile_ptr[t]; within a tile, K block by K block, row by
  * row (tile_counts gives each row's count in each block), each element's column within its block (uint8) and value.
  * x transposed [K, SDK_TILE_LANES]. Each tile's 32 rows keep their partial sums in `yt` while its K blocks go by, so
@@ -321,7 +323,8 @@ static inline void tile_store(const job_t *j, int64_t r0, int rows, const float 
                 }                                                                                            \
             }                                                                                                \
             const int64_t r0 = t * SDK_TILE_ROWS;                                                            \
-            tile_store(j, r0, j->n - r0 < SDK_TILE_ROWS ? (int)(j->n - r0) : SDK_TILE_ROWS, yt[0]);          \
+            store_rows(j, r0, j->n - r0 < SDK_TILE_ROWS ? (int)(j->n - r0) : SDK_TILE_ROWS, yt[0],            \
+                       SDK_TILE_LANES);                                                                      \
         }                                                                                                    \
     } while (0)
 /* Portable: 8-lane "vectors" of plain floats, a fixed-width loop the compiler vectorizes. */
@@ -707,6 +710,8 @@ __attribute__((target("avx512f,avx2,fma,popcnt"))) static void gemm_row_avx512(c
         const float *vals = j->values;                                                                       \
         const uint16_t *cols = j->cols;                                                                      \
         const int64_t bp = j->bp;                                                                            \
+        float out[SDK_STORE_ROWS][W * T] __attribute__((aligned(64)));                                       \
+        int64_t rs = r0; /* the first row of those collected in out */                                       \
         for (int64_t r = r0; r < r1; r++) {                                                                  \
             int64_t e = j->row_ptr[r];                                                                       \
             const int64_t e1 = j->row_ptr[r + 1];                                                            \
@@ -730,9 +735,11 @@ __attribute__((target("avx512f,avx2,fma,popcnt"))) static void gemm_row_avx512(c
             }                                                                                                \
             for (int a = 1; a < A; a++)                                                                      \
                 for (int t = 0; t < T; t++) acc[0][t] = PFX##_add_ps(acc[0][t], acc[a][t]);                  \
-            float out[W * T] __attribute__((aligned(64)));                                                   \
-            for (int t = 0; t < T; t++) PFX##_store_ps(out + W * t, acc[0][t]);                              \
-            rows_store(j, r, out);                                                                           \
+            for (int t = 0; t < T; t++) PFX##_store_ps(out[r - rs] + W * t, acc[0][t]);                      \
+            if (r + 1 - rs == SDK_STORE_ROWS || r + 1 == r1) {                                               \
+                store_rows(j, rs, (int)(r + 1 - rs), out[0], W * T);                                         \
+                rs = r + 1;                                                                                  \
+            }                                                                                                \
         }                                                                                                    \
     } while (0)
 
