@@ -183,21 +183,6 @@ class TileForm:
         """Bytes a matmul reads (tile pointers + counts + columns + values)."""
         return int(self.tile_ptr.nbytes + self.counts.nbytes + self.cols.nbytes + self.values.nbytes)
 
-    def to_dense(self) -> np.ndarray:
-        """W [N, K] float32 (zeros where nothing is stored): the plain reference the kernels are tested against."""
-        n, k = self.shape
-        tiles, nkb, _ = self.counts.shape
-        w = np.zeros((tiles * TILE_ROWS, nkb * TILE_COLS), dtype=np.float32)
-        e = 0
-        for t in range(tiles):
-            for kb in range(nkb):
-                for i in range(TILE_ROWS):
-                    c = int(self.counts[t, kb, i])
-                    cols = kb * TILE_COLS + self.cols[e : e + c].astype(np.int64)
-                    w[t * TILE_ROWS + i, cols] = self.values[e : e + c]
-                    e += c
-        return w[:n, :k]
-
 
 def _as(a: np.ndarray, dtype: type, shape: tuple[int, ...], name: str) -> np.ndarray:
     a = np.asarray(a)

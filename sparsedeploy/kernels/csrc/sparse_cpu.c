@@ -16,6 +16,9 @@
  * sdk_rows_matmul multiplies by the row form (CSR with uint16 columns, built from this format by sdk_row_form and
  * held in memory beside it): batch 1-32 where it pays (kernels/native.py row_form_pays), one broadcast + FMA per
  * stored element and vector of batch lanes (batch 1: a scalar multiply-add), no per-group decode.
+ * sdk_tiles_matmul multiplies by the tile form (tiles of 32 rows in K blocks of 128 columns, uint8 columns within
+ * the block, built by sdk_tile_form and held beside it): prefill, 64 rows of x a call, each tile's rows reusing one
+ * 32 KB block of x from L1 while the weight streams by once.
  * A portable plain-C path compiles anywhere. ISA is picked at run time (__builtin_cpu_supports on x86).
  * Threads: a persistent pool; blocks are split into contiguous chunks of equal work (stored elements +
  * groups), a few per thread, claimed dynamically (robust when the OS runs other work on the same cores).
@@ -50,9 +53,9 @@ enum { ERR_ISA = -2, ERR_ARGS = -1, ERR_NOMEM = -3 };
 #define SDK_EXPAND_MAX_B 8
 #define SDK_ROWFORM_MAX_B 32 /* the row form's largest batch (x transposed [K, 32] is 256 KB at K = 2048) */
 #define SDK_ROWFORM_MAX_K 65536 /* uint16 columns */
-/* The tile form (prefill): tiles of SDK_TILE_ROWS rows, each walked in K blocks of SDK_TILE_COLS columns (uint8 column
- * within the block); x transposed [K, SDK_TILE_LANES], one 32 KB K block of it (128 columns x 64 lanes) stays in L1 while
- * the tile's rows go by. Measured against other shapes on Emerald Rapids (docs/sparse_cpu.md). */
+/* The tile form (prefill): tiles of SDK_TILE_ROWS rows, each walked in K blocks of SDK_TILE_COLS columns (uint8
+ * column within the block); x transposed [K, SDK_TILE_LANES], one 32 KB K block of it (128 columns x 64 lanes) stays
+ * in L1 while the tile's rows go by. Measured against other shapes on Emerald Rapids (docs/sparse_cpu.md). */
 #define SDK_TILE_ROWS 32
 #define SDK_TILE_COLS 128
 #define SDK_TILE_LANES 64
@@ -95,7 +98,7 @@ typedef struct {
     const int64_t *row_ptr;   /* row-form job (sdk_rows_matmul): [N + 1]; NULL for a bitmask16 job */
     const uint16_t *cols;     /* row form: the column of each stored element */
     const int64_t *tile_ptr;  /* tile-form job (sdk_tiles_matmul): [tiles + 1]; NULL otherwise */
-    const uint8_t *tile_counts; /* tile form: [tiles, K blocks, SDK_TILE_ROWS] stored elements of each row in each block */
+    const uint8_t *tile_counts; /* tile form: [tiles, K blocks, SDK_TILE_ROWS] each row's stored elements a block */
     const uint8_t *tile_cols; /* tile form: each stored element's column within its K block */
 } job_t;
 
@@ -333,8 +336,14 @@ static inline vec8_t p8_setzero_ps(void) { vec8_t r = {{0}}; return r; }
 static inline vec8_t p8_load_ps(const float *p) { vec8_t r; memcpy(r.f, p, sizeof r.f); return r; }
 static inline void p8_store_ps(float *p, vec8_t a) { memcpy(p, a.f, sizeof a.f); }
 static inline vec8_t p8_set1_ps(float w) { vec8_t r; for (int l = 0; l < 8; l++) r.f[l] = w; return r; }
-static inline vec8_t p8_fmadd_ps(vec8_t w, vec8_t x, vec8_t a) { for (int l = 0; l < 8; l++) a.f[l] += w.f[l] * x.f[l]; return a; }
-static inline vec8_t p8_add_ps(vec8_t a, vec8_t b) { for (int l = 0; l < 8; l++) a.f[l] += b.f[l]; return a; }
+static inline vec8_t p8_fmadd_ps(vec8_t w, vec8_t x, vec8_t a) {
+    for (int l = 0; l < 8; l++) a.f[l] += w.f[l] * x.f[l];
+    return a;
+}
+static inline vec8_t p8_add_ps(vec8_t a, vec8_t b) {
+    for (int l = 0; l < 8; l++) a.f[l] += b.f[l];
+    return a;
+}
 static void tiles_portable(const job_t *j, int64_t t0, int64_t t1) { TILES_BODY(vec8_t, p8, 8, 1); }
 
 #if SDK_X86
