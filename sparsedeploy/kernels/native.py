@@ -235,6 +235,26 @@ _ROW_FORMS: dict[int, RowForm] = {}
 _TILE_FORMS: dict[int, TileForm] = {}
 
 
+def _derive(p: PackedLinear, what: str, build, *arrays: np.ndarray) -> None:
+    """Fill `arrays` (a derived form's, in the library's argument order) from the packed weight with the library's
+    `build` call, then make them read-only."""
+    n, k = p.shape
+    rc = build(
+        p.mask.ctypes.data, p.values.ctypes.data, p.block_ptr.ctypes.data, n, k, *(a.ctypes.data for a in arrays)
+    )
+    if rc != 0:
+        raise RuntimeError(f"sparse-cpu {what} failed (code {rc}) for weight {n}x{k}")
+    for a in arrays:
+        a.flags.writeable = False
+
+
+def _kept(cache: dict, p: PackedLinear, form):
+    """Keep `form` in `cache` while `p` lives (keyed by id: a PackedLinear is not hashable by value)."""
+    cache[id(p)] = form
+    weakref.finalize(p, cache.pop, id(p), None)
+    return form
+
+
 def row_form(p: PackedLinear) -> RowForm:
     """The row form of a packed weight, built by the native library at the first call and kept while `p` lives."""
     rf = _ROW_FORMS.get(id(p))
@@ -246,24 +266,8 @@ def row_form(p: PackedLinear) -> RowForm:
     row_ptr = np.empty(n + 1, dtype=np.int64)
     cols = np.empty(p.nnz, dtype=np.uint16)
     values = np.zeros(p.nnz + PAD, dtype=np.float32)
-    rc = _lib().sdk_row_form(
-        p.mask.ctypes.data,
-        p.values.ctypes.data,
-        p.block_ptr.ctypes.data,
-        n,
-        k,
-        row_ptr.ctypes.data,
-        cols.ctypes.data,
-        values.ctypes.data,
-    )
-    if rc != 0:
-        raise RuntimeError(f"sparse-cpu row form failed (code {rc}) for weight {n}x{k}")
-    for a in (row_ptr, cols, values):
-        a.flags.writeable = False
-    rf = RowForm(row_ptr=row_ptr, cols=cols, values=values, shape=(n, k))
-    _ROW_FORMS[id(p)] = rf
-    weakref.finalize(p, _ROW_FORMS.pop, id(p), None)
-    return rf
+    _derive(p, "row form", _lib().sdk_row_form, row_ptr, cols, values)
+    return _kept(_ROW_FORMS, p, RowForm(row_ptr=row_ptr, cols=cols, values=values, shape=(n, k)))
 
 
 def tile_form(p: PackedLinear) -> TileForm:
@@ -272,30 +276,12 @@ def tile_form(p: PackedLinear) -> TileForm:
     if tf is not None:
         return tf
     n, k = p.shape
-    tiles, nkb = -(-n // TILE_ROWS), -(-k // TILE_COLS)
-    tile_ptr = np.empty(tiles + 1, dtype=np.int64)
-    counts = np.empty((tiles, nkb, TILE_ROWS), dtype=np.uint8)
+    tile_ptr = np.empty(-(-n // TILE_ROWS) + 1, dtype=np.int64)
+    counts = np.empty((-(-n // TILE_ROWS), -(-k // TILE_COLS), TILE_ROWS), dtype=np.uint8)
     cols = np.empty(p.nnz, dtype=np.uint8)
     values = np.zeros(p.nnz + PAD, dtype=np.float32)
-    rc = _lib().sdk_tile_form(
-        p.mask.ctypes.data,
-        p.values.ctypes.data,
-        p.block_ptr.ctypes.data,
-        n,
-        k,
-        tile_ptr.ctypes.data,
-        counts.ctypes.data,
-        cols.ctypes.data,
-        values.ctypes.data,
-    )
-    if rc != 0:
-        raise RuntimeError(f"sparse-cpu tile form failed (code {rc}) for weight {n}x{k}")
-    for a in (tile_ptr, counts, cols, values):
-        a.flags.writeable = False
-    tf = TileForm(tile_ptr=tile_ptr, counts=counts, cols=cols, values=values, shape=(n, k))
-    _TILE_FORMS[id(p)] = tf
-    weakref.finalize(p, _TILE_FORMS.pop, id(p), None)
-    return tf
+    _derive(p, "tile form", _lib().sdk_tile_form, tile_ptr, counts, cols, values)
+    return _kept(_TILE_FORMS, p, TileForm(tile_ptr=tile_ptr, counts=counts, cols=cols, values=values, shape=(n, k)))
 
 
 class BoundMatmul:

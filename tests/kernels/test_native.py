@@ -134,14 +134,18 @@ def test_row_form_is_the_stored_elements_row_by_row(name):
     assert rf.kernel_nbytes == 8 * (w.shape[0] + 1) + 6 * rf.nnz + 4 * PAD
 
 
-def test_row_form_is_built_once_and_dropped_with_its_weight():
+@pytest.mark.parametrize("form", ["rows", "tiles"])
+def test_a_derived_form_is_built_once_and_dropped_with_its_weight(form):
+    build, cache = {"rows": (kernels.row_form, kernels._ROW_FORMS), "tiles": (kernels.tile_form, kernels._TILE_FORMS)}[
+        form
+    ]
     p = pack(pruned(30, 40, 0.8))
-    rf = kernels.row_form(p)
-    assert kernels.row_form(p) is rf
+    derived = build(p)
+    assert build(p) is derived
     key = id(p)
     del p
     gc.collect()
-    assert key not in kernels._ROW_FORMS
+    assert key not in cache
 
 
 TILE_WEIGHTS = {
@@ -200,16 +204,6 @@ def test_tile_form_is_the_stored_elements_tile_by_tile(name):
     assert len(tf.values) == tf.nnz + PAD and not tf.values[tf.nnz :].any()
     assert not any(a.flags.writeable for a in (tf.tile_ptr, tf.counts, tf.cols, tf.values))
     assert tf.kernel_nbytes == 8 * (counts.shape[0] + 1) + counts.size + 5 * tf.nnz + 4 * PAD
-
-
-def test_tile_form_is_built_once_and_dropped_with_its_weight():
-    p = pack(pruned(30, 40, 0.8))
-    tf = kernels.tile_form(p)
-    assert kernels.tile_form(p) is tf
-    key = id(p)
-    del p
-    gc.collect()
-    assert key not in kernels._TILE_FORMS
 
 
 def test_tile_form_kernel_refuses_what_it_cannot_hold():
