@@ -1110,6 +1110,18 @@ static void balance(job_t *j, int nchunks, const int64_t *ptr, int64_t units, in
     j->bounds[nchunks] = units;
 }
 
+/* The end every balanced matmul call shares (the caller holds pool.call_lock): split units [0, units) into a few
+ * chunks per thread by `balance`, run them on the pool, release the lock; 0, or ERR_NOMEM when a worker could not
+ * allocate its scratch. */
+static int run_balanced(job_t *j, int threads, const int64_t *ptr, int64_t units, int64_t per_unit) {
+    int64_t nchunks = threads == 1 ? 1 : (int64_t)threads * SDK_CHUNKS_PER_THREAD;
+    if (nchunks > units) nchunks = units;
+    balance(j, (int)nchunks, ptr, units, per_unit);
+    pool_run(j, threads);
+    pthread_mutex_unlock(&pool.call_lock);
+    return atomic_load(j->failed) ? ERR_NOMEM : 0;
+}
+
 /* x [b, k] -> [k, bp] in 16 x 16 tiles, padding lanes zero. */
 static void transpose_x(const float *x, int64_t b, int64_t k, int64_t bp, float *dst) {
     memset(dst, 0, (size_t)(k * bp) * sizeof(float));
@@ -1183,12 +1195,7 @@ SDK_EXPORT int sdk_matmul(const float *x, int64_t b, int64_t k, const uint16_t *
         transpose_x(x, b, k, j.bp, scratch);
     }
     j.x = scratch;
-    int64_t nchunks = threads == 1 ? 1 : (int64_t)threads * SDK_CHUNKS_PER_THREAD;
-    if (nchunks > j.nb) nchunks = j.nb;
-    balance(&j, (int)nchunks, block_ptr, j.nb, SDK_ROWS * j.g); /* per block: its mask walk */
-    pool_run(&j, threads);
-    pthread_mutex_unlock(&pool.call_lock);
-    return atomic_load(&failed) ? ERR_NOMEM : 0;
+    return run_balanced(&j, threads, block_ptr, j.nb, SDK_ROWS * j.g); /* per block: its mask walk */
 }
 
 /* The row form of a bitmask16-v2 weight (kernels/format.py RowForm): row_ptr [n + 1], cols [nnz], out_values [nnz]
@@ -1240,12 +1247,7 @@ SDK_EXPORT int sdk_rows_matmul(const float *x, int64_t b, int64_t k, const int64
         transpose_x(x, b, k, j.bp, scratch);
         j.x = scratch;
     }
-    int64_t nchunks = threads == 1 ? 1 : (int64_t)threads * SDK_CHUNKS_PER_THREAD;
-    if (nchunks > n) nchunks = n;
-    balance(&j, (int)nchunks, row_ptr, n, 16); /* per row: its reduction and b scattered stores */
-    pool_run(&j, threads);
-    pthread_mutex_unlock(&pool.call_lock);
-    return atomic_load(&failed) ? ERR_NOMEM : 0;
+    return run_balanced(&j, threads, row_ptr, n, 16); /* per row: its reduction and b scattered stores */
 }
 
 /* The tile form of a bitmask16-v2 weight (format.TileForm): tiles = ceil(n / 32), K blocks = ceil(k / 128);
@@ -1311,12 +1313,7 @@ SDK_EXPORT int sdk_tiles_matmul(const float *x, int64_t b, int64_t k, const int6
     if (reserve_scratch(k * SDK_TILE_LANES)) { pthread_mutex_unlock(&pool.call_lock); return ERR_NOMEM; }
     transpose_x(x, b, k, SDK_TILE_LANES, scratch);
     j.x = scratch;
-    int64_t nchunks = threads == 1 ? 1 : (int64_t)threads * SDK_CHUNKS_PER_THREAD;
-    if (nchunks > tiles) nchunks = tiles;
-    balance(&j, (int)nchunks, tile_ptr, tiles, nkb * SDK_TILE_ROWS * 8); /* per tile: its row visits */
-    pool_run(&j, threads);
-    pthread_mutex_unlock(&pool.call_lock);
-    return atomic_load(&failed) ? ERR_NOMEM : 0;
+    return run_balanced(&j, threads, tile_ptr, tiles, nkb * SDK_TILE_ROWS * 8); /* per tile: its row visits */
 }
 
 /* ------------------------------------------------------------------------------------ between the linears */
