@@ -35,11 +35,11 @@ def bench_sparse_cpu(cfg: BenchConfig, variants: dict[str, Path], progress=None)
             "sparse_linear_nodes": session.linear_count,
             "int8_nodes": session.int8_node_count,  # Int8Gather / Int8Linear: a dense weight stored as scaled-int8
             "segments": session.segment_count,
-            "segments_native": session.fused_segment_count,  # residual add + RMSNorm, SiLU * up (known after a run)
+            "segments_native": session.fused_segment_count(),  # add + RMSNorm, SiLU * up, attention (after a run)
         },
         "form": "sparse: ONNX Runtime runs the standard operators, sparsedeploy's kernels each SparseLinear node, "
         "each Int8Gather / Int8Linear node (a dense weight that is exactly int8 x scale, e.g. a GGUF Q8_0 tied "
-        "embedding / lm_head) and the residual add + RMSNorm and SiLU * up segments; dense: the whole graph in "
-        "ONNX Runtime",
+        "embedding / lm_head) and the residual add + RMSNorm, SiLU * up and attention segments; dense: the whole graph "
+        "in ONNX Runtime",
     }
     return rows, notes

@@ -3,9 +3,10 @@ SparseLinear node (and each Int8Linear / Int8Gather node: onnx/int8_nodes.py) be
 
 The graph is cut at those nodes into segments of standard nodes; each segment becomes its own ONNX
 Runtime session (built on first use, typed from the values it is fed), except the residual add + RMSNorm and
-SiLU * up segments, which run as one native call each once their first run agrees with that session
-(onnx/fused_segment.py). A run walks the steps in order, passing NumPy arrays from one to the next, so the
-artifact needs nothing but ONNX Runtime and the compiled library.
+SiLU * up segments, which run as one native call each once their first run agrees with that session, and the
+attention segments, checked on the first call of each kind (onnx/fused_segment.py). A run walks the steps in
+order, passing NumPy arrays from one to the next, so the artifact needs nothing but ONNX Runtime and the compiled
+library.
 Why not one ORT session with a custom op: the onnxruntime-extensions Python-op bridge (the only custom-op route
 installable here) copies every output element through Python, ~0.16 us each (docs/sparse_cpu.md).
 """
@@ -44,7 +45,7 @@ class _Segment:
     initializers: list
     session: object = None  # the ONNX Runtime session (built on first use)
     run: object = None  # what runs it, chosen on first use: feeds dict -> outputs list
-    fused: str = ""  # the FusedSegment kind when native code runs it
+    native: FusedSegment | None = None  # the native form that runs it, if any
 
 
 @dataclass
@@ -231,18 +232,23 @@ class SegmentedSession:
             log.debug("%s: segment %d stays with ONNX Runtime: %s", self.name, index, e)
             return expected
         fused.fallback = segment.run
+        if fused.checks is not None:  # checked on the first call of each kind, this one included
+            segment.run, segment.native = fused.run, fused
+            return fused.run(feeds)
         got = fused.run_native(feeds)
         differs = "inputs the form does not take" if got is None else fused.check_against(expected, got)
         if differs:
             log.warning("%s: segment %d (%s) stays with ONNX Runtime: %s", self.name, index, fused.kind, differs)
             return expected
-        segment.run, segment.fused = fused.run, fused.kind
+        segment.run, segment.native = fused.run, fused
         return expected
 
-    @property
-    def fused_segment_count(self) -> int:
-        """Segments run by native code (known once each segment has run once)."""
-        return sum(isinstance(s, _Segment) and bool(s.fused) for s in self.steps)
+    def fused_segment_count(self, kind: str | None = None) -> int:
+        """Segments run by native code (of one FusedSegment kind; known once each segment has run once)."""
+        return sum(
+            isinstance(s, _Segment) and s.native is not None and not s.native.refused and kind in (None, s.native.kind)
+            for s in self.steps
+        )
 
     def run(self, output_names, feeds: dict, run_options=None) -> list[np.ndarray]:
         missing = [i.name for i in self._inputs if i.name not in feeds]

@@ -5,8 +5,11 @@ import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import pytest
 from conftest import REPO
+
+from tests.kernels.test_native import attention_reference
 
 
 @pytest.mark.slow
@@ -87,6 +90,24 @@ def test_portable_only_build_is_correct(tmp_path):
         "w8 = (qq.reshape(37, 2, 32).astype(np.float32) * d[..., None]).reshape(37, 64); p8 = si.pack(w8);"
         "[np.testing.assert_allclose(BoundInt8Matmul(p8, 2)(x), x.astype(np.float64) @ w8.T, rtol=1e-4, atol=1e-4)"
         " for x in (rng.standard_normal((b, 64)).astype(np.float32) for b in (1, 7))]"
+    )
+    # the attention step (d 64: the width the x86 build runs in AVX2) against the float64 reference
+    rng = np.random.default_rng(1)
+    inputs = {
+        "qkv": rng.standard_normal((2, 3, 5 * 64)).astype(np.float32),
+        "cos": rng.standard_normal((1, 3, 64)).astype(np.float32),
+        "sin": rng.standard_normal((2, 3, 64)).astype(np.float32),
+        "pk": rng.standard_normal((2, 1, 4, 64)).astype(np.float32),
+        "pv": rng.standard_normal((2, 1, 4, 64)).astype(np.float32),
+        "mask": rng.random((2, 3, 7)) < 0.7,
+    }
+    args = (inputs["qkv"], (3, 1), inputs["cos"], inputs["sin"], (inputs["pk"], inputs["pv"]), inputs["mask"])
+    expected = attention_reference(*args, (0.3, 0.4))
+    np.savez(tmp_path / "attention.npz", **inputs, out=expected[0], keys=expected[1], values=expected[2])
+    code += (
+        f";a = np.load({str(tmp_path / 'attention.npz')!r});"
+        "got = s.native.attention(a['qkv'], (3, 1), a['cos'], a['sin'], (a['pk'], a['pv']), a['mask'], (0.3, 0.4));"
+        "[np.testing.assert_allclose(g, a[n], rtol=2e-5, atol=2e-6) for g, n in zip(got, ('out', 'keys', 'values'))]"
     )
     env = {**os.environ, "SPARSEDEPLOY_SPARSE_CPU_LIB": str(lib)}
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, capture_output=True, timeout=120)

@@ -478,3 +478,103 @@ def test_add_rmsnorm_matches_float64(shape):
 def test_elementwise_bad_input_is_refused(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def attention_reference(qkv, heads, cos, sin, past, mask, scales):
+    """The attention step in float64 NumPy, as the exporter's graph writes it (rotate-half rotary, GQA by
+    repeat-interleave of kv heads, (q cq)(k ck)^T scores, masked keys -inf, all-masked rows zero)."""
+    hq, hkv = heads
+    b, s, width = qkv.shape
+    d = width // (hq + 2 * hkv)
+    x = qkv.astype(np.float64)
+
+    def split_heads(part, h):
+        return part.reshape(b, s, h, d).transpose(0, 2, 1, 3)
+
+    q = split_heads(x[..., : hq * d], hq)
+    k = split_heads(x[..., hq * d : (hq + hkv) * d], hkv)
+    v = split_heads(x[..., (hq + hkv) * d :], hkv)
+    c, sn = cos[:, None].astype(np.float64), sin[:, None].astype(np.float64)
+
+    def turn(t):
+        return t * c + np.concatenate([-t[..., d // 2 :], t[..., : d // 2]], -1) * sn
+
+    keys = np.concatenate([past[0], turn(k)], 2)
+    values = np.concatenate([past[1], v], 2)
+    kr, vr = (np.repeat(t, hq // hkv, 1) for t in (keys, values))
+    scores = (turn(q) * scales[0]) @ (kr * scales[1]).transpose(0, 1, 3, 2)
+    allowed = np.broadcast_to(mask[:, None, :, : keys.shape[2]], scores.shape)
+    scores = np.where(allowed, scores, -np.inf)
+    top = np.where(allowed.any(-1, keepdims=True), scores.max(-1, keepdims=True), 0.0)
+    e = np.where(allowed, np.exp(scores - top), 0.0)
+    probs = e / np.maximum(e.sum(-1, keepdims=True), 1e-300)
+    out = (probs @ vr).transpose(0, 2, 1, 3).reshape(b, s, hq * d)
+    return out, keys, values
+
+
+ATTENTION_CASES = {  # (batch, new tokens, past, q heads, kv heads, head width)
+    "decode step, smollm2 heads": (1, 1, 70, 9, 3, 64),
+    "prefill, smollm2 heads": (1, 23, 0, 9, 3, 64),
+    "batch 2, chunk after a cache, d 96": (2, 5, 9, 4, 2, 96),
+    "one kv head, d 6 (portable loop on every ISA)": (3, 2, 7, 6, 1, 6),
+    "one token, no cache, d 2": (1, 1, 0, 2, 2, 2),
+    "d 32, 12 keys (8-lane exp plus a tail)": (1, 3, 9, 2, 1, 32),
+}
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_attention_matches_float64(isa, case):
+    b, s, p, hq, hkv, d = ATTENTION_CASES[case]
+    rng = np.random.default_rng(len(case))
+    qkv = rng.standard_normal((b, s, (hq + 2 * hkv) * d)).astype(np.float32)
+    cos, sin = rng.standard_normal((1, s, d)).astype(np.float32), rng.standard_normal((b, s, d)).astype(np.float32)
+    past = tuple(rng.standard_normal((b, hkv, p, d)).astype(np.float32) for _ in range(2))
+    mask = rng.random((b, s, p + s + 3)) < 0.6  # wider than the keys: only the first p + s columns count
+    mask[0, 0, : p + s] = False  # a query that may attend no key gets zeros
+    got = kernels.attention(qkv, (hq, hkv), cos, sin, past, mask, (0.42, 0.37), isa=isa)
+    ref = attention_reference(qkv, (hq, hkv), cos, sin, past, mask, (0.42, 0.37))
+    for g, r in zip(got, ref, strict=True):
+        assert g.dtype == np.float32 and g.shape == r.shape
+        np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-6)
+    assert not got[0][0, 0, :].any()
+    assert np.array_equal(got[1][:, :, :p], past[0]) and np.array_equal(
+        got[2][:, :, p:], qkv[..., (hq + hkv) * d :].reshape(b, s, hkv, d).transpose(0, 2, 1, 3)
+    )
+
+
+def test_attention_mask_broadcasts_over_queries_and_batch():
+    """A [1, 1, L] mask (one row for every query of every batch row) gives what the full mask gives."""
+    rng = np.random.default_rng(9)
+    qkv = rng.standard_normal((2, 3, 4 * 8)).astype(np.float32)
+    cos, sin = (rng.standard_normal((1, 3, 8)).astype(np.float32) for _ in range(2))
+    past = tuple(rng.standard_normal((2, 1, 4, 8)).astype(np.float32) for _ in range(2))
+    row = rng.random((1, 1, 7)) < 0.5
+    row[0, 0, 0] = True
+    one = kernels.attention(qkv, (2, 1), cos, sin, past, row, (1.0, 0.5))
+    full = kernels.attention(qkv, (2, 1), cos, sin, past, np.broadcast_to(row, (2, 3, 7)).copy(), (1.0, 0.5))
+    for a, b in zip(one, full, strict=True):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"qkv": np.zeros((1, 1, 10), np.float32)}, "does not hold q, k, v"),
+        ({"past": (np.zeros((1, 1, 2, 2), np.float32),) * 2}, r"past \(1, 1, 2, 2\)"),
+        ({"cos": np.zeros((1, 2, 2), np.float32)}, r"cos \(1, 2, 2\)"),
+        ({"mask": np.ones((1, 1, 3), np.float32)}, "mask must be bool"),
+        ({"mask": np.ones((1, 1, 2), bool)}, "mask covers 2 keys, the step has 3"),
+    ],
+)
+def test_attention_bad_input_is_refused(change, match):
+    args = {
+        "qkv": np.zeros((1, 1, 12), np.float32),
+        "cos": np.zeros((1, 1, 2), np.float32),
+        "sin": np.zeros((1, 1, 2), np.float32),
+        "past": (np.zeros((1, 2, 2, 2), np.float32),) * 2,
+        "mask": np.ones((1, 1, 3), bool),
+    }
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        kernels.attention(args["qkv"], (2, 2), args["cos"], args["sin"], args["past"], args["mask"], (1.0, 1.0))

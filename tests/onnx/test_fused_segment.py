@@ -174,7 +174,8 @@ def test_a_segment_that_disagrees_goes_back_to_onnx_runtime(sparse_cpu_export, m
     ids = np.array([[5, 6, 7]])
     logits, _ = decoder(out, session).run(ids, np.ones((1, 3), np.int64), None)
     again, _ = decoder(out, session).run(ids, np.ones((1, 3), np.int64), None)
-    assert session.fused_segment_count == 3  # the 3 residual + RMSNorm segments; not the 2 SiLU * up ones
+    assert session.fused_segment_count("silu_mul") == 0  # not the 2 SiLU * up segments
+    assert session.fused_segment_count("add_rmsnorm") == 3 and session.fused_segment_count("attention") == 2
     assert caplog.text.count("(silu_mul) stays with ONNX Runtime: ") == 2
     plain, _ = decoder(out, SegmentedSession(model, threads=1, fuse=False)).run(ids, np.ones((1, 3), np.int64), None)
     np.testing.assert_allclose(again, plain, rtol=1e-5, atol=1e-5)
@@ -190,10 +191,11 @@ def test_segmented_session_runs_the_small_segments_natively(sparse_cpu_export):
     for session in (fast, plain):
         runner = decoder(out, session)
         logits, past = runner.run(ids, np.ones((1, 4), np.int64), None)
-        step, _ = runner.run(logits[:, -1:].argmax(-1), np.ones((1, 5), np.int64), past)
-        results.append((logits, step))
-    # 2 layers: residual + RMSNorm after attention and after the MLP (but the last), SiLU * up: 5 segments
-    assert fast.fused_segment_count == 5 and plain.fused_segment_count == 0
+        step, present = runner.run(logits[:, -1:].argmax(-1), np.ones((1, 5), np.int64), past)
+        results.append((logits, step, *past, *present))
+    # 2 layers: residual + RMSNorm after attention and after the MLP (but the last), SiLU * up, attention: 7 segments
+    assert fast.fused_segment_count() == 7 and plain.fused_segment_count() == 0
+    assert fast.fused_segment_count("attention") == 2
     assert fast.segment_count == plain.segment_count
     for a, b in zip(results[0], results[1], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -225,7 +227,104 @@ def test_native_segments_pass_the_export_check_on_the_real_model(tmp_path, cache
     plain = dataclasses.replace(fast, session=SegmentedSession(onnx.load(fast.path), threads=1, fuse=False))
     prompt = np.array([[504, 3575, 282, 4649, 314]])  # "The capital of France is" in smollm2's vocabulary
     tokens = [decoder.greedy(prompt, 16).tolist() for decoder in (fast, plain)]
-    # 60 residual + RMSNorm (the final one too: the int8 lm_head after it is a native step) and 30 SiLU * up
-    assert fast.session.fused_segment_count == 90 and plain.session.fused_segment_count == 0
+    # 60 residual + RMSNorm (the final one too: the int8 lm_head after it is a native step), 30 SiLU * up, 30 attention
+    assert fast.session.fused_segment_count() == 120 and plain.session.fused_segment_count() == 0
+    assert fast.session.fused_segment_count("attention") == 30
     assert fast.session.int8_node_count == 2
     assert tokens[0] == tokens[1]
+
+
+def attention_segment(out):
+    """The first layer's attention segment of the tiny sparse-cpu export: (nodes, inputs, outputs, initializers)."""
+    session = SegmentedSession(onnx.load(str(out / "model.onnx")), threads=1)
+    segment = next(s for s in session.steps if "Softmax" in [n.op_type for n in getattr(s, "nodes", [])])
+    nodes = [onnx.NodeProto() for _ in segment.nodes]
+    for copy, node in zip(nodes, segment.nodes, strict=True):
+        copy.CopyFrom(node)
+    return nodes, list(segment.inputs), list(segment.outputs), list(segment.initializers)
+
+
+def _made_by(nodes, value):
+    return next(n for n in nodes if value in n.output)
+
+
+def rotate_the_other_way(nodes, outputs):
+    """[x[:d/2], -x[d/2:]] instead of [-x[d/2:], x[:d/2]] in the query's rotary."""
+    turn = next(n for n in nodes if n.op_type == "Concat" and _made_by(nodes, n.input[0]).op_type == "Neg")
+    turn.input[:] = [turn.input[1], turn.input[0]]
+
+
+def keys_not_transposed(nodes, outputs):
+    keys = next(n for n in nodes if n.op_type == "Transpose" and list(n.attribute[0].ints) == [0, 1, 3, 2])
+    keys.attribute[0].ints[:] = [0, 1, 2, 3]
+
+
+def softmax_over_heads(nodes, outputs):
+    softmax = next(n for n in nodes if n.op_type == "Softmax")
+    del softmax.attribute[:]
+    softmax.attribute.append(helper.make_attribute("axis", 1))
+
+
+def mask_inverted(nodes, outputs):
+    """Where(mask, -inf, 0): the mask's True would mean "hidden"."""
+    where = next(n for n in nodes if n.op_type == "Where" and _made_by(nodes, n.input[0]).op_type == "Slice")
+    where.input[1], where.input[2] = where.input[2], where.input[1]
+
+
+def hands_on_the_probabilities(nodes, outputs):
+    outputs.append(next(n for n in nodes if n.op_type == "Softmax").output[0])
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (rotate_the_other_way, "the query rotary is not made by a Neg"),
+        (keys_not_transposed, r"the keys are not transposed \[0, 1, 3, 2\]"),
+        (softmax_over_heads, "Softmax is not over the last axis"),
+        (mask_inverted, r"the mask term is not Where\(mask, 0, -inf\)"),
+        (hands_on_the_probabilities, "hands on an intermediate of the attention"),
+    ],
+)
+def test_attention_forms_it_does_not_run_are_refused(sparse_cpu_export, change, problem):
+    nodes, inputs, outputs, inits = attention_segment(sparse_cpu_export[1])
+    assert FusedSegment.build(nodes, inputs, outputs, inits).kind == "attention"  # the form as exported is taken
+    change(nodes, outputs)
+    with pytest.raises(Unsupported, match=problem):
+        FusedSegment.build(nodes, inputs, outputs, inits)
+
+
+def test_a_wrong_attention_kernel_is_caught_on_the_first_call(sparse_cpu_export, monkeypatch, caplog):
+    """An attention kernel 1 % off is caught on the first (prefill) call: ONNX Runtime runs those segments from then
+    on and the model's outputs are ONNX Runtime's."""
+    _checkpoint, out, _report = sparse_cpu_export
+    right = fused_segment.native.attention
+    monkeypatch.setattr(fused_segment.native, "attention", lambda *a: (right(*a)[0] * np.float32(1.01), *right(*a)[1:]))
+    model = onnx.load(str(out / "model.onnx"))
+    runner, plain = decoder(out, SegmentedSession(model, threads=1)), decoder(out, SegmentedSession(model, fuse=False))
+    ids, mask = np.array([[5, 6, 7]]), np.ones((1, 3), np.int64)
+    (logits, past), (expected, past_expected) = runner.run(ids, mask, None), plain.run(ids, mask, None)
+    step = runner.run(np.array([[9]]), np.ones((1, 4), np.int64), past)[0]
+    assert runner.session.fused_segment_count("attention") == 0 and runner.session.fused_segment_count() == 5
+    assert caplog.text.count("native attention segment goes back to ONNX Runtime: ") == 2
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        step, plain.run(np.array([[9]]), np.ones((1, 4), np.int64), past_expected)[0], 1e-5, 1e-5
+    )
+
+
+def test_a_kernel_wrong_only_under_a_padding_mask_is_caught_by_the_drawn_inputs(sparse_cpu_export, monkeypatch, caplog):
+    """A decode step's own mask hides nothing (no padding), so an attention kernel that ignores the mask in decode
+    steps passes the check on the step's real inputs; the same check on random inputs (a random mask) catches it."""
+    _checkpoint, out, _report = sparse_cpu_export
+    right = fused_segment.native.attention
+
+    def ignores_the_mask_in_decode(qkv, heads, cos, sin, past, mask, scales):
+        return right(qkv, heads, cos, sin, past, np.ones_like(mask) if qkv.shape[1] == 1 else mask, scales)
+
+    monkeypatch.setattr(fused_segment.native, "attention", ignores_the_mask_in_decode)
+    runner = decoder(out, SegmentedSession(onnx.load(str(out / "model.onnx")), threads=1))
+    _logits, past = runner.run(np.array([[5, 6, 7]]), np.ones((1, 3), np.int64), None)
+    assert runner.session.fused_segment_count("attention") == 2  # the prefill checks pass
+    runner.run(np.array([[9]]), np.ones((1, 4), np.int64), past)
+    assert runner.session.fused_segment_count("attention") == 0
+    assert caplog.text.count("goes back to ONNX Runtime: with random inputs: ") == 2

@@ -1618,3 +1618,179 @@ SDK_EXPORT int sdk_int8_matmul(const float *x, int64_t b, int64_t k, const int8_
     pthread_mutex_unlock(&pool.call_lock);
     return atomic_load(&failed) ? ERR_NOMEM : 0;
 }
+
+/* ------------------------------------------------------------------------------------ decoder attention */
+
+/* One LLaMA-style attention step with a KV cache, what torch.onnx writes between the fused q/k/v projection and
+ * o_proj (onnx/fused_segment.py checks that form): 121 ONNX Runtime nodes, ~350 us a call inside a decode step.
+ *   qkv   [B, S, (hq + 2 hkv) d]: q, k, v of the new tokens, heads in order, d a head's width
+ *   cos, sin [Bc, S, d] (Bc = 1 or B: batch stride cs_b floats), rotary: r(x) = x cos + rotate_half(x) sin with
+ *         rotate_half(x) = [-x[d/2:], x[:d/2]]
+ *   past_k, past_v [B, hkv, p, d] (p = 0: none); present_k, present_v [B, hkv, p + S, d] (out): past, then the new
+ *         tokens' r(k) and v
+ *   mask  uint8 [Bm, Sm, lm] (batch stride m_b, row stride m_s: 0 broadcasts), 1 = the key may be attended; key j
+ *         of query t is mask[b, t, j] for j < p + S
+ *   out   [B, S, hq d]: query head i reads kv head i / (hq / hkv); score (r(q) qs) . r(k) ks, softmax over the
+ *         allowed keys; a query with none gets zeros (ONNX Runtime's softmax gives NaN there, which the graph zeroes)
+ * The graph scales k before the product ((r(q) qs) . (r(k) ks)); scaling the product instead differs by rounding. */
+static inline __attribute__((always_inline)) float dot8(const float *a, const float *b, int64_t d) {
+    float part[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= d; i += 8)
+        for (int l = 0; l < 8; l++) part[l] += a[i + l] * b[i + l];
+    for (; i < d; i++) part[0] += a[i] * b[i];
+    return ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
+}
+#if SDK_X86
+__attribute__((target("avx2,fma,popcnt"))) static inline float dot_avx2(const float *a, const float *b, int64_t d) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0; /* d a multiple of 16 */
+    for (int64_t i = 0; i < d; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    return hsum256(_mm256_add_ps(s0, s1));
+}
+#endif
+static inline __attribute__((always_inline)) void rotary(const float *x, const float *c, const float *s, int64_t d,
+                                                          float scale, float *dst) {
+    const int64_t h = d / 2;
+    for (int64_t i = 0; i < h; i++) dst[i] = (x[i] * c[i] + -x[i + h] * s[i]) * scale;
+    for (int64_t i = h; i < d; i++) dst[i] = (x[i] * c[i] + x[i - h] * s[i]) * scale;
+}
+typedef struct {
+    const float *qkv, *cos, *sin, *past_k, *past_v;
+    const uint8_t *mask;
+    int64_t b, s, hq, hkv, d, p, cs_b, m_b, m_s, lm;
+    float qs, ks;
+    float *out, *present_k, *present_v, *work; /* work: d + p + s floats */
+} attn_t;
+/* present = past, then the new tokens' r(k) and v (batch row b). */
+static void fill_cache(const attn_t *a, int64_t b) {
+    const int64_t d = a->d, s = a->s, p = a->p, len = p + s, w = (a->hq + 2 * a->hkv) * d;
+    for (int64_t h = 0; h < a->hkv; h++) {
+        float *pk = a->present_k + (b * a->hkv + h) * len * d, *pv = a->present_v + (b * a->hkv + h) * len * d;
+        if (p) {
+            memcpy(pk, a->past_k + (b * a->hkv + h) * p * d, (size_t)(p * d) * sizeof(float));
+            memcpy(pv, a->past_v + (b * a->hkv + h) * p * d, (size_t)(p * d) * sizeof(float));
+        }
+        for (int64_t t = 0; t < s; t++) {
+            const float *row = a->qkv + (b * s + t) * w, *c = a->cos + b * a->cs_b + t * d;
+            rotary(row + (a->hq + h) * d, c, a->sin + (c - a->cos), d, 1.0f, pk + (p + t) * d);
+            memcpy(pv + (p + t) * d, row + (a->hq + a->hkv + h) * d, (size_t)d * sizeof(float));
+        }
+    }
+}
+static void attention_portable(const attn_t *a) {
+    const int64_t d = a->d, s = a->s, p = a->p, len = p + s, w = (a->hq + 2 * a->hkv) * d, rep = a->hq / a->hkv;
+    float *qr = a->work, *score = a->work + d;
+    for (int64_t b = 0; b < a->b; b++) {
+        fill_cache(a, b);
+        for (int64_t h = 0; h < a->hq; h++) {
+            const int64_t kv = h / rep;
+            const float *pk = a->present_k + (b * a->hkv + kv) * len * d;
+            const float *pv = a->present_v + (b * a->hkv + kv) * len * d;
+            for (int64_t t = 0; t < s; t++) {
+                const float *c = a->cos + b * a->cs_b + t * d;
+                const uint8_t *m = a->mask + b * a->m_b + t * a->m_s;
+                rotary(a->qkv + (b * s + t) * w + h * d, c, a->sin + (c - a->cos), d, a->qs, qr);
+                float top = -INFINITY;
+                for (int64_t j = 0; j < len; j++) {
+                    if (!m[j]) continue;
+                    score[j] = dot8(qr, pk + j * d, d) * a->ks;
+                    if (score[j] > top) top = score[j];
+                }
+                float *o = a->out + ((b * s + t) * a->hq + h) * d;
+                for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
+                if (top == -INFINITY) continue; /* no key allowed (or every score -inf): zeros */
+                float sum = 0.0f;
+                for (int64_t j = 0; j < len; j++) sum += score[j] = m[j] ? expf(score[j] - top) : 0.0f;
+                const float inv = 1.0f / sum;
+                for (int64_t j = 0; j < len; j++) {
+                    if (!m[j]) continue;
+                    const float pj = score[j] * inv, *vj = pv + j * d;
+                    for (int64_t i = 0; i < d; i++) o[i] += pj * vj[i];
+                }
+            }
+        }
+    }
+}
+#if SDK_X86
+/* AVX2 (d a multiple of 32): the softmax's exp in 8 lanes (exp256), the weighted sum of the values 32 lanes at a
+ * time in registers. */
+__attribute__((target("avx2,fma,popcnt"))) static void attention_avx2(const attn_t *a) {
+    const int64_t d = a->d, s = a->s, p = a->p, len = p + s, w = (a->hq + 2 * a->hkv) * d, rep = a->hq / a->hkv;
+    float *qr = a->work, *score = a->work + d;
+    for (int64_t b = 0; b < a->b; b++) {
+        fill_cache(a, b);
+        for (int64_t h = 0; h < a->hq; h++) {
+            const float *pk = a->present_k + (b * a->hkv + h / rep) * len * d;
+            const float *pv = a->present_v + (b * a->hkv + h / rep) * len * d;
+            for (int64_t t = 0; t < s; t++) {
+                const float *c = a->cos + b * a->cs_b + t * d;
+                const uint8_t *m = a->mask + b * a->m_b + t * a->m_s;
+                rotary(a->qkv + (b * s + t) * w + h * d, c, a->sin + (c - a->cos), d, a->qs, qr);
+                float top = -INFINITY;
+                for (int64_t j = 0; j < len; j++) {
+                    score[j] = m[j] ? dot_avx2(qr, pk + j * d, d) * a->ks : -INFINITY;
+                    if (score[j] > top) top = score[j];
+                }
+                float *o = a->out + ((b * s + t) * a->hq + h) * d;
+                if (top == -INFINITY) { /* no key allowed (or every score -inf): zeros */
+                    memset(o, 0, (size_t)d * sizeof(float));
+                    continue;
+                }
+                const __m256 vtop = _mm256_set1_ps(top), ninf = _mm256_set1_ps(-INFINITY);
+                __m256 vsum = _mm256_setzero_ps();
+                int64_t j = 0;
+                for (; j + 8 <= len; j += 8) {
+                    const __m256 x = _mm256_loadu_ps(score + j);
+                    const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ), exp256(_mm256_sub_ps(x, vtop)));
+                    _mm256_storeu_ps(score + j, e);
+                    vsum = _mm256_add_ps(vsum, e);
+                }
+                float sum = hsum256(vsum);
+                for (; j < len; j++) sum += score[j] = score[j] == -INFINITY ? 0.0f : expf(score[j] - top);
+                const float inv = 1.0f / sum;
+                for (int64_t i = 0; i < d; i += 32) {
+                    __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+                    for (int64_t jj = 0; jj < len; jj++) {
+                        if (score[jj] == 0.0f) continue;
+                        const __m256 pj = _mm256_set1_ps(score[jj] * inv);
+                        const float *vj = pv + jj * d + i;
+                        o0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj), o0);
+                        o1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8), o1);
+                        o2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 16), o2);
+                        o3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 24), o3);
+                    }
+                    _mm256_storeu_ps(o + i, o0);
+                    _mm256_storeu_ps(o + i + 8, o1);
+                    _mm256_storeu_ps(o + i + 16, o2);
+                    _mm256_storeu_ps(o + i + 24, o3);
+                }
+            }
+        }
+    }
+}
+#endif
+
+SDK_EXPORT int sdk_attention(const float *qkv, int64_t b, int64_t s, int64_t hq, int64_t hkv, int64_t d,
+                             const float *cos, const float *sin, int64_t cs_b, const float *past_k,
+                             const float *past_v, int64_t p, const uint8_t *mask, int64_t m_b, int64_t m_s, int64_t lm,
+                             float qs, float ks, float *out, float *present_k, float *present_v, int isa) {
+    if (b < 1 || s < 1 || hq < 1 || hkv < 1 || hq % hkv || d < 2 || d % 2 || p < 0 || lm < p + s || !qkv || !cos ||
+        !sin || !mask || !out || !present_k || !present_v || (p && (!past_k || !past_v)))
+        return ERR_ARGS;
+    if (isa == ISA_AUTO) isa = isa_supported(ISA_AVX2) ? ISA_AVX2 : ISA_PORTABLE;
+    if (!isa_supported(isa)) return ERR_ISA;
+    float *work = malloc((size_t)(d + p + s) * sizeof(float));
+    if (!work) return ERR_NOMEM;
+    const attn_t a = {qkv, cos, sin, past_k, past_v, mask, b, s, hq, hkv, d, p, cs_b, m_b, m_s, lm, qs, ks,
+                      out, present_k, present_v, work};
+#if SDK_X86
+    if ((isa == ISA_AVX2 || isa == ISA_AVX512) && d % 32 == 0) attention_avx2(&a);
+    else
+#endif
+        attention_portable(&a);
+    free(work);
+    return 0;
+}
