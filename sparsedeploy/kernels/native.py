@@ -174,6 +174,10 @@ def set_cpu_profile(name: str) -> None:
     if name not in CPU_PROFILES:
         raise ValueError(f"unknown CPU profile {name!r}: use one of {list(CPU_PROFILES)}")
     _lib().sdk_set_cpu_profile(CPU_PROFILES[name])
+    _profile_sets[0] += 1
+
+
+_profile_sets = [0]  # set_cpu_profile calls so far: a bound matmul's form choices are kept per batch until it changes
 
 
 def best_isa() -> str:
@@ -338,14 +342,21 @@ class BoundMatmul:
         self._density = p.nnz / (self.n * self.k)
         self._rows_ptrs: tuple[int, int, int] | None = None
         self._tiles_ptrs: tuple[int, ...] | None = None
+        self._forms: dict[tuple[int, int], str] = {}
 
     def form_for(self, batch: int) -> str:
-        """The form a call with `batch` rows of x runs in."""
+        """The form a call with `batch` rows of x runs in (picked once per batch size: ~6 us a call otherwise)."""
         if self.form is not None:
             return self.form
-        if self.k <= ROW_FORM_MAX_K and row_form_pays(batch, self._density, self._path, cpu_profile()):
-            return "rows"
-        return "tiles" if batch > ROW_FORM_MAX_BATCH else "bitmask"
+        key = (batch, _profile_sets[0])
+        form = self._forms.get(key)
+        if form is None:
+            if self.k <= ROW_FORM_MAX_K and row_form_pays(batch, self._density, self._path, cpu_profile()):
+                form = "rows"
+            else:
+                form = "tiles" if batch > ROW_FORM_MAX_BATCH else "bitmask"
+            self._forms[key] = form
+        return form
 
     def _rows_call(self, xb: np.ndarray, yb: np.ndarray) -> int:
         if self._rows_ptrs is None:

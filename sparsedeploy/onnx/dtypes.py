@@ -22,3 +22,11 @@ _ORT_NAMES: dict[int, str] = {code: f"tensor({name})" for code, name, _ in ELEM_
 def ort_type_name(elem_type: int) -> str:
     """The type string ONNX Runtime's ``get_inputs()`` gives for a TensorProto element type."""
     return _ORT_NAMES.get(elem_type, "tensor(unknown)")
+
+
+def tensor_bytes(tensor) -> int:
+    """The bytes of a TensorProto's data from its dims and type (reading ``raw_data`` would copy it)."""
+    from onnx import helper
+
+    itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize

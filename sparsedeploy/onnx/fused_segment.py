@@ -22,8 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sparsedeploy.kernels import native
+from sparsedeploy.onnx.dtypes import tensor_bytes
 
 log = logging.getLogger(__name__)
+
+INLINE_BYTES = 1 << 20  # initializers above this: not read by the forms, handed to ONNX Runtime as arrays (segmented)
 
 ADD_RMSNORM = ["Add", "Cast", "Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul", "Cast", "Mul"]
 SILU_MUL = ["Split", "Sigmoid", "Mul", "Mul"]
@@ -110,7 +113,8 @@ class FusedSegment:
     def build(cls, nodes: list, inputs: list[str], outputs: list[str], initializers: list) -> FusedSegment:
         from onnx import numpy_helper
 
-        const = {t.name: numpy_helper.to_array(t) for t in initializers}
+        # the forms read scalars and norm weights only: a large initializer (an embedding) is not converted
+        const = {t.name: numpy_helper.to_array(t) for t in initializers if tensor_bytes(t) <= INLINE_BYTES}
         ops = [n.op_type for n in nodes]
         if any(n.domain not in ("", "ai.onnx") for n in nodes):
             raise Unsupported("a node outside the standard domain")

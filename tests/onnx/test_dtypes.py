@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
-from sparsedeploy.onnx.dtypes import ELEM_TYPES, ORT_TYPES, ort_type_name
+from sparsedeploy.onnx.dtypes import ELEM_TYPES, ORT_TYPES, ort_type_name, tensor_bytes
 
 
 @pytest.mark.parametrize("code,name,dtype", ELEM_TYPES)
@@ -29,3 +29,8 @@ def test_names_are_what_onnx_runtime_reports():
 
 def test_unknown_code_is_named_unknown():
     assert ort_type_name(TensorProto.STRING) == "tensor(unknown)"
+
+
+def test_tensor_bytes_is_dims_times_item_size():
+    for array in (np.zeros((3, 5), np.float32), np.zeros(7, np.int64), np.zeros((2, 0), np.float16), np.float32(1)):
+        assert tensor_bytes(numpy_helper.from_array(np.asarray(array))) == np.asarray(array).nbytes
