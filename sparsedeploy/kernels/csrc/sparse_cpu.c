@@ -1680,45 +1680,78 @@ static void fill_cache(const attn_t *a, int64_t b) {
         }
     }
 }
-static void attention_portable(const attn_t *a) {
-    const int64_t d = a->d, s = a->s, p = a->p, len = p + s, w = (a->hq + 2 * a->hkv) * d, rep = a->hq / a->hkv;
-    float *qr = a->work, *score = a->work + d;
-    for (int64_t b = 0; b < a->b; b++) {
-        fill_cache(a, b);
-        for (int64_t h = 0; h < a->hq; h++) {
-            const int64_t kv = h / rep;
-            const float *pk = a->present_k + (b * a->hkv + kv) * len * d;
-            const float *pv = a->present_v + (b * a->hkv + kv) * len * d;
-            for (int64_t t = 0; t < s; t++) {
-                const float *c = a->cos + b * a->cs_b + t * d;
-                const uint8_t *m = a->mask + b * a->m_b + t * a->m_s;
-                rotary(a->qkv + (b * s + t) * w + h * d, c, a->sin + (c - a->cos), d, a->qs, qr);
-                float top = -INFINITY;
-                for (int64_t j = 0; j < len; j++) {
-                    if (!m[j]) continue;
-                    score[j] = dot8(qr, pk + j * d, d) * a->ks;
-                    if (score[j] > top) top = score[j];
-                }
-                float *o = a->out + ((b * s + t) * a->hq + h) * d;
-                for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
-                if (top == -INFINITY) continue; /* no key allowed (or every score -inf): zeros */
-                float sum = 0.0f;
-                for (int64_t j = 0; j < len; j++) sum += score[j] = m[j] ? expf(score[j] - top) : 0.0f;
-                const float inv = 1.0f / sum;
-                for (int64_t j = 0; j < len; j++) {
-                    if (!m[j]) continue;
-                    const float pj = score[j] * inv, *vj = pv + j * d;
-                    for (int64_t i = 0; i < d; i++) o[i] += pj * vj[i];
-                }
-            }
-        }
+/* One query (its rotated, scaled q in qr) against the keys pk / values pv [len, d] its mask row m allows: o [d]. */
+typedef void (*query_fn)(const attn_t *a, const float *qr, const float *pk, const float *pv, const uint8_t *m,
+                         float *score, float *o);
+static void query_portable(const attn_t *a, const float *qr, const float *pk, const float *pv, const uint8_t *m,
+                           float *score, float *o) {
+    const int64_t d = a->d, len = a->p + a->s;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < len; j++) {
+        if (!m[j]) continue;
+        score[j] = dot8(qr, pk + j * d, d) * a->ks;
+        if (score[j] > top) top = score[j];
+    }
+    for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
+    if (top == -INFINITY) return; /* no key allowed (or every score -inf): zeros */
+    float sum = 0.0f;
+    for (int64_t j = 0; j < len; j++) sum += score[j] = m[j] ? expf(score[j] - top) : 0.0f;
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < len; j++) {
+        if (!m[j]) continue;
+        const float pj = score[j] * inv, *vj = pv + j * d;
+        for (int64_t i = 0; i < d; i++) o[i] += pj * vj[i];
     }
 }
 #if SDK_X86
 /* AVX2 (d a multiple of 32): the softmax's exp in 8 lanes (exp256), the weighted sum of the values 32 lanes at a
  * time in registers. */
-__attribute__((target("avx2,fma,popcnt"))) static void attention_avx2(const attn_t *a) {
-    const int64_t d = a->d, s = a->s, p = a->p, len = p + s, w = (a->hq + 2 * a->hkv) * d, rep = a->hq / a->hkv;
+__attribute__((target("avx2,fma,popcnt"))) static void query_avx2(const attn_t *a, const float *qr, const float *pk,
+                                                                   const float *pv, const uint8_t *m, float *score,
+                                                                   float *o) {
+    const int64_t d = a->d, len = a->p + a->s;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < len; j++) {
+        score[j] = m[j] ? dot_avx2(qr, pk + j * d, d) * a->ks : -INFINITY;
+        if (score[j] > top) top = score[j];
+    }
+    if (top == -INFINITY) { /* no key allowed (or every score -inf): zeros */
+        memset(o, 0, (size_t)d * sizeof(float));
+        return;
+    }
+    const __m256 vtop = _mm256_set1_ps(top), ninf = _mm256_set1_ps(-INFINITY);
+    __m256 vsum = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= len; j += 8) {
+        const __m256 x = _mm256_loadu_ps(score + j);
+        const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ), exp256(_mm256_sub_ps(x, vtop)));
+        _mm256_storeu_ps(score + j, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = hsum256(vsum);
+    for (; j < len; j++) sum += score[j] = score[j] == -INFINITY ? 0.0f : expf(score[j] - top);
+    const float inv = 1.0f / sum;
+    for (int64_t i = 0; i < d; i += 32) {
+        __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+        for (int64_t jj = 0; jj < len; jj++) {
+            if (score[jj] == 0.0f) continue;
+            const __m256 pj = _mm256_set1_ps(score[jj] * inv);
+            const float *vj = pv + jj * d + i;
+            o0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj), o0);
+            o1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8), o1);
+            o2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 16), o2);
+            o3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 24), o3);
+        }
+        _mm256_storeu_ps(o + i, o0);
+        _mm256_storeu_ps(o + i + 8, o1);
+        _mm256_storeu_ps(o + i + 16, o2);
+        _mm256_storeu_ps(o + i + 24, o3);
+    }
+}
+#endif
+/* Every batch row: the cache, then each query head and new token (query head h reads kv head h / (hq / hkv)). */
+static void attention_walk(const attn_t *a, query_fn query) {
+    const int64_t d = a->d, s = a->s, len = a->p + s, w = (a->hq + 2 * a->hkv) * d, rep = a->hq / a->hkv;
     float *qr = a->work, *score = a->work + d;
     for (int64_t b = 0; b < a->b; b++) {
         fill_cache(a, b);
@@ -1727,51 +1760,12 @@ __attribute__((target("avx2,fma,popcnt"))) static void attention_avx2(const attn
             const float *pv = a->present_v + (b * a->hkv + h / rep) * len * d;
             for (int64_t t = 0; t < s; t++) {
                 const float *c = a->cos + b * a->cs_b + t * d;
-                const uint8_t *m = a->mask + b * a->m_b + t * a->m_s;
                 rotary(a->qkv + (b * s + t) * w + h * d, c, a->sin + (c - a->cos), d, a->qs, qr);
-                float top = -INFINITY;
-                for (int64_t j = 0; j < len; j++) {
-                    score[j] = m[j] ? dot_avx2(qr, pk + j * d, d) * a->ks : -INFINITY;
-                    if (score[j] > top) top = score[j];
-                }
-                float *o = a->out + ((b * s + t) * a->hq + h) * d;
-                if (top == -INFINITY) { /* no key allowed (or every score -inf): zeros */
-                    memset(o, 0, (size_t)d * sizeof(float));
-                    continue;
-                }
-                const __m256 vtop = _mm256_set1_ps(top), ninf = _mm256_set1_ps(-INFINITY);
-                __m256 vsum = _mm256_setzero_ps();
-                int64_t j = 0;
-                for (; j + 8 <= len; j += 8) {
-                    const __m256 x = _mm256_loadu_ps(score + j);
-                    const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ), exp256(_mm256_sub_ps(x, vtop)));
-                    _mm256_storeu_ps(score + j, e);
-                    vsum = _mm256_add_ps(vsum, e);
-                }
-                float sum = hsum256(vsum);
-                for (; j < len; j++) sum += score[j] = score[j] == -INFINITY ? 0.0f : expf(score[j] - top);
-                const float inv = 1.0f / sum;
-                for (int64_t i = 0; i < d; i += 32) {
-                    __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
-                    for (int64_t jj = 0; jj < len; jj++) {
-                        if (score[jj] == 0.0f) continue;
-                        const __m256 pj = _mm256_set1_ps(score[jj] * inv);
-                        const float *vj = pv + jj * d + i;
-                        o0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj), o0);
-                        o1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8), o1);
-                        o2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 16), o2);
-                        o3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 24), o3);
-                    }
-                    _mm256_storeu_ps(o + i, o0);
-                    _mm256_storeu_ps(o + i + 8, o1);
-                    _mm256_storeu_ps(o + i + 16, o2);
-                    _mm256_storeu_ps(o + i + 24, o3);
-                }
+                query(a, qr, pk, pv, a->mask + b * a->m_b + t * a->m_s, score, a->out + ((b * s + t) * a->hq + h) * d);
             }
         }
     }
 }
-#endif
 
 SDK_EXPORT int sdk_attention(const float *qkv, int64_t b, int64_t s, int64_t hq, int64_t hkv, int64_t d,
                              const float *cos, const float *sin, int64_t cs_b, const float *past_k,
@@ -1786,11 +1780,11 @@ SDK_EXPORT int sdk_attention(const float *qkv, int64_t b, int64_t s, int64_t hq,
     if (!work) return ERR_NOMEM;
     const attn_t a = {qkv, cos, sin, past_k, past_v, mask, b, s, hq, hkv, d, p, cs_b, m_b, m_s, lm, qs, ks,
                       out, present_k, present_v, work};
+    query_fn query = query_portable;
 #if SDK_X86
-    if ((isa == ISA_AVX2 || isa == ISA_AVX512) && d % 32 == 0) attention_avx2(&a);
-    else
+    if ((isa == ISA_AVX2 || isa == ISA_AVX512) && d % 32 == 0) query = query_avx2;
 #endif
-        attention_portable(&a);
+    attention_walk(&a, query);
     free(work);
     return 0;
 }
