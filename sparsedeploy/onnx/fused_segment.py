@@ -1,16 +1,18 @@
-"""Two small segments of a sparse-cpu graph run by sparsedeploy's native code instead of an ONNX Runtime call.
+"""Segments of a sparse-cpu graph run by sparsedeploy's native code instead of an ONNX Runtime call.
 
 Between the SparseLinear nodes of a LLaMA-style decoder sit, per layer, two residual add + RMSNorm segments
-(10 nodes, sometimes followed by Shape/Gather plumbing) and one SiLU(gate) * up segment (4 nodes). As their own
-ONNX Runtime sessions they cost 40-125 us a call inside a decode step (~11 us when warm: the kernels' weight
-stream evicts the session's state between calls); smollm2 has 89 of them a token. Here each is one C call
-(`kernels.native.add_rmsnorm` / `silu_mul`). The same segments evaluated op by op with NumPy were slower than
-ONNX Runtime (15-28 us against 11-12 us warm), so only these two exact forms are taken.
+(10 nodes, sometimes followed by Shape/Gather plumbing), one SiLU(gate) * up segment (4 nodes) and one attention
+segment (~121 nodes, most of them shape plumbing). As their own ONNX Runtime sessions the small ones cost 40-125 us
+a call inside a decode step (~11 us when warm: the kernels' weight stream evicts the session's state between
+calls), the attention ~350 us. Here each is one C call (`kernels.native.add_rmsnorm` / `silu_mul` / `attention`).
+The same small segments evaluated op by op with NumPy were slower than ONNX Runtime (15-28 us against 11-12 us
+warm), so only these exact forms are taken.
 
-A segment is taken only when its nodes are exactly one of the two forms below, as torch.onnx writes them; the
-first run is also done by ONNX Runtime and the outputs compared (``check_against``); a segment that disagrees
-stays with ONNX Runtime for good (a warning says why). At run time, inputs of another shape or type than the form
-expects (never seen from the exporter) go to ONNX Runtime too.
+A norm or SiLU segment is taken only when its nodes are exactly that form, as torch.onnx writes it; the first run
+is also done by ONNX Runtime and the outputs compared (``check_against``); a segment that disagrees stays with ONNX
+Runtime for good (a warning says why). An attention segment's float dataflow is checked node by node and its shape
+plumbing by value (``FusedSegment.checks``, ``_attention``). At run time, inputs of another shape or type than the
+form expects (never seen from the exporter) go to ONNX Runtime too.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ class FusedSegment:
         differs = self.check_against(expected, got)
         if not differs and self.perturb is not None:
             drawn = self.perturb(feeds)
-            differs = self.check_against(self.fallback(drawn), self.run_native(drawn))
+            got = self.run_native(drawn)
+            differs = "random inputs it does not take" if got is None else self.check_against(self.fallback(drawn), got)
             differs = differs and f"with random inputs: {differs}"
         if differs:
             self.refused = differs
