@@ -1318,6 +1318,17 @@ SDK_EXPORT int sdk_tiles_matmul(const float *x, int64_t b, int64_t k, const int6
 
 /* ------------------------------------------------------------------------------------ between the linears */
 
+/* The sum of 8 lane partial sums in one fixed order (the plain-C dot products and norms keep 8 lanes). */
+static inline float sum8(const float *part) {
+    return ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
+}
+/* The ISA of an elementwise or attention call: ISA_AUTO is AVX2 where present (AVX-512 CPUs run the AVX2 code);
+ * ERR_ISA for one this CPU does not run. */
+static inline int small_call_isa(int isa) {
+    if (isa == ISA_AUTO) isa = isa_supported(ISA_AVX2) ? ISA_AVX2 : ISA_PORTABLE;
+    return isa_supported(isa) ? isa : ERR_ISA;
+}
+
 /* Residual add + RMSNorm over rows of h, in the order torch.onnx writes LLaMA's RMSNorm:
  * s = a + b; out = w * (s * (1 / sqrt(mean(s * s) + eps))). Writes s and out ([rows, h] each). */
 SDK_EXPORT int sdk_add_rmsnorm(const float *a, const float *b, const float *w, int64_t rows, int64_t h, float eps,
@@ -1339,7 +1350,7 @@ SDK_EXPORT int sdk_add_rmsnorm(const float *a, const float *b, const float *w, i
             sr[i] = v;
             part[0] += v * v;
         }
-        const float sum = ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
+        const float sum = sum8(part);
         const float inv = 1.0f / sqrtf(sum / (float)h + eps);
         for (i = 0; i < h; i++) orow[i] = w[i] * (sr[i] * inv);
     }
@@ -1394,8 +1405,8 @@ __attribute__((target("avx2,fma"))) static void silu_mul_avx2(const float *gu, i
  * isa as sdk_matmul's (AVX-512 CPUs run the AVX2 code). */
 SDK_EXPORT int sdk_silu_mul(const float *gu, int64_t rows, int64_t h, float *out, int isa) {
     if (rows < 1 || h < 1 || !gu || !out) return ERR_ARGS;
-    if (isa == ISA_AUTO) isa = isa_supported(ISA_AVX2) ? ISA_AVX2 : ISA_PORTABLE;
-    if (!isa_supported(isa)) return ERR_ISA;
+    isa = small_call_isa(isa);
+    if (isa == ERR_ISA) return ERR_ISA;
 #if SDK_X86
     if (isa == ISA_AVX2 || isa == ISA_AVX512) {
         silu_mul_avx2(gu, rows, h, out);
@@ -1445,8 +1456,7 @@ static void int8_portable(const job_t *j, int64_t r0, int64_t r1, float *w) {
                 float part[8] = {0};
                 for (int64_t c = 0; c < k; c += 8)
                     for (int l = 0; l < 8; l++) part[l] += w[rr * k + c + l] * x[c + l];
-                j->y[bb * j->n + r + rr] =
-                    ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
+                j->y[bb * j->n + r + rr] = sum8(part);
             }
         }
     }
@@ -1639,7 +1649,7 @@ static inline __attribute__((always_inline)) float dot8(const float *a, const fl
     for (; i + 8 <= d; i += 8)
         for (int l = 0; l < 8; l++) part[l] += a[i + l] * b[i + l];
     for (; i < d; i++) part[0] += a[i] * b[i];
-    return ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
+    return sum8(part);
 }
 #if SDK_X86
 __attribute__((target("avx2,fma,popcnt"))) static inline float dot_avx2(const float *a, const float *b, int64_t d) {
@@ -1660,7 +1670,7 @@ static inline __attribute__((always_inline)) void rotary(const float *x, const f
 typedef struct {
     const float *qkv, *cos, *sin, *past_k, *past_v;
     const uint8_t *mask;
-    int64_t b, s, hq, hkv, d, p, cs_b, m_b, m_s, lm;
+    int64_t b, s, hq, hkv, d, p, cs_b, m_b, m_s; /* mask rows are lm >= p + s wide: only the first p + s are read */
     float qs, ks;
     float *out, *present_k, *present_v, *work; /* work: d + p + s floats */
 } attn_t;
@@ -1774,11 +1784,11 @@ SDK_EXPORT int sdk_attention(const float *qkv, int64_t b, int64_t s, int64_t hq,
     if (b < 1 || s < 1 || hq < 1 || hkv < 1 || hq % hkv || d < 2 || d % 2 || p < 0 || lm < p + s || !qkv || !cos ||
         !sin || !mask || !out || !present_k || !present_v || (p && (!past_k || !past_v)))
         return ERR_ARGS;
-    if (isa == ISA_AUTO) isa = isa_supported(ISA_AVX2) ? ISA_AVX2 : ISA_PORTABLE;
-    if (!isa_supported(isa)) return ERR_ISA;
+    isa = small_call_isa(isa);
+    if (isa == ERR_ISA) return ERR_ISA;
     float *work = malloc((size_t)(d + p + s) * sizeof(float));
     if (!work) return ERR_NOMEM;
-    const attn_t a = {qkv, cos, sin, past_k, past_v, mask, b, s, hq, hkv, d, p, cs_b, m_b, m_s, lm, qs, ks,
+    const attn_t a = {qkv, cos, sin, past_k, past_v, mask, b, s, hq, hkv, d, p, cs_b, m_b, m_s, qs, ks,
                       out, present_k, present_v, work};
     query_fn query = query_portable;
 #if SDK_X86
