@@ -90,12 +90,13 @@ class FusedSegment:
         if self.refused:
             return self.fallback(feeds)
         if self.checks is not None and self.checks(feeds) not in self.checked:
-            return self._first_of_kind(feeds)
+            return self.first_of_kind(feeds)
         got = self.run_native(feeds)
         return got if got is not None else self.fallback(feeds)
 
-    def _first_of_kind(self, feeds: dict) -> list:
-        expected = self.fallback(feeds)
+    def first_of_kind(self, feeds: dict, expected: list | None = None) -> list:
+        """Run a call of a kind not checked yet in both and compare; `expected`: ONNX Runtime's outputs, if run."""
+        expected = self.fallback(feeds) if expected is None else expected
         got = self.run_native(feeds)
         if got is None:
             return expected
@@ -423,8 +424,17 @@ def _attention(nodes: list, inputs: list[str], outputs: list[str], const: dict) 
         all(o in {present_k, present_v, out} | views for o in outputs) and out in outputs,
         "the segment hands on an intermediate of the attention",
     )
+    checked_dims = tuple(dict.fromkeys((name, i % 2) for i, name in enumerate(dims)))  # the targets repeat B and S
     form = _AttentionForm(
-        qkv, mask, (past_k, past_v), (cos_in, cos_steps), (sin_in, sin_steps), dims, heads, d, (q_factor, k_factor)
+        qkv,
+        mask,
+        (past_k, past_v),
+        (cos_in, cos_steps),
+        (sin_in, sin_steps),
+        checked_dims,
+        heads,
+        d,
+        (q_factor, k_factor),
     )
     names = (out, present_k, present_v)
     return FusedSegment("attention", list(outputs), form.runner(names, outputs), checks=form.kind, perturb=form.drawn)
@@ -439,7 +449,7 @@ class _AttentionForm:
     past: tuple[str, str]
     cos: tuple[str, list]
     sin: tuple[str, list]
-    dims: list[str]  # batch, sequence, batch, sequence, ... (the reshape targets' dimensions)
+    dims: tuple[tuple[str, int], ...]  # (input, 0 or 1): that scalar must be B (0) or S (1); each pair once
     heads: tuple[int, int]
     d: int
     scales: tuple[float, float]
@@ -473,7 +483,7 @@ class _AttentionForm:
             if qkv.dtype != np.float32 or qkv.ndim != 3 or qkv.shape[2] != width or mask.dtype != np.bool_:
                 return None
             b, s = qkv.shape[:2]
-            if any(int(feeds[name]) != (b, s)[i % 2] for i, name in enumerate(self.dims)):
+            if any(int(feeds[name]) != (b, s)[axis] for name, axis in self.dims):
                 return None
             if past_k.dtype != np.float32 or past_k.ndim != 4 or mask.ndim != 4 or mask.shape[1] != 1:
                 return None

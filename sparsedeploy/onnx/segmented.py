@@ -211,8 +211,10 @@ class SegmentedSession:
         # Large initializers (an embedding or dense lm_head: 262 MB each in the 1B-like model) go to ONNX Runtime as
         # arrays beside a data-less stub instead of inside the segment's bytes: copying them into the graph, shape
         # inference and serialization took 12 of the 16 s of that model's first generation.
-        big = [t for t in segment.initializers if tensor_bytes(t) > INLINE_BYTES]
-        kept = [t for t in segment.initializers if tensor_bytes(t) <= INLINE_BYTES] + [_stub(t) for t in big]
+        kept, big = [], []
+        for t in segment.initializers:
+            (big if tensor_bytes(t) > INLINE_BYTES else kept).append(t)
+        kept += [_stub(t) for t in big]
         graph = helper.make_graph(segment.nodes, f"{self.name}.segment{index}", inputs, outputs, kept)
         model = helper.make_model(graph, opset_imports=self.opset_import, ir_version=self.ir_version)
         inferred = onnx.shape_inference.infer_shapes(model)
@@ -255,7 +257,7 @@ class SegmentedSession:
         fused.fallback = segment.run
         if fused.checks is not None:  # checked on the first call of each kind, this one included
             segment.run, segment.native = fused.run, fused
-            return fused.run(feeds)
+            return fused.first_of_kind(feeds, expected)
         got = fused.run_native(feeds)
         differs = "inputs the form does not take" if got is None else fused.check_against(expected, got)
         if differs:
