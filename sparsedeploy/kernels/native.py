@@ -63,6 +63,9 @@ EXPAND_MAX_BATCH = 8  # the bitmask form expands each weight group once per batc
 # (Emerald Rapids, one thread, 5632 x 2048, batch 128, AVX-512 and AVX2; docs/sparse_cpu.md).
 PREFILL_ROWS_MAX_DENSITY = 0.15
 DENSITY_80 = 0.21  # "80 %" as a density limit: pruned per row, 80 % keeps round(0.2 K) elements, a hair over 0.2
+# The "amd" profile at batch EXPAND_MAX_BATCH takes the row form up to this density (Zen 4: rows 1.15-1.2x ahead of
+# the expand form at 50 and 70 %; docs/sparse_cpu.md)
+AMD_FULL_EXPAND_ROWS_MAX_DENSITY = 0.55
 _NATIVE = "sparsedeploy.kernels._native"
 
 
@@ -239,7 +242,10 @@ def row_form_pays(batch: int, density: float, isa: str, profile: str = "intel") 
         row form ran 4.0-4.1x of ORT dense, the expand-load GEMV 2.8-3.3x), ~0.2 on the 256-bit GEMV (AVX2, and
         AVX-512 CPUs on the "amd" profile, which run it);
       batch 2-8 (the expand form): from ~0.06 at batch 2 to ~0.25-0.3 at batch 8 on AVX-512 (density <= batch / 32),
-        from ~0.15 to ~0.45 on AVX2 ((batch + 1) / 20), whose expand costs more;
+        from ~0.15 to ~0.45 on AVX2 ((batch + 1) / 20), whose expand costs more; on Zen 4 (the "amd" profile) batch 8
+        from 0.5 (AMD_FULL_EXPAND_ROWS_MAX_DENSITY) on both paths (rows 0.88-0.91x of ORT dense at 50 % against the
+        expand form's 0.76-0.77x (AVX2 0.65-0.75x), 1.25-1.34x at 70 % against 1.07-1.12x), batches 5-7 a tie and
+        2-4 the expand form well ahead (1.4-1.8x against rows' 1.0-1.1x at 70 %);
       batch 9-32 (where the bitmask form is the broadcast GEMM): at 50-90 % on every path;
       batch 33 and up (prefill; the row form in calls of ROW_FORM_MAX_BATCH rows of x, each walking the weight):
         up to density PREFILL_ROWS_MAX_DENSITY (90 %: 2.9-3.3x of ORT dense against the broadcast GEMM's 1.8-2.7x);
@@ -256,6 +262,8 @@ def row_form_pays(batch: int, density: float, isa: str, profile: str = "intel") 
         return True
     if batch == 1:
         return density <= (0.12 if isa == "avx512" and profile == "intel" else DENSITY_80)
+    if batch == EXPAND_MAX_BATCH and profile == "amd" and density <= AMD_FULL_EXPAND_ROWS_MAX_DENSITY:
+        return True
     return density <= (batch / 32 if isa == "avx512" else (batch + 1) / 20)
 
 

@@ -70,8 +70,9 @@ WEIGHTS = weights()
 
 @pytest.fixture(params=list(kernels.CPU_PROFILES))
 def profile(request):
-    """Each CPU profile forced in turn (how the kernels prefetch, and the AVX-512 batch-1 GEMV: the 256-bit permute
-    form on "amd", the expand-load form on "intel"); both must be exact on any CPU. Restored afterwards."""
+    """Each CPU profile forced in turn (how the kernels prefetch, and the AVX-512 batch-1 GEMV: on "amd" the 256-bit
+    permute form below 35 % stored and the expand-load form above, on "intel" the expand-load form; the weights here
+    span 0-100 % stored, so each profile runs both forms it has); both must be exact on any CPU. Restored afterwards."""
     before = kernels.cpu_profile()
     kernels.set_cpu_profile(request.param)
     yield request.param
@@ -258,6 +259,10 @@ def test_row_form_pays_grows_with_sparsity_and_batch():
     # the batch-1 GEMV the "intel" profile runs on AVX-512 (expand-load) holds out longer than the 256-bit one
     assert not kernels.row_form_pays(1, 0.15, "avx512", "intel") and kernels.row_form_pays(1, 0.15, "avx512", "amd")
     assert kernels.row_form_pays(1, 0.15, "avx2", "intel") == kernels.row_form_pays(1, 0.15, "avx512", "amd")
+    # batch 8 on the "amd" profile: the row form from 50 % on both paths (its expand form measured behind there)
+    for isa in ("avx512", "avx2"):
+        assert kernels.row_form_pays(8, 0.5, isa, "amd") and not kernels.row_form_pays(8, 0.5, isa, "intel")
+        assert not kernels.row_form_pays(8, 0.6, isa, "amd") and not kernels.row_form_pays(7, 0.5, isa, "amd")
     # the portable path's bit loops lose at any density up to batch 32; past 32 (prefill) only sparse weights
     assert all(kernels.row_form_pays(b, 1.0, "portable") for b in range(1, 33))
     for isa in ("avx512", "avx2", "portable"):

@@ -781,9 +781,9 @@ __attribute__((target("avx512f,avx2,fma,popcnt"))) static void tiles_avx512(cons
 #endif /* SDK_X86 */
 
 #if SDK_X86
-/* Batch 1, AVX-512, Intel profile: one masked expand-load (vexpandps) per row and 16-weight group, 4 rows together.
- * On Emerald Rapids 1.15-1.2x faster than the 256-bit permute GEMV (70 %, cold 1B-like shapes); on Zen 4 it measured
- * slower (vexpandps ~5 cycles a vector there), so AMD CPUs keep the permute GEMV. */
+/* Batch 1, AVX-512: one masked expand-load (vexpandps) per row and 16-weight group, 4 rows together. On Emerald
+ * Rapids 1.15-1.2x faster than the 256-bit permute GEMV (70 %, cold 1B-like shapes). On Zen 4 it depends on the
+ * density (expand_load_gemv). */
 __attribute__((target("avx512f,avx2,fma,popcnt"))) static void gemv_expand512(const job_t *j, int64_t b0, int64_t b1) {
     const int64_t G = j->g;
     for (int64_t blk = b0; blk < b1; blk++) {
@@ -832,6 +832,17 @@ static void init_profile(void) {
 #else
     cpu_profile = PROFILE_AMD;
 #endif
+}
+
+/* Batch 1 on AVX-512: the expand-load GEMV, or the 256-bit permute GEMV. Intel: always the expand-load. AMD: the
+ * expand-load where at least SDK_AMD_EXPAND_LOAD_DENSITY of the weights are stored, the permute GEMV sparser. Zen 4, one thread, cold 1B-like shapes, alternating in
+ * one process (docs/sparse_cpu.md): expand-load 1.40-1.53x of ORT dense at 50 % against the permute's 1.17-1.51x
+ * (two runs, 1.13x on the mean), 2:4 0.91-1.48 against 0.78-1.51, 60 % ahead on 2 of 3 shapes; at 70 % behind or
+ * even (1.61-1.82 against 1.56-2.06). */
+#define SDK_AMD_EXPAND_LOAD_DENSITY 0.35
+static inline int expand_load_gemv(const job_t *j) {
+    if (cpu_profile == PROFILE_INTEL) return 1;
+    return (double)j->block_ptr[j->nb] >= SDK_AMD_EXPAND_LOAD_DENSITY * (double)j->n * (double)j->k;
 }
 
 /* The CPU profile in use (0 AMD and others, 1 Intel; see prefetch_ahead); set_cpu_profile forces one (tests and
@@ -958,9 +969,9 @@ static void run_part(const job_t *j, int chunk) {
     }
     if (j->b == 1) {
 #if SDK_X86
-        /* AVX-512 CPUs run the 256-bit GEMV too: the 512-bit expand (one masked vpermps per group) and a
-         * zero-masking 256-bit vpermps (AVX-512VL) both measured slower on Zen 4 (docs/sparse_cpu.md) */
-        if (j->isa == ISA_AVX512 && cpu_profile == PROFILE_INTEL) { gemv_expand512(j, b0, b1); return; }
+        /* AVX-512 CPUs run the 256-bit GEMV too where the expand-load does not pay: the 512-bit expand (one masked
+         * vpermps per group) and a zero-masking 256-bit vpermps (AVX-512VL) both measured slower on Zen 4 */
+        if (j->isa == ISA_AVX512 && expand_load_gemv(j)) { gemv_expand512(j, b0, b1); return; }
         if (j->isa == ISA_AVX512 || j->isa == ISA_AVX2) { gemv_avx2(j, b0, b1); return; }
 #endif
         gemv_portable(j, b0, b1);
