@@ -46,6 +46,9 @@ class BenchConfig:
     cache_dir: str | None = None
     max_seconds: float | None = None
     cuda_graphs: bool = False
+    # ort / sparse-cpu engines: every prompt position's logits at prefill (the export's whole output) instead of the
+    # last position's, which is what generation reads (onnx/last_logits.py); the same for every variant either way
+    all_logits: bool = False
 
 
 def machine_info(threads: int) -> dict:

@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 class OrtCausalLM:
     """Greedy generation timed per phase, run by the one causal-LM decoder runner (onnx.decoder.OnnxDecoder)."""
 
-    def __init__(self, path: Path, threads: int) -> None:
-        self.decoder = OnnxDecoder.load(path, threads=threads)
+    def __init__(self, path: Path, threads: int, last_logits: bool = False) -> None:
+        self.decoder = OnnxDecoder.load(path, threads=threads, last_logits=last_logits)
         self.path, self.session = self.decoder.path, self.decoder.session
         if not self.decoder.with_past:
             raise UserError(
@@ -63,9 +63,21 @@ class OrtCausalLM:
         return {"prefill": t1 - t0, "decode": t2 - t1, "total": t2 - t0}
 
 
+def load_models(cfg: BenchConfig, variants: dict[str, Path]) -> tuple[dict[str, OrtCausalLM], str]:
+    """Every variant computing the same logits: the last position's (what greedy generation reads, as the
+    DeepSparse runner and serving runtimes do) unless ``--all-logits``, or every position's in all of them when one
+    graph's lm_head cannot be cut. -> (models, what the form names: "last-position logits" / "all logits")."""
+    last = not cfg.all_logits
+    models = {name: OrtCausalLM(path, cfg.threads, last) for name, path in variants.items()}
+    if last and not all(m.decoder.last_logits for m in models.values()):
+        log.warning("not every model's lm_head can be cut to the last position: timing every position's logits in all")
+        models, last = {name: OrtCausalLM(path, cfg.threads) for name, path in variants.items()}, False
+    return models, "last-position logits" if last else "all logits"
+
+
 def bench_ort(cfg: BenchConfig, variants: dict[str, Path], progress=None) -> list[dict]:
-    models = {name: OrtCausalLM(path, cfg.threads) for name, path in variants.items()}
-    return time_generations(cfg, models, "full model with KV cache (optimum export)", "ort", progress)
+    models, logits = load_models(cfg, variants)
+    return time_generations(cfg, models, f"full model with KV cache (optimum export); {logits}", "ort", progress)
 
 
 def time_generations(

@@ -62,6 +62,11 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         raise UserError(
             f"--cuda-graphs is for --engine torch (checkpoints on a GPU), not --engine {cfg.engine}: drop --cuda-graphs"
         )
+    if cfg.all_logits and cfg.engine not in ("ort", "sparse-cpu"):
+        raise UserError(
+            f"--all-logits is for --engine ort / sparse-cpu (ONNX exports in ONNX Runtime), not --engine {cfg.engine}: "
+            "drop --all-logits"
+        )
     if cfg.cuda_graphs and not cfg.device.startswith("cuda"):
         raise UserError(
             f"--cuda-graphs needs a GPU, not --device {cfg.device}: add --device cuda or drop --cuda-graphs"

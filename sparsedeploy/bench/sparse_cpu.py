@@ -6,14 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from sparsedeploy.bench.config import BenchConfig
-from sparsedeploy.bench.ort import OrtCausalLM, time_generations
+from sparsedeploy.bench.ort import load_models, time_generations
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.kernels import native
 from sparsedeploy.onnx.segmented import SegmentedSession
 
 
 def bench_sparse_cpu(cfg: BenchConfig, variants: dict[str, Path], progress=None) -> tuple[list[dict], dict]:
-    models = {name: OrtCausalLM(path, cfg.threads) for name, path in variants.items()}
+    models, logits = load_models(cfg, variants)
     if not isinstance(models["sparse"].session, SegmentedSession):
         raise UserError(
             f"--model {variants['sparse']} has no SparseLinear nodes, so nothing would run in sparsedeploy's "
@@ -26,7 +26,11 @@ def bench_sparse_cpu(cfg: BenchConfig, variants: dict[str, Path], progress=None)
         )
     session = models["sparse"].session
     rows = time_generations(
-        cfg, models, "full model with KV cache; sparse linears in sparsedeploy's kernels", "sparse-cpu", progress
+        cfg,
+        models,
+        f"full model with KV cache; sparse linears in sparsedeploy's kernels; {logits}",
+        "sparse-cpu",
+        progress,
     )
     notes = {
         "kernels": {

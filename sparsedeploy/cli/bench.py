@@ -62,6 +62,12 @@ def _log_rows(rows: list[dict]) -> None:
     help="torch engine on a GPU: replay prefill and each decode step as CUDA graphs over a static KV cache "
     "(GPU time, as a deployment runtime would run; default: eager, host-side setup included)",
 )
+@click.option(
+    "--all-logits",
+    is_flag=True,
+    help="ort / sparse-cpu engines: compute every prompt position's logits at prefill (the export's whole output); "
+    "default: the last position's only, what generation reads, in both models alike",
+)
 @click.option("--deepsparse-venv", default=None, help="DeepSparse virtualenv [default: CACHE/engines/deepsparse-1.8.0]")
 @click.option(
     "--cache-dir", default=None, help="sparsedeploy cache [default: $SPARSEDEPLOY_CACHE or ~/.cache/sparsedeploy]"
@@ -81,6 +87,7 @@ def bench(
     device,
     dtype,
     cuda_graphs,
+    all_logits,
     deepsparse_venv,
     cache_dir,
     output,
@@ -117,6 +124,7 @@ def bench(
         deepsparse_venv=deepsparse_venv,
         cache_dir=cache_dir,
         cuda_graphs=cuda_graphs,
+        all_logits=all_logits,
     )
     result = run_bench(cfg, progress=_log_rows)
     if "skipped" in result:  # a requested measurement that did not happen is not a success

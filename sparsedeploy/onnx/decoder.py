@@ -16,6 +16,7 @@ import numpy as np
 
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.onnx.dtypes import ORT_TYPES
+from sparsedeploy.onnx.last_logits import LastLogitsUnavailable
 from sparsedeploy.onnx.storage import onnx_file, session_from_path
 
 log = logging.getLogger(__name__)
@@ -31,16 +32,25 @@ class OnnxDecoder:
     kv_dtype: type = np.float32
     has_position_ids: bool = True
     load_seconds: float = 0.0
+    last_logits: bool = False  # `logits` of the last position only ([B, 1, V]; onnx/last_logits.py)
 
     @property
     def with_past(self) -> bool:
         return bool(self.past_names)
 
     @classmethod
-    def load(cls, path: Path | str, threads: int | None = None, optimization: str = "all") -> OnnxDecoder:
+    def load(
+        cls, path: Path | str, threads: int | None = None, optimization: str = "all", last_logits: bool = False
+    ) -> OnnxDecoder:
+        """last_logits: compute only the last position's logits (what generation reads) where the graph's lm_head
+        allows it (`decoder.last_logits` says whether it did); else every position's."""
         file = onnx_file(path)
         start = time.perf_counter()
-        session = session_from_path(file, threads=threads, optimization=optimization)
+        try:
+            session = session_from_path(file, threads=threads, optimization=optimization, last_logits=last_logits)
+        except LastLogitsUnavailable as exc:
+            log.info("%s; every position's logits are computed", exc)
+            session, last_logits = session_from_path(file, threads=threads, optimization=optimization), False
         elapsed = time.perf_counter() - start
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = [o.name for o in session.get_outputs()]
@@ -66,7 +76,7 @@ class OnnxDecoder:
             if not (isinstance(dims[1], int) and isinstance(dims[3], int)):
                 raise UserError(f"{file}: cannot read the KV-cache head shape from {past[0]} {dims}")
             shape, dtype = (dims[1], dims[3]), ORT_TYPES.get(inputs[past[0]].type, np.float32)
-        return cls(session, file, past, present, shape, dtype, "position_ids" in inputs, elapsed)
+        return cls(session, file, past, present, shape, dtype, "position_ids" in inputs, elapsed, last_logits)
 
     def run(
         self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray] | None
@@ -141,7 +151,7 @@ def generate_text(
     from sparsedeploy.onnx.segmented import SegmentedSession
 
     onnx_dir = Path(onnx_dir)
-    decoder = OnnxDecoder.load(onnx_dir, threads=threads)
+    decoder = OnnxDecoder.load(onnx_dir, threads=threads, last_logits=True)
     sparse_cpu = isinstance(decoder.session, SegmentedSession)
     if engine == "sparse-cpu" and not sparse_cpu:
         raise UserError(

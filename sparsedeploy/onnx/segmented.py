@@ -23,6 +23,13 @@ from sparsedeploy.onnx.dtypes import ort_type_name, tensor_bytes
 from sparsedeploy.onnx.fused_segment import INLINE_BYTES, FusedSegment, Unsupported
 from sparsedeploy.onnx.int8_nodes import GATHER_OP as INT8_GATHER
 from sparsedeploy.onnx.int8_nodes import int8_nodes, is_int8_node
+from sparsedeploy.onnx.last_logits import (
+    LOGITS,
+    is_kernel_lm_head,
+    keep_last_position_logits,
+    logits_producer,
+    set_last_position_shape,
+)
 from sparsedeploy.onnx.sparse_linear import OP_TYPE, is_sparse_linear, sparse_linear_nodes
 
 log = logging.getLogger(__name__)
@@ -58,10 +65,13 @@ class _KernelStep:
     run: object  # the array in -> the array out
 
 
-def _matmul_step(bound):
-    """x [..., K] -> [..., N] through a bound kernel call ([B, K] -> [B, N], the checks done once)."""
+def _matmul_step(bound, last_position: bool = False):
+    """x [..., K] -> [..., N] through a bound kernel call ([B, K] -> [B, N], the checks done once); `last_position`:
+    x [B, S, K] -> [B, 1, N], the last position's row only (the lm_head when only the last logits are wanted)."""
 
     def run(x: np.ndarray) -> np.ndarray:
+        if last_position and x.ndim == 3:  # [B, S, K]: the sequence axis is 1
+            x = x[:, -1:]
         y = bound(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, bound.k))
         return y.reshape(*x.shape[:-1], bound.n)
 
@@ -91,12 +101,26 @@ class SegmentedSession:
     """An InferenceSession look-alike (get_inputs, get_outputs, run) over a graph with SparseLinear nodes."""
 
     def __init__(
-        self, model, threads: int | None = None, optimization_level=None, name: str = "model", fuse: bool = True
+        self,
+        model,
+        threads: int | None = None,
+        optimization_level=None,
+        name: str = "model",
+        fuse: bool = True,
+        last_logits: bool = False,
     ) -> None:
         from onnx import TensorProto
 
         self.threads = threads or native.default_threads()
         self.fuse = fuse  # False: every segment runs in ONNX Runtime (comparisons, tests)
+        # last_logits: `logits` for the last position only ([B, 1, V], onnx/last_logits.py). A kernel-run lm_head gets
+        # the last position's row; a MatMul lm_head (run by ONNX Runtime) a Slice in front of it (edited in place).
+        self.last_logits = last_logits
+        if last_logits:
+            if is_kernel_lm_head(logits_producer(model)):
+                set_last_position_shape(model)
+            else:
+                keep_last_position_logits(model)
         self.optimization_level = optimization_level
         self.name = name
         graph = model.graph
@@ -128,14 +152,25 @@ class SegmentedSession:
             if is_sparse_linear(node):
                 sl = linears[node.name]
                 bound = native.BoundMatmul(sl.weight, self.threads)
-                raw.append(_KernelStep(sl.input, sl.output, node.op_type, _matmul_step(bound)))
+                raw.append(
+                    _KernelStep(
+                        sl.input, sl.output, node.op_type, _matmul_step(bound, self.last_logits and sl.output == LOGITS)
+                    )
+                )
             elif is_int8_node(node):
                 i8 = int8[node.name]
                 if i8.op_type == INT8_GATHER:
                     raw.append(_KernelStep(i8.input, i8.output, i8.op_type, i8.weight.rows))
                 else:
                     bound = native.BoundInt8Matmul(i8.weight, self.threads)
-                    raw.append(_KernelStep(i8.input, i8.output, i8.op_type, _matmul_step(bound)))
+                    raw.append(
+                        _KernelStep(
+                            i8.input,
+                            i8.output,
+                            i8.op_type,
+                            _matmul_step(bound, self.last_logits and i8.output == LOGITS),
+                        )
+                    )
             elif raw and isinstance(raw[-1], list):
                 raw[-1].append(node)
             else:

@@ -170,6 +170,76 @@ def external_data_path(file: Path) -> Path:
     return file.with_name(file.name + "_data")
 
 
+def _last_logits_session(file: Path, threads: int | None, options, providers: list[str]):
+    """session_from_path's last-logits form: the graph edited in memory, never on the user's disk. Weights in
+    external-data files reach ONNX Runtime as read-only memory maps of those files (``add_external_initializers``,
+    kept alive with the session), beside the edited graph whose tensors stay references: nothing is copied."""
+    import onnxruntime as ort
+
+    from sparsedeploy.common.files import safe_external_data
+    from sparsedeploy.onnx.last_logits import keep_last_position_logits
+
+    model = load_model_proto(file, load_external=False)  # a corrupt file: one clear line
+    safe_external_data(file, model)
+    if any(n.domain == SPARSE_LINEAR_DOMAIN for n in model.graph.node):
+        from sparsedeploy.onnx.segmented import SegmentedSession
+
+        full = load_model_proto(file)
+        return _cut(
+            lambda: SegmentedSession(full, threads, options.graph_optimization_level, str(file), last_logits=True), file
+        )
+    if (file.parent / SPARSE_FILE).is_file():
+        model = load_model_proto(file)
+        if too_big_for_one_file(model):
+            raise UserError(
+                f"{file} uses sparse storage and is over 2 GB dense: re-export with --storage dense for this size"
+            )
+    _cut(lambda: keep_last_position_logits(model), file)
+    names, maps = _external_maps(file, model)
+    if names:
+        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(m) for m in maps])
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"ONNX Runtime cannot load {file}: {first[:300]}; the file may be truncated or corrupt, export it again"
+        ) from None
+    session.sparsedeploy_weight_maps = maps  # ONNX Runtime reads the weights from them: they live with the session
+    return session
+
+
+def _external_maps(file: Path, model) -> tuple[list[str], list[np.ndarray]]:
+    """The graph's initializers held in external-data files, each as a read-only memory map of its bytes."""
+    from onnx import helper
+
+    names, maps = [], []
+    for tensor in model.graph.initializer:
+        if tensor.data_location != EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        shape = tuple(tensor.dims)
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if int(info.get("length", size)) != size:
+            raise UserError(f"{file}: external data of {tensor.name} is not {size} bytes: the export is corrupt")
+        offset = int(info.get("offset", 0))
+        data = np.memmap(file.parent / info["location"], dtype=dtype, mode="r", offset=offset, shape=shape)
+        names.append(tensor.name)
+        maps.append(data)
+    return names, maps
+
+
+def _cut(edit, file: Path):
+    """Run a last-logits edit; a graph it cannot cut is LastLogitsUnavailable (one clear line)."""
+    from sparsedeploy.onnx.last_logits import LastLogitsUnavailable
+
+    try:
+        return edit()
+    except ValueError as exc:
+        raise LastLogitsUnavailable(f"{file}: {exc}") from None
+
+
 def too_big_for_one_file(model) -> bool:
     """Whether `model` is too close to protobuf's 2 GB limit to be serialised in one piece.
 
@@ -208,10 +278,16 @@ def save_model_proto(model, file: Path, external: bool | None = None) -> None:
 
 
 def session_from_path(
-    path: Path | str, threads: int | None = None, optimization: str = "all", providers: list[str] | None = None
+    path: Path | str,
+    threads: int | None = None,
+    optimization: str = "all",
+    providers: list[str] | None = None,
+    last_logits: bool = False,
 ):
     """An onnxruntime.InferenceSession for a model of either storage; for a sparse-cpu export (SparseLinear nodes) a
-    SegmentedSession with the same interface (get_inputs, get_outputs, run)."""
+    SegmentedSession with the same interface (get_inputs, get_outputs, run). last_logits: ``logits`` for the last
+    position only (onnx/last_logits.py; what generation reads); UserError when the graph's lm_head is not one it can
+    cut."""
     import onnxruntime as ort
 
     file = onnx_file(path)
@@ -227,6 +303,8 @@ def session_from_path(
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
     providers = providers or ["CPUExecutionProvider"]
+    if last_logits:
+        return _last_logits_session(file, threads, options, providers)
     if (file.parent / SPARSE_FILE).is_file():
         model = load_model_proto(file)
         if too_big_for_one_file(model):

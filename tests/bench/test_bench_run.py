@@ -67,3 +67,21 @@ def test_cli_bench_writes_json_md_png(tiny_onnx, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".sparsedeploy-output", "bench.json", "bench.md", "bench.png"]
     data = json.loads((out / "bench.json").read_text())
     assert data["engine"] == "ort" and data["rows"]
+    # both models computed the last position's logits only (the default), and the report says so
+    assert all(r["form"].endswith("; last-position logits") for r in data["rows"]) and not data["config"]["all_logits"]
+
+
+def test_all_logits_is_timed_when_asked_and_refused_where_it_means_nothing(tiny_onnx, tmp_path):
+    args = ["--model", str(tiny_onnx["sparse"]), "--baseline", str(tiny_onnx["dense"]), "--batch", "1"]
+    out = tmp_path / "res"
+    proc = cli(
+        "-q", "bench", *args, "--prompt-len", "4", "--gen-len", "1", "--rounds", "1", "--all-logits", "-o", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert all(r["form"].endswith("; all logits") for r in json.loads((out / "bench.json").read_text())["rows"])
+    proc = cli("bench", *args, "--engine", "deepsparse", "--all-logits", "-o", str(tmp_path / "ds"))
+    assert proc.returncode == 2 and not (tmp_path / "ds").exists()
+    assert proc.stderr.strip() == (
+        "error: --all-logits is for --engine ort / sparse-cpu (ONNX exports in ONNX Runtime), not --engine deepsparse: "
+        "drop --all-logits"
+    )

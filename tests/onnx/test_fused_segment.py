@@ -225,8 +225,11 @@ def test_native_segments_pass_the_export_check_on_the_real_model(tmp_path, cache
     assert report["storage"]["model_bytes"] <= 0.4 * dense
     fast = OnnxDecoder.load(tmp_path / "x", threads=1)
     plain = dataclasses.replace(fast, session=SegmentedSession(onnx.load(fast.path), threads=1, fuse=False))
+    last = OnnxDecoder.load(tmp_path / "x", threads=1, last_logits=True)  # the int8 lm_head on the last row only
     prompt = np.array([[504, 3575, 282, 4649, 314]])  # "The capital of France is" in smollm2's vocabulary
-    tokens = [decoder.greedy(prompt, 16).tolist() for decoder in (fast, plain)]
+    tokens = [decoder.greedy(prompt, 16).tolist() for decoder in (fast, plain, last)]
+    assert last.last_logits and last.run(prompt, np.ones_like(prompt), None)[0].shape == (1, 1, 49152)
+    assert tokens[2] == tokens[0]
     # 60 residual + RMSNorm (the final one too: the int8 lm_head after it is a native step), 30 SiLU * up, 30 attention
     assert fast.session.fused_segment_count() == 120 and plain.session.fused_segment_count() == 0
     assert fast.session.fused_segment_count("attention") == 30
