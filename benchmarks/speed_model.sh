@@ -12,6 +12,8 @@
 #             the same pruned checkpoint as --target deepsparse exports, so the two engines can be set side by side.
 #   sparsecpu1b the speed-only LLaMA-1B-like model, magnitude 70%: --target sparse-cpu against the dense export in
 #             ONNX Runtime, batch 1, prompt 64 + 64 new tokens, 1 thread (issue 17's 1B-like row). ~12 GB of RAM.
+#   bench --engine ort / sparse-cpu computes the prefill's logits for the last position only in both models (as the
+#   DeepSparse runner does; docs/bench.md), since 2026-12-03.
 #   [SPEED_MODEL_OUT=DIR] bash benchmarks/speed_model.sh [WORK_DIR] [smollm2|llama1b|sparsecpu|deepsparse70|sparsecpu1b|all]
 #     -> benchmarks/results/speed_model/{ort,deepsparse}_{wanda50,wanda24,llama1b_mag70,llama1b_mag24}/,
 #        sparse_cpu_wanda70_t{1,2}/, deepsparse_wanda70_t1/, sparse_cpu_llama1b_mag70_t1/
