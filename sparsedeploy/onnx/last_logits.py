@@ -1,8 +1,8 @@
 """Logits of the last position only: what greedy generation reads.
 
 An exported causal LM returns ``logits`` for every position ``[B, S, V]``; generation reads only the last one. Over a
-64-token prompt the lm_head is then 64 rows of work for one row used (smollm2-135m, 49152 x 576: ~45 ms of a ~135 ms
-prefill on one core; docs/sparse_cpu.md). Serving runtimes compute the last row only (Hugging Face's
+64-token prompt the lm_head is then 64 rows of work for one row used (smollm2-135m's 49152 x 576 head: ~45 ms of a
+~135 ms sparse-cpu prefill on one core; docs/bench.md). Serving runtimes compute the last row only (Hugging Face's
 ``logits_to_keep``; the DeepSparse runner here, runtimes/decoder_stack.py). This module makes an exported graph do the
 same, for ONNX Runtime: a ``Slice`` of the last position in front of the lm_head, ``logits`` becoming ``[B, 1, V]``.
 A sparse-cpu graph whose lm_head runs in sparsedeploy's kernels slices in the runtime instead (onnx/segmented.py).

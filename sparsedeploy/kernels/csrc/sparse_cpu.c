@@ -835,10 +835,10 @@ static void init_profile(void) {
 }
 
 /* Batch 1 on AVX-512: the expand-load GEMV, or the 256-bit permute GEMV. Intel: always the expand-load. AMD: the
- * expand-load where at least SDK_AMD_EXPAND_LOAD_DENSITY of the weights are stored, the permute GEMV sparser. Zen 4, one thread, cold 1B-like shapes, alternating in
- * one process (docs/sparse_cpu.md): expand-load 1.40-1.53x of ORT dense at 50 % against the permute's 1.17-1.51x
- * (two runs, 1.13x on the mean), 2:4 0.91-1.48 against 0.78-1.51, 60 % ahead on 2 of 3 shapes; at 70 % behind or
- * even (1.61-1.82 against 1.56-2.06). */
+ * expand-load where at least SDK_AMD_EXPAND_LOAD_DENSITY of the weights are stored, the permute GEMV sparser.
+ * Zen 4, one thread, cold 1B-like shapes, alternating in one process (docs/sparse_cpu.md, CPU profiles): at 50 %
+ * the expand-load 1.40-1.54x of ORT dense against the permute's 1.16-1.51x (three runs), 2:4 0.91-1.48x against
+ * 0.78-1.51x, 60 % ahead on 2 of 3 shapes; at 70 % behind or even (1.61-1.82x against 1.56-2.06x). */
 #define SDK_AMD_EXPAND_LOAD_DENSITY 0.35
 static inline int expand_load_gemv(const job_t *j) {
     if (cpu_profile == PROFILE_INTEL) return 1;
