@@ -71,7 +71,9 @@ def load_models(cfg: BenchConfig, variants: dict[str, Path]) -> tuple[dict[str, 
     models = {name: OrtCausalLM(path, cfg.threads, last) for name, path in variants.items()}
     if last and not all(m.decoder.last_logits for m in models.values()):
         log.warning("not every model's lm_head can be cut to the last position: timing every position's logits in all")
-        models, last = {name: OrtCausalLM(path, cfg.threads) for name, path in variants.items()}, False
+        # the ones already computing every position's logits are kept as loaded
+        models = {n: OrtCausalLM(variants[n], cfg.threads) if m.decoder.last_logits else m for n, m in models.items()}
+        last = False
     return models, "last-position logits" if last else "all logits"
 
 

@@ -36,6 +36,19 @@ def is_kernel_lm_head(node) -> bool:
     return node.domain == DOMAIN
 
 
+def cut_to_last_position(model, name: str) -> None:
+    """Edit `model` in place so that ``logits`` is the last position's: a Slice in front of a MatMul lm_head, or, for
+    a kernel-run lm_head (the runtime multiplies the last row), only the declared shape. LastLogitsUnavailable,
+    naming `name` and with the graph unchanged, when the lm_head is not one of these."""
+    try:
+        if is_kernel_lm_head(logits_producer(model)):
+            set_last_position_shape(model)
+        else:
+            keep_last_position_logits(model)
+    except ValueError as exc:
+        raise LastLogitsUnavailable(f"{name}: {exc}") from None
+
+
 def keep_last_position_logits(model) -> None:
     """Edit `model` in place: the lm_head multiplies the last position's hidden state only; ``logits`` is
     ``[batch, 1, vocab]``. ValueError, with the graph unchanged, when ``logits`` does not come from a MatMul of the

@@ -18,18 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sparsedeploy.common.errors import UserError
 from sparsedeploy.kernels import native
 from sparsedeploy.onnx.dtypes import ort_type_name, tensor_bytes
 from sparsedeploy.onnx.fused_segment import INLINE_BYTES, FusedSegment, Unsupported
 from sparsedeploy.onnx.int8_nodes import GATHER_OP as INT8_GATHER
 from sparsedeploy.onnx.int8_nodes import int8_nodes, is_int8_node
-from sparsedeploy.onnx.last_logits import (
-    LOGITS,
-    is_kernel_lm_head,
-    keep_last_position_logits,
-    logits_producer,
-    set_last_position_shape,
-)
+from sparsedeploy.onnx.last_logits import LOGITS, cut_to_last_position
 from sparsedeploy.onnx.sparse_linear import OP_TYPE, is_sparse_linear, sparse_linear_nodes
 
 log = logging.getLogger(__name__)
@@ -117,10 +112,7 @@ class SegmentedSession:
         # the last position's row; a MatMul lm_head (run by ONNX Runtime) a Slice in front of it (edited in place).
         self.last_logits = last_logits
         if last_logits:
-            if is_kernel_lm_head(logits_producer(model)):
-                set_last_position_shape(model)
-            else:
-                keep_last_position_logits(model)
+            cut_to_last_position(model, name)
         self.optimization_level = optimization_level
         self.name = name
         graph = model.graph
@@ -128,8 +120,13 @@ class SegmentedSession:
         self.ir_version = model.ir_version
         self._inputs = [_value_info(i) for i in graph.input]
         self._outputs = [_value_info(o) for o in graph.output]
-        linears = {n.name: n for n in sparse_linear_nodes(model)}
-        int8 = {n.name: n for n in int8_nodes(model)}
+        try:
+            linears = {n.name: n for n in sparse_linear_nodes(model)}
+            int8 = {n.name: n for n in int8_nodes(model)}
+        except ValueError as exc:  # a packed weight that does not add up
+            raise UserError(
+                f"cannot read {name}'s packed weights: {exc}; the export is corrupt, export it again"
+            ) from None
         inits = {i.name: i for i in graph.initializer}
         nodes = []
         # Constant nodes, and Identity nodes of an initializer (torch.onnx writes one weight shared by several

@@ -30,6 +30,7 @@ SPARSE_FILE = "sparse_weights.safetensors"
 SPARSE_MARKER = "sparsedeploy.sparse_storage"
 TWO_GB = 2 * 1024**3
 EXTERNAL = 1  # onnx.TensorProto.EXTERNAL (data_location of a tensor whose bytes live in another file)
+DEFAULT = 0  # onnx.TensorProto.DEFAULT (its bytes in the proto)
 # A weight is worth packing when the bitmap plus the non-zeros are smaller than the dense values.
 MIN_PACK_SPARSITY = 0.05
 
@@ -170,50 +171,20 @@ def external_data_path(file: Path) -> Path:
     return file.with_name(file.name + "_data")
 
 
-def _last_logits_session(file: Path, threads: int | None, options, providers: list[str]):
-    """session_from_path's last-logits form: the graph edited in memory, never on the user's disk. Weights in
-    external-data files reach ONNX Runtime as read-only memory maps of those files (``add_external_initializers``,
-    kept alive with the session), beside the edited graph whose tensors stay references: nothing is copied."""
-    import onnxruntime as ort
-
-    from sparsedeploy.common.files import safe_external_data
-    from sparsedeploy.onnx.last_logits import keep_last_position_logits
-
-    model = load_model_proto(file, load_external=False)  # a corrupt file: one clear line
-    safe_external_data(file, model)
-    if any(n.domain == SPARSE_LINEAR_DOMAIN for n in model.graph.node):
-        from sparsedeploy.onnx.segmented import SegmentedSession
-
-        full = load_model_proto(file)
-        return _cut(
-            lambda: SegmentedSession(full, threads, options.graph_optimization_level, str(file), last_logits=True), file
-        )
-    if (file.parent / SPARSE_FILE).is_file():
-        model = load_model_proto(file)
-        if too_big_for_one_file(model):
-            raise UserError(
-                f"{file} uses sparse storage and is over 2 GB dense: re-export with --storage dense for this size"
-            )
-    _cut(lambda: keep_last_position_logits(model), file)
-    names, maps = _external_maps(file, model)
-    if names:
-        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(m) for m in maps])
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(
-            f"ONNX Runtime cannot load {file}: {first[:300]}; the file may be truncated or corrupt, export it again"
-        ) from None
-    session.sparsedeploy_weight_maps = maps  # ONNX Runtime reads the weights from them: they live with the session
-    return session
-
-
-def _external_maps(file: Path, model) -> tuple[list[str], list[np.ndarray]]:
-    """The graph's initializers held in external-data files, each as a read-only memory map of its bytes."""
+def _external_maps(file: Path, model) -> list[tuple[str, np.ndarray]]:
+    """For a graph read without its external data, to be built from memory: each external-data initializer as
+    (name, read-only memory map of its bytes), what ``add_external_initializers`` hands ONNX Runtime (nothing is
+    copied); a Constant node's external tensor (small by nature) is read into the graph."""
     from onnx import helper
+    from onnx.external_data_helper import load_external_data_for_tensor
 
-    names, maps = [], []
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t") and attr.t.data_location == EXTERNAL:
+                load_external_data_for_tensor(attr.t, str(file.parent))
+                attr.t.data_location = DEFAULT
+                del attr.t.external_data[:]
+    maps = []
     for tensor in model.graph.initializer:
         if tensor.data_location != EXTERNAL:
             continue
@@ -225,19 +196,8 @@ def _external_maps(file: Path, model) -> tuple[list[str], list[np.ndarray]]:
             raise UserError(f"{file}: external data of {tensor.name} is not {size} bytes: the export is corrupt")
         offset = int(info.get("offset", 0))
         data = np.memmap(file.parent / info["location"], dtype=dtype, mode="r", offset=offset, shape=shape)
-        names.append(tensor.name)
-        maps.append(data)
-    return names, maps
-
-
-def _cut(edit, file: Path):
-    """Run a last-logits edit; a graph it cannot cut is LastLogitsUnavailable (one clear line)."""
-    from sparsedeploy.onnx.last_logits import LastLogitsUnavailable
-
-    try:
-        return edit()
-    except ValueError as exc:
-        raise LastLogitsUnavailable(f"{file}: {exc}") from None
+        maps.append((tensor.name, data))
+    return maps
 
 
 def too_big_for_one_file(model) -> bool:
@@ -286,9 +246,12 @@ def session_from_path(
 ):
     """An onnxruntime.InferenceSession for a model of either storage; for a sparse-cpu export (SparseLinear nodes) a
     SegmentedSession with the same interface (get_inputs, get_outputs, run). last_logits: ``logits`` for the last
-    position only (onnx/last_logits.py; what generation reads); UserError when the graph's lm_head is not one it can
-    cut."""
+    position only, the graph edited in memory (onnx/last_logits.py; what generation reads); LastLogitsUnavailable
+    when the graph's lm_head is not one it can cut."""
     import onnxruntime as ort
+
+    from sparsedeploy.common.files import safe_external_data
+    from sparsedeploy.onnx.last_logits import cut_to_last_position
 
     file = onnx_file(path)
     options = ort.SessionOptions()
@@ -303,30 +266,55 @@ def session_from_path(
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
     providers = providers or ["CPUExecutionProvider"]
-    if last_logits:
-        return _last_logits_session(file, threads, options, providers)
+    # The graph is read here when it must be rebuilt (sparse storage) or edited (last_logits); else ONNX Runtime
+    # reads the file itself.
+    model, complete = None, False  # complete: every weight in the proto (no external-data references)
     if (file.parent / SPARSE_FILE).is_file():
-        model = load_model_proto(file)
+        model, complete = load_model_proto(file), True
         if too_big_for_one_file(model):
             raise UserError(
                 f"{file} uses sparse storage and is over 2 GB dense: re-export with --storage dense for this size"
             )
-        source = model.SerializeToString()
+    elif last_logits:
+        model = load_model_proto(file, load_external=False)  # a corrupt file: one clear line
+        safe_external_data(file, model)
     else:
-        from sparsedeploy.common.files import safe_external_data
-
         safe_external_data(file)  # onnxruntime would read any `location` the file names
-        source = str(file)
+    if model is not None and any(n.domain == SPARSE_LINEAR_DOMAIN for n in model.graph.node):
+        return _segmented_session(file, model if complete else None, threads, options, last_logits)
+    maps = []
+    if last_logits:
+        cut_to_last_position(model, str(file))
+        try:
+            maps = _external_maps(file, model)
+        except (OSError, ValueError) as exc:
+            raise UserError(
+                f"cannot read the external data of ONNX model {file}: {str(exc).splitlines()[0][:200]} (missing or "
+                "truncated?); export it again"
+            ) from None
+        if maps:
+            names, arrays = zip(*maps)
+            options.add_external_initializers(list(names), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
     try:
-        return ort.InferenceSession(source, sess_options=options, providers=providers)
+        session = ort.InferenceSession(
+            str(file) if model is None else model.SerializeToString(), sess_options=options, providers=providers
+        )
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        if model is None and f"{SPARSE_LINEAR_DOMAIN}:" in str(exc):
+            return _segmented_session(file, None, threads, options, last_logits)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if f"{SPARSE_LINEAR_DOMAIN}:" in str(exc):
-            # a sparse-cpu export: ONNX Runtime runs its standard operators,
-            # sparsedeploy's kernels its SparseLinear (and Int8Linear / Int8Gather) nodes
-            from sparsedeploy.onnx.segmented import SegmentedSession
-
-            return SegmentedSession(load_model_proto(file), threads, options.graph_optimization_level, name=str(file))
         raise UserError(
             f"ONNX Runtime cannot load {file}: {first[:300]}; the file may be truncated or corrupt, export it again"
         ) from None
+    if maps:
+        session.sparsedeploy_weight_maps = maps  # ONNX Runtime reads the weights from them: they live with the session
+    return session
+
+
+def _segmented_session(file: Path, model, threads: int | None, options, last_logits: bool):
+    """A sparse-cpu export: ONNX Runtime runs its standard operators, sparsedeploy's kernels its SparseLinear (and
+    Int8Linear / Int8Gather) nodes. `model`: the graph with every weight read, or None to read it here."""
+    from sparsedeploy.onnx.segmented import SegmentedSession
+
+    model = load_model_proto(file) if model is None else model
+    return SegmentedSession(model, threads, options.graph_optimization_level, name=str(file), last_logits=last_logits)

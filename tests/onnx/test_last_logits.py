@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,6 +17,7 @@ from test_int8_nodes import tied_graph
 
 from sparsedeploy.bench.config import BenchConfig
 from sparsedeploy.bench.ort import load_models
+from sparsedeploy.common.errors import UserError
 from sparsedeploy.export.run import ExportConfig, export_checkpoint
 from sparsedeploy.kernels import native
 from sparsedeploy.onnx.decoder import OnnxDecoder
@@ -27,8 +29,8 @@ from sparsedeploy.onnx.storage import session_from_path
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    """A tiny pruned LLaMA exported for ONNX Runtime, for sparse-cpu, with its weights in an external-data file, and
-    with a soft-capped lm_head (tanh after it): {form: export directory}."""
+    """A tiny pruned LLaMA exported for ONNX Runtime, for sparse-cpu, with its weights in an external-data file (and
+    its Constant nodes' tensors too), and with a soft-capped lm_head (tanh after it): {form: export directory}."""
     root = tmp_path_factory.mktemp("last")
     ckpt = pruned_tiny_checkpoint(root / "ckpt", "0.5")
     export_checkpoint(ExportConfig(model=str(ckpt), verify=False), root / "ort")
@@ -41,6 +43,16 @@ def exports(tmp_path_factory):
         save_as_external_data=True,
         location="weights.bin",
         size_threshold=0,
+    )
+    model = onnx.load(str(root / "ort" / "model.onnx"))
+    (root / "external-constants").mkdir()  # Constant nodes' tensors in the external-data file too
+    onnx.save_model(
+        model,
+        str(root / "external-constants" / "model.onnx"),
+        save_as_external_data=True,
+        location="weights.bin",
+        size_threshold=16,  # ConstantOfShape's one-element tensor inline: ONNX Runtime reads no other form of it
+        convert_attribute=True,
     )
     model = onnx.load(str(root / "ort" / "model.onnx"))  # saving with external data turned the tensors into references
     head = next(n for n in model.graph.node if "logits" in n.output)
@@ -119,3 +131,55 @@ def test_a_graph_whose_logits_are_not_a_plain_lm_head_is_refused_and_generation_
     assert form == "all logits" and not any(m.decoder.last_logits for m in models.values())
     models, form = load_models(cfg, {"dense": exports / "ort" / "model.onnx", "sparse": exports / "sparse-cpu"})
     assert form == "last-position logits" and all(m.decoder.last_logits for m in models.values())
+
+
+def test_external_constant_tensors_are_read_into_the_edited_graph(exports):
+    model = onnx.load(str(exports / "external-constants" / "model.onnx"), load_external_data=False)
+    constants = [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.HasField("t")]
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in constants)  # the form the test is about
+    last = OnnxDecoder.load(exports / "external-constants", threads=1, last_logits=True)
+    assert last.last_logits and len(last.session.sparsedeploy_weight_maps) > 0  # the weights still memory-mapped
+    full = OnnxDecoder.load(exports / "ort", threads=1)  # (ONNX Runtime cannot load this form from its path)
+    ids = np.random.default_rng(2).integers(3, 250, (1, 5))
+    got, want = last.run(ids, np.ones_like(ids), None)[0], full.run(ids, np.ones_like(ids), None)[0]
+    np.testing.assert_allclose(got, want[:, -1:], rtol=0, atol=1e-5)
+
+
+def test_corrupt_packed_weights_are_one_clear_error_not_a_silent_fallback(exports, tmp_path):
+    model = onnx.load(str(exports / "sparse-cpu" / "model.onnx"))
+    node = next(n for n in model.graph.node if n.op_type == "SparseLinear")
+    widths = next(a for a in node.attribute if a.name == "widths")
+    widths.ints[0] += 1  # the fused outputs no longer add up to the packed weight's rows
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    for last in (False, True):
+        with pytest.raises(UserError, match=r"model.onnx's packed weights: SparseLinear node .* do not add up") as err:
+            OnnxDecoder.load(tmp_path, threads=1, last_logits=last)
+        assert not isinstance(err.value, LastLogitsUnavailable)  # not taken for an lm_head that cannot be cut
+
+
+def test_the_bench_fallback_reloads_only_the_models_that_were_cut(exports, monkeypatch):
+    import sparsedeploy.bench.ort as bench_ort
+
+    loads = []
+    real = bench_ort.OnnxDecoder.load
+
+    def spy(path, threads=None, optimization="all", last_logits=False):
+        loads.append((Path(path).parent.name, last_logits))
+        return real(path, threads=threads, optimization=optimization, last_logits=last_logits)
+
+    monkeypatch.setattr(bench_ort.OnnxDecoder, "load", spy)
+    cfg = BenchConfig(model=str(exports / "softcap"), baseline=str(exports / "ort"))
+    models, form = load_models(
+        cfg, {"dense": exports / "ort" / "model.onnx", "sparse": exports / "softcap" / "model.onnx"}
+    )
+    assert form == "all logits" and not any(m.decoder.last_logits for m in models.values())
+    assert loads == [("ort", True), ("softcap", True), ("ort", False)]  # the soft-capped one is not loaded again
+
+
+def test_truncated_external_data_is_one_clear_error(exports, tmp_path):
+    for name in ("model.onnx", "weights.bin"):
+        (tmp_path / name).write_bytes((exports / "external" / name).read_bytes())
+    with open(tmp_path / "weights.bin", "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
+    with pytest.raises(UserError, match=r"cannot read the external data of ONNX model .*model.onnx: .*export it again"):
+        session_from_path(tmp_path, threads=1, last_logits=True)
