@@ -548,6 +548,24 @@ def test_attention_matches_float64(isa, case):
     )
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("s", "p", "d"), [(64, 0, 64), (13, 5, 32), (9, 0, 96)])
+def test_attention_causal_prefill_matches_float64(isa, s, p, d):
+    """A prefill's causal mask (query t may attend keys up to p + t): the transposed-keys path reads keys only up to
+    the last allowed one; a key block of 8 partly past it and past the cache's end must not leak in."""
+    rng = np.random.default_rng(s + p)
+    hq, hkv = 6, 2
+    qkv = rng.standard_normal((2, s, (hq + 2 * hkv) * d)).astype(np.float32)
+    cos, sin = rng.standard_normal((1, s, d)).astype(np.float32), rng.standard_normal((1, s, d)).astype(np.float32)
+    past = tuple(rng.standard_normal((2, hkv, p, d)).astype(np.float32) for _ in range(2))
+    mask = np.tril(np.ones((s, p + s), bool), p)[None].repeat(2, 0)
+    mask[1, :, :2] = False  # left padding in the second row
+    got = kernels.attention(qkv, (hq, hkv), cos, sin, past, mask, (0.3, 0.5), isa=isa)
+    ref = attention_reference(qkv, (hq, hkv), cos, sin, past, mask, (0.3, 0.5))
+    for g, r in zip(got, ref, strict=True):
+        np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-6)
+
+
 def test_attention_mask_broadcasts_over_queries_and_batch():
     """A [1, 1, L] mask (one row for every query of every batch row) gives what the full mask gives."""
     rng = np.random.default_rng(9)

@@ -1683,7 +1683,7 @@ typedef struct {
     const uint8_t *mask;
     int64_t b, s, hq, hkv, d, p, cs_b, m_b, m_s; /* mask rows are lm >= p + s wide: only the first p + s are read */
     float qs, ks;
-    float *out, *present_k, *present_v, *work; /* work: d + p + s floats */
+    float *out, *present_k, *present_v, *work; /* work: d + ldk (+ d ldk, keys transposed) floats */
 } attn_t;
 /* present = past, then the new tokens' r(k) and v (batch row b). */
 static void fill_cache(const attn_t *a, int64_t b) {
@@ -1701,11 +1701,15 @@ static void fill_cache(const attn_t *a, int64_t b) {
         }
     }
 }
-/* One query (its rotated, scaled q in qr) against the keys pk / values pv [len, d] its mask row m allows: o [d]. */
-typedef void (*query_fn)(const attn_t *a, const float *qr, const float *pk, const float *pv, const uint8_t *m,
-                         float *score, float *o);
-static void query_portable(const attn_t *a, const float *qr, const float *pk, const float *pv, const uint8_t *m,
-                           float *score, float *o) {
+/* One query (its rotated, scaled q in qr) against the keys pk / values pv [len, d] its mask row m allows: o [d].
+ * kt: the same keys transposed, [d, ldk] with ldk = len rounded up to 8 (zero columns past len), for the forms that
+ * read them so (NULL for the others). */
+typedef void (*query_fn)(const attn_t *a, const float *qr, const float *pk, const float *kt, const float *pv,
+                         const uint8_t *m, float *score, float *o);
+static inline int64_t keys_t_stride(int64_t len) { return (len + 7) & ~(int64_t)7; }
+static void query_portable(const attn_t *a, const float *qr, const float *pk, const float *kt, const float *pv,
+                           const uint8_t *m, float *score, float *o) {
+    (void)kt;
     const int64_t d = a->d, len = a->p + a->s;
     float top = -INFINITY;
     for (int64_t j = 0; j < len; j++) {
@@ -1728,8 +1732,9 @@ static void query_portable(const attn_t *a, const float *qr, const float *pk, co
 /* AVX2 (d a multiple of 32): the softmax's exp in 8 lanes (exp256), the weighted sum of the values 32 lanes at a
  * time in registers. */
 __attribute__((target("avx2,fma,popcnt"))) static void query_avx2(const attn_t *a, const float *qr, const float *pk,
-                                                                   const float *pv, const uint8_t *m, float *score,
-                                                                   float *o) {
+                                                                   const float *kt, const float *pv, const uint8_t *m,
+                                                                   float *score, float *o) {
+    (void)kt;
     const int64_t d = a->d, len = a->p + a->s;
     float top = -INFINITY;
     for (int64_t j = 0; j < len; j++) {
@@ -1769,21 +1774,123 @@ __attribute__((target("avx2,fma,popcnt"))) static void query_avx2(const attn_t *
         _mm256_storeu_ps(o + i + 24, o3);
     }
 }
+/* Prefill (several new tokens): the same step with the keys transposed (kt), so that the scores of 8 keys come out
+ * of one vector per head dimension (q[i] broadcast times kt[i, j..j+8]) with no horizontal sum per key, in 8
+ * independent FMA chains (up to 4 key blocks, even and odd i apart), and only up to the last key the mask allows (a
+ * causal prefill's query t reads t + 1 keys, not all of them). The value sum runs 2 keys at a time (8 chains). */
+#define QKT_BLOCKS(NB)                                                                                               \
+    do {                                                                                                             \
+        __m256 acc[NB][2];                                                                                           \
+        for (int k = 0; k < (NB); k++) acc[k][0] = acc[k][1] = _mm256_setzero_ps();                                  \
+        const float *col = kt + jb * 8;                                                                              \
+        int64_t i = 0;                                                                                               \
+        for (; i + 2 <= d; i += 2) {                                                                                 \
+            const __m256 q0 = _mm256_set1_ps(qr[i]), q1 = _mm256_set1_ps(qr[i + 1]);                                 \
+            for (int k = 0; k < (NB); k++) {                                                                         \
+                acc[k][0] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(col + i * ldk + 8 * k), acc[k][0]);                  \
+                acc[k][1] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(col + (i + 1) * ldk + 8 * k), acc[k][1]);            \
+            }                                                                                                        \
+        }                                                                                                            \
+        for (int k = 0; k < (NB); k++)                                                                               \
+            _mm256_storeu_ps(score + (jb + k) * 8, _mm256_mul_ps(_mm256_add_ps(acc[k][0], acc[k][1]), vks));         \
+    } while (0)
+__attribute__((target("avx2,fma,popcnt"))) static void query_keys_t_avx2(const attn_t *a, const float *qr,
+                                                                          const float *pk, const float *kt,
+                                                                          const float *pv, const uint8_t *m,
+                                                                          float *score, float *o) {
+    (void)pk;
+    const int64_t d = a->d, len = a->p + a->s, ldk = keys_t_stride(len); /* d a multiple of 32 */
+    int64_t lim = len; /* one past the last key the mask allows */
+    while (lim > 0 && !m[lim - 1]) lim--;
+    if (lim == 0) { /* no key allowed: zeros */
+        memset(o, 0, (size_t)d * sizeof(float));
+        return;
+    }
+    const int64_t nb = (lim + 7) / 8; /* key blocks of 8; ldk covers them */
+    const __m256 vks = _mm256_set1_ps(a->ks);
+    int64_t jb = 0;
+    for (; jb + 4 <= nb; jb += 4) QKT_BLOCKS(4);
+    switch (nb - jb) {
+    case 3: QKT_BLOCKS(3); break;
+    case 2: QKT_BLOCKS(2); break;
+    case 1: QKT_BLOCKS(1); break;
+    default: break;
+    }
+    float top = -INFINITY;
+    for (int64_t j = 0; j < lim; j++) {
+        if (!m[j]) score[j] = -INFINITY;
+        if (score[j] > top) top = score[j];
+    }
+    if (top == -INFINITY) { /* every allowed score -inf: zeros */
+        memset(o, 0, (size_t)d * sizeof(float));
+        return;
+    }
+    const __m256 vtop = _mm256_set1_ps(top), ninf = _mm256_set1_ps(-INFINITY);
+    __m256 vsum = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= lim; j += 8) {
+        const __m256 x = _mm256_loadu_ps(score + j);
+        const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ), exp256(_mm256_sub_ps(x, vtop)));
+        _mm256_storeu_ps(score + j, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = hsum256(vsum);
+    for (; j < lim; j++) sum += score[j] = score[j] == -INFINITY ? 0.0f : expf(score[j] - top);
+    const float inv = 1.0f / sum;
+    for (j = 0; j < lim; j++) score[j] *= inv;
+    for (int64_t i = 0; i < d; i += 32) {
+        __m256 e0 = _mm256_setzero_ps(), e1 = e0, e2 = e0, e3 = e0, o0 = e0, o1 = e0, o2 = e0, o3 = e0;
+        int64_t jj = 0;
+        for (; jj + 2 <= lim; jj += 2) {
+            const __m256 p0 = _mm256_set1_ps(score[jj]), p1 = _mm256_set1_ps(score[jj + 1]);
+            const float *v0 = pv + jj * d + i, *v1 = v0 + d;
+            e0 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0), e0);
+            e1 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8), e1);
+            e2 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 16), e2);
+            e3 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 24), e3);
+            o0 = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1), o0);
+            o1 = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1 + 8), o1);
+            o2 = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1 + 16), o2);
+            o3 = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v1 + 24), o3);
+        }
+        if (jj < lim) {
+            const __m256 p0 = _mm256_set1_ps(score[jj]);
+            const float *v0 = pv + jj * d + i;
+            e0 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0), e0);
+            e1 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 8), e1);
+            e2 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 16), e2);
+            e3 = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v0 + 24), e3);
+        }
+        _mm256_storeu_ps(o + i, _mm256_add_ps(e0, o0));
+        _mm256_storeu_ps(o + i + 8, _mm256_add_ps(e1, o1));
+        _mm256_storeu_ps(o + i + 16, _mm256_add_ps(e2, o2));
+        _mm256_storeu_ps(o + i + 24, _mm256_add_ps(e3, o3));
+    }
+}
+#undef QKT_BLOCKS
 #endif
 /* Every batch row: the cache, then each query head and new token (query head h reads kv head h / (hq / hkv)). */
-static void attention_walk(const attn_t *a, query_fn query) {
+static void attention_walk(const attn_t *a, query_fn query, int keys_t) {
     const int64_t d = a->d, s = a->s, len = a->p + s, w = (a->hq + 2 * a->hkv) * d, rep = a->hq / a->hkv;
-    float *qr = a->work, *score = a->work + d;
+    const int64_t ldk = keys_t_stride(len);
+    float *qr = a->work, *score = a->work + d, *kt = keys_t ? score + ldk : NULL;
     for (int64_t b = 0; b < a->b; b++) {
         fill_cache(a, b);
-        for (int64_t h = 0; h < a->hq; h++) {
-            const float *pk = a->present_k + (b * a->hkv + h / rep) * len * d;
-            const float *pv = a->present_v + (b * a->hkv + h / rep) * len * d;
-            for (int64_t t = 0; t < s; t++) {
-                const float *c = a->cos + b * a->cs_b + t * d;
-                rotary(a->qkv + (b * s + t) * w + h * d, c, a->sin + (c - a->cos), d, a->qs, qr);
-                query(a, qr, pk, pv, a->mask + b * a->m_b + t * a->m_s, score, a->out + ((b * s + t) * a->hq + h) * d);
-            }
+        for (int64_t g = 0; g < a->hkv; g++) {
+            const float *pk = a->present_k + (b * a->hkv + g) * len * d;
+            const float *pv = a->present_v + (b * a->hkv + g) * len * d;
+            if (kt) /* this kv head's keys transposed, zero columns up to ldk */
+                for (int64_t i = 0; i < d; i++) {
+                    for (int64_t j = 0; j < len; j++) kt[i * ldk + j] = pk[j * d + i];
+                    for (int64_t j = len; j < ldk; j++) kt[i * ldk + j] = 0.0f;
+                }
+            for (int64_t h = g * rep; h < (g + 1) * rep; h++)
+                for (int64_t t = 0; t < s; t++) {
+                    const float *c = a->cos + b * a->cs_b + t * d;
+                    rotary(a->qkv + (b * s + t) * w + h * d, c, a->sin + (c - a->cos), d, a->qs, qr);
+                    query(a, qr, pk, kt, pv, a->mask + b * a->m_b + t * a->m_s, score,
+                          a->out + ((b * s + t) * a->hq + h) * d);
+                }
         }
     }
 }
@@ -1797,15 +1904,20 @@ SDK_EXPORT int sdk_attention(const float *qkv, int64_t b, int64_t s, int64_t hq,
         return ERR_ARGS;
     isa = small_call_isa(isa);
     if (isa == ERR_ISA) return ERR_ISA;
-    float *work = malloc((size_t)(d + p + s) * sizeof(float));
+    query_fn query = query_portable;
+    int keys_t = 0; /* prefill: the keys transposed (query_keys_t_avx2) */
+#if SDK_X86
+    if ((isa == ISA_AVX2 || isa == ISA_AVX512) && d % 32 == 0) {
+        keys_t = s > 1;
+        query = keys_t ? query_keys_t_avx2 : query_avx2;
+    }
+#endif
+    const int64_t ldk = keys_t_stride(p + s);
+    float *work = malloc((size_t)(d + ldk + (keys_t ? d * ldk : 0)) * sizeof(float));
     if (!work) return ERR_NOMEM;
     const attn_t a = {qkv, cos, sin, past_k, past_v, mask, b, s, hq, hkv, d, p, cs_b, m_b, m_s, qs, ks,
                       out, present_k, present_v, work};
-    query_fn query = query_portable;
-#if SDK_X86
-    if ((isa == ISA_AVX2 || isa == ISA_AVX512) && d % 32 == 0) query = query_avx2;
-#endif
-    attention_walk(&a, query);
+    attention_walk(&a, query, keys_t);
     free(work);
     return 0;
 }
