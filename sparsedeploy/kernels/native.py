@@ -56,7 +56,7 @@ MAX_BATCH_CHUNK = 256  # rows of x per native call (bounds the transposed copy a
 # its tile form (format.TileForm; in calls of TILE_FORM_BATCH rows of x).
 FORMS = ("bitmask", "rows", "tiles")
 ROW_FORM_MAX_BATCH = 32  # the row-form kernel's largest batch a call (32 lanes measured faster than 16, 24 or 64)
-TILE_FORM_BATCH = 64  # the tile-form kernel's lanes (sparse_cpu.c SDK_TILE_LANES): rows of x a call
+TILE_FORM_BATCH = 64  # the tile-form kernel's lanes (sparse_cpu.c SDK_TILE_LANES; 8 up to batch 8): rows of x a call
 EXPAND_MAX_BATCH = 8  # the bitmask form expands each weight group once per batch up to this batch (sparse_cpu.c)
 # Prefill (batch > ROW_FORM_MAX_BATCH) runs in the row form up to this density, in the tile form above it: at 80 %
 # (density 0.2) the tile form measured 1.1-1.15x faster than the row form, at 85 % a tie, at 90 % the row form ahead
@@ -66,6 +66,14 @@ DENSITY_80 = 0.21  # "80 %" as a density limit: pruned per row, 80 % keeps round
 # The "amd" profile at batch EXPAND_MAX_BATCH takes the row form up to this density (Zen 4: rows 1.15-1.2x ahead of
 # the expand form at 50 and 70 %; docs/sparse_cpu.md)
 AMD_FULL_EXPAND_ROWS_MAX_DENSITY = 0.55
+# The "amd" profile at batches SMALL_TILE_MIN_BATCH-8, density above SMALL_TILE_MIN_DENSITY: the tile form with 8 lanes
+# (sparse_cpu.c SDK_TILE_SMALL_LANES), ahead of both the row and the expand form there (Zen 4, one thread, cold
+# 1B-like shapes, batch 8: 1.41-1.58x of ORT dense at 70 % against the row form's 1.27-1.45x, 1.02-1.08x at 50 %
+# against 0.88-0.91x, 2:4 1.20-1.27x against 0.82-0.90x; batch 6 ahead of the expand form, batch 5 a tie at 70 % and
+# ahead at 50 %, batch 4 behind; at 80 % the row form ahead at batch 8; docs/sparse_cpu.md)
+SMALL_TILE_MIN_BATCH = 5
+SMALL_TILE_LANES = 8
+SMALL_TILE_MIN_DENSITY = 0.25
 _NATIVE = "sparsedeploy.kernels._native"
 
 
@@ -267,6 +275,17 @@ def row_form_pays(batch: int, density: float, isa: str, profile: str = "intel") 
     return density <= (batch / 32 if isa == "avx512" else (batch + 1) / 20)
 
 
+def small_tile_form_pays(batch: int, density: float, isa: str, profile: str = "intel") -> bool:
+    """Whether `batch` rows of x (up to 8) multiply fastest in the tile form with 8 lanes: on the "amd" profile (where
+    it was measured; SMALL_TILE_MIN_BATCH above) for weights with more than SMALL_TILE_MIN_DENSITY stored."""
+    return (
+        profile == "amd"
+        and isa != "portable"
+        and SMALL_TILE_MIN_BATCH <= batch <= SMALL_TILE_LANES
+        and density > SMALL_TILE_MIN_DENSITY
+    )
+
+
 _ROW_FORMS: dict[int, RowForm] = {}
 _TILE_FORMS: dict[int, TileForm] = {}
 
@@ -324,8 +343,9 @@ class BoundMatmul:
     """``matmul`` for one packed weight with the weight, thread and ISA checks done once.
 
     What a runtime calls for every token: ``bound(x)`` takes x float32 C-contiguous ``[B, K]`` and returns a new
-    ``[B, N]``. ``matmul`` itself goes through here. form: None picks per call (``form_for``: the row form where
-    ``row_form_pays``, else the tile form above ROW_FORM_MAX_BATCH rows of x, else the bitmask form), one of FORMS
+    ``[B, N]``. ``matmul`` itself goes through here. form: None picks per call (``form_for``: the tile form where
+    ``small_tile_form_pays``, else the row form where ``row_form_pays``, else the tile form above ROW_FORM_MAX_BATCH
+    rows of x, else the bitmask form), one of FORMS
     forces one (tests and benchmarks).
     """
 
@@ -359,7 +379,9 @@ class BoundMatmul:
         key = (batch, _profile_sets[0])
         form = self._forms.get(key)
         if form is None:
-            if self.k <= ROW_FORM_MAX_K and row_form_pays(batch, self._density, self._path, cpu_profile()):
+            if small_tile_form_pays(batch, self._density, self._path, cpu_profile()):
+                form = "tiles"
+            elif self.k <= ROW_FORM_MAX_K and row_form_pays(batch, self._density, self._path, cpu_profile()):
                 form = "rows"
             else:
                 form = "tiles" if batch > ROW_FORM_MAX_BATCH else "bitmask"

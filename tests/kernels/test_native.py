@@ -158,7 +158,7 @@ TILE_WEIGHTS = {
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("batch", [1, 7, 33, 64, 65, 97, 130])  # padded lanes, one call, a short last call
+@pytest.mark.parametrize("batch", [1, 7, 8, 9, 33, 64, 65, 97, 130])  # 8 lanes to 8, padded lanes, a short last call
 @pytest.mark.parametrize("name", list(WEIGHTS) + list(TILE_WEIGHTS))
 def test_tile_form_matches_dense_reference(name, batch, threads, isa):
     w = WEIGHTS.get(name, TILE_WEIGHTS.get(name))
@@ -237,10 +237,18 @@ def test_the_form_is_picked_per_batch(isa, profile):
         density = p.nnz / w.size
         picked = {b: bound.form_for(b) for b in range(1, 70)}
         assert picked == {
-            b: "rows" if kernels.row_form_pays(b, density, isa, profile) else "tiles" if b > 32 else "bitmask"
+            b: "tiles"
+            if kernels.small_tile_form_pays(b, density, isa, profile)
+            else "rows"
+            if kernels.row_form_pays(b, density, isa, profile)
+            else "tiles"
+            if b > 32
+            else "bitmask"
             for b in picked
         }
         assert picked[16] == "rows"
+        # batches 5-8 of a weight over 25 % stored: the 8-lane tile form on the "amd" profile only
+        assert (picked[8] == "tiles") == (profile == "amd" and isa != "portable" and density > 0.25)
         assert picked[64] == ("rows" if density <= kernels.PREFILL_ROWS_MAX_DENSITY else "tiles")
         for b in (1, 2, 8, 16, 64, 97):  # 97: two tile-form calls and a last one of 33 rows
             x = np.random.default_rng(b).standard_normal((b, 64)).astype(np.float32)
@@ -267,6 +275,14 @@ def test_row_form_pays_grows_with_sparsity_and_batch():
     assert all(kernels.row_form_pays(b, 1.0, "portable") for b in range(1, 33))
     for isa in ("avx512", "avx2", "portable"):
         assert kernels.row_form_pays(128, 0.1, isa) and not kernels.row_form_pays(128, 0.2, isa)
+
+
+def test_small_tile_form_pays_on_the_amd_profile_for_batches_5_to_8_over_a_quarter_stored():
+    pays = kernels.small_tile_form_pays
+    assert all(pays(b, 0.3, isa, "amd") for b in range(5, 9) for isa in ("avx512", "avx2"))
+    assert not any(pays(b, 0.3, "avx512", "amd") for b in (1, 4, 9, 33))
+    assert not pays(8, 0.25, "avx512", "amd") and not pays(8, 0.3, "portable", "amd")  # 80 %: the row form's
+    assert not pays(8, 0.5, "avx512", "intel")  # not measured on Intel: its forms stay
 
 
 def test_row_form_limits():

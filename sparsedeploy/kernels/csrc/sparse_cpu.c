@@ -59,6 +59,7 @@ enum { ERR_ISA = -2, ERR_ARGS = -1, ERR_NOMEM = -3 };
 #define SDK_TILE_ROWS 32
 #define SDK_TILE_COLS 128
 #define SDK_TILE_LANES 64
+#define SDK_TILE_SMALL_LANES 8 /* batches up to 8: x transposed [K, 8] (decode of a few sequences) */
 /* x transposed is walked in K blocks of about SDK_XBLOCK_BYTES at density >= 0.3, larger in proportion below that
  * (up to 4x): 48 KB (mostly L1) measured 1.10-1.25x faster than 192 KB (L2) at batch 64 and 128, 50 and 70 %,
  * one thread, cold 1B-like shapes (24 and 96 KB in between), but at 90 % a row has too few stored elements in
@@ -281,20 +282,21 @@ static void rows_portable(const job_t *j, int64_t r0, int64_t r1) {
 
 /* Tile form (format.TileForm): tile t's stored elements start at tile_ptr[t]; within a tile, K block by K block, row by
  * row (tile_counts gives each row's count in each block), each element's column within its block (uint8) and value.
- * x transposed [K, SDK_TILE_LANES]. Each tile's 32 rows keep their partial sums in `yt` while its K blocks go by, so
+ * x transposed [K, L] (L lanes: SDK_TILE_LANES, or SDK_TILE_SMALL_LANES for batches up to 8). Each tile's 32 rows keep
+ * their partial sums in `yt` while its K blocks go by, so
  * the weight is one sequential stream and each 32 KB block of x is reused by the tile's rows from L1 (the row form's
  * columns range over all of x, 256 KB at K = 2048, from L2). Tiles [t0, t1). */
-#define TILES_BODY(VEC, PFX, W, A)                                                                           \
+#define TILES_BODY(VEC, PFX, W, A, L)                                                                        \
     do {                                                                                                     \
-        enum { T = SDK_TILE_LANES / (W) };                                                                   \
+        enum { T = (L) / (W) };                                                                              \
         const int64_t nkb = (j->k + SDK_TILE_COLS - 1) / SDK_TILE_COLS;                                      \
-        float yt[SDK_TILE_ROWS][SDK_TILE_LANES] __attribute__((aligned(64)));                                \
+        float yt[SDK_TILE_ROWS][(L)] __attribute__((aligned(64)));                                           \
         for (int64_t t = t0; t < t1; t++) {                                                                  \
             const uint8_t *cnt = j->tile_counts + t * nkb * SDK_TILE_ROWS;                                   \
             const uint8_t *c8 = j->tile_cols + j->tile_ptr[t];                                               \
             const float *v = j->values + j->tile_ptr[t];                                                     \
             for (int64_t kb = 0; kb < nkb; kb++) {                                                           \
-                const float *xb = j->x + kb * SDK_TILE_COLS * SDK_TILE_LANES;                                \
+                const float *xb = j->x + kb * SDK_TILE_COLS * (L);                                           \
                 for (int i = 0; i < SDK_TILE_ROWS; i++) {                                                    \
                     const int c = *cnt++;                                                                    \
                     VEC acc[A][T];                                                                           \
@@ -307,14 +309,14 @@ static void rows_portable(const job_t *j, int64_t r0, int64_t r1) {
                         if ((e & 15) < A) prefetch_stream(v + e, SDK_PREFETCH_VALUE_BYTES / 2);              \
                         for (int a = 0; a < A; a++) {                                                        \
                             const VEC w = PFX##_set1_ps(v[e + a]);                                           \
-                            const float *xp = xb + (int64_t)c8[e + a] * SDK_TILE_LANES;                      \
+                            const float *xp = xb + (int64_t)c8[e + a] * (L);                                 \
                             for (int t_ = 0; t_ < T; t_++)                                                   \
                                 acc[a][t_] = PFX##_fmadd_ps(w, PFX##_load_ps(xp + (W) * t_), acc[a][t_]);    \
                         }                                                                                    \
                     }                                                                                        \
                     for (; e < c; e++) {                                                                     \
                         const VEC w = PFX##_set1_ps(v[e]);                                                   \
-                        const float *xp = xb + (int64_t)c8[e] * SDK_TILE_LANES;                              \
+                        const float *xp = xb + (int64_t)c8[e] * (L);                                         \
                         for (int t_ = 0; t_ < T; t_++)                                                       \
                             acc[0][t_] = PFX##_fmadd_ps(w, PFX##_load_ps(xp + (W) * t_), acc[0][t_]);        \
                     }                                                                                        \
@@ -326,8 +328,8 @@ static void rows_portable(const job_t *j, int64_t r0, int64_t r1) {
                 }                                                                                            \
             }                                                                                                \
             const int64_t r0 = t * SDK_TILE_ROWS;                                                            \
-            store_rows(j, r0, j->n - r0 < SDK_TILE_ROWS ? (int)(j->n - r0) : SDK_TILE_ROWS, yt[0],            \
-                       SDK_TILE_LANES);                                                                      \
+            store_rows(j, r0, j->n - r0 < SDK_TILE_ROWS ? (int)(j->n - r0) : SDK_TILE_ROWS, yt[0],           \
+                       (L));                                                                                 \
         }                                                                                                    \
     } while (0)
 /* Portable: 8-lane "vectors" of plain floats, a fixed-width loop the compiler vectorizes. */
@@ -344,7 +346,10 @@ static inline vec8_t p8_add_ps(vec8_t a, vec8_t b) {
     for (int l = 0; l < 8; l++) a.f[l] += b.f[l];
     return a;
 }
-static void tiles_portable(const job_t *j, int64_t t0, int64_t t1) { TILES_BODY(vec8_t, p8, 8, 1); }
+static void tiles_portable(const job_t *j, int64_t t0, int64_t t1) {
+    if (j->bp == SDK_TILE_SMALL_LANES) TILES_BODY(vec8_t, p8, 8, 4, SDK_TILE_SMALL_LANES);
+    else TILES_BODY(vec8_t, p8, 8, 1, SDK_TILE_LANES);
+}
 
 #if SDK_X86
 /* ------------------------------------------------------------------------------------------------ AVX2 */
@@ -771,12 +776,15 @@ __attribute__((target("avx512f,avx2,fma,popcnt"))) static void rows_avx512(const
     if (j->bp == 16) ROWS_BODY(__m512, _mm512, 16, 1, 4);
     else ROWS_BODY(__m512, _mm512, 16, 2, 4);
 }
-/* Tile form: AVX2 8 vectors of 8 lanes an element (8 accumulators: A = 1; 16 registers), AVX-512 4 of 16 (A = 2). */
+/* Tile form: AVX2 8 vectors of 8 lanes an element (8 accumulators: A = 1; 16 registers), AVX-512 4 of 16 (A = 2).
+ * 8 lanes (batches up to 8): one 8-lane vector an element on both, 4 accumulators (A = 4) for the FMA latency. */
 __attribute__((target("avx2,fma,popcnt"))) static void tiles_avx2(const job_t *j, int64_t t0, int64_t t1) {
-    TILES_BODY(__m256, _mm256, 8, 1);
+    if (j->bp == SDK_TILE_SMALL_LANES) TILES_BODY(__m256, _mm256, 8, 4, SDK_TILE_SMALL_LANES);
+    else TILES_BODY(__m256, _mm256, 8, 1, SDK_TILE_LANES);
 }
 __attribute__((target("avx512f,avx2,fma,popcnt"))) static void tiles_avx512(const job_t *j, int64_t t0, int64_t t1) {
-    TILES_BODY(__m512, _mm512, 16, 2);
+    if (j->bp == SDK_TILE_SMALL_LANES) TILES_BODY(__m256, _mm256, 8, 4, SDK_TILE_SMALL_LANES);
+    else TILES_BODY(__m512, _mm512, 16, 2, SDK_TILE_LANES);
 }
 #endif /* SDK_X86 */
 
@@ -1306,8 +1314,8 @@ SDK_EXPORT int sdk_tile_form(const uint16_t *mask, const float *values, const in
     return 0;
 }
 
-/* y[b, n] = sum_k x[b, k] * W[n, k] for W in the tile form (sdk_tile_form's arrays), b <= 64. isa and threads as
- * sdk_matmul. */
+/* y[b, n] = sum_k x[b, k] * W[n, k] for W in the tile form (sdk_tile_form's arrays), b <= 64 (b <= 8: 8 lanes, else
+ * 64). isa and threads as sdk_matmul. */
 SDK_EXPORT int sdk_tiles_matmul(const float *x, int64_t b, int64_t k, const int64_t *tile_ptr, const uint8_t *counts,
                                 const uint8_t *cols, const float *values, int64_t n, float *y, int threads, int isa) {
     if (b < 1 || b > SDK_TILE_LANES || k < 1 || n < 1 || !x || !tile_ptr || !counts || !cols || !values || !y ||
@@ -1317,12 +1325,13 @@ SDK_EXPORT int sdk_tiles_matmul(const float *x, int64_t b, int64_t k, const int6
     if (rc) return rc;
     const int64_t tiles = (n + SDK_TILE_ROWS - 1) / SDK_TILE_ROWS, nkb = (k + SDK_TILE_COLS - 1) / SDK_TILE_COLS;
     atomic_int failed = 0;
-    job_t j = {.failed = &failed, .values = values, .y = y, .n = n, .k = k, .b = b, .bp = SDK_TILE_LANES, .isa = isa,
+    const int64_t lanes = b <= SDK_TILE_SMALL_LANES ? SDK_TILE_SMALL_LANES : SDK_TILE_LANES;
+    job_t j = {.failed = &failed, .values = values, .y = y, .n = n, .k = k, .b = b, .bp = lanes, .isa = isa,
                .tile_ptr = tile_ptr, .tile_counts = counts, .tile_cols = cols};
     if (threads > tiles) threads = (int)tiles;
     pthread_mutex_lock(&pool.call_lock);
-    if (reserve_scratch(k * SDK_TILE_LANES)) { pthread_mutex_unlock(&pool.call_lock); return ERR_NOMEM; }
-    transpose_x(x, b, k, SDK_TILE_LANES, scratch);
+    if (reserve_scratch(k * lanes)) { pthread_mutex_unlock(&pool.call_lock); return ERR_NOMEM; }
+    transpose_x(x, b, k, lanes, scratch);
     j.x = scratch;
     return run_balanced(&j, threads, tile_ptr, tiles, nkb * SDK_TILE_ROWS * 8); /* per tile: its row visits */
 }
