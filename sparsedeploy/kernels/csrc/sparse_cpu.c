@@ -1738,6 +1738,21 @@ static void query_portable(const attn_t *a, const float *qr, const float *pk, co
     }
 }
 #if SDK_X86
+/* The softmax's numerators in place: score[j] = exp(score[j] - top), 0 for a -inf (masked) one; -> their sum. */
+__attribute__((target("avx2,fma,popcnt"))) static inline float exp_scores_avx2(float *score, int64_t len, float top) {
+    const __m256 vtop = _mm256_set1_ps(top), ninf = _mm256_set1_ps(-INFINITY);
+    __m256 vsum = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= len; j += 8) {
+        const __m256 x = _mm256_loadu_ps(score + j);
+        const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ), exp256(_mm256_sub_ps(x, vtop)));
+        _mm256_storeu_ps(score + j, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = hsum256(vsum);
+    for (; j < len; j++) sum += score[j] = score[j] == -INFINITY ? 0.0f : expf(score[j] - top);
+    return sum;
+}
 /* AVX2 (d a multiple of 32): the softmax's exp in 8 lanes (exp256), the weighted sum of the values 32 lanes at a
  * time in registers. */
 __attribute__((target("avx2,fma,popcnt"))) static void query_avx2(const attn_t *a, const float *qr, const float *pk,
@@ -1754,18 +1769,7 @@ __attribute__((target("avx2,fma,popcnt"))) static void query_avx2(const attn_t *
         memset(o, 0, (size_t)d * sizeof(float));
         return;
     }
-    const __m256 vtop = _mm256_set1_ps(top), ninf = _mm256_set1_ps(-INFINITY);
-    __m256 vsum = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 8 <= len; j += 8) {
-        const __m256 x = _mm256_loadu_ps(score + j);
-        const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ), exp256(_mm256_sub_ps(x, vtop)));
-        _mm256_storeu_ps(score + j, e);
-        vsum = _mm256_add_ps(vsum, e);
-    }
-    float sum = hsum256(vsum);
-    for (; j < len; j++) sum += score[j] = score[j] == -INFINITY ? 0.0f : expf(score[j] - top);
-    const float inv = 1.0f / sum;
+    const float inv = 1.0f / exp_scores_avx2(score, len, top);
     for (int64_t i = 0; i < d; i += 32) {
         __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
         for (int64_t jj = 0; jj < len; jj++) {
@@ -1834,19 +1838,8 @@ __attribute__((target("avx2,fma,popcnt"))) static void query_keys_t_avx2(const a
         memset(o, 0, (size_t)d * sizeof(float));
         return;
     }
-    const __m256 vtop = _mm256_set1_ps(top), ninf = _mm256_set1_ps(-INFINITY);
-    __m256 vsum = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 8 <= lim; j += 8) {
-        const __m256 x = _mm256_loadu_ps(score + j);
-        const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ), exp256(_mm256_sub_ps(x, vtop)));
-        _mm256_storeu_ps(score + j, e);
-        vsum = _mm256_add_ps(vsum, e);
-    }
-    float sum = hsum256(vsum);
-    for (; j < lim; j++) sum += score[j] = score[j] == -INFINITY ? 0.0f : expf(score[j] - top);
-    const float inv = 1.0f / sum;
-    for (j = 0; j < lim; j++) score[j] *= inv;
+    const float inv = 1.0f / exp_scores_avx2(score, lim, top);
+    for (int64_t j = 0; j < lim; j++) score[j] *= inv;
     for (int64_t i = 0; i < d; i += 32) {
         __m256 e0 = _mm256_setzero_ps(), e1 = e0, e2 = e0, e3 = e0, o0 = e0, o1 = e0, o2 = e0, o3 = e0;
         int64_t jj = 0;
