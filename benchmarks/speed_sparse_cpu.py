@@ -10,7 +10,9 @@ than MAX_COPIES copies would be needed, an untimed pass over an eviction buffer 
 Full run (writes JSON + Markdown + PNG; ~10 min on a 2-core box):
     python benchmarks/speed_sparse_cpu.py --out benchmarks/results/speed_sparse_cpu
 CI gate (~1 min): re-measures the 70 % batch-1 ratio on the 1B-like shapes and exits 1 when it is more than
-15 % below the committed figure for this CPU (another CPU is held to a generic floor):
+15 % below the committed figure for this CPU (another CPU is held to a generic floor). A run below the floor is
+measured once more and the gate fails only when both are (CI_ATTEMPTS): on the shared 2-core guests unchanged code
+has ranged 1.48-1.96x between runs, while a real regression shows in every run.
     python benchmarks/speed_sparse_cpu.py --ci
 Another machine's committed run lives in a subfolder (e.g. intel_xeon/) with its own CI figure:
     python benchmarks/speed_sparse_cpu.py --out benchmarks/results/speed_sparse_cpu/intel_xeon
@@ -50,6 +52,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "speed_sparse_cpu"
 MAX_COPIES = 24
 CI_TOLERANCE = 0.15  # fail when the ratio is more than 15 % below the committed figure
 CI_GENERIC_FLOOR = 1.1  # a CPU without a committed figure must still show sparse ahead of dense at 70 %
+CI_ATTEMPTS = 2  # a measurement below the floor is repeated once; the gate fails when every attempt is below
 CI_PATTERN, CI_BATCH, CI_THREADS = "0.7", 1, 1
 
 
@@ -482,6 +485,23 @@ def ci_check(rows: list[dict], committed: dict | None, this_cpu: str, isa: str) 
     return (0 if ok else 1), msg
 
 
+def ci_gate(measure, committed: dict | None, this_cpu: str, isa: str) -> tuple[int, str, list[dict], list[str]]:
+    """The gate over up to CI_ATTEMPTS measurements (`measure()` -> rows): it passes at the first attempt at or above
+    the floor and fails when every one is below. -> (exit code, message, the last attempt's rows, every message)."""
+    attempts: list[str] = []
+    for attempt in range(CI_ATTEMPTS):
+        rows = measure()
+        rc, msg = ci_check(rows, committed, this_cpu, isa)
+        attempts.append(msg)
+        if rc == 0:
+            break
+        if attempt + 1 < CI_ATTEMPTS:
+            log.warning("%s; measuring once more (a regression shows in every run, noise seldom twice)", msg)
+    if len(attempts) > 1:
+        msg = f"{msg} (attempt {len(attempts)} of {CI_ATTEMPTS}; before: {'; '.join(attempts[:-1])})"
+    return rc, msg, rows, attempts
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -536,14 +556,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.ci:
         out_json = args.out / "speed_sparse_cpu.json"
         committed = committed_ci_baseline(mach["cpu"], isa)
-        rows = []
-        for shape in LLAMA1B:
-            rows += bench_shape(shape, [CI_PATTERN], [CI_BATCH], [CI_THREADS], isa, None, 9, cold)
-        rc, msg = ci_check(rows, committed, mach["cpu"], isa)
+
+        def measure() -> list[dict]:
+            rows = []
+            for shape in LLAMA1B:
+                rows += bench_shape(shape, [CI_PATTERN], [CI_BATCH], [CI_THREADS], isa, None, 9, cold)
+            return rows
+
+        rc, msg, rows, attempts = ci_gate(measure, committed, mach["cpu"], isa)
         print(msg)
         args.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(
-            args.out / "speed_sparse_cpu_ci.json", {"machine": mach, "rows": rows, "result": msg, "loadavg": loadavg()}
+            args.out / "speed_sparse_cpu_ci.json",
+            {"machine": mach, "rows": rows, "result": msg, "attempts": attempts, "loadavg": loadavg()},
         )
         if args.write_ci_baseline:
             data = json.loads(out_json.read_text()) if out_json.exists() else {}
