@@ -64,7 +64,8 @@ EXPAND_MAX_BATCH = 8  # the bitmask form expands each weight group once per batc
 PREFILL_ROWS_MAX_DENSITY = 0.15
 DENSITY_80 = 0.21  # "80 %" as a density limit: pruned per row, 80 % keeps round(0.2 K) elements, a hair over 0.2
 # The "amd" profile at batch EXPAND_MAX_BATCH takes the row form up to this density (Zen 4: rows 1.15-1.2x ahead of
-# the expand form at 50 and 70 %; docs/sparse_cpu.md)
+# the expand form at 50 and 70 %; docs/sparse_cpu.md). Above SMALL_TILE_MIN_DENSITY the 8-lane tile form (below) is
+# picked before it, so the rule decides only for sparser weights there.
 AMD_FULL_EXPAND_ROWS_MAX_DENSITY = 0.55
 # The "amd" profile at batches SMALL_TILE_MIN_BATCH-8, density above SMALL_TILE_MIN_DENSITY: the tile form with 8 lanes
 # (sparse_cpu.c SDK_TILE_SMALL_LANES), ahead of both the row and the expand form there (Zen 4, one thread, cold

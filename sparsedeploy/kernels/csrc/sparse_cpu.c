@@ -783,7 +783,7 @@ __attribute__((target("avx2,fma,popcnt"))) static void tiles_avx2(const job_t *j
     else TILES_BODY(__m256, _mm256, 8, 1, SDK_TILE_LANES);
 }
 __attribute__((target("avx512f,avx2,fma,popcnt"))) static void tiles_avx512(const job_t *j, int64_t t0, int64_t t1) {
-    if (j->bp == SDK_TILE_SMALL_LANES) TILES_BODY(__m256, _mm256, 8, 4, SDK_TILE_SMALL_LANES);
+    if (j->bp == SDK_TILE_SMALL_LANES) tiles_avx2(j, t0, t1); /* 8 lanes: one 256-bit vector, the AVX2 loop */
     else TILES_BODY(__m512, _mm512, 16, 2, SDK_TILE_LANES);
 }
 #endif /* SDK_X86 */
