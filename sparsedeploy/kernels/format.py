@@ -157,6 +157,7 @@ class RowForm:
 
 TILE_ROWS = 32  # the tile form's rows a tile (sparse_cpu.c SDK_TILE_ROWS)
 TILE_COLS = 128  # its columns a K block (SDK_TILE_COLS; uint8 columns within the block)
+TILE_COL_PAD = 8  # trailing zero columns: the 8-lane kernel reads a row's last 1-7 elements as a group of 8
 
 
 @dataclass(frozen=True)
@@ -166,12 +167,13 @@ class TileForm:
 
     Tile t (rows ``TILE_ROWS t`` ..) holds ``values[tile_ptr[t]:tile_ptr[t + 1]]``, K block by K block (columns
     ``TILE_COLS kb`` ..), within a block row by row in column order: ``counts[t, kb, i]`` elements of row i, each at
-    column ``TILE_COLS kb + cols[e]``. ``values`` ends with PAD zero floats like the bitmask form's.
+    column ``TILE_COLS kb + cols[e]``. ``values`` ends with PAD zero floats like the bitmask form's, ``cols`` with
+    TILE_COL_PAD zeros.
     """
 
     tile_ptr: np.ndarray  # int64 [tiles + 1]
     counts: np.ndarray  # uint8 [tiles, K blocks, TILE_ROWS]
-    cols: np.ndarray  # uint8 [nnz]
+    cols: np.ndarray  # uint8 [nnz + TILE_COL_PAD]
     values: np.ndarray  # float32 [nnz + PAD]
     shape: tuple[int, int]  # (N, K)
 

@@ -18,6 +18,7 @@ import numpy as np
 from sparsedeploy.kernels.format import (
     PAD,
     ROW_FORM_MAX_K,
+    TILE_COL_PAD,
     TILE_COLS,
     TILE_ROWS,
     PackedLinear,
@@ -63,18 +64,14 @@ EXPAND_MAX_BATCH = 8  # the bitmask form expands each weight group once per batc
 # (Emerald Rapids, one thread, 5632 x 2048, batch 128, AVX-512 and AVX2; docs/sparse_cpu.md).
 PREFILL_ROWS_MAX_DENSITY = 0.15
 DENSITY_80 = 0.21  # "80 %" as a density limit: pruned per row, 80 % keeps round(0.2 K) elements, a hair over 0.2
-# The "amd" profile at batch EXPAND_MAX_BATCH takes the row form up to this density (Zen 4: rows 1.15-1.2x ahead of
-# the expand form at 50 and 70 %; docs/sparse_cpu.md). Above SMALL_TILE_MIN_DENSITY the 8-lane tile form (below) is
-# picked before it, so the rule decides only for sparser weights there.
-AMD_FULL_EXPAND_ROWS_MAX_DENSITY = 0.55
 # The "amd" profile at batches SMALL_TILE_MIN_BATCH-8, density above SMALL_TILE_MIN_DENSITY: the tile form with 8 lanes
 # (sparse_cpu.c SDK_TILE_SMALL_LANES), ahead of both the row and the expand form there (Zen 4, one thread, cold
-# 1B-like shapes, batch 8: 1.41-1.58x of ORT dense at 70 % against the row form's 1.27-1.45x, 1.02-1.08x at 50 %
-# against 0.88-0.91x, 2:4 1.20-1.27x against 0.82-0.90x; batch 6 ahead of the expand form, batch 5 a tie at 70 % and
-# ahead at 50 %, batch 4 behind; at 80 % the row form ahead at batch 8; docs/sparse_cpu.md)
+# 1B-like shapes, batch 8, ratio to ORT dense: 1.78-1.88x at 70 %, 1.18-1.25x at 50 %, 2:4 1.28-1.39x, 80 % 2.25-2.32x
+# against the row form's 1.94-2.16x, 85 % 2.80-2.87x against 2.28-2.87x, 90 % 3.45-3.77x against 3.77-3.96x; batch 6
+# ahead of the expand form, batch 5 a tie at 70 % and ahead at 50 %, batch 4 behind; docs/sparse_cpu.md)
 SMALL_TILE_MIN_BATCH = 5
 SMALL_TILE_LANES = 8
-SMALL_TILE_MIN_DENSITY = 0.25
+SMALL_TILE_MIN_DENSITY = 0.12
 _NATIVE = "sparsedeploy.kernels._native"
 
 
@@ -251,10 +248,9 @@ def row_form_pays(batch: int, density: float, isa: str, profile: str = "intel") 
         row form ran 4.0-4.1x of ORT dense, the expand-load GEMV 2.8-3.3x), ~0.2 on the 256-bit GEMV (AVX2, and
         AVX-512 CPUs on the "amd" profile, which run it);
       batch 2-8 (the expand form): from ~0.06 at batch 2 to ~0.25-0.3 at batch 8 on AVX-512 (density <= batch / 32),
-        from ~0.15 to ~0.45 on AVX2 ((batch + 1) / 20), whose expand costs more; on Zen 4 (the "amd" profile) batch 8
-        from 0.5 (AMD_FULL_EXPAND_ROWS_MAX_DENSITY) on both paths (rows 0.88-0.91x of ORT dense at 50 % against the
-        expand form's 0.76-0.77x (AVX2 0.65-0.75x), 1.25-1.34x at 70 % against 1.07-1.12x), batches 5-7 a tie and
-        2-4 the expand form well ahead (1.4-1.8x against rows' 1.0-1.1x at 70 %);
+        from ~0.15 to ~0.45 on AVX2 ((batch + 1) / 20), whose expand costs more; on Zen 4 (the "amd" profile)
+        batches 5-8 above SMALL_TILE_MIN_DENSITY run the 8-lane tile form instead (small_tile_form_pays, asked
+        first), and 2-4 the expand form well ahead (1.4-1.8x against rows' 1.0-1.1x at 70 %);
       batch 9-32 (where the bitmask form is the broadcast GEMM): at 50-90 % on every path;
       batch 33 and up (prefill; the row form in calls of ROW_FORM_MAX_BATCH rows of x, each walking the weight):
         up to density PREFILL_ROWS_MAX_DENSITY (90 %: 2.9-3.3x of ORT dense against the broadcast GEMM's 1.8-2.7x);
@@ -271,8 +267,6 @@ def row_form_pays(batch: int, density: float, isa: str, profile: str = "intel") 
         return True
     if batch == 1:
         return density <= (0.12 if isa == "avx512" and profile == "intel" else DENSITY_80)
-    if batch == EXPAND_MAX_BATCH and profile == "amd" and density <= AMD_FULL_EXPAND_ROWS_MAX_DENSITY:
-        return True
     return density <= (batch / 32 if isa == "avx512" else (batch + 1) / 20)
 
 
@@ -334,7 +328,7 @@ def tile_form(p: PackedLinear) -> TileForm:
     n, k = p.shape
     tile_ptr = np.empty(-(-n // TILE_ROWS) + 1, dtype=np.int64)
     counts = np.empty((-(-n // TILE_ROWS), -(-k // TILE_COLS), TILE_ROWS), dtype=np.uint8)
-    cols = np.empty(p.nnz, dtype=np.uint8)
+    cols = np.zeros(p.nnz + TILE_COL_PAD, dtype=np.uint8)
     values = np.zeros(p.nnz + PAD, dtype=np.float32)
     _derive(p, "tile form", _lib().sdk_tile_form, tile_ptr, counts, cols, values)
     return _kept(_TILE_FORMS, p, TileForm(tile_ptr=tile_ptr, counts=counts, cols=cols, values=values, shape=(n, k)))
