@@ -33,6 +33,7 @@ OLD_LAYOUTS = {"row_ptr": "bitmask16-v1"}  # an array only an older layout has -
 GROUP = 16
 ROWS = 4  # rows per block
 PAD = 16  # trailing floats after the stored values, so a 16-lane vector load may start at any element
+COL_PAD = 8  # trailing zero columns of the row and tile forms: the 8-lane loops read a row's last 1-7 elements as 8
 
 
 @dataclass(frozen=True)
@@ -137,11 +138,11 @@ class RowForm:
     (native.row_form; +6 bytes a stored element on top of the packed weight).
 
     Row r's elements are ``values[row_ptr[r]:row_ptr[r + 1]]`` at columns ``cols[row_ptr[r]:row_ptr[r + 1]]``
-    (ascending); ``values`` ends with PAD zero floats like the bitmask form's.
+    (ascending); ``values`` ends with PAD zero floats like the bitmask form's, ``cols`` with COL_PAD zeros.
     """
 
     row_ptr: np.ndarray  # int64 [N + 1]
-    cols: np.ndarray  # uint16 [nnz]
+    cols: np.ndarray  # uint16 [nnz + COL_PAD]
     values: np.ndarray  # float32 [nnz + PAD]
     shape: tuple[int, int]  # (N, K)
 
@@ -157,7 +158,6 @@ class RowForm:
 
 TILE_ROWS = 32  # the tile form's rows a tile (sparse_cpu.c SDK_TILE_ROWS)
 TILE_COLS = 128  # its columns a K block (SDK_TILE_COLS; uint8 columns within the block)
-TILE_COL_PAD = 8  # trailing zero columns: the 8-lane kernel reads a row's last 1-7 elements as a group of 8
 
 
 @dataclass(frozen=True)
@@ -168,12 +168,12 @@ class TileForm:
     Tile t (rows ``TILE_ROWS t`` ..) holds ``values[tile_ptr[t]:tile_ptr[t + 1]]``, K block by K block (columns
     ``TILE_COLS kb`` ..), within a block row by row in column order: ``counts[t, kb, i]`` elements of row i, each at
     column ``TILE_COLS kb + cols[e]``. ``values`` ends with PAD zero floats like the bitmask form's, ``cols`` with
-    TILE_COL_PAD zeros.
+    COL_PAD zeros.
     """
 
     tile_ptr: np.ndarray  # int64 [tiles + 1]
     counts: np.ndarray  # uint8 [tiles, K blocks, TILE_ROWS]
-    cols: np.ndarray  # uint8 [nnz + TILE_COL_PAD]
+    cols: np.ndarray  # uint8 [nnz + COL_PAD]
     values: np.ndarray  # float32 [nnz + PAD]
     shape: tuple[int, int]  # (N, K)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from sparsedeploy.kernels.format import (
+    COL_PAD,
     PAD,
     ROW_FORM_MAX_K,
-    TILE_COL_PAD,
     TILE_COLS,
     TILE_ROWS,
     PackedLinear,
@@ -314,7 +314,7 @@ def row_form(p: PackedLinear) -> RowForm:
     if k > ROW_FORM_MAX_K:
         raise ValueError(f"row form: K={k} is more than its uint16 columns hold ({ROW_FORM_MAX_K})")
     row_ptr = np.empty(n + 1, dtype=np.int64)
-    cols = np.empty(p.nnz, dtype=np.uint16)
+    cols = np.zeros(p.nnz + COL_PAD, dtype=np.uint16)
     values = np.zeros(p.nnz + PAD, dtype=np.float32)
     _derive(p, "row form", _lib().sdk_row_form, row_ptr, cols, values)
     return _kept(_ROW_FORMS, p, RowForm(row_ptr=row_ptr, cols=cols, values=values, shape=(n, k)))
@@ -328,7 +328,7 @@ def tile_form(p: PackedLinear) -> TileForm:
     n, k = p.shape
     tile_ptr = np.empty(-(-n // TILE_ROWS) + 1, dtype=np.int64)
     counts = np.empty((-(-n // TILE_ROWS), -(-k // TILE_COLS), TILE_ROWS), dtype=np.uint8)
-    cols = np.zeros(p.nnz + TILE_COL_PAD, dtype=np.uint8)
+    cols = np.zeros(p.nnz + COL_PAD, dtype=np.uint8)
     values = np.zeros(p.nnz + PAD, dtype=np.float32)
     _derive(p, "tile form", _lib().sdk_tile_form, tile_ptr, counts, cols, values)
     return _kept(_TILE_FORMS, p, TileForm(tile_ptr=tile_ptr, counts=counts, cols=cols, values=values, shape=(n, k)))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sparsedeploy.kernels import native as kernels
-from sparsedeploy.kernels.format import PAD, TILE_COL_PAD, pack
+from sparsedeploy.kernels.format import COL_PAD, PAD, pack
 from sparsedeploy.kernels.native import available_isas, matmul
 
 ISAS = available_isas()
@@ -129,11 +129,12 @@ def test_row_form_is_the_stored_elements_row_by_row(name):
     row_ptr, cols, values = csr_reference(w)
     assert rf.shape == w.shape and rf.nnz == len(cols)
     assert rf.row_ptr.dtype == np.int64 and np.array_equal(rf.row_ptr, row_ptr)
-    assert rf.cols.dtype == np.uint16 and np.array_equal(rf.cols, cols)
+    assert rf.cols.dtype == np.uint16 and np.array_equal(rf.cols[: rf.nnz], cols)
+    assert len(rf.cols) == rf.nnz + COL_PAD and not rf.cols[rf.nnz :].any()
     assert np.array_equal(rf.values[: rf.nnz].view(np.uint32), values.view(np.uint32))  # bit for bit
     assert len(rf.values) == rf.nnz + PAD and not rf.values[rf.nnz :].any()
     assert not rf.values.flags.writeable
-    assert rf.kernel_nbytes == 8 * (w.shape[0] + 1) + 6 * rf.nnz + 4 * PAD
+    assert rf.kernel_nbytes == 8 * (w.shape[0] + 1) + 6 * rf.nnz + 2 * COL_PAD + 4 * PAD
 
 
 @pytest.mark.parametrize("form", ["rows", "tiles"])
@@ -168,13 +169,14 @@ def test_tile_form_matches_dense_reference(name, batch, threads, isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("batch", [5, 8])
-def test_tile_form_row_tails_weigh_nothing_past_each_rows_count(batch, isa):
-    """The 8-lane loop reads a row's last 1-7 elements as a group of 8: what it reads past them (the next rows' NaN
-    and inf weights, columns past K in a partial last block, the tile form's padding) must add nothing, even after a
-    call that left NaN in the kernel's scratch copy of x."""
+@pytest.mark.parametrize("batch", [2, 5, 8])
+@pytest.mark.parametrize("form", ["rows", "tiles"])
+def test_8_lane_row_tails_weigh_nothing_past_each_rows_count(form, batch, isa):
+    """The 8-lane loops read a row's last 1-7 elements as a group of 8: what they read past them (the next rows' NaN
+    and inf weights, columns past K in a partial last K block, the forms' trailing columns) must add nothing, even
+    after a call that left NaN in the kernels' scratch copy of x."""
     big = pruned(8, 4096, 0.5, 7)
-    assert np.isnan(matmul(np.full((8, 4096), np.nan, np.float32), pack(big), isa=isa, form="tiles")).all()
+    assert np.isnan(matmul(np.full((8, 4096), np.nan, np.float32), pack(big), isa=isa, form=form)).all()
     rng = np.random.default_rng(batch)
     n, k = 45, 200  # two tiles, two K blocks (the last 72 columns)
     w = np.zeros((n, k), np.float32)
@@ -185,7 +187,7 @@ def test_tile_form_row_tails_weigh_nothing_past_each_rows_count(batch, isa):
     bad_rows = [10, 21, 44]
     w[10, 5], w[21, 130], w[44, 199] = np.float32(np.nan), np.float32(np.inf), np.float32(np.nan)
     x = rng.standard_normal((batch, k)).astype(np.float32)
-    y = matmul(x, pack(w), isa=isa, form="tiles")
+    y = matmul(x, pack(w), isa=isa, form=form)
     assert not np.isfinite(y[:, bad_rows]).any()
     keep = np.setdiff1d(np.arange(n), bad_rows)
     check(x, w[keep], np.ascontiguousarray(y[:, keep]))
@@ -226,11 +228,11 @@ def test_tile_form_is_the_stored_elements_tile_by_tile(name):
     assert tf.tile_ptr.dtype == np.int64 and np.array_equal(tf.tile_ptr, tile_ptr)
     assert tf.counts.dtype == np.uint8 and np.array_equal(tf.counts, counts)
     assert tf.cols.dtype == np.uint8 and np.array_equal(tf.cols[: tf.nnz], cols)
-    assert len(tf.cols) == tf.nnz + TILE_COL_PAD and not tf.cols[tf.nnz :].any()
+    assert len(tf.cols) == tf.nnz + COL_PAD and not tf.cols[tf.nnz :].any()
     assert np.array_equal(tf.values[: tf.nnz].view(np.uint32), values.view(np.uint32))  # bit for bit
     assert len(tf.values) == tf.nnz + PAD and not tf.values[tf.nnz :].any()
     assert not any(a.flags.writeable for a in (tf.tile_ptr, tf.counts, tf.cols, tf.values))
-    assert tf.kernel_nbytes == 8 * (counts.shape[0] + 1) + counts.size + 5 * tf.nnz + TILE_COL_PAD + 4 * PAD
+    assert tf.kernel_nbytes == 8 * (counts.shape[0] + 1) + counts.size + 5 * tf.nnz + COL_PAD + 4 * PAD
 
 
 def test_tile_form_kernel_refuses_what_it_cannot_hold():

@@ -15,7 +15,8 @@
  * (x transposed to [K, Bp]), so zero weights cost nothing.
  * sdk_rows_matmul multiplies by the row form (CSR with uint16 columns, built from this format by sdk_row_form and
  * held in memory beside it): batch 1-32 where it pays (kernels/native.py row_form_pays), one broadcast + FMA per
- * stored element and vector of batch lanes (batch 1: a scalar multiply-add), no per-group decode.
+ * stored element and vector of batch lanes (batch 1: a scalar multiply-add; batches 2-8: 8 values one load, each
+ * broadcast by a vpermps, ROWS8_BODY), no per-group decode.
  * sdk_tiles_matmul multiplies by the tile form (tiles of 32 rows in K blocks of 128 columns, uint8 columns within
  * the block, built by sdk_tile_form and held beside it): prefill, 64 rows of x a call, each tile's rows reusing one
  * 32 KB block of x from L1 while the weight streams by once; batches up to 8 with x in 8 lanes (TILES8_BODY).
@@ -717,6 +718,63 @@ __attribute__((target("avx512f,avx2,fma,popcnt"))) static void gemm_row_avx512(c
     }
 }
 
+/* The row and tile forms with 8 lanes (x transposed [K, 8]; batches 2-8), AVX2 and AVX-512: a row's elements 8 at a
+ * time, their values one vector load and each broadcast to the 8 lanes by a vpermps from that register (the lane
+ * indices stay in registers), each x row one load folded into its FMA. Broadcasting each value from memory instead
+ * (ROWS_BODY, TILES_BODY) makes two vector loads an element, and Zen 4 does two a cycle: 1.49 against 0.93 cycles an
+ * element in an L1-resident loop. A row's last 1-7 elements run as one more group of 8 with the weights past its
+ * count zeroed (TAIL_W): the x rows read for them are the next row's columns (or the forms' trailing zero columns,
+ * format.COL_PAD), inside x (the tile form: inside the K block, x zeroed past K to the block's end), and weigh
+ * nothing; a scalar tail loop instead cost a second mispredicted loop exit per row (and K block). */
+/* One FMA of an 8-lane loop: lane u of w broadcast (ix[u] = u everywhere) times the x row of column ce[u] (32 bytes a
+ * row of x transposed [K, 8], xb a char pointer). */
+#define LANES8_FMA(w, u, a)                                                                                  \
+    _mm256_fmadd_ps(_mm256_permutevar8x32_ps(w, ix[u]), _mm256_load_ps((const float *)(xb + ((size_t)ce[u] << 5))), a)
+#define LANES8_GROUP(w)                                                                                      \
+    do {                                                                                                     \
+        a0 = LANES8_FMA(w, 0, a0);                                                                           \
+        a1 = LANES8_FMA(w, 1, a1);                                                                           \
+        a2 = LANES8_FMA(w, 2, a2);                                                                           \
+        a3 = LANES8_FMA(w, 3, a3);                                                                           \
+        a0 = LANES8_FMA(w, 4, a0);                                                                           \
+        a1 = LANES8_FMA(w, 5, a1);                                                                           \
+        a2 = LANES8_FMA(w, 6, a2);                                                                           \
+        a3 = LANES8_FMA(w, 7, a3);                                                                           \
+    } while (0)
+/* The first `c` (1-7) of the 8 floats at v, the rest zero: AVX2 ANDs with a row of tail_mask. */
+static const int32_t tail_mask[8][8] __attribute__((aligned(32))) = {
+    {0}, {-1}, {-1, -1}, {-1, -1, -1}, {-1, -1, -1, -1}, {-1, -1, -1, -1, -1}, {-1, -1, -1, -1, -1, -1},
+    {-1, -1, -1, -1, -1, -1, -1}};
+#define TAIL_W_AVX2(p, c) _mm256_and_ps(_mm256_loadu_ps(p), _mm256_load_ps((const float *)tail_mask[c]))
+#define TAIL_W_AVX512(p, c) _mm256_maskz_loadu_ps((__mmask8)((1u << (c)) - 1), p)
+/* The row form with 8 lanes (LANES8_GROUP): row by row, outputs collected SDK_STORE_ROWS rows at a time. */
+#define ROWS8_BODY(TAIL_W)                                                                                   \
+    do {                                                                                                     \
+        const char *xb = (const char *)j->x;                                                                 \
+        float out[SDK_STORE_ROWS][8] __attribute__((aligned(64)));                                           \
+        __m256i ix[8];                                                                                       \
+        for (int u = 0; u < 8; u++) ix[u] = _mm256_set1_epi32(u);                                            \
+        int64_t rs = r0; /* the first row of those collected in out */                                       \
+        for (int64_t r = r0; r < r1; r++) {                                                                  \
+            const int64_t e0 = j->row_ptr[r], c = j->row_ptr[r + 1] - e0;                                    \
+            const float *v = j->values + e0;                                                                 \
+            const uint16_t *c16 = j->cols + e0;                                                              \
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                      \
+            for (int64_t e = 0; e < c; e += 8) {                                                             \
+                prefetch_stream(v + e, SDK_PREFETCH_VALUE_BYTES);                                            \
+                prefetch_stream(c16 + e, SDK_PREFETCH_VALUE_BYTES / 2);                                      \
+                const __m256 w = c - e >= 8 ? _mm256_loadu_ps(v + e) : TAIL_W(v + e, (int)(c - e));          \
+                const uint16_t *ce = c16 + e;                                                                \
+                LANES8_GROUP(w);                                                                             \
+            }                                                                                                \
+            _mm256_store_ps(out[r - rs], _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));       \
+            if (r + 1 - rs == SDK_STORE_ROWS || r + 1 == r1) {                                               \
+                store_rows(j, rs, (int)(r + 1 - rs), out[0], 8);                                             \
+                rs = r + 1;                                                                                  \
+            }                                                                                                \
+        }                                                                                                    \
+    } while (0)
+
 /* The row form's SIMD loop: T vectors of W lanes per stored element, A independent accumulator sets (FMA latency),
  * 8 elements an iteration with the value and column streams prefetched ahead (the weights are read once). */
 #define ROWS_BODY(VEC, PFX, W, T, A)                                                                         \
@@ -764,25 +822,21 @@ __attribute__((target("avx2,fma,popcnt"))) static void rows_gemv_fma(const job_t
 /* AVX2: bp = the batch rounded up to 8, T = bp / 8 vectors (16 registers: 4 accumulator sets up to T = 2). */
 __attribute__((target("avx2,fma,popcnt"))) static void rows_avx2(const job_t *j, int64_t r0, int64_t r1) {
     switch (j->bp / 8) {
-    case 1: ROWS_BODY(__m256, _mm256, 8, 1, 4); break;
+    case 1: ROWS8_BODY(TAIL_W_AVX2); break;
     case 2: ROWS_BODY(__m256, _mm256, 8, 2, 4); break;
     case 3: ROWS_BODY(__m256, _mm256, 8, 3, 2); break;
     default: ROWS_BODY(__m256, _mm256, 8, 4, 2); break;
     }
 }
-/* AVX-512: batches up to 8 run the AVX2 loop (bp 8: a 512-bit vector would be half padding); else bp = the batch
- * rounded up to 16, T = bp / 16. */
-__attribute__((target("avx512f,avx2,fma,popcnt"))) static void rows_avx512(const job_t *j, int64_t r0, int64_t r1) {
-    if (j->bp == 16) ROWS_BODY(__m512, _mm512, 16, 1, 4);
+/* AVX-512: batches up to 8 in 8 lanes (bp 8: a 512-bit vector would be half padding); else bp = the batch rounded up
+ * to 16, T = bp / 16. */
+__attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void rows_avx512(const job_t *j, int64_t r0,
+                                                                                      int64_t r1) {
+    if (j->bp == 8) ROWS8_BODY(TAIL_W_AVX512);
+    else if (j->bp == 16) ROWS_BODY(__m512, _mm512, 16, 1, 4);
     else ROWS_BODY(__m512, _mm512, 16, 2, 4);
 }
-/* The tile form with 8 lanes (x transposed [K, 8]), AVX2 and AVX-512: a row's elements 8 at a time, their values
- * one vector load and each broadcast to the 8 lanes by a vpermps from that register (the lane indices stay in
- * registers), each x row one load folded into its FMA. Broadcasting each value from memory instead (TILES_BODY) makes
- * two vector loads an element, and Zen 4 does two a cycle: 1.49 against 0.93 cycles an element in an L1-resident
- * loop. A row's last 1-7 elements run as one more group of 8 with the weights past its count zeroed (TAIL_W): the
- * x rows read for them are the next row's columns (or the tile form's padding, TILE_COL_PAD), inside the K block,
- * and weigh nothing; a scalar tail loop instead cost a second mispredicted loop exit per row and K block. */
+/* The tile form with 8 lanes (x transposed [K, 8]): the 8-lane loop above, a tile's rows K block by K block. */
 #define TILES8_BODY(TAIL_W)                                                                                   \
     do {                                                                                                     \
         const int64_t nkb = (j->k + SDK_TILE_COLS - 1) / SDK_TILE_COLS;                                      \
@@ -803,14 +857,7 @@ __attribute__((target("avx512f,avx2,fma,popcnt"))) static void rows_avx512(const
                         prefetch_stream(v + e, SDK_PREFETCH_VALUE_BYTES / 2);                                \
                         const __m256 w = c - e >= 8 ? _mm256_loadu_ps(v + e) : TAIL_W(v + e, c - e);         \
                         const uint8_t *ce = c8 + e;                                                          \
-                        a0 = TILE8_FMA(w, 0, a0);                                                            \
-                        a1 = TILE8_FMA(w, 1, a1);                                                            \
-                        a2 = TILE8_FMA(w, 2, a2);                                                            \
-                        a3 = TILE8_FMA(w, 3, a3);                                                            \
-                        a0 = TILE8_FMA(w, 4, a0);                                                            \
-                        a1 = TILE8_FMA(w, 5, a1);                                                            \
-                        a2 = TILE8_FMA(w, 6, a2);                                                            \
-                        a3 = TILE8_FMA(w, 7, a3);                                                            \
+                        LANES8_GROUP(w);                                                                     \
                     }                                                                                        \
                     v += c;                                                                                  \
                     c8 += c;                                                                                 \
@@ -821,14 +868,6 @@ __attribute__((target("avx512f,avx2,fma,popcnt"))) static void rows_avx512(const
             store_rows(j, r0, j->n - r0 < SDK_TILE_ROWS ? (int)(j->n - r0) : SDK_TILE_ROWS, yt[0], 8);       \
         }                                                                                                    \
     } while (0)
-#define TILE8_FMA(w, u, a)                                                                                   \
-    _mm256_fmadd_ps(_mm256_permutevar8x32_ps(w, ix[u]), _mm256_load_ps((const float *)(xb + ((unsigned)ce[u] << 5))), a)
-/* The first `c` (1-7) of the 8 floats at v, the rest zero: AVX2 ANDs with a row of tail_mask. */
-static const int32_t tail_mask[8][8] __attribute__((aligned(32))) = {
-    {0}, {-1}, {-1, -1}, {-1, -1, -1}, {-1, -1, -1, -1}, {-1, -1, -1, -1, -1}, {-1, -1, -1, -1, -1, -1},
-    {-1, -1, -1, -1, -1, -1, -1}};
-#define TAIL_W_AVX2(p, c) _mm256_and_ps(_mm256_loadu_ps(p), _mm256_load_ps((const float *)tail_mask[c]))
-#define TAIL_W_AVX512(p, c) _mm256_maskz_loadu_ps((__mmask8)((1u << (c)) - 1), p)
 /* Tile form, 64 lanes: AVX2 8 vectors of 8 lanes an element (8 accumulators: A = 1; 16 registers), AVX-512 4 of 16
  * (A = 2). 8 lanes: TILES8_BODY (AVX-512 has 32 vector registers; AVX2's 16 hold the 8 indices, 4 accumulators and
  * the weights). */
@@ -1017,7 +1056,7 @@ static void run_part(const job_t *j, int chunk) {
     if (j->row_ptr) {
 #if SDK_X86
         if (j->bp == 1 && (j->isa == ISA_AVX512 || j->isa == ISA_AVX2)) { rows_gemv_fma(j, b0, b1); return; }
-        if (j->isa == ISA_AVX512 && j->bp > 8) { rows_avx512(j, b0, b1); return; }
+        if (j->isa == ISA_AVX512) { rows_avx512(j, b0, b1); return; }
         if (j->isa == ISA_AVX512 || j->isa == ISA_AVX2) { rows_avx2(j, b0, b1); return; }
 #endif
         if (j->bp == 1) rows_gemv_portable(j, b0, b1); else rows_portable(j, b0, b1);
