@@ -8,6 +8,7 @@
 #             and DeepSparse. About 4.5 GB per fp32 export and 12 GB of RAM; about an hour on one core.
 #   sparsecpu smollm2-135m Wanda-70%: the --target sparse-cpu export (sparsedeploy's kernels) against the dense export
 #             in ONNX Runtime, batch 1, prompt 64 + 64 new tokens, 1 and 2 threads (issue 17's whole-model row).
+#             Also batch 8 on 1 thread (eight sequences decoded together).
 #   deepsparse70 DeepSparse 1.8 on sparsecpu's row (smollm2-135m Wanda-70%, batch 1, prompt 64 + 64 new tokens, 1 thread):
 #             the same pruned checkpoint as --target deepsparse exports, so the two engines can be set side by side.
 #   sparsecpu1b the speed-only LLaMA-1B-like model, magnitude 70%: --target sparse-cpu against the dense export in
@@ -82,6 +83,9 @@ if [[ "$part" == sparsecpu || "$part" == all ]]; then
     OMP_NUM_THREADS=$t "${sd[@]}" bench --engine sparse-cpu --model "$work/wanda70_sc" --baseline "$work/dense_onnx" --batch 1 \
       --prompt-len 64 --gen-len 64 --threads "$t" --rounds 5 -o "$out/sparse_cpu_wanda70_t$t" --overwrite
   done
+  # batch 8 (eight sequences decoded together: the kernels' batch 5-8 forms)
+  OMP_NUM_THREADS=1 "${sd[@]}" bench --engine sparse-cpu --model "$work/wanda70_sc" --baseline "$work/dense_onnx" --batch 8 \
+    --prompt-len 64 --gen-len 64 --threads 1 --rounds 3 -o "$out/sparse_cpu_wanda70_b8_t1" --overwrite
 fi
 
 if [[ "$part" == deepsparse70 || "$part" == all ]]; then
