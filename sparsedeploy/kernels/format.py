@@ -252,6 +252,13 @@ def unpack(p: PackedLinear) -> np.ndarray:
     return out.view(np.float32)
 
 
+def four_of_eight(p: PackedLinear) -> bool:
+    """Whether every 8 columns of every row (and every row of every 4-row block) hold exactly 4 stored elements, as
+    2:4 and 4:8 weights with N a multiple of 4 and K of 16 do: then each row's 16-column group has 8 values at fixed
+    offsets, which the batch-1 kernel can multiply without expanding them (native: the 4-of-8 GEMV)."""
+    return bool(p.mask.size) and bool((_POP8[p.mask.view(np.uint8)] == 4).all())
+
+
 def byte_bound_ceiling(p: PackedLinear) -> float:
     """Bytes of the dense fp32 weight over the bytes a matmul reads of this packed weight: the batch-1 speedup
     a purely memory-bound kernel could reach over a memory-bound dense GEMV."""

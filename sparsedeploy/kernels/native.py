@@ -25,6 +25,7 @@ from sparsedeploy.kernels.format import (
     RowForm,
     TileForm,
     byte_bound_ceiling,
+    four_of_eight,
 )
 from sparsedeploy.kernels.scaled_int8 import ScaledInt8Linear
 
@@ -112,6 +113,8 @@ def _lib() -> ctypes.CDLL:
         ctypes.c_int,
         ctypes.c_int,
     ]
+    lib.sdk_matmul_4of8.restype = ctypes.c_int
+    lib.sdk_matmul_4of8.argtypes = lib.sdk_matmul.argtypes
     lib.sdk_rows_matmul.restype = ctypes.c_int
     lib.sdk_rows_matmul.argtypes = lib.sdk_matmul.argtypes
     lib.sdk_row_form.restype = ctypes.c_int
@@ -361,6 +364,8 @@ class BoundMatmul:
         self._code = _isa_code(isa)
         self._path = isa or best_isa()
         self._fn = _lib().sdk_matmul
+        # batch 1 of a weight with 4 of every 8 columns stored (2:4, 4:8): the 4-of-8 GEMV, no expand
+        self._fn_batch1 = _lib().sdk_matmul_4of8 if four_of_eight(p) else self._fn
         self._ptrs = (p.mask.ctypes.data, p.values.ctypes.data, p.block_ptr.ctypes.data)
         self._density = p.nnz / (self.n * self.k)
         self._rows_ptrs: tuple[int, int, int] | None = None
@@ -420,7 +425,7 @@ class BoundMatmul:
                         f"isa {self.isa}"
                     )
                 continue
-            rc = self._fn(
+            rc = (self._fn_batch1 if xb.shape[0] == 1 else self._fn)(
                 _address(xb),
                 xb.shape[0],
                 self.k,

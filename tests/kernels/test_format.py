@@ -3,7 +3,17 @@
 import numpy as np
 import pytest
 
-from sparsedeploy.kernels.format import GROUP, LAYOUT, PAD, ROWS, PackedLinear, byte_bound_ceiling, pack, unpack
+from sparsedeploy.kernels.format import (
+    GROUP,
+    LAYOUT,
+    PAD,
+    ROWS,
+    PackedLinear,
+    byte_bound_ceiling,
+    four_of_eight,
+    pack,
+    unpack,
+)
 
 
 def pruned(n: int, k: int, sparsity: float, seed: int = 0) -> np.ndarray:
@@ -138,3 +148,21 @@ def test_an_older_layout_is_refused_with_the_fix():
 def test_pack_rejects_bad_input(bad, match):
     with pytest.raises(ValueError, match=match):
         pack(bad)
+
+
+def test_four_of_eight_is_every_mask_byte_holding_four():
+    rng = np.random.default_rng(3)
+
+    def keep(n, k, per, of):  # `per` of every `of` columns kept, at random places
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        order = np.argsort(rng.random((n, k // of, of)), axis=2)
+        np.put_along_axis(w.reshape(n, k // of, of), order[:, :, : of - per], 0.0, axis=2)
+        return w
+
+    assert four_of_eight(pack(keep(8, 64, 2, 4))) and four_of_eight(pack(keep(12, 48, 4, 8)))
+    assert not four_of_eight(pack(keep(9, 64, 2, 4)))  # rows past N in the last block: empty masks
+    assert not four_of_eight(pack(keep(8, 40, 2, 4)))  # K = 40: the last group's second half is past K
+    assert not four_of_eight(pack(keep(8, 64, 1, 4)))  # 1:4
+    w = keep(8, 64, 2, 4)
+    w[3, 17] = 0.0 if w[3, 17] else 1.0  # one group of one row with 3 or 5 in a half
+    assert not four_of_eight(pack(w))

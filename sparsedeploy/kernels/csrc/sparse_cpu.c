@@ -8,7 +8,8 @@
  * (block_ptr[NB] = nnz). A block is two sequential streams: its masks (8 bytes a group) and its values.
  *
  * Paths: batch 1 is a GEMV that expands each 16-weight group to a vector (a 256-entry permute table + vpermps;
- * on AVX-512 one masked vpermps per 16), the 4 rows of a block together. Batch 2-4, and 5-8 up to 85 % sparsity
+ * on AVX-512 one masked vpermps per 16), the 4 rows of a block together; where 4 of every 8 columns are stored (2:4,
+ * 4:8) it gathers x to the values' places instead (sdk_matmul_4of8). Batch 2-4, and 5-8 up to 85 % sparsity
  * (96 % on AVX-512), expand each group once and FMA it into every batch row (K-blocked). Otherwise batch >= 2 uses
  * the weight-broadcast form: each row's stored elements are decoded into column offsets (and their values gathered
  * into a contiguous run), then each weight is broadcast and multiplied into the activations of the whole batch
@@ -86,6 +87,7 @@ typedef struct {
     const float *x;           /* batch 1 and the expand form: x as [G, B, 16], zero-padded (a group's 16 columns of
                                  every batch row together); the broadcast form: x transposed [K, bp] */
     const uint16_t *mask;     /* [NB, G, 4] */
+    int four_of_eight;        /* batch 1: every byte of every row mask has 4 bits set (sdk_matmul_4of8) */
     const float *values;      /* [nnz + 16] */
     const int64_t *block_ptr; /* [NB + 1] */
     float *y;                 /* [B, N] */
@@ -360,6 +362,8 @@ static void tiles_portable(const job_t *j, int64_t t0, int64_t t1) {
  * comp[m][i]: the position of the i-th set bit of m (for decoding columns). */
 static int32_t perm_table[256][8] __attribute__((aligned(32)));
 static int32_t comp_table[256][8] __attribute__((aligned(32)));
+/* The first 4 set bits' lanes of a byte (quad_hi: + 8, the lanes of a group's second half): the 4-of-8 GEMV. */
+static int32_t quad_lo[256][4] __attribute__((aligned(16))), quad_hi[256][4] __attribute__((aligned(16)));
 /* expand_table[m]: lanes 0-7, for a 16-weight group whose low mask byte is m, the two-source permute index of each
  * lane (16 + its element's place in the packed values when stored, 0 (a zero register's lane) when not); lanes
  * 8-15 popcount(m), the offset of the high byte's elements. Lanes 0-7 of the high byte's row serve as its indices. */
@@ -379,6 +383,13 @@ static void init_tables(void) {
             }
         }
         for (; c < 8; c++) comp_table[m][c] = 0;
+        for (c = 0; c < 4; c++) quad_lo[m][c] = quad_hi[m][c] = 0;
+        c = 0;
+        for (int i = 0; i < 8 && c < 4; i++)
+            if (m >> i & 1) {
+                quad_lo[m][c] = i;
+                quad_hi[m][c++] = i + 8;
+            }
         c = 0;
         for (int i = 0; i < 8; i++) expand_table[m][i] = m >> i & 1 ? 16 + c++ : 0;
         for (int i = 8; i < 16; i++) expand_table[m][i] = c;
@@ -547,6 +558,46 @@ static inline void prefetch_next(const float *nv, const uint16_t *nm, int64_t dv
 #define DEF_GEMVB_AVX2(BB) \
     DEF_GEMVB(gemvb_avx2, "avx2,fma,popcnt", __m256, _mm256, hsum256, STEP_AVX2, BB, ((BB) <= 4 ? 2 : 1))
 DEF_GEMV(gemv_avx2, "avx2,fma,popcnt", __m256, _mm256, hsum256, GROUP_AVX2)
+
+/* Batch 1 where every byte of every row mask has 4 bits set (2:4, 4:8; format.four_of_eight, checked by the caller):
+ * each row's group holds exactly 8 values, a block's 32 a group at fixed offsets, so instead of expanding the weights
+ * to 16 lanes (a permute, a blend and two FMAs a row's group, the values pointer a popcount chain) x's 16 columns are
+ * gathered to the 8 stored positions (the index: two 4-lane table rows) and multiplied by the 8 values as they are:
+ * one FMA a row's group. AVX-512VL gathers with one two-source permute, AVX2 with two vpermps and a blend. Zen 4, one
+ * thread, cold, 2:4: 1.64-1.74x of ORT dense at 2048 x 5632 and 2048 x 2048 (AVX2 1.64-1.67x) against the expand-load
+ * GEMV's 1.39-1.42x, 1.35x (AVX2 1.15x) against 0.94x at 5632 x 2048. */
+#define QUAD_INDEX(m)                                                                                        \
+    _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_load_si128((const __m128i *)quad_lo[(m) & 0xff])),     \
+                            _mm_load_si128((const __m128i *)quad_hi[(m) >> 8]), 1)
+#define GEMV48_BODY(GATHER)                                                                                  \
+    do {                                                                                                     \
+        const int64_t G = j->g;                                                                              \
+        for (int64_t blk = b0; blk < b1; blk++) {                                                            \
+            const float *v = j->values + j->block_ptr[blk];                                                  \
+            const uint16_t *mk = j->mask + blk * G * SDK_ROWS;                                               \
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                      \
+            for (int64_t g = 0; g < G; g++, v += 8 * SDK_ROWS, mk += SDK_ROWS) {                             \
+                prefetch_ahead(v, mk);                                                                       \
+                const __m256 xlo = _mm256_load_ps(j->x + 16 * g), xhi = _mm256_load_ps(j->x + 16 * g + 8);   \
+                uint64_t mm;                                                                                 \
+                memcpy(&mm, mk, sizeof mm);                                                                  \
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v), GATHER(row_mask(mm, 0)), a0);                       \
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(v + 8), GATHER(row_mask(mm, 1)), a1);                   \
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(v + 16), GATHER(row_mask(mm, 2)), a2);                  \
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(v + 24), GATHER(row_mask(mm, 3)), a3);                  \
+            }                                                                                                \
+            const float out[SDK_ROWS] = {hsum256(a0), hsum256(a1), hsum256(a2), hsum256(a3)};                \
+            for (int i = 0; i < rows_in_block(j, blk); i++) j->y[blk * SDK_ROWS + i] = out[i];               \
+        }                                                                                                    \
+    } while (0)
+__attribute__((target("avx2,fma,popcnt"))) static inline __m256 gather48_avx2(__m256 xlo, __m256 xhi, unsigned m) {
+    const __m256i ix = QUAD_INDEX(m);
+    return _mm256_blend_ps(_mm256_permutevar8x32_ps(xlo, ix), _mm256_permutevar8x32_ps(xhi, ix), 0xf0);
+}
+#define GATHER_AVX2(m) gather48_avx2(xlo, xhi, m)
+__attribute__((target("avx2,fma,popcnt"))) static void gemv48_avx2(const job_t *j, int64_t b0, int64_t b1) {
+    GEMV48_BODY(GATHER_AVX2);
+}
 DEF_GEMVB_AVX2(2)
 DEF_GEMVB_AVX2(3)
 DEF_GEMVB_AVX2(4)
@@ -886,6 +937,12 @@ __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void tiles_av
 /* Batch 1, AVX-512: one masked expand-load (vexpandps) per row and 16-weight group, 4 rows together. On Emerald
  * Rapids 1.15-1.2x faster than the 256-bit permute GEMV (70 %, cold 1B-like shapes). On Zen 4 it depends on the
  * density (expand_load_gemv). */
+/* The 4-of-8 GEMV (GEMV48_BODY) with AVX-512VL's two-source permute. */
+#define GATHER_AVX512(m) _mm256_permutex2var_ps(xlo, QUAD_INDEX(m), xhi)
+__attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void gemv48_avx512(const job_t *j, int64_t b0,
+                                                                                        int64_t b1) {
+    GEMV48_BODY(GATHER_AVX512);
+}
 __attribute__((target("avx512f,avx2,fma,popcnt"))) static void gemv_expand512(const job_t *j, int64_t b0, int64_t b1) {
     const int64_t G = j->g;
     for (int64_t blk = b0; blk < b1; blk++) {
@@ -1074,6 +1131,8 @@ static void run_part(const job_t *j, int chunk) {
 #if SDK_X86
         /* AVX-512 CPUs run the 256-bit GEMV too where the expand-load does not pay: the 512-bit expand (one masked
          * vpermps per group) and a zero-masking 256-bit vpermps (AVX-512VL) both measured slower on Zen 4 */
+        if (j->four_of_eight && j->isa == ISA_AVX512) { gemv48_avx512(j, b0, b1); return; }
+        if (j->four_of_eight && j->isa == ISA_AVX2) { gemv48_avx2(j, b0, b1); return; }
         if (j->isa == ISA_AVX512 && expand_load_gemv(j)) { gemv_expand512(j, b0, b1); return; }
         if (j->isa == ISA_AVX512 || j->isa == ISA_AVX2) { gemv_avx2(j, b0, b1); return; }
 #endif
@@ -1274,14 +1333,14 @@ static int reserve_scratch(int64_t need) {
 /* y[b, n] = sum_k x[b, k] * W[n, k] for W in bitmask16-v2 (mask [ceil(n/4), ceil(k/16), 4], values,
  * block_ptr [ceil(n/4) + 1]). isa: 0 auto, 1 portable, 2 AVX2, 3 AVX-512. threads >= 1.
  * Returns 0, or ERR_ARGS / ERR_ISA / ERR_NOMEM. Safe to call from several threads (calls serialize). */
-SDK_EXPORT int sdk_matmul(const float *x, int64_t b, int64_t k, const uint16_t *mask, const float *values,
-                          const int64_t *block_ptr, int64_t n, float *y, int threads, int isa) {
+static int bitmask_matmul(const float *x, int64_t b, int64_t k, const uint16_t *mask, const float *values,
+                          const int64_t *block_ptr, int64_t n, float *y, int threads, int isa, int four_of_eight) {
     if (b < 1 || k < 1 || n < 1 || !x || !mask || !values || !block_ptr || !y || threads < 1) return ERR_ARGS;
     const int rc = prepare_call(&threads, &isa);
     if (rc) return rc;
     atomic_int failed = 0;
     job_t j = {.failed = &failed, .mask = mask, .values = values, .block_ptr = block_ptr, .y = y,
-               .n = n, .k = k, .b = b, .isa = isa};
+               .n = n, .k = k, .b = b, .isa = isa, .four_of_eight = four_of_eight};
     j.g = (k + 15) / 16;
     j.nb = (n + SDK_ROWS - 1) / SDK_ROWS;
     j.expand_batch = b >= 2 && b <= SDK_EXPAND_MAX_B &&
@@ -1310,6 +1369,17 @@ SDK_EXPORT int sdk_matmul(const float *x, int64_t b, int64_t k, const uint16_t *
     }
     j.x = scratch;
     return run_balanced(&j, threads, block_ptr, j.nb, SDK_ROWS * j.g); /* per block: its mask walk */
+}
+SDK_EXPORT int sdk_matmul(const float *x, int64_t b, int64_t k, const uint16_t *mask, const float *values,
+                          const int64_t *block_ptr, int64_t n, float *y, int threads, int isa) {
+    return bitmask_matmul(x, b, k, mask, values, block_ptr, n, y, threads, isa, 0);
+}
+/* sdk_matmul for batch 1 and a weight every byte of whose row masks has 4 bits set (the caller checks:
+ * format.four_of_eight; other weights would be read wrong), where the 4-of-8 GEMV runs. */
+SDK_EXPORT int sdk_matmul_4of8(const float *x, int64_t b, int64_t k, const uint16_t *mask, const float *values,
+                               const int64_t *block_ptr, int64_t n, float *y, int threads, int isa) {
+    if (b != 1) return ERR_ARGS;
+    return bitmask_matmul(x, b, k, mask, values, block_ptr, n, y, threads, isa, 1);
 }
 
 /* The row form of a bitmask16-v2 weight (kernels/format.py RowForm): row_ptr [n + 1], cols [nnz], out_values [nnz]
