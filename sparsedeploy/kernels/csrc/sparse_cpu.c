@@ -934,15 +934,15 @@ __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void tiles_av
 #endif /* SDK_X86 */
 
 #if SDK_X86
-/* Batch 1, AVX-512: one masked expand-load (vexpandps) per row and 16-weight group, 4 rows together. On Emerald
- * Rapids 1.15-1.2x faster than the 256-bit permute GEMV (70 %, cold 1B-like shapes). On Zen 4 it depends on the
- * density (expand_load_gemv). */
 /* The 4-of-8 GEMV (GEMV48_BODY) with AVX-512VL's two-source permute. */
 #define GATHER_AVX512(m) _mm256_permutex2var_ps(xlo, QUAD_INDEX(m), xhi)
 __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void gemv48_avx512(const job_t *j, int64_t b0,
                                                                                         int64_t b1) {
     GEMV48_BODY(GATHER_AVX512);
 }
+/* Batch 1, AVX-512: one masked expand-load (vexpandps) per row and 16-weight group, 4 rows together. On Emerald
+ * Rapids 1.15-1.2x faster than the 256-bit permute GEMV (70 %, cold 1B-like shapes). On Zen 4 it depends on the
+ * density (expand_load_gemv). */
 __attribute__((target("avx512f,avx2,fma,popcnt"))) static void gemv_expand512(const job_t *j, int64_t b0, int64_t b1) {
     const int64_t G = j->g;
     for (int64_t blk = b0; blk < b1; blk++) {
@@ -977,7 +977,7 @@ static int isa_supported(int isa) {
     __builtin_cpu_init();
     if (isa == ISA_AVX2)
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
-    if (isa == ISA_AVX512) /* VL: the 8-lane tile form uses 32 ymm registers and a masked 256-bit load */
+    if (isa == ISA_AVX512) /* VL: the 8-lane loops and the 4-of-8 GEMV (32 ymm registers, vpermi2ps) */
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && isa_supported(ISA_AVX2);
 #endif
     return 0;
@@ -1383,7 +1383,8 @@ SDK_EXPORT int sdk_matmul_4of8(const float *x, int64_t b, int64_t k, const uint1
 }
 
 /* The row form of a bitmask16-v2 weight (kernels/format.py RowForm): row_ptr [n + 1], cols [nnz], out_values [nnz]
- * (the caller adds the padding). k <= 65536. */
+ * (the caller adds the padding: the 8-lane kernel reads up to 7 columns and values past a row's last element).
+ * k <= 65536. */
 SDK_EXPORT int sdk_row_form(const uint16_t *mask, const float *values, const int64_t *block_ptr, int64_t n, int64_t k,
                             int64_t *row_ptr, uint16_t *cols, float *out_values) {
     if (n < 1 || k < 1 || k > SDK_ROWFORM_MAX_K || !mask || !values || !block_ptr || !row_ptr || !cols || !out_values)
