@@ -13,6 +13,7 @@
 #             the same pruned checkpoint as --target deepsparse exports, so the two engines can be set side by side.
 #   sparsecpu1b the speed-only LLaMA-1B-like model, magnitude 70%: --target sparse-cpu against the dense export in
 #             ONNX Runtime, batch 1, prompt 64 + 64 new tokens, 1 and 2 threads (issue 17's 1B-like row). ~12 GB of RAM.
+#             Also its 2:4 prune on 1 thread.
 #   bench --engine ort / sparse-cpu computes the prefill's logits for the last position only in both models (as the
 #   DeepSparse runner does; docs/bench.md), since 2026-12-03.
 #   [SPEED_MODEL_OUT=DIR] bash benchmarks/speed_model.sh [WORK_DIR] [smollm2|llama1b|sparsecpu|deepsparse70|sparsecpu1b|all]
@@ -113,4 +114,10 @@ if [[ "$part" == sparsecpu1b || "$part" == all ]]; then
     OMP_NUM_THREADS=$t "${sd[@]}" bench --engine sparse-cpu --model "$l/mag70_sc" --baseline "$l/dense_onnx" --batch 1 \
       --prompt-len 64 --gen-len 64 --threads "$t" --rounds 3 -o "$out/sparse_cpu_llama1b_mag70_t$t" --overwrite
   done
+  # 2:4 (its batch-1 decode runs the 4-of-8 GEMV)
+  [[ -f "$l/mag24/report.json" ]] || "${sd[@]}" prune --model "$l/dense" --method magnitude --sparsity 2:4 --nsamples 2 --seqlen 64 \
+    --output "$l/mag24" --overwrite
+  [[ -f "$l/mag24_sc/model.onnx" ]] || "${sd[@]}" export --model "$l/mag24" --target sparse-cpu --output "$l/mag24_sc" --overwrite
+  OMP_NUM_THREADS=1 "${sd[@]}" bench --engine sparse-cpu --model "$l/mag24_sc" --baseline "$l/dense_onnx" --batch 1 \
+    --prompt-len 64 --gen-len 64 --threads 1 --rounds 3 -o "$out/sparse_cpu_llama1b_mag24_t1" --overwrite
 fi

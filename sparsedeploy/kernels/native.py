@@ -286,6 +286,7 @@ def small_tile_form_pays(batch: int, density: float, isa: str, profile: str = "i
 
 _ROW_FORMS: dict[int, RowForm] = {}
 _TILE_FORMS: dict[int, TileForm] = {}
+_FOUR_OF_EIGHT: dict[int, bool] = {}
 
 
 def _derive(p: PackedLinear, what: str, build, *arrays: np.ndarray) -> None:
@@ -306,6 +307,13 @@ def _kept(cache: dict, p: PackedLinear, form):
     cache[id(p)] = form
     weakref.finalize(p, cache.pop, id(p), None)
     return form
+
+
+def _four_of_eight(p: PackedLinear) -> bool:
+    """format.four_of_eight, worked out once per weight and kept while `p` lives (a pass over its masks: ~ms for
+    1B-like shapes, too much for every call of `matmul`, which binds the weight anew each time)."""
+    known = _FOUR_OF_EIGHT.get(id(p))
+    return known if known is not None else _kept(_FOUR_OF_EIGHT, p, four_of_eight(p))
 
 
 def row_form(p: PackedLinear) -> RowForm:
@@ -364,8 +372,7 @@ class BoundMatmul:
         self._code = _isa_code(isa)
         self._path = isa or best_isa()
         self._fn = _lib().sdk_matmul
-        # batch 1 of a weight with 4 of every 8 columns stored (2:4, 4:8): the 4-of-8 GEMV, no expand
-        self._fn_batch1 = _lib().sdk_matmul_4of8 if four_of_eight(p) else self._fn
+        self._fn_batch1: object | None = None  # sdk_matmul_4of8 where the weight allows it (first batch-1 call)
         self._ptrs = (p.mask.ctypes.data, p.values.ctypes.data, p.block_ptr.ctypes.data)
         self._density = p.nnz / (self.n * self.k)
         self._rows_ptrs: tuple[int, int, int] | None = None
@@ -425,6 +432,9 @@ class BoundMatmul:
                         f"isa {self.isa}"
                     )
                 continue
+            if xb.shape[0] == 1 and self._fn_batch1 is None:
+                # 4 of every 8 columns stored (2:4, 4:8): the 4-of-8 GEMV, no expand
+                self._fn_batch1 = _lib().sdk_matmul_4of8 if _four_of_eight(self.weight) else self._fn
             rc = (self._fn_batch1 if xb.shape[0] == 1 else self._fn)(
                 _address(xb),
                 xb.shape[0],

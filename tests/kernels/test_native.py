@@ -216,6 +216,22 @@ def test_four_of_eight_gemv_matches_dense_reference(name, threads, isa):
         check(x, w, y)
 
 
+def test_four_of_eight_is_worked_out_once_per_weight(monkeypatch):
+    """matmul binds the weight anew each call: the pattern check (a pass over the masks) must not run each time."""
+    calls = []
+    real = kernels.four_of_eight
+    monkeypatch.setattr(kernels, "four_of_eight", lambda p: calls.append(id(p)) or real(p))
+    p, x = pack(nm(8, 64, 2, 4)), np.ones((1, 64), np.float32)
+    for _ in range(3):
+        matmul(x, p)
+    matmul(np.ones((2, 64), np.float32), p)  # batch 2 never asks
+    assert calls == [id(p)]
+    key = id(p)
+    del p
+    gc.collect()
+    assert key not in kernels._FOUR_OF_EIGHT
+
+
 def test_four_of_eight_gemv_takes_batch_1_only():
     p = pack(nm(8, 64, 2, 4))
     x, y = np.zeros((2, 64), np.float32), np.zeros((2, 8), np.float32)
