@@ -248,8 +248,8 @@ def row_form_pays(batch: int, density: float, isa: str, profile: str = "intel") 
     6 bytes read). Measured on Emerald Rapids, one thread, 5632 x 2048, both forms alternately in one process
     (docs/sparse_cpu.md):
       batch 1: from density ~0.1 on the AVX-512 expand-load GEMV (the "intel" profile; at 90 %, 24 cold copies, the
-        row form ran 4.0-4.1x of ORT dense, the expand-load GEMV 2.8-3.3x), ~0.2 on the 256-bit GEMV (AVX2, and
-        AVX-512 CPUs on the "amd" profile, which run it);
+        row form ran 4.0-4.1x of ORT dense, the expand-load GEMV 2.8-3.3x), ~0.2 on the 256-bit GEMV (AVX2) and
+        the compress GEMV (AVX-512 on the "amd" profile; Zen 4, 80 %: the row form 1.92-2.32x, it 1.82-2.07x);
       batch 2-8 (the expand form): from ~0.06 at batch 2 to ~0.25-0.3 at batch 8 on AVX-512 (density <= batch / 32),
         from ~0.15 to ~0.45 on AVX2 ((batch + 1) / 20), whose expand costs more; on Zen 4 (the "amd" profile)
         batches 5-8 above SMALL_TILE_MIN_DENSITY run the 8-lane tile form instead (small_tile_form_pays, asked
