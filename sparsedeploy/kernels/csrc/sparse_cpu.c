@@ -967,16 +967,14 @@ __attribute__((target("avx512f,avx2,fma,popcnt"))) static void gemv_expand512(co
         for (int i = 0; i < rows_in_block(j, blk); i++) j->y[blk * SDK_ROWS + i] = out[i];
     }
 }
-#endif
 
-#if SDK_X86
 /* Batch 1, AVX-512, the AMD profile: instead of expanding each row's packed values to its 16 columns, x's 16 columns
  * are compressed to the row's stored ones (vcompressps, zeroing) and multiplied by the packed values as they are,
  * loaded with a mask of exactly the row's count (the next row's values, NaN or inf, weigh nothing, and the masked
  * load reads no cache line past them: an unmasked 64-byte load, splitting a line nearly every time, measured 1.8x
  * slower). One compress, one masked load and one FMA a row's group, no permute table. Zen 4, one thread, the loop
- * alone (a standalone A/B, same process): 13.6-14.2 cycles a 4-row group step L2-resident against the permute
- * GEMV's 17.0-17.4 at 70 %, cold 5632 x 2048 18.2-19.3 against 21.6-24.3. */
+ * alone (a standalone A/B, same process, several runs): 13.7-15.1 cycles a 4-row group step L2-resident against
+ * the permute GEMV's 17.0-18.1 at 70 %, cold 5632 x 2048 17.6-19.3 against 20.5-24.3 (docs/sparse_cpu.md). */
 __attribute__((target("avx512f,avx2,fma,popcnt"))) static void gemv_compress512(const job_t *j, int64_t b0,
                                                                                        int64_t b1) {
     const int64_t G = j->g;
@@ -1159,9 +1157,9 @@ static void run_part(const job_t *j, int chunk) {
     }
     if (j->b == 1) {
 #if SDK_X86
-        /* AVX-512: the expand-load GEMV on the Intel profile (measured there), the compress GEMV on the AMD one */
         if (j->four_of_eight && j->isa == ISA_AVX512) { gemv48_avx512(j, b0, b1); return; }
         if (j->four_of_eight && j->isa == ISA_AVX2) { gemv48_avx2(j, b0, b1); return; }
+        /* AVX-512: the expand-load GEMV on the Intel profile (measured there), the compress GEMV on the AMD one */
         if (j->isa == ISA_AVX512 && cpu_profile == PROFILE_INTEL) { gemv_expand512(j, b0, b1); return; }
         if (j->isa == ISA_AVX512) { gemv_compress512(j, b0, b1); return; }
         if (j->isa == ISA_AVX2) { gemv_avx2(j, b0, b1); return; }
