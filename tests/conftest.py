@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,6 +130,40 @@ def smollm(cache_dir):
     from sparsedeploy.common.models import load_model
 
     return load_model("smollm2-135m", "float32", cache_dir)
+
+
+@pytest.fixture(scope="session")
+def ort_op_library(tmp_path_factory):
+    """sparsedeploy's ONNX Runtime custom-op library, built once by scripts/build_ort_op.sh (ONNX Runtime's headers
+    fetched from Debian). A machine that cannot build it skips, with the reason; CI fails instead."""
+    out = tmp_path_factory.mktemp("ort_op")
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "build_ort_op.sh"), str(out)], capture_output=True, text=True, timeout=900
+    )
+    if proc.returncode != 0:
+        why = "the ONNX Runtime custom-op library did not build: " + (proc.stderr.strip().splitlines() or ["?"])[-1]
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def smollm_wanda70_sparse_cpu(tmp_path_factory, cache_dir):
+    """The real smollm2-135m pruned by Wanda to 70 % (2 calibration samples) and exported with --target sparse-cpu
+    through the CLI: (checkpoint dir, export dir)."""
+    root = tmp_path_factory.mktemp("smollm_sparse_cpu")
+    env = {**os.environ, "SPARSEDEPLOY_CACHE": str(cache_dir)}
+    for args in (
+        ["prune", "--model", "smollm2-135m", "--method", "wanda", "--sparsity", "70%", "--nsamples", "2"]
+        + ["--seqlen", "64", "-o", str(root / "p")],
+        ["export", "--model", str(root / "p"), "--target", "sparse-cpu", "-o", str(root / "x")],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "sparsedeploy", "-q", *args], env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "p", root / "x"
 
 
 @pytest.fixture(scope="session")

@@ -40,17 +40,24 @@ class OnnxDecoder:
 
     @classmethod
     def load(
-        cls, path: Path | str, threads: int | None = None, optimization: str = "all", last_logits: bool = False
+        cls,
+        path: Path | str,
+        threads: int | None = None,
+        optimization: str = "all",
+        last_logits: bool = False,
+        custom_op_library: Path | str | None = None,
     ) -> OnnxDecoder:
         """last_logits: compute only the last position's logits (what generation reads) where the graph's lm_head
-        allows it (`decoder.last_logits` says whether it did); else every position's."""
+        allows it (`decoder.last_logits` says whether it did); else every position's. custom_op_library: run a
+        sparse-cpu export whole in ONNX Runtime with sparsedeploy's custom-op library (storage.session_from_path)."""
         file = onnx_file(path)
         start = time.perf_counter()
+        opts = {"threads": threads, "optimization": optimization, "custom_op_library": custom_op_library}
         try:
-            session = session_from_path(file, threads=threads, optimization=optimization, last_logits=last_logits)
+            session = session_from_path(file, last_logits=last_logits, **opts)
         except LastLogitsUnavailable as exc:
             log.info("%s; every position's logits are computed", exc)
-            session, last_logits = session_from_path(file, threads=threads, optimization=optimization), False
+            session, last_logits = session_from_path(file, **opts), False
         elapsed = time.perf_counter() - start
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = [o.name for o in session.get_outputs()]

@@ -36,12 +36,13 @@ def is_kernel_lm_head(node) -> bool:
     return node.domain == DOMAIN
 
 
-def cut_to_last_position(model, name: str) -> None:
+def cut_to_last_position(model, name: str, whole_graph: bool = False) -> None:
     """Edit `model` in place so that ``logits`` is the last position's: a Slice in front of a MatMul lm_head, or, for
-    a kernel-run lm_head (the runtime multiplies the last row), only the declared shape. LastLogitsUnavailable,
-    naming `name` and with the graph unchanged, when the lm_head is not one of these."""
+    a kernel-run lm_head (the runtime multiplies the last row), only the declared shape. whole_graph: the graph runs
+    whole in ONNX Runtime (the custom-op library runs its kernel nodes), so a kernel-run lm_head gets the Slice too.
+    LastLogitsUnavailable, naming `name` and with the graph unchanged, when the lm_head is not one of these."""
     try:
-        if is_kernel_lm_head(logits_producer(model)):
+        if is_kernel_lm_head(logits_producer(model)) and not whole_graph:
             set_last_position_shape(model)
         else:
             keep_last_position_logits(model)
@@ -52,12 +53,14 @@ def cut_to_last_position(model, name: str) -> None:
 def keep_last_position_logits(model) -> None:
     """Edit `model` in place: the lm_head multiplies the last position's hidden state only; ``logits`` is
     ``[batch, 1, vocab]``. ValueError, with the graph unchanged, when ``logits`` does not come from a MatMul of the
-    hidden states by a weight initializer (nothing else is edited blindly)."""
+    hidden states by a weight initializer, or a kernel-run lm_head (SparseLinear / Int8Linear) whose other inputs are
+    all weights (nothing else is edited blindly)."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
     head = logits_producer(model)
-    if head.op_type not in LINEAR_OPS or head.domain or len(head.input) != 2 or not _constant(model, head.input[1]):
+    standard = head.op_type in LINEAR_OPS and not head.domain and len(head.input) == 2
+    if not (standard or is_kernel_lm_head(head)) or not all(_constant(model, i) for i in head.input[1:]):
         op = f"{head.domain}.{head.op_type}" if head.domain else head.op_type
         raise ValueError(
             f"`{LOGITS}` comes from a {op} node, not a MatMul of the hidden states by a weight: cannot compute the "

@@ -243,11 +243,14 @@ def session_from_path(
     optimization: str = "all",
     providers: list[str] | None = None,
     last_logits: bool = False,
+    custom_op_library: Path | str | None = None,
 ):
     """An onnxruntime.InferenceSession for a model of either storage; for a sparse-cpu export (SparseLinear nodes) a
     SegmentedSession with the same interface (get_inputs, get_outputs, run). last_logits: ``logits`` for the last
     position only, the graph edited in memory (onnx/last_logits.py; what generation reads); LastLogitsUnavailable
-    when the graph's lm_head is not one it can cut."""
+    when the graph's lm_head is not one it can cut. custom_op_library: sparsedeploy's ONNX Runtime custom-op library
+    (scripts/build_ort_op.sh), registered in the session, so a sparse-cpu export runs whole in ONNX Runtime (its
+    kernels `threads` threads) instead of segmented."""
     import onnxruntime as ort
 
     from sparsedeploy.common.files import safe_external_data
@@ -265,6 +268,9 @@ def session_from_path(
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if custom_op_library is not None:
+        register_op_library(options, custom_op_library, threads)
+    whole = custom_op_library is not None  # kernel nodes run inside ONNX Runtime: no segmenting
     providers = providers or ["CPUExecutionProvider"]
     # The graph is read here when it must be rebuilt (sparse storage) or edited (last_logits); else ONNX Runtime
     # reads the file itself.
@@ -280,11 +286,11 @@ def session_from_path(
         safe_external_data(file, model)
     else:
         safe_external_data(file)  # onnxruntime would read any `location` the file names
-    if model is not None and any(n.domain == SPARSE_LINEAR_DOMAIN for n in model.graph.node):
+    if not whole and model is not None and any(n.domain == SPARSE_LINEAR_DOMAIN for n in model.graph.node):
         return _segmented_session(file, model if complete else None, threads, options, last_logits)
     maps = []
     if last_logits:
-        cut_to_last_position(model, str(file))
+        cut_to_last_position(model, str(file), whole_graph=whole)
         try:
             maps = _external_maps(file, model)
         except (OSError, ValueError) as exc:
@@ -300,7 +306,7 @@ def session_from_path(
             str(file) if model is None else model.SerializeToString(), sess_options=options, providers=providers
         )
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        if model is None and f"{SPARSE_LINEAR_DOMAIN}:" in str(exc):
+        if model is None and not whole and f"{SPARSE_LINEAR_DOMAIN}:" in str(exc):
             return _segmented_session(file, None, threads, options, last_logits)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
@@ -309,6 +315,27 @@ def session_from_path(
     if maps:
         session.sparsedeploy_weight_maps = maps  # ONNX Runtime reads the weights from them: they live with the session
     return session
+
+
+def register_op_library(options, library: Path | str, threads: int | None) -> None:
+    """Register sparsedeploy's ONNX Runtime custom-op library (SparseLinear, Int8Linear, Int8Gather) in `options`,
+    its kernels on `threads` threads (None: the CPUs this process may run on). UserError naming the fix when the
+    file is missing or ONNX Runtime cannot load it."""
+    library = Path(library)
+    if not library.is_file():
+        raise UserError(
+            f"custom-op library {library} not found: build it with `bash scripts/build_ort_op.sh` (it prints the path)"
+        )
+    if threads:
+        options.add_session_config_entry("sparsedeploy.threads", str(threads))  # read when the library registers
+    try:
+        options.register_custom_ops_library(str(library))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"ONNX Runtime cannot load the custom-op library {library}: {first[:300]}; rebuild it with "
+            "`bash scripts/build_ort_op.sh`"
+        ) from None
 
 
 def _segmented_session(file: Path, model, threads: int | None, options, last_logits: bool):

@@ -305,15 +305,16 @@ def verify_parity(
     atol: float | None = None,
     torch_model=None,
     tokenizer=None,
+    custom_op_library: Path | str | None = None,
 ) -> ParityReport:
     """Prefill + decode steps with the KV cache through PyTorch (float32) and ONNX Runtime; compare logits and greedy
-    tokens."""
+    tokens. custom_op_library: a sparse-cpu export runs whole in ONNX Runtime with it (storage.session_from_path)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from sparsedeploy.onnx.decoder import OnnxDecoder, load_tokenizer
 
-    decoder = OnnxDecoder.load(onnx_path)
+    decoder = OnnxDecoder.load(onnx_path, custom_op_library=custom_op_library)
     dtype = "float16" if decoder.kv_dtype == np.float16 else "float32"
     if atol is None:
         atol = FP16_ATOL if dtype == "float16" else FP32_ATOL

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -202,30 +199,21 @@ def test_segmented_session_runs_the_small_segments_natively(sparse_cpu_export):
 
 
 @pytest.mark.slow
-def test_native_segments_pass_the_export_check_on_the_real_model(tmp_path, cache_dir):
+def test_native_segments_pass_the_export_check_on_the_real_model(smollm_wanda70_sparse_cpu):
     """smollm2-135m, Wanda 70 %, exported for sparse-cpu: the export's own check (every zero, logits within 1e-4 of
     PyTorch, 32 greedy tokens) runs through the native residual + RMSNorm and SiLU * up segments and the scaled-int8
     embedding lookup and lm_head, and passes (artifact <= 0.4x the dense weights), and
     greedy decoding gives the same tokens with and without them."""
-    env = {**os.environ, "SPARSEDEPLOY_CACHE": str(cache_dir)}
-    for args in (
-        ["prune", "--model", "smollm2-135m", "--method", "wanda", "--sparsity", "70%", "--nsamples", "2"]
-        + ["--seqlen", "64", "-o", str(tmp_path / "p")],
-        ["export", "--model", str(tmp_path / "p"), "--target", "sparse-cpu", "-o", str(tmp_path / "x")],
-    ):
-        proc = subprocess.run(
-            [sys.executable, "-m", "sparsedeploy", "-q", *args], env=env, capture_output=True, text=True
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((tmp_path / "x" / "export_report.json").read_text())
+    _, out = smollm_wanda70_sparse_cpu
+    report = json.loads((out / "export_report.json").read_text())
     assert report["verification"]["ok"] and report["verification"]["parity"]["greedy_identical"]
     # the Q8_0 tied embedding / lm_head is stored once as scaled-int8, so the artifact is <= 0.4x the dense weights
     assert report["sparse_cpu"]["scaled_int8"]["weights"] == ["model.embed_tokens.weight"]
     dense = report["sparse_cpu"]["dense_bytes"] + report["sparse_cpu"]["scaled_int8"]["dense_bytes"]
     assert report["storage"]["model_bytes"] <= 0.4 * dense
-    fast = OnnxDecoder.load(tmp_path / "x", threads=1)
+    fast = OnnxDecoder.load(out, threads=1)
     plain = dataclasses.replace(fast, session=SegmentedSession(onnx.load(fast.path), threads=1, fuse=False))
-    last = OnnxDecoder.load(tmp_path / "x", threads=1, last_logits=True)  # the int8 lm_head on the last row only
+    last = OnnxDecoder.load(out, threads=1, last_logits=True)  # the int8 lm_head on the last row only
     prompt = np.array([[504, 3575, 282, 4649, 314]])  # "The capital of France is" in smollm2's vocabulary
     tokens = [decoder.greedy(prompt, 16).tolist() for decoder in (fast, plain, last)]
     assert last.last_logits and last.run(prompt, np.ones_like(prompt), None)[0].shape == (1, 1, 49152)

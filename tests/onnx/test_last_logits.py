@@ -113,6 +113,24 @@ def test_a_kernel_run_lm_head_multiplies_the_last_row_only(tmp_path, monkeypatch
     assert not any(n.op_type == "Slice" for s in last.steps for n in getattr(s, "nodes", []))  # no graph edit
 
 
+def test_a_kernel_run_lm_head_is_sliced_in_the_graph_when_onnx_runtime_runs_it_whole(tmp_path, ort_op_library):
+    """With the custom-op library the Int8Linear lm_head runs inside ONNX Runtime: the Slice goes in the graph."""
+    rng = np.random.default_rng(0)
+    model, _ = tied_graph(rng)
+    pack_scaled_int8(model)
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    ids = rng.integers(0, 50, (2, 9))
+    want_logits, want_emb = session_from_path(tmp_path / "model.onnx", threads=1).run(None, {"ids": ids})
+    last = session_from_path(tmp_path / "model.onnx", threads=1, last_logits=True, custom_op_library=ort_op_library)
+    logits, emb = last.run(None, {"ids": ids})
+    assert logits.shape == (2, 1, 50) and np.array_equal(emb, want_emb)
+    np.testing.assert_allclose(logits, want_logits[:, -1:], rtol=0, atol=1e-5 * np.abs(want_logits).max())
+    edited = onnx.load(str(tmp_path / "model.onnx"))
+    keep_last_position_logits(edited)
+    head = next(n for n in edited.graph.node if "logits" in n.output)
+    assert head.op_type == "Int8Linear" and head.input[0].endswith("/last_position")
+
+
 def test_a_graph_whose_logits_are_not_a_plain_lm_head_is_refused_and_generation_falls_back(exports):
     file = exports / "softcap" / "model.onnx"
     model = onnx.load(str(file))
@@ -163,9 +181,9 @@ def test_the_bench_fallback_reloads_only_the_models_that_were_cut(exports, monke
     loads = []
     real = bench_ort.OnnxDecoder.load
 
-    def spy(path, threads=None, optimization="all", last_logits=False):
+    def spy(path, threads=None, optimization="all", last_logits=False, custom_op_library=None):
         loads.append((Path(path).parent.name, last_logits))
-        return real(path, threads=threads, optimization=optimization, last_logits=last_logits)
+        return real(path, threads, optimization, last_logits, custom_op_library)
 
     monkeypatch.setattr(bench_ort.OnnxDecoder, "load", spy)
     cfg = BenchConfig(model=str(exports / "softcap"), baseline=str(exports / "ort"))

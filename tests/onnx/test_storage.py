@@ -91,3 +91,33 @@ def test_a_model_past_the_2gb_limit_is_saved_with_external_data(tmp_path, monkey
     assert data.stat().st_mode & 0o777 == (tmp_path / "model.onnx").stat().st_mode & 0o777  # not onnx's 0600
     loaded = load_model_proto(tmp_path / "model.onnx")
     assert all(np.array_equal(numpy_helper.to_array(i), weights[i.name]) for i in loaded.graph.initializer)
+
+
+def test_a_custom_op_library_that_is_missing_or_not_one_is_one_clear_error(sparse_cpu_export, tmp_path):
+    _, out, _ = sparse_cpu_export
+    with pytest.raises(UserError, match=r"not found: build it with `bash scripts/build_ort_op.sh`"):
+        session_from_path(out, custom_op_library=tmp_path / "nope.so")
+    not_a_library = tmp_path / "text.so"
+    not_a_library.write_text("not a shared library\n")
+    with pytest.raises(UserError, match=r"ONNX Runtime cannot load the custom-op library .*text\.so: .*rebuild it"):
+        session_from_path(out, custom_op_library=not_a_library)
+
+
+def test_a_sparse_cpu_export_runs_whole_with_the_custom_op_library(sparse_cpu_export, ort_op_library):
+    """With the library registered the export is one ONNX Runtime session (not segmented), same outputs."""
+    import onnxruntime as ort
+
+    from sparsedeploy.onnx.segmented import SegmentedSession
+
+    _, out, _ = sparse_cpu_export
+    whole = session_from_path(out, threads=1, custom_op_library=ort_op_library)
+    segmented = session_from_path(out, threads=1)
+    assert isinstance(whole, ort.InferenceSession) and isinstance(segmented, SegmentedSession)
+    feeds = {}
+    for i in whole.get_inputs():
+        dims = [1 if not isinstance(d, int) else d for d in i.shape]
+        if i.name.startswith("past_key_values."):
+            dims[2] = 0
+        feeds[i.name] = np.ones(dims, np.int64) if "int64" in i.type else np.zeros(dims, np.float32)
+    for a, b in zip(whole.run(None, feeds), segmented.run(None, feeds), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,157 @@
+"""sparsedeploy's ONNX Runtime custom-op library (kernels/csrc/ort_op/, built by scripts/build_ort_op.sh): the
+SparseLinear, Int8Linear and Int8Gather nodes of a sparse-cpu export run inside ONNX Runtime. Checked against NumPy
+references, on bad weights (an error status, not a crash) and, on the real model, against PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from sparsedeploy.common.errors import UserError
+from sparsedeploy.kernels import scaled_int8
+from sparsedeploy.onnx.decoder import OnnxDecoder
+from sparsedeploy.onnx.sparse_linear import DOMAIN, pack_linears
+from sparsedeploy.onnx.storage import register_op_library
+from sparsedeploy.onnx.verify import verify_parity
+
+
+def session(model, library, threads=None):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    register_op_library(options, library, threads)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def sparse_linear_model(w_kn: np.ndarray, rank: int):
+    """x [..., K] @ w [K, N] as the export writes it: a MatMul rewritten into a SparseLinear node (pack_linears)."""
+    k, n = w_kn.shape
+    lead = ["b", "s"][: rank - 1]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="linear")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*lead, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*lead, n])],
+        [numpy_helper.from_array(w_kn, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    pack_linears(model, min_sparsity=0.0)
+    assert [(n.op_type, n.domain) for n in model.graph.node] == [("SparseLinear", DOMAIN)]
+    return model
+
+
+def weight(k, n, sparsity, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    w[rng.random((k, n)) < sparsity] = 0
+    return w
+
+
+WEIGHTS = {
+    "70 %, K and N odd": weight(70, 45, 0.7, 0),
+    "dense (0 %)": weight(33, 8, 0.0, 1),
+    "99 %": weight(300, 21, 0.99, 2),
+    "zero rows and columns": weight(64, 17, 0.5, 3) * (np.arange(17) % 3 != 0) * (np.arange(64) % 5 != 0)[:, None],
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("x_shape", [(1,), (7,), (300,), (0,), (2, 3)])  # 300: more than one 256-row kernel call
+@pytest.mark.parametrize("name", list(WEIGHTS))
+def test_sparse_linear_node_matches_float64(ort_op_library, name, x_shape, threads):
+    w = WEIGHTS[name].astype(np.float32)
+    model = sparse_linear_model(w, len(x_shape) + 1)
+    x = np.random.default_rng(len(x_shape)).standard_normal((*x_shape, w.shape[0])).astype(np.float32)
+    (y,) = session(model, ort_op_library, threads).run(None, {"x": x})
+    assert y.shape == (*x_shape, w.shape[1]) and y.dtype == np.float32
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
+
+
+def int8_weight(n, k, seed):
+    """A Q8_0-like weight (int8 codes times an fp16 scale per 32) and its scaled-int8 form."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(-127, 128, size=(n, k)).astype(np.float32)
+    codes[:, ::32] = 127  # each run of 32 reaches the code range (Q8_0: scale = max |x| / 127)
+    scales = rng.uniform(1e-3, 1e-1, size=(n, k // 32)).astype(np.float16).astype(np.float32)
+    w = (codes.reshape(n, k // 32, 32) * scales[..., None]).reshape(n, k).astype(np.float32)
+    p = scaled_int8.pack(w)
+    assert p is not None
+    return w, p
+
+
+def int8_model(p, op, first, first_type, first_dims, out_dims):
+    inits = [numpy_helper.from_array(np.ascontiguousarray(a), f"w.{key}") for key, a in p.to_arrays().items()]
+    node = helper.make_node(op, [first, "w.q", "w.scales", "w.shape"], ["y"], name=op, domain=DOMAIN)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info(first, first_type, first_dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_dims)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+
+
+def test_int8_nodes_equal_the_python_runtime(ort_op_library):
+    n, k = 37, 96  # 10 row groups, the last partial
+    w, p = int8_weight(n, k, 0)
+    gather = session(int8_model(p, "Int8Gather", "ids", TensorProto.INT64, ["b", "s"], ["b", "s", k]), ort_op_library)
+    ids = np.array([[0, 5, 36, -1], [-37, 4, 3, 2]], np.int64)
+    (rows,) = gather.run(None, {"ids": ids})
+    assert np.array_equal(rows.view(np.uint32), w[ids % n].view(np.uint32))  # the embedding rows, bit for bit
+    linear = session(int8_model(p, "Int8Linear", "x", TensorProto.FLOAT, ["b", k], ["b", n]), ort_op_library, 2)
+    x = np.random.default_rng(1).standard_normal((5, k)).astype(np.float32)
+    (y,) = linear.run(None, {"x": x})
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-4)
+    with pytest.raises(Exception, match=r"Int8Gather: index 37 is out of range \[-37, 37\)"):
+        gather.run(None, {"ids": np.array([[37]], np.int64)})
+
+
+def with_initializer(model, name, array):
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for init in model.graph.initializer:
+        if init.name.endswith(name):
+            init.CopyFrom(numpy_helper.from_array(array, init.name))
+    return model
+
+
+def test_a_malformed_weight_is_an_error_naming_it_not_a_crash(ort_op_library):
+    """Weights that do not fit their shape make ONNX Runtime raise an error naming the node's input (an error status
+    from the kernel, not an exception through the C ABI, which would abort the process)."""
+    w = WEIGHTS["70 %, K and N odd"]
+    model = sparse_linear_model(w, 2)
+    arrays = {i.name.rsplit(".", 1)[-1]: numpy_helper.to_array(i) for i in model.graph.initializer}
+    block_ptr, values = arrays["block_ptr"], arrays["values"]
+    x = np.ones((1, w.shape[0]), np.float32)
+    short = session(with_initializer(model, ".block_ptr", block_ptr[:-1]), ort_op_library)
+    with pytest.raises(Exception, match=r"SparseLinear: input `block_ptr` has \d+ elements"):
+        short.run(None, {"x": x})
+    truncated = session(with_initializer(model, ".values", values[: len(values) // 2]), ort_op_library)
+    with pytest.raises(Exception, match=r"SparseLinear: block_ptr ends at \d+ but `values` holds"):
+        truncated.run(None, {"x": x})
+    options = ort.SessionOptions()
+    options.add_session_config_entry("sparsedeploy.threads", "0")
+    with pytest.raises(UserError, match=r"`sparsedeploy.threads` must be a thread count >= 1, got '0'"):
+        register_op_library(options, ort_op_library, None)
+
+
+@pytest.mark.slow
+def test_the_real_model_runs_whole_in_onnx_runtime(ort_op_library, smollm_wanda70_sparse_cpu):
+    """smollm2-135m, Wanda 70 %, its sparse-cpu export in one ONNX Runtime session with the library (SparseLinear
+    incl. fused q/k/v and gate/up, the scaled-int8 embedding and lm_head): logits within 1e-4 of PyTorch over a
+    prefill and 4 decode steps, 32 greedy tokens identical; the lm_head cut to the last position in the graph."""
+    checkpoint, out = smollm_wanda70_sparse_cpu
+    parity = verify_parity(checkpoint, out, custom_op_library=ort_op_library)
+    assert parity.ok and parity.max_abs_diff <= 1e-4
+    assert all(p["greedy_identical"] and len(p["torch_tokens"]) == 32 for p in parity.prompts)
+    whole = OnnxDecoder.load(out, threads=1, last_logits=True, custom_op_library=ort_op_library)
+    segmented = OnnxDecoder.load(out, threads=1, last_logits=True)
+    assert isinstance(whole.session, ort.InferenceSession) and whole.last_logits
+    assert {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node} >= {"SparseLinear", "Int8Gather"}
+    prompt = np.array([[504, 3575, 282, 4649, 314]])  # "The capital of France is"
+    logits, _ = whole.run(prompt, np.ones_like(prompt), None)
+    assert logits.shape == (1, 1, 49152)
+    assert whole.greedy(prompt, 16).tolist() == segmented.greedy(prompt, 16).tolist()
