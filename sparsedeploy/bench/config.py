@@ -49,6 +49,9 @@ class BenchConfig:
     # ort / sparse-cpu engines: every prompt position's logits at prefill (the export's whole output) instead of the
     # last position's, which is what generation reads (onnx/last_logits.py); the same for every variant either way
     all_logits: bool = False
+    # sparse-cpu engine: also time the sparse export run whole in ONNX Runtime with sparsedeploy's custom-op library
+    # (this file; scripts/build_ort_op.sh builds it), as a third variant "sparse-ort-op"
+    ort_op_library: str | None = None
 
 
 def machine_info(threads: int) -> dict:

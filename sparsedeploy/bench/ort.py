@@ -20,8 +20,13 @@ log = logging.getLogger(__name__)
 class OrtCausalLM:
     """Greedy generation timed per phase, run by the one causal-LM decoder runner (onnx.decoder.OnnxDecoder)."""
 
-    def __init__(self, path: Path, threads: int, last_logits: bool = False) -> None:
-        self.decoder = OnnxDecoder.load(path, threads=threads, last_logits=last_logits)
+    def __init__(
+        self, path: Path, threads: int, last_logits: bool = False, custom_op_library: str | None = None
+    ) -> None:
+        self.decoder = OnnxDecoder.load(
+            path, threads=threads, last_logits=last_logits, custom_op_library=custom_op_library
+        )
+        self.custom_op_library = custom_op_library
         self.path, self.session = self.decoder.path, self.decoder.session
         if not self.decoder.with_past:
             raise UserError(
@@ -63,16 +68,24 @@ class OrtCausalLM:
         return {"prefill": t1 - t0, "decode": t2 - t1, "total": t2 - t0}
 
 
-def load_models(cfg: BenchConfig, variants: dict[str, Path]) -> tuple[dict[str, OrtCausalLM], str]:
+def load_models(
+    cfg: BenchConfig, variants: dict[str, Path], libraries: dict[str, str] | None = None
+) -> tuple[dict[str, OrtCausalLM], str]:
     """Every variant computing the same logits: the last position's (what greedy generation reads, as the
     DeepSparse runner and serving runtimes do) unless ``--all-logits``, or every position's in all of them when one
-    graph's lm_head cannot be cut. -> (models, what the form names: "last-position logits" / "all logits")."""
+    graph's lm_head cannot be cut. libraries: variant -> the custom-op library its session registers.
+    -> (models, what the form names: "last-position logits" / "all logits")."""
     last = not cfg.all_logits
-    models = {name: OrtCausalLM(path, cfg.threads, last) for name, path in variants.items()}
+    libraries = libraries or {}
+
+    def load(name: str, last_logits: bool) -> OrtCausalLM:
+        return OrtCausalLM(variants[name], cfg.threads, last_logits, libraries.get(name))
+
+    models = {name: load(name, last) for name in variants}
     if last and not all(m.decoder.last_logits for m in models.values()):
         log.warning("not every model's lm_head can be cut to the last position: timing every position's logits in all")
         # the ones already computing every position's logits are kept as loaded
-        models = {n: OrtCausalLM(variants[n], cfg.threads) if m.decoder.last_logits else m for n, m in models.items()}
+        models = {n: load(n, False) if m.decoder.last_logits else m for n, m in models.items()}
         last = False
     return models, "last-position logits" if last else "all logits"
 

@@ -67,6 +67,11 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
             f"--all-logits is for --engine ort / sparse-cpu (ONNX exports in ONNX Runtime), not --engine {cfg.engine}: "
             "drop --all-logits"
         )
+    if cfg.ort_op_library and cfg.engine != "sparse-cpu":
+        raise UserError(
+            f"--ort-op-library is for --engine sparse-cpu (a sparse-cpu export), not --engine {cfg.engine}: drop "
+            "--ort-op-library"
+        )
     if cfg.cuda_graphs and not cfg.device.startswith("cuda"):
         raise UserError(
             f"--cuda-graphs needs a GPU, not --device {cfg.device}: add --device cuda or drop --cuda-graphs"

@@ -1,5 +1,6 @@
 """`bench --engine sparse-cpu`: a sparse-cpu export (ONNX Runtime segments + sparsedeploy's kernels) against the dense
-export in plain ONNX Runtime, whole generations with the KV cache, alternating in one process."""
+export in plain ONNX Runtime, whole generations with the KV cache, alternating in one process; with
+``--ort-op-library`` also the same export run whole in ONNX Runtime with sparsedeploy's custom-op library."""
 
 from __future__ import annotations
 
@@ -11,9 +12,15 @@ from sparsedeploy.common.errors import UserError
 from sparsedeploy.kernels import native
 from sparsedeploy.onnx.segmented import SegmentedSession
 
+ORT_OP_VARIANT = "sparse-ort-op"  # the sparse export whole in ONNX Runtime with the custom-op library
+
 
 def bench_sparse_cpu(cfg: BenchConfig, variants: dict[str, Path], progress=None) -> tuple[list[dict], dict]:
-    models, logits = load_models(cfg, variants)
+    libraries = {}
+    if cfg.ort_op_library:
+        variants = {**variants, ORT_OP_VARIANT: variants["sparse"]}
+        libraries[ORT_OP_VARIANT] = cfg.ort_op_library
+    models, logits = load_models(cfg, variants, libraries)
     if not isinstance(models["sparse"].session, SegmentedSession):
         raise UserError(
             f"--model {variants['sparse']} has no SparseLinear nodes, so nothing would run in sparsedeploy's "
@@ -46,4 +53,10 @@ def bench_sparse_cpu(cfg: BenchConfig, variants: dict[str, Path], progress=None)
         "embedding / lm_head) and the residual add + RMSNorm, SiLU * up and attention segments; dense: the whole graph "
         "in ONNX Runtime",
     }
+    if cfg.ort_op_library:
+        notes[ORT_OP_VARIANT] = (
+            f"the sparse export whole in one ONNX Runtime session with the custom-op library {cfg.ort_op_library} "
+            "(SparseLinear / Int8Linear / Int8Gather nodes in sparsedeploy's kernels, the bitmask form at every batch; "
+            "everything else, attention included, in ONNX Runtime)"
+        )
     return rows, notes

@@ -68,6 +68,12 @@ def _log_rows(rows: list[dict]) -> None:
     help="ort / sparse-cpu engines: compute every prompt position's logits at prefill (the export's whole output); "
     "default: the last position's only, what generation reads, in both models alike",
 )
+@click.option(
+    "--ort-op-library",
+    default=None,
+    help="sparse-cpu engine: also time the sparse export run whole in ONNX Runtime with sparsedeploy's custom-op "
+    "library (this .so; `bash scripts/build_ort_op.sh` builds it), as variant sparse-ort-op",
+)
 @click.option("--deepsparse-venv", default=None, help="DeepSparse virtualenv [default: CACHE/engines/deepsparse-1.8.0]")
 @click.option(
     "--cache-dir", default=None, help="sparsedeploy cache [default: $SPARSEDEPLOY_CACHE or ~/.cache/sparsedeploy]"
@@ -88,6 +94,7 @@ def bench(
     dtype,
     cuda_graphs,
     all_logits,
+    ort_op_library,
     deepsparse_venv,
     cache_dir,
     output,
@@ -125,6 +132,7 @@ def bench(
         cache_dir=cache_dir,
         cuda_graphs=cuda_graphs,
         all_logits=all_logits,
+        ort_op_library=ort_op_library,
     )
     result = run_bench(cfg, progress=_log_rows)
     if "skipped" in result:  # a requested measurement that did not happen is not a success
