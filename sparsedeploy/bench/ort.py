@@ -26,7 +26,6 @@ class OrtCausalLM:
         self.decoder = OnnxDecoder.load(
             path, threads=threads, last_logits=last_logits, custom_op_library=custom_op_library
         )
-        self.custom_op_library = custom_op_library
         self.path, self.session = self.decoder.path, self.decoder.session
         if not self.decoder.with_past:
             raise UserError(

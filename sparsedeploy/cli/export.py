@@ -154,11 +154,20 @@ def inspect_cmd(onnx_model, nm, all_weights, as_json):
     "the same, refusing an export without SparseLinear nodes; deepsparse: the decoder-stack graphs of an "
     "export made with --target deepsparse, in DeepSparse's engine",
 )
+@click.option(
+    "--ort-op-library",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="ort / sparse-cpu engines: run a sparse-cpu export whole in ONNX Runtime with sparsedeploy's custom-op "
+    "library (this .so; `bash scripts/build_ort_op.sh` builds it) instead of segmented",
+)
 @click.option("--deepsparse-venv", default=None, help="DeepSparse virtualenv [default: CACHE/engines/deepsparse-1.8.0]")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
-def generate_cmd(onnx_dir, prompt, max_new_tokens, threads, engine, deepsparse_venv, as_json):
+def generate_cmd(onnx_dir, prompt, max_new_tokens, threads, engine, ort_op_library, deepsparse_venv, as_json):
     """Greedy text generation with the KV cache: ONNX Runtime, or DeepSparse on a --target deepsparse export."""
     check_numbers(max_new_tokens=(max_new_tokens, 1), threads=(threads, 1))
+    if ort_op_library is not None and engine == "deepsparse":
+        raise UserError("--ort-op-library is for --engine ort / sparse-cpu (ONNX Runtime), not deepsparse: drop it")
     if engine == "deepsparse":
         from sparsedeploy.runtimes.deepsparse_env import generate_text as deepsparse_generate
 
@@ -174,12 +183,13 @@ def generate_cmd(onnx_dir, prompt, max_new_tokens, threads, engine, deepsparse_v
         return
     from sparsedeploy.onnx.decoder import generate_text
 
-    out = generate_text(onnx_dir, prompt, max_new_tokens, threads, engine)
+    out = generate_text(onnx_dir, prompt, max_new_tokens, threads, engine, ort_op_library)
     rate = out["new_tokens"] / out["seconds"] if out["seconds"] else float("nan")
     emit(
         out,
         as_json,
-        f"{prompt}{out['completion']}\n[{out['engine']}: {out['new_tokens']} tokens in {out['seconds']:.2f} s, "
+        f"{prompt}{out['completion']}\n[{out['engine']}{' (whole in ONNX Runtime)' if ort_op_library else ''}: "
+        f"{out['new_tokens']} tokens in {out['seconds']:.2f} s, "
         f"{rate:.1f} tok/s, "
         f"KV cache {'on' if out['kv_cache'] else 'off'}]",
     )

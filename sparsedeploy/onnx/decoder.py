@@ -150,16 +150,26 @@ def load_tokenizer(directory: Path | str):
 
 
 def generate_text(
-    onnx_dir: Path | str, prompt: str, max_new_tokens: int = 32, threads: int | None = None, engine: str = "ort"
+    onnx_dir: Path | str,
+    prompt: str,
+    max_new_tokens: int = 32,
+    threads: int | None = None,
+    engine: str = "ort",
+    custom_op_library: Path | str | None = None,
 ) -> dict:
     """Greedy generation with the KV cache; returns text, token ids and timings. engine "ort": whatever the export
     needs (a sparse-cpu export runs its SparseLinear nodes in sparsedeploy's kernels); "sparse-cpu": refuse an export
-    without SparseLinear nodes."""
+    without SparseLinear nodes. custom_op_library: a sparse-cpu export runs whole in ONNX Runtime with it."""
     from sparsedeploy.onnx.segmented import SegmentedSession
+    from sparsedeploy.onnx.sparse_linear import DOMAIN
+    from sparsedeploy.onnx.storage import load_model_proto
 
     onnx_dir = Path(onnx_dir)
-    decoder = OnnxDecoder.load(onnx_dir, threads=threads, last_logits=True)
-    sparse_cpu = isinstance(decoder.session, SegmentedSession)
+    decoder = OnnxDecoder.load(onnx_dir, threads=threads, last_logits=True, custom_op_library=custom_op_library)
+    sparse_cpu = isinstance(decoder.session, SegmentedSession) or (
+        custom_op_library is not None
+        and any(n.domain == DOMAIN for n in load_model_proto(decoder.path, load_external=False).graph.node)
+    )
     if engine == "sparse-cpu" and not sparse_cpu:
         raise UserError(
             f"{decoder.path} has no SparseLinear nodes, so nothing would run in sparsedeploy's kernels: "
@@ -190,4 +200,5 @@ def generate_text(
         "kv_cache": decoder.with_past,
         "model": str(decoder.path),
         "engine": "sparse-cpu" if sparse_cpu else "ort",
+        "custom_op_library": str(custom_op_library) if custom_op_library is not None else None,
     }

@@ -146,6 +146,16 @@ def test_prune_then_eval_json(tiny_checkpoint, calib_file, tmp_path, capsys):
         (["run", "{tmp}/missing.yaml", "--output", "{tmp}/o"], "does not exist"),
         (["inspect", "{tmp}/broken/model.onnx"], "corrupt"),
         (["generate", "--onnx", "{tmp}/broken", "--prompt", "hi"], "corrupt"),
+        (["generate", "--onnx", "{tmp}/broken", "--prompt", "hi", "--ort-op-library", "{tmp}/no.so"], "build_ort_op"),
+        (
+            ["generate", "--onnx", "{tmp}/broken", "--prompt", "hi", "--engine", "deepsparse"]
+            + ["--ort-op-library", "{tmp}/no.so"],
+            "--ort-op-library is for --engine ort / sparse-cpu",
+        ),
+        (
+            ["bench", "--model", "{tmp}/broken", "--engine", "ort", "--ort-op-library", "{tmp}/no.so"],
+            "--ort-op-library is for --engine sparse-cpu",
+        ),
         (["inspect", "{tmp}/missing.onnx"], "does not exist"),
         (["export", "--model", "{tmp}/broken", "--output", "{tmp}/o"], "config.json"),
         (["export", "--model", "{ckpt}", "--output", "{ckpt}"], "already exists"),

@@ -41,6 +41,16 @@ def test_generate_text(exports):
         generate_text(root / "past", "x", max_new_tokens=0)
 
 
+def test_generate_text_runs_a_sparse_cpu_export_whole_with_the_custom_op_library(sparse_cpu_export, ort_op_library):
+    _, out, _ = sparse_cpu_export
+    whole = generate_text(
+        out, "The capital of France is", max_new_tokens=8, threads=1, custom_op_library=ort_op_library
+    )
+    segmented = generate_text(out, "The capital of France is", max_new_tokens=8, threads=1, engine="sparse-cpu")
+    assert whole["engine"] == "sparse-cpu" and whole["custom_op_library"] == str(ort_op_library)
+    assert whole["tokens"] == segmented["tokens"] and segmented["custom_op_library"] is None
+
+
 def test_non_decoder_is_refused(tmp_path):
     import onnx
     from onnx import TensorProto, helper
