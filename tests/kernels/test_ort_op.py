@@ -132,6 +132,11 @@ def test_a_malformed_weight_is_an_error_naming_it_not_a_crash(ort_op_library):
     truncated = session(with_initializer(model, ".values", values[: len(values) // 2]), ort_op_library)
     with pytest.raises(Exception, match=r"SparseLinear: block_ptr ends at \d+ but `values` holds"):
         truncated.run(None, {"x": x})
+    shifted = block_ptr.copy()
+    shifted[1] += 1  # block 0 claims one element more than its masks store
+    corrupt = session(with_initializer(model, ".block_ptr", shifted), ort_op_library)
+    with pytest.raises(Exception, match=r"SparseLinear: block 0 stores \d+ elements by its masks but \d+ by block_ptr"):
+        corrupt.run(None, {"x": x})
     options = ort.SessionOptions()
     options.add_session_config_entry("sparsedeploy.threads", "0")
     with pytest.raises(UserError, match=r"`sparsedeploy.threads` must be a thread count >= 1, got '0'"):

@@ -145,8 +145,22 @@ OrtStatusPtr compute(const char *name, OrtKernelContext *raw, F &&body) {
     });
 }
 
+// The whole weight checked once (its arrays are initializers: the same each call): block_ptr starts at 0, never
+// decreases, and each block's count is its masks' stored bits, so a corrupt file is an error, not a read out of bounds.
+void check_blocks(const std::string &op, const uint16_t *mask, const int64_t *ptr, int64_t nb, int64_t g) {
+    if (ptr[0] != 0) fail(op, "block_ptr must start at 0, got " + std::to_string(ptr[0]));
+    for (int64_t b = 0; b < nb; ++b) {
+        int64_t bits = 0;
+        for (int64_t i = 0; i < g * 4; ++i) bits += __builtin_popcount(mask[b * g * 4 + i]);
+        if (ptr[b + 1] - ptr[b] != bits)
+            fail(op, "block " + std::to_string(b) + " stores " + std::to_string(bits) + " elements by its masks but " +
+                         std::to_string(ptr[b + 1] - ptr[b]) + " by block_ptr: the weight is corrupt, export it again");
+    }
+}
+
 struct SparseLinearKernel {
     int threads = 1;
+    const int64_t *checked = nullptr;  // the block_ptr whose weight check_blocks passed
     OrtStatusPtr ComputeV2(OrtKernelContext *raw) {
         return compute("SparseLinear", raw, [&](const std::string &op, Ort::KernelContext &ctx) {
             if (ctx.GetInputCount() != 6) fail(op, "expects 6 inputs (x, mask, values, block_ptr, negzero, shape)");
@@ -158,9 +172,13 @@ struct SparseLinearKernel {
             expect_count(op, "block_ptr", block_ptr, nb + 1);
             const int64_t *ptr = block_ptr.GetTensorData<int64_t>();
             const int64_t stored = static_cast<int64_t>(values.GetTensorTypeAndShapeInfo().GetElementCount());
-            if (ptr[0] != 0 || ptr[nb] + 16 > stored)  // the format pads 16 floats after the stored values
-                fail(op, "block_ptr ends at " + std::to_string(ptr[nb]) + " but `values` holds " + std::to_string(stored) +
-                             " floats (stored + 16 padding)");
+            if (ptr != checked) {
+                check_blocks(op, mask.GetTensorData<uint16_t>(), ptr, nb, g);
+                if (ptr[nb] + 16 > stored)  // the format pads 16 floats after the stored values
+                    fail(op, "block_ptr ends at " + std::to_string(ptr[nb]) + " but `values` holds " +
+                                 std::to_string(stored) + " floats (stored + 16 padding)");
+                checked = ptr;
+            }
             std::vector<int64_t> dims;
             const int64_t rows = rows_of(op, x, n, k, &dims);
             auto y = ctx.GetOutput(0, dims);
