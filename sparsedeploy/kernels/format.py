@@ -14,12 +14,13 @@ per row. An element is stored when it is not +-0.0 (NaN payloads and denormals a
 `w * mask` leaves -0.0 wherever a negative weight was pruned, so the sign of zeros rides in `negzero` (read by
 unpack only, never by the kernels, since +-0.0 add the same to a sum): the round trip is bit-exact.
 
-Two forms are derived from it in memory, never stored, each where it pays (native.BoundMatmul.form_for):
+Two forms are derived from it in memory, never stored, each where it pays (the native library picks per call:
+csrc/sparse_cpu.c pick_form; native.pick_form, native.BoundMatmul.form_for):
   the row form (`RowForm`, native.row_form): the stored elements row by row (CSR) with uint16 columns, for batches
     1-32;
   the tile form (`TileForm`, native.tile_form): tiles of TILE_ROWS rows, each in K blocks of TILE_COLS columns,
     uint8 columns within the block, for prefill (batches above 32) and, on the "amd" CPU profile, batches 5-8 of weights
-    with more than 25 % stored (native.small_tile_form_pays).
+    with more than 12 % stored.
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ from sparsedeploy.kernels.format import (
     RowForm,
     TileForm,
     byte_bound_ceiling,
-    four_of_eight,
 )
 from sparsedeploy.kernels.scaled_int8 import ScaledInt8Linear
 
@@ -44,35 +43,22 @@ __all__ = [
     "attention",
     "library_path",
     "matmul",
+    "derived_nbytes",
+    "pick_form",
     "row_form",
-    "row_form_pays",
     "silu_mul",
     "tile_form",
 ]
 
 # name -> the library's ISA code; ordered best first
 ISAS = {"avx512": 3, "avx2": 2, "portable": 1}
-MAX_BATCH_CHUNK = 256  # rows of x per native call (bounds the transposed copy and keeps offsets in int32)
-# The forms a packed weight is multiplied in: "bitmask" reads the PackedLinear itself, "rows" its row form
-# (format.RowForm, K up to format.ROW_FORM_MAX_K; larger batches in calls of ROW_FORM_MAX_BATCH rows of x), "tiles"
-# its tile form (format.TileForm; in calls of TILE_FORM_BATCH rows of x).
-FORMS = ("bitmask", "rows", "tiles")
-ROW_FORM_MAX_BATCH = 32  # the row-form kernel's largest batch a call (32 lanes measured faster than 16, 24 or 64)
+# The forms a packed weight is multiplied in (the library's codes): "bitmask" reads the PackedLinear itself, "rows" its
+# row form (format.RowForm, K up to format.ROW_FORM_MAX_K; calls of 32 rows of x), "tiles" its tile form
+# (format.TileForm; calls of 64 rows of x). Which form a call runs in is the library's choice (sparse_cpu.c
+# pick_form), so this binding and the ONNX Runtime op library run each call alike.
+FORMS = {"bitmask": 1, "rows": 2, "tiles": 3}
+MAX_BATCH_CHUNK = 256  # rows of x a bitmask-form call (sparse_cpu.c SDK_MAX_BATCH_CHUNK)
 TILE_FORM_BATCH = 64  # the tile-form kernel's lanes (sparse_cpu.c SDK_TILE_LANES; 8 up to batch 8): rows of x a call
-EXPAND_MAX_BATCH = 8  # the bitmask form expands each weight group once per batch up to this batch (sparse_cpu.c)
-# Prefill (batch > ROW_FORM_MAX_BATCH) runs in the row form up to this density, in the tile form above it: at 80 %
-# (density 0.2) the tile form measured 1.1-1.15x faster than the row form, at 85 % a tie, at 90 % the row form ahead
-# (Emerald Rapids, one thread, 5632 x 2048, batch 128, AVX-512 and AVX2; docs/sparse_cpu.md).
-PREFILL_ROWS_MAX_DENSITY = 0.15
-DENSITY_80 = 0.21  # "80 %" as a density limit: pruned per row, 80 % keeps round(0.2 K) elements, a hair over 0.2
-# The "amd" profile at batches SMALL_TILE_MIN_BATCH-8, density above SMALL_TILE_MIN_DENSITY: the tile form with 8 lanes
-# (sparse_cpu.c SDK_TILE_SMALL_LANES), ahead of both the row and the expand form there (Zen 4, one thread, cold
-# 1B-like shapes, batch 8, ratio to ORT dense: 1.78-1.88x at 70 %, 1.18-1.25x at 50 %, 2:4 1.28-1.39x, 80 % 2.25-2.32x
-# against the row form's 1.94-2.16x, 85 % 2.80-2.87x against 2.28-2.87x, 90 % 3.45-3.77x against 3.77-3.96x; batch 6
-# ahead of the expand form, batch 5 a tie at 70 % and ahead at 50 %, batch 4 behind; docs/sparse_cpu.md)
-SMALL_TILE_MIN_BATCH = 5
-SMALL_TILE_LANES = 8
-SMALL_TILE_MIN_DENSITY = 0.12
 _NATIVE = "sparsedeploy.kernels._native"
 
 
@@ -127,6 +113,22 @@ def _lib() -> ctypes.CDLL:
         + [ctypes.c_void_p] * 4
         + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     )
+    lib.sdk_pick_form.restype = ctypes.c_int
+    lib.sdk_pick_form.argtypes = [ctypes.c_int64, ctypes.c_double, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    lib.sdk_linear_new.restype = ctypes.c_void_p
+    lib.sdk_linear_new.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+    lib.sdk_linear_free.restype = None
+    lib.sdk_linear_free.argtypes = [ctypes.c_void_p]
+    lib.sdk_linear_form.restype = ctypes.c_int
+    lib.sdk_linear_form.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    lib.sdk_linear_matmul.restype = ctypes.c_int
+    lib.sdk_linear_matmul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [
+        ctypes.c_int
+    ] * 3
+    lib.sdk_linear_four_of_eight.restype = ctypes.c_int
+    lib.sdk_linear_four_of_eight.argtypes = [ctypes.c_void_p]
+    lib.sdk_linear_derived_bytes.restype = ctypes.c_int64
+    lib.sdk_linear_derived_bytes.argtypes = [ctypes.c_void_p]
     lib.sdk_cpu_profile.restype = ctypes.c_int
     lib.sdk_cpu_profile.argtypes = []
     lib.sdk_set_cpu_profile.restype = ctypes.c_int
@@ -186,10 +188,6 @@ def set_cpu_profile(name: str) -> None:
     if name not in CPU_PROFILES:
         raise ValueError(f"unknown CPU profile {name!r}: use one of {list(CPU_PROFILES)}")
     _lib().sdk_set_cpu_profile(CPU_PROFILES[name])
-    _profile_sets[0] += 1
-
-
-_profile_sets = [0]  # set_cpu_profile calls so far: a bound matmul's form choices are kept per batch until it changes
 
 
 def best_isa() -> str:
@@ -239,54 +237,15 @@ def _check_x(caller: str, weight: str, x2: np.ndarray, n: int, k: int) -> None:
         )
 
 
-def row_form_pays(batch: int, density: float, isa: str, profile: str = "intel") -> bool:
-    """Whether `batch` rows of x multiply faster in the row form than in the bitmask form on this dispatch path (and
-    CPU profile), for a weight with this fraction of stored elements.
-
-    The bitmask kernels cost per 16-weight group (expanded, or its columns decoded, whatever its count), the row form
-    per stored element (batch 1: a scalar multiply-add; batches 2-32: one FMA per element and vector of batch lanes;
-    6 bytes read). Measured on Emerald Rapids, one thread, 5632 x 2048, both forms alternately in one process
-    (docs/sparse_cpu.md):
-      batch 1: from density ~0.1 on the AVX-512 expand-load GEMV (the "intel" profile; at 90 %, 24 cold copies, the
-        row form ran 4.0-4.1x of ORT dense, the expand-load GEMV 2.8-3.3x), ~0.2 on the 256-bit GEMV (AVX2) and
-        the compress GEMV (AVX-512 on the "amd" profile; Zen 4, 80 %: the row form 1.92-2.32x, it 1.82-2.07x);
-      batch 2-8 (the expand form): from ~0.06 at batch 2 to ~0.25-0.3 at batch 8 on AVX-512 (density <= batch / 32),
-        from ~0.15 to ~0.45 on AVX2 ((batch + 1) / 20), whose expand costs more; on Zen 4 (the "amd" profile)
-        batches 5-8 above SMALL_TILE_MIN_DENSITY run the 8-lane tile form instead (small_tile_form_pays, asked
-        first), and 2-4 the expand form well ahead (1.4-1.8x against rows' 1.0-1.1x at 70 %);
-      batch 9-32 (where the bitmask form is the broadcast GEMM): at 50-90 % on every path;
-      batch 33 and up (prefill; the row form in calls of ROW_FORM_MAX_BATCH rows of x, each walking the weight):
-        up to density PREFILL_ROWS_MAX_DENSITY (90 %: 2.9-3.3x of ORT dense against the broadcast GEMM's 1.8-2.7x);
-        above it the tile form (form_for) runs, which beat the row form and the bitmask GEMM at 50-80 % (at 85 %
-        a tie with the row form), the portable path too;
-      the portable path up to batch 32 at every density tried (50-90 %, batch 1 and 8: 3-5x faster than its bit
-        loops).
-    """
-    if batch < 1:
-        return False
-    if batch > ROW_FORM_MAX_BATCH:
-        return density <= PREFILL_ROWS_MAX_DENSITY
-    if isa == "portable" or batch > EXPAND_MAX_BATCH:
-        return True
-    if batch == 1:
-        return density <= (0.12 if isa == "avx512" and profile == "intel" else DENSITY_80)
-    return density <= (batch / 32 if isa == "avx512" else (batch + 1) / 20)
-
-
-def small_tile_form_pays(batch: int, density: float, isa: str, profile: str = "intel") -> bool:
-    """Whether `batch` rows of x (up to 8) multiply fastest in the tile form with 8 lanes: on the "amd" profile (where
-    it was measured; SMALL_TILE_MIN_BATCH above) for weights with more than SMALL_TILE_MIN_DENSITY stored."""
-    return (
-        profile == "amd"
-        and isa != "portable"
-        and SMALL_TILE_MIN_BATCH <= batch <= SMALL_TILE_LANES
-        and density > SMALL_TILE_MIN_DENSITY
-    )
-
-
-_ROW_FORMS: dict[int, RowForm] = {}
-_TILE_FORMS: dict[int, TileForm] = {}
-_FOUR_OF_EIGHT: dict[int, bool] = {}
+def pick_form(batch: int, density: float, k: int, isa: str, profile: str) -> str:
+    """The form the library runs a call of `batch` rows of x in, for a weight of `k` columns with this fraction of
+    stored elements, on this dispatch path and CPU profile (sparse_cpu.c pick_form, where each rule's measurements
+    are): the 8-lane tile form on the "amd" profile at batches 5-8 over 12 % stored, else the row form where it pays
+    (K up to format.ROW_FORM_MAX_K), else the tile form for prefill (batch over 32) and the bitmask form below it."""
+    if isa not in ISAS or profile not in CPU_PROFILES:
+        raise ValueError(f"pick_form: isa must be one of {list(ISAS)} and profile one of {list(CPU_PROFILES)}")
+    code = _lib().sdk_pick_form(batch, density, k, ISAS[isa], CPU_PROFILES[profile])
+    return next(name for name, c in FORMS.items() if c == code)
 
 
 def _derive(p: PackedLinear, what: str, build, *arrays: np.ndarray) -> None:
@@ -302,25 +261,9 @@ def _derive(p: PackedLinear, what: str, build, *arrays: np.ndarray) -> None:
         a.flags.writeable = False
 
 
-def _kept(cache: dict, p: PackedLinear, form):
-    """Keep `form` in `cache` while `p` lives (keyed by id: a PackedLinear is not hashable by value)."""
-    cache[id(p)] = form
-    weakref.finalize(p, cache.pop, id(p), None)
-    return form
-
-
-def _four_of_eight(p: PackedLinear) -> bool:
-    """format.four_of_eight, worked out once per weight and kept while `p` lives (a pass over its masks: ~ms for
-    1B-like shapes, too much for every call of `matmul`, which binds the weight anew each time)."""
-    known = _FOUR_OF_EIGHT.get(id(p))
-    return known if known is not None else _kept(_FOUR_OF_EIGHT, p, four_of_eight(p))
-
-
 def row_form(p: PackedLinear) -> RowForm:
-    """The row form of a packed weight, built by the native library at the first call and kept while `p` lives."""
-    rf = _ROW_FORMS.get(id(p))
-    if rf is not None:
-        return rf
+    """The row form of a packed weight as arrays (the library builds its own copy inside a bound weight where a call
+    runs in it; this one is for reading: tests, docs)."""
     n, k = p.shape
     if k > ROW_FORM_MAX_K:
         raise ValueError(f"row form: K={k} is more than its uint16 columns hold ({ROW_FORM_MAX_K})")
@@ -328,31 +271,58 @@ def row_form(p: PackedLinear) -> RowForm:
     cols = np.zeros(p.nnz + COL_PAD, dtype=np.uint16)
     values = np.zeros(p.nnz + PAD, dtype=np.float32)
     _derive(p, "row form", _lib().sdk_row_form, row_ptr, cols, values)
-    return _kept(_ROW_FORMS, p, RowForm(row_ptr=row_ptr, cols=cols, values=values, shape=(n, k)))
+    return RowForm(row_ptr=row_ptr, cols=cols, values=values, shape=(n, k))
 
 
 def tile_form(p: PackedLinear) -> TileForm:
-    """The tile form of a packed weight, built by the native library at the first call and kept while `p` lives."""
-    tf = _TILE_FORMS.get(id(p))
-    if tf is not None:
-        return tf
+    """The tile form of a packed weight as arrays (built by the library; as row_form, for reading)."""
     n, k = p.shape
     tile_ptr = np.empty(-(-n // TILE_ROWS) + 1, dtype=np.int64)
     counts = np.empty((-(-n // TILE_ROWS), -(-k // TILE_COLS), TILE_ROWS), dtype=np.uint8)
     cols = np.zeros(p.nnz + COL_PAD, dtype=np.uint8)
     values = np.zeros(p.nnz + PAD, dtype=np.float32)
     _derive(p, "tile form", _lib().sdk_tile_form, tile_ptr, counts, cols, values)
-    return _kept(_TILE_FORMS, p, TileForm(tile_ptr=tile_ptr, counts=counts, cols=cols, values=values, shape=(n, k)))
+    return TileForm(tile_ptr=tile_ptr, counts=counts, cols=cols, values=values, shape=(n, k))
+
+
+class _Linear:
+    """The library's bound weight (sparse_cpu.c sdk_linear) for one PackedLinear: its derived forms, built at the
+    first call that runs in them, and its 4-of-8 check. One per PackedLinear while it lives (_linear), so every
+    BoundMatmul of a weight (and `matmul`, which binds anew each call) shares what was built."""
+
+    def __init__(self, p: PackedLinear) -> None:
+        n, k = p.shape
+        handle = _lib().sdk_linear_new(p.mask.ctypes.data, p.values.ctypes.data, p.block_ptr.ctypes.data, n, k)
+        if not handle:
+            raise MemoryError(f"sparse-cpu: could not bind weight {n}x{k}")
+        self.handle = handle
+        self._free = weakref.finalize(self, _lib().sdk_linear_free, handle)
+
+
+_LINEARS: dict[int, _Linear] = {}
+
+
+def _linear(p: PackedLinear) -> _Linear:
+    """p's bound weight, made at the first call and kept while `p` lives (keyed by id: not hashable by value)."""
+    bound = _LINEARS.get(id(p))
+    if bound is None:
+        bound = _LINEARS[id(p)] = _Linear(p)
+        weakref.finalize(p, _LINEARS.pop, id(p), None)
+    return bound
+
+
+def derived_nbytes(p: PackedLinear) -> int:
+    """Bytes the library holds for `p` in derived forms (the row and tile forms its calls have needed so far)."""
+    return int(_lib().sdk_linear_derived_bytes(_linear(p).handle))
 
 
 class BoundMatmul:
     """``matmul`` for one packed weight with the weight, thread and ISA checks done once.
 
     What a runtime calls for every token: ``bound(x)`` takes x float32 C-contiguous ``[B, K]`` and returns a new
-    ``[B, N]``. ``matmul`` itself goes through here. form: None picks per call (``form_for``: the tile form where
-    ``small_tile_form_pays``, else the row form where ``row_form_pays``, else the tile form above ROW_FORM_MAX_BATCH
-    rows of x, else the bitmask form), one of FORMS
-    forces one (tests and benchmarks).
+    ``[B, N]``. ``matmul`` itself goes through here. form: None lets the library pick per call (``form_for``; the
+    rules are sparse_cpu.c pick_form's, shared with the ONNX Runtime op library), one of FORMS forces one (tests and
+    benchmarks).
     """
 
     def __init__(
@@ -370,87 +340,31 @@ class BoundMatmul:
         self.isa = isa
         self.form = form
         self._code = _isa_code(isa)
-        self._path = isa or best_isa()
-        self._fn = _lib().sdk_matmul
-        self._fn_batch1: object | None = None  # sdk_matmul_4of8 where the weight allows it (first batch-1 call)
-        self._ptrs = (p.mask.ctypes.data, p.values.ctypes.data, p.block_ptr.ctypes.data)
-        self._density = p.nnz / (self.n * self.k)
-        self._rows_ptrs: tuple[int, int, int] | None = None
-        self._tiles_ptrs: tuple[int, ...] | None = None
-        self._forms: dict[tuple[int, int], str] = {}
+        self._form_code = FORMS[form] if form else 0
+        self._linear = _linear(p)
+        self._handle = self._linear.handle
+        self._fn = _lib().sdk_linear_matmul
 
     def form_for(self, batch: int) -> str:
-        """The form a call with `batch` rows of x runs in (picked once per batch size: ~6 us a call otherwise)."""
+        """The form a call with `batch` rows of x runs in (a prefill's short last call may run in another)."""
         if self.form is not None:
             return self.form
-        key = (batch, _profile_sets[0])
-        form = self._forms.get(key)
-        if form is None:
-            if small_tile_form_pays(batch, self._density, self._path, cpu_profile()):
-                form = "tiles"
-            elif self.k <= ROW_FORM_MAX_K and row_form_pays(batch, self._density, self._path, cpu_profile()):
-                form = "rows"
-            else:
-                form = "tiles" if batch > ROW_FORM_MAX_BATCH else "bitmask"
-            self._forms[key] = form
-        return form
-
-    def _rows_call(self, xb: np.ndarray, yb: np.ndarray) -> int:
-        if self._rows_ptrs is None:
-            rf = row_form(self.weight)
-            self._rows_ptrs = (rf.row_ptr.ctypes.data, rf.cols.ctypes.data, rf.values.ctypes.data)
-        row_ptr, cols, values = self._rows_ptrs
-        return _lib().sdk_rows_matmul(
-            _address(xb), xb.shape[0], self.k, row_ptr, cols, values, self.n, _address(yb), self.threads, self._code
-        )
-
-    def _tiles_call(self, xb: np.ndarray, yb: np.ndarray) -> int:
-        if self._tiles_ptrs is None:
-            tf = tile_form(self.weight)
-            self._tiles_ptrs = tuple(a.ctypes.data for a in (tf.tile_ptr, tf.counts, tf.cols, tf.values))
-        return _lib().sdk_tiles_matmul(
-            _address(xb), xb.shape[0], self.k, *self._tiles_ptrs, self.n, _address(yb), self.threads, self._code
-        )
+        code = _lib().sdk_linear_form(self._handle, batch, self._code)
+        return next(name for name, c in FORMS.items() if c == code)
 
     def __call__(self, x2: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         _check_x("matmul", "packed weight", x2, self.n, self.k)
         b = x2.shape[0]
         if out is None:
             out = np.empty((b, self.n), dtype=np.float32)
-        mask, values, block_ptr = self._ptrs
-        form = self.form_for(b)
-        chunk = {"rows": ROW_FORM_MAX_BATCH, "tiles": TILE_FORM_BATCH}.get(form, MAX_BATCH_CHUNK)
-        for b0 in range(0, b, chunk):
-            xb, yb = x2[b0 : b0 + chunk], out[b0 : b0 + chunk]
-            # a short last chunk of a prefill runs in the form its own size picks (the tile form's lanes would idle)
-            part = form if xb.shape[0] == chunk or form != "tiles" else self.form_for(xb.shape[0])
-            if part in ("rows", "tiles"):
-                rc = self._rows_call(xb, yb) if part == "rows" else self._tiles_call(xb, yb)
-                if rc != 0:
-                    raise RuntimeError(
-                        f"sparse-cpu {part} kernel failed (code {rc}) for x {xb.shape}, weight {self.n}x{self.k}, "
-                        f"isa {self.isa}"
-                    )
-                continue
-            if xb.shape[0] == 1 and self._fn_batch1 is None:
-                # 4 of every 8 columns stored (2:4, 4:8): the 4-of-8 GEMV, no expand
-                self._fn_batch1 = _lib().sdk_matmul_4of8 if _four_of_eight(self.weight) else self._fn
-            rc = (self._fn_batch1 if xb.shape[0] == 1 else self._fn)(
-                _address(xb),
-                xb.shape[0],
-                self.k,
-                mask,
-                values,
-                block_ptr,
-                self.n,
-                _address(yb),
-                self.threads,
-                self._code,
+        if b == 0:
+            return out
+        rc = self._fn(self._handle, _address(x2), b, _address(out), self.threads, self._code, self._form_code)
+        if rc != 0:
+            raise RuntimeError(
+                f"sparse-cpu kernel failed (code {rc}) for x {x2.shape}, weight {self.n}x{self.k}, isa {self.isa}, "
+                f"form {self.form_for(b)}"
             )
-            if rc != 0:
-                raise RuntimeError(
-                    f"sparse-cpu kernel failed (code {rc}) for x {xb.shape}, weight {self.n}x{self.k}, isa {self.isa}"
-                )
         return out
 
 

@@ -137,18 +137,23 @@ def test_row_form_is_the_stored_elements_row_by_row(name):
     assert rf.kernel_nbytes == 8 * (w.shape[0] + 1) + 6 * rf.nnz + 2 * COL_PAD + 4 * PAD
 
 
-@pytest.mark.parametrize("form", ["rows", "tiles"])
-def test_a_derived_form_is_built_once_and_dropped_with_its_weight(form):
-    build, cache = {"rows": (kernels.row_form, kernels._ROW_FORMS), "tiles": (kernels.tile_form, kernels._TILE_FORMS)}[
-        form
-    ]
-    p = pack(pruned(30, 40, 0.8))
-    derived = build(p)
-    assert build(p) is derived
+@pytest.mark.parametrize("form,batch", [("rows", 16), ("tiles", 64)])
+def test_a_derived_form_is_built_at_its_first_call_once_and_dropped_with_its_weight(form, batch):
+    w = pruned(30, 40, 0.8)
+    p = pack(w)
+    x = np.random.default_rng(batch).standard_normal((batch, 40)).astype(np.float32)
+    check(x[:1], w, matmul(x[:1], p, threads=1, form="bitmask"))
+    assert kernels.derived_nbytes(p) == 0  # the bitmask form builds nothing
+    check(x, w, matmul(x, p, threads=1, form=form))
+    built = kernels.derived_nbytes(p)
+    assert built == (kernels.row_form(p) if form == "rows" else kernels.tile_form(p)).kernel_nbytes
+    bound = kernels.BoundMatmul(p, threads=2, form=form)  # another binding of the same weight shares it
+    check(x, w, bound(x))
+    assert kernels.derived_nbytes(p) == built
     key = id(p)
-    del p
+    del p, bound
     gc.collect()
-    assert key not in cache
+    assert key not in kernels._LINEARS
 
 
 TILE_WEIGHTS = {
@@ -235,20 +240,14 @@ def test_four_of_eight_gemv_matches_dense_reference(name, threads, isa):
         check(x, w, y)
 
 
-def test_four_of_eight_is_worked_out_once_per_weight(monkeypatch):
-    """matmul binds the weight anew each call: the pattern check (a pass over the masks) must not run each time."""
-    calls = []
-    real = kernels.four_of_eight
-    monkeypatch.setattr(kernels, "four_of_eight", lambda p: calls.append(id(p)) or real(p))
-    p, x = pack(nm(8, 64, 2, 4)), np.ones((1, 64), np.float32)
-    for _ in range(3):
-        matmul(x, p)
-    matmul(np.ones((2, 64), np.float32), p)  # batch 2 never asks
-    assert calls == [id(p)]
-    key = id(p)
-    del p
-    gc.collect()
-    assert key not in kernels._FOUR_OF_EIGHT
+def test_the_librarys_four_of_eight_check_is_formats():
+    """The bound weight's check (which picks the 4-of-8 GEMV for batch 1) against format.four_of_eight."""
+    minus_zero = nm(8, 64, 2, 4)
+    minus_zero[3, np.flatnonzero(minus_zero[3])[0]] = np.float32(-0.0)
+    weights = [nm(8, 64, 2, 4), nm(12, 48, 4, 8), nm(9, 64, 2, 4), nm(8, 40, 2, 4), nm(8, 64, 1, 4), minus_zero]
+    packed = [pack(w) for w in weights]  # alive while their bound weights are asked
+    got = [kernels._lib().sdk_linear_four_of_eight(kernels._linear(p).handle) for p in packed]
+    assert got == [int(four_of_eight(p)) for p in packed] == [1, 1, 0, 0, 0, 0]
 
 
 def test_four_of_eight_gemv_takes_batch_1_only():
@@ -329,55 +328,59 @@ def test_the_form_is_picked_per_batch(isa, profile):
         bound = kernels.BoundMatmul(p, threads=1, isa=isa)
         density = p.nnz / w.size
         picked = {b: bound.form_for(b) for b in range(1, 70)}
-        assert picked == {
-            b: "tiles"
-            if kernels.small_tile_form_pays(b, density, isa, profile)
-            else "rows"
-            if kernels.row_form_pays(b, density, isa, profile)
-            else "tiles"
-            if b > 32
-            else "bitmask"
-            for b in picked
-        }
+        assert picked == {b: kernels.pick_form(b, density, 64, isa, profile) for b in picked}
         assert picked[16] == "rows"
         # batches 5-8 of a weight over 12 % stored: the 8-lane tile form on the "amd" profile only
         assert (picked[8] == "tiles") == (profile == "amd" and isa != "portable" and density > 0.12)
-        assert picked[64] == ("rows" if density <= kernels.PREFILL_ROWS_MAX_DENSITY else "tiles")
+        assert picked[64] == ("rows" if density <= 0.15 else "tiles")
         for b in (1, 2, 8, 16, 64, 97):  # 97: two tile-form calls and a last one of 33 rows
             x = np.random.default_rng(b).standard_normal((b, 64)).astype(np.float32)
             check(x, w, bound(x))
 
 
-def test_row_form_pays_grows_with_sparsity_and_batch():
+def takes_rows(b, density, isa, profile="intel", k=64):
+    return kernels.pick_form(b, density, k, isa, profile) == "rows"
+
+
+def test_the_row_form_is_picked_more_with_sparsity_and_batch():
     for isa in ("avx512", "avx2"):
         for profile in kernels.CPU_PROFILES:
             # the smallest batch that takes the row form, at rising density: it never falls
-            first = [
-                min([b for b in range(1, 9) if kernels.row_form_pays(b, d, isa, profile)] or [99])
-                for d in (0.04, 0.1, 0.2, 0.4, 1.0)
-            ]
+            densities = (0.04, 0.1, 0.2, 0.4, 1.0)
+            first = [min([b for b in range(1, 9) if takes_rows(b, d, isa, profile)] or [99]) for d in densities]
             assert first == sorted(first) and first[-1] == 99 and first[0] <= 2
     # the batch-1 GEMV the "intel" profile runs on AVX-512 (expand-load) holds out longer than the 256-bit one
-    assert not kernels.row_form_pays(1, 0.15, "avx512", "intel") and kernels.row_form_pays(1, 0.15, "avx512", "amd")
-    assert kernels.row_form_pays(1, 0.15, "avx2", "intel") == kernels.row_form_pays(1, 0.15, "avx512", "amd")
-    # batches 2-8 have one rule on both profiles (the "amd" profile asks small_tile_form_pays first for 5-8)
+    assert not takes_rows(1, 0.15, "avx512", "intel") and takes_rows(1, 0.15, "avx512", "amd")
+    assert takes_rows(1, 0.15, "avx2", "intel") == takes_rows(1, 0.15, "avx512", "amd")
+    # batches 2-8 have one rule on both profiles, but the "amd" profile runs 5-8 over 12 % stored in the tile form
     for isa in ("avx512", "avx2"):
         for b in range(2, 9):
             for d in (0.05, 0.1, 0.2, 0.3, 0.5):
-                assert kernels.row_form_pays(b, d, isa, "amd") == kernels.row_form_pays(b, d, isa, "intel")
+                intel = kernels.pick_form(b, d, 64, isa, "intel")
+                assert kernels.pick_form(b, d, 64, isa, "amd") == ("tiles" if b >= 5 and d > 0.12 else intel)
     # the portable path's bit loops lose at any density up to batch 32; past 32 (prefill) only sparse weights
-    assert all(kernels.row_form_pays(b, 1.0, "portable") for b in range(1, 33))
+    for profile in kernels.CPU_PROFILES:
+        assert all(takes_rows(b, 1.0, "portable", profile) for b in range(1, 33))
     for isa in ("avx512", "avx2", "portable"):
-        assert kernels.row_form_pays(128, 0.1, isa) and not kernels.row_form_pays(128, 0.2, isa)
+        assert takes_rows(128, 0.1, isa) and kernels.pick_form(128, 0.2, 64, isa, "intel") == "tiles"
+    # K past the row form's uint16 columns: never the row form
+    assert kernels.pick_form(16, 0.3, 65537, "avx2", "intel") == "bitmask"
+    assert kernels.pick_form(128, 0.1, 65537, "avx2", "intel") == "tiles"
+    with pytest.raises(ValueError, match="isa must be one of"):
+        kernels.pick_form(1, 0.3, 64, "sse9", "amd")
+    assert kernels._lib().sdk_pick_form(1, 0.3, 64, 0, 0) == -1  # the library wants a resolved ISA
 
 
-def test_small_tile_form_pays_on_the_amd_profile_for_batches_5_to_8_over_12_percent_stored():
-    pays = kernels.small_tile_form_pays
-    assert all(pays(b, d, isa, "amd") for b in range(5, 9) for isa in ("avx512", "avx2") for d in (0.15, 0.2, 0.3, 1.0))
-    assert not any(pays(b, 0.3, "avx512", "amd") for b in (1, 4, 9, 33))
-    assert not pays(8, 0.12, "avx512", "amd") and not pays(8, 0.1, "avx2", "amd")  # 90 %: the row form's
-    assert not pays(8, 0.3, "portable", "amd")
-    assert not pays(8, 0.5, "avx512", "intel")  # not measured on Intel: its forms stay
+def test_the_amd_profile_takes_the_8_lane_tile_form_at_batches_5_to_8_over_12_percent_stored():
+    def tiles(b, d, isa, profile):
+        return kernels.pick_form(b, d, 2048, isa, profile) == "tiles"
+
+    densities = (0.15, 0.2, 0.3, 1.0)
+    assert all(tiles(b, d, isa, "amd") for b in range(5, 9) for isa in ("avx512", "avx2") for d in densities)
+    assert not any(tiles(b, 0.3, "avx512", "amd") for b in (1, 4, 9, 32))
+    assert not tiles(8, 0.12, "avx512", "amd") and not tiles(8, 0.1, "avx2", "amd")  # 90 %: the row form's
+    assert not tiles(8, 0.3, "portable", "amd")
+    assert not tiles(8, 0.5, "avx512", "intel")  # not measured on Intel: its forms stay
 
 
 def test_row_form_limits():

@@ -15,7 +15,7 @@
  * into a contiguous run), then each weight is broadcast and multiplied into the activations of the whole batch
  * (x transposed to [K, Bp]), so zero weights cost nothing.
  * sdk_rows_matmul multiplies by the row form (CSR with uint16 columns, built from this format by sdk_row_form and
- * held in memory beside it): batch 1-32 where it pays (kernels/native.py row_form_pays), one broadcast + FMA per
+ * held in memory beside it): batch 1-32 where it pays (row_form_pays below), one broadcast + FMA per
  * stored element and vector of batch lanes (batch 1: a scalar multiply-add; batches 2-8: 8 values one load, each
  * broadcast by a vpermps, ROWS8_BODY), no per-group decode.
  * sdk_tiles_matmul multiplies by the tile form (tiles of 32 rows in K blocks of 128 columns, uint8 columns within
@@ -1532,6 +1532,220 @@ SDK_EXPORT int sdk_tiles_matmul(const float *x, int64_t b, int64_t k, const int6
     memset(scratch + k * lanes, 0, (size_t)((kpad - k) * lanes) * sizeof(float));
     j.x = scratch;
     return run_balanced(&j, threads, tile_ptr, tiles, nkb * SDK_TILE_ROWS * 8); /* per tile: its row visits */
+}
+
+/* ------------------------------------------------------------------------------- a bound weight (form choice) */
+
+/* The forms a bitmask16-v2 weight is multiplied in (FORM_AUTO: picked per call by pick_form). The row and tile forms
+ * are derived from the bitmask form in memory, at the first call that needs them, and kept with the bound weight. */
+enum { FORM_AUTO = 0, FORM_BITMASK = 1, FORM_ROWS = 2, FORM_TILES = 3 };
+#define SDK_MAX_BATCH_CHUNK 256 /* rows of x a bitmask-form call (bounds the transposed copy; offsets stay int32) */
+#define SDK_COL_PAD 8           /* format.COL_PAD: zero columns after the derived forms' last element */
+#define SDK_VALUE_PAD 16        /* format.PAD: zero floats after the stored values */
+/* Prefill (batch > SDK_ROWFORM_MAX_B) runs in the row form up to this density, in the tile form above it: at 80 %
+ * (density 0.2) the tile form measured 1.1-1.15x faster than the row form, at 85 % a tie, at 90 % the row form ahead
+ * (Emerald Rapids, one thread, 5632 x 2048, batch 128, AVX-512 and AVX2; docs/sparse_cpu.md). */
+#define SDK_PREFILL_ROWS_MAX_DENSITY 0.15
+#define SDK_DENSITY_80 0.21 /* "80 %" as a density limit: pruned per row, 80 % keeps round(0.2 K), a hair over 0.2 */
+/* The "amd" profile at batches 5-8, density above SDK_SMALL_TILE_MIN_DENSITY: the tile form with 8 lanes, ahead of
+ * both the row and the expand form there (Zen 4, one thread, cold 1B-like shapes, batch 8, ratio to ORT dense:
+ * 1.78-1.88x at 70 %, 1.18-1.25x at 50 %, 2:4 1.28-1.39x, 80 % 2.25-2.32x against the row form's 1.94-2.16x, 85 %
+ * 2.80-2.87x against 2.28-2.87x, 90 % 3.45-3.77x against 3.77-3.96x; batch 6 ahead of the expand form, batch 5 a tie
+ * at 70 % and ahead at 50 %, batch 4 behind; docs/sparse_cpu.md). */
+#define SDK_SMALL_TILE_MIN_BATCH 5
+#define SDK_SMALL_TILE_MIN_DENSITY 0.12
+
+/* Whether `b` rows of x multiply faster in the row form than in the bitmask form on this ISA (resolved) and CPU
+ * profile, for a weight with this fraction of stored elements. The bitmask kernels cost per 16-weight group
+ * (expanded, or its columns decoded, whatever its count), the row form per stored element. Measured on Emerald
+ * Rapids, one thread, 5632 x 2048, both forms alternately in one process (docs/sparse_cpu.md):
+ *   batch 1: from density ~0.1 on the AVX-512 expand-load GEMV (the Intel profile; at 90 %, 24 cold copies, the row
+ *     form ran 4.0-4.1x of ORT dense, the expand-load GEMV 2.8-3.3x), ~0.2 on the 256-bit GEMV (AVX2) and the
+ *     compress GEMV (AVX-512 on the AMD profile; Zen 4, 80 %: the row form 1.92-2.32x, it 1.82-2.07x);
+ *   batch 2-8 (the expand form): from ~0.06 at batch 2 to ~0.25-0.3 at batch 8 on AVX-512 (density <= b / 32), from
+ *     ~0.15 to ~0.45 on AVX2 ((b + 1) / 20), whose expand costs more (the AMD profile asks the 8-lane tile form
+ *     first for 5-8: pick_form);
+ *   batch 9-32 (where the bitmask form is the broadcast GEMM): at 50-90 % on every path;
+ *   batch 33 and up (prefill, in calls of 32 rows each walking the weight): up to SDK_PREFILL_ROWS_MAX_DENSITY;
+ *   the portable path up to batch 32 at every density tried (50-90 %, batch 1 and 8: 3-5x faster than its bit loops).
+ */
+static int row_form_pays(int64_t b, double density, int isa, int profile) {
+    if (b < 1) return 0;
+    if (b > SDK_ROWFORM_MAX_B) return density <= SDK_PREFILL_ROWS_MAX_DENSITY;
+    if (isa == ISA_PORTABLE || b > SDK_EXPAND_MAX_B) return 1;
+    if (b == 1) return density <= (isa == ISA_AVX512 && profile == PROFILE_INTEL ? 0.12 : SDK_DENSITY_80);
+    return density <= (isa == ISA_AVX512 ? (double)b / 32 : (double)(b + 1) / 20);
+}
+
+/* The form `b` rows of x run in, for a weight of K columns with this density (isa resolved, profile 0 AMD / 1 Intel):
+ * the 8-lane tile form on the AMD profile at batches 5-8 above SDK_SMALL_TILE_MIN_DENSITY (measured there only), else
+ * the row form where it pays (K <= 65536), else the tile form for prefill and the bitmask form below it. */
+static int pick_form(int64_t b, double density, int64_t k, int isa, int profile) {
+    if (profile == PROFILE_AMD && isa != ISA_PORTABLE && b >= SDK_SMALL_TILE_MIN_BATCH && b <= SDK_TILE_SMALL_LANES &&
+        density > SDK_SMALL_TILE_MIN_DENSITY)
+        return FORM_TILES;
+    if (k <= SDK_ROWFORM_MAX_K && row_form_pays(b, density, isa, profile)) return FORM_ROWS;
+    return b > SDK_ROWFORM_MAX_B ? FORM_TILES : FORM_BITMASK;
+}
+/* pick_form for the Python binding and its tests (ERR_ARGS for an ISA or profile out of range). */
+SDK_EXPORT int sdk_pick_form(int64_t b, double density, int64_t k, int isa, int profile) {
+    if (isa < ISA_PORTABLE || isa > ISA_AVX512 || (profile != PROFILE_AMD && profile != PROFILE_INTEL)) return ERR_ARGS;
+    return pick_form(b, density, k, isa, profile);
+}
+
+/* A weight bound once (what a runtime holds per linear: the Python binding's BoundMatmul and the ONNX Runtime op
+ * library's SparseLinear kernel): the bitmask form's arrays (not owned: they must outlive it), what is worked out
+ * from them once, and the derived forms, each built at the first call that runs in it (under `lock`; published with
+ * release stores so calls read them without the lock). */
+typedef struct sdk_linear {
+    const uint16_t *mask;
+    const float *values;
+    const int64_t *block_ptr;
+    int64_t n, k, nnz;
+    double density;
+    pthread_mutex_t lock;
+    atomic_int four_of_eight; /* -1 not worked out yet, else 0 / 1 */
+    atomic_int rows_ready, tiles_ready;
+    int64_t *row_ptr;
+    uint16_t *row_cols;
+    float *row_values;
+    int64_t *tile_ptr;
+    uint8_t *tile_counts, *tile_cols;
+    float *tile_values;
+    int64_t derived_bytes;
+} sdk_linear;
+
+/* Binds a bitmask16-v2 weight (as sdk_matmul takes it; block_ptr[ceil(n / 4)] = its stored elements). NULL for bad
+ * arguments or no memory. Free with sdk_linear_free. */
+SDK_EXPORT sdk_linear *sdk_linear_new(const uint16_t *mask, const float *values, const int64_t *block_ptr, int64_t n,
+                                      int64_t k) {
+    if (n < 1 || k < 1 || !mask || !values || !block_ptr) return NULL;
+    sdk_linear *w = calloc(1, sizeof *w);
+    if (!w) return NULL;
+    *w = (sdk_linear){.mask = mask, .values = values, .block_ptr = block_ptr, .n = n, .k = k};
+    w->nnz = block_ptr[(n + SDK_ROWS - 1) / SDK_ROWS];
+    w->density = (double)w->nnz / ((double)n * (double)k);
+    atomic_init(&w->four_of_eight, -1);
+    atomic_init(&w->rows_ready, 0);
+    atomic_init(&w->tiles_ready, 0);
+    pthread_mutex_init(&w->lock, NULL);
+    return w;
+}
+
+SDK_EXPORT void sdk_linear_free(sdk_linear *w) {
+    if (!w) return;
+    free(w->row_ptr), free(w->row_cols), free(w->row_values);
+    free(w->tile_ptr), free(w->tile_counts), free(w->tile_cols), free(w->tile_values);
+    pthread_mutex_destroy(&w->lock);
+    free(w);
+}
+
+/* Zeroed memory aligned to 64 bytes, or NULL. */
+static void *zalloc64(int64_t bytes) {
+    const size_t size = ((size_t)bytes + 63) & ~(size_t)63;
+    void *p = aligned_alloc(64, size ? size : 64);
+    if (p) memset(p, 0, size ? size : 64);
+    return p;
+}
+
+/* Builds the row (rows = 1) or tile form of a bound weight once: 0, or ERR_NOMEM / ERR_ARGS (K too wide for rows). */
+static int linear_derive(sdk_linear *w, int rows) {
+    atomic_int *ready = rows ? &w->rows_ready : &w->tiles_ready;
+    if (atomic_load_explicit(ready, memory_order_acquire)) return 0;
+    if (rows && w->k > SDK_ROWFORM_MAX_K) return ERR_ARGS;
+    pthread_mutex_lock(&w->lock);
+    int rc = 0;
+    if (!atomic_load_explicit(ready, memory_order_relaxed)) {
+        const int64_t nnz = w->nnz;
+        if (rows) {
+            const int64_t bytes = 8 * (w->n + 1) + 2 * (nnz + SDK_COL_PAD) + 4 * (nnz + SDK_VALUE_PAD);
+            w->row_ptr = zalloc64(8 * (w->n + 1));
+            w->row_cols = zalloc64(2 * (nnz + SDK_COL_PAD));
+            w->row_values = zalloc64(4 * (nnz + SDK_VALUE_PAD));
+            rc = !w->row_ptr || !w->row_cols || !w->row_values
+                     ? ERR_NOMEM
+                     : sdk_row_form(w->mask, w->values, w->block_ptr, w->n, w->k, w->row_ptr, w->row_cols,
+                                    w->row_values);
+            if (!rc) w->derived_bytes += bytes;
+        } else {
+            const int64_t tiles = (w->n + SDK_TILE_ROWS - 1) / SDK_TILE_ROWS;
+            const int64_t counts = tiles * ((w->k + SDK_TILE_COLS - 1) / SDK_TILE_COLS) * SDK_TILE_ROWS;
+            const int64_t bytes = 8 * (tiles + 1) + counts + (nnz + SDK_COL_PAD) + 4 * (nnz + SDK_VALUE_PAD);
+            w->tile_ptr = zalloc64(8 * (tiles + 1));
+            w->tile_counts = zalloc64(counts);
+            w->tile_cols = zalloc64(nnz + SDK_COL_PAD);
+            w->tile_values = zalloc64(4 * (nnz + SDK_VALUE_PAD));
+            rc = !w->tile_ptr || !w->tile_counts || !w->tile_cols || !w->tile_values
+                     ? ERR_NOMEM
+                     : sdk_tile_form(w->mask, w->values, w->block_ptr, w->n, w->k, w->tile_ptr, w->tile_counts,
+                                     w->tile_cols, w->tile_values);
+            if (!rc) w->derived_bytes += bytes;
+        }
+        if (!rc) atomic_store_explicit(ready, 1, memory_order_release);
+    }
+    pthread_mutex_unlock(&w->lock);
+    return rc;
+}
+
+/* Whether every byte of every row mask has 4 bits set (format.four_of_eight), worked out at the first batch-1 call. */
+SDK_EXPORT int sdk_linear_four_of_eight(sdk_linear *w) {
+    int known = atomic_load_explicit(&w->four_of_eight, memory_order_relaxed);
+    if (known >= 0) return known;
+    const uint8_t *bytes = (const uint8_t *)w->mask;
+    const int64_t count = (w->n + SDK_ROWS - 1) / SDK_ROWS * ((w->k + 15) / 16) * SDK_ROWS * 2;
+    known = 1;
+    for (int64_t i = 0; i < count && known; i++) known = __builtin_popcount(bytes[i]) == 4;
+    atomic_store_explicit(&w->four_of_eight, known, memory_order_relaxed);
+    return known;
+}
+
+/* Bytes the bound weight holds in derived forms (the row and tile forms built so far). */
+SDK_EXPORT int64_t sdk_linear_derived_bytes(sdk_linear *w) {
+    pthread_mutex_lock(&w->lock);
+    const int64_t bytes = w->derived_bytes;
+    pthread_mutex_unlock(&w->lock);
+    return bytes;
+}
+
+/* The form a call of `b` rows runs in (FORM_BITMASK / FORM_ROWS / FORM_TILES) with this ISA (0 auto) and the CPU
+ * profile in use, or ERR_ISA. A prefill's short last call may run in another (sdk_linear_matmul). */
+SDK_EXPORT int sdk_linear_form(const sdk_linear *w, int64_t b, int isa) {
+    int threads = 1;
+    const int rc = prepare_call(&threads, &isa);
+    return rc ? rc : pick_form(b, w->density, w->k, isa, cpu_profile);
+}
+
+/* y[b, n] = x[b, k] @ W.T for a bound weight, in calls of as many rows as the form takes: form FORM_AUTO picks per
+ * call (pick_form; a prefill's short last call in the form its own size picks, the tile form's lanes would idle),
+ * another forces it (tests and benchmarks). isa and threads as sdk_matmul. 0, or ERR_ARGS / ERR_ISA / ERR_NOMEM. */
+SDK_EXPORT int sdk_linear_matmul(sdk_linear *w, const float *x, int64_t b, float *y, int threads, int isa, int form) {
+    if (!w || !x || !y || b < 1 || threads < 1 || form < FORM_AUTO || form > FORM_TILES) return ERR_ARGS;
+    int rc = prepare_call(&threads, &isa);
+    if (rc) return rc;
+    const int chosen = form ? form : pick_form(b, w->density, w->k, isa, cpu_profile);
+    const int64_t chunk = chosen == FORM_ROWS    ? SDK_ROWFORM_MAX_B
+                          : chosen == FORM_TILES ? SDK_TILE_LANES
+                                                 : SDK_MAX_BATCH_CHUNK;
+    for (int64_t b0 = 0; b0 < b && !rc; b0 += chunk) {
+        const int64_t bb = b - b0 < chunk ? b - b0 : chunk;
+        const float *xb = x + b0 * w->k;
+        float *yb = y + b0 * w->n;
+        const int part = bb == chunk || form || chosen != FORM_TILES ? chosen
+                                                                      : pick_form(bb, w->density, w->k, isa, cpu_profile);
+        if (part == FORM_ROWS) {
+            rc = linear_derive(w, 1);
+            if (!rc) rc = sdk_rows_matmul(xb, bb, w->k, w->row_ptr, w->row_cols, w->row_values, w->n, yb, threads, isa);
+        } else if (part == FORM_TILES) {
+            rc = linear_derive(w, 0);
+            if (!rc)
+                rc = sdk_tiles_matmul(xb, bb, w->k, w->tile_ptr, w->tile_counts, w->tile_cols, w->tile_values, w->n, yb,
+                                      threads, isa);
+        } else {
+            rc = bitmask_matmul(xb, bb, w->k, w->mask, w->values, w->block_ptr, w->n, yb, threads, isa,
+                                bb == 1 && sdk_linear_four_of_eight(w));
+        }
+    }
+    return rc;
 }
 
 /* ------------------------------------------------------------------------------------ between the linears */

@@ -12,8 +12,9 @@
 // checked by hash, or any ONNX Runtime package: ONNXRUNTIME_ROOT) with CMakeLists.txt beside it; it calls the same
 // C ABI as the Python binding (../sparse_cpu.c, compiled into this library). It links nothing of ONNX Runtime: the
 // API comes from the session that registers it, so one build serves any ONNX Runtime from the headers' version on.
-// Only the bitmask form runs here (sdk_matmul at every batch): the row and tile forms, which the Python runtime picks
-// per call, are not wired in. Tests: tests/kernels/test_ort_op.py.
+// Each SparseLinear node binds its weight once (sdk_linear_new): the library picks the form per call (bitmask, row or
+// tile form; sparse_cpu.c pick_form, the same rules the Python runtime's calls go by) and builds a derived form at
+// the first call that needs it. Tests: tests/kernels/test_ort_op.py.
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
@@ -29,15 +30,16 @@
 #include <vector>
 
 extern "C" {
-int sdk_matmul(const float *x, int64_t b, int64_t k, const uint16_t *mask, const float *values,
-               const int64_t *block_ptr, int64_t n, float *y, int threads, int isa);
+struct sdk_linear;
+sdk_linear *sdk_linear_new(const uint16_t *mask, const float *values, const int64_t *block_ptr, int64_t n, int64_t k);
+void sdk_linear_free(sdk_linear *w);
+int sdk_linear_matmul(sdk_linear *w, const float *x, int64_t b, float *y, int threads, int isa, int form);
 int sdk_int8_matmul(const float *x, int64_t b, int64_t k, const int8_t *q, const float *scales, int64_t n, float *y,
                     int threads, int isa);
 }
 
 namespace {
 
-constexpr int64_t kBatchChunk = 256;  // rows of x a kernel call (native.MAX_BATCH_CHUNK: bounds the kernel's copy of x)
 constexpr int64_t kInt8Block = 32, kInt8Rows = 4;  // scaled_int8.BLOCK, scaled_int8.ROWS
 
 struct OpError {
@@ -160,35 +162,43 @@ void check_blocks(const std::string &op, const uint16_t *mask, const int64_t *pt
 
 struct SparseLinearKernel {
     int threads = 1;
-    const int64_t *checked = nullptr;  // the block_ptr whose weight check_blocks passed
+    std::mutex lock;                   // guards the binding (ONNX Runtime may run a kernel from several threads)
+    const int64_t *bound_ptr = nullptr;  // the block_ptr `bound` was made for (its weight passed check_blocks)
+    std::unique_ptr<sdk_linear, void (*)(sdk_linear *)> bound{nullptr, sdk_linear_free};
+
+    // The bound weight for these inputs: checked and bound at the first call (and again if the arrays move).
+    sdk_linear *bind(const std::string &op, Ort::KernelContext &ctx, int64_t *n, int64_t *k) {
+        if (ctx.GetInputCount() != 6) fail(op, "expects 6 inputs (x, mask, values, block_ptr, negzero, shape)");
+        auto mask = ctx.GetInput(1), values = ctx.GetInput(2), block_ptr = ctx.GetInput(3);
+        weight_shape(op, ctx.GetInput(5), n, k);
+        const int64_t nb = (*n + 3) / 4, g = (*k + 15) / 16;
+        expect_count(op, "mask", mask, nb * g * 4);
+        expect_count(op, "block_ptr", block_ptr, nb + 1);
+        const int64_t *ptr = block_ptr.GetTensorData<int64_t>();
+        std::lock_guard<std::mutex> hold(lock);
+        if (ptr == bound_ptr) return bound.get();
+        const int64_t stored = static_cast<int64_t>(values.GetTensorTypeAndShapeInfo().GetElementCount());
+        check_blocks(op, mask.GetTensorData<uint16_t>(), ptr, nb, g);
+        if (ptr[nb] + 16 > stored)  // the format pads 16 floats after the stored values
+            fail(op, "block_ptr ends at " + std::to_string(ptr[nb]) + " but `values` holds " + std::to_string(stored) +
+                         " floats (stored + 16 padding)");
+        bound.reset(sdk_linear_new(mask.GetTensorData<uint16_t>(), values.GetTensorData<float>(), ptr, *n, *k));
+        if (!bound) fail(op, "could not bind the weight (out of memory)");
+        bound_ptr = ptr;
+        return bound.get();
+    }
+
     OrtStatusPtr ComputeV2(OrtKernelContext *raw) {
         return compute("SparseLinear", raw, [&](const std::string &op, Ort::KernelContext &ctx) {
-            if (ctx.GetInputCount() != 6) fail(op, "expects 6 inputs (x, mask, values, block_ptr, negzero, shape)");
-            auto x = ctx.GetInput(0), mask = ctx.GetInput(1), values = ctx.GetInput(2), block_ptr = ctx.GetInput(3);
             int64_t n = 0, k = 0;
-            weight_shape(op, ctx.GetInput(5), &n, &k);
-            const int64_t nb = (n + 3) / 4, g = (k + 15) / 16;
-            expect_count(op, "mask", mask, nb * g * 4);
-            expect_count(op, "block_ptr", block_ptr, nb + 1);
-            const int64_t *ptr = block_ptr.GetTensorData<int64_t>();
-            const int64_t stored = static_cast<int64_t>(values.GetTensorTypeAndShapeInfo().GetElementCount());
-            if (ptr != checked) {
-                check_blocks(op, mask.GetTensorData<uint16_t>(), ptr, nb, g);
-                if (ptr[nb] + 16 > stored)  // the format pads 16 floats after the stored values
-                    fail(op, "block_ptr ends at " + std::to_string(ptr[nb]) + " but `values` holds " +
-                                 std::to_string(stored) + " floats (stored + 16 padding)");
-                checked = ptr;
-            }
+            sdk_linear *w = bind(op, ctx, &n, &k);
+            auto x = ctx.GetInput(0);
             std::vector<int64_t> dims;
             const int64_t rows = rows_of(op, x, n, k, &dims);
             auto y = ctx.GetOutput(0, dims);
-            const float *xp = x.GetTensorData<float>();
-            float *yp = y.GetTensorMutableData<float>();
-            for (int64_t r0 = 0; r0 < rows; r0 += kBatchChunk) {
-                const int64_t b = rows - r0 < kBatchChunk ? rows - r0 : kBatchChunk;
-                check_rc(op, sdk_matmul(xp + r0 * k, b, k, mask.GetTensorData<uint16_t>(), values.GetTensorData<float>(),
-                                        ptr, n, yp + r0 * n, threads, 0));
-            }
+            if (rows == 0) return;
+            check_rc(op, sdk_linear_matmul(w, x.GetTensorData<float>(), rows, y.GetTensorMutableData<float>(), threads,
+                                           0, 0));
         });
     }
 };
