@@ -166,10 +166,13 @@ def generate_text(
 
     onnx_dir = Path(onnx_dir)
     decoder = OnnxDecoder.load(onnx_dir, threads=threads, last_logits=True, custom_op_library=custom_op_library)
-    sparse_cpu = isinstance(decoder.session, SegmentedSession) or (
-        custom_op_library is not None
-        and any(n.domain == DOMAIN for n in load_model_proto(decoder.path, load_external=False).graph.node)
-    )
+    sparse_cpu = isinstance(decoder.session, SegmentedSession)
+    if custom_op_library is not None:
+        kernel_nodes = getattr(decoder.session, "sparsedeploy_kernel_nodes", None)  # counted where the graph was read
+        if kernel_nodes is None:
+            graph = load_model_proto(decoder.path, load_external=False).graph
+            kernel_nodes = sum(n.domain == DOMAIN for n in graph.node)
+        sparse_cpu = kernel_nodes > 0
     if engine == "sparse-cpu" and not sparse_cpu:
         raise UserError(
             f"{decoder.path} has no SparseLinear nodes, so nothing would run in sparsedeploy's kernels: "

@@ -250,7 +250,8 @@ def session_from_path(
     position only, the graph edited in memory (onnx/last_logits.py; what generation reads); LastLogitsUnavailable
     when the graph's lm_head is not one it can cut. custom_op_library: sparsedeploy's ONNX Runtime custom-op library
     (scripts/build_ort_op.sh), registered in the session, so a sparse-cpu export runs whole in ONNX Runtime (its
-    kernels `threads` threads) instead of segmented."""
+    kernels `threads` threads) instead of segmented; where the graph was read (last_logits, sparse storage), the
+    session's ``sparsedeploy_kernel_nodes`` counts the nodes that run in the library."""
     import onnxruntime as ort
 
     from sparsedeploy.common.files import safe_external_data
@@ -314,6 +315,8 @@ def session_from_path(
         ) from None
     if maps:
         session.sparsedeploy_weight_maps = maps  # ONNX Runtime reads the weights from them: they live with the session
+    if whole and model is not None:  # the graph is in hand: how many of its nodes run in sparsedeploy's kernels
+        session.sparsedeploy_kernel_nodes = sum(n.domain == SPARSE_LINEAR_DOMAIN for n in model.graph.node)
     return session
 
 

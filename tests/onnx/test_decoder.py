@@ -8,6 +8,7 @@ from onnx_helpers import pruned_tiny_checkpoint
 
 from sparsedeploy.common.errors import UserError
 from sparsedeploy.export.run import ExportConfig, export_checkpoint
+from sparsedeploy.onnx import storage
 from sparsedeploy.onnx.decoder import OnnxDecoder, generate_text
 
 
@@ -41,11 +42,17 @@ def test_generate_text(exports):
         generate_text(root / "past", "x", max_new_tokens=0)
 
 
-def test_generate_text_runs_a_sparse_cpu_export_whole_with_the_custom_op_library(sparse_cpu_export, ort_op_library):
+def test_generate_text_runs_a_sparse_cpu_export_whole_with_the_custom_op_library(
+    sparse_cpu_export, ort_op_library, monkeypatch
+):
     _, out, _ = sparse_cpu_export
+    reads = []
+    real = storage.load_model_proto
+    monkeypatch.setattr(storage, "load_model_proto", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
     whole = generate_text(
         out, "The capital of France is", max_new_tokens=8, threads=1, custom_op_library=ort_op_library
     )
+    assert len(reads) == 1  # the graph is read once: the session counts its kernel nodes
     segmented = generate_text(out, "The capital of France is", max_new_tokens=8, threads=1, engine="sparse-cpu")
     assert whole["engine"] == "sparse-cpu" and whole["custom_op_library"] == str(ort_op_library)
     assert whole["tokens"] == segmented["tokens"] and segmented["custom_op_library"] is None
