@@ -250,7 +250,7 @@ def session_from_path(
     position only, the graph edited in memory (onnx/last_logits.py; what generation reads); LastLogitsUnavailable
     when the graph's lm_head is not one it can cut. custom_op_library: sparsedeploy's ONNX Runtime custom-op library
     (scripts/build_ort_op.sh), registered in the session, so a sparse-cpu export runs whole in ONNX Runtime (its
-    kernels `threads` threads) instead of segmented; where the graph was read (last_logits, sparse storage), the
+    kernels on `threads` threads, ONNX Runtime's own nodes on one, as in the segmented session) instead of segmented; where the graph was read (last_logits, sparse storage), the
     session's ``sparsedeploy_kernel_nodes`` counts the nodes that run in the library."""
     import onnxruntime as ort
 
@@ -270,6 +270,9 @@ def session_from_path(
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
     if custom_op_library is not None:
+        # ONNX Runtime's own nodes on one thread, the kernels on `threads`: two pools would spin against each other
+        # (2 threads, smollm2 W70 decode: 0.94x dense with ONNX Runtime on 2 threads too, 1.75x so; docs/sparse_cpu.md)
+        options.intra_op_num_threads = 1
         register_op_library(options, custom_op_library, threads)
     whole = custom_op_library is not None  # kernel nodes run inside ONNX Runtime: no segmenting
     providers = providers or ["CPUExecutionProvider"]

@@ -121,3 +121,11 @@ def test_a_sparse_cpu_export_runs_whole_with_the_custom_op_library(sparse_cpu_ex
         feeds[i.name] = np.ones(dims, np.int64) if "int64" in i.type else np.zeros(dims, np.float32)
     for a, b in zip(whole.run(None, feeds), segmented.run(None, feeds), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_whole_session_runs_onnx_runtimes_nodes_on_one_thread(sparse_cpu_export, ort_op_library):
+    """The kernels take the threads; ONNX Runtime's pool would spin against them (as in the segmented session)."""
+    _, out, _ = sparse_cpu_export
+    for threads in (2, None):
+        whole = session_from_path(out, threads=threads, custom_op_library=ort_op_library)
+        assert whole.get_session_options().intra_op_num_threads == 1
