@@ -250,8 +250,9 @@ def session_from_path(
     position only, the graph edited in memory (onnx/last_logits.py; what generation reads); LastLogitsUnavailable
     when the graph's lm_head is not one it can cut. custom_op_library: sparsedeploy's ONNX Runtime custom-op library
     (scripts/build_ort_op.sh), registered in the session, so a sparse-cpu export runs whole in ONNX Runtime (its
-    kernels on `threads` threads, ONNX Runtime's own nodes on one, as in the segmented session) instead of segmented; where the graph was read (last_logits, sparse storage), the
-    session's ``sparsedeploy_kernel_nodes`` counts the nodes that run in the library."""
+    kernels on `threads` threads, ONNX Runtime's own nodes on one, as in the segmented session) instead of
+    segmented; where the graph was read (last_logits, sparse storage), the session's ``sparsedeploy_kernel_nodes``
+    counts the nodes that run in the library."""
     import onnxruntime as ort
 
     from sparsedeploy.common.files import safe_external_data
