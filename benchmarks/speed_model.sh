@@ -14,7 +14,7 @@
 #   sparsecpu1b the speed-only LLaMA-1B-like model, magnitude 70%: --target sparse-cpu against the dense export in
 #             ONNX Runtime, batch 1, prompt 64 + 64 new tokens, 1 and 2 threads (issue 17's 1B-like row). ~12 GB of RAM.
 #             Also its 2:4 prune on 1 thread.
-#   ortop     sparsecpu's and sparsecpu1b's 70 % rows, 1 thread, with a third variant: the sparse-cpu export run whole in
+#   ortop     sparsecpu's and sparsecpu1b's 70 % rows, 1 and 2 threads, with a third variant: the sparse-cpu export run whole in
 #             one ONNX Runtime session with sparsedeploy's custom-op library (scripts/build_ort_op.sh; bench
 #             --ort-op-library). Needs the two exports (run sparsecpu and sparsecpu1b first).
 #   bench --engine ort / sparse-cpu computes the prefill's logits for the last position only in both models (as the
@@ -22,7 +22,7 @@
 #   [SPEED_MODEL_OUT=DIR] bash benchmarks/speed_model.sh [WORK_DIR] [smollm2|llama1b|sparsecpu|deepsparse70|sparsecpu1b|ortop|all]
 #     -> benchmarks/results/speed_model/{ort,deepsparse}_{wanda50,wanda24,llama1b_mag70,llama1b_mag24}/,
 #        sparse_cpu_wanda70_t{1,2}/, deepsparse_wanda70_t1/, sparse_cpu_llama1b_mag70_t1/,
-#        sparse_cpu_ort_op_{wanda70,llama1b_mag70}_t1/
+#        sparse_cpu_ort_op_{wanda70,llama1b_mag70}_t{1,2}/
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="${1:-/tmp/sparsedeploy-speed-model}"
@@ -128,10 +128,12 @@ fi
 
 if [[ "$part" == ortop || "$part" == all ]]; then
   lib="$(bash "$here/scripts/build_ort_op.sh" "$work/ort_op")"
-  OMP_NUM_THREADS=1 "${sd[@]}" bench --engine sparse-cpu --model "$work/wanda70_sc" --baseline "$work/dense_onnx" --batch 1 \
-    --prompt-len 64 --gen-len 64 --threads 1 --rounds 5 --ort-op-library "$lib" -o "$out/sparse_cpu_ort_op_wanda70_t1" \
-    --overwrite
-  OMP_NUM_THREADS=1 "${sd[@]}" bench --engine sparse-cpu --model "$work/llama1b/mag70_sc" --baseline "$work/llama1b/dense_onnx" \
-    --batch 1 --prompt-len 64 --gen-len 64 --threads 1 --rounds 3 --ort-op-library "$lib" \
-    -o "$out/sparse_cpu_ort_op_llama1b_mag70_t1" --overwrite
+  for t in 1 2; do
+    OMP_NUM_THREADS=$t "${sd[@]}" bench --engine sparse-cpu --model "$work/wanda70_sc" --baseline "$work/dense_onnx" --batch 1 \
+      --prompt-len 64 --gen-len 64 --threads "$t" --rounds 5 --ort-op-library "$lib" -o "$out/sparse_cpu_ort_op_wanda70_t$t" \
+      --overwrite
+    OMP_NUM_THREADS=$t "${sd[@]}" bench --engine sparse-cpu --model "$work/llama1b/mag70_sc" \
+      --baseline "$work/llama1b/dense_onnx" --batch 1 --prompt-len 64 --gen-len 64 --threads "$t" --rounds 3 \
+      --ort-op-library "$lib" -o "$out/sparse_cpu_ort_op_llama1b_mag70_t$t" --overwrite
+  done
 fi
