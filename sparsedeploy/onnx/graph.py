@@ -8,6 +8,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# A dense weight this large (a dense lm_head: 262 MB in the 1B-like model) makes its MatMul a memory-bound GEMV worth
+# ONNX Runtime's threads, where everything else ONNX Runtime runs beside sparsedeploy's kernels takes one.
+LARGE_DENSE_WEIGHT_BYTES = 16 << 20
+
+
+def multiplies_large_dense_weight(nodes, initializers) -> bool:
+    """Whether a MatMul / Gemm among `nodes` reads one of `initializers` (TensorProtos; external data too) directly
+    that holds more than LARGE_DENSE_WEIGHT_BYTES."""
+    from sparsedeploy.onnx.dtypes import tensor_bytes
+
+    large = {t.name for t in initializers if tensor_bytes(t) > LARGE_DENSE_WEIGHT_BYTES}
+    return bool(large) and any(n.op_type in ("MatMul", "Gemm") and large.intersection(n.input) for n in nodes)
+
+
 # ---------------------------------------------------------------- locating weights in the graph
 
 

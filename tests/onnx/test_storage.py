@@ -129,3 +129,34 @@ def test_the_whole_session_runs_onnx_runtimes_nodes_on_one_thread(sparse_cpu_exp
     for threads in (2, None):
         whole = session_from_path(out, threads=threads, custom_op_library=ort_op_library)
         assert whole.get_session_options().intra_op_num_threads == 1
+
+
+def test_onnx_runtime_takes_the_threads_back_only_for_a_large_dense_matmul():
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from sparsedeploy.onnx.graph import LARGE_DENSE_WEIGHT_BYTES
+    from sparsedeploy.onnx.storage import ort_threads_beside_kernels
+
+    rows = LARGE_DENSE_WEIGHT_BYTES // (4 * 64) + 1  # a [rows, 64] float weight just over the limit, dims only
+    weight = onnx.TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[rows, 64])  # no data: only dims are read
+
+    def model(op):
+        nodes = [helper.make_node(op, ["x", "w"], ["y"])]
+        graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        graph.initializer.append(weight)
+        return helper.make_model(graph)
+
+    for m, threads, want, spin in (
+        (model("MatMul"), 2, 2, "0"),
+        (model("MatMul"), None, 0, "0"),  # 0: ONNX Runtime's default
+        (model("MatMul"), 1, 1, None),
+        (model("Gather"), 2, 1, None),  # an embedding this large is only gathered from
+        (None, 2, 1, None),  # the graph not read
+    ):
+        options = ort.SessionOptions()
+        ort_threads_beside_kernels(options, m, threads)
+        assert options.intra_op_num_threads == want
+        if spin:
+            assert options.get_session_config_entry("session.intra_op.allow_spinning") == spin
