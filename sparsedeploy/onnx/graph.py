@@ -1,5 +1,6 @@
 """Tracing an ONNX graph: where each MatMul/Gemm weight comes from (through Identity/Cast/Transpose chains,
-Gemm/FusedMatMul ``transB``) as a [K, N] matrix, and its N:M layout along K."""
+Gemm/FusedMatMul ``transB``) as a [K, N] matrix, and its N:M layout along K; and whether its nodes multiply by a
+large dense weight (how many threads ONNX Runtime gets beside sparsedeploy's kernels)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,20 @@ def multiplies_large_dense_weight(nodes, initializers) -> bool:
 
     large = {t.name for t in initializers if tensor_bytes(t) > LARGE_DENSE_WEIGHT_BYTES}
     return bool(large) and any(n.op_type in ("MatMul", "Gemm") and large.intersection(n.input) for n in nodes)
+
+
+def ort_threads_beside_kernels(options, nodes, initializers, threads: int | None) -> None:
+    """ONNX Runtime's intra-op threads for `nodes` (a whole graph, or a segmented session's segment) run beside
+    sparsedeploy's kernels (on `threads`): one, since its pool would spin against the kernels' (2 threads, smollm2
+    W70 decode: 0.94x dense with ONNX Runtime on 2 threads too, 1.75x on one; docs/sparse_cpu.md), unless they
+    multiply by a large dense weight among `initializers` (a dense lm_head's memory-bound GEMV): then `threads`
+    (None: ONNX Runtime's default), its pool not spinning (1B-like, 2 threads: a decode step 59.9 ms against
+    66.3 ms with one whole, 57.4 against 61.0 ms segmented)."""
+    if threads != 1 and multiplies_large_dense_weight(nodes, initializers):
+        options.intra_op_num_threads = threads or 0
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    else:
+        options.intra_op_num_threads = 1
 
 
 # ---------------------------------------------------------------- locating weights in the graph

@@ -22,7 +22,7 @@ from sparsedeploy.common.errors import UserError
 from sparsedeploy.kernels import native
 from sparsedeploy.onnx.dtypes import ort_type_name, tensor_bytes
 from sparsedeploy.onnx.fused_segment import INLINE_BYTES, FusedSegment, Unsupported
-from sparsedeploy.onnx.graph import multiplies_large_dense_weight
+from sparsedeploy.onnx.graph import ort_threads_beside_kernels
 from sparsedeploy.onnx.int8_nodes import GATHER_OP as INT8_GATHER
 from sparsedeploy.onnx.int8_nodes import int8_nodes, is_int8_node
 from sparsedeploy.onnx.last_logits import LOGITS, cut_to_last_position
@@ -263,11 +263,9 @@ class SegmentedSession:
         # The segments between kernels are small (norms, rotary, attention on a few rows): one thread each. A pool per
         # segment would wake (or spin) a worker on every call: 121 pools made 2-thread decode slower than 1-thread.
         # Except a segment that multiplies by a large dense weight (a dense lm_head: 262 MB in the 1B-like model, a
-        # GEMV bound by memory): it gets the session's threads, its pool not spinning (its workers would spin
-        # against the kernels' threads).
-        options.intra_op_num_threads = self.threads if multiplies_large_dense_weight(segment.nodes, big) else 1
-        if options.intra_op_num_threads > 1:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # GEMV bound by memory): it gets the session's threads, its pool not spinning (the same rule as a whole graph's
+        # beside the kernels).
+        ort_threads_beside_kernels(options, segment.nodes, big, self.threads)
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         if self.optimization_level is not None:

@@ -271,7 +271,6 @@ def session_from_path(
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
     if custom_op_library is not None:
-        ort_threads_beside_kernels(options, None, threads)  # the graph, where it is read below, may change it
         register_op_library(options, custom_op_library, threads)
     whole = custom_op_library is not None  # kernel nodes run inside ONNX Runtime: no segmenting
     providers = providers or ["CPUExecutionProvider"]
@@ -291,8 +290,13 @@ def session_from_path(
         safe_external_data(file)  # onnxruntime would read any `location` the file names
     if not whole and model is not None and any(n.domain == SPARSE_LINEAR_DOMAIN for n in model.graph.node):
         return _segmented_session(file, model if complete else None, threads, options, last_logits)
-    if whole and model is not None:
-        ort_threads_beside_kernels(options, model, threads)
+    if whole:  # the graph, where it was read, may give ONNX Runtime the threads
+        from sparsedeploy.onnx.graph import ort_threads_beside_kernels
+
+        read = model is not None
+        ort_threads_beside_kernels(
+            options, model.graph.node if read else [], model.graph.initializer if read else [], threads
+        )
     maps = []
     if last_logits:
         cut_to_last_position(model, str(file), whole_graph=whole)
@@ -322,21 +326,6 @@ def session_from_path(
     if whole and model is not None:  # the graph is in hand: how many of its nodes run in sparsedeploy's kernels
         session.sparsedeploy_kernel_nodes = sum(n.domain == SPARSE_LINEAR_DOMAIN for n in model.graph.node)
     return session
-
-
-def ort_threads_beside_kernels(options, model, threads: int | None) -> None:
-    """ONNX Runtime's intra-op threads in a session whose kernel nodes run in sparsedeploy's library (on `threads`):
-    one, since its pool would spin against the kernels' (2 threads, smollm2 W70 decode: 0.94x dense with ONNX
-    Runtime on 2 threads too, 1.75x on one; docs/sparse_cpu.md), unless `model` (None: not known) multiplies by a
-    large dense weight (a dense lm_head's memory-bound GEMV): then `threads` (None: ONNX Runtime's default), its
-    pool not spinning (1B-like, 2 threads: a decode step 59.9 ms against 66.3 ms with one)."""
-    from sparsedeploy.onnx.graph import multiplies_large_dense_weight
-
-    if threads != 1 and model is not None and multiplies_large_dense_weight(model.graph.node, model.graph.initializer):
-        options.intra_op_num_threads = threads or 0
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    else:
-        options.intra_op_num_threads = 1
 
 
 def register_op_library(options, library: Path | str, threads: int | None) -> None:

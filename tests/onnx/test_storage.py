@@ -136,8 +136,7 @@ def test_onnx_runtime_takes_the_threads_back_only_for_a_large_dense_matmul():
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from sparsedeploy.onnx.graph import LARGE_DENSE_WEIGHT_BYTES
-    from sparsedeploy.onnx.storage import ort_threads_beside_kernels
+    from sparsedeploy.onnx.graph import LARGE_DENSE_WEIGHT_BYTES, ort_threads_beside_kernels
 
     rows = LARGE_DENSE_WEIGHT_BYTES // (4 * 64) + 1  # a [rows, 64] float weight just over the limit, dims only
     weight = onnx.TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[rows, 64])  # no data: only dims are read
@@ -156,7 +155,7 @@ def test_onnx_runtime_takes_the_threads_back_only_for_a_large_dense_matmul():
         (None, 2, 1, None),  # the graph not read
     ):
         options = ort.SessionOptions()
-        ort_threads_beside_kernels(options, m, threads)
+        ort_threads_beside_kernels(options, m.graph.node if m else [], m.graph.initializer if m else [], threads)
         assert options.intra_op_num_threads == want
         if spin:
             assert options.get_session_config_entry("session.intra_op.allow_spinning") == spin
