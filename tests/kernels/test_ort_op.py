@@ -86,7 +86,9 @@ def test_each_call_runs_in_the_form_the_python_runtime_picks(ort_op_library, spa
         (y,) = sess.run(None, {"x": x})
         assert np.array_equal(y, bound(x)), (b, bound.form_for(b))
         forms.add(bound.form_for(b))
-    assert len(forms) >= 2  # e.g. on Zen 4 / AVX-512: all three at 50 and 70 %, bitmask and rows at 90 %
+    # several forms at 50 and 70 % on every x86 path (Zen 4 / AVX-512: all three, and bitmask and rows at 90 %); at
+    # 90 % the 256-bit path takes the row form at every one of these batches (Zen 3)
+    assert len(forms) >= 2 or (sparsity == 0.9 and native.best_isa() != "avx512")
 
 
 def int8_weight(n, k, seed):
