@@ -613,8 +613,8 @@ __attribute__((target("avx2,fma,popcnt"))) static void gemv48_avx2(const job_t *
  * row's values, NaN or inf, weigh nothing). One table row serves both (gather8_table): a table load, a permute, a
  * load, a blend and an FMA per 8 columns; two accumulators a row (low and high byte). The zero the blend keeps is
  * held in a register (IN_REGISTER) so GCC emits vblendvps, not a compare and an and. Zen 3 (family 25 model 1), one
- * thread, a standalone loop A/B in one process, cold 2048 x 2048: 3.9-5.1 cycles (at the 2.45 GHz reported) a row's
- * 16-column group at 70-80 %, the expand loop 6.3-7.0. A masked load (vmaskmovps) instead of the blend measured the
+ * thread, a standalone loop A/B in one process, 2048 x 2048: 3.7-5.1 cycles (at the 2.45 GHz reported) a row's
+ * 16-column group at 70-80 %, the expand loop 6.3-8.6. A masked load (vmaskmovps) instead of the blend measured the
  * same on random masks but ~4x slower cold where every byte holds exactly 4-6 stored elements (docs/sparse_cpu.md). */
 #define GATHER8_FMA(acc, xv, byte)                                                                           \
     do {                                                                                                     \
