@@ -368,8 +368,8 @@ static int32_t quad_lo[256][4] __attribute__((aligned(16))), quad_hi[256][4] __a
  * lane (16 + its element's place in the packed values when stored, 0 (a zero register's lane) when not); lanes
  * 8-15 popcount(m), the offset of the high byte's elements. Lanes 0-7 of the high byte's row serve as its indices. */
 static int32_t expand_table[256][16] __attribute__((aligned(64)));
-/* gather8_table[m][i], i < popcount(m): 0x80 | the lane of m's i-th set bit (sign-extended to int32: the sign bit a
- * masked load's "read this lane", the low 3 bits vpermps's source lane); 0 past the count (lane not read). */
+/* gather8_table[m][i], i < popcount(m): 0x80 | the lane of m's i-th set bit (sign-extended to int32: the sign bit
+ * the blend's "keep this lane", the low 3 bits vpermps's source lane); 0 past the count (the lane blended to zero). */
 static int8_t gather8_table[256][8] __attribute__((aligned(64)));
 static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
 
@@ -572,7 +572,9 @@ DEF_GEMV(gemv_avx2, "avx2,fma,popcnt", __m256, _mm256, hsum256, GROUP_AVX2)
  * gathered to the 8 stored positions (the index: two 4-lane table rows) and multiplied by the 8 values as they are:
  * one FMA a row's group. AVX-512VL gathers with one two-source permute, AVX2 with two vpermps and a blend. Zen 4, one
  * thread, cold, 2:4: 1.64-1.74x of ORT dense at 2048 x 5632 and 2048 x 2048 (AVX2 1.64-1.67x) against the expand-load
- * GEMV's 1.39-1.42x, 1.35x (AVX2 1.15x) against 0.94x at 5632 x 2048. */
+ * GEMV's 1.39-1.42x, 1.35x (AVX2 1.15x) against 0.94x at 5632 x 2048. A group step reads exactly 128 bytes of values,
+ * so one prefetch a step lands on every other line; the AMD profile fetches both (Zen 3, AVX2, cold, 1 thread: 2:4
+ * 1.67-1.76x of ORT dense against 1.00-1.18x with one). */
 #define QUAD_INDEX(m)                                                                                        \
     _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_load_si128((const __m128i *)quad_lo[(m) & 0xff])),     \
                             _mm_load_si128((const __m128i *)quad_hi[(m) >> 8]), 1)
