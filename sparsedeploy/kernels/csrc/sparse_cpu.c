@@ -380,16 +380,13 @@ static void init_tables(void) {
             if (m >> i & 1) {
                 perm_table[m][i] = (int32_t)(0x80000000u | (uint32_t)c);
                 comp_table[m][c] = i;
+                gather8_table[m][c] = (int8_t)(0x80 | i);
                 c++;
             } else {
                 perm_table[m][i] = 0;
             }
         }
-        for (; c < 8; c++) comp_table[m][c] = 0;
-        c = 0;
-        for (int i = 0; i < 8; i++)
-            if (m >> i & 1) gather8_table[m][c++] = (int8_t)(0x80 | i);
-        for (; c < 8; c++) gather8_table[m][c] = 0;
+        for (; c < 8; c++) comp_table[m][c] = gather8_table[m][c] = 0;
         for (c = 0; c < 4; c++) quad_lo[m][c] = quad_hi[m][c] = 0;
         c = 0;
         for (int i = 0; i < 8 && c < 4; i++)
