@@ -109,6 +109,18 @@ def test_row_form_matches_dense_reference(name, batch, threads, isa):
     check(x, w, matmul(x, pack(w), threads=threads, isa=isa, form="rows"))
 
 
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_batch_1_row_form_with_every_row_length_on_each_cpu_profile(isa, profile):
+    """Row r of a 2048-column weight stores r elements (0-47): batch 1's loops by 16 and by 8 and the single tail,
+    on each CPU profile (AVX2 on the AMD profile has its own loop, rows_gemv_avx2), columns spread over all of K."""
+    rng = np.random.default_rng(5)
+    w = np.zeros((48, 2048), dtype=np.float32)
+    for r in range(48):
+        w[r, rng.choice(2048, size=r, replace=False)] = rng.standard_normal(r)
+    x = rng.standard_normal((1, 2048)).astype(np.float32)
+    check(x, w, matmul(x, pack(w), threads=1, isa=isa, form="rows"))
+
 def csr_reference(w):
     """The row form by definition: each row's stored elements (not +-0.0) in column order."""
     stored = (w.view(np.uint32) & np.uint32(0x7FFFFFFF)) != 0
@@ -374,6 +386,9 @@ def test_the_row_form_is_picked_more_with_sparsity_and_batch():
     # the batch-1 GEMV the "intel" profile runs on AVX-512 (expand-load) holds out longer than the 256-bit one
     assert not takes_rows(1, 0.15, "avx512", "intel") and takes_rows(1, 0.15, "avx512", "amd")
     assert takes_rows(1, 0.15, "avx2", "intel") == takes_rows(1, 0.15, "avx512", "amd")
+    # AVX2 on the "amd" profile: the row form's insertps loop takes batch 1 from 75 % (the gather GEMV up to 70 %)
+    assert takes_rows(1, 0.25, "avx2", "amd") and not takes_rows(1, 0.3, "avx2", "amd")
+    assert not takes_rows(1, 0.25, "avx2", "intel") and not takes_rows(1, 0.25, "avx512", "amd")
     # batches 2-8 have one rule on both profiles, but the "amd" profile runs 5-8 over 12 % stored in the tile form
     for isa in ("avx512", "avx2"):
         for b in range(2, 9):

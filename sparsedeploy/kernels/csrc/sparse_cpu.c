@@ -922,6 +922,48 @@ static const int32_t tail_mask[8][8] __attribute__((aligned(32))) = {
 __attribute__((target("avx2,fma,popcnt"))) static void rows_gemv_fma(const job_t *j, int64_t r0, int64_t r1) {
     ROWS_GEMV_BODY;
 }
+/* Batch 1, AVX2 on the AMD profile: 8 stored elements a vector FMA against their values, the 8 x values put in place
+ * with insertps from the columns read 4 at a time as one 64-bit word (shifts, not loads): 1.4 loads an element
+ * against the scalar loop's 3 (column, x, value). Zen 3, one thread, 20000-60000 rows x 2048 at density 0.1-0.2 (a C
+ * loop of each alone): 1.04-1.07 against 1.24-1.30 TSC cycles an element (docs/sparse_cpu.md). */
+#define X4_AVX2(c) /* x at the 4 columns packed in the uint64 c */                                          \
+    _mm_insert_ps(_mm_insert_ps(_mm_insert_ps(_mm_load_ss(x + ((c) & 0xffff)),                               \
+                                              _mm_load_ss(x + (((c) >> 16) & 0xffff)), 0x10),               \
+                                _mm_load_ss(x + (((c) >> 32) & 0xffff)), 0x20),                              \
+                  _mm_load_ss(x + ((c) >> 48)), 0x30)
+#define X8_AVX2(p) /* x at the 8 columns p[0..7] */                                                         \
+    ({                                                                                                       \
+        uint64_t c_lo_, c_hi_;                                                                               \
+        memcpy(&c_lo_, (p), 8);                                                                              \
+        memcpy(&c_hi_, (p) + 4, 8);                                                                          \
+        _mm256_insertf128_ps(_mm256_castps128_ps256(X4_AVX2(c_lo_)), X4_AVX2(c_hi_), 1);                     \
+    })
+__attribute__((target("avx2,fma,popcnt"))) static void rows_gemv_avx2(const job_t *j, int64_t r0, int64_t r1) {
+    const float *vals = j->values, *x = j->x;
+    const uint16_t *cols = j->cols;
+    for (int64_t r = r0; r < r1; r++) {
+        int64_t e = j->row_ptr[r];
+        const int64_t e1 = j->row_ptr[r + 1];
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (; e + 16 <= e1; e += 16) {
+            prefetch_stream(vals + e, SDK_PREFETCH_VALUE_BYTES);
+            prefetch_stream(cols + e, SDK_PREFETCH_VALUE_BYTES / 2);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + e), X8_AVX2(cols + e), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + e + 8), X8_AVX2(cols + e + 8), a1);
+        }
+        if (e + 8 <= e1) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + e), X8_AVX2(cols + e), a0);
+            e += 8;
+        }
+        a0 = _mm256_add_ps(a0, a1);
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        float t = _mm_cvtss_f32(s);
+        for (; e < e1; e++) t += vals[e] * x[cols[e]];
+        j->y[r] = t;
+    }
+}
 /* AVX2: bp = the batch rounded up to 8, T = bp / 8 vectors (16 registers: 4 accumulator sets up to T = 2). */
 __attribute__((target("avx2,fma,popcnt"))) static void rows_avx2(const job_t *j, int64_t r0, int64_t r1) {
     switch (j->bp / 8) {
@@ -1194,6 +1236,7 @@ static void run_part(const job_t *j, int chunk) {
     }
     if (j->row_ptr) {
 #if SDK_X86
+        if (j->bp == 1 && j->isa == ISA_AVX2 && cpu_profile == PROFILE_AMD) { rows_gemv_avx2(j, b0, b1); return; }
         if (j->bp == 1 && (j->isa == ISA_AVX512 || j->isa == ISA_AVX2)) { rows_gemv_fma(j, b0, b1); return; }
         if (j->isa == ISA_AVX512) { rows_avx512(j, b0, b1); return; }
         if (j->isa == ISA_AVX512 || j->isa == ISA_AVX2) { rows_avx2(j, b0, b1); return; }
@@ -1600,6 +1643,10 @@ enum { FORM_AUTO = 0, FORM_BITMASK = 1, FORM_ROWS = 2, FORM_TILES = 3 };
  * (density 0.2) the tile form measured 1.1-1.15x faster than the row form, at 85 % a tie, at 90 % the row form ahead
  * (Emerald Rapids, one thread, 5632 x 2048, batch 128, AVX-512 and AVX2; docs/sparse_cpu.md). */
 #define SDK_PREFILL_ROWS_MAX_DENSITY 0.15
+/* Batch 1 on AVX2, AMD profile: the row form's insertps loop (rows_gemv_avx2) against the gather GEMV, Zen 3, one
+ * thread, cold 1B-like shapes: behind at 70 % (1.45-1.64x of ORT dense against 1.72-2.21x), ahead from 75 % (1.78-2.83x
+ * against 1.64-2.31x; 80 %: 2.11-2.42x against 1.65-1.93x). */
+#define SDK_ROWS_B1_AVX2_AMD_MAX_DENSITY 0.26
 #define SDK_DENSITY_80 0.21 /* "80 %" as a density limit: pruned per row, 80 % keeps round(0.2 K), a hair over 0.2 */
 /* The "amd" profile at batches 5-8, density above SDK_SMALL_TILE_MIN_DENSITY: the tile form with 8 lanes, ahead of
  * both the row and the expand form there (Zen 4, one thread, cold 1B-like shapes, batch 8, ratio to ORT dense:
@@ -1615,7 +1662,8 @@ enum { FORM_AUTO = 0, FORM_BITMASK = 1, FORM_ROWS = 2, FORM_TILES = 3 };
  * Rapids, one thread, 5632 x 2048, both forms alternately in one process (docs/sparse_cpu.md):
  *   batch 1: from density ~0.1 on the AVX-512 expand-load GEMV (the Intel profile; at 90 %, 24 cold copies, the row
  *     form ran 4.0-4.1x of ORT dense, the expand-load GEMV 2.8-3.3x), ~0.2 on the 256-bit GEMV (AVX2) and the
- *     compress GEMV (AVX-512 on the AMD profile; Zen 4, 80 %: the row form 1.92-2.32x, it 1.82-2.07x);
+ *     compress GEMV (AVX-512 on the AMD profile; Zen 4, 80 %: the row form 1.92-2.32x, it 1.82-2.07x), ~0.25 on
+ *     the gather GEMV (AVX2 on the AMD profile, against the row form's insertps loop: SDK_ROWS_B1_AVX2_AMD_MAX_DENSITY);
  *   batch 2-8 (the expand form): from ~0.06 at batch 2 to ~0.25-0.3 at batch 8 on AVX-512 (density <= b / 32), from
  *     ~0.15 to ~0.45 on AVX2 ((b + 1) / 20), whose expand costs more (the AMD profile asks the 8-lane tile form
  *     first for 5-8: pick_form);
@@ -1627,6 +1675,7 @@ static int row_form_pays(int64_t b, double density, int isa, int profile) {
     if (b < 1) return 0;
     if (b > SDK_ROWFORM_MAX_B) return density <= SDK_PREFILL_ROWS_MAX_DENSITY;
     if (isa == ISA_PORTABLE || b > SDK_EXPAND_MAX_B) return 1;
+    if (b == 1 && isa == ISA_AVX2 && profile == PROFILE_AMD) return density <= SDK_ROWS_B1_AVX2_AMD_MAX_DENSITY;
     if (b == 1) return density <= (isa == ISA_AVX512 && profile == PROFILE_INTEL ? 0.12 : SDK_DENSITY_80);
     return density <= (isa == ISA_AVX512 ? (double)b / 32 : (double)(b + 1) / 20);
 }
