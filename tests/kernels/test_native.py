@@ -109,7 +109,6 @@ def test_row_form_matches_dense_reference(name, batch, threads, isa):
     check(x, w, matmul(x, pack(w), threads=threads, isa=isa, form="rows"))
 
 
-
 @pytest.mark.parametrize("isa", ISAS)
 def test_batch_1_row_form_with_every_row_length_on_each_cpu_profile(isa, profile):
     """Row r of a 2048-column weight stores r elements (0-47): batch 1's loops by 16 and by 8 and the single tail,
@@ -120,6 +119,7 @@ def test_batch_1_row_form_with_every_row_length_on_each_cpu_profile(isa, profile
         w[r, rng.choice(2048, size=r, replace=False)] = rng.standard_normal(r)
     x = rng.standard_normal((1, 2048)).astype(np.float32)
     check(x, w, matmul(x, pack(w), threads=1, isa=isa, form="rows"))
+
 
 def csr_reference(w):
     """The row form by definition: each row's stored elements (not +-0.0) in column order."""
