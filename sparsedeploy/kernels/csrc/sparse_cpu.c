@@ -850,13 +850,46 @@ static const int32_t tail_mask[8][8] __attribute__((aligned(32))) = {
     {-1, -1, -1, -1, -1, -1, -1}};
 #define TAIL_W_AVX2(p, c) _mm256_and_ps(_mm256_loadu_ps(p), _mm256_load_ps((const float *)tail_mask[c]))
 #define TAIL_W_AVX512(p, c) _mm256_maskz_loadu_ps((__mmask8)((1u << (c)) - 1), p)
+/* One group of an 8-lane loop: the 8 values at p (`left` of them the row's, 1-7 in its last group: TAIL_W zeroes the
+ * rest). AVX-512 (STEP_PERM): one vector load, each value broadcast by vpermps (LANES8_GROUP). AVX2 (STEP_INLANE):
+ * the values 4 at a time into both 128-bit halves (vbroadcastf128, a load), each broadcast by an in-lane vpermilps:
+ * Zen 3 runs vpermps at about one per 1.45 TSC cycles, and the loop (L1-resident, random columns) at 1.45 cycles an
+ * element with it against 0.75-1.0 with vpermilps (docs/sparse_cpu.md). */
+#define LANES8_STEP_PERM(TAIL_W, p, left)                                                                    \
+    do {                                                                                                     \
+        const __m256 w = (left) >= 8 ? _mm256_loadu_ps(p) : TAIL_W(p, (int)(left));                          \
+        LANES8_GROUP(w);                                                                                     \
+    } while (0)
+#define LANES8_FMA_INLANE(w, s, u, a)                                                                        \
+    _mm256_fmadd_ps(_mm256_permute_ps(w, s), _mm256_load_ps((const float *)(xb + ((size_t)ce[u] << 5))), a)
+#define LANES8_STEP_INLANE(TAIL_W, p, left)                                                                  \
+    do {                                                                                                     \
+        __m256 wl, wh;                                                                                       \
+        if ((left) >= 8) {                                                                                   \
+            wl = _mm256_broadcast_ps((const __m128 *)(p));                                                   \
+            wh = _mm256_broadcast_ps((const __m128 *)(p) + 1);                                               \
+        } else {                                                                                             \
+            const __m256 w = TAIL_W(p, (int)(left));                                                         \
+            wl = _mm256_permute2f128_ps(w, w, 0x00);                                                         \
+            wh = _mm256_permute2f128_ps(w, w, 0x11);                                                         \
+        }                                                                                                    \
+        a0 = LANES8_FMA_INLANE(wl, 0x00, 0, a0);                                                             \
+        a1 = LANES8_FMA_INLANE(wl, 0x55, 1, a1);                                                             \
+        a2 = LANES8_FMA_INLANE(wl, 0xaa, 2, a2);                                                             \
+        a3 = LANES8_FMA_INLANE(wl, 0xff, 3, a3);                                                             \
+        a0 = LANES8_FMA_INLANE(wh, 0x00, 4, a0);                                                             \
+        a1 = LANES8_FMA_INLANE(wh, 0x55, 5, a1);                                                             \
+        a2 = LANES8_FMA_INLANE(wh, 0xaa, 6, a2);                                                             \
+        a3 = LANES8_FMA_INLANE(wh, 0xff, 7, a3);                                                             \
+    } while (0)
 /* The row form with 8 lanes (LANES8_GROUP): row by row, outputs collected SDK_STORE_ROWS rows at a time. */
-#define ROWS8_BODY(TAIL_W)                                                                                   \
+#define ROWS8_BODY(TAIL_W, STEP)                                                                             \
     do {                                                                                                     \
         const char *xb = (const char *)j->x;                                                                 \
         float out[SDK_STORE_ROWS][8] __attribute__((aligned(64)));                                           \
         __m256i ix[8];                                                                                       \
         for (int u = 0; u < 8; u++) ix[u] = _mm256_set1_epi32(u);                                            \
+        (void)ix; /* LANES8_STEP_PERM's; STEP_INLANE has none */                                           \
         int64_t rs = r0; /* the first row of those collected in out */                                       \
         for (int64_t r = r0; r < r1; r++) {                                                                  \
             const int64_t e0 = j->row_ptr[r], c = j->row_ptr[r + 1] - e0;                                    \
@@ -866,9 +899,8 @@ static const int32_t tail_mask[8][8] __attribute__((aligned(32))) = {
             for (int64_t e = 0; e < c; e += 8) {                                                             \
                 prefetch_stream(v + e, SDK_PREFETCH_VALUE_BYTES);                                            \
                 prefetch_stream(c16 + e, SDK_PREFETCH_VALUE_BYTES / 2);                                      \
-                const __m256 w = c - e >= 8 ? _mm256_loadu_ps(v + e) : TAIL_W(v + e, (int)(c - e));          \
                 const uint16_t *ce = c16 + e;                                                                \
-                LANES8_GROUP(w);                                                                             \
+                STEP(TAIL_W, v + e, c - e);                                                                  \
             }                                                                                                \
             _mm256_store_ps(out[r - rs], _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));       \
             if (r + 1 - rs == SDK_STORE_ROWS || r + 1 == r1) {                                               \
@@ -967,7 +999,7 @@ __attribute__((target("avx2,fma,popcnt"))) static void rows_gemv_avx2(const job_
 /* AVX2: bp = the batch rounded up to 8, T = bp / 8 vectors (16 registers: 4 accumulator sets up to T = 2). */
 __attribute__((target("avx2,fma,popcnt"))) static void rows_avx2(const job_t *j, int64_t r0, int64_t r1) {
     switch (j->bp / 8) {
-    case 1: ROWS8_BODY(TAIL_W_AVX2); break;
+    case 1: ROWS8_BODY(TAIL_W_AVX2, LANES8_STEP_INLANE); break;
     case 2: ROWS_BODY(__m256, _mm256, 8, 2, 4); break;
     case 3: ROWS_BODY(__m256, _mm256, 8, 3, 2); break;
     default: ROWS_BODY(__m256, _mm256, 8, 4, 2); break;
@@ -977,19 +1009,20 @@ __attribute__((target("avx2,fma,popcnt"))) static void rows_avx2(const job_t *j,
  * to 16, T = bp / 16. */
 __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void rows_avx512(const job_t *j, int64_t r0,
                                                                                       int64_t r1) {
-    if (j->bp == 8) ROWS8_BODY(TAIL_W_AVX512);
+    if (j->bp == 8) ROWS8_BODY(TAIL_W_AVX512, LANES8_STEP_PERM);
     else if (j->bp == 16) ROWS_BODY(__m512, _mm512, 16, 1, 4);
     else ROWS_BODY(__m512, _mm512, 16, 2, 4);
 }
 /* The tile form with 8 lanes (x transposed [K, 8]): the 8-lane loop above, a tile's rows K block by K block. Values
  * prefetched 2 KB ahead, as the row form's loop does: 1 KB measured ~5 % slower at 70 % and ~3 % at 50 % (AMD EPYC Zen
  * 4, batch 8, cold 1B-like shapes, same process, 2026-12-03; docs/sparse_cpu.md). */
-#define TILES8_BODY(TAIL_W)                                                                                   \
+#define TILES8_BODY(TAIL_W, STEP)                                                                            \
     do {                                                                                                     \
         const int64_t nkb = (j->k + SDK_TILE_COLS - 1) / SDK_TILE_COLS;                                      \
         float yt[SDK_TILE_ROWS][8] __attribute__((aligned(64)));                                             \
         __m256i ix[8];                                                                                       \
         for (int u = 0; u < 8; u++) ix[u] = _mm256_set1_epi32(u);                                            \
+        (void)ix; /* LANES8_STEP_PERM's; STEP_INLANE has none */                                           \
         for (int64_t t = t0; t < t1; t++) {                                                                  \
             const uint8_t *cnt = j->tile_counts + t * nkb * SDK_TILE_ROWS;                                   \
             const uint8_t *c8 = j->tile_cols + j->tile_ptr[t];                                               \
@@ -1002,9 +1035,8 @@ __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void rows_avx
                     __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();                               \
                     for (int e = 0; e < c; e += 8) {                                                         \
                         prefetch_stream(v + e, SDK_PREFETCH_VALUE_BYTES);                                    \
-                        const __m256 w = c - e >= 8 ? _mm256_loadu_ps(v + e) : TAIL_W(v + e, c - e);         \
                         const uint8_t *ce = c8 + e;                                                          \
-                        LANES8_GROUP(w);                                                                     \
+                        STEP(TAIL_W, v + e, c - e);                                                          \
                     }                                                                                        \
                     v += c;                                                                                  \
                     c8 += c;                                                                                 \
@@ -1019,12 +1051,12 @@ __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void rows_avx
  * (A = 2). 8 lanes: TILES8_BODY (AVX-512 has 32 vector registers; AVX2's 16 hold the 8 indices, 4 accumulators and
  * the weights). */
 __attribute__((target("avx2,fma,popcnt"))) static void tiles_avx2(const job_t *j, int64_t t0, int64_t t1) {
-    if (j->bp == SDK_TILE_SMALL_LANES) TILES8_BODY(TAIL_W_AVX2);
+    if (j->bp == SDK_TILE_SMALL_LANES) TILES8_BODY(TAIL_W_AVX2, LANES8_STEP_INLANE);
     else TILES_BODY(__m256, _mm256, 8, 1, SDK_TILE_LANES);
 }
 __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void tiles_avx512(const job_t *j, int64_t t0,
                                                                                        int64_t t1) {
-    if (j->bp == SDK_TILE_SMALL_LANES) TILES8_BODY(TAIL_W_AVX512);
+    if (j->bp == SDK_TILE_SMALL_LANES) TILES8_BODY(TAIL_W_AVX512, LANES8_STEP_PERM);
     else TILES_BODY(__m512, _mm512, 16, 2, SDK_TILE_LANES);
 }
 #endif /* SDK_X86 */
