@@ -289,7 +289,27 @@ static void rows_portable(const job_t *j, int64_t r0, int64_t r1) {
  * their partial sums in `yt` while its K blocks go by, so
  * the weight is one sequential stream and each 32 KB block of x is reused by the tile's rows from L1 (the row form's
  * columns range over all of x, 256 KB at K = 2048, from L2). Tiles [t0, t1). */
-#define TILES_BODY(VEC, PFX, W, A, L)                                                                        \
+/* A tile row's c elements in one K block (TILES_BODY's ELEMS): each value broadcast from memory, A accumulator sets. */
+#define TILE_ELEMS_BCAST(VEC, PFX, W, A, L)                                                                  \
+    do {                                                                                                     \
+        int e = 0;                                                                                           \
+        for (; e + A <= c; e += A) {                                                                         \
+            if ((e & 15) < A) prefetch_stream(v + e, SDK_PREFETCH_VALUE_BYTES / 2);                          \
+            for (int a = 0; a < A; a++) {                                                                    \
+                const VEC w = PFX##_set1_ps(v[e + a]);                                                       \
+                const float *xp = xb + (int64_t)c8[e + a] * (L);                                             \
+                for (int t_ = 0; t_ < T; t_++)                                                               \
+                    acc[a][t_] = PFX##_fmadd_ps(w, PFX##_load_ps(xp + (W) * t_), acc[a][t_]);                \
+            }                                                                                                \
+        }                                                                                                    \
+        for (; e < c; e++) {                                                                                 \
+            const VEC w = PFX##_set1_ps(v[e]);                                                               \
+            const float *xp = xb + (int64_t)c8[e] * (L);                                                     \
+            for (int t_ = 0; t_ < T; t_++)                                                                   \
+                acc[0][t_] = PFX##_fmadd_ps(w, PFX##_load_ps(xp + (W) * t_), acc[0][t_]);                    \
+        }                                                                                                    \
+    } while (0)
+#define TILES_BODY(VEC, PFX, W, A, L, ELEMS)                                                                 \
     do {                                                                                                     \
         enum { T = (L) / (W) };                                                                              \
         const int64_t nkb = (j->k + SDK_TILE_COLS - 1) / SDK_TILE_COLS;                                      \
@@ -307,22 +327,7 @@ static void rows_portable(const job_t *j, int64_t r0, int64_t r1) {
                         acc[0][t_] = kb ? PFX##_load_ps(yt[i] + (W) * t_) : PFX##_setzero_ps();              \
                         for (int a = 1; a < A; a++) acc[a][t_] = PFX##_setzero_ps();                         \
                     }                                                                                        \
-                    int e = 0;                                                                               \
-                    for (; e + A <= c; e += A) {                                                             \
-                        if ((e & 15) < A) prefetch_stream(v + e, SDK_PREFETCH_VALUE_BYTES / 2);              \
-                        for (int a = 0; a < A; a++) {                                                        \
-                            const VEC w = PFX##_set1_ps(v[e + a]);                                           \
-                            const float *xp = xb + (int64_t)c8[e + a] * (L);                                 \
-                            for (int t_ = 0; t_ < T; t_++)                                                   \
-                                acc[a][t_] = PFX##_fmadd_ps(w, PFX##_load_ps(xp + (W) * t_), acc[a][t_]);    \
-                        }                                                                                    \
-                    }                                                                                        \
-                    for (; e < c; e++) {                                                                     \
-                        const VEC w = PFX##_set1_ps(v[e]);                                                   \
-                        const float *xp = xb + (int64_t)c8[e] * (L);                                         \
-                        for (int t_ = 0; t_ < T; t_++)                                                       \
-                            acc[0][t_] = PFX##_fmadd_ps(w, PFX##_load_ps(xp + (W) * t_), acc[0][t_]);        \
-                    }                                                                                        \
+                    ELEMS(VEC, PFX, W, A, L);                                                                \
                     v += c;                                                                                  \
                     c8 += c;                                                                                 \
                     for (int a = 1; a < A; a++)                                                              \
@@ -350,8 +355,8 @@ static inline vec8_t p8_add_ps(vec8_t a, vec8_t b) {
     return a;
 }
 static void tiles_portable(const job_t *j, int64_t t0, int64_t t1) {
-    if (j->bp == SDK_TILE_SMALL_LANES) TILES_BODY(vec8_t, p8, 8, 4, SDK_TILE_SMALL_LANES);
-    else TILES_BODY(vec8_t, p8, 8, 1, SDK_TILE_LANES);
+    if (j->bp == SDK_TILE_SMALL_LANES) TILES_BODY(vec8_t, p8, 8, 4, SDK_TILE_SMALL_LANES, TILE_ELEMS_BCAST);
+    else TILES_BODY(vec8_t, p8, 8, 1, SDK_TILE_LANES, TILE_ELEMS_BCAST);
 }
 
 #if SDK_X86
@@ -889,7 +894,7 @@ static const int32_t tail_mask[8][8] __attribute__((aligned(32))) = {
         float out[SDK_STORE_ROWS][8] __attribute__((aligned(64)));                                           \
         __m256i ix[8];                                                                                       \
         for (int u = 0; u < 8; u++) ix[u] = _mm256_set1_epi32(u);                                            \
-        (void)ix; /* LANES8_STEP_PERM's; STEP_INLANE has none */                                           \
+        (void)ix; /* LANES8_STEP_PERM's; STEP_INLANE has none */                                             \
         int64_t rs = r0; /* the first row of those collected in out */                                       \
         for (int64_t r = r0; r < r1; r++) {                                                                  \
             const int64_t e0 = j->row_ptr[r], c = j->row_ptr[r + 1] - e0;                                    \
@@ -958,12 +963,12 @@ __attribute__((target("avx2,fma,popcnt"))) static void rows_gemv_fma(const job_t
  * with insertps from the columns read 4 at a time as one 64-bit word (shifts, not loads): 1.4 loads an element
  * against the scalar loop's 3 (column, x, value). Zen 3, one thread, 20000-60000 rows x 2048 at density 0.1-0.2 (a C
  * loop of each alone): 1.04-1.07 against 1.24-1.30 TSC cycles an element (docs/sparse_cpu.md). */
-#define X4_AVX2(c) /* x at the 4 columns packed in the uint64 c */                                          \
+#define X4_AVX2(c) /* x at the 4 columns packed in the uint64 c */                                           \
     _mm_insert_ps(_mm_insert_ps(_mm_insert_ps(_mm_load_ss(x + ((c) & 0xffff)),                               \
-                                              _mm_load_ss(x + (((c) >> 16) & 0xffff)), 0x10),               \
+                                              _mm_load_ss(x + (((c) >> 16) & 0xffff)), 0x10),                \
                                 _mm_load_ss(x + (((c) >> 32) & 0xffff)), 0x20),                              \
                   _mm_load_ss(x + ((c) >> 48)), 0x30)
-#define X8_AVX2(p) /* x at the 8 columns p[0..7] */                                                         \
+#define X8_AVX2(p) /* x at the 8 columns p[0..7] */                                                          \
     ({                                                                                                       \
         uint64_t c_lo_, c_hi_;                                                                               \
         memcpy(&c_lo_, (p), 8);                                                                              \
@@ -1022,7 +1027,7 @@ __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void rows_avx
         float yt[SDK_TILE_ROWS][8] __attribute__((aligned(64)));                                             \
         __m256i ix[8];                                                                                       \
         for (int u = 0; u < 8; u++) ix[u] = _mm256_set1_epi32(u);                                            \
-        (void)ix; /* LANES8_STEP_PERM's; STEP_INLANE has none */                                           \
+        (void)ix; /* LANES8_STEP_PERM's; STEP_INLANE has none */                                             \
         for (int64_t t = t0; t < t1; t++) {                                                                  \
             const uint8_t *cnt = j->tile_counts + t * nkb * SDK_TILE_ROWS;                                   \
             const uint8_t *c8 = j->tile_cols + j->tile_ptr[t];                                               \
@@ -1047,17 +1052,50 @@ __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void rows_avx
             store_rows(j, r0, j->n - r0 < SDK_TILE_ROWS ? (int)(j->n - r0) : SDK_TILE_ROWS, yt[0], 8);       \
         }                                                                                                    \
     } while (0)
+/* A tile row's c elements in one K block, AVX2, 64 lanes (TILES_BODY's ELEMS; A = 1): 4 elements a step, their values
+ * one vbroadcastf128 and each broadcast in-lane (vpermilps), their columns one 32-bit word; the last 1-3 as one more
+ * step with the values past c zeroed (the columns read there are the next row's, or format.COL_PAD's zeros: inside
+ * the K block). 8.5 loads an element against 10 (a broadcast and a column byte each): Zen 3, an L1-resident C loop
+ * at 50 %, 3.59 against 4.07 TSC cycles an element (docs/sparse_cpu.md). */
+#define TILE_INLANE_FMA(s, u)                                                                                \
+    do {                                                                                                     \
+        const __m256 w = _mm256_permute_ps(wq, s);                                                           \
+        const float *xp = xb + (size_t)((cw >> (8 * (u))) & 0xff) * SDK_TILE_LANES;                          \
+        for (int t_ = 0; t_ < T; t_++)                                                                       \
+            acc[0][t_] = _mm256_fmadd_ps(w, _mm256_load_ps(xp + 8 * t_), acc[0][t_]);                        \
+    } while (0)
+#define TILE_INLANE_STEP(wq_)                                                                                \
+    do {                                                                                                     \
+        const __m256 wq = (wq_);                                                                             \
+        uint32_t cw;                                                                                         \
+        memcpy(&cw, c8 + e, 4);                                                                              \
+        TILE_INLANE_FMA(0x00, 0);                                                                            \
+        TILE_INLANE_FMA(0x55, 1);                                                                            \
+        TILE_INLANE_FMA(0xaa, 2);                                                                            \
+        TILE_INLANE_FMA(0xff, 3);                                                                            \
+    } while (0)
+#define TILE_ELEMS_INLANE_AVX2(VEC, PFX, W, A, L)                                                            \
+    do {                                                                                                     \
+        int e = 0;                                                                                           \
+        for (; e + 4 <= c; e += 4) {                                                                         \
+            if ((e & 15) == 0) prefetch_stream(v + e, SDK_PREFETCH_VALUE_BYTES / 2);                         \
+            TILE_INLANE_STEP(_mm256_broadcast_ps((const __m128 *)(v + e)));                                  \
+        }                                                                                                    \
+        if (e < c)                                                                                           \
+            TILE_INLANE_STEP(_mm256_and_ps(_mm256_broadcast_ps((const __m128 *)(v + e)),                     \
+                                           _mm256_broadcast_ps((const __m128 *)tail_mask[c - e])));          \
+    } while (0)
 /* Tile form, 64 lanes: AVX2 8 vectors of 8 lanes an element (8 accumulators: A = 1; 16 registers), AVX-512 4 of 16
  * (A = 2). 8 lanes: TILES8_BODY (AVX-512 has 32 vector registers; AVX2's 16 hold the 8 indices, 4 accumulators and
  * the weights). */
 __attribute__((target("avx2,fma,popcnt"))) static void tiles_avx2(const job_t *j, int64_t t0, int64_t t1) {
     if (j->bp == SDK_TILE_SMALL_LANES) TILES8_BODY(TAIL_W_AVX2, LANES8_STEP_INLANE);
-    else TILES_BODY(__m256, _mm256, 8, 1, SDK_TILE_LANES);
+    else TILES_BODY(__m256, _mm256, 8, 1, SDK_TILE_LANES, TILE_ELEMS_INLANE_AVX2);
 }
 __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void tiles_avx512(const job_t *j, int64_t t0,
                                                                                        int64_t t1) {
     if (j->bp == SDK_TILE_SMALL_LANES) TILES8_BODY(TAIL_W_AVX512, LANES8_STEP_PERM);
-    else TILES_BODY(__m512, _mm512, 16, 2, SDK_TILE_LANES);
+    else TILES_BODY(__m512, _mm512, 16, 2, SDK_TILE_LANES, TILE_ELEMS_BCAST);
 }
 #endif /* SDK_X86 */
 
