@@ -366,7 +366,8 @@ def test_the_form_is_picked_per_batch(isa, profile):
         assert picked[16] == "rows"
         # batches 5-8 of a weight over 12 % stored: the 8-lane tile form on the "amd" profile only
         assert (picked[8] == "tiles") == (profile == "amd" and isa != "portable" and density > 0.12)
-        assert picked[64] == ("rows" if density <= 0.15 else "tiles")
+        # prefill: the row form up to 15 % stored, 8 % on AVX2 on the "amd" profile
+        assert picked[64] == ("rows" if density <= (0.08 if (isa, profile) == ("avx2", "amd") else 0.15) else "tiles")
         for b in (1, 2, 8, 16, 64, 97):  # 97: two tile-form calls and a last one of 33 rows
             x = np.random.default_rng(b).standard_normal((b, 64)).astype(np.float32)
             check(x, w, bound(x))
@@ -389,6 +390,9 @@ def test_the_row_form_is_picked_more_with_sparsity_and_batch():
     # AVX2 on the "amd" profile: the row form's insertps loop takes batch 1 from 75 % (the gather GEMV up to 70 %)
     assert takes_rows(1, 0.25, "avx2", "amd") and not takes_rows(1, 0.3, "avx2", "amd")
     assert not takes_rows(1, 0.25, "avx2", "intel") and not takes_rows(1, 0.25, "avx512", "amd")
+    # prefill on AVX2, "amd" profile: the tile form up to 92 % (the row form past it), 85 % elsewhere
+    assert not takes_rows(128, 0.1, "avx2", "amd") and takes_rows(128, 0.05, "avx2", "amd")
+    assert takes_rows(128, 0.1, "avx512", "amd") and takes_rows(128, 0.1, "avx2", "intel")
     # batches 2-8 have one rule on both profiles, but the "amd" profile runs 5-8 over 12 % stored in the tile form
     for isa in ("avx512", "avx2"):
         for b in range(2, 9):

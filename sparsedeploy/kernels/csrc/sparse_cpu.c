@@ -1713,6 +1713,10 @@ enum { FORM_AUTO = 0, FORM_BITMASK = 1, FORM_ROWS = 2, FORM_TILES = 3 };
  * (density 0.2) the tile form measured 1.1-1.15x faster than the row form, at 85 % a tie, at 90 % the row form ahead
  * (Emerald Rapids, one thread, 5632 x 2048, batch 128, AVX-512 and AVX2; docs/sparse_cpu.md). */
 #define SDK_PREFILL_ROWS_MAX_DENSITY 0.15
+/* AVX2 on the AMD profile, where the tile form's loop takes 4 elements a step (TILE_ELEMS_INLANE_AVX2): Zen 3, one
+ * thread, cold 1B-like shapes, batch 128, ratio to ORT dense: at 85 % the tile form 2.61-2.86x against the row form's
+ * 2.13-2.47x, at 90 % ahead in 5 of 6 (2.89-3.88x against 2.87-3.65x), at 95 % behind (3.95-4.97x against 5.00-6.48x). */
+#define SDK_PREFILL_ROWS_MAX_DENSITY_AVX2_AMD 0.08
 /* Batch 1 on AVX2, AMD profile: the row form's insertps loop (rows_gemv_avx2) against the gather GEMV, Zen 3, one
  * thread, cold 1B-like shapes: behind at 70 % (1.45-1.64x of ORT dense against 1.72-2.21x), ahead from 75 % (1.78-2.83x
  * against 1.64-2.31x; 80 %: 2.11-2.42x against 1.65-1.93x). */
@@ -1738,12 +1742,15 @@ enum { FORM_AUTO = 0, FORM_BITMASK = 1, FORM_ROWS = 2, FORM_TILES = 3 };
  *     ~0.15 to ~0.45 on AVX2 ((b + 1) / 20), whose expand costs more (the AMD profile asks the 8-lane tile form
  *     first for 5-8: pick_form);
  *   batch 9-32 (where the bitmask form is the broadcast GEMM): at 50-90 % on every path;
- *   batch 33 and up (prefill, in calls of 32 rows each walking the weight): up to SDK_PREFILL_ROWS_MAX_DENSITY;
+ *   batch 33 and up (prefill, in calls of 32 rows each walking the weight): up to SDK_PREFILL_ROWS_MAX_DENSITY
+ *     (SDK_PREFILL_ROWS_MAX_DENSITY_AVX2_AMD on AVX2 on the AMD profile);
  *   the portable path up to batch 32 at every density tried (50-90 %, batch 1 and 8: 3-5x faster than its bit loops).
  */
 static int row_form_pays(int64_t b, double density, int isa, int profile) {
     if (b < 1) return 0;
-    if (b > SDK_ROWFORM_MAX_B) return density <= SDK_PREFILL_ROWS_MAX_DENSITY;
+    if (b > SDK_ROWFORM_MAX_B)
+        return density <= (isa == ISA_AVX2 && profile == PROFILE_AMD ? SDK_PREFILL_ROWS_MAX_DENSITY_AVX2_AMD
+                                                                       : SDK_PREFILL_ROWS_MAX_DENSITY);
     if (isa == ISA_PORTABLE || b > SDK_EXPAND_MAX_B) return 1;
     if (b == 1 && isa == ISA_AVX2 && profile == PROFILE_AMD) return density <= SDK_ROWS_B1_AVX2_AMD_MAX_DENSITY;
     if (b == 1) return density <= (isa == ISA_AVX512 && profile == PROFILE_INTEL ? 0.12 : SDK_DENSITY_80);
