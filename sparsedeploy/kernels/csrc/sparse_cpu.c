@@ -992,11 +992,7 @@ __attribute__((target("avx2,fma,popcnt"))) static void rows_gemv_avx2(const job_
             a0 = _mm256_fmadd_ps(_mm256_loadu_ps(vals + e), X8_AVX2(cols + e), a0);
             e += 8;
         }
-        a0 = _mm256_add_ps(a0, a1);
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        float t = _mm_cvtss_f32(s);
+        float t = hsum256(_mm256_add_ps(a0, a1));
         for (; e < e1; e++) t += vals[e] * x[cols[e]];
         j->y[r] = t;
     }
