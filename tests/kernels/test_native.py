@@ -172,6 +172,7 @@ TILE_WEIGHTS = {
     "3 tiles x 3 K blocks, partial last of each, 70%": pruned(70, 300, 0.7, 4),
     "full 128-column blocks (count 128)": pruned(40, 256, 0.0, 5),
     "one row, K=129": pruned(1, 129, 0.5, 6),
+    "17 tiles: a group of 16 walked together, then one, 3 K blocks": pruned(16 * 32 + 21, 300, 0.8, 8),
 }
 
 

@@ -19,7 +19,7 @@
  * stored element and vector of batch lanes (batch 1: a scalar multiply-add; batches 2-8: 8 values one load, each
  * broadcast by a vpermps, ROWS8_BODY), no per-group decode.
  * sdk_tiles_matmul multiplies by the tile form (tiles of 32 rows in K blocks of 128 columns, uint8 columns within
- * the block, built by sdk_tile_form and held beside it): prefill, 64 rows of x a call, each tile's rows reusing one
+ * the block, built by sdk_tile_form and held beside it): prefill, 64 rows of x a call, 16 tiles' rows reusing one
  * 32 KB block of x from L1 while the weight streams by once; batches up to 8 with x in 8 lanes (TILES8_BODY).
  * A portable plain-C path compiles anywhere. ISA is picked at run time (__builtin_cpu_supports on x86).
  * Threads: a persistent pool; blocks are split into contiguous chunks of equal work (stored elements +
@@ -61,6 +61,7 @@ enum { ERR_ISA = -2, ERR_ARGS = -1, ERR_NOMEM = -3 };
 #define SDK_TILE_ROWS 32
 #define SDK_TILE_COLS 128
 #define SDK_TILE_LANES 64
+#define SDK_TILE_GROUP 16 /* 64 lanes: tiles walked together K block by K block (x block reused by 512 rows) */
 #define SDK_TILE_SMALL_LANES 8 /* batches up to 8: x transposed [K, 8] (decode of a few sequences) */
 /* x transposed is walked in K blocks of about SDK_XBLOCK_BYTES at density >= 0.3, larger in proportion below that
  * (up to 4x): 48 KB (mostly L1) measured 1.10-1.25x faster than 192 KB (L2) at batch 64 and 128, 50 and 70 %,
@@ -237,11 +238,50 @@ static inline void rows_store(const job_t *j, int64_t r, const float *acc) {
  * each batch row of y (N floats apart: another page every store at large N). The row-form loops collect
  * SDK_STORE_ROWS rows for it, the tile form a tile. */
 #define SDK_STORE_ROWS 16
+/* dst[c * ldd + r] = src[r * lds + c] for r < rows, 0 for rows <= r < rpad; c < cols. The plain loop, and (x86)
+ * AVX2's 8 x 8 blocks with the plain loop for the edges: x into the transposed layouts, the sums out to y. */
+static void transpose_plain(const float *src, int64_t lds, int64_t rows, int64_t rpad, int64_t cols, float *dst,
+                            int64_t ldd, int64_t r0, int64_t c0) {
+    for (int64_t c = 0; c < cols; c++)
+        for (int64_t r = c < c0 ? r0 : 0; r < rpad; r++) dst[c * ldd + r] = r < rows ? src[r * lds + c] : 0.0f;
+}
+#if SDK_X86
+__attribute__((target("avx2,fma,popcnt"))) static void transpose_avx2(const float *src, int64_t lds, int64_t rows,
+                                                                       int64_t rpad, int64_t cols, float *dst,
+                                                                       int64_t ldd) {
+    const int64_t r8 = rpad / 8 * 8, c8 = cols / 8 * 8;
+    for (int64_t r0 = 0; r0 < r8; r0 += 8)
+        for (int64_t c0 = 0; c0 < c8; c0 += 8) {
+            __m256 a[8], t[8];
+            for (int i = 0; i < 8; i++)
+                a[i] = r0 + i < rows ? _mm256_loadu_ps(src + (r0 + i) * lds + c0) : _mm256_setzero_ps();
+            for (int i = 0; i < 8; i += 2) {
+                t[i] = _mm256_unpacklo_ps(a[i], a[i + 1]);
+                t[i + 1] = _mm256_unpackhi_ps(a[i], a[i + 1]);
+            }
+            for (int i = 0; i < 8; i += 4) {
+                a[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+                a[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+                a[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+                a[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+            }
+            for (int i = 0; i < 4; i++) {
+                _mm256_storeu_ps(dst + (c0 + i) * ldd + r0, _mm256_permute2f128_ps(a[i], a[i + 4], 0x20));
+                _mm256_storeu_ps(dst + (c0 + i + 4) * ldd + r0, _mm256_permute2f128_ps(a[i], a[i + 4], 0x31));
+            }
+        }
+    transpose_plain(src, lds, rows, rpad, cols, dst, ldd, r8, c8);
+}
+#endif
+static void transpose(int isa, const float *src, int64_t lds, int64_t rows, int64_t rpad, int64_t cols, float *dst,
+                      int64_t ldd) {
+#if SDK_X86
+    if (isa == ISA_AVX2 || isa == ISA_AVX512) { transpose_avx2(src, lds, rows, rpad, cols, dst, ldd); return; }
+#endif
+    transpose_plain(src, lds, rows, rpad, cols, dst, ldd, 0, 0);
+}
 static inline void store_rows(const job_t *j, int64_t r0, int rows, const float *sums, int64_t ld) {
-    for (int64_t b = 0; b < j->b; b++) {
-        float *yo = j->y + b * j->n + r0;
-        for (int i = 0; i < rows; i++) yo[i] = sums[i * ld + b];
-    }
+    transpose(j->isa, sums, ld, rows, rows, j->b, j->y + r0, j->n);
 }
 /* Batch 1: x itself (bp = 1), a scalar multiply-add per stored element, 8 independent sums (the x loads are
  * scattered: nothing to vectorize without a gather); the value and column streams are prefetched ahead. */
@@ -285,9 +325,10 @@ static void rows_portable(const job_t *j, int64_t r0, int64_t r1) {
 
 /* Tile form (format.TileForm): tile t's stored elements start at tile_ptr[t]; within a tile, K block by K block, row by
  * row (tile_counts gives each row's count in each block), each element's column within its block (uint8) and value.
- * x transposed [K, L] (L lanes: SDK_TILE_LANES, or SDK_TILE_SMALL_LANES for batches up to 8). Each tile's 32 rows keep
- * their partial sums in `yt` while its K blocks go by, so
- * the weight is one sequential stream and each 32 KB block of x is reused by the tile's rows from L1 (the row form's
+ * x transposed [K, L] (L lanes: SDK_TILE_LANES, or SDK_TILE_SMALL_LANES for batches up to 8). TILES_BODY walks
+ * SDK_TILE_GROUP tiles together, K block by K block, their rows' partial sums waiting in `ytg` (128 KB at 64 lanes,
+ * L2) between K blocks: each tile's weight is a sequential stream, and each 32 KB block of x is loaded into L1 once
+ * for the group's 512 rows (once per tile's 32 rows before: 1.10-1.30x slower at batch 128, Zen 3; the row form's
  * columns range over all of x, 256 KB at K = 2048, from L2). Tiles [t0, t1). */
 /* A tile row's c elements in one K block (TILES_BODY's ELEMS): each value broadcast from memory, A accumulator sets. */
 #define TILE_ELEMS_BCAST(VEC, PFX, W, A, L)                                                                  \
@@ -313,31 +354,40 @@ static void rows_portable(const job_t *j, int64_t r0, int64_t r1) {
     do {                                                                                                     \
         enum { T = (L) / (W) };                                                                              \
         const int64_t nkb = (j->k + SDK_TILE_COLS - 1) / SDK_TILE_COLS;                                      \
-        float yt[SDK_TILE_ROWS][(L)] __attribute__((aligned(64)));                                           \
-        for (int64_t t = t0; t < t1; t++) {                                                                  \
-            const uint8_t *cnt = j->tile_counts + t * nkb * SDK_TILE_ROWS;                                   \
-            const uint8_t *c8 = j->tile_cols + j->tile_ptr[t];                                               \
-            const float *v = j->values + j->tile_ptr[t];                                                     \
+        for (int64_t g0 = t0; g0 < t1; g0 += SDK_TILE_GROUP) {                                               \
+            const int ng = (int)(t1 - g0 < SDK_TILE_GROUP ? t1 - g0 : SDK_TILE_GROUP);                       \
+            int64_t off[SDK_TILE_GROUP];                                                                     \
+            for (int g = 0; g < ng; g++) off[g] = j->tile_ptr[g0 + g];                                       \
             for (int64_t kb = 0; kb < nkb; kb++) {                                                           \
                 const float *xb = j->x + kb * SDK_TILE_COLS * (L);                                           \
-                for (int i = 0; i < SDK_TILE_ROWS; i++) {                                                    \
-                    const int c = *cnt++;                                                                    \
-                    VEC acc[A][T];                                                                           \
-                    for (int t_ = 0; t_ < T; t_++) {                                                         \
-                        acc[0][t_] = kb ? PFX##_load_ps(yt[i] + (W) * t_) : PFX##_setzero_ps();              \
-                        for (int a = 1; a < A; a++) acc[a][t_] = PFX##_setzero_ps();                         \
+                for (int g = 0; g < ng; g++) {                                                               \
+                    const uint8_t *cnt = j->tile_counts + ((g0 + g) * nkb + kb) * SDK_TILE_ROWS;             \
+                    const uint8_t *c8 = j->tile_cols + off[g];                                               \
+                    const float *v = j->values + off[g];                                                     \
+                    float(*yt)[(L)] = (float(*)[(L)])(ytg + (int64_t)g * SDK_TILE_ROWS * (L));               \
+                    for (int i = 0; i < SDK_TILE_ROWS; i++) {                                                \
+                        const int c = *cnt++;                                                                \
+                        VEC acc[A][T];                                                                       \
+                        for (int t_ = 0; t_ < T; t_++) {                                                     \
+                            acc[0][t_] = kb ? PFX##_load_ps(yt[i] + (W) * t_) : PFX##_setzero_ps();          \
+                            for (int a = 1; a < A; a++) acc[a][t_] = PFX##_setzero_ps();                     \
+                        }                                                                                    \
+                        ELEMS(VEC, PFX, W, A, L);                                                            \
+                        v += c;                                                                              \
+                        c8 += c;                                                                             \
+                        for (int a = 1; a < A; a++)                                                          \
+                            for (int t_ = 0; t_ < T; t_++)                                                   \
+                                acc[0][t_] = PFX##_add_ps(acc[0][t_], acc[a][t_]);                           \
+                        for (int t_ = 0; t_ < T; t_++) PFX##_store_ps(yt[i] + (W) * t_, acc[0][t_]);         \
                     }                                                                                        \
-                    ELEMS(VEC, PFX, W, A, L);                                                                \
-                    v += c;                                                                                  \
-                    c8 += c;                                                                                 \
-                    for (int a = 1; a < A; a++)                                                              \
-                        for (int t_ = 0; t_ < T; t_++) acc[0][t_] = PFX##_add_ps(acc[0][t_], acc[a][t_]);    \
-                    for (int t_ = 0; t_ < T; t_++) PFX##_store_ps(yt[i] + (W) * t_, acc[0][t_]);             \
+                    off[g] = v - j->values;                                                                  \
                 }                                                                                            \
             }                                                                                                \
-            const int64_t r0 = t * SDK_TILE_ROWS;                                                            \
-            store_rows(j, r0, j->n - r0 < SDK_TILE_ROWS ? (int)(j->n - r0) : SDK_TILE_ROWS, yt[0],           \
-                       (L));                                                                                 \
+            for (int g = 0; g < ng; g++) {                                                                   \
+                const int64_t r0 = (g0 + g) * SDK_TILE_ROWS;                                                 \
+                store_rows(j, r0, j->n - r0 < SDK_TILE_ROWS ? (int)(j->n - r0) : SDK_TILE_ROWS,              \
+                           ytg + (int64_t)g * SDK_TILE_ROWS * (L), (L));                                     \
+            }                                                                                                \
         }                                                                                                    \
     } while (0)
 /* Portable: 8-lane "vectors" of plain floats, a fixed-width loop the compiler vectorizes. */
@@ -354,7 +404,7 @@ static inline vec8_t p8_add_ps(vec8_t a, vec8_t b) {
     for (int l = 0; l < 8; l++) a.f[l] += b.f[l];
     return a;
 }
-static void tiles_portable(const job_t *j, int64_t t0, int64_t t1) {
+static void tiles_portable(const job_t *j, int64_t t0, int64_t t1, float *ytg) {
     if (j->bp == SDK_TILE_SMALL_LANES) TILES_BODY(vec8_t, p8, 8, 4, SDK_TILE_SMALL_LANES, TILE_ELEMS_BCAST);
     else TILES_BODY(vec8_t, p8, 8, 1, SDK_TILE_LANES, TILE_ELEMS_BCAST);
 }
@@ -1083,15 +1133,21 @@ __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void rows_avx
     } while (0)
 /* Tile form, 64 lanes: AVX2 8 vectors of 8 lanes an element (8 accumulators: A = 1; 16 registers), AVX-512 4 of 16
  * (A = 2). 8 lanes: TILES8_BODY (AVX-512 has 32 vector registers; AVX2's 16 hold the 8 indices, 4 accumulators and
- * the weights). */
-__attribute__((target("avx2,fma,popcnt"))) static void tiles_avx2(const job_t *j, int64_t t0, int64_t t1) {
-    if (j->bp == SDK_TILE_SMALL_LANES) TILES8_BODY(TAIL_W_AVX2, LANES8_STEP_INLANE);
-    else TILES_BODY(__m256, _mm256, 8, 1, SDK_TILE_LANES, TILE_ELEMS_INLANE_AVX2);
+ * the weights). One function each. */
+__attribute__((target("avx2,fma,popcnt"))) static void tiles_avx2(const job_t *j, int64_t t0, int64_t t1,
+                                                                   float *ytg) {
+    TILES_BODY(__m256, _mm256, 8, 1, SDK_TILE_LANES, TILE_ELEMS_INLANE_AVX2);
+}
+__attribute__((target("avx2,fma,popcnt"))) static void tiles8_avx2(const job_t *j, int64_t t0, int64_t t1) {
+    TILES8_BODY(TAIL_W_AVX2, LANES8_STEP_INLANE);
 }
 __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void tiles_avx512(const job_t *j, int64_t t0,
-                                                                                       int64_t t1) {
-    if (j->bp == SDK_TILE_SMALL_LANES) TILES8_BODY(TAIL_W_AVX512, LANES8_STEP_PERM);
-    else TILES_BODY(__m512, _mm512, 16, 2, SDK_TILE_LANES, TILE_ELEMS_BCAST);
+                                                                                       int64_t t1, float *ytg) {
+    TILES_BODY(__m512, _mm512, 16, 2, SDK_TILE_LANES, TILE_ELEMS_BCAST);
+}
+__attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void tiles8_avx512(const job_t *j, int64_t t0,
+                                                                                        int64_t t1) {
+    TILES8_BODY(TAIL_W_AVX512, LANES8_STEP_PERM);
 }
 #endif /* SDK_X86 */
 
@@ -1285,6 +1341,7 @@ static __thread float *tl_val;
 static __thread int64_t tl_off_cap;
 static __thread float *tl_yt;
 static __thread int64_t tl_yt_cap;
+static __thread float *tl_tiles; /* the tile form's partial sums, SDK_TILE_GROUP tiles of 64 lanes (128 KB) */
 
 static void int8_part(const job_t *j, int64_t u0, int64_t u1);
 
@@ -1294,10 +1351,16 @@ static void run_part(const job_t *j, int chunk) {
     if (j->q) { int8_part(j, b0, b1); return; }
     if (j->tile_ptr) {
 #if SDK_X86
-        if (j->isa == ISA_AVX512) { tiles_avx512(j, b0, b1); return; }
-        if (j->isa == ISA_AVX2) { tiles_avx2(j, b0, b1); return; }
+        if (j->bp == SDK_TILE_SMALL_LANES && j->isa == ISA_AVX512) { tiles8_avx512(j, b0, b1); return; }
+        if (j->bp == SDK_TILE_SMALL_LANES && j->isa == ISA_AVX2) { tiles8_avx2(j, b0, b1); return; }
 #endif
-        tiles_portable(j, b0, b1);
+        if (!tl_tiles) tl_tiles = aligned_alloc(64, sizeof(float) * SDK_TILE_GROUP * SDK_TILE_ROWS * SDK_TILE_LANES);
+        if (!tl_tiles) { atomic_store(j->failed, 1); return; }
+#if SDK_X86
+        if (j->isa == ISA_AVX512) { tiles_avx512(j, b0, b1, tl_tiles); return; }
+        if (j->isa == ISA_AVX2) { tiles_avx2(j, b0, b1, tl_tiles); return; }
+#endif
+        tiles_portable(j, b0, b1, tl_tiles);
         return;
     }
     if (j->row_ptr) {
@@ -1488,14 +1551,6 @@ static int run_balanced(job_t *j, int threads, const int64_t *ptr, int64_t units
     return atomic_load(j->failed) ? ERR_NOMEM : 0;
 }
 
-/* x [b, k] -> [k, bp] in 16 x 16 tiles, padding lanes zero. */
-static void transpose_x(const float *x, int64_t b, int64_t k, int64_t bp, float *dst) {
-    memset(dst, 0, (size_t)(k * bp) * sizeof(float));
-    for (int64_t k0 = 0; k0 < k; k0 += 16)
-        for (int64_t b0 = 0; b0 < b; b0 += 16)
-            for (int64_t kk = k0; kk < k0 + 16 && kk < k; kk++)
-                for (int64_t bb = b0; bb < b0 + 16 && bb < b; bb++) dst[kk * bp + bb] = x[bb * k + kk];
-}
 
 static float *scratch;
 static int64_t scratch_cap;
@@ -1558,7 +1613,7 @@ static int bitmask_matmul(const float *x, int64_t b, int64_t k, const uint16_t *
                 if (w < 16) memset(dst + w, 0, (size_t)(16 - w) * sizeof(float));
             }
     } else { /* transposed to [K, bp] */
-        transpose_x(x, b, k, j.bp, scratch);
+        transpose(isa, x, k, b, j.bp, k, scratch, j.bp); /* x [b, k] -> [k, bp], padding lanes 0 */
     }
     j.x = scratch;
     return run_balanced(&j, threads, block_ptr, j.nb, SDK_ROWS * j.g); /* per block: its mask walk */
@@ -1622,7 +1677,7 @@ SDK_EXPORT int sdk_rows_matmul(const float *x, int64_t b, int64_t k, const int64
         j.x = x;
     } else {
         if (reserve_scratch(k * j.bp)) { pthread_mutex_unlock(&pool.call_lock); return ERR_NOMEM; }
-        transpose_x(x, b, k, j.bp, scratch);
+        transpose(isa, x, k, b, j.bp, k, scratch, j.bp); /* x [b, k] -> [k, bp], padding lanes 0 */
         j.x = scratch;
     }
     return run_balanced(&j, threads, row_ptr, n, 16); /* per row: its reduction and b scattered stores */
@@ -1691,7 +1746,7 @@ SDK_EXPORT int sdk_tiles_matmul(const float *x, int64_t b, int64_t k, const int6
     pthread_mutex_lock(&pool.call_lock);
     const int64_t kpad = nkb * SDK_TILE_COLS; /* the 8-lane loop may read a row's tail from anywhere in its K block */
     if (reserve_scratch(kpad * lanes)) { pthread_mutex_unlock(&pool.call_lock); return ERR_NOMEM; }
-    transpose_x(x, b, k, lanes, scratch);
+    transpose(isa, x, k, b, lanes, k, scratch, lanes); /* x [b, k] -> [k, lanes], padding lanes 0 */
     memset(scratch + k * lanes, 0, (size_t)((kpad - k) * lanes) * sizeof(float));
     j.x = scratch;
     return run_balanced(&j, threads, tile_ptr, tiles, nkb * SDK_TILE_ROWS * 8); /* per tile: its row visits */
