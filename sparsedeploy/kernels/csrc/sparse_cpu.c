@@ -906,10 +906,14 @@ static const int32_t tail_mask[8][8] __attribute__((aligned(32))) = {
 #define TAIL_W_AVX2(p, c) _mm256_and_ps(_mm256_loadu_ps(p), _mm256_load_ps((const float *)tail_mask[c]))
 #define TAIL_W_AVX512(p, c) _mm256_maskz_loadu_ps((__mmask8)((1u << (c)) - 1), p)
 /* One group of an 8-lane loop: the 8 values at p (`left` of them the row's, 1-7 in its last group: TAIL_W zeroes the
- * rest). AVX-512 (STEP_PERM): one vector load, each value broadcast by vpermps (LANES8_GROUP). AVX2 (STEP_INLANE):
+ * rest); STEP##_SETUP is what the loop declares for it first. AVX-512 (STEP_PERM): one vector load, each value
+ * broadcast by vpermps (LANES8_GROUP) with the lane indices ix. AVX2 (STEP_INLANE):
  * the values 4 at a time into both 128-bit halves (vbroadcastf128, a load), each broadcast by an in-lane vpermilps:
  * Zen 3 runs vpermps at about one per 1.45 TSC cycles, and the loop (L1-resident, random columns) at 1.45 cycles an
  * element with it against 0.75-1.0 with vpermilps (docs/sparse_cpu.md). */
+#define LANES8_STEP_PERM_SETUP                                                                               \
+    __m256i ix[8];                                                                                           \
+    for (int u = 0; u < 8; u++) ix[u] = _mm256_set1_epi32(u)
 #define LANES8_STEP_PERM(TAIL_W, p, left)                                                                    \
     do {                                                                                                     \
         const __m256 w = (left) >= 8 ? _mm256_loadu_ps(p) : TAIL_W(p, (int)(left));                          \
@@ -917,6 +921,7 @@ static const int32_t tail_mask[8][8] __attribute__((aligned(32))) = {
     } while (0)
 #define LANES8_FMA_INLANE(w, s, u, a)                                                                        \
     _mm256_fmadd_ps(_mm256_permute_ps(w, s), _mm256_load_ps((const float *)(xb + ((size_t)ce[u] << 5))), a)
+#define LANES8_STEP_INLANE_SETUP (void)0 /* no lane indices */
 #define LANES8_STEP_INLANE(TAIL_W, p, left)                                                                  \
     do {                                                                                                     \
         __m256 wl, wh;                                                                                       \
@@ -942,9 +947,7 @@ static const int32_t tail_mask[8][8] __attribute__((aligned(32))) = {
     do {                                                                                                     \
         const char *xb = (const char *)j->x;                                                                 \
         float out[SDK_STORE_ROWS][8] __attribute__((aligned(64)));                                           \
-        __m256i ix[8];                                                                                       \
-        for (int u = 0; u < 8; u++) ix[u] = _mm256_set1_epi32(u);                                            \
-        (void)ix; /* LANES8_STEP_PERM's; STEP_INLANE has none */                                             \
+        STEP##_SETUP;                                                                                        \
         int64_t rs = r0; /* the first row of those collected in out */                                       \
         for (int64_t r = r0; r < r1; r++) {                                                                  \
             const int64_t e0 = j->row_ptr[r], c = j->row_ptr[r + 1] - e0;                                    \
@@ -1071,9 +1074,7 @@ __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void rows_avx
     do {                                                                                                     \
         const int64_t nkb = (j->k + SDK_TILE_COLS - 1) / SDK_TILE_COLS;                                      \
         float yt[SDK_TILE_ROWS][8] __attribute__((aligned(64)));                                             \
-        __m256i ix[8];                                                                                       \
-        for (int u = 0; u < 8; u++) ix[u] = _mm256_set1_epi32(u);                                            \
-        (void)ix; /* LANES8_STEP_PERM's; STEP_INLANE has none */                                             \
+        STEP##_SETUP;                                                                                        \
         for (int64_t t = t0; t < t1; t++) {                                                                  \
             const uint8_t *cnt = j->tile_counts + t * nkb * SDK_TILE_ROWS;                                   \
             const uint8_t *c8 = j->tile_cols + j->tile_ptr[t];                                               \
