@@ -61,7 +61,7 @@ enum { ERR_ISA = -2, ERR_ARGS = -1, ERR_NOMEM = -3 };
 #define SDK_TILE_ROWS 32
 #define SDK_TILE_COLS 128
 #define SDK_TILE_LANES 64
-#define SDK_TILE_GROUP 16 /* 64 lanes: tiles walked together K block by K block (x block reused by 512 rows) */
+#define SDK_TILE_GROUP 16 /* TILES_BODY: tiles walked together K block by K block (x block reused by 512 rows) */
 #define SDK_TILE_SMALL_LANES 8 /* batches up to 8: x transposed [K, 8] (decode of a few sequences) */
 /* x transposed is walked in K blocks of about SDK_XBLOCK_BYTES at density >= 0.3, larger in proportion below that
  * (up to 4x): 48 KB (mostly L1) measured 1.10-1.25x faster than 192 KB (L2) at batch 64 and 128, 50 and 70 %,
@@ -279,6 +279,10 @@ static void transpose(int isa, const float *src, int64_t lds, int64_t rows, int6
     if (isa == ISA_AVX2 || isa == ISA_AVX512) { transpose_avx2(src, lds, rows, rpad, cols, dst, ldd); return; }
 #endif
     transpose_plain(src, lds, rows, rpad, cols, dst, ldd, 0, 0);
+}
+/* x [b, k] -> [k, bp], padding lanes zero. */
+static void transpose_x(int isa, const float *x, int64_t b, int64_t k, int64_t bp, float *dst) {
+    transpose(isa, x, k, b, bp, k, dst, bp);
 }
 static inline void store_rows(const job_t *j, int64_t r0, int rows, const float *sums, int64_t ld) {
     transpose(j->isa, sums, ld, rows, rows, j->b, j->y + r0, j->n);
@@ -1133,8 +1137,7 @@ __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void rows_avx
                                            _mm256_broadcast_ps((const __m128 *)tail_mask[c - e])));          \
     } while (0)
 /* Tile form, 64 lanes: AVX2 8 vectors of 8 lanes an element (8 accumulators: A = 1; 16 registers), AVX-512 4 of 16
- * (A = 2). 8 lanes: TILES8_BODY (AVX-512 has 32 vector registers; AVX2's 16 hold the 8 indices, 4 accumulators and
- * the weights). One function each. */
+ * (A = 2). 8 lanes: TILES8_BODY, the 8-lane loop above (4 accumulators). One function each. */
 __attribute__((target("avx2,fma,popcnt"))) static void tiles_avx2(const job_t *j, int64_t t0, int64_t t1,
                                                                    float *ytg) {
     TILES_BODY(__m256, _mm256, 8, 1, SDK_TILE_LANES, TILE_ELEMS_INLANE_AVX2);
@@ -1342,7 +1345,7 @@ static __thread float *tl_val;
 static __thread int64_t tl_off_cap;
 static __thread float *tl_yt;
 static __thread int64_t tl_yt_cap;
-static __thread float *tl_tiles; /* the tile form's partial sums, SDK_TILE_GROUP tiles of 64 lanes (128 KB) */
+static __thread float *tl_tiles; /* TILES_BODY's partial sums, SDK_TILE_GROUP tiles of up to 64 lanes (128 KB) */
 
 static void int8_part(const job_t *j, int64_t u0, int64_t u1);
 
@@ -1552,7 +1555,6 @@ static int run_balanced(job_t *j, int threads, const int64_t *ptr, int64_t units
     return atomic_load(j->failed) ? ERR_NOMEM : 0;
 }
 
-
 static float *scratch;
 static int64_t scratch_cap;
 
@@ -1614,7 +1616,7 @@ static int bitmask_matmul(const float *x, int64_t b, int64_t k, const uint16_t *
                 if (w < 16) memset(dst + w, 0, (size_t)(16 - w) * sizeof(float));
             }
     } else { /* transposed to [K, bp] */
-        transpose(isa, x, k, b, j.bp, k, scratch, j.bp); /* x [b, k] -> [k, bp], padding lanes 0 */
+        transpose_x(isa, x, b, k, j.bp, scratch);
     }
     j.x = scratch;
     return run_balanced(&j, threads, block_ptr, j.nb, SDK_ROWS * j.g); /* per block: its mask walk */
@@ -1678,7 +1680,7 @@ SDK_EXPORT int sdk_rows_matmul(const float *x, int64_t b, int64_t k, const int64
         j.x = x;
     } else {
         if (reserve_scratch(k * j.bp)) { pthread_mutex_unlock(&pool.call_lock); return ERR_NOMEM; }
-        transpose(isa, x, k, b, j.bp, k, scratch, j.bp); /* x [b, k] -> [k, bp], padding lanes 0 */
+        transpose_x(isa, x, b, k, j.bp, scratch);
         j.x = scratch;
     }
     return run_balanced(&j, threads, row_ptr, n, 16); /* per row: its reduction and b scattered stores */
@@ -1747,7 +1749,7 @@ SDK_EXPORT int sdk_tiles_matmul(const float *x, int64_t b, int64_t k, const int6
     pthread_mutex_lock(&pool.call_lock);
     const int64_t kpad = nkb * SDK_TILE_COLS; /* the 8-lane loop may read a row's tail from anywhere in its K block */
     if (reserve_scratch(kpad * lanes)) { pthread_mutex_unlock(&pool.call_lock); return ERR_NOMEM; }
-    transpose(isa, x, k, b, lanes, k, scratch, lanes); /* x [b, k] -> [k, lanes], padding lanes 0 */
+    transpose_x(isa, x, b, k, lanes, scratch);
     memset(scratch + k * lanes, 0, (size_t)((kpad - k) * lanes) * sizeof(float));
     j.x = scratch;
     return run_balanced(&j, threads, tile_ptr, tiles, nkb * SDK_TILE_ROWS * 8); /* per tile: its row visits */
