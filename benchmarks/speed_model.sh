@@ -14,14 +14,19 @@
 #   sparsecpu1b the speed-only LLaMA-1B-like model, magnitude 70%: --target sparse-cpu against the dense export in
 #             ONNX Runtime, batch 1, prompt 64 + 64 new tokens, 1 and 2 threads (issue 17's 1B-like row). ~12 GB of RAM.
 #             Also its 2:4 prune on 1 thread.
+#   deepsparse1b DeepSparse 1.8 on sparsecpu1b's 70 % row (the same magnitude-70% checkpoint, batch 1, 1 thread): its
+#             decoder stack over the 64-token prompt and a decode step over a 64-token cache (static forms: whole
+#             generations of both variants would hold ~18 GB of graphs in one process). Run sparsecpu1b first.
+#             Disk: ~20 GB an export (--target deepsparse also writes generate's pair) and ~8 GB under TMPDIR while
+#             bench runs (the DeepSparse worker gets copies of the forms it times).
 #   ortop     sparsecpu's and sparsecpu1b's 70 % rows, 1 and 2 threads, with a third variant: the sparse-cpu export run whole in
 #             one ONNX Runtime session with sparsedeploy's custom-op library (scripts/build_ort_op.sh; bench
 #             --ort-op-library). Needs the two exports (run sparsecpu and sparsecpu1b first).
 #   bench --engine ort / sparse-cpu computes the prefill's logits for the last position only in both models (as the
 #   DeepSparse runner does; docs/bench.md), since 2026-12-03.
-#   [SPEED_MODEL_OUT=DIR] bash benchmarks/speed_model.sh [WORK_DIR] [smollm2|llama1b|sparsecpu|deepsparse70|sparsecpu1b|ortop|all]
+#   [SPEED_MODEL_OUT=DIR] bash benchmarks/speed_model.sh [WORK_DIR] [smollm2|llama1b|sparsecpu|deepsparse70|sparsecpu1b|deepsparse1b|ortop|all]
 #     -> benchmarks/results/speed_model/{ort,deepsparse}_{wanda50,wanda24,llama1b_mag70,llama1b_mag24}/,
-#        sparse_cpu_wanda70_t{1,2}/, deepsparse_wanda70_t1/, sparse_cpu_llama1b_mag70_t1/,
+#        sparse_cpu_wanda70_t{1,2}/, deepsparse_wanda70_t1/, sparse_cpu_llama1b_mag70_t1/, deepsparse_llama1b_mag70_t1/,
 #        sparse_cpu_ort_op_{wanda70,llama1b_mag70}_t{1,2}/
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,6 +35,15 @@ part="${2:-smollm2}"
 out="${SPEED_MODEL_OUT:-$here/benchmarks/results/speed_model}"  # another machine: e.g. .../speed_model/intel_xeon
 py="${PYTHON:-$here/.venv/bin/python}"
 sd=("${SPARSEDEPLOY:-$here/.venv/bin/sparsedeploy}" -q)
+case "$part" in
+  smollm2 | llama1b | sparsecpu | deepsparse70 | sparsecpu1b | deepsparse1b | ortop | all) ;;
+  *) echo "speed_model.sh: unknown part '$part': use smollm2, llama1b, sparsecpu, deepsparse70, sparsecpu1b, deepsparse1b, ortop or all" >&2
+     exit 2 ;;
+esac
+if [[ "$part" == deepsparse1b && ! -f "$work/llama1b/mag70/report.json" ]]; then
+  echo "speed_model.sh: $work/llama1b/mag70 is missing: run the sparsecpu1b part with the same WORK_DIR first" >&2
+  exit 2
+fi
 export OMP_NUM_THREADS=1 NM_DISABLE_ANALYTICS=1
 mkdir -p "$work" "$out"
 
@@ -124,6 +138,18 @@ if [[ "$part" == sparsecpu1b || "$part" == all ]]; then
   [[ -f "$l/mag24_sc/model.onnx" ]] || "${sd[@]}" export --model "$l/mag24" --target sparse-cpu --output "$l/mag24_sc" --overwrite
   OMP_NUM_THREADS=1 "${sd[@]}" bench --engine sparse-cpu --model "$l/mag24_sc" --baseline "$l/dense_onnx" --batch 1 \
     --prompt-len 64 --gen-len 64 --threads 1 --rounds 3 -o "$out/sparse_cpu_llama1b_mag24_t1" --overwrite
+fi
+
+if [[ "$part" == deepsparse1b || "$part" == all ]]; then
+  l="$work/llama1b"
+  "${sd[@]}" engines install deepsparse
+  forms=(--target deepsparse --bench-batch 1 --bench-prompt-len 64 --bench-gen-len 0 --deepsparse-context 128 --no-verify
+    --overwrite)
+  for v in dense mag70; do
+    [[ -f "$l/${v}_ds64/export_report.json" ]] || "${sd[@]}" export --model "$l/$v" --output "$l/${v}_ds64" "${forms[@]}"
+  done
+  "${sd[@]}" bench --engine deepsparse --model "$l/mag70_ds64" --baseline "$l/dense_ds64" --batch 1 --prompt-len 64 \
+    --gen-len 0 --threads 1 --rounds 3 -o "$out/deepsparse_llama1b_mag70_t1" --overwrite
 fi
 
 if [[ "$part" == ortop || "$part" == all ]]; then
