@@ -35,11 +35,11 @@ part="${2:-smollm2}"
 out="${SPEED_MODEL_OUT:-$here/benchmarks/results/speed_model}"  # another machine: e.g. .../speed_model/intel_xeon
 py="${PYTHON:-$here/.venv/bin/python}"
 sd=("${SPARSEDEPLOY:-$here/.venv/bin/sparsedeploy}" -q)
-case "$part" in
-  smollm2 | llama1b | sparsecpu | deepsparse70 | sparsecpu1b | deepsparse1b | ortop | all) ;;
-  *) echo "speed_model.sh: unknown part '$part': use smollm2, llama1b, sparsecpu, deepsparse70, sparsecpu1b, deepsparse1b, ortop or all" >&2
-     exit 2 ;;
-esac
+parts=(smollm2 llama1b sparsecpu deepsparse70 sparsecpu1b deepsparse1b ortop all)
+if [[ " ${parts[*]} " != *" $part "* ]]; then
+  echo "speed_model.sh: unknown part '$part': use one of ${parts[*]}" >&2
+  exit 2
+fi
 if [[ "$part" == deepsparse1b && ! -f "$work/llama1b/mag70/report.json" ]]; then
   echo "speed_model.sh: $work/llama1b/mag70 is missing: run the sparsecpu1b part with the same WORK_DIR first" >&2
   exit 2
