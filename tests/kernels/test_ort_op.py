@@ -4,10 +4,16 @@ references, on bad weights (an error status, not a crash) and, on the real model
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import REPO
 from onnx import TensorProto, helper, numpy_helper
 
 from sparsedeploy.common.errors import UserError
@@ -162,6 +168,48 @@ def test_a_malformed_weight_is_an_error_naming_it_not_a_crash(ort_op_library):
     options.add_session_config_entry("sparsedeploy.threads", "0")
     with pytest.raises(UserError, match=r"`sparsedeploy.threads` must be a thread count >= 1, got '0'"):
         register_op_library(options, ort_op_library, None)
+
+
+UNLOAD_CHILD = """
+import gc, sys
+import numpy as np, onnxruntime as ort
+from sparsedeploy.onnx.storage import register_op_library
+library, model, x, expected = sys.argv[1], sys.argv[2], np.load(sys.argv[3]), np.load(sys.argv[4])
+for _ in range(20):
+    options = ort.SessionOptions()
+    register_op_library(options, library, 2)
+    (y,) = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    del options  # with the session gone too, ONNX Runtime releases the library
+    gc.collect()
+    assert np.allclose(y, expected, rtol=1e-5, atol=1e-4)
+    assert any(library in line for line in open("/proc/self/maps")), "the library was unloaded"
+print("ok")
+"""
+
+
+def test_onnx_runtime_cannot_unload_the_library_under_its_kernel_threads(ort_op_library, tmp_path):
+    """ONNX Runtime unloads a custom-op library when the session options that registered it go, but the library's
+    kernel threads outlive the call (detached, spinning ~2 ms for the next one) inside its code: it is linked
+    NODELETE. Without that, on a 16-core Intel Xeon (GCC 13) the first 2-thread run whose session was then dropped
+    crashed the process (SIGSEGV in a kernel thread at an unmapped address); here GCC 12's unique symbols happened to
+    pin it, so the flag itself is checked too."""
+    dynamic = subprocess.run(["readelf", "-d", str(ort_op_library)], capture_output=True, text=True, check=True)
+    assert re.search(r"FLAGS_1\b.*\bNODELETE\b", dynamic.stdout), dynamic.stdout
+    w = WEIGHTS["70 %, K and N odd"].astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((7, w.shape[0])).astype(np.float32)
+    onnx.save(sparse_linear_model(w, 2), tmp_path / "model.onnx")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "expected.npy", x.astype(np.float64) @ w.astype(np.float64))
+    args = [str(ort_op_library)] + [str(tmp_path / f) for f in ("model.onnx", "x.npy", "expected.npy")]
+    child = subprocess.run(
+        [sys.executable, "-c", UNLOAD_CHILD, *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 0 and child.stdout.split() == ["ok"], child.stdout + child.stderr[-2000:]
 
 
 @pytest.mark.slow
