@@ -394,6 +394,10 @@ def test_the_row_form_is_picked_more_with_sparsity_and_batch():
     # prefill on AVX2, "amd" profile: the tile form up to 92 % (the row form past it), 85 % elsewhere
     assert not takes_rows(128, 0.1, "avx2", "amd") and takes_rows(128, 0.05, "avx2", "amd")
     assert takes_rows(128, 0.1, "avx512", "amd") and takes_rows(128, 0.1, "avx2", "intel")
+    # batch 8 on the "intel" profile's AVX-512 path: the row form up to 32 % stored (its 8-lane loop measured ahead
+    # of the expand form at 70 % on Emerald Rapids); batch 7 keeps b / 32
+    assert takes_rows(8, 0.3, "avx512", "intel") and not takes_rows(8, 0.35, "avx512", "intel")
+    assert not takes_rows(7, 0.3, "avx512", "intel") and not takes_rows(8, 0.3, "avx512", "amd")
     # batches 2-8 have one rule on both profiles, but the "amd" profile runs 5-8 over 12 % stored in the tile form
     for isa in ("avx512", "avx2"):
         for b in range(2, 9):

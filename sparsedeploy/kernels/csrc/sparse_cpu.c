@@ -1781,6 +1781,12 @@ enum { FORM_AUTO = 0, FORM_BITMASK = 1, FORM_ROWS = 2, FORM_TILES = 3 };
  * 1.78-1.88x at 70 %, 1.18-1.25x at 50 %, 2:4 1.28-1.39x, 80 % 2.25-2.32x against the row form's 1.94-2.16x, 85 %
  * 2.80-2.87x against 2.28-2.87x, 90 % 3.45-3.77x against 3.77-3.96x; batch 6 ahead of the expand form, batch 5 a tie
  * at 70 % and ahead at 50 %, batch 4 behind; docs/sparse_cpu.md). */
+/* The "intel" profile on AVX-512 at batch 8: the row form up to this density, past b / 32 (the row form's 8-lane loop
+ * came later than that rule). Emerald Rapids, 16-CPU guest, 2026-12-04, cold 1B-like shapes, 70 %, alternating in one
+ * process: the row form (its 8-lane loop, the same code on AVX2 and AVX-512 up to batch 8) 1.78-2.63x of ORT dense
+ * against the expand form's 1.48-2.23x, 1.12-1.19x ahead on 2048 x 2048 and 2048 x 5632 at 1 and 2 threads; 80 %:
+ * the row form on both paths, 2.42-3.74x. Batches 2-7 were not measured again. */
+#define SDK_ROWS_B8_AVX512_INTEL_MAX_DENSITY 0.32
 #define SDK_SMALL_TILE_MIN_BATCH 5
 #define SDK_SMALL_TILE_MIN_DENSITY 0.12
 
@@ -1792,7 +1798,8 @@ enum { FORM_AUTO = 0, FORM_BITMASK = 1, FORM_ROWS = 2, FORM_TILES = 3 };
  *     form ran 4.0-4.1x of ORT dense, the expand-load GEMV 2.8-3.3x), ~0.2 on the 256-bit GEMV (AVX2) and the
  *     compress GEMV (AVX-512 on the AMD profile; Zen 4, 80 %: the row form 1.92-2.32x, it 1.82-2.07x), ~0.25 on
  *     the gather GEMV (AVX2 on the AMD profile, against the row form's insertps loop: SDK_ROWS_B1_AVX2_AMD_MAX_DENSITY);
- *   batch 2-8 (the expand form): from ~0.06 at batch 2 to ~0.25-0.3 at batch 8 on AVX-512 (density <= b / 32), from
+ *   batch 2-8 (the expand form): from ~0.06 at batch 2 to ~0.25-0.3 at batch 8 on AVX-512 (density <= b / 32; batch 8
+ *     on the Intel profile up to SDK_ROWS_B8_AVX512_INTEL_MAX_DENSITY, measured again with the 8-lane row loop), from
  *     ~0.15 to ~0.45 on AVX2 ((b + 1) / 20), whose expand costs more (the AMD profile asks the 8-lane tile form
  *     first for 5-8: pick_form);
  *   batch 9-32 (where the bitmask form is the broadcast GEMM): at 50-90 % on every path;
@@ -1808,6 +1815,8 @@ static int row_form_pays(int64_t b, double density, int isa, int profile) {
     if (isa == ISA_PORTABLE || b > SDK_EXPAND_MAX_B) return 1;
     if (b == 1 && isa == ISA_AVX2 && profile == PROFILE_AMD) return density <= SDK_ROWS_B1_AVX2_AMD_MAX_DENSITY;
     if (b == 1) return density <= (isa == ISA_AVX512 && profile == PROFILE_INTEL ? 0.12 : SDK_DENSITY_80);
+    if (b == SDK_EXPAND_MAX_B && isa == ISA_AVX512 && profile == PROFILE_INTEL)
+        return density <= SDK_ROWS_B8_AVX512_INTEL_MAX_DENSITY;
     return density <= (isa == ISA_AVX512 ? (double)b / 32 : (double)(b + 1) / 20);
 }
 
