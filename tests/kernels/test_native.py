@@ -1,7 +1,10 @@
 """The native sparse-cpu kernels against a float64 dense reference, on every dispatch path this CPU runs."""
 
 import gc
+import os
 import platform
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -761,3 +764,57 @@ def test_attention_bad_input_is_refused(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         kernels.attention(args["qkv"], (2, 2), args["cos"], args["sin"], args["past"], args["mask"], (1.0, 1.0))
+
+
+FORK_CHILD = """
+import os, sys, threading, time
+import numpy as np
+from sparsedeploy.kernels import native
+from sparsedeploy.kernels.format import pack
+rng = np.random.default_rng(0)
+w = rng.standard_normal((2048, 1024)).astype(np.float32)
+w[rng.random(w.shape) < 0.5] = 0
+p, x = pack(w), rng.standard_normal((64, 1024)).astype(np.float32)
+ref = x.astype(np.float64) @ w.T.astype(np.float64)
+stop = False
+def busy():  # another thread's calls, one in flight at almost any moment
+    while not stop:
+        native.matmul(x, p, threads=2)
+busy_thread = threading.Thread(target=busy)
+busy_thread.start()
+time.sleep(0.2)
+codes = []
+for _ in range(3):
+    pid = os.fork()
+    if pid == 0:
+        y = native.matmul(x, p, threads=2)
+        ok = np.allclose(y, ref, rtol=1e-4, atol=1e-3) and len(os.listdir("/proc/self/task")) >= 2
+        os._exit(0 if ok else 3)
+    deadline = time.time() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            codes.append(os.waitstatus_to_exitcode(status))
+            break
+        if time.time() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            codes.append("hung")
+            break
+        time.sleep(0.05)
+stop = True
+busy_thread.join()
+print(codes)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not Path("/proc/self/task").is_dir(), reason="needs fork and /proc")
+def test_a_forked_child_runs_its_calls_on_its_own_threads():
+    """A pre-forking server loads the model, then forks: the child inherits none of the kernel threads, and a lock held
+    at the fork by another thread's call would stay held in it. Forked while another thread's 2-thread calls run, each
+    child's own 2-thread call must finish, be right and start the child's own worker (before the pool's fork
+    handlers: every child hung, 5 of 5 here; without another thread's call, the child ran on one thread alone)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}  # 3.12+: fork with threads running
+    out = subprocess.run([sys.executable, "-c", FORK_CHILD], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "[0, 0, 0]", out.stdout + out.stderr[-2000:]

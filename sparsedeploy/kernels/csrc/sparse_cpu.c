@@ -1488,7 +1488,30 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
+/* fork (a pre-forking server that loaded the model first): the child inherits none of the workers, and a lock held
+ * at the fork by a worker or by a call on another thread would stay held there. So a fork waits for the call in flight
+ * (prepare takes both locks; the POSIX pthread_atfork idiom), and the child starts with an empty pool: its first call
+ * on several threads starts its own workers (before this, every call of the child ran on its calling thread alone). */
+static void pool_fork_prepare(void) {
+    pthread_mutex_lock(&pool.call_lock);
+    pthread_mutex_lock(&pool.lock);
+}
+static void pool_fork_parent(void) {
+    pthread_mutex_unlock(&pool.lock);
+    pthread_mutex_unlock(&pool.call_lock);
+}
+static void pool_fork_child(void) {
+    pool.started = 0;
+    pool.sleepers = 0;
+    pthread_cond_init(&pool.wake, NULL); /* its waiters were the parent's workers */
+    pthread_mutex_unlock(&pool.lock);
+    pthread_mutex_unlock(&pool.call_lock);
+}
+static pthread_once_t pool_fork_once = PTHREAD_ONCE_INIT;
+static void pool_fork_register(void) { pthread_atfork(pool_fork_prepare, pool_fork_parent, pool_fork_child); }
+
 static int pool_ensure(int nthreads) {
+    pthread_once(&pool_fork_once, pool_fork_register);
     while (pool.started < nthreads - 1) {
         pthread_t th;
         pthread_attr_t attr;
