@@ -813,7 +813,7 @@ def test_a_forked_child_runs_its_calls_on_its_own_threads():
     """A pre-forking server loads the model, then forks: the child inherits none of the kernel threads, and a lock held
     at the fork by another thread's call would stay held in it. Forked while another thread's 2-thread calls run, each
     child's own 2-thread call must finish, be right and start the child's own worker (before the pool's fork
-    handlers: every child hung, 5 of 5 here; without another thread's call, the child ran on one thread alone)."""
+    handlers every child hung, 3 of 3 here; a child forked with no call in flight ran on one thread alone)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}  # 3.12+: fork with threads running
     out = subprocess.run([sys.executable, "-c", FORK_CHILD], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
