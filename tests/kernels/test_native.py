@@ -776,10 +776,10 @@ w = rng.standard_normal((2048, 1024)).astype(np.float32)
 w[rng.random(w.shape) < 0.5] = 0
 p, x = pack(w), rng.standard_normal((64, 1024)).astype(np.float32)
 ref = x.astype(np.float64) @ w.T.astype(np.float64)
-stop = False
+stop, busy_threads = False, int(sys.argv[1])
 def busy():  # another thread's calls, one in flight at almost any moment
     while not stop:
-        native.matmul(x, p, threads=2)
+        native.matmul(x, p, threads=busy_threads)
 busy_thread = threading.Thread(target=busy)
 busy_thread.start()
 time.sleep(0.2)
@@ -809,12 +809,18 @@ print(codes)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork") or not Path("/proc/self/task").is_dir(), reason="needs fork and /proc")
-def test_a_forked_child_runs_its_calls_on_its_own_threads():
+@pytest.mark.parametrize("busy_threads", [1, 2])
+def test_a_forked_child_runs_its_calls_on_its_own_threads(busy_threads):
     """A pre-forking server loads the model, then forks: the child inherits none of the kernel threads, and a lock held
-    at the fork by another thread's call would stay held in it. Forked while another thread's 2-thread calls run, each
-    child's own 2-thread call must finish, be right and start the child's own worker (before the pool's fork
-    handlers every child hung, 3 of 3 here; a child forked with no call in flight ran on one thread alone)."""
+    at the fork by another thread's call would stay held in it. Forked while another thread's calls run (on
+    busy_threads threads), each child's own 2-thread call must finish, be right and start the child's own worker.
+    Before the pool's fork handlers every child hung (3 of 3 with 2 busy threads), and one forked with no call in
+    flight ran on one thread alone. With 1 busy thread the parent never starts a worker, yet each call holds the lock:
+    with the handlers registered at the first worker instead of at load, children hung (4 of 5 in a probe, 2 of 3
+    here)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}  # 3.12+: fork with threads running
-    out = subprocess.run([sys.executable, "-c", FORK_CHILD], capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", FORK_CHILD, str(busy_threads)], capture_output=True, text=True, timeout=300, env=env
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[-2] == "[0, 0, 0]", out.stdout + out.stderr[-2000:]

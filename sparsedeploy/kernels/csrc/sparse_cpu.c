@@ -1507,11 +1507,13 @@ static void pool_fork_child(void) {
     pthread_mutex_unlock(&pool.lock);
     pthread_mutex_unlock(&pool.call_lock);
 }
-static pthread_once_t pool_fork_once = PTHREAD_ONCE_INIT;
-static void pool_fork_register(void) { pthread_atfork(pool_fork_prepare, pool_fork_parent, pool_fork_child); }
+/* Registered when the library loads: every call takes call_lock, one-thread calls too, so a fork needs the handlers
+ * before any worker exists (glibc drops them if the library is unloaded). */
+__attribute__((constructor)) static void pool_fork_register(void) {
+    pthread_atfork(pool_fork_prepare, pool_fork_parent, pool_fork_child);
+}
 
 static int pool_ensure(int nthreads) {
-    pthread_once(&pool_fork_once, pool_fork_register);
     while (pool.started < nthreads - 1) {
         pthread_t th;
         pthread_attr_t attr;
