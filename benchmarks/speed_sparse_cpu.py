@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sparsedeploy.bench.matmul_cpu import random_pruned_linear  # noqa: E402
+from sparsedeploy.common.errors import UserError  # noqa: E402
 from sparsedeploy.common.files import write_json_atomic  # noqa: E402
 from sparsedeploy.common.sparsity import parse_sparsity  # noqa: E402
 from sparsedeploy.common.timing import summarize  # noqa: E402
@@ -536,8 +537,8 @@ def select_shapes(spec: str) -> list[Shape]:
         else:
             match = [s for s in SMOLLM2 + LLAMA1B if s.name == part]
             if not match:
-                raise SystemExit(
-                    f"error: unknown shape {part!r}: use smollm2, 1b or one of {[s.name for s in SMOLLM2 + LLAMA1B]}"
+                raise ValueError(
+                    f"unknown shape {part!r}: use smollm2, 1b or one of {[s.name for s in SMOLLM2 + LLAMA1B]}"
                 )
             out += match
     return out
@@ -585,10 +586,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return rc
 
-    shapes = select_shapes(args.shapes)
-    patterns = [p.strip() for p in args.patterns.split(",")]
-    for p in patterns:
-        parse_sparsity(p)
+    try:
+        shapes = select_shapes(args.shapes)
+        patterns = [p.strip() for p in args.patterns.split(",")]
+        for p in patterns:
+            parse_sparsity(p)
+    except (ValueError, UserError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     batches = [int(b) for b in args.batches.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
     load_before = loadavg()

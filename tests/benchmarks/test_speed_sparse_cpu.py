@@ -99,3 +99,19 @@ def test_bad_isa_is_one_error_line(tmp_path):
     )
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --isa neon")
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_unknown_shape_or_pattern_is_one_error_line(tmp_path):
+    for args, message in (
+        (["--shapes", "9x9"], "error: unknown shape '9x9'"),
+        (["--patterns", "0.5,abc"], "error: cannot read sparsity 'abc'"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "benchmarks/speed_sparse_cpu.py", *args, "--out", str(tmp_path)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2 and proc.stderr.strip().startswith(message), proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing half-written
