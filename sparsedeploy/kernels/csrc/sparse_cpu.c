@@ -1132,7 +1132,7 @@ __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void rows_avx
     do {                                                                                                     \
         int e = 0;                                                                                           \
         for (; e + 4 <= c; e += 4) {                                                                         \
-            if ((e & 15) == 0) prefetch_stream(v + e, SDK_PREFETCH_VALUE_BYTES / 2);                         \
+            if (prefetch_values && (e & 15) == 0) prefetch_stream(v + e, SDK_PREFETCH_VALUE_BYTES / 2);      \
             TILE_INLANE_STEP(_mm256_broadcast_ps((const __m128 *)(v + e)));                                  \
         }                                                                                                    \
         if (e < c)                                                                                           \
@@ -1143,6 +1143,10 @@ __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void rows_avx
  * (A = 2). 8 lanes: TILES8_BODY, the 8-lane loop above (4 accumulators). One function each. */
 __attribute__((target("avx2,fma,popcnt"))) static void tiles_avx2(const job_t *j, int64_t t0, int64_t t1,
                                                                    float *ytg) {
+    /* TILE_ELEMS_INLANE_AVX2 prefetches the values on the Intel profile only: without it, on Zen 3 (one thread,
+     * cold 1B-like shapes, benchmarks/ab_sparse_cpu_builds.py against the build with it): 50 % 1.02-1.07x, 70 %
+     * 1.00-1.04x, 90 % 1.00-1.04x at batches 64 / 128 (16 of 18 ahead), 1.01-1.04x on 2 threads (6 of 6). */
+    const int prefetch_values = cpu_profile != PROFILE_AMD;
     TILES_BODY(__m256, _mm256, 8, 1, SDK_TILE_LANES, TILE_ELEMS_INLANE_AVX2);
 }
 __attribute__((target("avx2,fma,popcnt"))) static void tiles8_avx2(const job_t *j, int64_t t0, int64_t t1) {
