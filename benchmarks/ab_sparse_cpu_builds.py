@@ -35,7 +35,7 @@ from speed_sparse_cpu import l3_bytes, machine, n_copies, select_shapes  # noqa:
 
 from sparsedeploy.bench.matmul_cpu import random_pruned_linear  # noqa: E402
 from sparsedeploy.common.errors import UserError  # noqa: E402
-from sparsedeploy.common.files import write_json_atomic  # noqa: E402
+from sparsedeploy.common.files import write_json_atomic, write_text_atomic  # noqa: E402
 from sparsedeploy.common.sparsity import parse_sparsity  # noqa: E402
 from sparsedeploy.kernels import pack  # noqa: E402
 from sparsedeploy.kernels.native import FORMS, ISAS, available_isas, library_path  # noqa: E402
@@ -245,10 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.out / "ab_sparse_cpu_builds.json", result)
-        md = args.out / "ab_sparse_cpu_builds.md"
-        tmp = md.with_name(f".{md.name}.tmp")
-        tmp.write_text(markdown(result))
-        tmp.replace(md)
+        write_text_atomic(args.out / "ab_sparse_cpu_builds.md", markdown(result))
     print(markdown(result))
     return 0
 

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from sparsedeploy.bench.matmul_cpu import random_pruned_linear  # noqa: E402
 from sparsedeploy.common.errors import UserError  # noqa: E402
-from sparsedeploy.common.files import write_json_atomic  # noqa: E402
+from sparsedeploy.common.files import write_json_atomic, write_text_atomic  # noqa: E402
 from sparsedeploy.common.sparsity import parse_sparsity  # noqa: E402
 from sparsedeploy.common.timing import summarize  # noqa: E402
 from sparsedeploy.kernels import available_isas, byte_bound_ceiling, matmul, pack  # noqa: E402
@@ -618,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     if old.exists() and "ci_baseline" in json.loads(old.read_text()):
         result["ci_baseline"] = json.loads(old.read_text())["ci_baseline"]
     write_json_atomic(old, result)
-    (args.out / "speed_sparse_cpu.md").write_text(markdown(result))
+    write_text_atomic(args.out / "speed_sparse_cpu.md", markdown(result))
     plot(result, args.out / "speed_sparse_cpu.png")
     print(markdown(result).split("## All rows")[0])
     return 0

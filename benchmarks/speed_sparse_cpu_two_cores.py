@@ -30,7 +30,7 @@ from speed_sparse_cpu import LLAMA1B, Evictor, l3_bytes, loadavg, machine, ort_m
 
 from sparsedeploy.bench.matmul_cpu import random_pruned_linear  # noqa: E402
 from sparsedeploy.common.errors import UserError  # noqa: E402
-from sparsedeploy.common.files import write_json_atomic  # noqa: E402
+from sparsedeploy.common.files import write_json_atomic, write_text_atomic  # noqa: E402
 from sparsedeploy.common.sparsity import parse_sparsity  # noqa: E402
 from sparsedeploy.kernels import best_isa, pack  # noqa: E402
 from sparsedeploy.kernels.native import BoundMatmul  # noqa: E402
@@ -186,10 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "speed_sparse_cpu_two_cores.json", result)
-    md = args.out / "speed_sparse_cpu_two_cores.md"
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text(markdown(result))
-    tmp.replace(md)
+    write_text_atomic(args.out / "speed_sparse_cpu_two_cores.md", markdown(result))
     print(markdown(result))
     return 0
 

@@ -40,3 +40,23 @@ def test_off_the_main_thread_it_holds_nothing_and_breaks_nothing():
     t.start()
     t.join()
     assert ran == [True]
+
+
+def test_write_text_atomic_replaces_the_file_whole_or_not_at_all(tmp_path):
+    from sparsedeploy.common.files import write_text_atomic
+
+    target = tmp_path / "out" / "report.md"
+    write_text_atomic(target, "old\n")  # the folder is made
+    assert target.read_text() == "old\n"
+    with pytest.raises(UnicodeEncodeError):  # a real failure inside the write: a lone surrogate cannot be encoded
+        write_text_atomic(target, "new " * 10000 + "\ud800")
+    assert target.read_text() == "old\n"
+    assert [p.name for p in target.parent.iterdir()] == ["report.md"]  # the temporary file is gone
+    write_text_atomic(target, "new\n")
+    assert target.read_text() == "new\n" and oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
