@@ -242,8 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(args.isa or available_isas()[0]),
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
+    if args.out:  # the folder is made by the writes
         write_json_atomic(args.out / "ab_sparse_cpu_builds.json", result)
         write_text_atomic(args.out / "ab_sparse_cpu_builds.md", markdown(result))
     print(markdown(result))

@@ -184,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_after": loadavg(),
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "speed_sparse_cpu_two_cores.json", result)
+    write_json_atomic(args.out / "speed_sparse_cpu_two_cores.json", result)  # makes the folder
     write_text_atomic(args.out / "speed_sparse_cpu_two_cores.md", markdown(result))
     print(markdown(result))
     return 0
