@@ -1110,7 +1110,8 @@ __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void rows_avx
  * one vbroadcastf128 and each broadcast in-lane (vpermilps), their columns one 32-bit word; the last 1-3 as one more
  * step with the values past c zeroed (the columns read there are the next row's, or format.COL_PAD's zeros: inside
  * the K block). 8.5 loads an element against 10 (a broadcast and a column byte each): Zen 3, an L1-resident C loop
- * at 50 %, 3.59 against 4.07 TSC cycles an element (docs/sparse_cpu.md). */
+ * at 50 %, 3.59 against 4.07 TSC cycles an element (docs/sparse_cpu.md). Values are prefetched where the function
+ * it is expanded in sets `prefetch_values` (tiles_avx2: the Intel profile only). */
 #define TILE_INLANE_FMA(s, u)                                                                                \
     do {                                                                                                     \
         const __m256 w = _mm256_permute_ps(wq, s);                                                           \
