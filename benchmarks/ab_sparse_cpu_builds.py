@@ -38,7 +38,7 @@ from sparsedeploy.common.errors import UserError  # noqa: E402
 from sparsedeploy.common.files import write_json_atomic, write_text_atomic  # noqa: E402
 from sparsedeploy.common.sparsity import parse_sparsity  # noqa: E402
 from sparsedeploy.kernels import pack  # noqa: E402
-from sparsedeploy.kernels.native import FORMS, ISAS, available_isas, library_path  # noqa: E402
+from sparsedeploy.kernels.native import FORMS, ISAS, NativeLibraryMissing, available_isas, library_path  # noqa: E402
 
 log = logging.getLogger("benchmarks.ab_sparse_cpu_builds")
 RTOL, ATOL = 1e-4, 1e-4
@@ -196,25 +196,26 @@ def main(argv: list[str] | None = None) -> int:
             raise BadInput(f"--isa {args.isa} does not run on this CPU: use one of {available_isas()}")
         if args.rounds < 2:
             raise BadInput(f"--rounds must be at least 2, got {args.rounds}")
-        for p in args.patterns.split(","):
-            parse_sparsity(p.strip())
+        patterns = [p.strip() for p in args.patterns.split(",")]
+        for p in patterns:
+            parse_sparsity(p)
         batches = [int(b) for b in args.batches.split(",")]
         threads = [int(t) for t in args.threads.split(",")]
         if min(batches) < 1 or min(threads) < 1:
             raise BadInput("--batches and --threads must be positive integers")
         shapes = select_shapes(args.shapes)
         libs = load(paths[0]), load(paths[1])
-    except (BadInput, UserError, ValueError) as e:
+    except (BadInput, NativeLibraryMissing, UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = []
+    rows, cold_bytes = [], 2 * l3_bytes()
     for shape in shapes:
-        for pattern in (p.strip() for p in args.patterns.split(",")):
+        for pattern in patterns:
             for batch in batches:
                 for t in threads:
                     try:
                         row = compare(
-                            libs, shape.k, shape.n, pattern, batch, t, args.isa, args.form, args.rounds, 2 * l3_bytes()
+                            libs, shape.k, shape.n, pattern, batch, t, args.isa, args.form, args.rounds, cold_bytes
                         )
                     except RuntimeError as e:
                         print(f"error: {e}", file=sys.stderr)

@@ -151,9 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except SystemExit as e:  # select_shapes' one-line message
-        print(e, file=sys.stderr)
-        return 2
     cases = prepare(shapes, patterns, batches)
     evict = Evictor(2 * l3_bytes())
     log.info("built %d cases; waiting %.0f s idle", len(cases), args.idle)

@@ -1,6 +1,7 @@
 """Two sparse-cpu builds side by side: the pairs it times, its refusal of a build that computes another y, bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -75,7 +76,7 @@ def test_a_build_that_computes_another_y_is_refused(tmp_path):
     src.write_text(WRONG_BUILD)
     lib = tmp_path / "_native_wrong.so"
     subprocess.run(["cc", "-O1", "-shared", "-fPIC", "-o", str(lib), str(src), "-ldl"], check=True)
-    env = {**__import__("os").environ, "AB_REAL_LIB": str(library_path())}
+    env = {**os.environ, "AB_REAL_LIB": str(library_path())}
     out = tmp_path / "out"
     proc = run(
         "installed",
