@@ -164,16 +164,18 @@ TILE_COLS = 128  # its columns a K block (SDK_TILE_COLS; uint8 columns within th
 @dataclass(frozen=True)
 class TileForm:
     """A weight's stored elements tile by tile, derived from a PackedLinear in memory (native.tile_form; +5 bytes a
-    stored element and one byte per 128 weights on top of the packed weight).
+    stored element and two bytes per 128 weights on top of the packed weight).
 
     Tile t (rows ``TILE_ROWS t`` ..) holds ``values[tile_ptr[t]:tile_ptr[t + 1]]``, K block by K block (columns
-    ``TILE_COLS kb`` ..), within a block row by row in column order: ``counts[t, kb, i]`` elements of row i, each at
+    ``TILE_COLS kb`` ..), within a block row by row in ascending count (ties in row order), each row's elements in
+    column order: the i-th row visited is tile row ``rows[t, kb, i]``, with ``counts[t, kb, i]`` elements, each at
     column ``TILE_COLS kb + cols[e]``. ``values`` ends with PAD zero floats like the bitmask form's, ``cols`` with
     COL_PAD zeros.
     """
 
     tile_ptr: np.ndarray  # int64 [tiles + 1]
-    counts: np.ndarray  # uint8 [tiles, K blocks, TILE_ROWS]
+    counts: np.ndarray  # uint8 [tiles, K blocks, TILE_ROWS]: the i-th visited row's elements in the block
+    rows: np.ndarray  # uint8 [tiles, K blocks, TILE_ROWS]: which tile row is visited i-th
     cols: np.ndarray  # uint8 [nnz + COL_PAD]
     values: np.ndarray  # float32 [nnz + PAD]
     shape: tuple[int, int]  # (N, K)
@@ -184,8 +186,8 @@ class TileForm:
 
     @property
     def kernel_nbytes(self) -> int:
-        """Bytes a matmul reads (tile pointers + counts + columns + values)."""
-        return int(self.tile_ptr.nbytes + self.counts.nbytes + self.cols.nbytes + self.values.nbytes)
+        """Bytes a matmul reads (tile pointers + counts + row order + columns + values)."""
+        return int(self.tile_ptr.nbytes + self.counts.nbytes + self.rows.nbytes + self.cols.nbytes + self.values.nbytes)
 
 
 def _as(a: np.ndarray, dtype: type, shape: tuple[int, ...], name: str) -> np.ndarray:

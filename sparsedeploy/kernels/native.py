@@ -106,11 +106,11 @@ def _lib() -> ctypes.CDLL:
     lib.sdk_row_form.restype = ctypes.c_int
     lib.sdk_row_form.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3
     lib.sdk_tile_form.restype = ctypes.c_int
-    lib.sdk_tile_form.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 4
+    lib.sdk_tile_form.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 5
     lib.sdk_tiles_matmul.restype = ctypes.c_int
     lib.sdk_tiles_matmul.argtypes = (
         [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-        + [ctypes.c_void_p] * 4
+        + [ctypes.c_void_p] * 5
         + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     )
     lib.sdk_pick_form.restype = ctypes.c_int
@@ -279,10 +279,11 @@ def tile_form(p: PackedLinear) -> TileForm:
     n, k = p.shape
     tile_ptr = np.empty(-(-n // TILE_ROWS) + 1, dtype=np.int64)
     counts = np.empty((-(-n // TILE_ROWS), -(-k // TILE_COLS), TILE_ROWS), dtype=np.uint8)
+    rows = np.empty_like(counts)
     cols = np.zeros(p.nnz + COL_PAD, dtype=np.uint8)
     values = np.zeros(p.nnz + PAD, dtype=np.float32)
-    _derive(p, "tile form", _lib().sdk_tile_form, tile_ptr, counts, cols, values)
-    return TileForm(tile_ptr=tile_ptr, counts=counts, cols=cols, values=values, shape=(n, k))
+    _derive(p, "tile form", _lib().sdk_tile_form, tile_ptr, counts, rows, cols, values)
+    return TileForm(tile_ptr=tile_ptr, counts=counts, rows=rows, cols=cols, values=values, shape=(n, k))
 
 
 class _Linear:

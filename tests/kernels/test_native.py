@@ -296,24 +296,32 @@ def test_four_of_eight_gemv_takes_batch_1_only():
 
 
 def tile_reference(w):
-    """The tile form by definition: per tile of 32 rows, per K block of 128 columns, per row, its stored elements
-    (not +-0.0) in column order, each column counted from its block's first."""
+    """The tile form by definition: per tile of 32 rows, per K block of 128 columns, its rows in ascending count of
+    stored elements (not +-0.0; ties in row order; rows past N hold none), each row's elements in column order, each
+    column counted from its block's first."""
     n, k = w.shape
     stored = (w.view(np.uint32) & np.uint32(0x7FFFFFFF)) != 0
     tiles, nkb = -(-n // 32), -(-k // 128)
-    tile_ptr, counts, cols, values = [0], np.zeros((tiles, nkb, 32), np.uint8), [], []
+    tile_ptr, counts, rows, cols, values = (
+        [0],
+        np.zeros((tiles, nkb, 32), np.uint8),
+        np.zeros((tiles, nkb, 32), np.uint8),
+        [],
+        [],
+    )
     for t in range(tiles):
         for kb in range(nkb):
-            for i in range(32):
-                r = 32 * t + i
-                if r >= n:  # rows past N: none stored
-                    continue
-                c = np.nonzero(stored[r, 128 * kb : 128 * (kb + 1)])[0]
-                counts[t, kb, i] = len(c)
-                cols += list(c)
-                values += list(w[r, 128 * kb + c])
+            found = [
+                np.nonzero(stored[32 * t + i, 128 * kb : 128 * (kb + 1)])[0] if 32 * t + i < n else np.array([], int)
+                for i in range(32)
+            ]
+            order = sorted(range(32), key=lambda i: len(found[i]))  # sorted() is stable
+            for v, i in enumerate(order):
+                rows[t, kb, v], counts[t, kb, v] = i, len(found[i])
+                cols += list(found[i])
+                values += list(w[32 * t + i, 128 * kb + found[i]]) if len(found[i]) else []
         tile_ptr.append(len(cols))
-    return np.array(tile_ptr), counts, np.array(cols, np.uint8), np.array(values, np.float32)
+    return np.array(tile_ptr), counts, rows, np.array(cols, np.uint8), np.array(values, np.float32)
 
 
 @pytest.mark.parametrize("name", list(WEIGHTS) + list(TILE_WEIGHTS) + ["nan, denormal, -0.0"])
@@ -325,16 +333,18 @@ def test_tile_form_is_the_stored_elements_tile_by_tile(name):
     else:
         w = WEIGHTS.get(name, TILE_WEIGHTS.get(name))
     tf = kernels.tile_form(pack(w))
-    tile_ptr, counts, cols, values = tile_reference(w)
+    tile_ptr, counts, rows, cols, values = tile_reference(w)
     assert tf.shape == w.shape and tf.nnz == len(cols)
     assert tf.tile_ptr.dtype == np.int64 and np.array_equal(tf.tile_ptr, tile_ptr)
     assert tf.counts.dtype == np.uint8 and np.array_equal(tf.counts, counts)
+    assert tf.rows.dtype == np.uint8 and np.array_equal(tf.rows, rows)
+    assert (np.diff(tf.counts.astype(int), axis=2) >= 0).all()  # each block's rows by ascending count
     assert tf.cols.dtype == np.uint8 and np.array_equal(tf.cols[: tf.nnz], cols)
     assert len(tf.cols) == tf.nnz + COL_PAD and not tf.cols[tf.nnz :].any()
     assert np.array_equal(tf.values[: tf.nnz].view(np.uint32), values.view(np.uint32))  # bit for bit
     assert len(tf.values) == tf.nnz + PAD and not tf.values[tf.nnz :].any()
-    assert not any(a.flags.writeable for a in (tf.tile_ptr, tf.counts, tf.cols, tf.values))
-    assert tf.kernel_nbytes == 8 * (counts.shape[0] + 1) + counts.size + 5 * tf.nnz + COL_PAD + 4 * PAD
+    assert not any(a.flags.writeable for a in (tf.tile_ptr, tf.counts, tf.rows, tf.cols, tf.values))
+    assert tf.kernel_nbytes == 8 * (counts.shape[0] + 1) + 2 * counts.size + 5 * tf.nnz + COL_PAD + 4 * PAD
 
 
 def test_tile_form_kernel_refuses_what_it_cannot_hold():
@@ -348,6 +358,7 @@ def test_tile_form_kernel_refuses_what_it_cannot_hold():
             30,
             tf.tile_ptr.ctypes.data,
             tf.counts.ctypes.data,
+            tf.rows.ctypes.data,
             tf.cols.ctypes.data,
             tf.values.ctypes.data,
             4,

@@ -103,7 +103,8 @@ typedef struct {
     const int64_t *row_ptr;   /* row-form job (sdk_rows_matmul): [N + 1]; NULL for a bitmask16 job */
     const uint16_t *cols;     /* row form: the column of each stored element */
     const int64_t *tile_ptr;  /* tile-form job (sdk_tiles_matmul): [tiles + 1]; NULL otherwise */
-    const uint8_t *tile_counts; /* tile form: [tiles, K blocks, SDK_TILE_ROWS] each row's stored elements a block */
+    const uint8_t *tile_counts; /* tile form: [tiles, K blocks, SDK_TILE_ROWS] each visited row's stored elements */
+    const uint8_t *tile_rows; /* tile form: [tiles, K blocks, SDK_TILE_ROWS] the tile row visited i-th (by count) */
     const uint8_t *tile_cols; /* tile form: each stored element's column within its K block */
 } job_t;
 
@@ -328,8 +329,11 @@ static void rows_portable(const job_t *j, int64_t r0, int64_t r1) {
 }
 
 /* Tile form (format.TileForm): tile t's stored elements start at tile_ptr[t]; within a tile, K block by K block, row by
- * row (tile_counts gives each row's count in each block), each element's column within its block (uint8) and value.
- * x transposed [K, L] (L lanes: SDK_TILE_LANES, or SDK_TILE_SMALL_LANES for batches up to 8). TILES_BODY walks
+ * row in ascending count (tile_rows gives the tile row visited i-th, tile_counts its count in the block), each
+ * element's column within its block (uint8) and value. The ascending order makes the rows' loop exits predictable
+ * (consecutive rows run the same number of steps): on Zen 4, one thread, against rows in tile order
+ * (benchmarks/ab_sparse_cpu_builds.py, cold 1B-like shapes, 50 / 70 %), batch 8 1.04-1.08x (AVX-512) and 1.06-1.11x
+ * (AVX2), batch 128 0.99-1.03x and 1.01-1.04x. x transposed [K, L] (L lanes: SDK_TILE_LANES, or SDK_TILE_SMALL_LANES for batches up to 8). TILES_BODY walks
  * SDK_TILE_GROUP tiles together, K block by K block, their rows' partial sums waiting in `ytg` (128 KB at 64 lanes,
  * L2) between K blocks: each tile's weight is a sequential stream, and each 32 KB block of x is loaded into L1 once
  * for the group's 512 rows (once per tile's 32 rows before: 1.10-1.30x slower at batch 128, Zen 3; the row form's
@@ -368,11 +372,12 @@ static void rows_portable(const job_t *j, int64_t r0, int64_t r1) {
                 const float *xb = j->x + kb * SDK_TILE_COLS * (L);                                           \
                 for (int g = 0; g < ng; g++) {                                                               \
                     const uint8_t *cnt = j->tile_counts + ((g0 + g) * nkb + kb) * SDK_TILE_ROWS;             \
+                    const uint8_t *rw = j->tile_rows + ((g0 + g) * nkb + kb) * SDK_TILE_ROWS;                \
                     const uint8_t *c8 = j->tile_cols + off[g];                                               \
                     const float *v = j->values + off[g];                                                     \
                     float(*yt)[(L)] = (float(*)[(L)])(ytg + (int64_t)g * SDK_TILE_ROWS * (L));               \
-                    for (int i = 0; i < SDK_TILE_ROWS; i++) {                                                \
-                        const int c = *cnt++;                                                                \
+                    for (int i_ = 0; i_ < SDK_TILE_ROWS; i_++) {                                             \
+                        const int c = *cnt++, i = *rw++;                                                     \
                         VEC acc[A][T]; /* from zero: the FMA chains need not wait for the L2 partial sums */ \
                         for (int a = 0; a < A; a++)                                                          \
                             for (int t_ = 0; t_ < T; t_++) acc[a][t_] = PFX##_setzero_ps();                  \
@@ -1084,12 +1089,13 @@ __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void rows_avx
         STEP##_SETUP;                                                                                        \
         for (int64_t t = t0; t < t1; t++) {                                                                  \
             const uint8_t *cnt = j->tile_counts + t * nkb * SDK_TILE_ROWS;                                   \
+            const uint8_t *rw = j->tile_rows + t * nkb * SDK_TILE_ROWS;                                      \
             const uint8_t *c8 = j->tile_cols + j->tile_ptr[t];                                               \
             const float *v = j->values + j->tile_ptr[t];                                                     \
             for (int64_t kb = 0; kb < nkb; kb++) {                                                           \
                 const char *xb = (const char *)(j->x + kb * SDK_TILE_COLS * 8);                              \
-                for (int i = 0; i < SDK_TILE_ROWS; i++) {                                                    \
-                    const int c = *cnt++;                                                                    \
+                for (int i_ = 0; i_ < SDK_TILE_ROWS; i_++) {                                                 \
+                    const int c = *cnt++, i = *rw++;                                                         \
                     __m256 a0 = kb ? _mm256_load_ps(yt[i]) : _mm256_setzero_ps(), a1 = _mm256_setzero_ps();  \
                     __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();                               \
                     for (int e = 0; e < c; e += 8) {                                                         \
@@ -1720,11 +1726,14 @@ SDK_EXPORT int sdk_rows_matmul(const float *x, int64_t b, int64_t k, const int64
 }
 
 /* The tile form of a bitmask16-v2 weight (format.TileForm): tiles = ceil(n / 32), K blocks = ceil(k / 128);
- * tile_ptr [tiles + 1], counts [tiles * K blocks * 32] (rows past n: 0), cols uint8 [nnz], out_values [nnz] (the caller
- * adds the padding: the 8-lane kernel reads up to 7 columns and values past a row's last element). */
+ * tile_ptr [tiles + 1], counts and rows_visited [tiles * K blocks * 32] (each block's tile rows in ascending count,
+ * ties in row order, rows past n holding 0), cols uint8 [nnz], out_values [nnz] (the caller adds the padding: the
+ * 8-lane kernel reads up to 7 columns and values past a row's last element). */
 SDK_EXPORT int sdk_tile_form(const uint16_t *mask, const float *values, const int64_t *block_ptr, int64_t n, int64_t k,
-                             int64_t *tile_ptr, uint8_t *counts, uint8_t *cols, float *out_values) {
-    if (n < 1 || k < 1 || !mask || !values || !block_ptr || !tile_ptr || !counts || !cols || !out_values)
+                             int64_t *tile_ptr, uint8_t *counts, uint8_t *rows_visited, uint8_t *cols,
+                             float *out_values) {
+    if (n < 1 || k < 1 || !mask || !values || !block_ptr || !tile_ptr || !counts || !rows_visited || !cols ||
+        !out_values)
         return ERR_ARGS;
     const job_t j = {.mask = mask, .n = n, .g = (k + 15) / 16, .nb = (n + SDK_ROWS - 1) / SDK_ROWS};
     enum { BLOCKS = SDK_TILE_ROWS / SDK_ROWS, GROUPS = SDK_TILE_COLS / 16 };
@@ -1733,31 +1742,48 @@ SDK_EXPORT int sdk_tile_form(const uint16_t *mask, const float *values, const in
     for (int64_t t = 0; t < tiles; t++) {
         tile_ptr[t] = c;
         int64_t cur[BLOCKS]; /* each block's values at the current K block */
-        for (int b = 0; b < BLOCKS; b++) cur[b] = t * BLOCKS + b < j.nb ? block_ptr[t * BLOCKS + b] : 0;
+        int rows[BLOCKS];    /* each block's rows (0 past N) */
+        for (int b = 0; b < BLOCKS; b++) {
+            const int64_t blk = t * BLOCKS + b;
+            cur[b] = blk < j.nb ? block_ptr[blk] : 0;
+            rows[b] = blk < j.nb ? rows_in_block(&j, blk) : 0;
+        }
         for (int64_t kb = 0; kb < nkb; kb++) {
             const int64_t g0 = kb * GROUPS, g1 = g0 + GROUPS < j.g ? g0 + GROUPS : j.g;
+            int64_t goff[BLOCKS][GROUPS + 1]; /* where each block's groups' values start */
+            int cnt[SDK_TILE_ROWS];           /* each tile row's elements in this K block */
+            uint8_t order[SDK_TILE_ROWS];     /* the rows by ascending count (stable: insertion) */
             for (int b = 0; b < BLOCKS; b++) {
-                const int64_t blk = t * BLOCKS + b;
-                const int rows = blk < j.nb ? rows_in_block(&j, blk) : 0;
-                int64_t goff[GROUPS + 1]; /* where each group's values start */
-                goff[0] = cur[b];
-                for (int64_t g = g0; g < g1 && rows; g++)
-                    goff[g - g0 + 1] = goff[g - g0] + __builtin_popcountll(group_masks(&j, blk, g));
+                goff[b][0] = cur[b];
+                for (int64_t g = g0; g < g1 && rows[b]; g++)
+                    goff[b][g - g0 + 1] = goff[b][g - g0] + __builtin_popcountll(group_masks(&j, t * BLOCKS + b, g));
                 for (int i = 0; i < SDK_ROWS; i++) {
                     int count = 0;
-                    for (int64_t g = g0; g < g1 && i < rows; g++) {
-                        const uint64_t mm = group_masks(&j, blk, g);
-                        const float *vr = values + goff[g - g0] + before_row(mm, i);
-                        for (unsigned bits = row_mask(mm, i); bits; bits &= bits - 1) {
-                            cols[c] = (uint8_t)((g - g0) * 16 + __builtin_ctz(bits));
-                            out_values[c++] = *vr++;
-                            count++;
-                        }
-                    }
-                    *counts++ = (uint8_t)count;
+                    for (int64_t g = g0; g < g1 && i < rows[b]; g++)
+                        count += __builtin_popcount(row_mask(group_masks(&j, t * BLOCKS + b, g), i));
+                    cnt[b * SDK_ROWS + i] = count;
                 }
-                if (rows) cur[b] = goff[g1 - g0];
             }
+            for (int r = 0; r < SDK_TILE_ROWS; r++) {
+                int p = r;
+                for (; p > 0 && cnt[order[p - 1]] > cnt[r]; p--) order[p] = order[p - 1];
+                order[p] = (uint8_t)r;
+            }
+            for (int v = 0; v < SDK_TILE_ROWS; v++) {
+                const int r = order[v], b = r / SDK_ROWS, i = r % SDK_ROWS;
+                *rows_visited++ = (uint8_t)r;
+                *counts++ = (uint8_t)cnt[r];
+                for (int64_t g = g0; g < g1 && i < rows[b]; g++) {
+                    const uint64_t mm = group_masks(&j, t * BLOCKS + b, g);
+                    const float *vr = values + goff[b][g - g0] + before_row(mm, i);
+                    for (unsigned bits = row_mask(mm, i); bits; bits &= bits - 1) {
+                        cols[c] = (uint8_t)((g - g0) * 16 + __builtin_ctz(bits));
+                        out_values[c++] = *vr++;
+                    }
+                }
+            }
+            for (int b = 0; b < BLOCKS; b++)
+                if (rows[b]) cur[b] = goff[b][g1 - g0];
         }
     }
     tile_ptr[tiles] = c;
@@ -1767,9 +1793,10 @@ SDK_EXPORT int sdk_tile_form(const uint16_t *mask, const float *values, const in
 /* y[b, n] = sum_k x[b, k] * W[n, k] for W in the tile form (sdk_tile_form's arrays), b <= 64 (b <= 8: 8 lanes, else
  * 64). isa and threads as sdk_matmul. */
 SDK_EXPORT int sdk_tiles_matmul(const float *x, int64_t b, int64_t k, const int64_t *tile_ptr, const uint8_t *counts,
-                                const uint8_t *cols, const float *values, int64_t n, float *y, int threads, int isa) {
-    if (b < 1 || b > SDK_TILE_LANES || k < 1 || n < 1 || !x || !tile_ptr || !counts || !cols || !values || !y ||
-        threads < 1)
+                                const uint8_t *rows, const uint8_t *cols, const float *values, int64_t n, float *y,
+                                int threads, int isa) {
+    if (b < 1 || b > SDK_TILE_LANES || k < 1 || n < 1 || !x || !tile_ptr || !counts || !rows || !cols || !values ||
+        !y || threads < 1)
         return ERR_ARGS;
     const int rc = prepare_call(&threads, &isa);
     if (rc) return rc;
@@ -1777,7 +1804,7 @@ SDK_EXPORT int sdk_tiles_matmul(const float *x, int64_t b, int64_t k, const int6
     atomic_int failed = 0;
     const int64_t lanes = b <= SDK_TILE_SMALL_LANES ? SDK_TILE_SMALL_LANES : SDK_TILE_LANES;
     job_t j = {.failed = &failed, .values = values, .y = y, .n = n, .k = k, .b = b, .bp = lanes, .isa = isa,
-               .tile_ptr = tile_ptr, .tile_counts = counts, .tile_cols = cols};
+               .tile_ptr = tile_ptr, .tile_counts = counts, .tile_rows = rows, .tile_cols = cols};
     if (threads > tiles) threads = (int)tiles;
     pthread_mutex_lock(&pool.call_lock);
     const int64_t kpad = nkb * SDK_TILE_COLS; /* the 8-lane loop may read a row's tail from anywhere in its K block */
@@ -1886,7 +1913,7 @@ typedef struct sdk_linear {
     uint16_t *row_cols;
     float *row_values;
     int64_t *tile_ptr;
-    uint8_t *tile_counts, *tile_cols;
+    uint8_t *tile_counts, *tile_rows, *tile_cols;
     float *tile_values;
     int64_t derived_bytes;
 } sdk_linear;
@@ -1911,7 +1938,7 @@ SDK_EXPORT sdk_linear *sdk_linear_new(const uint16_t *mask, const float *values,
 SDK_EXPORT void sdk_linear_free(sdk_linear *w) {
     if (!w) return;
     free(w->row_ptr), free(w->row_cols), free(w->row_values);
-    free(w->tile_ptr), free(w->tile_counts), free(w->tile_cols), free(w->tile_values);
+    free(w->tile_ptr), free(w->tile_counts), free(w->tile_rows), free(w->tile_cols), free(w->tile_values);
     pthread_mutex_destroy(&w->lock);
     free(w);
 }
@@ -1946,15 +1973,16 @@ static int linear_derive(sdk_linear *w, int rows) {
         } else {
             const int64_t tiles = (w->n + SDK_TILE_ROWS - 1) / SDK_TILE_ROWS;
             const int64_t counts = tiles * ((w->k + SDK_TILE_COLS - 1) / SDK_TILE_COLS) * SDK_TILE_ROWS;
-            const int64_t bytes = 8 * (tiles + 1) + counts + (nnz + SDK_COL_PAD) + 4 * (nnz + SDK_VALUE_PAD);
+            const int64_t bytes = 8 * (tiles + 1) + 2 * counts + (nnz + SDK_COL_PAD) + 4 * (nnz + SDK_VALUE_PAD);
             w->tile_ptr = zalloc64(8 * (tiles + 1));
             w->tile_counts = zalloc64(counts);
+            w->tile_rows = zalloc64(counts);
             w->tile_cols = zalloc64(nnz + SDK_COL_PAD);
             w->tile_values = zalloc64(4 * (nnz + SDK_VALUE_PAD));
-            rc = !w->tile_ptr || !w->tile_counts || !w->tile_cols || !w->tile_values
+            rc = !w->tile_ptr || !w->tile_counts || !w->tile_rows || !w->tile_cols || !w->tile_values
                      ? ERR_NOMEM
                      : sdk_tile_form(w->mask, w->values, w->block_ptr, w->n, w->k, w->tile_ptr, w->tile_counts,
-                                     w->tile_cols, w->tile_values);
+                                     w->tile_rows, w->tile_cols, w->tile_values);
             if (!rc) w->derived_bytes += bytes;
         }
         if (!rc) atomic_store_explicit(ready, 1, memory_order_release);
@@ -2014,8 +2042,8 @@ SDK_EXPORT int sdk_linear_matmul(sdk_linear *w, const float *x, int64_t b, float
         } else if (part == FORM_TILES) {
             rc = linear_derive(w, 0);
             if (!rc)
-                rc = sdk_tiles_matmul(xb, bb, w->k, w->tile_ptr, w->tile_counts, w->tile_cols, w->tile_values, w->n, yb,
-                                      threads, isa);
+                rc = sdk_tiles_matmul(xb, bb, w->k, w->tile_ptr, w->tile_counts, w->tile_rows, w->tile_cols,
+                                      w->tile_values, w->n, yb, threads, isa);
         } else {
             rc = bitmask_matmul(xb, bb, w->k, w->mask, w->values, w->block_ptr, w->n, yb, threads, isa,
                                 bb == 1 && sdk_linear_four_of_eight(w));
