@@ -333,7 +333,8 @@ static void rows_portable(const job_t *j, int64_t r0, int64_t r1) {
  * element's column within its block (uint8) and value. The ascending order makes the rows' loop exits predictable
  * (consecutive rows run the same number of steps): on Zen 4, one thread, against rows in tile order
  * (benchmarks/ab_sparse_cpu_builds.py, cold 1B-like shapes, 50 / 70 %), batch 8 1.04-1.08x (AVX-512) and 1.06-1.11x
- * (AVX2), batch 128 0.99-1.03x and 1.01-1.04x. x transposed [K, L] (L lanes: SDK_TILE_LANES, or SDK_TILE_SMALL_LANES for batches up to 8). TILES_BODY walks
+ * (AVX2), batch 128 0.99-1.03x and 1.01-1.04x. x transposed [K, L] (L lanes: SDK_TILE_LANES, or
+ * SDK_TILE_SMALL_LANES for batches up to 8). TILES_BODY walks
  * SDK_TILE_GROUP tiles together, K block by K block, their rows' partial sums waiting in `ytg` (128 KB at 64 lanes,
  * L2) between K blocks: each tile's weight is a sequential stream, and each 32 KB block of x is loaded into L1 once
  * for the group's 512 rows (once per tile's 32 rows before: 1.10-1.30x slower at batch 128, Zen 3; the row form's
