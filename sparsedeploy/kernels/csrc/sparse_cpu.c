@@ -1756,13 +1756,11 @@ SDK_EXPORT int sdk_tile_form(const uint16_t *mask, const float *values, const in
             uint8_t order[SDK_TILE_ROWS];     /* the rows by ascending count (stable: insertion) */
             for (int b = 0; b < BLOCKS; b++) {
                 goff[b][0] = cur[b];
-                for (int64_t g = g0; g < g1 && rows[b]; g++)
-                    goff[b][g - g0 + 1] = goff[b][g - g0] + __builtin_popcountll(group_masks(&j, t * BLOCKS + b, g));
-                for (int i = 0; i < SDK_ROWS; i++) {
-                    int count = 0;
-                    for (int64_t g = g0; g < g1 && i < rows[b]; g++)
-                        count += __builtin_popcount(row_mask(group_masks(&j, t * BLOCKS + b, g), i));
-                    cnt[b * SDK_ROWS + i] = count;
+                for (int i = 0; i < SDK_ROWS; i++) cnt[b * SDK_ROWS + i] = 0;
+                for (int64_t g = g0; g < g1 && rows[b]; g++) {
+                    const uint64_t mm = group_masks(&j, t * BLOCKS + b, g);
+                    goff[b][g - g0 + 1] = goff[b][g - g0] + __builtin_popcountll(mm);
+                    for (int i = 0; i < rows[b]; i++) cnt[b * SDK_ROWS + i] += __builtin_popcount(row_mask(mm, i));
                 }
             }
             for (int r = 0; r < SDK_TILE_ROWS; r++) {
