@@ -171,6 +171,39 @@ def test_a_derived_form_is_built_at_its_first_call_once_and_dropped_with_its_wei
     assert key not in kernels._LINEARS
 
 
+def _huge_page_advised_mappings() -> set[tuple[int, int]]:
+    """(start, end) of this process's mappings advised for transparent huge pages (`hg` among their VmFlags)."""
+    found, span = set(), None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:  # a mapping's first line: start-end perms ...
+            start, end = (int(a, 16) for a in head.split("-"))
+            span = (start, end)
+        elif line.startswith("VmFlags:") and "hg" in line.split()[1:]:
+            found.add(span)
+    return found
+
+
+@pytest.mark.skipif(
+    not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(),
+    reason="this kernel has no transparent huge pages (the library's advice is refused; nothing to check)",
+)
+@pytest.mark.parametrize("form,batch", [("rows", 16), ("tiles", 8)])
+def test_a_derived_forms_large_arrays_are_advised_for_huge_pages(form, batch):
+    """The derived forms' value arrays (2 MB and more) are madvise(MADV_HUGEPAGE)d: the matmuls stream them, and
+    4 KB pages cost a TLB miss every 4 KB (docs/sparse_cpu.md)."""
+    w = pruned(1024, 2048, 0.5, 9)  # ~1M stored elements: 4 MB of values
+    p = pack(w)
+    x = np.random.default_rng(0).standard_normal((batch, 2048)).astype(np.float32)
+    before = _huge_page_advised_mappings()
+    y = matmul(x, p, threads=1, form=form)  # builds the form (numpy's own arrays of 4 MB and more are advised too:
+    after = _huge_page_advised_mappings()  # none is made between the two looks)
+    values_bytes = 4 * p.nnz
+    new = [(s, e) for s, e in after - before if e - s >= values_bytes]
+    assert new, f"no new huge-page-advised mapping of {values_bytes} bytes or more after building the {form} form"
+    check(x, w, y)
+
+
 TILE_WEIGHTS = {
     "3 tiles x 3 K blocks, partial last of each, 70%": pruned(70, 300, 0.7, 4),
     "full 128-column blocks (count 128)": pruned(40, 256, 0.0, 5),

@@ -34,6 +34,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 /* -DSDK_PORTABLE_ONLY builds only the plain-C path (what a non-x86 CPU gets; used by a test on x86). */
@@ -1934,20 +1935,53 @@ SDK_EXPORT sdk_linear *sdk_linear_new(const uint16_t *mask, const float *values,
     return w;
 }
 
-SDK_EXPORT void sdk_linear_free(sdk_linear *w) {
-    if (!w) return;
-    free(w->row_ptr), free(w->row_cols), free(w->row_values);
-    free(w->tile_ptr), free(w->tile_counts), free(w->tile_rows), free(w->tile_cols), free(w->tile_values);
-    pthread_mutex_destroy(&w->lock);
-    free(w);
-}
-
-/* Zeroed memory aligned to 64 bytes, or NULL. */
+/* A derived form's arrays: zeroed, 64-byte aligned, released with zfree64; NULL when out of memory. Those of 2 MB and
+ * more are each their own anonymous mapping, starting on a 2 MB boundary and advised for transparent huge pages
+ * (Linux, where THP is "madvise" or "always"; elsewhere the advice is refused and the pages stay 4 KB): a matmul
+ * streams them once, and with 4 KB pages it takes a TLB miss every 4 KB of values (Zen 4's L2 TLB covers 12 MB of
+ * them; a 1B-like MLP weight's tile form at 50 % is 29 MB). Only the array's own pages are advised, so no other
+ * allocation inherits the advice, and nothing more is held (a last, partial 2 MB stays in 4 KB pages). Measured in
+ * docs/sparse_cpu.md ("Huge pages for the derived forms"). The 64 bytes before the array say how to release it. */
+#define SDK_HUGE_PAGE ((size_t)2 << 20)
+#define SDK_PAGE ((size_t)4096)
+typedef struct {
+    void *base;  /* what malloc or mmap returned */
+    size_t span; /* the mapping's length; 0: from malloc */
+} zalloc_head;
 static void *zalloc64(int64_t bytes) {
     const size_t size = ((size_t)bytes + 63) & ~(size_t)63;
-    void *p = aligned_alloc(64, size ? size : 64);
-    if (p) memset(p, 0, size ? size : 64);
+    if (size < SDK_HUGE_PAGE) {
+        char *base = aligned_alloc(64, size + 64);
+        if (!base) return NULL;
+        memset(base + 64, 0, size);
+        *(zalloc_head *)base = (zalloc_head){base, 0};
+        return base + 64;
+    }
+    const size_t len = (size + SDK_PAGE - 1) & ~(SDK_PAGE - 1), span = len + SDK_HUGE_PAGE;
+    char *base = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) return NULL;
+    /* a page for the head, then the next 2 MB boundary (the mapping's pages are zero) */
+    char *p = (char *)(((uintptr_t)base + SDK_PAGE + SDK_HUGE_PAGE - 1) & ~(uintptr_t)(SDK_HUGE_PAGE - 1));
+#ifdef MADV_HUGEPAGE
+    (void)madvise(p, len, MADV_HUGEPAGE);
+#endif
+    *(zalloc_head *)(p - 64) = (zalloc_head){base, span};
     return p;
+}
+static void zfree64(void *p) {
+    if (!p) return;
+    const zalloc_head head = *(const zalloc_head *)((char *)p - 64);
+    if (head.span) munmap(head.base, head.span);
+    else free(head.base);
+}
+
+SDK_EXPORT void sdk_linear_free(sdk_linear *w) {
+    if (!w) return;
+    zfree64(w->row_ptr), zfree64(w->row_cols), zfree64(w->row_values);
+    zfree64(w->tile_ptr), zfree64(w->tile_counts), zfree64(w->tile_rows);
+    zfree64(w->tile_cols), zfree64(w->tile_values);
+    pthread_mutex_destroy(&w->lock);
+    free(w);
 }
 
 /* Builds the row (rows = 1) or tile form of a bound weight once: 0, or ERR_NOMEM / ERR_ARGS (K too wide for rows). */
