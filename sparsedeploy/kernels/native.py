@@ -59,6 +59,7 @@ ISAS = {"avx512": 3, "avx2": 2, "portable": 1}
 FORMS = {"bitmask": 1, "rows": 2, "tiles": 3}
 MAX_BATCH_CHUNK = 256  # rows of x a bitmask-form call (sparse_cpu.c SDK_MAX_BATCH_CHUNK)
 TILE_FORM_BATCH = 64  # the tile-form kernel's lanes (sparse_cpu.c SDK_TILE_LANES; 8 up to batch 8): rows of x a call
+_ERR_NOMEM = -3  # sparse_cpu.c ERR_NOMEM: a derived form could not be allocated
 _NATIVE = "sparsedeploy.kernels._native"
 
 
@@ -361,6 +362,11 @@ class BoundMatmul:
         if b == 0:
             return out
         rc = self._fn(self._handle, _address(x2), b, _address(out), self.threads, self._code, self._form_code)
+        if rc == _ERR_NOMEM:
+            raise MemoryError(
+                f"sparse-cpu: out of memory building the {self.form_for(b)} form of weight {self.n}x{self.k} (a "
+                "derived form is built at the first call that needs it): free memory and call again, it is built anew"
+            )
         if rc != 0:
             raise RuntimeError(
                 f"sparse-cpu kernel failed (code {rc}) for x {x2.shape}, weight {self.n}x{self.k}, isa {self.isa}, "

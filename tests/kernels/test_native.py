@@ -204,6 +204,70 @@ def test_a_derived_forms_large_arrays_are_advised_for_huge_pages(form, batch):
     check(x, w, y)
 
 
+OUT_OF_MEMORY_CHILD = """
+import resource, sys
+import numpy as np
+from sparsedeploy.kernels import native
+from sparsedeploy.kernels.format import pack
+
+def advised_sizes():
+    sizes, size = [], 0
+    for line in open("/proc/self/smaps"):
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(a, 16) for a in head.split("-"))
+            size = end - start
+        elif line.startswith("VmFlags:") and "hg" in line.split()[1:]:
+            sizes.append(size)
+    return sizes
+
+def vm_kb():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:"))
+
+rng = np.random.default_rng(0)
+w = rng.standard_normal((2048, 8192)).astype(np.float32)
+w[rng.random(w.shape) < 0.5] = 0.0
+p = pack(w)
+x = rng.standard_normal((8, 8192)).astype(np.float32)
+ref = x.astype(np.float64) @ w.T.astype(np.float64)
+del w
+bound = native.BoundMatmul(p, threads=1, form="tiles")
+cols_len = -(-(p.nnz + 8) // 4096) * 4096  # the tile form's columns (uint8, COL_PAD after), in whole pages
+soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+resource.setrlimit(resource.RLIMIT_AS, ((vm_kb() + 24 * 1024) * 1024, hard))  # the columns fit, the values do not
+try:
+    bound(x)
+except MemoryError as e:
+    failed = str(e)
+else:
+    failed = ""
+resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+left = advised_sizes().count(cols_len)
+y = bound(x)
+nbytes_ok = native.derived_nbytes(p) == native.tile_form(p).kernel_nbytes
+print(repr(failed), left, advised_sizes().count(cols_len), nbytes_ok, bool(np.allclose(y, ref, rtol=1e-4, atol=1e-3)))
+"""
+
+
+@pytest.mark.skipif(
+    not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists() or not hasattr(os, "fork"),
+    reason="needs Linux with transparent huge pages (the advised mappings are how the test finds the form's arrays)",
+)
+def test_a_form_that_ran_out_of_memory_is_built_again_at_the_next_call_leaving_nothing():
+    """An address-space limit (RLIMIT_AS) that lets the tile form's columns be mapped but not its values: the call
+    raises MemoryError naming the form and the weight, the columns it did map stay until the next call, which builds
+    the whole form again (freeing what the failed build left: one columns mapping, not two) and is right."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    out = subprocess.run(
+        [sys.executable, "-c", OUT_OF_MEMORY_CHILD], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    failed, left, after, nbytes_ok, right = out.stdout.strip().rsplit("\n", 1)[-1].rsplit(" ", 4)
+    assert "out of memory building the tiles form of weight 2048x8192" in failed, out.stdout
+    assert (left, after) == ("1", "1"), f"columns mappings after the failed call / after the retry: {left} / {after}"
+    assert nbytes_ok == "True" and right == "True", out.stdout
+
+
 TILE_WEIGHTS = {
     "3 tiles x 3 K blocks, partial last of each, 70%": pruned(70, 300, 0.7, 4),
     "full 128-column blocks (count 128)": pruned(40, 256, 0.0, 5),

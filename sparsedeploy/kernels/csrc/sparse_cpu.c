@@ -1109,8 +1109,8 @@ __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void rows_avx
  * tail test; its last 1-4 elements run as half a group (HALF: 4 FMAs), 5-7 as a group with the weights past its count
  * zeroed: rows come in ascending count, so which of the two a row takes changes a few times a K block and the branch
  * is predicted. Against one masked group for every tail (on Zen 4, one thread, cold 1B-like shapes, batch 8, with
- * the huge-page forms, benchmarks/ab_sparse_cpu_builds.py): AVX-512 1.02-1.06x at 50 / 70 / 90 % (9 of 9 ahead), AVX2
- * 1.01-1.07x at 50 / 80 % and batches 5 / 8 (12 of 12). */
+ * the huge-page forms, benchmarks/ab_sparse_cpu_builds.py): AVX-512 1.02-1.06x at 50 / 70 / 90 % (15 of 15 ahead in
+ * two runs), AVX2 1.01-1.07x at 50 / 80 % and batches 5 / 8 (12 of 12). */
 #define TILES8_BODY(TAIL_W, TAIL4_W, STEP, HALF)                                                             \
     do {                                                                                                     \
         const int64_t nkb = (j->k + SDK_TILE_COLS - 1) / SDK_TILE_COLS;                                      \
@@ -2001,10 +2001,11 @@ static void *zalloc64(int64_t bytes) {
         *(zalloc_head *)base = (zalloc_head){base, 0};
         return base + 64;
     }
-    const size_t len = (size + SDK_PAGE - 1) & ~(SDK_PAGE - 1), span = len + SDK_HUGE_PAGE;
+    const size_t len = (size + SDK_PAGE - 1) & ~(SDK_PAGE - 1), span = len + SDK_HUGE_PAGE + SDK_PAGE;
     char *base = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED) return NULL;
-    /* a page for the head, then the next 2 MB boundary (the mapping's pages are zero) */
+    /* a page for the head, then the next 2 MB boundary; at least a page unadvised after the array, so its advised
+     * range never merges with a neighbouring mapping's (the mapping's pages are zero) */
     char *p = (char *)(((uintptr_t)base + SDK_PAGE + SDK_HUGE_PAGE - 1) & ~(uintptr_t)(SDK_HUGE_PAGE - 1));
 #ifdef MADV_HUGEPAGE
     (void)madvise(p, len, MADV_HUGEPAGE);
@@ -2038,6 +2039,7 @@ static int linear_derive(sdk_linear *w, int rows) {
     if (!atomic_load_explicit(ready, memory_order_relaxed)) {
         const int64_t nnz = w->nnz;
         if (rows) {
+            zfree64(w->row_ptr), zfree64(w->row_cols), zfree64(w->row_values); /* what a failed build left */
             const int64_t bytes = 8 * (w->n + 1) + 2 * (nnz + SDK_COL_PAD) + 4 * (nnz + SDK_VALUE_PAD);
             w->row_ptr = zalloc64(8 * (w->n + 1));
             w->row_cols = zalloc64(2 * (nnz + SDK_COL_PAD));
@@ -2051,6 +2053,8 @@ static int linear_derive(sdk_linear *w, int rows) {
             const int64_t tiles = (w->n + SDK_TILE_ROWS - 1) / SDK_TILE_ROWS;
             const int64_t counts = tiles * ((w->k + SDK_TILE_COLS - 1) / SDK_TILE_COLS) * SDK_TILE_ROWS;
             const int64_t bytes = 8 * (tiles + 1) + 2 * counts + (nnz + SDK_COL_PAD) + 4 * (nnz + SDK_VALUE_PAD);
+            zfree64(w->tile_ptr), zfree64(w->tile_counts), zfree64(w->tile_rows); /* what a failed build left */
+            zfree64(w->tile_cols), zfree64(w->tile_values);
             w->tile_ptr = zalloc64(8 * (tiles + 1));
             w->tile_counts = zalloc64(counts);
             w->tile_rows = zalloc64(counts);
