@@ -250,7 +250,7 @@ print(repr(failed), left, advised_sizes().count(cols_len), nbytes_ok, bool(np.al
 
 
 @pytest.mark.skipif(
-    not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists() or not hasattr(os, "fork"),
+    not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(),
     reason="needs Linux with transparent huge pages (the advised mappings are how the test finds the form's arrays)",
 )
 def test_a_form_that_ran_out_of_memory_is_built_again_at_the_next_call_leaving_nothing():

@@ -956,9 +956,9 @@ static const int32_t tail_mask[8][8] __attribute__((aligned(32))) = {
         a2 = LANES8_FMA_INLANE(wh, 0xaa, 6, a2);                                                             \
         a3 = LANES8_FMA_INLANE(wh, 0xff, 7, a3);                                                             \
     } while (0)
-/* A row's last 1-4 elements as half a group (the tile loop's tail): 4 FMAs, the lanes past `left` weighing zero (the
- * 4 values at p ANDed with a tail_mask row on AVX2, a masked load on AVX-512). Their x rows are read at the 4 columns
- * from ce, as a whole group's are. */
+/* A row's last 1-4 elements as half a group (the 8-lane tile loop's tail): 4 FMAs, the lanes past `left` weighing zero
+ * (the 4 values at p ANDed with a tail_mask row on AVX2, a masked load on AVX-512; TAIL4_W_AVX2 is also the 64-lane
+ * AVX2 loop's tail). Their x rows are read at the 4 columns from ce, as a whole group's are. */
 #define TAIL4_W_AVX2(p, c)                                                                                   \
     _mm256_and_ps(_mm256_broadcast_ps((const __m128 *)(p)), _mm256_broadcast_ps((const __m128 *)tail_mask[c]))
 #define TAIL4_W_AVX512(p, c) _mm256_castps128_ps256(_mm_maskz_loadu_ps((__mmask8)((1u << (c)) - 1), p))
@@ -1180,8 +1180,7 @@ __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void rows_avx
             TILE_INLANE_STEP(_mm256_broadcast_ps((const __m128 *)(v + e)));                                  \
         }                                                                                                    \
         if (e < c) {                                                                                         \
-            const __m256 wq = _mm256_and_ps(_mm256_broadcast_ps((const __m128 *)(v + e)),                    \
-                                            _mm256_broadcast_ps((const __m128 *)tail_mask[c - e]));          \
+            const __m256 wq = TAIL4_W_AVX2(v + e, c - e);                                                    \
             uint32_t cw;                                                                                     \
             memcpy(&cw, c8 + e, 4);                                                                          \
             TILE_INLANE_FMA(0x00, 0);                                                                        \
@@ -2020,11 +2019,21 @@ static void zfree64(void *p) {
     else free(head.base);
 }
 
+/* Release a bound weight's row / tile form (or what a failed build of it left); its pointers become NULL. */
+static void drop_row_form(sdk_linear *w) {
+    zfree64(w->row_ptr), zfree64(w->row_cols), zfree64(w->row_values);
+    w->row_ptr = NULL, w->row_cols = NULL, w->row_values = NULL;
+}
+static void drop_tile_form(sdk_linear *w) {
+    zfree64(w->tile_ptr), zfree64(w->tile_counts), zfree64(w->tile_rows), zfree64(w->tile_cols);
+    zfree64(w->tile_values);
+    w->tile_ptr = NULL, w->tile_counts = NULL, w->tile_rows = NULL, w->tile_cols = NULL, w->tile_values = NULL;
+}
+
 SDK_EXPORT void sdk_linear_free(sdk_linear *w) {
     if (!w) return;
-    zfree64(w->row_ptr), zfree64(w->row_cols), zfree64(w->row_values);
-    zfree64(w->tile_ptr), zfree64(w->tile_counts), zfree64(w->tile_rows);
-    zfree64(w->tile_cols), zfree64(w->tile_values);
+    drop_row_form(w);
+    drop_tile_form(w);
     pthread_mutex_destroy(&w->lock);
     free(w);
 }
@@ -2039,7 +2048,7 @@ static int linear_derive(sdk_linear *w, int rows) {
     if (!atomic_load_explicit(ready, memory_order_relaxed)) {
         const int64_t nnz = w->nnz;
         if (rows) {
-            zfree64(w->row_ptr), zfree64(w->row_cols), zfree64(w->row_values); /* what a failed build left */
+            drop_row_form(w); /* what a failed build left */
             const int64_t bytes = 8 * (w->n + 1) + 2 * (nnz + SDK_COL_PAD) + 4 * (nnz + SDK_VALUE_PAD);
             w->row_ptr = zalloc64(8 * (w->n + 1));
             w->row_cols = zalloc64(2 * (nnz + SDK_COL_PAD));
@@ -2053,8 +2062,7 @@ static int linear_derive(sdk_linear *w, int rows) {
             const int64_t tiles = (w->n + SDK_TILE_ROWS - 1) / SDK_TILE_ROWS;
             const int64_t counts = tiles * ((w->k + SDK_TILE_COLS - 1) / SDK_TILE_COLS) * SDK_TILE_ROWS;
             const int64_t bytes = 8 * (tiles + 1) + 2 * counts + (nnz + SDK_COL_PAD) + 4 * (nnz + SDK_VALUE_PAD);
-            zfree64(w->tile_ptr), zfree64(w->tile_counts), zfree64(w->tile_rows); /* what a failed build left */
-            zfree64(w->tile_cols), zfree64(w->tile_values);
+            drop_tile_form(w); /* what a failed build left */
             w->tile_ptr = zalloc64(8 * (tiles + 1));
             w->tile_counts = zalloc64(counts);
             w->tile_rows = zalloc64(counts);
