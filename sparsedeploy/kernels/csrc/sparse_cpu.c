@@ -1191,6 +1191,44 @@ __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void rows_avx
             }                                                                                                \
         }                                                                                                    \
     } while (0)
+/* The same for AVX-512 (A = 2: elements alternate between the two accumulator sets): 4 values one 128-bit load
+ * broadcast to the 4 lanes of 128 bits, each broadcast in-lane (vpermilps, a shuffle, where TILE_ELEMS_BCAST's
+ * vbroadcastss from memory is a load), the 4 column bytes one 32-bit word: 4.5 loads an element against 6, and Zen 4
+ * does one 512-bit load a cycle. The last 1-3 as one more step, the values past c zeroed by a masked load (the
+ * columns read there are inside the K block, as above). On Zen 4 against TILE_ELEMS_BCAST (two builds alternating,
+ * benchmarks/ab_sparse_cpu_builds.py, cold shapes, batches 64 / 128): one thread, 1B-like 50-80 % 1.03-1.11x (18 of
+ * 18 ahead), smollm2's 1.04-1.08x, 90 % 0.99-1.03x; two threads 1.06-1.09x. The AMD profile only: an Intel core runs
+ * vpermilps on the port of one of its two 512-bit FMAs (unmeasured there). */
+#define TILE_INLANE512_FMA(s, u)                                                                             \
+    do {                                                                                                     \
+        const __m512 w = _mm512_permute_ps(wq, s);                                                           \
+        const float *xp = xb + (size_t)((cw >> (8 * (u))) & 0xff) * SDK_TILE_LANES;                          \
+        for (int t_ = 0; t_ < T; t_++)                                                                       \
+            acc[(u) & 1][t_] = _mm512_fmadd_ps(w, _mm512_load_ps(xp + 16 * t_), acc[(u) & 1][t_]);           \
+    } while (0)
+#define TILE_INLANE512_STEP(wq_, n)                                                                          \
+    do {                                                                                                     \
+        const __m512 wq = (wq_);                                                                             \
+        uint32_t cw;                                                                                         \
+        memcpy(&cw, c8 + e, 4);                                                                              \
+        TILE_INLANE512_FMA(0x00, 0);                                                                         \
+        TILE_INLANE512_FMA(0x55, 1);                                                                         \
+        if ((n) > 2) {                                                                                       \
+            TILE_INLANE512_FMA(0xaa, 2);                                                                     \
+            TILE_INLANE512_FMA(0xff, 3);                                                                     \
+        }                                                                                                    \
+    } while (0)
+#define TILE_ELEMS_INLANE_AVX512(VEC, PFX, W, A, L)                                                          \
+    do {                                                                                                     \
+        int e = 0;                                                                                           \
+        for (; e + 4 <= c; e += 4) {                                                                         \
+            if ((e & 15) == 0) prefetch_stream(v + e, SDK_PREFETCH_VALUE_BYTES / 2);                         \
+            TILE_INLANE512_STEP(_mm512_broadcast_f32x4(_mm_loadu_ps(v + e)), 4);                             \
+        }                                                                                                    \
+        if (e < c)                                                                                           \
+            TILE_INLANE512_STEP(                                                                             \
+                _mm512_broadcast_f32x4(_mm_maskz_loadu_ps((__mmask8)((1u << (c - e)) - 1), v + e)), c - e);  \
+    } while (0)
 /* Tile form, 64 lanes: AVX2 8 vectors of 8 lanes an element (8 accumulators: A = 1; 16 registers), AVX-512 4 of 16
  * (A = 2). 8 lanes: TILES8_BODY, the 8-lane loop above (4 accumulators). One function each. */
 __attribute__((target("avx2,fma,popcnt"))) static void tiles_avx2(const job_t *j, int64_t t0, int64_t t1,
@@ -1206,7 +1244,8 @@ __attribute__((target("avx2,fma,popcnt"))) static void tiles8_avx2(const job_t *
 }
 __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void tiles_avx512(const job_t *j, int64_t t0,
                                                                                        int64_t t1, float *ytg) {
-    TILES_BODY(__m512, _mm512, 16, 2, SDK_TILE_LANES, TILE_ELEMS_BCAST);
+    if (cpu_profile == PROFILE_AMD) TILES_BODY(__m512, _mm512, 16, 2, SDK_TILE_LANES, TILE_ELEMS_INLANE_AVX512);
+    else TILES_BODY(__m512, _mm512, 16, 2, SDK_TILE_LANES, TILE_ELEMS_BCAST);
 }
 __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void tiles8_avx512(const job_t *j, int64_t t0,
                                                                                         int64_t t1) {
