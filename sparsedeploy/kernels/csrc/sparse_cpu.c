@@ -1913,6 +1913,11 @@ enum { FORM_AUTO = 0, FORM_BITMASK = 1, FORM_ROWS = 2, FORM_TILES = 3 };
  * thread, cold 1B-like shapes, batch 128, ratio to ORT dense: at 85 % the tile form 2.61-2.86x against the row form's
  * 2.13-2.47x, at 90 % ahead in 5 of 6 (2.89-3.88x against 2.87-3.65x), at 95 % behind (3.95-4.97x against 5.00-6.48x). */
 #define SDK_PREFILL_ROWS_MAX_DENSITY_AVX2_AMD 0.08
+/* AVX-512 on the AMD profile, where the tile form's loop also takes 4 elements a step (TILE_ELEMS_INLANE_AVX512): Zen 4,
+ * the two forms of one weight alternating in one process, cold 1B-like shapes, batches 64 / 128, time tile / row form:
+ * 85 % 0.63-0.67, 90 % 0.68-0.76 (2 threads 0.70-0.76), 93 % 0.76-0.87, 95 % 0.89-1.02 (2 threads 0.86-0.95), 97 %
+ * 1.15-1.33; smollm2's shapes at batch 64: 90 % 0.76-0.96, 95 % 0.95-1.08, 97 % 1.06-1.18. */
+#define SDK_PREFILL_ROWS_MAX_DENSITY_AVX512_AMD 0.04
 /* Batch 1 on AVX2, AMD profile: the row form's insertps loop (rows_gemv_avx2) against the gather GEMV, Zen 3, one
  * thread, cold 1B-like shapes: behind at 70 % (1.45-1.64x of ORT dense against 1.72-2.21x), ahead from 75 % (1.78-2.83x
  * against 1.64-2.31x; 80 %: 2.11-2.42x against 1.65-1.93x). */
@@ -1946,14 +1951,16 @@ enum { FORM_AUTO = 0, FORM_BITMASK = 1, FORM_ROWS = 2, FORM_TILES = 3 };
  *     first for 5-8: pick_form);
  *   batch 9-32 (where the bitmask form is the broadcast GEMM): at 50-90 % on every path;
  *   batch 33 and up (prefill, in calls of 32 rows each walking the weight): up to SDK_PREFILL_ROWS_MAX_DENSITY
- *     (SDK_PREFILL_ROWS_MAX_DENSITY_AVX2_AMD on AVX2 on the AMD profile);
+ *     (on the AMD profile SDK_PREFILL_ROWS_MAX_DENSITY_AVX2_AMD on AVX2, SDK_PREFILL_ROWS_MAX_DENSITY_AVX512_AMD on
+ *     AVX-512);
  *   the portable path up to batch 32 at every density tried (50-90 %, batch 1 and 8: 3-5x faster than its bit loops).
  */
 static int row_form_pays(int64_t b, double density, int isa, int profile) {
     if (b < 1) return 0;
     if (b > SDK_ROWFORM_MAX_B)
-        return density <= (isa == ISA_AVX2 && profile == PROFILE_AMD ? SDK_PREFILL_ROWS_MAX_DENSITY_AVX2_AMD
-                                                                       : SDK_PREFILL_ROWS_MAX_DENSITY);
+        return density <= (profile != PROFILE_AMD || isa == ISA_PORTABLE ? SDK_PREFILL_ROWS_MAX_DENSITY
+                           : isa == ISA_AVX2                            ? SDK_PREFILL_ROWS_MAX_DENSITY_AVX2_AMD
+                                                                        : SDK_PREFILL_ROWS_MAX_DENSITY_AVX512_AMD);
     if (isa == ISA_PORTABLE || b > SDK_EXPAND_MAX_B) return 1;
     if (b == 1 && isa == ISA_AVX2 && profile == PROFILE_AMD) return density <= SDK_ROWS_B1_AVX2_AMD_MAX_DENSITY;
     if (b == 1) return density <= (isa == ISA_AVX512 && profile == PROFILE_INTEL ? 0.12 : SDK_DENSITY_80);
