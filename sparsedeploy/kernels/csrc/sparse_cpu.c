@@ -1147,7 +1147,7 @@ __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void rows_avx
             store_rows(j, r0, j->n - r0 < SDK_TILE_ROWS ? (int)(j->n - r0) : SDK_TILE_ROWS, yt[0], 8);       \
         }                                                                                                    \
     } while (0)
-/* A tile row's c elements in one K block, AVX2, 64 lanes (TILES_BODY's ELEMS; A = 1): 4 elements a step, their values
+/* A tile row's c elements in one K block, 64 lanes, 4 elements a step (TILES_BODY's ELEMS). AVX2 (A = 1): their values
  * one vbroadcastf128 and each broadcast in-lane (vpermilps), their columns one 32-bit word; the last 1-3 as one more
  * step with the values past c zeroed (the columns read there are the next row's, or format.COL_PAD's zeros: inside
  * the K block), of which only the first 2 elements' FMAs run when 1-2 are left (rows come in ascending count, so the
@@ -1155,80 +1155,48 @@ __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void rows_avx
  * 50-90 %, 20 of 21 ahead, more the sparser). 8.5 loads an element against 10 (a broadcast and a column byte each):
  * Zen 3, an L1-resident C loop at 50 %, 3.59 against 4.07 TSC cycles an element (docs/sparse_cpu.md). Values are
  * prefetched where the function it is expanded in sets `prefetch_values` (tiles_avx2: the Intel profile only). */
-#define TILE_INLANE_FMA(s, u)                                                                                \
+#define TILE_INLANE_FMA(VEC, PFX, W, A, s, u)                                                                \
     do {                                                                                                     \
-        const __m256 w = _mm256_permute_ps(wq, s);                                                           \
+        const VEC w = PFX##_permute_ps(wq, s);                                                               \
         const float *xp = xb + (size_t)((cw >> (8 * (u))) & 0xff) * SDK_TILE_LANES;                          \
         for (int t_ = 0; t_ < T; t_++)                                                                       \
-            acc[0][t_] = _mm256_fmadd_ps(w, _mm256_load_ps(xp + 8 * t_), acc[0][t_]);                        \
+            acc[(u) % (A)][t_] = PFX##_fmadd_ps(w, PFX##_load_ps(xp + (W) * t_), acc[(u) % (A)][t_]);        \
     } while (0)
-#define TILE_INLANE_STEP(wq_)                                                                                \
+/* Up to 4 elements (n: 1-4) from e: their values in each 128-bit lane of wq_, their column bytes one 32-bit word. */
+#define TILE_INLANE_STEP(VEC, PFX, W, A, wq_, n)                                                             \
     do {                                                                                                     \
-        const __m256 wq = (wq_);                                                                             \
+        const VEC wq = (wq_);                                                                                \
         uint32_t cw;                                                                                         \
         memcpy(&cw, c8 + e, 4);                                                                              \
-        TILE_INLANE_FMA(0x00, 0);                                                                            \
-        TILE_INLANE_FMA(0x55, 1);                                                                            \
-        TILE_INLANE_FMA(0xaa, 2);                                                                            \
-        TILE_INLANE_FMA(0xff, 3);                                                                            \
+        TILE_INLANE_FMA(VEC, PFX, W, A, 0x00, 0);                                                            \
+        TILE_INLANE_FMA(VEC, PFX, W, A, 0x55, 1);                                                            \
+        if ((n) > 2) {                                                                                       \
+            TILE_INLANE_FMA(VEC, PFX, W, A, 0xaa, 2);                                                        \
+            TILE_INLANE_FMA(VEC, PFX, W, A, 0xff, 3);                                                        \
+        }                                                                                                    \
     } while (0)
-#define TILE_ELEMS_INLANE_AVX2(VEC, PFX, W, A, L)                                                            \
+#define TILE_ELEMS_INLANE(VEC, PFX, W, A, LOAD4, TAIL4)                                                      \
     do {                                                                                                     \
         int e = 0;                                                                                           \
         for (; e + 4 <= c; e += 4) {                                                                         \
             if (prefetch_values && (e & 15) == 0) prefetch_stream(v + e, SDK_PREFETCH_VALUE_BYTES / 2);      \
-            TILE_INLANE_STEP(_mm256_broadcast_ps((const __m128 *)(v + e)));                                  \
+            TILE_INLANE_STEP(VEC, PFX, W, A, LOAD4(v + e), 4);                                               \
         }                                                                                                    \
-        if (e < c) {                                                                                         \
-            const __m256 wq = TAIL4_W_AVX2(v + e, c - e);                                                    \
-            uint32_t cw;                                                                                     \
-            memcpy(&cw, c8 + e, 4);                                                                          \
-            TILE_INLANE_FMA(0x00, 0);                                                                        \
-            TILE_INLANE_FMA(0x55, 1);                                                                        \
-            if (c - e > 2) {                                                                                 \
-                TILE_INLANE_FMA(0xaa, 2);                                                                    \
-                TILE_INLANE_FMA(0xff, 3);                                                                    \
-            }                                                                                                \
-        }                                                                                                    \
+        if (e < c) TILE_INLANE_STEP(VEC, PFX, W, A, TAIL4(v + e, c - e), c - e);                             \
     } while (0)
-/* The same for AVX-512 (A = 2: elements alternate between the two accumulator sets): 4 values one 128-bit load
- * broadcast to the 4 lanes of 128 bits, each broadcast in-lane (vpermilps, a shuffle, where TILE_ELEMS_BCAST's
- * vbroadcastss from memory is a load), the 4 column bytes one 32-bit word: 4.5 loads an element against 6, and Zen 4
- * does one 512-bit load a cycle. The last 1-3 as one more step, the values past c zeroed by a masked load (the
- * columns read there are inside the K block, as above). On Zen 4 against TILE_ELEMS_BCAST (two builds alternating,
- * benchmarks/ab_sparse_cpu_builds.py, cold shapes, batches 64 / 128): one thread, 1B-like 50-80 % 1.03-1.11x (18 of
- * 18 ahead), smollm2's 1.04-1.08x, 90 % 0.99-1.03x; two threads 1.06-1.09x. The AMD profile only: an Intel core runs
- * vpermilps on the port of one of its two 512-bit FMAs (unmeasured there). */
-#define TILE_INLANE512_FMA(s, u)                                                                             \
-    do {                                                                                                     \
-        const __m512 w = _mm512_permute_ps(wq, s);                                                           \
-        const float *xp = xb + (size_t)((cw >> (8 * (u))) & 0xff) * SDK_TILE_LANES;                          \
-        for (int t_ = 0; t_ < T; t_++)                                                                       \
-            acc[(u) & 1][t_] = _mm512_fmadd_ps(w, _mm512_load_ps(xp + 16 * t_), acc[(u) & 1][t_]);           \
-    } while (0)
-#define TILE_INLANE512_STEP(wq_, n)                                                                          \
-    do {                                                                                                     \
-        const __m512 wq = (wq_);                                                                             \
-        uint32_t cw;                                                                                         \
-        memcpy(&cw, c8 + e, 4);                                                                              \
-        TILE_INLANE512_FMA(0x00, 0);                                                                         \
-        TILE_INLANE512_FMA(0x55, 1);                                                                         \
-        if ((n) > 2) {                                                                                       \
-            TILE_INLANE512_FMA(0xaa, 2);                                                                     \
-            TILE_INLANE512_FMA(0xff, 3);                                                                     \
-        }                                                                                                    \
-    } while (0)
-#define TILE_ELEMS_INLANE_AVX512(VEC, PFX, W, A, L)                                                          \
-    do {                                                                                                     \
-        int e = 0;                                                                                           \
-        for (; e + 4 <= c; e += 4) {                                                                         \
-            if ((e & 15) == 0) prefetch_stream(v + e, SDK_PREFETCH_VALUE_BYTES / 2);                         \
-            TILE_INLANE512_STEP(_mm512_broadcast_f32x4(_mm_loadu_ps(v + e)), 4);                             \
-        }                                                                                                    \
-        if (e < c)                                                                                           \
-            TILE_INLANE512_STEP(                                                                             \
-                _mm512_broadcast_f32x4(_mm_maskz_loadu_ps((__mmask8)((1u << (c - e)) - 1), v + e)), c - e);  \
-    } while (0)
+#define LOAD4_AVX2(p) _mm256_broadcast_ps((const __m128 *)(p))
+#define TILE_ELEMS_INLANE_AVX2(VEC, PFX, W, A, L) TILE_ELEMS_INLANE(VEC, PFX, W, A, LOAD4_AVX2, TAIL4_W_AVX2)
+/* AVX-512 (TILE_ELEMS_INLANE_AVX512; A = 2: elements alternate between the two accumulator sets): 4 values one
+ * 128-bit load broadcast to the 4 lanes of 128 bits, each broadcast in-lane (vpermilps, a shuffle, where
+ * TILE_ELEMS_BCAST's vbroadcastss from memory is a load), the 4 column bytes one 32-bit word: 4.5 loads an element
+ * against 6, and Zen 4 does one 512-bit load a cycle. The last 1-3 as one more step, the values past c zeroed by a
+ * masked load (the columns read there are inside the K block, as above). On Zen 4 against TILE_ELEMS_BCAST (two
+ * builds alternating, benchmarks/ab_sparse_cpu_builds.py, cold shapes, batches 64 / 128): one thread, 1B-like 50-80 %
+ * 1.03-1.11x (18 of 18 ahead), smollm2's 1.04-1.08x, 90 % 0.99-1.03x; two threads 1.06-1.09x. The AMD profile only:
+ * an Intel core runs vpermilps on the port of one of its two 512-bit FMAs (unmeasured there). */
+#define LOAD4_AVX512(p) _mm512_broadcast_f32x4(_mm_loadu_ps(p))
+#define TAIL4_AVX512(p, n) _mm512_broadcast_f32x4(_mm_maskz_loadu_ps((__mmask8)((1u << (n)) - 1), p))
+#define TILE_ELEMS_INLANE_AVX512(VEC, PFX, W, A, L) TILE_ELEMS_INLANE(VEC, PFX, W, A, LOAD4_AVX512, TAIL4_AVX512)
 /* Tile form, 64 lanes: AVX2 8 vectors of 8 lanes an element (8 accumulators: A = 1; 16 registers), AVX-512 4 of 16
  * (A = 2). 8 lanes: TILES8_BODY, the 8-lane loop above (4 accumulators). One function each. */
 __attribute__((target("avx2,fma,popcnt"))) static void tiles_avx2(const job_t *j, int64_t t0, int64_t t1,
@@ -1244,6 +1212,7 @@ __attribute__((target("avx2,fma,popcnt"))) static void tiles8_avx2(const job_t *
 }
 __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void tiles_avx512(const job_t *j, int64_t t0,
                                                                                        int64_t t1, float *ytg) {
+    const int prefetch_values = 1;
     if (cpu_profile == PROFILE_AMD) TILES_BODY(__m512, _mm512, 16, 2, SDK_TILE_LANES, TILE_ELEMS_INLANE_AVX512);
     else TILES_BODY(__m512, _mm512, 16, 2, SDK_TILE_LANES, TILE_ELEMS_BCAST);
 }
@@ -1913,8 +1882,8 @@ enum { FORM_AUTO = 0, FORM_BITMASK = 1, FORM_ROWS = 2, FORM_TILES = 3 };
  * thread, cold 1B-like shapes, batch 128, ratio to ORT dense: at 85 % the tile form 2.61-2.86x against the row form's
  * 2.13-2.47x, at 90 % ahead in 5 of 6 (2.89-3.88x against 2.87-3.65x), at 95 % behind (3.95-4.97x against 5.00-6.48x). */
 #define SDK_PREFILL_ROWS_MAX_DENSITY_AVX2_AMD 0.08
-/* AVX-512 on the AMD profile, where the tile form's loop also takes 4 elements a step (TILE_ELEMS_INLANE_AVX512): Zen 4,
- * the two forms of one weight alternating in one process, cold 1B-like shapes, batches 64 / 128, time tile / row form:
+/* AVX-512 on the AMD profile, where the tile form's loop also takes 4 elements a step (TILE_ELEMS_INLANE_AVX512):
+ * Zen 4, the two forms of one weight alternating in one process, cold 1B-like shapes, batches 64 / 128, time tile / row form:
  * 85 % 0.63-0.67, 90 % 0.68-0.76 (2 threads 0.70-0.76), 93 % 0.76-0.87, 95 % 0.89-1.02 (2 threads 0.86-0.95), 97 %
  * 1.15-1.33; smollm2's shapes at batch 64: 90 % 0.76-0.96, 95 % 0.95-1.08, 97 % 1.06-1.18. */
 #define SDK_PREFILL_ROWS_MAX_DENSITY_AVX512_AMD 0.04
