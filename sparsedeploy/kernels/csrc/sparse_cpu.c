@@ -1883,9 +1883,9 @@ enum { FORM_AUTO = 0, FORM_BITMASK = 1, FORM_ROWS = 2, FORM_TILES = 3 };
  * 2.13-2.47x, at 90 % ahead in 5 of 6 (2.89-3.88x against 2.87-3.65x), at 95 % behind (3.95-4.97x against 5.00-6.48x). */
 #define SDK_PREFILL_ROWS_MAX_DENSITY_AVX2_AMD 0.08
 /* AVX-512 on the AMD profile, where the tile form's loop also takes 4 elements a step (TILE_ELEMS_INLANE_AVX512):
- * Zen 4, the two forms of one weight alternating in one process, cold 1B-like shapes, batches 64 / 128, time tile / row form:
- * 85 % 0.63-0.67, 90 % 0.68-0.76 (2 threads 0.70-0.76), 93 % 0.76-0.87, 95 % 0.89-1.02 (2 threads 0.86-0.95), 97 %
- * 1.15-1.33; smollm2's shapes at batch 64: 90 % 0.76-0.96, 95 % 0.95-1.08, 97 % 1.06-1.18. */
+ * Zen 4, the two forms of one weight alternating in one process, cold 1B-like shapes, batches 64 / 128, time tile /
+ * row form: 85 % 0.63-0.67, 90 % 0.68-0.76 (2 threads 0.70-0.76), 93 % 0.76-0.87, 95 % 0.89-1.02 (2 threads
+ * 0.86-0.95), 97 % 1.15-1.33; smollm2's shapes at batch 64: 90 % 0.76-0.96, 95 % 0.95-1.08, 97 % 1.06-1.18. */
 #define SDK_PREFILL_ROWS_MAX_DENSITY_AVX512_AMD 0.04
 /* Batch 1 on AVX2, AMD profile: the row form's insertps loop (rows_gemv_avx2) against the gather GEMV, Zen 3, one
  * thread, cold 1B-like shapes: behind at 70 % (1.45-1.64x of ORT dense against 1.72-2.21x), ahead from 75 % (1.78-2.83x
