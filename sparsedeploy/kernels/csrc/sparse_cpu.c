@@ -961,7 +961,9 @@ static const int32_t tail_mask[8][8] __attribute__((aligned(32))) = {
  * AVX2 loop's tail). Their x rows are read at the 4 columns from ce, as a whole group's are. */
 #define TAIL4_W_AVX2(p, c)                                                                                   \
     _mm256_and_ps(_mm256_broadcast_ps((const __m128 *)(p)), _mm256_broadcast_ps((const __m128 *)tail_mask[c]))
-#define TAIL4_W_AVX512(p, c) _mm256_castps128_ps256(_mm_maskz_loadu_ps((__mmask8)((1u << (c)) - 1), p))
+/* AVX-512: the first c (1-4) of the 4 floats at p, the rest zero (a masked load). */
+#define TAIL4_X_AVX512(p, c) _mm_maskz_loadu_ps((__mmask8)((1u << (c)) - 1), p)
+#define TAIL4_W_AVX512(p, c) _mm256_castps128_ps256(TAIL4_X_AVX512(p, c))
 #define LANES8_HALF_PERM(TAIL4_W, p, left)                                                                   \
     do {                                                                                                     \
         const __m256 w = TAIL4_W(p, (int)(left));                                                            \
@@ -1154,7 +1156,8 @@ __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void rows_avx
  * branch is predicted; on Zen 4 with AVX2 forced, one thread, cold 1B-like shapes, batches 64 / 128: 1.00-1.04x at
  * 50-90 %, 20 of 21 ahead, more the sparser). 8.5 loads an element against 10 (a broadcast and a column byte each):
  * Zen 3, an L1-resident C loop at 50 %, 3.59 against 4.07 TSC cycles an element (docs/sparse_cpu.md). Values are
- * prefetched where the function it is expanded in sets `prefetch_values` (tiles_avx2: the Intel profile only). */
+ * prefetched where the function it is expanded in sets `prefetch_values` (tiles_avx2: the Intel profile only;
+ * tiles_avx512: always). */
 #define TILE_INLANE_FMA(VEC, PFX, W, A, s, u)                                                                \
     do {                                                                                                     \
         const VEC w = PFX##_permute_ps(wq, s);                                                               \
@@ -1195,8 +1198,8 @@ __attribute__((target("avx512f,avx512vl,avx2,fma,popcnt"))) static void rows_avx
  * 1.03-1.11x (18 of 18 ahead), smollm2's 1.04-1.08x, 90 % 0.99-1.03x; two threads 1.06-1.09x. The AMD profile only:
  * an Intel core runs vpermilps on the port of one of its two 512-bit FMAs (unmeasured there). */
 #define LOAD4_AVX512(p) _mm512_broadcast_f32x4(_mm_loadu_ps(p))
-#define TAIL4_AVX512(p, n) _mm512_broadcast_f32x4(_mm_maskz_loadu_ps((__mmask8)((1u << (n)) - 1), p))
-#define TILE_ELEMS_INLANE_AVX512(VEC, PFX, W, A, L) TILE_ELEMS_INLANE(VEC, PFX, W, A, LOAD4_AVX512, TAIL4_AVX512)
+#define TAIL4_LANES_AVX512(p, c) _mm512_broadcast_f32x4(TAIL4_X_AVX512(p, c)) /* in each 128-bit lane */
+#define TILE_ELEMS_INLANE_AVX512(VEC, PFX, W, A, L) TILE_ELEMS_INLANE(VEC, PFX, W, A, LOAD4_AVX512, TAIL4_LANES_AVX512)
 /* Tile form, 64 lanes: AVX2 8 vectors of 8 lanes an element (8 accumulators: A = 1; 16 registers), AVX-512 4 of 16
  * (A = 2). 8 lanes: TILES8_BODY, the 8-lane loop above (4 accumulators). One function each. */
 __attribute__((target("avx2,fma,popcnt"))) static void tiles_avx2(const job_t *j, int64_t t0, int64_t t1,
