@@ -303,7 +303,7 @@ def bench_form_fields(recipe) -> dict:
 def export_stage(recipe, model_dir: Path, onnx_dir: Path) -> dict:
     """The pipeline's export stage (`export:` section of a recipe): export + verify the pruned model, return the
     summary."""
-    from sparsedeploy.export.report import summary
+    from sparsedeploy.export.report import size_text, summary
     from sparsedeploy.export.run import ExportConfig, export_checkpoint
 
     section = recipe.export
@@ -323,8 +323,7 @@ def export_stage(recipe, model_dir: Path, onnx_dir: Path) -> dict:
         ("ONNX", f"`{onnx_dir.name}/model.onnx` ({data['exporter']}, opset {data['opset']}, target {data['target']})"),
         (
             "size",
-            f"{data['model_bytes'] / 2**20:.1f} MiB ({data['storage']} storage), ONNX Runtime load "
-            f"{data['ort_load_seconds']:.2f} s",
+            f"{size_text(data)}; ONNX Runtime load {data['ort_load_seconds']:.2f} s",
         ),
     ]
     if data["verified"]:

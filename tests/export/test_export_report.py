@@ -43,3 +43,25 @@ def test_dir_bytes_lists_files_only(tmp_path):
     (tmp_path / "a.onnx").write_bytes(b"x" * 7)
     (tmp_path / "sub").mkdir()
     assert dir_bytes(tmp_path) == {"a.onnx": 7}
+
+
+def test_sparse_cpu_summary_gives_the_size_against_dense_weights():
+    report = _report()
+    report["target"] = {"name": "sparse-cpu"}
+    report["storage"]["model_bytes"] = 60 * 2**20
+    report["sparse_cpu"] = {
+        "linears": 7,
+        "layout": "bitmask16-v2",
+        "packed_bytes": 40 * 2**20,
+        "dense_bytes": 80 * 2**20,
+        "scaled_int8": {"weights": ["emb"], "packed_bytes": 10 * 2**20, "dense_bytes": 38 * 2**20},
+    }
+    data, text = summary(report, "out")
+    # dense: 60 - 40 - 10 + 80 + 38 = 128 MiB
+    assert data["dense_equivalent_bytes"] == 128 * 2**20 and abs(data["size_vs_dense"] - 60 / 128) < 1e-12
+    assert (
+        "target sparse-cpu, 60.0 MiB = 0.47x the 128.0 MiB of the same export with dense weights: 7 linears in "
+        "bitmask16-v2, 1 dense weight(s) as int8 x a scale per 32)" in text
+    )
+    report["sparse_cpu"]["scaled_int8"] = {"weights": [], "packed_bytes": 0, "dense_bytes": 0}
+    assert "7 linears in bitmask16-v2)" in summary(report, "out")[1]

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from sparsedeploy.export.report import summary
 from sparsedeploy.onnx import fused_segment
 from sparsedeploy.onnx.decoder import OnnxDecoder
 from sparsedeploy.onnx.fused_segment import FusedSegment, Unsupported
@@ -211,6 +212,7 @@ def test_native_segments_pass_the_export_check_on_the_real_model(smollm_wanda70_
     assert report["sparse_cpu"]["scaled_int8"]["weights"] == ["model.embed_tokens.weight"]
     dense = report["sparse_cpu"]["dense_bytes"] + report["sparse_cpu"]["scaled_int8"]["dense_bytes"]
     assert report["storage"]["model_bytes"] <= 0.4 * dense
+    assert summary(report, out)[0]["size_vs_dense"] <= 0.4  # as the export's summary line reports it
     fast = OnnxDecoder.load(out, threads=1)
     plain = dataclasses.replace(fast, session=SegmentedSession(onnx.load(fast.path), threads=1, fuse=False))
     last = OnnxDecoder.load(out, threads=1, last_logits=True)  # the int8 lm_head on the last row only
