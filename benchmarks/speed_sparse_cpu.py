@@ -41,13 +41,20 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sparsedeploy.bench.config import SPLIT_L3_ROUND_TRIP_NS  # noqa: E402
 from sparsedeploy.bench.matmul_cpu import random_pruned_linear  # noqa: E402
 from sparsedeploy.common.errors import UserError  # noqa: E402
 from sparsedeploy.common.files import write_json_atomic, write_text_atomic  # noqa: E402
 from sparsedeploy.common.sparsity import parse_sparsity  # noqa: E402
 from sparsedeploy.common.timing import summarize  # noqa: E402
 from sparsedeploy.kernels import available_isas, byte_bound_ceiling, matmul, pack  # noqa: E402
-from sparsedeploy.kernels.native import BoundMatmul, cpu_profile, row_form, tile_form  # noqa: E402
+from sparsedeploy.kernels.native import (  # noqa: E402
+    BoundMatmul,
+    core_round_trip_ns,
+    cpu_profile,
+    row_form,
+    tile_form,
+)
 
 log = logging.getLogger("benchmarks.speed_sparse_cpu")
 RESULTS = ROOT / "benchmarks" / "results" / "speed_sparse_cpu"
@@ -239,6 +246,7 @@ def bench_shape(
                 y = matmul(x, base, threads=threads, isa=isa)
                 err = float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))
                 load_before = loadavg()
+                round_trip = core_round_trip_ns() if threads > 1 else None  # how far apart its threads sit
                 times = time_alternating(variants, copies, rounds, evict)
                 for name in variants:
                     if name == "dense":
@@ -258,6 +266,7 @@ def bench_shape(
                             evict is not None,
                             err,
                             load_before,
+                            round_trip,
                         )
                     )
                     r = rows[-1]
@@ -292,6 +301,7 @@ def row(
     evicted: bool,
     rel_err: float,
     load: list[float],
+    round_trip: float | None = None,
 ) -> dict:
     ratio = summarize([d / s for d, s in zip(dense, sparse)])
     dense_s, sparse_s = statistics.median(dense), statistics.median(sparse)
@@ -332,6 +342,7 @@ def row(
         "evict_pass": evicted,
         "max_rel_err": rel_err,
         "loadavg_before": load,
+        "core_round_trip_ns": round_trip,
     }
 
 
@@ -366,6 +377,21 @@ def key_table(rows: list[dict], isa: str, threads: int) -> tuple[list[str], bool
     return lines, ok
 
 
+def round_trip_lines(rows: list[dict]) -> list[str]:
+    """What the core-to-core round trips measured before the multi-thread rows say (none: no such rows)."""
+    trips = [r["core_round_trip_ns"] for r in rows if r["threads"] > 1 and r.get("core_round_trip_ns")]
+    if not trips:
+        return []
+    split = sum(t > SPLIT_L3_ROUND_TRIP_NS for t in trips)
+    return [
+        f"Core-to-core round trip, measured before each multi-thread row: {min(trips):.0f}-{max(trips):.0f} ns "
+        f"(median {statistics.median(trips):.0f}); {split} of {len(trips)} rows above "
+        f"{SPLIT_L3_ROUND_TRIP_NS:.0f} ns (the threads in different L3 domains: every call pays for moving x "
+        "and y between them; docs/sparse_cpu.md).",
+        "",
+    ]
+
+
 def markdown(result: dict) -> str:
     rows, m = result["rows"], result["machine"]
     out = [
@@ -376,6 +402,7 @@ def markdown(result: dict) -> str:
         f"Load average before/after: {result['load_before']} / {result['load_after']} "
         "(the CPU is shared with other jobs: 2-thread figures are from a contended machine).",
         "",
+        *round_trip_lines(rows),
         "Speedup = median over rounds of (dense time / sparse time), both timed alternately in one process. "
         "Form: what the kernels read, the bitmask16 form, its row form (CSR, uint16 columns; batches 1-32 where "
         "it pays, prefill at 90 %) or its tile form (32 rows x 128-column K blocks; prefill). "

@@ -67,3 +67,22 @@ def machine_info(threads: int) -> dict:
     except OSError:
         cpu = platform.processor() or "?"
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads, "python": platform.python_version()}
+
+
+# A core-to-core round trip above this (ns) says two threads sat in different L3 domains (AMD CCDs, or virtual CPUs a
+# host moved between them): on a Zen 4 VM 89-103 ns inside one (58-72 ns by a bare C ping-pong), 257-438 ns across
+# (the C ping-pong; docs/sparse_cpu.md).
+SPLIT_L3_ROUND_TRIP_NS = 200.0
+
+
+def round_trip_note(before: float | None, after: float | None) -> str:
+    """The report's words for the core-to-core round trips measured before and after a multi-thread run."""
+    if before is None or after is None:
+        return "core-to-core round trip not measured (one CPU)"
+    split = max(before, after) > SPLIT_L3_ROUND_TRIP_NS
+    return f"core-to-core round trip {before:.0f} / {after:.0f} ns (before / after)" + (
+        ": the threads sat in different L3 domains, where every multi-thread call pays for moving data between "
+        "them (docs/sparse_cpu.md)"
+        if split
+        else ""
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from sparsedeploy.bench.config import round_trip_note
 from sparsedeploy.common.timing import Interleaved, summarize
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ def markdown(result: dict) -> str:
         f"- model: `{result['model']}`"
         + (f" vs dense baseline `{result['baseline']}`" if result.get("baseline") else ""),
         f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs; threads: {m['threads']}"
-        + (f"; GPU: {m['gpu']} (torch {m.get('torch', '?')})" if m.get("gpu") else ""),
+        + (f"; GPU: {m['gpu']} (torch {m.get('torch', '?')})" if m.get("gpu") else "")
+        + (f"; {round_trip_note(*m['core_round_trip_ns'])}" if m.get("core_round_trip_ns") else ""),
         f"- prompt {result['prompt_len']} tokens"
         + (
             f", {result['gen_len']} generated"

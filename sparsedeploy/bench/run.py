@@ -38,6 +38,7 @@ taken per round and machine drift cancels.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -48,6 +49,7 @@ from sparsedeploy.bench.pytorch import bench_torch
 from sparsedeploy.bench.sparse_cpu import bench_sparse_cpu
 from sparsedeploy.bench.tensorrt import bench_tensorrt
 from sparsedeploy.common.errors import UserError
+from sparsedeploy.kernels.native import core_round_trip_ns
 from sparsedeploy.onnx.storage import onnx_file
 
 log = logging.getLogger(__name__)
@@ -125,7 +127,12 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     if cfg.engine == "ort":
         result["rows"] = bench_ort(cfg, variants, progress)
     elif cfg.engine == "sparse-cpu":
+        # the kernels' threads pay for every move between them: record how far apart the OS placed them
+        multi = cfg.threads != 1 and (os.cpu_count() or 1) > 1
+        before = core_round_trip_ns() if multi else None
         result["rows"], result["notes"] = bench_sparse_cpu(cfg, variants, progress)
+        if multi:
+            machine["core_round_trip_ns"] = [before, core_round_trip_ns()]
     elif cfg.engine == "deepsparse":
         from sparsedeploy.runtimes.deepsparse_env import LICENCE_NOTE
 

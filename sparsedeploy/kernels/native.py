@@ -39,6 +39,7 @@ __all__ = [
     "cpu_profile",
     "set_cpu_profile",
     "byte_bound_ceiling",
+    "core_round_trip_ns",
     "add_rmsnorm",
     "attention",
     "library_path",
@@ -87,6 +88,8 @@ def _lib() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(library_path()))
     lib.sdk_supported_isas.restype = ctypes.c_int
     lib.sdk_supported_isas.argtypes = []
+    lib.sdk_core_round_trip_ns.restype = ctypes.c_double
+    lib.sdk_core_round_trip_ns.argtypes = [ctypes.c_int]
     lib.sdk_matmul.restype = ctypes.c_int
     lib.sdk_matmul.argtypes = [
         ctypes.c_void_p,
@@ -193,6 +196,23 @@ def set_cpu_profile(name: str) -> None:
 
 def best_isa() -> str:
     return available_isas()[0]
+
+
+def core_round_trip_ns(iters: int = 5000, repeats: int = 5) -> float | None:
+    """ns for a cache line to go from one core to another and back, between this thread and one it starts, placed by
+    the OS as the kernels' pool worker is (sparse_cpu.c sdk_core_round_trip_ns): the median over `repeats`
+    measurements of `iters` round trips each (a new thread's first moments may find it on the caller's CPU).
+    Several times larger across L3 domains than inside one, and 2-thread calls pay for it (benchmarks record it
+    beside 2-thread figures). None where it cannot be measured: one CPU for both threads, or no thread started."""
+    if iters < 1 or repeats < 1:
+        raise ValueError(f"core_round_trip_ns: iters and repeats must be >= 1, got {iters} and {repeats}")
+    runs = []
+    for _ in range(repeats):
+        ns = float(_lib().sdk_core_round_trip_ns(int(iters)))
+        if ns <= 0:  # no thread, or not `iters` round trips in 100 ms: the two threads share one CPU
+            return None
+        runs.append(ns)
+    return float(np.median(runs))
 
 
 def default_threads() -> int:

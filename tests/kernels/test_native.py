@@ -92,6 +92,29 @@ def test_cpu_profile_follows_the_vendor_and_can_be_forced():
         kernels.set_cpu_profile("arm")
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs for the two threads")
+def test_core_round_trip_is_measured_between_two_cpus_and_refused_on_one():
+    """Two CPUs: a round trip takes more than nothing and far less than a time slice (the threads spin on their own
+    CPUs). Restricted to one CPU (a child process), each turn waits for the scheduler: no figure, None, fast."""
+    ns = kernels.core_round_trip_ns(iters=2000, repeats=3)
+    assert ns is not None and 5 < ns < 100_000
+    # right after a 2-thread call (the pool's worker spinning for the next one) it still measures
+    w = pack(np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32))
+    matmul(np.ones((1, 2048), np.float32), w, threads=2)
+    after_call = kernels.core_round_trip_ns(iters=2000, repeats=3)
+    assert after_call is not None and 5 < after_call < 100_000
+    with pytest.raises(ValueError, match="iters and repeats must be >= 1"):
+        kernels.core_round_trip_ns(iters=0)
+    one_cpu = (
+        "import os, time; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "from sparsedeploy.kernels import native\n"
+        "t = time.perf_counter(); ns = native.core_round_trip_ns(iters=2000)\n"
+        "print(ns, time.perf_counter() - t)"
+    )
+    out = subprocess.run([sys.executable, "-c", one_cpu], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "None" and float(out[1]) < 1.0  # one 100 ms deadline, not five
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 6, 7, 8, 130])  # each batch 2-8 is its own compiled form
