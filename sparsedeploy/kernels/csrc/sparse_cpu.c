@@ -1624,8 +1624,8 @@ static void pool_run(const job_t *j, int nthreads) {
  * host moves between them) it is several times what it is inside one, and so is everything a 2-thread call moves
  * between its threads (x to the worker, the worker's rows of y back): on a Zen 4 VM, 58-72 ns inside one L3 against
  * 257-438 ns across (a bare C ping-pong; this one 89-103 ns inside), smollm2's 2-thread prefill 40 against 54-56 ms
- * (docs/sparse_cpu.md). -1: the thread could not be
- * started; -2: no round trip within 100 ms (both threads on one CPU: each turn waits for a time slice). */
+ * (docs/sparse_cpu.md). -1: the thread could not be started; -2: not `iters` round trips within 100 ms (both
+ * threads on one CPU: each turn waits for a time slice). */
 typedef struct {
     _Atomic int turn;
     _Atomic int abort;
