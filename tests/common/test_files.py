@@ -10,7 +10,16 @@ import pytest
 from sparsedeploy.common.files import deferred_signals
 
 
-def test_ctrl_c_inside_the_block_is_delivered_after_it():
+@pytest.fixture
+def interruptible():
+    """SIGINT raises KeyboardInterrupt in this test, as at a terminal, also where the test run inherited SIGINT ignored
+    (started in the background of a script): Python installs its handler only for a SIGINT it did not find ignored."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_inside_the_block_is_delivered_after_it(interruptible):
     steps = []
     with pytest.raises(KeyboardInterrupt), deferred_signals():
         os.kill(os.getpid(), signal.SIGINT)
@@ -19,7 +28,7 @@ def test_ctrl_c_inside_the_block_is_delivered_after_it():
     assert steps == ["recorded"]
 
 
-def test_without_the_hold_ctrl_c_cuts_the_steps():
+def test_without_the_hold_ctrl_c_cuts_the_steps(interruptible):
     """The control: the same steps, unheld, are cut where the signal lands."""
     steps = []
     with pytest.raises(KeyboardInterrupt):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,12 @@ def error_lines(err: str) -> list[str]:
     return [line for line in err.strip().splitlines() if line and not line.startswith(("INFO", "WARNING", "DEBUG"))]
 
 
+def _interruptible() -> None:
+    """In the child, before exec: SIGINT back to its default, as a terminal's Ctrl-C finds a command (a test run
+    started in the background of a script inherits SIGINT ignored, and Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli_process(args: list[str], **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
     return subprocess.Popen(
@@ -27,6 +34,7 @@ def cli_process(args: list[str], **kwargs) -> subprocess.Popen:
         text=True,
         env=env,
         cwd=kwargs.pop("cwd", REPO),
+        preexec_fn=_interruptible,
         **kwargs,
     )
 
