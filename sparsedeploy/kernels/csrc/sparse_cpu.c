@@ -1626,16 +1626,18 @@ static void pool_run(const job_t *j, int nthreads) {
  * 257-438 ns across (a bare C ping-pong; this one 89-103 ns inside), smollm2's 2-thread prefill 40 against 54-56 ms
  * (docs/sparse_cpu.md). -1: the thread could not be started; -2: not `iters` round trips within 100 ms (both
  * threads on one CPU: each turn waits for a time slice). */
+#define SDK_BOUNCE_MAX_NS 100000000 /* 100 ms for all the round trips, or -2 */
 typedef struct {
     _Atomic int turn;
     _Atomic int abort;
     int iters;
+    int64_t deadline; /* now_ns() past which both sides give up */
 } bounce_t;
-static int bounce_wait(bounce_t *b, int want, int64_t deadline) {
+static int bounce_wait(bounce_t *b, int want) {
     int spins = 0;
     while (atomic_load_explicit(&b->turn, memory_order_acquire) != want) {
         if (atomic_load_explicit(&b->abort, memory_order_relaxed)) return 0;
-        if (++spins % 1024 == 0 && now_ns() > deadline) {
+        if (++spins % 1024 == 0 && now_ns() > b->deadline) {
             atomic_store(&b->abort, 1);
             return 0;
         }
@@ -1644,9 +1646,8 @@ static int bounce_wait(bounce_t *b, int want, int64_t deadline) {
 }
 static void *bounce_back(void *arg) {
     bounce_t *b = arg;
-    const int64_t deadline = now_ns() + 100000000;
     for (int i = 0; i < b->iters; i++) {
-        if (!bounce_wait(b, 1, deadline)) break;
+        if (!bounce_wait(b, 1)) break;
         atomic_store_explicit(&b->turn, 0, memory_order_release);
     }
     return NULL;
@@ -1663,14 +1664,14 @@ SDK_EXPORT double sdk_core_round_trip_ns(int iters) {
     /* the pool's workers spin SPIN_NS after a call: wait for them to sleep, or they take turns with the two here */
     const struct timespec nap = {0, 100000};
     for (int64_t until = now_ns() + 5 * (int64_t)SPIN_NS; !pool_idle() && now_ns() < until;) nanosleep(&nap, NULL);
-    bounce_t b __attribute__((aligned(64))) = {0, 0, iters};
+    bounce_t b __attribute__((aligned(64))) = {0, 0, iters, now_ns() + SDK_BOUNCE_MAX_NS};
     pthread_t th;
     if (pthread_create(&th, NULL, bounce_back, &b) != 0) return -1;
-    const int64_t t0 = now_ns(), deadline = t0 + 100000000;
+    const int64_t t0 = now_ns();
     int i = 0;
     for (; i < iters; i++) {
         atomic_store_explicit(&b.turn, 1, memory_order_release);
-        if (!bounce_wait(&b, 0, deadline)) break;
+        if (!bounce_wait(&b, 0)) break;
     }
     const int64_t t1 = now_ns();
     atomic_store(&b.abort, 1);
